@@ -1,0 +1,61 @@
+//! The socket runtime: one pinned thread per shard, each with its own `SO_REUSEPORT` listener and its own
+//! event loop (io_uring, or epoll when io_uring cannot be set up), driving one sans-I/O [`Core`].
+//!
+//! This is the only module that touches sockets, rings, file descriptors and clocks. Everything protocol-shaped
+//! lives behind the [`Core`] trait, so the runtime can be tested with a trivial core and the core without sockets.
+
+use std::time::Instant;
+
+use crate::{ConnId, ShardId};
+
+/// What a core asks its runtime to do with a connection. Returned by [`Core::poll_io`].
+#[derive(Debug)]
+pub enum IoCmd<H> {
+    /// The core has bytes for `conn`: the runtime fetches them with [`Core::take_transmit`] and writes them.
+    Transmit(ConnId),
+    /// Flush what is pending for `conn` (best effort, bounded), then close it. The runtime does not call
+    /// [`Core::handle_closed`] for a close the core asked for.
+    Close(ConnId),
+    /// Move the connection to shard `to`: the runtime stops watching the socket, ships it with `state` to
+    /// the target runtime, which registers it under a fresh [`ConnId`] and calls [`Core::handle_adopt`].
+    /// Output already taken by the runtime but not yet written travels with it and is written first.
+    Handoff { conn: ConnId, to: ShardId, state: H },
+}
+
+/// A sans-I/O shard core: bytes, cross-core messages and `now` in; bytes, timers, I/O commands and cross-core
+/// messages out. The runtime calls the `handle_*` methods as events arrive, then drains `poll_io` and
+/// `poll_mesh` and sleeps until `poll_timeout` or the next event.
+pub trait Core {
+    /// A cross-core message between cores of the same kind.
+    type Mesh: Send + 'static;
+    /// Connection state carried with a socket moved to another shard.
+    type Handoff: Send + 'static;
+
+    /// A new connection was accepted on this shard's listener.
+    fn handle_accept(&mut self, conn: ConnId, now: Instant);
+    /// A connection moved here from another shard.
+    fn handle_adopt(&mut self, conn: ConnId, state: Self::Handoff, now: Instant);
+    /// Bytes read from `conn`. The slice is the runtime's (shared) buffer: the core copies only what it must
+    /// keep (an incomplete packet's bytes).
+    fn handle_read(&mut self, conn: ConnId, data: &[u8], now: Instant);
+    /// The peer closed the connection, or a read or write failed.
+    fn handle_closed(&mut self, conn: ConnId, now: Instant);
+    /// The socket of `conn` stopped accepting bytes (`blocked == true`: the runtime holds unsent output) or
+    /// drained again. Lets the core stop producing for slow consumers.
+    fn handle_backpressure(&mut self, conn: ConnId, blocked: bool, now: Instant);
+    /// A batch element from another shard.
+    fn handle_mesh(&mut self, from: ShardId, msg: Self::Mesh, now: Instant);
+    /// The deadline from [`Core::poll_timeout`] has passed (the runtime may also call it early).
+    fn handle_timeout(&mut self, now: Instant);
+    /// The node is shutting down: tell clients (MQTT 5: DISCONNECT 0x8B) and ask to close every connection.
+    fn handle_shutdown(&mut self, now: Instant);
+
+    /// Takes the bytes queued for `conn` (leaving the core's buffer empty). Empty when there are none.
+    fn take_transmit(&mut self, conn: ConnId) -> Vec<u8>;
+    /// Gives an emptied buffer back so its allocation can be reused (optional for the runtime to call).
+    fn recycle(&mut self, _buf: Vec<u8>) {}
+    fn poll_io(&mut self) -> Option<IoCmd<Self::Handoff>>;
+    fn poll_mesh(&mut self) -> Option<(ShardId, Self::Mesh)>;
+    /// The earliest instant at which `handle_timeout` must be called.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
