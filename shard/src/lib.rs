@@ -11,7 +11,10 @@
 //! What it does not do: persistence (sessions live in memory in this crate), clustering across nodes, or
 //! command-line parsing (that is the `broker` crate).
 
+pub mod core;
 mod ids;
+pub mod retained;
 pub mod runtime;
+pub mod trie;
 
 pub use ids::{ConnId, ShardId};

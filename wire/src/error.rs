@@ -31,8 +31,10 @@ pub enum DecodeError {
     InvalidUtf8,
     #[error("string contains a forbidden character (U+0000 or a non-character)")]
     ForbiddenCharacter,
-    #[error("unknown protocol name")]
-    UnknownProtocolName,
+    /// `level` is the protocol level byte that followed the name (0 if the packet ended first), so the
+    /// broker can still pick a CONNACK format.
+    #[error("unknown protocol name (protocol level {level})")]
+    UnknownProtocolName { level: u8 },
     #[error("unsupported protocol level {0}")]
     UnsupportedProtocolLevel(u8),
     #[error("first packet is not CONNECT")]
@@ -65,6 +67,8 @@ pub enum DecodeError {
     InvalidPropertyValue(u8),
     #[error("invalid reason code {0:#04x}")]
     InvalidReasonCode(u8),
+    #[error("reserved CONNACK acknowledge flags {0:#04x}")]
+    ReservedConnAckFlags(u8),
 }
 
 impl DecodeError {
@@ -72,7 +76,7 @@ impl DecodeError {
         use DecodeError::*;
         match self {
             PacketTooLarge { .. } => Fault::Limit,
-            UnsupportedProtocolLevel(_) | UnknownProtocolName | NotConnect => Fault::Peer,
+            UnsupportedProtocolLevel(_) | UnknownProtocolName { .. } | NotConnect => Fault::Peer,
             _ => Fault::Malformed,
         }
     }
@@ -82,7 +86,9 @@ impl DecodeError {
         use DecodeError::*;
         match self {
             PacketTooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
-            UnsupportedProtocolLevel(_) | UnknownProtocolName => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+            UnsupportedProtocolLevel(_) | UnknownProtocolName { .. } => {
+                ReasonCode::UNSUPPORTED_PROTOCOL_VERSION
+            }
             InvalidTopic => ReasonCode::TOPIC_NAME_INVALID,
             InvalidTopicFilter => ReasonCode::TOPIC_FILTER_INVALID,
             NotConnect | EmptyFilterList | ZeroPacketId => ReasonCode::PROTOCOL_ERROR,

@@ -15,6 +15,7 @@
 //! It depends on no other workspace crate.
 
 mod decode;
+mod decode_props;
 mod encode;
 mod error;
 mod packet;
@@ -22,7 +23,7 @@ mod properties;
 mod reason;
 pub mod topic;
 
-pub use decode::{decode, frame, Frame};
+pub use decode::{decode, frame, peek_protocol, Frame};
 pub use encode::{encode, encoded_len};
 pub use error::{DecodeError, EncodeError, Fault};
 pub use packet::*;

@@ -8,6 +8,16 @@ use std::time::Instant;
 
 use crate::{ConnId, ShardId};
 
+mod driver;
+mod epoll;
+mod mesh;
+mod node;
+mod slab;
+mod sys;
+mod uring;
+
+pub use self::node::{start, Backend, BackendChoice, Node, RuntimeConfig, ShardStats};
+
 /// What a core asks its runtime to do with a connection. Returned by [`Core::poll_io`].
 #[derive(Debug)]
 pub enum IoCmd<H> {

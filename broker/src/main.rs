@@ -1,0 +1,178 @@
+//! `shardmq`: the broker binary. Parses flags, sets up logging, starts one shard per core and waits for
+//! SIGINT/SIGTERM to shut down gracefully. All protocol work lives in `shardmq-shard`.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use shardmq_shard::core::{Config, NodeShared, Shard};
+use shardmq_shard::runtime::{self, BackendChoice, RuntimeConfig};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// shardmq: a thread-per-core MQTT 3.1.1 and 5.0 broker.
+#[derive(argh::FromArgs, Debug)]
+struct Args {
+    /// address to listen on for MQTT over TCP (repeatable; default 0.0.0.0:1883; port 0 picks a free port,
+    /// shown in the startup line)
+    #[argh(option)]
+    listen: Vec<String>,
+    /// number of shards (one thread pinned per core); default: every core the process may use
+    #[argh(option)]
+    cores: Option<usize>,
+    /// do not pin shard threads to cores
+    #[argh(switch)]
+    no_pin: bool,
+    /// the I/O backend: auto (io_uring, falling back to epoll), io_uring or epoll
+    #[argh(option, default = "String::from(\"auto\")")]
+    runtime: String,
+    /// maximum connected clients on this node; further CONNECTs are refused (MQTT 5 reason 0x97,
+    /// 3.1.1 return code 3)
+    #[argh(option, default = "1_000_000")]
+    max_connections: usize,
+    /// largest packet accepted from a client, in bytes (advertised to MQTT 5 clients); default 1 MiB
+    #[argh(option, default = "1024 * 1024")]
+    max_packet_size: u32,
+    /// number of QoS 1/2 messages in flight per client in each direction (MQTT 5 Receive Maximum); default 64
+    #[argh(option, default = "64")]
+    max_inflight: u16,
+    /// messages queued per session beyond the in-flight window (offline or slow clients); the oldest
+    /// is dropped first when full; default 1000
+    #[argh(option, default = "1000")]
+    max_queued: usize,
+    /// largest keep alive in seconds; MQTT 5 clients asking for 0 or more get this as Server Keep
+    /// Alive; default 3600
+    #[argh(option, default = "3600")]
+    max_keepalive: u16,
+    /// milliseconds a new connection may take to send CONNECT before it is closed; default 10000
+    #[argh(option, default = "10_000")]
+    connect_timeout_ms: u64,
+    /// most levels in a topic name or filter; default 32
+    #[argh(option, default = "32")]
+    max_topic_levels: usize,
+    /// topic aliases a client may use towards the broker (MQTT 5 Topic Alias Maximum); default 64
+    #[argh(option, default = "64")]
+    max_topic_alias: u16,
+    /// cap on the session expiry interval a client may ask for, in seconds; default: no cap
+    #[argh(option, default = "u32::MAX")]
+    max_session_expiry: u32,
+    /// log level or filter (error, warn, info, debug, trace, or a tracing filter); default info
+    #[argh(option, default = "String::from(\"info\")")]
+    log_level: String,
+}
+
+fn main() -> Result<()> {
+    let args: Args = argh::from_env();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let listen = resolve(if args.listen.is_empty() { vec!["0.0.0.0:1883".into()] } else { args.listen.clone() })?;
+    let mut rt = RuntimeConfig { listen, pin_threads: !args.no_pin, ..RuntimeConfig::default() };
+    if let Some(n) = args.cores {
+        if n == 0 {
+            bail!("--cores must be at least 1");
+        }
+        rt.shards = n;
+    }
+    rt.backend = match args.runtime.as_str() {
+        "auto" => BackendChoice::Auto,
+        "io_uring" | "uring" => BackendChoice::Uring,
+        "epoll" => BackendChoice::Epoll,
+        other => bail!("--runtime must be auto, io_uring or epoll, not {other:?}"),
+    };
+    // Room above the client limit so that refused clients still get their CONNACK.
+    let slack = (args.max_connections / 100).max(256);
+    rt.max_sockets = rt.max_sockets.min(args.max_connections.saturating_add(slack));
+    if let Some(limit) = nofile_limit() {
+        if limit < args.max_connections as u64 {
+            tracing::warn!(
+                open_files_limit = limit,
+                max_connections = args.max_connections,
+                "the open-files limit is below --max-connections; the node tops out near {limit} sockets. \
+                 Raise LimitNOFILE / ulimit -n (see tuning/ in the repository)"
+            );
+        }
+    }
+    let cfg = Arc::new(Config {
+        max_connections: args.max_connections,
+        max_packet_size: args.max_packet_size,
+        max_inflight: args.max_inflight.max(1),
+        max_queued: args.max_queued,
+        max_keepalive_s: args.max_keepalive,
+        connect_timeout_ms: args.connect_timeout_ms,
+        max_topic_levels: args.max_topic_levels.max(1),
+        max_topic_alias: args.max_topic_alias,
+        max_session_expiry_s: args.max_session_expiry,
+        ..Config::default()
+    });
+    let node_state = Arc::new(NodeShared::default());
+    let shards = rt.shards;
+
+    // Block the shutdown signals before any thread starts so that only `sigwait` below sees them.
+    let signals = block_shutdown_signals()?;
+    let node = runtime::start(rt, move |id, n| Shard::new(id, n as u16, cfg.clone(), node_state.clone()))
+        .context("starting the shards")?;
+    let addrs: Vec<String> = node.local_addrs().iter().map(ToString::to_string).collect();
+    println!(
+        "shardmq {} listening on {} cores={} runtime={} max_connections={}",
+        env!("CARGO_PKG_VERSION"),
+        addrs.join(","),
+        shards,
+        node.backend(),
+        args.max_connections
+    );
+    let sig = wait_for(&signals);
+    tracing::info!(signal = sig, "shutting down");
+    node.shutdown();
+    node.join().context("joining the shards")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn resolve(listen: Vec<String>) -> Result<Vec<SocketAddr>> {
+    let mut out = Vec::new();
+    for l in listen {
+        let addr = l
+            .to_socket_addrs()
+            .with_context(|| format!("--listen {l:?}"))?
+            .next()
+            .with_context(|| format!("--listen {l:?} resolves to no address"))?;
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+fn nofile_limit() -> Option<u64> {
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0).then_some(rl.rlim_cur as u64)
+}
+
+fn block_shutdown_signals() -> Result<libc::sigset_t> {
+    // SAFETY: sigset operations on a zeroed set we own; pthread_sigmask only changes this thread's mask,
+    // which the shard threads inherit.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            bail!("pthread_sigmask failed: {}", std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+fn wait_for(set: &libc::sigset_t) -> &'static str {
+    loop {
+        let mut sig = 0;
+        // SAFETY: `set` is a valid, initialised signal set; sig is written by sigwait.
+        if unsafe { libc::sigwait(set, &mut sig) } == 0 {
+            return if sig == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! Connections: their (small) state, the read path that turns bytes into packets, and the dispatch of
+//! packets from a connected client.
+//!
+//! An idle connection holds no read buffer: bytes are decoded straight from the runtime's buffer and only
+//! the tail of an incomplete packet is copied into `Conn::rbuf`, which is freed once it is consumed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::HashMap;
+use shardmq_wire::{
+    decode, frame, peek_protocol, topic, Ack, ConnAck, Disconnect, Packet, PacketId, Properties, Protocol,
+    Publish, QoS, ReasonCode,
+};
+
+use super::{encode_into, Flow, Handoff, Msg, MsgProps, Origin, ProtocolError, SessionKey, Shard, Timer};
+use crate::runtime::IoCmd;
+use crate::ConnId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ConnState {
+    /// Waiting for CONNECT.
+    Handshake,
+    Active(SessionKey),
+}
+
+/// Topic alias tables of one MQTT 5 connection, allocated on first use.
+#[derive(Debug, Default)]
+pub(super) struct Aliases {
+    /// Client-to-server: alias - 1 → topic.
+    inbound: Vec<Option<Box<str>>>,
+    /// Server-to-client: topic → alias.
+    outbound: HashMap<Box<str>, u16>,
+}
+
+#[derive(Debug)]
+pub(super) struct Conn {
+    pub id: ConnId,
+    pub state: ConnState,
+    /// `Some` once CONNECT was decoded.
+    pub protocol: Option<Protocol>,
+    /// Bytes of an incomplete packet; empty (and unallocated) between packets.
+    rbuf: Vec<u8>,
+    /// Encoded packets not yet taken by the runtime.
+    out: Vec<u8>,
+    /// A `Transmit` for this connection is queued and not yet served (avoids one command per packet).
+    tx_queued: bool,
+    /// The socket is not draining; see `Core::handle_backpressure`.
+    pub blocked: bool,
+    /// 0 disables keep alive.
+    pub keepalive_ms: u32,
+    pub last_rx: Instant,
+    /// Largest packet the client accepts (MQTT 5 Maximum Packet Size), else the protocol maximum.
+    pub client_max_packet: u32,
+    /// Aliases the client accepts from us (its Topic Alias Maximum, capped by our own limit).
+    pub client_alias_max: u16,
+    aliases: Option<Box<Aliases>>,
+}
+
+impl Conn {
+    pub fn new(id: ConnId, now: Instant) -> Conn {
+        Conn {
+            id,
+            state: ConnState::Handshake,
+            protocol: None,
+            rbuf: Vec::new(),
+            out: Vec::new(),
+            tx_queued: false,
+            blocked: false,
+            keepalive_ms: 0,
+            last_rx: now,
+            client_max_packet: shardmq_wire::MAX_REMAINING_LENGTH + 5,
+            client_alias_max: 0,
+            aliases: None,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, ConnState::Active(_))
+    }
+
+    pub fn session(&self) -> Option<SessionKey> {
+        match self.state {
+            ConnState::Active(k) => Some(k),
+            ConnState::Handshake => None,
+        }
+    }
+
+    pub fn is_v5(&self) -> bool {
+        self.protocol.is_some_and(Protocol::is_v5)
+    }
+
+    /// When the client is overdue: 1.5 × keep alive after the last packet (MQTT §3.1.2.10).
+    pub fn keepalive_deadline(&self) -> Option<Instant> {
+        (self.keepalive_ms > 0).then(|| self.last_rx + Duration::from_millis(self.keepalive_ms as u64 * 3 / 2))
+    }
+
+    #[cfg(test)]
+    pub fn rbuf_capacity(&self) -> usize {
+        self.rbuf.capacity()
+    }
+
+    pub fn take_out(&mut self) -> Vec<u8> {
+        self.tx_queued = false;
+        std::mem::take(&mut self.out)
+    }
+
+    /// Appends an encoded packet and makes sure the runtime will be told to transmit.
+    pub fn send(&mut self, pkt: &Packet<'_>, io: &mut super::IoQueue) {
+        let protocol = self.protocol.unwrap_or(Protocol::V311);
+        encode_into(&mut self.out, pkt, protocol);
+        if !self.tx_queued {
+            self.tx_queued = true;
+            io.push_back(IoCmd::Transmit(self.id));
+        }
+    }
+
+    /// Appends bytes encoded earlier (a SUBACK held back until other shards confirmed interest).
+    pub fn send_raw(&mut self, bytes: &[u8], io: &mut super::IoQueue) {
+        self.out.extend_from_slice(bytes);
+        if !self.tx_queued {
+            self.tx_queued = true;
+            io.push_back(IoCmd::Transmit(self.id));
+        }
+    }
+
+    /// The alias to use for `topic` towards this client: `(alias, topic already known to the client)`.
+    pub fn outbound_alias(&mut self, topic: &str) -> Option<(u16, bool)> {
+        if self.client_alias_max == 0 {
+            return None;
+        }
+        let a = self.aliases.get_or_insert_with(Default::default);
+        if let Some(&n) = a.outbound.get(topic) {
+            return Some((n, true));
+        }
+        let next = a.outbound.len() as u16 + 1;
+        if next > self.client_alias_max {
+            return None;
+        }
+        a.outbound.insert(topic.into(), next);
+        Some((next, false))
+    }
+
+    /// Resolves an inbound topic alias (MQTT 5 §3.3.2.3.4), recording a new mapping when a topic is given.
+    fn inbound_alias<'t>(&'t mut self, topic: &'t str, alias: u16, max: u16) -> Result<&'t str, ProtocolError> {
+        if alias == 0 || alias > max {
+            return Err(ProtocolError::TopicAlias(alias));
+        }
+        let a = self.aliases.get_or_insert_with(Default::default);
+        let slot = alias as usize - 1;
+        if a.inbound.len() <= slot {
+            a.inbound.resize(slot + 1, None);
+        }
+        if topic.is_empty() {
+            a.inbound[slot].as_deref().ok_or(ProtocolError::TopicAlias(alias))
+        } else {
+            a.inbound[slot] = Some(topic.into());
+            Ok(topic)
+        }
+    }
+}
+
+impl Shard {
+    /// Decodes and handles every complete packet in `rbuf ++ data`, keeping an incomplete tail.
+    pub(super) fn read(&mut self, id: ConnId, data: &[u8], now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        conn.last_rx = now;
+        let mut buf = std::mem::take(&mut conn.rbuf);
+        let consumed;
+        let stopped;
+        if buf.is_empty() {
+            (consumed, stopped) = self.read_packets(id, data, now);
+            if !stopped && consumed < data.len() {
+                buf.extend_from_slice(&data[consumed..]);
+            }
+        } else {
+            buf.extend_from_slice(data);
+            (consumed, stopped) = self.read_packets(id, &buf, now);
+            buf.drain(..consumed);
+        }
+        if stopped {
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(&id) {
+            if buf.is_empty() {
+                // Free the allocation: an idle connection holds no read buffer.
+                buf = Vec::new();
+            }
+            conn.rbuf = buf;
+        }
+    }
+
+    /// Returns (bytes consumed, stopped).
+    fn read_packets(&mut self, id: ConnId, buf: &[u8], now: Instant) -> (usize, bool) {
+        let mut pos = 0;
+        while pos < buf.len() {
+            let Some(conn) = self.conns.get(&id) else { return (pos, true) };
+            let protocol = conn.protocol;
+            let rest = &buf[pos..];
+            // Size check on the fixed header alone: an oversized packet is refused before its body arrives.
+            if let Err(e) = frame(rest, self.cfg.max_packet_size) {
+                self.decode_failed(id, rest, e.into(), now);
+                return (pos, true);
+            }
+            match decode(rest, protocol, self.cfg.max_packet_size) {
+                Ok(None) => break,
+                Ok(Some((pkt, n))) => {
+                    let flow = match pkt {
+                        Packet::Connect(c) if protocol.is_none() => self.on_connect(id, &c, rest, now),
+                        pkt => self.on_packet(id, pkt, now),
+                    };
+                    pos += n;
+                    if let Flow::Stop = flow {
+                        return (pos, true);
+                    }
+                }
+                Err(e) => {
+                    self.decode_failed(id, rest, e.into(), now);
+                    return (pos, true);
+                }
+            }
+        }
+        (pos, false)
+    }
+
+    fn decode_failed(&mut self, id: ConnId, rest: &[u8], err: ProtocolError, now: Instant) {
+        self.counters.protocol_errors += 1;
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        tracing::debug!(conn = id.0, error = %err, "closing connection on bad input");
+        if conn.is_active() {
+            self.close_conn(id, Some(err), now);
+            return;
+        }
+        // Before CONNECT succeeded: answer with a CONNACK in the format the client speaks, if we can tell.
+        use shardmq_wire::DecodeError as D;
+        let level = match &err {
+            ProtocolError::Decode(D::UnknownProtocolName { level }) => Some(*level),
+            ProtocolError::Decode(D::UnsupportedProtocolLevel(level)) => Some(*level),
+            _ => None,
+        };
+        let protocol = match (peek_protocol(rest), level) {
+            (Some(p), _) => Some(p),
+            (None, Some(5)) => Some(Protocol::V5),
+            (None, Some(_)) => Some(Protocol::V311),
+            (None, None) => None,
+        };
+        if let Some(p) = protocol {
+            let reason = match (&err, p) {
+                (ProtocolError::Decode(D::NotConnect), _) => None,
+                (_, Protocol::V5) => Some(err.reason_code()),
+                // 3.1.1 has return codes for few errors; refusing the protocol is one of them.
+                (_, _) if level.is_some() => Some(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                conn.protocol = Some(p);
+                let ack = ConnAck { session_present: false, reason, properties: Properties::default() };
+                conn.send(&Packet::ConnAck(ack), &mut self.io);
+            }
+        }
+        self.close_conn(id, None, now);
+    }
+
+    /// A packet from a client whose CONNECT has been handled.
+    fn on_packet(&mut self, id: ConnId, pkt: Packet<'_>, now: Instant) -> Flow {
+        let Some(conn) = self.conns.get(&id) else { return Flow::Stop };
+        let Some(key) = conn.session() else {
+            // Bytes after a CONNECT that is being refused or handed off never get here; anything else
+            // before CONNECT is a protocol error that decode() already reports as NotConnect.
+            return Flow::Stop;
+        };
+        let result = match pkt {
+            Packet::Connect(_) => Err(ProtocolError::SecondConnect),
+            Packet::Publish(p) => self.on_publish(id, key, p, now),
+            Packet::PubAck(a) => {
+                self.on_puback(key, a.packet_id, now);
+                Ok(())
+            }
+            Packet::PubRec(a) => {
+                self.on_pubrec(id, key, &a, now);
+                Ok(())
+            }
+            Packet::PubRel(a) => {
+                self.on_pubrel(id, key, a.packet_id);
+                Ok(())
+            }
+            Packet::PubComp(a) => {
+                self.on_pubcomp(key, a.packet_id, now);
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(id, key, s, now),
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(id, key, u);
+                Ok(())
+            }
+            Packet::PingReq => {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.send(&Packet::PingResp, &mut self.io);
+                }
+                Ok(())
+            }
+            Packet::Disconnect(d) => return self.on_disconnect(id, key, d, now),
+            Packet::Auth(_) => Err(ProtocolError::AuthNotSupported),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Err(ProtocolError::WrongDirection)
+            }
+        };
+        match result {
+            Ok(()) => Flow::Continue,
+            Err(e) => {
+                self.counters.protocol_errors += 1;
+                tracing::debug!(conn = id.0, error = %e, "closing connection on protocol error");
+                self.close_conn(id, Some(e), now);
+                Flow::Stop
+            }
+        }
+    }
+
+    fn on_publish(&mut self, id: ConnId, key: SessionKey, p: Publish<'_>, now: Instant) -> Result<(), ProtocolError> {
+        self.counters.publishes_in += 1;
+        let max_alias = self.cfg.max_topic_alias;
+        let conn = self.conns.get_mut(&id).ok_or(ProtocolError::Violation("connection gone"))?;
+        let v5 = conn.is_v5();
+        let topic: Box<str> = match p.properties.topic_alias {
+            Some(alias) if v5 => conn.inbound_alias(p.topic, alias, max_alias)?.into(),
+            _ if p.topic.is_empty() => return Err(ProtocolError::TopicName("empty topic")),
+            _ => p.topic.into(),
+        };
+        // Topic names are checked here as well as in the decoder because an alias can stand for one.
+        if !topic::valid_topic_name(&topic) {
+            return Err(ProtocolError::TopicName("wildcard in topic name"));
+        }
+        let too_deep = topic::levels(&topic) > self.cfg.max_topic_levels;
+        let pid = p.packet_id;
+        let mut route = !too_deep;
+        if p.qos == QoS::ExactlyOnce {
+            let pid = pid.ok_or(ProtocolError::Violation("QoS 2 without packet id"))?;
+            let s = self.sessions.get_mut(&key).ok_or(ProtocolError::Violation("no session"))?;
+            if s.inbound_qos2.contains(&pid.0) {
+                // A resent QoS 2 PUBLISH before PUBREL: already routed once (exactly-once delivery).
+                route = false;
+            } else {
+                if v5 && s.inbound_qos2.len() >= self.cfg.max_inflight as usize {
+                    return Err(ProtocolError::ReceiveMaximumExceeded);
+                }
+                s.inbound_qos2.push(pid.0);
+            }
+        }
+        if route {
+            let expires_at = p
+                .properties
+                .message_expiry_interval_s
+                .filter(|_| v5)
+                .map(|s| now + Duration::from_secs(s as u64));
+            let msg = Arc::new(Msg {
+                topic,
+                payload: p.payload.into(),
+                qos: p.qos,
+                retain: p.retain,
+                expires_at,
+                props: if v5 { MsgProps::from_wire(&p.properties) } else { None },
+                origin: Some(Origin { shard: self.id, session: key }),
+            });
+            self.route(msg, now);
+        }
+        let reason = if too_deep { ReasonCode::TOPIC_NAME_INVALID } else { ReasonCode::SUCCESS };
+        if let (Some(pid), Some(conn)) = (pid, self.conns.get_mut(&id)) {
+            let ack = Ack::new(pid, reason);
+            match p.qos {
+                QoS::AtLeastOnce => conn.send(&Packet::PubAck(ack), &mut self.io),
+                QoS::ExactlyOnce => conn.send(&Packet::PubRec(ack), &mut self.io),
+                QoS::AtMostOnce => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_pubrel(&mut self, id: ConnId, key: SessionKey, pid: PacketId) {
+        let found = self.sessions.get_mut(&key).is_some_and(|s| {
+            let pos = s.inbound_qos2.iter().position(|p| *p == pid.0);
+            pos.map(|i| s.inbound_qos2.swap_remove(i)).is_some()
+        });
+        let reason = if found { ReasonCode::SUCCESS } else { ReasonCode::PACKET_IDENTIFIER_NOT_FOUND };
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.send(&Packet::PubComp(Ack::new(pid, reason)), &mut self.io);
+        }
+    }
+
+    fn on_disconnect(&mut self, id: ConnId, key: SessionKey, d: Disconnect<'_>, now: Instant) -> Flow {
+        if let Some(s) = self.sessions.get_mut(&key) {
+            if let Some(exp) = d.properties.session_expiry_interval_s {
+                if s.expiry_s == 0 && exp != 0 {
+                    self.close_conn(id, Some(ProtocolError::SessionExpiryAfterZero), now);
+                    return Flow::Stop;
+                }
+                s.expiry_s = exp.min(self.cfg.max_session_expiry_s);
+            }
+            if d.reason != ReasonCode::DISCONNECT_WITH_WILL {
+                // A normal DISCONNECT discards the will (MQTT §3.14.4).
+                s.will = None;
+            }
+        }
+        self.io.push_back(IoCmd::Close(id));
+        self.conn_gone(id, true, now);
+        Flow::Stop
+    }
+
+    /// Closes a connection from the server side. MQTT 5 clients past CONNECT are told why.
+    pub(super) fn close_conn(&mut self, id: ConnId, why: Option<ProtocolError>, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        if let (Some(e), true, true) = (&why, conn.is_v5(), conn.is_active()) {
+            let d = Disconnect { reason: e.reason_code(), properties: Properties::default() };
+            conn.send(&Packet::Disconnect(d), &mut self.io);
+        }
+        self.io.push_back(IoCmd::Close(id));
+        // A server-side close is abnormal: the will is published (MQTT §3.1.2.5), except at shutdown,
+        // where sessions end with the process.
+        let will = !matches!(why, Some(ProtocolError::ShuttingDown));
+        self.conn_gone(id, will, now);
+    }
+
+    /// The connection is gone (closed by either side): detach it from its session.
+    pub(super) fn conn_gone(&mut self, id: ConnId, publish_will: bool, now: Instant) {
+        let Some(mut conn) = self.conns.remove(&id) else { return };
+        let last = conn.take_out();
+        if !last.is_empty() {
+            self.closing.insert(id, last);
+        }
+        if let ConnState::Active(key) = conn.state {
+            super::dec(&self.node.connections);
+            self.session_detached(key, id, publish_will, now);
+        }
+    }
+
+    /// Hands a connection whose client id belongs to another shard over to that shard.
+    pub(super) fn handoff(&mut self, id: ConnId, to: crate::ShardId, bytes: &[u8]) {
+        self.counters.handoffs += 1;
+        self.conns.remove(&id);
+        self.io.push_back(IoCmd::Handoff { conn: id, to, state: Handoff { bytes: bytes.to_vec() } });
+    }
+
+    pub(super) fn arm_keepalive(&mut self, id: ConnId) {
+        if let Some(d) = self.conns.get(&id).and_then(Conn::keepalive_deadline) {
+            self.arm(d, Timer::KeepAlive(id));
+        }
+    }
+}

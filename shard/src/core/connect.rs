@@ -1,0 +1,217 @@
+//! CONNECT: choosing the owner shard, session creation, resumption and takeover, CONNACK, wills and the
+//! end of sessions (expiry, clean start).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardmq_wire::{topic, ConnAck, Connect, Packet, Properties, Protocol, ReasonCode};
+
+use super::conn::ConnState;
+use super::session::{Session, WillState};
+use super::{owner_of, Flow, Msg, MsgProps, Origin, ProtocolError, SessionKey, Shard, Timer};
+use crate::ConnId;
+
+impl Shard {
+    /// The first CONNECT of a connection. `raw` holds it and every byte after it.
+    pub(super) fn on_connect(&mut self, id: ConnId, c: &Connect<'_>, raw: &[u8], now: Instant) -> Flow {
+        if c.client_id.is_empty() {
+            if !c.clean_start && !c.protocol.is_v5() {
+                // 3.1.1 §3.1.3.1: a zero-length id requires Clean Session.
+                return self.refuse(id, c.protocol, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, now);
+            }
+            let assigned = self.assign_client_id();
+            return self.accept_connect(id, c, Some(assigned), now);
+        }
+        let owner = owner_of(c.client_id, self.shards);
+        if owner != self.id {
+            self.handoff(id, owner, raw);
+            return Flow::Stop;
+        }
+        self.accept_connect(id, c, None, now)
+    }
+
+    /// An id owned by this shard, so a client without one is never handed off.
+    fn assign_client_id(&mut self) -> Arc<str> {
+        loop {
+            self.assigned_ids += 1;
+            let id = format!("shardmq-{}-{:x}", self.id.0, self.assigned_ids);
+            if owner_of(&id, self.shards) == self.id {
+                return id.into();
+            }
+        }
+    }
+
+    fn refuse(&mut self, id: ConnId, protocol: Protocol, reason: ReasonCode, now: Instant) -> Flow {
+        self.counters.connects_refused += 1;
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.protocol = Some(protocol);
+            let ack = ConnAck { session_present: false, reason, properties: Properties::default() };
+            conn.send(&Packet::ConnAck(ack), &mut self.io);
+        }
+        self.close_conn(id, None, now);
+        Flow::Stop
+    }
+
+    fn accept_connect(&mut self, id: ConnId, c: &Connect<'_>, assigned: Option<Arc<str>>, now: Instant) -> Flow {
+        let v5 = c.protocol.is_v5();
+        if self.shutting_down {
+            return self.refuse(id, c.protocol, ReasonCode::SERVER_UNAVAILABLE, now);
+        }
+        if v5 && c.properties.authentication_method.is_some() {
+            return self.refuse(id, c.protocol, ProtocolError::AuthNotSupported.reason_code(), now);
+        }
+        if let Some(w) = &c.will {
+            if !topic::valid_topic_name(w.topic) || topic::levels(w.topic) > self.cfg.max_topic_levels {
+                return self.refuse(id, c.protocol, ReasonCode::TOPIC_NAME_INVALID, now);
+            }
+        }
+        if super::inc(&self.node.connections) >= self.cfg.max_connections {
+            super::dec(&self.node.connections);
+            let reason = if v5 { ReasonCode::QUOTA_EXCEEDED } else { ReasonCode::SERVER_UNAVAILABLE };
+            return self.refuse(id, c.protocol, reason, now);
+        }
+        self.counters.connects += 1;
+        let client_id: Arc<str> = assigned.clone().unwrap_or_else(|| c.client_id.into());
+
+        // Takeover: the old connection is closed as if it had dropped (its will applies).
+        if let Some(&key) = self.by_client.get(&client_id) {
+            if let Some(old) = self.sessions.get(&key).and_then(|s| s.conn) {
+                self.close_conn(old, Some(ProtocolError::SessionTakenOver), now);
+            }
+        }
+        let mut session_present = false;
+        if let Some(&key) = self.by_client.get(&client_id) {
+            if c.clean_start {
+                self.end_session(key, now);
+            } else {
+                session_present = true;
+            }
+        }
+        let requested_expiry =
+            if v5 { c.properties.session_expiry_interval_s.unwrap_or(0) } else if c.clean_start { 0 } else { u32::MAX };
+        let expiry_s = requested_expiry.min(self.cfg.max_session_expiry_s);
+        let key = match self.by_client.get(&client_id) {
+            Some(&k) => k,
+            None => {
+                let k = SessionKey(self.next_session);
+                self.next_session += 1;
+                self.sessions.insert(k, Session::new(client_id.clone()));
+                self.by_client.insert(client_id.clone(), k);
+                k
+            }
+        };
+        let will = c.will.as_ref().map(|w| {
+            Box::new(WillState {
+                topic: w.topic.into(),
+                payload: w.payload.into(),
+                qos: w.qos,
+                retain: w.retain,
+                delay_s: if v5 { w.properties.will_delay_interval_s.unwrap_or(0) } else { 0 },
+                expiry_s: w.properties.message_expiry_interval_s.filter(|_| v5),
+                props: if v5 { MsgProps::from_wire(&w.properties) } else { None },
+            })
+        });
+        let receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight).max(1);
+        {
+            let s = self.sessions.get_mut(&key).expect("session inserted above");
+            s.conn = Some(id);
+            s.protocol = c.protocol;
+            s.expiry_s = expiry_s;
+            s.expires_at = None;
+            // A reconnect before the will delay elapsed cancels the pending will (MQTT 5 §3.1.3.2.2).
+            s.will = will;
+            s.will_at = None;
+            s.send_quota = receive_max;
+        }
+
+        let mut keepalive_s = c.keep_alive_s;
+        let mut props = Properties::default();
+        if v5 {
+            let max_ka = self.cfg.max_keepalive_s;
+            if max_ka > 0 && (keepalive_s == 0 || keepalive_s > max_ka) {
+                keepalive_s = max_ka;
+                props.server_keep_alive_s = Some(max_ka);
+            }
+            props.receive_maximum = Some(self.cfg.max_inflight);
+            props.maximum_packet_size = Some(self.cfg.max_packet_size);
+            props.topic_alias_maximum = Some(self.cfg.max_topic_alias);
+            if requested_expiry != expiry_s {
+                props.session_expiry_interval_s = Some(expiry_s);
+            }
+            props.assigned_client_identifier = assigned.as_deref();
+        }
+        let conn = self.conns.get_mut(&id).expect("connection present while handling its CONNECT");
+        conn.state = ConnState::Active(key);
+        conn.protocol = Some(c.protocol);
+        conn.keepalive_ms = keepalive_s as u32 * 1000;
+        if v5 {
+            conn.client_max_packet = c.properties.maximum_packet_size.unwrap_or(conn.client_max_packet);
+            conn.client_alias_max = c.properties.topic_alias_maximum.unwrap_or(0).min(self.cfg.max_outbound_alias);
+        }
+        let ack = ConnAck { session_present, reason: ReasonCode::SUCCESS, properties: props };
+        conn.send(&Packet::ConnAck(ack), &mut self.io);
+        self.arm_keepalive(id);
+        self.resume(key, now);
+        Flow::Continue
+    }
+
+    /// The session's connection went away.
+    pub(super) fn session_detached(&mut self, key: SessionKey, conn: ConnId, publish_will: bool, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        if s.conn != Some(conn) {
+            return;
+        }
+        s.conn = None;
+        if !publish_will {
+            s.will = None;
+        }
+        if let Some(w) = &s.will {
+            if w.delay_s == 0 {
+                self.publish_will(key, now);
+            } else {
+                let at = now + Duration::from_secs(w.delay_s as u64);
+                s.will_at = Some(at);
+                self.arm(at, Timer::Will(key));
+            }
+        }
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        match s.expiry_s {
+            0 => self.end_session(key, now),
+            u32::MAX => {}
+            secs => {
+                let at = now + Duration::from_secs(secs as u64);
+                s.expires_at = Some(at);
+                self.arm(at, Timer::Expiry(key));
+            }
+        }
+    }
+
+    /// Publishes the session's will (once) and forgets it.
+    pub(super) fn publish_will(&mut self, key: SessionKey, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        s.will_at = None;
+        let Some(w) = s.will.take() else { return };
+        let msg = Msg {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            expires_at: w.expiry_s.map(|e| now + Duration::from_secs(e as u64)),
+            props: w.props,
+            origin: Some(Origin { shard: self.id, session: key }),
+        };
+        self.route(Arc::new(msg), now);
+    }
+
+    /// Ends a session: its pending will goes out, its subscriptions and queued messages are dropped.
+    pub(super) fn end_session(&mut self, key: SessionKey, now: Instant) {
+        if self.sessions.get(&key).is_some_and(|s| s.will.is_some()) {
+            self.publish_will(key, now);
+        }
+        let Some(s) = self.sessions.remove(&key) else { return };
+        self.by_client.remove(&s.client_id);
+        for filter in s.subs {
+            self.remove_subscription(key, &filter);
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The sans-I/O MQTT core of one shard.
+//!
+//! A [`Shard`] owns the connections its runtime accepted (or adopted), the sessions whose client ids hash to
+//! it, its share of the subscription index, a replica of the retained messages and a view of which other
+//! shards have subscribers for which filters. It takes bytes, cross-core messages and `now`, and hands out
+//! bytes, I/O commands, cross-core messages and its next deadline (the [`Core`] trait); it never touches a
+//! socket or a clock, so everything here runs under a deterministic test harness.
+//!
+//! Cross-shard rules (the invariants the rest of the module relies on):
+//! - a client id is owned by exactly one shard ([`owner_of`]); a connection that lands elsewhere is handed
+//!   to the owner right after its CONNECT, so takeover and session state are always shard-local;
+//! - a publish crosses to another shard only if that shard announced interest in a matching filter; a
+//!   SUBACK that adds interest is sent only after every other shard acknowledged it, so a publish that
+//!   starts after the SUBACK can never miss the new subscriber (no false negatives);
+//! - retained messages are replicated to every shard, serialised through an owner shard per topic
+//!   ([`owner_of`] on the topic), so replicas apply the same sequence for a topic and converge.
+
+mod conn;
+mod connect;
+mod error;
+mod msg;
+mod route;
+mod session;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::{HashMap, HashMapExt};
+use shardmq_wire::{Packet, Protocol};
+
+pub use self::error::ProtocolError;
+pub use self::msg::{Delivery, Msg, MsgProps, Origin, SessionKey};
+pub use self::route::{InterestDelta, SharedKey};
+use self::conn::Conn;
+use self::route::{Interest, SubRef};
+use self::session::Session;
+use crate::retained::RetainedTree;
+use crate::runtime::{Core, IoCmd};
+use crate::trie::TopicTrie;
+use crate::{ConnId, ShardId};
+
+/// Limits and defaults of a node, identical on every shard.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Node-wide cap on connected clients; the next CONNECT is refused (MQTT 5: 0x97, 3.1.1: 3).
+    pub max_connections: usize,
+    /// Largest packet accepted from a client (and advertised to MQTT 5 clients).
+    pub max_packet_size: u32,
+    /// Receive Maximum advertised to clients (QoS 2 publishes awaiting PUBREL) and cap on QoS 1/2
+    /// messages in flight to a client.
+    pub max_inflight: u16,
+    /// Messages queued per session beyond the in-flight window; the oldest is dropped (and counted) first.
+    pub max_queued: usize,
+    /// MQTT 5 clients asking for keep alive 0 or above this get Server Keep Alive = this.
+    pub max_keepalive_s: u16,
+    /// A connection that has not completed CONNECT by then is closed.
+    pub connect_timeout_ms: u64,
+    /// Topic names and filters with more levels are refused.
+    pub max_topic_levels: usize,
+    /// Topic Alias Maximum advertised to MQTT 5 clients (0 disables client-to-server aliases).
+    pub max_topic_alias: u16,
+    /// Cap on the session expiry interval a client may ask for.
+    pub max_session_expiry_s: u32,
+    /// Aliases the server may use towards a client (bounded by the client's Topic Alias Maximum).
+    pub max_outbound_alias: u16,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_connections: 1_000_000,
+            max_packet_size: 1024 * 1024,
+            max_inflight: 64,
+            max_queued: 1000,
+            max_keepalive_s: 3600,
+            connect_timeout_ms: 10_000,
+            max_topic_levels: 32,
+            max_topic_alias: 64,
+            max_session_expiry_s: u32::MAX,
+            max_outbound_alias: 64,
+        }
+    }
+}
+
+/// State every shard of a node shares: atomics only, never locked.
+#[derive(Debug, Default)]
+pub struct NodeShared {
+    /// Clients with an accepted CONNECT, node-wide.
+    pub connections: AtomicUsize,
+}
+
+/// Counters of one shard, for logs and benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub connects: u64,
+    pub connects_refused: u64,
+    pub protocol_errors: u64,
+    pub publishes_in: u64,
+    pub deliveries: u64,
+    /// QoS 0 messages dropped because the client was offline or not reading.
+    pub dropped_qos0: u64,
+    /// Queued messages dropped (oldest first) because a session's queue was full.
+    pub dropped_queue_full: u64,
+    /// Messages dropped because their Message Expiry Interval passed before delivery.
+    pub dropped_expired: u64,
+    /// Messages not sent because they exceeded the client's Maximum Packet Size.
+    pub dropped_too_large: u64,
+    pub handoffs: u64,
+    pub mesh_out: u64,
+}
+
+/// Messages between shards of one node.
+#[derive(Debug)]
+pub enum Mesh {
+    /// Deliver `msg` to this shard's matching non-shared subscribers (when `normal`) and to one local
+    /// member of each listed shared-subscription group.
+    Deliver { msg: Arc<Msg>, normal: bool, groups: Vec<SharedKey> },
+    /// A retained-message update. `apply == false`: sent to the topic's owner shard, which applies it
+    /// and fans it out with `apply == true` to every other shard.
+    Retain { msg: Arc<Msg>, apply: bool },
+    /// The sender's subscriber counts changed; `token` asks for an [`Mesh::InterestAck`].
+    Interest { deltas: Vec<InterestDelta>, token: Option<u64> },
+    InterestAck { token: u64 },
+}
+
+/// What travels with a socket handed to the owner shard of its client id: every byte received from the
+/// CONNECT on, so the owner decodes the CONNECT itself and nothing is lost.
+#[derive(Debug)]
+pub struct Handoff {
+    pub bytes: Vec<u8>,
+}
+
+/// The shard that owns a client id or a retained topic. Stable for a given shard count.
+pub fn owner_of(key: &str, shards: u16) -> ShardId {
+    // Fixed seeds: every shard (and every process of a node across restarts) must agree.
+    let mut h = ahash::RandomState::with_seeds(0x5348_4152, 0x444d_5121, 0x0bad_cafe, 0x1234_5678).build_hasher();
+    h.write(key.as_bytes());
+    ShardId((h.finish() % shards.max(1) as u64) as u16)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Connect(ConnId),
+    KeepAlive(ConnId),
+    Will(SessionKey),
+    Expiry(SessionKey),
+}
+
+/// A SUBACK waiting for every other shard to acknowledge new interest.
+struct PendingSubAck {
+    conn: ConnId,
+    session: SessionKey,
+    packet: Vec<u8>,
+    /// Filters whose retained messages go out right after the SUBACK.
+    retained: Vec<route::RetainedRequest>,
+    acks_missing: usize,
+}
+
+pub struct Shard {
+    id: ShardId,
+    shards: u16,
+    cfg: Arc<Config>,
+    node: Arc<NodeShared>,
+    conns: HashMap<ConnId, Conn>,
+    sessions: HashMap<SessionKey, Session>,
+    by_client: HashMap<Arc<str>, SessionKey>,
+    next_session: u64,
+    /// Local subscriptions, keyed by the filter without any `$share/group/` prefix.
+    subs: TopicTrie<SubRef>,
+    /// Every shard's subscriber counts (this one's included) per filter and group.
+    interest: TopicTrie<Interest>,
+    /// This shard's own counts per (group, filter), the source of its interest announcements.
+    local_interest: HashMap<SharedKey, u32>,
+    retained: RetainedTree<Arc<Msg>>,
+    /// Round-robin position per shared group when choosing a shard for a publish from here.
+    shared_rr: HashMap<SharedKey, u64>,
+    /// Round-robin position per shared group when choosing a member on this shard.
+    member_rr: HashMap<SharedKey, u64>,
+    /// Final bytes of connections closed by the core (a DISCONNECT or refusing CONNACK), until the
+    /// runtime takes them with `take_transmit` before closing the socket.
+    closing: HashMap<ConnId, Vec<u8>>,
+    pending_subacks: HashMap<u64, PendingSubAck>,
+    next_token: u64,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    io: VecDeque<IoCmd<Handoff>>,
+    mesh_out: VecDeque<(ShardId, Mesh)>,
+    counters: Counters,
+    shutting_down: bool,
+    assigned_ids: u64,
+}
+
+impl Shard {
+    pub fn new(id: ShardId, shards: u16, cfg: Arc<Config>, node: Arc<NodeShared>) -> Shard {
+        debug_assert!(id.0 < shards.max(1));
+        Shard {
+            id,
+            shards: shards.max(1),
+            cfg,
+            node,
+            conns: HashMap::new(),
+            sessions: HashMap::new(),
+            by_client: HashMap::new(),
+            next_session: 1,
+            subs: TopicTrie::new(),
+            interest: TopicTrie::new(),
+            local_interest: HashMap::new(),
+            retained: RetainedTree::new(),
+            shared_rr: HashMap::new(),
+            member_rr: HashMap::new(),
+            closing: HashMap::new(),
+            pending_subacks: HashMap::new(),
+            next_token: 1,
+            timers: BinaryHeap::new(),
+            io: VecDeque::new(),
+            mesh_out: VecDeque::new(),
+            counters: Counters::default(),
+            shutting_down: false,
+            assigned_ids: 0,
+        }
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    fn arm(&mut self, at: Instant, t: Timer) {
+        self.timers.push(Reverse((at, t)));
+    }
+
+    fn send_mesh(&mut self, to: ShardId, m: Mesh) {
+        debug_assert_ne!(to, self.id, "a shard never sends mesh messages to itself");
+        self.counters.mesh_out += 1;
+        self.mesh_out.push_back((to, m));
+    }
+
+    fn other_shards(&self) -> impl Iterator<Item = ShardId> + 'static {
+        let me = self.id;
+        (0..self.shards).map(ShardId).filter(move |s| *s != me)
+    }
+
+    fn fire(&mut self, t: Timer, now: Instant) {
+        match t {
+            Timer::Connect(c) => {
+                if self.conns.get(&c).is_some_and(|c| !c.is_active()) {
+                    self.close_conn(c, Some(ProtocolError::ConnectTimeout), now);
+                }
+            }
+            Timer::KeepAlive(c) => {
+                let Some(conn) = self.conns.get(&c) else { return };
+                if let Some(deadline) = conn.keepalive_deadline() {
+                    if deadline <= now {
+                        self.close_conn(c, Some(ProtocolError::KeepAliveTimeout), now);
+                    } else {
+                        self.arm(deadline, Timer::KeepAlive(c));
+                    }
+                }
+            }
+            Timer::Will(k) => {
+                let due = self.sessions.get(&k).is_some_and(|s| s.conn.is_none() && s.will_due(now));
+                if due {
+                    self.publish_will(k, now);
+                }
+            }
+            Timer::Expiry(k) => {
+                let due = self.sessions.get(&k).is_some_and(|s| s.conn.is_none() && s.expired(now));
+                if due {
+                    self.end_session(k, now);
+                }
+            }
+        }
+    }
+}
+
+impl Core for Shard {
+    type Mesh = Mesh;
+    type Handoff = Handoff;
+
+    fn handle_accept(&mut self, conn: ConnId, now: Instant) {
+        if self.shutting_down {
+            self.io.push_back(IoCmd::Close(conn));
+            return;
+        }
+        self.conns.insert(conn, Conn::new(conn, now));
+        self.arm(now + Duration::from_millis(self.cfg.connect_timeout_ms), Timer::Connect(conn));
+    }
+
+    fn handle_adopt(&mut self, conn: ConnId, state: Handoff, now: Instant) {
+        self.handle_accept(conn, now);
+        if self.conns.contains_key(&conn) {
+            self.handle_read(conn, &state.bytes, now);
+        }
+    }
+
+    fn handle_read(&mut self, conn: ConnId, data: &[u8], now: Instant) {
+        self.read(conn, data, now);
+    }
+
+    fn handle_closed(&mut self, conn: ConnId, now: Instant) {
+        self.conn_gone(conn, true, now);
+        // The socket is gone: nothing will take its last bytes.
+        self.closing.remove(&conn);
+    }
+
+    fn handle_backpressure(&mut self, conn: ConnId, blocked: bool, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.blocked = blocked;
+        if !blocked {
+            if let Some(k) = c.session() {
+                self.pump(k, now);
+            }
+        }
+    }
+
+    fn handle_mesh(&mut self, from: ShardId, msg: Mesh, now: Instant) {
+        match msg {
+            Mesh::Deliver { msg, normal, groups } => self.deliver_local(&msg, normal, &groups, now),
+            Mesh::Retain { msg, apply } => {
+                if apply {
+                    self.apply_retained(msg);
+                } else {
+                    self.own_retained(msg);
+                }
+            }
+            Mesh::Interest { deltas, token } => {
+                for d in deltas {
+                    self.apply_interest(from, d);
+                }
+                if let Some(token) = token {
+                    self.send_mesh(from, Mesh::InterestAck { token });
+                }
+            }
+            Mesh::InterestAck { token } => self.interest_acked(token, now),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, t))) = self.timers.pop() else { break };
+            self.fire(t, now);
+        }
+    }
+
+    fn handle_shutdown(&mut self, now: Instant) {
+        self.shutting_down = true;
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for c in ids {
+            self.close_conn(c, Some(ProtocolError::ShuttingDown), now);
+        }
+    }
+
+    fn take_transmit(&mut self, conn: ConnId) -> Vec<u8> {
+        match self.conns.get_mut(&conn) {
+            Some(c) => c.take_out(),
+            None => self.closing.remove(&conn).unwrap_or_default(),
+        }
+    }
+
+    fn poll_io(&mut self) -> Option<IoCmd<Handoff>> {
+        self.io.pop_front()
+    }
+
+    fn poll_mesh(&mut self) -> Option<(ShardId, Mesh)> {
+        self.mesh_out.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+}
+
+type IoQueue = VecDeque<IoCmd<Handoff>>;
+
+/// Why a packet loop stopped early.
+enum Flow {
+    Continue,
+    /// The connection was closed or handed off: stop reading its bytes.
+    Stop,
+}
+
+/// Encodes `pkt` for a connection; used by every path that answers a client.
+fn encode_into(out: &mut Vec<u8>, pkt: &Packet<'_>, protocol: Protocol) {
+    if let Err(e) = shardmq_wire::encode(pkt, protocol, out) {
+        // Every packet the core builds is within protocol limits; reaching this is a bug, not bad input.
+        debug_assert!(false, "core built an unencodable packet: {e}");
+        tracing::error!(error = %e, "failed to encode an outgoing packet");
+    }
+}
+
+fn inc(c: &AtomicUsize) -> usize {
+    c.fetch_add(1, Ordering::AcqRel)
+}
+fn dec(c: &AtomicUsize) {
+    c.fetch_sub(1, Ordering::AcqRel);
+}

@@ -1,0 +1,354 @@
+//! Routing: which local sessions and which other shards get a publish; SUBSCRIBE/UNSUBSCRIBE; the
+//! interest announcements that keep every shard's view of the others current; shared-subscription member
+//! choice; retained-message replication.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use shardmq_wire::{topic, Packet, Properties, QoS, ReasonCode, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe};
+
+use super::{owner_of, Delivery, Mesh, Msg, PendingSubAck, ProtocolError, SessionKey, Shard};
+use crate::{ConnId, ShardId};
+
+/// A subscription group: `(Some(group), filter)` for `$share/group/filter`, `(None, filter)` otherwise.
+pub type SharedKey = (Option<Arc<str>>, Arc<str>);
+
+/// A local subscription in the trie (keyed by the filter without the `$share/group/` prefix).
+#[derive(Debug, Clone)]
+pub(super) struct SubRef {
+    pub session: SessionKey,
+    pub opts: SubOptions,
+    /// 0 = none.
+    pub sub_id: u32,
+    pub group: Option<Arc<str>>,
+}
+
+/// One shard's subscriber count for a filter and group, as last announced.
+#[derive(Debug, Clone)]
+pub(super) struct Interest {
+    pub shard: ShardId,
+    pub key: SharedKey,
+    /// Invariant: > 0 (entries at 0 are removed).
+    pub members: u32,
+}
+
+/// The new count of a shard's subscribers for one filter and group (0: none left).
+#[derive(Debug, Clone)]
+pub struct InterestDelta {
+    pub key: SharedKey,
+    pub members: u32,
+}
+
+/// A filter whose retained messages are sent after its SUBACK.
+#[derive(Debug, Clone)]
+pub(super) struct RetainedRequest {
+    filter: Box<str>,
+    opts: SubOptions,
+    sub_id: u32,
+}
+
+impl Shard {
+    /// Sends a message to every shard (this one included) with matching subscribers, choosing one member
+    /// per shared group node-wide.
+    pub(super) fn route(&mut self, msg: Arc<Msg>, now: Instant) {
+        if msg.retain {
+            self.own_retained(msg.clone());
+        }
+        let n = self.shards as usize;
+        let mut normal = vec![false; n];
+        let mut shared: Vec<(SharedKey, ShardId, u32)> = Vec::new();
+        self.interest.for_each_match(&msg.topic, |i| match i.key.0 {
+            None => normal[i.shard.index()] = true,
+            Some(_) => shared.push((i.key.clone(), i.shard, i.members)),
+        });
+        let mut groups: Vec<Vec<super::SharedKey>> = vec![Vec::new(); n];
+        shared.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut i = 0;
+        while i < shared.len() {
+            let key = &shared[i].0;
+            let mut j = i;
+            let mut total = 0u64;
+            while j < shared.len() && shared[j].0 == *key {
+                total += shared[j].2 as u64;
+                j += 1;
+            }
+            // Weighted round robin over shards by member count spreads messages evenly over members.
+            let rr = self.shared_rr.entry(key.clone()).or_insert(0);
+            let mut pick = *rr % total.max(1);
+            *rr = rr.wrapping_add(1);
+            for (_, shard, members) in &shared[i..j] {
+                if pick < *members as u64 {
+                    groups[shard.index()].push(key.clone());
+                    break;
+                }
+                pick -= *members as u64;
+            }
+            i = j;
+        }
+        drop(shared);
+        for (s, groups) in groups.into_iter().enumerate() {
+            let shard = ShardId(s as u16);
+            let normal = normal[s];
+            if !normal && groups.is_empty() {
+                continue;
+            }
+            if shard == self.id {
+                self.deliver_local(&msg, normal, &groups, now);
+            } else {
+                self.send_mesh(shard, Mesh::Deliver { msg: msg.clone(), normal, groups });
+            }
+        }
+    }
+
+    /// Delivers to this shard's subscribers: every matching non-shared subscription (one copy per session,
+    /// with the highest QoS and all subscription identifiers) and one member of each listed group.
+    pub(super) fn deliver_local(&mut self, msg: &Arc<Msg>, normal: bool, groups: &[SharedKey], now: Instant) {
+        if normal {
+            let me = self.id;
+            let mut hits: Vec<(SessionKey, QoS, bool, u32)> = Vec::new();
+            self.subs.for_each_match(&msg.topic, |s| {
+                if s.group.is_some() {
+                    return;
+                }
+                if s.opts.no_local && msg.origin.is_some_and(|o| o.shard == me && o.session == s.session) {
+                    return;
+                }
+                let retain = s.opts.retain_as_published && msg.retain;
+                hits.push((s.session, s.opts.qos.min(msg.qos), retain, s.sub_id));
+            });
+            hits.sort_by_key(|h| h.0);
+            let mut i = 0;
+            while i < hits.len() {
+                let key = hits[i].0;
+                let mut d = Delivery { msg: msg.clone(), qos: QoS::AtMostOnce, retain: false, sub_ids: Vec::new() };
+                while i < hits.len() && hits[i].0 == key {
+                    let (_, qos, retain, sub_id) = hits[i];
+                    d.qos = d.qos.max(qos);
+                    d.retain |= retain;
+                    if sub_id != 0 {
+                        d.sub_ids.push(sub_id);
+                    }
+                    i += 1;
+                }
+                self.deliver(key, d, now);
+            }
+        }
+        for key in groups {
+            self.deliver_shared(msg, key, now);
+        }
+    }
+
+    /// One member of a shared group on this shard: round robin, preferring connected members with room.
+    fn deliver_shared(&mut self, msg: &Arc<Msg>, key: &SharedKey, now: Instant) {
+        let Some(members) = self.subs.get(&key.1) else { return };
+        let members: Vec<&SubRef> = members.iter().filter(|s| s.group == key.0).collect();
+        if members.is_empty() {
+            // The member left after the sender chose this shard; the announcement is on its way.
+            self.counters.dropped_qos0 += u64::from(msg.qos == QoS::AtMostOnce);
+            self.counters.dropped_queue_full += u64::from(msg.qos != QoS::AtMostOnce);
+            return;
+        }
+        let rr = self.member_rr.entry(key.clone()).or_insert(0);
+        let start = *rr as usize;
+        *rr = rr.wrapping_add(1);
+        let online = |s: &SubRef| {
+            self.sessions
+                .get(&s.session)
+                .and_then(|x| x.conn)
+                .and_then(|c| self.conns.get(&c))
+                .is_some_and(|c| !c.blocked)
+        };
+        let n = members.len();
+        let chosen = (0..n).map(|i| members[(start + i) % n]).find(|s| online(s)).unwrap_or(members[start % n]);
+        let d = Delivery {
+            msg: msg.clone(),
+            qos: chosen.opts.qos.min(msg.qos),
+            retain: chosen.opts.retain_as_published && msg.retain,
+            sub_ids: if chosen.sub_id != 0 { vec![chosen.sub_id] } else { Vec::new() },
+        };
+        let session = chosen.session;
+        self.deliver(session, d, now);
+    }
+
+    pub(super) fn on_subscribe(&mut self, id: ConnId, key: SessionKey, s: Subscribe<'_>, now: Instant) -> Result<(), ProtocolError> {
+        let sub_id = s.properties.subscription_identifiers.first().copied().unwrap_or(0);
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        let mut deltas = Vec::new();
+        for (filter, opts) in &s.filters {
+            let shared = topic::parse_shared(filter);
+            let inner = shared.as_ref().map_or(*filter, |sh| sh.filter);
+            if shared.is_some() && opts.no_local {
+                // MQTT 5 §3.8.3.1.
+                return Err(ProtocolError::Violation("No Local on a shared subscription"));
+            }
+            if !topic::valid_topic_filter(filter) || topic::levels(inner) > self.cfg.max_topic_levels {
+                reasons.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
+            let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
+            let Some(sess) = self.sessions.get_mut(&key) else { return Ok(()) };
+            let existed = !sess.subs.insert((*filter).into());
+            if existed {
+                if let Some(list) = self.subs.get_mut(inner) {
+                    if let Some(r) = list.iter_mut().find(|r| r.session == key && r.group == group) {
+                        r.opts = *opts;
+                        r.sub_id = sub_id;
+                    }
+                }
+            } else {
+                self.subs.insert(inner, SubRef { session: key, opts: *opts, sub_id, group: group.clone() });
+                if let Some(d) = self.count_interest((group.clone(), inner.into()), 1) {
+                    deltas.push(d);
+                }
+            }
+            let send_retained = group.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed));
+            if send_retained {
+                retained.push(RetainedRequest { filter: inner.into(), opts: *opts, sub_id });
+            }
+            reasons.push(match opts.qos {
+                QoS::AtMostOnce => ReasonCode::GRANTED_QOS_0,
+                QoS::AtLeastOnce => ReasonCode::GRANTED_QOS_1,
+                QoS::ExactlyOnce => ReasonCode::GRANTED_QOS_2,
+            });
+        }
+        let ack = SubAck { packet_id: s.packet_id, reasons, properties: Properties::default() };
+        let mut packet = Vec::new();
+        let protocol = self.conns.get(&id).and_then(|c| c.protocol).unwrap_or(shardmq_wire::Protocol::V311);
+        super::encode_into(&mut packet, &Packet::SubAck(ack), protocol);
+        let pending = PendingSubAck { conn: id, session: key, packet, retained, acks_missing: 0 };
+        if deltas.is_empty() || self.shards == 1 {
+            self.complete_suback(pending, now);
+        } else {
+            let token = self.next_token;
+            self.next_token += 1;
+            for to in self.other_shards() {
+                self.send_mesh(to, Mesh::Interest { deltas: deltas.clone(), token: Some(token) });
+            }
+            self.pending_subacks.insert(token, PendingSubAck { acks_missing: self.shards as usize - 1, ..pending });
+        }
+        Ok(())
+    }
+
+    pub(super) fn interest_acked(&mut self, token: u64, now: Instant) {
+        let Some(p) = self.pending_subacks.get_mut(&token) else { return };
+        p.acks_missing -= 1;
+        if p.acks_missing == 0 {
+            let p = self.pending_subacks.remove(&token).expect("present above");
+            self.complete_suback(p, now);
+        }
+    }
+
+    /// Sends the SUBACK, then the retained messages its filters asked for.
+    fn complete_suback(&mut self, p: PendingSubAck, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&p.conn) else { return };
+        if conn.session() != Some(p.session) {
+            return;
+        }
+        conn.send_raw(&p.packet, &mut self.io);
+        for r in p.retained {
+            let mut found = Vec::new();
+            self.retained.for_each_match(&r.filter, |_, m| found.push(m.clone()));
+            for m in found {
+                if m.is_expired(now) {
+                    continue;
+                }
+                let d = Delivery {
+                    qos: r.opts.qos.min(m.qos),
+                    msg: m,
+                    retain: true,
+                    sub_ids: if r.sub_id != 0 { vec![r.sub_id] } else { Vec::new() },
+                };
+                self.deliver(p.session, d, now);
+            }
+        }
+    }
+
+    pub(super) fn on_unsubscribe(&mut self, id: ConnId, key: SessionKey, u: Unsubscribe<'_>) {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for filter in &u.filters {
+            let existed = self.sessions.get_mut(&key).is_some_and(|s| s.subs.remove(*filter));
+            if existed {
+                self.remove_subscription(key, filter);
+                reasons.push(ReasonCode::SUCCESS);
+            } else {
+                reasons.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(&id) {
+            let ack = UnsubAck { packet_id: u.packet_id, reasons, properties: Properties::default() };
+            conn.send(&Packet::UnsubAck(ack), &mut self.io);
+        }
+    }
+
+    /// Removes a session's subscription (full filter) from the trie and announces the changed count.
+    pub(super) fn remove_subscription(&mut self, key: SessionKey, filter: &str) {
+        let shared = topic::parse_shared(filter);
+        let inner = shared.as_ref().map_or(filter, |sh| sh.filter);
+        let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
+        let (removed, _) = self.subs.remove(inner, |r| r.session == key && r.group == group);
+        if removed.is_some() {
+            if let Some(d) = self.count_interest((group, inner.into()), -1) {
+                for to in self.other_shards() {
+                    self.send_mesh(to, Mesh::Interest { deltas: vec![d.clone()], token: None });
+                }
+            }
+        }
+    }
+
+    /// Changes this shard's member count for `key` and applies it to its own interest view. Returns the
+    /// announcement other shards need: on every change for shared groups (their member counts weight the
+    /// choice), only on 0 ↔ 1 for plain filters.
+    fn count_interest(&mut self, key: SharedKey, change: i32) -> Option<InterestDelta> {
+        let count = self.local_interest.entry(key.clone()).or_insert(0);
+        let before = *count;
+        *count = (before as i64 + change as i64).max(0) as u32;
+        let after = *count;
+        if after == 0 {
+            self.local_interest.remove(&key);
+        }
+        let announce = key.0.is_some() || (before == 0) != (after == 0);
+        let delta = InterestDelta { key, members: after };
+        self.apply_interest(self.id, delta.clone());
+        announce.then_some(delta)
+    }
+
+    pub(super) fn apply_interest(&mut self, from: ShardId, d: InterestDelta) {
+        let filter = d.key.1.clone();
+        if d.members == 0 {
+            self.interest.remove(&filter, |i| i.shard == from && i.key == d.key);
+            return;
+        }
+        if let Some(list) = self.interest.get_mut(&filter) {
+            if let Some(i) = list.iter_mut().find(|i| i.shard == from && i.key == d.key) {
+                i.members = d.members;
+                return;
+            }
+        }
+        self.interest.insert(&filter, Interest { shard: from, key: d.key, members: d.members });
+    }
+
+    /// A retained update published on this shard or forwarded to it: the topic's owner applies it and fans
+    /// it out; any other shard forwards it to the owner.
+    pub(super) fn own_retained(&mut self, msg: Arc<Msg>) {
+        let owner = owner_of(&msg.topic, self.shards);
+        if owner != self.id {
+            self.send_mesh(owner, Mesh::Retain { msg, apply: false });
+            return;
+        }
+        for to in self.other_shards() {
+            self.send_mesh(to, Mesh::Retain { msg: msg.clone(), apply: true });
+        }
+        self.apply_retained(msg);
+    }
+
+    pub(super) fn apply_retained(&mut self, msg: Arc<Msg>) {
+        if msg.payload.is_empty() {
+            self.retained.remove(&msg.topic);
+        } else {
+            let topic = msg.topic.clone();
+            self.retained.insert(&topic, msg);
+        }
+    }
+}
+

@@ -1,0 +1,252 @@
+//! Sessions and outbound delivery: QoS 1/2 in-flight windows (Receive Maximum), the bounded queue behind
+//! them, redelivery on resume, and the per-client rewrites of a PUBLISH (topic alias, subscription
+//! identifiers, remaining expiry, maximum packet size).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ahash::HashSet;
+use shardmq_wire::{Ack, Packet, PacketId, Protocol, Publish, QoS, ReasonCode};
+
+use super::conn::Conn;
+use super::{Delivery, MsgProps, SessionKey, Shard};
+
+#[derive(Debug)]
+pub(super) struct WillState {
+    pub topic: Box<str>,
+    pub payload: Box<[u8]>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub delay_s: u32,
+    pub expiry_s: Option<u32>,
+    pub props: Option<Box<MsgProps>>,
+}
+
+#[derive(Debug)]
+pub(super) struct InFlight {
+    pub pid: u16,
+    pub d: Delivery,
+    /// PUBREC received and PUBREL sent (QoS 2 second half).
+    pub released: bool,
+}
+
+#[derive(Debug)]
+pub(super) struct Session {
+    pub client_id: Arc<str>,
+    pub conn: Option<crate::ConnId>,
+    pub protocol: Protocol,
+    /// Full filters as subscribed (with any `$share/group/` prefix); options live in the trie.
+    pub subs: HashSet<Box<str>>,
+    /// 0: ends with the connection; `u32::MAX`: never expires.
+    pub expiry_s: u32,
+    /// Set while disconnected with a finite expiry.
+    pub expires_at: Option<Instant>,
+    pub will: Option<Box<WillState>>,
+    /// Set while a delayed will is pending.
+    pub will_at: Option<Instant>,
+    next_pid: u16,
+    /// QoS 1/2 messages sent and not yet completed, in send order.
+    /// Invariant: `inflight.len() <= send_quota` except right after a resume with a smaller quota.
+    pub inflight: VecDeque<InFlight>,
+    /// QoS 1/2 messages waiting for room in the window (or for the client to come back).
+    pub queue: VecDeque<Delivery>,
+    /// Packet ids of QoS 2 publishes received and not yet released (duplicate suppression).
+    pub inbound_qos2: Vec<u16>,
+    /// The client's Receive Maximum, capped by ours.
+    pub send_quota: u16,
+}
+
+impl Session {
+    pub fn new(client_id: Arc<str>) -> Session {
+        Session {
+            client_id,
+            conn: None,
+            protocol: Protocol::V311,
+            subs: HashSet::default(),
+            expiry_s: 0,
+            expires_at: None,
+            will: None,
+            will_at: None,
+            next_pid: 1,
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            inbound_qos2: Vec::new(),
+            send_quota: 1,
+        }
+    }
+
+    pub fn will_due(&self, now: Instant) -> bool {
+        self.will_at.is_some_and(|t| t <= now)
+    }
+
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    fn alloc_pid(&mut self) -> u16 {
+        loop {
+            let pid = self.next_pid;
+            self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
+            if !self.inflight.iter().any(|f| f.pid == pid) {
+                return pid;
+            }
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.inflight.len() < self.send_quota as usize
+    }
+}
+
+/// Writes one PUBLISH for `d` to `conn`. Returns false if the client's Maximum Packet Size forbids it.
+fn write_publish(conn: &mut Conn, d: &Delivery, pid: Option<u16>, dup: bool, now: Instant, io: &mut super::IoQueue) -> bool {
+    let msg = &d.msg;
+    let v5 = conn.is_v5();
+    let mut props = if v5 { msg.wire_properties(now) } else { Default::default() };
+    let mut topic: &str = &msg.topic;
+    if v5 {
+        props.subscription_identifiers = d.sub_ids.clone();
+        if let Some((alias, known)) = conn.outbound_alias(&msg.topic) {
+            props.topic_alias = Some(alias);
+            if known {
+                topic = "";
+            }
+        }
+    }
+    let pkt = Packet::Publish(Publish {
+        dup,
+        qos: d.qos,
+        retain: d.retain,
+        topic,
+        packet_id: pid.map(PacketId),
+        payload: &msg.payload,
+        properties: props,
+    });
+    let protocol = conn.protocol.unwrap_or(Protocol::V311);
+    match shardmq_wire::encoded_len(&pkt, protocol) {
+        Ok(len) if len as u64 <= conn.client_max_packet as u64 => {
+            conn.send(&pkt, io);
+            true
+        }
+        _ => false,
+    }
+}
+
+impl Shard {
+    /// Hands one message to a session: now, into its queue, or nowhere (QoS 0 to an absent or stalled
+    /// client, expired messages, a full queue's oldest entry), counting every drop.
+    pub(super) fn deliver(&mut self, key: SessionKey, d: Delivery, now: Instant) {
+        if d.msg.is_expired(now) {
+            self.counters.dropped_expired += 1;
+            return;
+        }
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let conn = s.conn.and_then(|c| self.conns.get_mut(&c));
+        if d.qos == QoS::AtMostOnce {
+            match conn {
+                Some(conn) if !conn.blocked => {
+                    if write_publish(conn, &d, None, false, now, &mut self.io) {
+                        self.counters.deliveries += 1;
+                    } else {
+                        self.counters.dropped_too_large += 1;
+                    }
+                }
+                _ => self.counters.dropped_qos0 += 1,
+            }
+            return;
+        }
+        match conn {
+            Some(conn) if !conn.blocked && s.queue.is_empty() && s.has_room() => {
+                let pid = s.alloc_pid();
+                if write_publish(conn, &d, Some(pid), false, now, &mut self.io) {
+                    self.counters.deliveries += 1;
+                    s.inflight.push_back(InFlight { pid, d, released: false });
+                } else {
+                    self.counters.dropped_too_large += 1;
+                }
+            }
+            _ => {
+                if s.queue.len() >= self.cfg.max_queued {
+                    s.queue.pop_front();
+                    self.counters.dropped_queue_full += 1;
+                }
+                if self.cfg.max_queued > 0 {
+                    s.queue.push_back(d);
+                }
+            }
+        }
+    }
+
+    /// Moves queued messages into the in-flight window while there is room and the client reads.
+    pub(super) fn pump(&mut self, key: SessionKey, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
+        while !conn.blocked && s.has_room() {
+            let Some(d) = s.queue.pop_front() else { break };
+            if d.msg.is_expired(now) {
+                self.counters.dropped_expired += 1;
+                continue;
+            }
+            let pid = s.alloc_pid();
+            if write_publish(conn, &d, Some(pid), false, now, &mut self.io) {
+                self.counters.deliveries += 1;
+                s.inflight.push_back(InFlight { pid, d, released: false });
+            } else {
+                self.counters.dropped_too_large += 1;
+            }
+        }
+    }
+
+    /// A client resumed its session: resend everything unacknowledged, in order, then the queue.
+    pub(super) fn resume(&mut self, key: SessionKey, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
+        for f in s.inflight.iter() {
+            if f.released {
+                conn.send(&Packet::PubRel(Ack::new(PacketId(f.pid), ReasonCode::SUCCESS)), &mut self.io);
+            } else {
+                // MQTT 5 §4.4: unacknowledged PUBLISHes are resent with DUP; expiry does not apply to them.
+                write_publish(conn, &f.d, Some(f.pid), true, now, &mut self.io);
+            }
+        }
+        self.pump(key, now);
+    }
+
+    pub(super) fn on_puback(&mut self, key: SessionKey, pid: PacketId, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        if let Some(i) = s.inflight.iter().position(|f| f.pid == pid.0 && f.d.qos == QoS::AtLeastOnce) {
+            s.inflight.remove(i);
+            self.pump(key, now);
+        }
+    }
+
+    pub(super) fn on_pubrec(&mut self, id: crate::ConnId, key: SessionKey, a: &Ack<'_>, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let pos = s.inflight.iter().position(|f| f.pid == a.packet_id.0 && f.d.qos == QoS::ExactlyOnce);
+        let reason = match pos {
+            Some(i) if a.reason.is_error() => {
+                // The receiver refused the message: the exchange ends here (MQTT 5 §4.3.3).
+                s.inflight.remove(i);
+                self.pump(key, now);
+                return;
+            }
+            Some(i) => {
+                s.inflight[i].released = true;
+                ReasonCode::SUCCESS
+            }
+            None => ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
+        };
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.send(&Packet::PubRel(Ack::new(a.packet_id, reason)), &mut self.io);
+        }
+    }
+
+    pub(super) fn on_pubcomp(&mut self, key: SessionKey, pid: PacketId, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        if let Some(i) = s.inflight.iter().position(|f| f.pid == pid.0 && f.released) {
+            s.inflight.remove(i);
+            self.pump(key, now);
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! Deterministic harness tests: several real `Shard` cores wired together by a simulated runtime that
+//! moves bytes, mesh messages and handed-off connections, with a virtual clock. No sockets, no threads.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardmq_wire::{
+    decode, encode, Ack, Connect, Disconnect, Packet, PacketId, Properties, Protocol, Publish, QoS, ReasonCode,
+    SubOptions, Subscribe, Will,
+};
+
+use super::*;
+use crate::runtime::{Core, IoCmd};
+
+struct Client {
+    shard: ShardId,
+    conn: ConnId,
+    protocol: Protocol,
+    rx: Vec<u8>,
+    closed: bool,
+}
+
+struct Sim {
+    shards: Vec<Shard>,
+    clients: Vec<Client>,
+    now: Instant,
+    next_conn: u64,
+    /// In-flight mesh messages, delivered in FIFO order by `run`.
+    mesh: VecDeque<(ShardId, ShardId, Mesh)>,
+    /// When false, `run` leaves mesh messages queued (to observe barriers).
+    deliver_mesh: bool,
+}
+
+type C = usize;
+
+impl Sim {
+    fn new(n: u16) -> Sim {
+        Sim::with(n, Config::default())
+    }
+
+    fn with(n: u16, cfg: Config) -> Sim {
+        let cfg = Arc::new(cfg);
+        let node = Arc::new(NodeShared::default());
+        Sim {
+            shards: (0..n).map(|i| Shard::new(ShardId(i), n, cfg.clone(), node.clone())).collect(),
+            clients: Vec::new(),
+            now: Instant::now(),
+            next_conn: 1,
+            mesh: VecDeque::new(),
+            deliver_mesh: true,
+        }
+    }
+
+    /// Opens a TCP-level connection on `shard`.
+    fn open(&mut self, shard: u16, protocol: Protocol) -> C {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.shards[shard as usize].handle_accept(conn, self.now);
+        self.clients.push(Client { shard: ShardId(shard), conn, protocol, rx: Vec::new(), closed: false });
+        self.run();
+        self.clients.len() - 1
+    }
+
+    fn connect_with<'a>(&mut self, shard: u16, protocol: Protocol, f: impl FnOnce(&mut Connect<'a>)) -> C {
+        let c = self.open(shard, protocol);
+        let mut connect = Connect {
+            protocol,
+            clean_start: true,
+            keep_alive_s: 0,
+            client_id: "",
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        f(&mut connect);
+        self.send(c, &Packet::Connect(connect));
+        c
+    }
+
+    /// Connects and consumes the CONNACK, asserting success; returns (client, session present).
+    fn connect(&mut self, shard: u16, protocol: Protocol, id: &str, clean: bool) -> (C, bool) {
+        let c = self.connect_with(shard, protocol, |k| {
+            k.client_id = id;
+            k.clean_start = clean;
+            if protocol.is_v5() && !clean {
+                k.properties.session_expiry_interval_s = Some(3600);
+            }
+        });
+        let present = self.pop(c, |p| match p {
+            Packet::ConnAck(a) => {
+                assert_eq!(a.reason, ReasonCode::SUCCESS);
+                a.session_present
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        });
+        (c, present)
+    }
+
+    fn send_bytes(&mut self, c: C, bytes: &[u8]) {
+        let cl = &self.clients[c];
+        assert!(!cl.closed, "client {c} is closed");
+        let (shard, conn) = (cl.shard, cl.conn);
+        self.shards[shard.index()].handle_read(conn, bytes, self.now);
+        self.run();
+    }
+
+    fn send(&mut self, c: C, p: &Packet<'_>) {
+        let mut buf = Vec::new();
+        encode(p, self.clients[c].protocol, &mut buf).unwrap();
+        self.send_bytes(c, &buf);
+    }
+
+    fn publish(&mut self, c: C, topic: &str, payload: &[u8], qos: QoS, retain: bool, pid: u16) {
+        let p = Publish {
+            dup: false,
+            qos,
+            retain,
+            topic,
+            packet_id: (qos != QoS::AtMostOnce).then_some(PacketId(pid)),
+            payload,
+            properties: Properties::default(),
+        };
+        self.send(c, &Packet::Publish(p));
+    }
+
+    fn subscribe(&mut self, c: C, filter: &str, qos: QoS) {
+        self.subscribe_opts(c, filter, SubOptions { qos, ..Default::default() }, None);
+        self.pop(c, |p| assert!(matches!(p, Packet::SubAck(_)), "expected SUBACK, got {p:?}"));
+    }
+
+    fn subscribe_opts(&mut self, c: C, filter: &str, opts: SubOptions, sub_id: Option<u32>) {
+        let mut properties = Properties::default();
+        properties.subscription_identifiers.extend(sub_id);
+        let s = Subscribe { packet_id: PacketId(99), filters: vec![(filter, opts)], properties };
+        self.send(c, &Packet::Subscribe(s));
+    }
+
+    /// Drives every core until nothing moves.
+    fn run(&mut self) {
+        loop {
+            let mut progressed = false;
+            for s in 0..self.shards.len() {
+                while let Some(cmd) = self.shards[s].poll_io() {
+                    progressed = true;
+                    self.io(ShardId(s as u16), cmd);
+                }
+                while let Some((to, m)) = self.shards[s].poll_mesh() {
+                    progressed = true;
+                    self.mesh.push_back((ShardId(s as u16), to, m));
+                }
+            }
+            if self.deliver_mesh {
+                while let Some((from, to, m)) = self.mesh.pop_front() {
+                    progressed = true;
+                    self.shards[to.index()].handle_mesh(from, m, self.now);
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn io(&mut self, shard: ShardId, cmd: IoCmd<Handoff>) {
+        let find = |clients: &Vec<Client>, conn: ConnId| {
+            clients.iter().position(|c| c.shard == shard && c.conn == conn && !c.closed)
+        };
+        match cmd {
+            IoCmd::Transmit(conn) => {
+                let bytes = self.shards[shard.index()].take_transmit(conn);
+                if let Some(i) = find(&self.clients, conn) {
+                    self.clients[i].rx.extend_from_slice(&bytes);
+                }
+            }
+            IoCmd::Close(conn) => {
+                let bytes = self.shards[shard.index()].take_transmit(conn);
+                if let Some(i) = find(&self.clients, conn) {
+                    self.clients[i].rx.extend_from_slice(&bytes);
+                    self.clients[i].closed = true;
+                }
+            }
+            IoCmd::Handoff { conn, to, state } => {
+                let i = find(&self.clients, conn).expect("handoff of an unknown connection");
+                let new = ConnId(self.next_conn);
+                self.next_conn += 1;
+                self.clients[i].shard = to;
+                self.clients[i].conn = new;
+                self.shards[to.index()].handle_adopt(new, state, self.now);
+            }
+        }
+    }
+
+    /// Pops the next packet the client received and hands it to `f`.
+    fn pop<R>(&mut self, c: C, f: impl FnOnce(&Packet<'_>) -> R) -> R {
+        let cl = &mut self.clients[c];
+        let (pkt, n) = decode(&cl.rx, Some(cl.protocol), u32::MAX)
+            .expect("broker sent a malformed packet")
+            .unwrap_or_else(|| panic!("client {c} has no packet (closed: {})", cl.closed));
+        let r = f(&pkt);
+        cl.rx.drain(..n);
+        r
+    }
+
+    fn has_packet(&self, c: C) -> bool {
+        !self.clients[c].rx.is_empty()
+    }
+
+    /// Pops a PUBLISH: (topic, payload, qos, retain, dup, packet id, properties debug).
+    fn pop_publish(&mut self, c: C) -> (String, Vec<u8>, QoS, bool, bool, Option<u16>) {
+        self.pop(c, |p| match p {
+            Packet::Publish(p) => {
+                (p.topic.to_string(), p.payload.to_vec(), p.qos, p.retain, p.dup, p.packet_id.map(|i| i.0))
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        })
+    }
+
+    fn drop_conn(&mut self, c: C) {
+        let cl = &mut self.clients[c];
+        cl.closed = true;
+        let (shard, conn) = (cl.shard, cl.conn);
+        self.shards[shard.index()].handle_closed(conn, self.now);
+        self.run();
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        for s in &mut self.shards {
+            s.handle_timeout(self.now);
+        }
+        self.run();
+    }
+}
+
+/// A client id owned by `shard` of `n`.
+fn id_on(shard: u16, n: u16, prefix: &str) -> String {
+    (0..).map(|i| format!("{prefix}-{i}")).find(|id| owner_of(id, n) == ShardId(shard)).unwrap()
+}
+
+const V3: Protocol = Protocol::V311;
+const V5: Protocol = Protocol::V5;
+
+#[test]
+fn connect_returns_connack_with_v5_limits() {
+    let mut sim = Sim::new(1);
+    let c = sim.connect_with(0, V5, |k| k.client_id = "a");
+    sim.pop(c, |p| match p {
+        Packet::ConnAck(a) => {
+            assert_eq!(a.reason, ReasonCode::SUCCESS);
+            assert!(!a.session_present);
+            assert_eq!(a.properties.receive_maximum, Some(64));
+            assert_eq!(a.properties.topic_alias_maximum, Some(64));
+            assert_eq!(a.properties.maximum_packet_size, Some(1024 * 1024));
+            assert_eq!(a.properties.server_keep_alive_s, Some(3600), "keep alive 0 is capped");
+        }
+        p => panic!("{p:?}"),
+    });
+}
+
+#[test]
+fn publish_crosses_shards_only_to_interested_ones() {
+    let mut sim = Sim::new(2);
+    let sub_id = id_on(1, 2, "sub");
+    let pub_id = id_on(0, 2, "pub");
+    // The subscriber lands on shard 0 and is handed to its owner, shard 1.
+    let (s, _) = sim.connect(0, V3, &sub_id, true);
+    assert_eq!(sim.clients[s].shard, ShardId(1));
+    assert_eq!(sim.shards[0].counters().handoffs, 1);
+    sim.subscribe(s, "a/+", QoS::AtLeastOnce);
+    let (p, _) = sim.connect(0, V3, &pub_id, true);
+    let before = sim.shards[0].counters().mesh_out;
+    sim.publish(p, "b/x", b"nobody", QoS::AtMostOnce, false, 0);
+    assert_eq!(sim.shards[0].counters().mesh_out, before, "no interest on shard 1 for b/x");
+    sim.publish(p, "a/x", b"hello", QoS::AtLeastOnce, false, 7);
+    sim.pop(p, |a| assert!(matches!(a, Packet::PubAck(a) if a.packet_id == PacketId(7))));
+    let (topic, payload, qos, retain, _, _) = sim.pop_publish(s);
+    assert_eq!((topic.as_str(), payload.as_slice(), qos, retain), ("a/x", &b"hello"[..], QoS::AtLeastOnce, false));
+}
+
+#[test]
+fn suback_waits_for_every_shard_to_learn_the_interest() {
+    let mut sim = Sim::new(3);
+    let (s, _) = sim.connect(1, V5, &id_on(1, 3, "s"), true);
+    sim.deliver_mesh = false;
+    sim.subscribe_opts(s, "t", SubOptions::default(), None);
+    assert!(!sim.has_packet(s), "SUBACK must wait for the other shards' acknowledgements");
+    sim.deliver_mesh = true;
+    sim.run();
+    sim.pop(s, |p| assert!(matches!(p, Packet::SubAck(_))));
+    // A second subscriber on the same shard and filter needs no new announcement.
+    let (s2, _) = sim.connect(1, V5, &id_on(1, 3, "s2"), true);
+    sim.deliver_mesh = false;
+    sim.subscribe_opts(s2, "t", SubOptions::default(), None);
+    sim.pop(s2, |p| assert!(matches!(p, Packet::SubAck(_))));
+}
+
+#[test]
+fn qos1_messages_arrive_in_order_within_the_receive_maximum() {
+    let mut sim = Sim::new(2);
+    let s = sim.connect_with(0, V5, |k| {
+        k.client_id = "slow";
+        k.properties.receive_maximum = Some(2);
+    });
+    sim.pop(s, |_| ());
+    sim.subscribe(s, "q", QoS::AtLeastOnce);
+    let (p, _) = sim.connect(1, V5, "fast", true);
+    for i in 0..5u16 {
+        sim.publish(p, "q", &[i as u8], QoS::AtLeastOnce, false, i + 1);
+        sim.pop(p, |_| ());
+    }
+    let a = sim.pop_publish(s);
+    let b = sim.pop_publish(s);
+    assert_eq!((a.1[0], b.1[0]), (0, 1));
+    assert!(!sim.has_packet(s), "only Receive Maximum (2) messages in flight");
+    sim.send(s, &Packet::PubAck(Ack::new(PacketId(a.5.unwrap()), ReasonCode::SUCCESS)));
+    assert_eq!(sim.pop_publish(s).1[0], 2);
+    assert!(!sim.has_packet(s));
+}
+
+#[test]
+fn qos2_duplicate_publish_is_routed_once() {
+    let mut sim = Sim::new(1);
+    let (s, _) = sim.connect(0, V3, "sub", true);
+    sim.subscribe(s, "x", QoS::ExactlyOnce);
+    let (p, _) = sim.connect(0, V3, "pub", true);
+    sim.publish(p, "x", b"once", QoS::ExactlyOnce, false, 5);
+    sim.publish(p, "x", b"once", QoS::ExactlyOnce, false, 5);
+    sim.pop(p, |a| assert!(matches!(a, Packet::PubRec(_))));
+    sim.pop(p, |a| assert!(matches!(a, Packet::PubRec(_))));
+    sim.send(p, &Packet::PubRel(Ack::new(PacketId(5), ReasonCode::SUCCESS)));
+    sim.pop(p, |a| assert!(matches!(a, Packet::PubComp(a) if a.reason == ReasonCode::SUCCESS)));
+    let m = sim.pop_publish(s);
+    assert_eq!(m.2, QoS::ExactlyOnce);
+    assert!(!sim.has_packet(s), "the duplicate must not be delivered");
+    // Outbound QoS 2: PUBREC → PUBREL → PUBCOMP completes the exchange.
+    sim.send(s, &Packet::PubRec(Ack::new(PacketId(m.5.unwrap()), ReasonCode::SUCCESS)));
+    sim.pop(s, |a| assert!(matches!(a, Packet::PubRel(_))));
+    sim.send(s, &Packet::PubComp(Ack::new(PacketId(m.5.unwrap()), ReasonCode::SUCCESS)));
+}
+
+#[test]
+fn unacked_messages_are_resent_with_dup_on_resume() {
+    let mut sim = Sim::new(2);
+    let id = id_on(1, 2, "persist");
+    let (s, present) = sim.connect(1, V3, &id, false);
+    assert!(!present);
+    sim.subscribe(s, "r", QoS::AtLeastOnce);
+    let (p, _) = sim.connect(0, V3, &id_on(0, 2, "p"), true);
+    sim.publish(p, "r", b"1", QoS::AtLeastOnce, false, 1);
+    let first = sim.pop_publish(s);
+    sim.drop_conn(s);
+    sim.publish(p, "r", b"2", QoS::AtLeastOnce, false, 2);
+    let (s, present) = sim.connect(0, V3, &id, false);
+    assert!(present);
+    let again = sim.pop_publish(s);
+    assert_eq!((again.1.as_slice(), again.4, again.5), (&b"1"[..], true, first.5));
+    let queued = sim.pop_publish(s);
+    assert_eq!((queued.1.as_slice(), queued.4), (&b"2"[..], false));
+}
+
+#[test]
+fn retained_messages_replicate_to_every_shard_and_clear() {
+    let mut sim = Sim::new(3);
+    let (p, _) = sim.connect(0, V3, &id_on(0, 3, "p"), true);
+    sim.publish(p, "cfg/a", b"v1", QoS::AtMostOnce, true, 0);
+    sim.publish(p, "cfg/a", b"v2", QoS::AtMostOnce, true, 0);
+    sim.publish(p, "cfg/b", b"b", QoS::AtMostOnce, true, 0);
+    for shard in 0..3 {
+        assert_eq!(sim.shards[shard].retained_count(), 2, "replica on shard {shard}");
+    }
+    let (s, _) = sim.connect(2, V3, &id_on(2, 3, "s"), true);
+    sim.subscribe(s, "cfg/a", QoS::AtLeastOnce);
+    let m = sim.pop_publish(s);
+    assert_eq!((m.1.as_slice(), m.2, m.3), (&b"v2"[..], QoS::AtMostOnce, true));
+    sim.publish(p, "cfg/a", b"", QoS::AtMostOnce, true, 0);
+    let live = sim.pop_publish(s);
+    assert_eq!((live.1.len(), live.3), (0, false), "an empty retained publish reaches subscribers");
+    for shard in 0..3 {
+        assert_eq!(sim.shards[shard].retained_count(), 1);
+    }
+}
+
+#[test]
+fn shared_group_spreads_messages_evenly_across_shards() {
+    let mut sim = Sim::new(2);
+    let members: Vec<C> = (0..3)
+        .map(|i| {
+            let (c, _) = sim.connect(0, V5, &id_on(i % 2, 2, &format!("m{i}")), true);
+            sim.subscribe(c, "$share/g/jobs/#", QoS::AtMostOnce);
+            c
+        })
+        .collect();
+    let (plain, _) = sim.connect(0, V5, "plain", true);
+    sim.subscribe(plain, "jobs/#", QoS::AtMostOnce);
+    let (p, _) = sim.connect(1, V5, &id_on(1, 2, "pub"), true);
+    for i in 0..30u8 {
+        sim.publish(p, "jobs/x", &[i], QoS::AtMostOnce, false, 0);
+    }
+    let mut counts = vec![0; 3];
+    for (i, m) in members.iter().enumerate() {
+        while sim.has_packet(*m) {
+            sim.pop_publish(*m);
+            counts[i] += 1;
+        }
+    }
+    assert_eq!(counts.iter().sum::<i32>(), 30);
+    assert_eq!(counts, vec![10, 10, 10], "weighted round robin over 3 members on 2 shards");
+    let mut plain_count = 0;
+    while sim.has_packet(plain) {
+        sim.pop_publish(plain);
+        plain_count += 1;
+    }
+    assert_eq!(plain_count, 30);
+    // A member leaves: the others get everything.
+    sim.drop_conn(members[0]);
+    for i in 0..10u8 {
+        sim.publish(p, "jobs/y", &[i], QoS::AtMostOnce, false, 0);
+    }
+    let mut rest = 0;
+    for m in &members[1..] {
+        while sim.has_packet(*m) {
+            sim.pop_publish(*m);
+            rest += 1;
+        }
+    }
+    assert_eq!(rest, 10);
+}
+
+#[test]
+fn takeover_closes_the_old_connection_with_0x8e() {
+    let mut sim = Sim::new(2);
+    let id = id_on(0, 2, "dup");
+    let (old, _) = sim.connect(0, V5, &id, false);
+    let (new, present) = sim.connect(1, V5, &id, false);
+    assert!(present);
+    sim.pop(old, |p| assert!(matches!(p, Packet::Disconnect(d) if d.reason == ReasonCode::SESSION_TAKEN_OVER)));
+    assert!(sim.clients[old].closed);
+    assert!(!sim.clients[new].closed);
+}
+
+#[test]
+fn will_is_published_on_abnormal_close_only() {
+    let mut sim = Sim::new(2);
+    let (s, _) = sim.connect(0, V3, &id_on(0, 2, "watch"), true);
+    sim.subscribe(s, "will/#", QoS::AtLeastOnce);
+    for (abnormal, name) in [(true, "w1"), (false, "w2")] {
+        let c = sim.connect_with(1, V3, |k| {
+            k.client_id = name;
+            k.will = Some(Will {
+                topic: "will/x",
+                payload: name.as_bytes(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Properties::default(),
+            });
+        });
+        sim.pop(c, |_| ());
+        if abnormal {
+            sim.drop_conn(c);
+        } else {
+            sim.send(c, &Packet::Disconnect(Disconnect::default()));
+        }
+    }
+    assert_eq!(sim.pop_publish(s).1, b"w1");
+    assert!(!sim.has_packet(s), "a normal DISCONNECT discards the will");
+}
+
+#[test]
+fn will_delay_is_cancelled_by_a_reconnect_and_fires_otherwise() {
+    let mut sim = Sim::new(1);
+    let (s, _) = sim.connect(0, V5, "watch", true);
+    sim.subscribe(s, "will", QoS::AtMostOnce);
+    let will_connect = |k: &mut Connect<'static>| {
+        k.client_id = "w";
+        k.clean_start = false;
+        k.properties.session_expiry_interval_s = Some(100);
+        let mut properties = Properties::default();
+        properties.will_delay_interval_s = Some(5);
+        k.will = Some(Will { topic: "will", payload: b"gone", qos: QoS::AtMostOnce, retain: false, properties });
+    };
+    let c = sim.connect_with(0, V5, will_connect);
+    sim.pop(c, |_| ());
+    sim.drop_conn(c);
+    sim.advance(Duration::from_secs(3));
+    assert!(!sim.has_packet(s));
+    let c = sim.connect_with(0, V5, will_connect);
+    sim.pop(c, |p| assert!(matches!(p, Packet::ConnAck(a) if a.session_present)));
+    sim.advance(Duration::from_secs(10));
+    assert!(!sim.has_packet(s), "reconnect cancelled the delayed will");
+    sim.drop_conn(c);
+    sim.advance(Duration::from_secs(6));
+    assert_eq!(sim.pop_publish(s).1, b"gone");
+}
+
+#[test]
+fn keepalive_timeout_closes_after_one_and_a_half_intervals() {
+    let mut sim = Sim::new(1);
+    let c = sim.connect_with(0, V5, |k| {
+        k.client_id = "ka";
+        k.keep_alive_s = 10;
+    });
+    sim.pop(c, |_| ());
+    sim.advance(Duration::from_secs(14));
+    assert!(!sim.clients[c].closed);
+    sim.send(c, &Packet::PingReq);
+    sim.pop(c, |p| assert!(matches!(p, Packet::PingResp)));
+    sim.advance(Duration::from_secs(14));
+    assert!(!sim.clients[c].closed, "the ping reset the timer");
+    sim.advance(Duration::from_secs(2));
+    assert!(sim.clients[c].closed);
+    sim.pop(c, |p| assert!(matches!(p, Packet::Disconnect(d) if d.reason == ReasonCode::KEEP_ALIVE_TIMEOUT)));
+}
+
+#[test]
+fn connection_without_connect_is_closed_after_the_timeout() {
+    let mut sim = Sim::new(1);
+    let c = sim.open(0, V3);
+    sim.advance(Duration::from_millis(9_999));
+    assert!(!sim.clients[c].closed);
+    sim.advance(Duration::from_millis(2));
+    assert!(sim.clients[c].closed);
+}
+
+#[test]
+fn session_expiry_ends_an_offline_session() {
+    let mut sim = Sim::new(1);
+    let c = sim.connect_with(0, V5, |k| {
+        k.client_id = "exp";
+        k.clean_start = false;
+        k.properties.session_expiry_interval_s = Some(10);
+    });
+    sim.pop(c, |_| ());
+    sim.drop_conn(c);
+    assert_eq!(sim.shards[0].session_count(), 1);
+    sim.advance(Duration::from_secs(11));
+    assert_eq!(sim.shards[0].session_count(), 0);
+}
+
+#[test]
+fn bad_first_packet_and_oversized_header_close_the_connection() {
+    let mut sim = Sim::with(1, Config { max_packet_size: 1000, ..Config::default() });
+    let c = sim.open(0, V3);
+    sim.send(c, &Packet::PingReq);
+    assert!(sim.clients[c].closed);
+    let (c, _) = sim.connect(0, V5, "big", true);
+    // Only the fixed header of a 200 MB PUBLISH: refused before any body arrives.
+    sim.send_bytes(c, &[0x30, 0x80, 0x80, 0x80, 0x60]);
+    assert!(sim.clients[c].closed);
+    sim.pop(c, |p| assert!(matches!(p, Packet::Disconnect(d) if d.reason == ReasonCode::PACKET_TOO_LARGE)));
+    let (ok, _) = sim.connect(0, V5, "fine", true);
+    assert!(!sim.clients[ok].closed);
+}
+
+#[test]
+fn max_connections_refuses_cleanly() {
+    let mut sim = Sim::with(2, Config { max_connections: 2, ..Config::default() });
+    sim.connect(0, V3, "a", true);
+    sim.connect(1, V3, "b", true);
+    let c = sim.connect_with(0, V5, |k| k.client_id = "c");
+    sim.pop(c, |p| assert!(matches!(p, Packet::ConnAck(a) if a.reason == ReasonCode::QUOTA_EXCEEDED)));
+    assert!(sim.clients[c].closed);
+}
+
+#[test]
+fn idle_connection_holds_no_read_buffer_between_packets() {
+    let mut sim = Sim::new(1);
+    let (c, _) = sim.connect(0, V3, "idle", true);
+    let mut buf = Vec::new();
+    encode(&Packet::PingReq, V3, &mut buf).unwrap();
+    sim.send_bytes(c, &buf[..1]);
+    let conn = sim.clients[c].conn;
+    assert!(sim.shards[0].conns[&conn].rbuf_capacity() > 0, "a partial packet is kept");
+    sim.send_bytes(c, &buf[1..]);
+    assert_eq!(sim.shards[0].conns[&conn].rbuf_capacity(), 0, "and freed once complete");
+    sim.pop(c, |p| assert!(matches!(p, Packet::PingResp)));
+}

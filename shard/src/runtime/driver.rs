@@ -1,0 +1,256 @@
+//! The backend-independent half of a shard's event loop: the order in which the core is called, how its
+//! commands (`poll_io`, `poll_mesh`) are drained, how the inbox is consumed, timers, and the shutdown sequence.
+//!
+//! A backend (epoll or io_uring) implements [`Io`] (what to do with one connection) and [`EventLoop`] (wait
+//! for and dispatch events); [`run`] is the loop both share. The one rule every backend relies on: after each
+//! `handle_*` call the core's I/O commands are drained before anything else is read from a socket, so a
+//! handoff requested after `handle_read` sees no later bytes consumed by this shard.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::mesh::{Inbound, Inbox, Outbox};
+use super::node::ShardCounters;
+use super::{Core, IoCmd};
+use crate::{ConnId, ShardId};
+
+/// Everything a shard's loop needs besides its backend and core.
+pub(crate) struct Ctx {
+    pub(crate) id: ShardId,
+    pub(crate) counters: Arc<ShardCounters>,
+    /// Node-wide count of open client sockets. Invariant: `<= max_sockets` after every `try_open`.
+    pub(crate) open: Arc<AtomicUsize>,
+    pub(crate) max_sockets: usize,
+    pub(crate) shutdown: Arc<AtomicBool>,
+    /// How long a core-requested close may spend flushing.
+    pub(crate) close_linger: Duration,
+    /// How long the shutdown sequence may spend flushing.
+    pub(crate) shutdown_grace: Duration,
+}
+
+impl Ctx {
+    /// Claims a slot under the node-wide socket cap; `false` (and counted) when the node is full.
+    pub(crate) fn try_open(&self) -> bool {
+        let prev = self.open.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.max_sockets {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.counters.refused_over_cap.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        self.counters.open_sockets.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// A socket of this shard was closed (for any reason).
+    pub(crate) fn closed_one(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.counters.closed.fetch_add(1, Ordering::Relaxed);
+        self.counters.open_sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A socket left this shard for another one (the node-wide count does not change).
+    pub(crate) fn handed_off_one(&self) {
+        self.counters.handoffs.fetch_add(1, Ordering::Relaxed);
+        self.counters.open_sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A socket arrived from another shard (already counted node-wide).
+    pub(crate) fn adopted_one(&self) {
+        self.counters.open_sockets.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What a backend does with one connection when the core asks.
+pub(crate) trait Io<C: Core> {
+    /// Writes `buf` to `conn` (or queues it behind output already pending). Unknown or closing: dropped.
+    fn transmit(&mut self, core: &mut C, conn: ConnId, buf: Vec<u8>, now: Instant);
+    /// Flushes pending output plus `buf` (bounded), then closes. The core is not told when it is closed.
+    fn close(&mut self, core: &mut C, conn: ConnId, buf: Vec<u8>, now: Instant);
+    /// Stops watching `conn` and ships it to shard `to` through `out` (possibly later, once in-flight
+    /// operations on it have finished).
+    fn handoff(
+        &mut self,
+        core: &mut C,
+        conn: ConnId,
+        to: ShardId,
+        state: C::Handoff,
+        out: &mut Outbox<C::Mesh, C::Handoff>,
+        now: Instant,
+    );
+    /// Registers a socket moved here; `unsent` is queued before any output of the core. `None`: it could
+    /// not be registered and was closed.
+    fn adopt(&mut self, fd: OwnedFd, unsent: Vec<u8>, now: Instant) -> Option<ConnId>;
+}
+
+/// A backend's event source.
+pub(crate) trait EventLoop<C: Core>: Io<C> {
+    /// Waits up to `timeout` (`None`: forever) for events and dispatches them to the core.
+    fn poll(
+        &mut self,
+        core: &mut C,
+        out: &mut Outbox<C::Mesh, C::Handoff>,
+        timeout: Option<Duration>,
+        stopping: bool,
+    ) -> io::Result<()>;
+    /// Backend deadlines (lingering closes, paused accepts) that have passed.
+    fn on_tick(&mut self, core: &mut C, now: Instant);
+    /// The earliest backend deadline.
+    fn next_deadline(&self) -> Option<Instant>;
+    /// Whether events are ready without waiting (reads cut short for fairness).
+    fn has_ready(&self) -> bool;
+    /// Shutdown, step 1: no new connections.
+    fn stop_accepting(&mut self);
+    /// Shutdown, step 2: every connection still open becomes a flush-then-close.
+    fn close_all(&mut self, core: &mut C, now: Instant);
+    /// Connections (or sockets still finishing a close or a handoff) this backend holds.
+    fn open_count(&self) -> usize;
+    /// Shutdown, last step: close whatever is left, in-flight operations included.
+    fn force_close_all(&mut self);
+}
+
+/// Executes the core's I/O commands. While `stopping`, a handoff closes the connection instead (the
+/// target is shutting down too).
+pub(crate) fn drain_io<C: Core, I: Io<C>>(
+    core: &mut C,
+    io: &mut I,
+    out: &mut Outbox<C::Mesh, C::Handoff>,
+    now: Instant,
+    stopping: bool,
+) {
+    while let Some(cmd) = core.poll_io() {
+        match cmd {
+            IoCmd::Transmit(conn) => {
+                let buf = core.take_transmit(conn);
+                if !buf.is_empty() {
+                    io.transmit(core, conn, buf, now);
+                }
+            }
+            IoCmd::Close(conn) => {
+                let buf = core.take_transmit(conn);
+                io.close(core, conn, buf, now);
+            }
+            IoCmd::Handoff { conn, to, state } => {
+                if stopping || to.index() >= out.shards() {
+                    if !stopping {
+                        tracing::warn!(?conn, to = to.0, "handoff to a shard that does not exist; closing");
+                    }
+                    io.close(core, conn, Vec::new(), now);
+                } else {
+                    io.handoff(core, conn, to, state, out, now);
+                }
+            }
+        }
+    }
+}
+
+/// Moves the core's cross-core messages into the outbox (sent by `Outbox::flush`).
+fn drain_mesh<C: Core>(core: &mut C, out: &mut Outbox<C::Mesh, C::Handoff>) {
+    while let Some((to, msg)) = core.poll_mesh() {
+        if to.index() < out.shards() {
+            out.push_mesh(to, msg);
+        } else {
+            tracing::warn!(to = to.0, "mesh message to a shard that does not exist; dropped");
+        }
+    }
+}
+
+/// Hands what other shards sent to the core. Bounded per call so a flood cannot starve sockets.
+fn drain_inbox<C: Core, I: Io<C>>(
+    core: &mut C,
+    io: &mut I,
+    inbox: &Inbox<C::Mesh, C::Handoff>,
+    out: &mut Outbox<C::Mesh, C::Handoff>,
+    now: Instant,
+) {
+    for _ in 0..1024 {
+        let Ok(item) = inbox.rx.try_recv() else { break };
+        match item {
+            Inbound::Mesh { from, batch } => {
+                for msg in batch {
+                    core.handle_mesh(from, msg, now);
+                }
+                drain_io(core, io, out, now, false);
+            }
+            Inbound::Adopt { from: _, adopt } => {
+                let (fd, state, unsent, read_ahead) = adopt.into_parts();
+                if let Some(conn) = io.adopt(fd, unsent, now) {
+                    core.handle_adopt(conn, state, now);
+                    // Before draining commands: bytes the source read past the handoff come next in the stream.
+                    if !read_ahead.is_empty() {
+                        core.handle_read(conn, &read_ahead, now);
+                    }
+                    drain_io(core, io, out, now, false);
+                }
+            }
+        }
+    }
+    inbox.notify_drained();
+}
+
+/// How long to wait for the backlog of a full inbox to clear when nobody wakes us.
+const BACKLOG_RETRY: Duration = Duration::from_millis(1);
+
+/// A shard's loop: runs until shutdown has flushed (or given up on) every connection.
+pub(crate) fn run<C: Core, L: EventLoop<C>>(
+    ctx: &Ctx,
+    core: &mut C,
+    lp: &mut L,
+    inbox: &Inbox<C::Mesh, C::Handoff>,
+    out: &mut Outbox<C::Mesh, C::Handoff>,
+) -> io::Result<()> {
+    let mut stop_deadline: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if stop_deadline.is_none() && ctx.shutdown.load(Ordering::Acquire) {
+            stop_deadline = Some(now + ctx.shutdown_grace);
+            lp.stop_accepting();
+            core.handle_shutdown(now);
+            drain_io(core, lp, out, now, true);
+            lp.close_all(core, now);
+            out.discard();
+        }
+        let stopping = stop_deadline.is_some();
+        if let Some(deadline) = stop_deadline {
+            // Items still arriving are dropped: closes adopted sockets, releases their cap slots.
+            while inbox.rx.try_recv().is_ok() {}
+            if lp.open_count() == 0 || now >= deadline {
+                lp.force_close_all();
+                return Ok(());
+            }
+        } else {
+            drain_inbox(core, lp, inbox, out, now);
+        }
+
+        lp.on_tick(core, now);
+        if core.poll_timeout().is_some_and(|t| t <= now) {
+            core.handle_timeout(now);
+            drain_io(core, lp, out, now, stopping);
+        }
+        if !stopping {
+            drain_mesh(core, out);
+            out.flush();
+        }
+
+        let deadline = [core.poll_timeout(), lp.next_deadline(), stop_deadline].into_iter().flatten().min();
+        let mut timeout = deadline.map(|d| d.saturating_duration_since(now));
+        if out.has_backlog() {
+            timeout = Some(timeout.map_or(BACKLOG_RETRY, |t| t.min(BACKLOG_RETRY)));
+        }
+        if lp.has_ready() || (!stopping && !inbox.is_empty()) {
+            timeout = Some(Duration::ZERO);
+        }
+        if timeout != Some(Duration::ZERO) {
+            inbox.wake().prepare_sleep();
+            if !inbox.is_empty() || ctx.shutdown.load(Ordering::Acquire) != stopping {
+                timeout = Some(Duration::ZERO);
+            }
+        }
+        let res = lp.poll(core, out, timeout, stopping);
+        inbox.wake().awake();
+        res?;
+    }
+}

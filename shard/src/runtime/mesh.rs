@@ -1,0 +1,285 @@
+//! Cross-core plumbing: one bounded inbox per shard, the per-target batching and backlog on the sending side,
+//! and the eventfd wakeup of a sleeping shard.
+//!
+//! What it guarantees: messages from one shard to another arrive in the order they were produced (mesh
+//! messages and socket handoffs share one FIFO per target), and nothing is dropped while the target runs: a
+//! full inbox hands the item back, it stays in a per-target backlog and is retried on the next loop
+//! iteration. What it does not do: deliver to a shard that already exited (items for it are dropped, which
+//! only happens during node shutdown), or bound the backlog (a core that floods a stalled peer grows it).
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use super::node::ShardCounters;
+use super::sys;
+use crate::ShardId;
+
+/// A socket moving between shards, with the core's state for it and the bytes that must come first.
+pub(crate) struct Adopt<H> {
+    /// `None` once the receiving runtime took it; see `Drop`.
+    fd: Option<OwnedFd>,
+    state: Option<H>,
+    /// Output the source runtime had taken from its core but not written yet; written first by the target.
+    unsent: Vec<u8>,
+    /// Bytes the source runtime received after the read that triggered the handoff (io_uring's multishot
+    /// recv may complete more reads before its cancellation lands). The target feeds them to its core right
+    /// after `handle_adopt`, before reading the socket again.
+    read_ahead: Vec<u8>,
+    /// Node-wide open-socket count, released if this socket is dropped undelivered.
+    open: Arc<AtomicUsize>,
+}
+
+impl<H> Adopt<H> {
+    pub(crate) fn new(fd: OwnedFd, state: H, unsent: Vec<u8>, read_ahead: Vec<u8>, open: Arc<AtomicUsize>) -> Self {
+        Adopt { fd: Some(fd), state: Some(state), unsent, read_ahead, open }
+    }
+
+    /// Takes everything; from here the caller owns the socket's slot in the node-wide count.
+    pub(crate) fn into_parts(mut self) -> (OwnedFd, H, Vec<u8>, Vec<u8>) {
+        let fd = self.fd.take().expect("adopted socket taken twice");
+        let state = self.state.take().expect("adopted state taken twice");
+        (fd, state, std::mem::take(&mut self.unsent), std::mem::take(&mut self.read_ahead))
+    }
+}
+
+impl<H> Drop for Adopt<H> {
+    fn drop(&mut self) {
+        // A handoff dropped in flight (target gone at shutdown) closes the socket: keep the cap honest.
+        if self.fd.take().is_some() {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// What travels through a shard's inbox.
+pub(crate) enum Inbound<M, H> {
+    Mesh { from: ShardId, batch: Vec<M> },
+    Adopt { from: ShardId, adopt: Adopt<H> },
+}
+
+/// The wakeup side of a shard, shared with every other shard.
+pub(crate) struct Wake {
+    fd: OwnedFd,
+    /// Set by the owner right before it blocks; a sender that clears it owes the owner an eventfd signal.
+    sleeping: AtomicBool,
+    /// Bit `i` set: shard `i` found this inbox full and wants a wakeup once it is drained (shards 0..64;
+    /// others rely on the backlog retry timer).
+    drain_waiters: AtomicU64,
+}
+
+impl Wake {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        Ok(Wake { fd: sys::eventfd()?, sleeping: AtomicBool::new(false), drain_waiters: AtomicU64::new(0) })
+    }
+
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Wakes the owner if it is (about to be) asleep. Called after the item was made visible in the inbox.
+    pub(crate) fn wake(&self) {
+        // Pairs with the fence in `prepare_sleep`: either the owner sees our item, or we see `sleeping`.
+        fence(Ordering::SeqCst);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            sys::eventfd_signal(self.fd());
+        }
+    }
+
+    /// Wakes the owner whatever it is doing (shutdown).
+    pub(crate) fn force_wake(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+        sys::eventfd_signal(self.fd());
+    }
+
+    /// Announces that the owner will block. The owner must check its inbox after this and not block if the
+    /// inbox is non-empty (an item sent before the flag was visible does not signal the eventfd).
+    pub(crate) fn prepare_sleep(&self) {
+        self.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    pub(crate) fn awake(&self) {
+        self.sleeping.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The receiving side of a shard: its inbox and who waits for it to drain.
+pub(crate) struct Inbox<M, H> {
+    pub(crate) rx: Receiver<Inbound<M, H>>,
+    me: usize,
+    wakes: Arc<[Wake]>,
+}
+
+impl<M, H> Inbox<M, H> {
+    pub(crate) fn new(rx: Receiver<Inbound<M, H>>, me: ShardId, wakes: Arc<[Wake]>) -> Self {
+        Inbox { rx, me: me.index(), wakes }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    pub(crate) fn wake(&self) -> &Wake {
+        &self.wakes[self.me]
+    }
+
+    /// Tells the shards that found this inbox full that there is room again.
+    pub(crate) fn notify_drained(&self) {
+        let mut waiters = self.wakes[self.me].drain_waiters.swap(0, Ordering::AcqRel);
+        while waiters != 0 {
+            let i = waiters.trailing_zeros() as usize;
+            waiters &= waiters - 1;
+            if let Some(w) = self.wakes.get(i) {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// An entry of a per-target backlog.
+enum Queued<M, H> {
+    Item(Inbound<M, H>),
+    /// The place of a handoff whose socket still has operations in flight (io_uring): later items for the
+    /// same target wait behind it, so the target never sees a message about a connection before the
+    /// connection itself.
+    Reserved(u64),
+}
+
+/// The sending side of a shard: builds one batch per target per loop iteration, keeps what did not fit.
+pub(crate) struct Outbox<M, H> {
+    me: ShardId,
+    senders: Vec<Sender<Inbound<M, H>>>,
+    wakes: Arc<[Wake]>,
+    counters: Arc<ShardCounters>,
+    /// Mesh messages produced this iteration, per target; sealed into `backlog` by `flush`.
+    open: Vec<Vec<M>>,
+    /// Items not yet accepted by the target's inbox, oldest first. Invariant: `pending` counts them.
+    backlog: Vec<VecDeque<Queued<M, H>>>,
+    pending: usize,
+    next_ticket: u64,
+}
+
+impl<M, H> Outbox<M, H> {
+    pub(crate) fn new(
+        me: ShardId,
+        senders: Vec<Sender<Inbound<M, H>>>,
+        wakes: Arc<[Wake]>,
+        counters: Arc<ShardCounters>,
+    ) -> Self {
+        let n = senders.len();
+        Outbox {
+            me,
+            senders,
+            wakes,
+            counters,
+            open: (0..n).map(|_| Vec::new()).collect(),
+            backlog: (0..n).map(|_| VecDeque::new()).collect(),
+            pending: 0,
+            next_ticket: 0,
+        }
+    }
+
+    pub(crate) fn shards(&self) -> usize {
+        self.senders.len()
+    }
+
+    pub(crate) fn push_mesh(&mut self, to: ShardId, msg: M) {
+        self.open[to.index()].push(msg);
+    }
+
+    /// Queues a socket for `to`, after every mesh message already produced for it (order is per target).
+    pub(crate) fn push_adopt(&mut self, to: ShardId, adopt: Adopt<H>) {
+        let t = to.index();
+        self.seal(t);
+        self.backlog[t].push_back(Queued::Item(Inbound::Adopt { from: self.me, adopt }));
+        self.pending += 1;
+    }
+
+    /// Holds the place of a socket that will be ready later; see [`Outbox::fill`].
+    pub(crate) fn reserve(&mut self, to: ShardId) -> u64 {
+        let t = to.index();
+        self.seal(t);
+        self.next_ticket += 1;
+        self.backlog[t].push_back(Queued::Reserved(self.next_ticket));
+        self.pending += 1;
+        self.next_ticket
+    }
+
+    /// Puts the socket in its reserved place. A ticket no longer queued (discarded at shutdown) drops it.
+    pub(crate) fn fill(&mut self, to: ShardId, ticket: u64, adopt: Adopt<H>) {
+        let me = self.me;
+        let slot = self.backlog[to.index()].iter_mut().find(|q| matches!(q, Queued::Reserved(t) if *t == ticket));
+        if let Some(slot) = slot {
+            *slot = Queued::Item(Inbound::Adopt { from: me, adopt });
+        }
+    }
+
+    fn seal(&mut self, t: usize) {
+        if self.open[t].is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.open[t]);
+        // Appending to a batch still waiting in the backlog keeps order and sends fewer, larger batches.
+        if let Some(Queued::Item(Inbound::Mesh { batch: last, .. })) = self.backlog[t].back_mut() {
+            last.extend(batch);
+            return;
+        }
+        self.backlog[t].push_back(Queued::Item(Inbound::Mesh { from: self.me, batch }));
+        self.pending += 1;
+    }
+
+    /// Sends what it can; returns whether something is left for a later retry.
+    pub(crate) fn flush(&mut self) -> bool {
+        for t in 0..self.senders.len() {
+            self.seal(t);
+            let mut sent = false;
+            while let Some(Queued::Item(_)) = self.backlog[t].front() {
+                let Some(Queued::Item(item)) = self.backlog[t].pop_front() else { unreachable!() };
+                let msgs = match &item {
+                    Inbound::Mesh { batch, .. } => batch.len() as u64,
+                    Inbound::Adopt { .. } => 0,
+                };
+                match self.senders[t].try_send(item) {
+                    Ok(()) => {
+                        self.pending -= 1;
+                        sent = true;
+                        self.counters.mesh_sent.fetch_add(msgs, Ordering::Relaxed);
+                    }
+                    Err(TrySendError::Full(item)) => {
+                        self.backlog[t].push_front(Queued::Item(item));
+                        self.counters.mesh_full_retries.fetch_add(1, Ordering::Relaxed);
+                        if self.me.index() < 64 {
+                            self.wakes[t].drain_waiters.fetch_or(1 << self.me.index(), Ordering::AcqRel);
+                        }
+                        break;
+                    }
+                    Err(TrySendError::Disconnected(_)) => {
+                        // Only at shutdown: the target exited. Dropping an Adopt closes its socket.
+                        self.pending -= 1;
+                        tracing::debug!(target_shard = t, "mesh target gone, dropping item");
+                    }
+                }
+            }
+            if sent {
+                self.wakes[t].wake();
+            }
+        }
+        debug_assert_eq!(self.pending, self.backlog.iter().map(VecDeque::len).sum::<usize>());
+        self.pending > 0
+    }
+
+    pub(crate) fn has_backlog(&self) -> bool {
+        self.pending > 0
+    }
+
+    /// Drops everything not yet sent (node shutdown).
+    pub(crate) fn discard(&mut self) {
+        self.open.iter_mut().for_each(Vec::clear);
+        self.backlog.iter_mut().for_each(VecDeque::clear);
+        self.pending = 0;
+    }
+}

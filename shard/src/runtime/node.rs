@@ -1,0 +1,486 @@
+//! Starting and stopping a node: configuration, listeners, one thread per shard, the backend choice (with
+//! the io_uring to epoll fallback), statistics, shutdown and join.
+//!
+//! Startup is a two-phase barrier so every shard runs the same backend and none accepts before all are
+//! ready: (1) each shard thread pins itself and, if io_uring is wanted, sets it up completely and reports;
+//! the starter picks the backend (epoll if any shard failed under `Auto`); (2) shards that must switch
+//! build epoll and report again; then all are told to go. Listeners are bound by the starter before any
+//! thread runs, so `local_addrs` is exact and no connection is lost in between (it waits in the backlog).
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use super::driver::{self, Ctx};
+use super::epoll::EpollLoop;
+use super::mesh::{Inbound, Inbox, Outbox, Wake};
+use super::uring::{UringLoop, UringParams};
+use super::{sys, Core};
+use crate::ShardId;
+
+/// Which backend to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// io_uring if it can be set up completely on every shard, epoll otherwise. The environment variable
+    /// `SHARDMQ_RUNTIME=epoll|io_uring` overrides this choice (and only this one).
+    #[default]
+    Auto,
+    /// io_uring or fail to start.
+    Uring,
+    /// epoll.
+    Epoll,
+}
+
+/// The backend a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Uring,
+    Epoll,
+}
+
+impl Backend {
+    /// Bytes of runtime state per connection slot, excluding output waiting for the socket (which only
+    /// exists while a peer is slow) and kernel-side socket buffers.
+    pub fn conn_state_bytes(self) -> usize {
+        match self {
+            Backend::Uring => UringLoop::<()>::conn_state_bytes(),
+            Backend::Epoll => EpollLoop::conn_state_bytes(),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Uring => "io_uring",
+            Backend::Epoll => "epoll",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Addresses to listen on; every shard gets its own `SO_REUSEPORT` listener for each.
+    pub listen: Vec<SocketAddr>,
+    pub shards: usize,
+    /// Pin shard `i` to the `i`-th CPU the process may use (skipped when there are fewer CPUs than shards).
+    pub pin_threads: bool,
+    pub backend: BackendChoice,
+    /// Capacity, in batches, of each shard's inbound cross-core channel.
+    pub mesh_capacity: usize,
+    /// Node-wide hard cap on open client sockets: beyond it an accepted socket is closed at once and counted
+    /// (`refused_over_cap`).
+    pub max_sockets: usize,
+    /// How long a core-requested close may spend flushing before the socket is closed anyway.
+    pub close_linger: Duration,
+    /// How long shutdown may spend flushing before every socket is closed anyway.
+    pub shutdown_grace: Duration,
+    /// epoll: size of the one read buffer each shard shares between its connections.
+    pub read_buffer_size: usize,
+    /// io_uring: provided receive buffers per shard (a power of two, at most 32768).
+    pub uring_buffers: u16,
+    /// io_uring: size of each provided receive buffer.
+    pub uring_buffer_size: u32,
+    /// io_uring: submission queue entries per shard.
+    pub uring_entries: u32,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Leave headroom under the fd limit for listeners, rings, eventfds and whatever else the process opens.
+        let max_sockets = sys::nofile_limit().map_or(1 << 20, |n| n.saturating_sub(64 + 8 * shards as u64)) as usize;
+        RuntimeConfig {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 1883))],
+            shards,
+            pin_threads: true,
+            backend: BackendChoice::Auto,
+            mesh_capacity: 1024,
+            max_sockets: max_sockets.max(16),
+            close_linger: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(2),
+            read_buffer_size: 64 * 1024,
+            uring_buffers: 512,
+            uring_buffer_size: 16 * 1024,
+            uring_entries: 1024,
+        }
+    }
+}
+
+/// Per-shard counters, updated by the shard with relaxed atomics and read by [`Node::stats`].
+#[derive(Default)]
+pub(crate) struct ShardCounters {
+    pub(crate) accepted: AtomicU64,
+    pub(crate) refused_over_cap: AtomicU64,
+    pub(crate) closed: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+    pub(crate) mesh_sent: AtomicU64,
+    pub(crate) mesh_full_retries: AtomicU64,
+    pub(crate) handoffs: AtomicU64,
+    /// Sockets this shard holds; moves with handoffs (source decrements, target increments).
+    pub(crate) open_sockets: AtomicU64,
+}
+
+/// A snapshot of one shard's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardStats {
+    pub shard: ShardId,
+    /// Sockets accepted under the cap.
+    pub accepted: u64,
+    /// Sockets accepted and closed at once because the node was at `max_sockets`.
+    pub refused_over_cap: u64,
+    /// Sockets this shard closed (peer gone, core close, shutdown).
+    pub closed: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Mesh messages (not batches) accepted by target inboxes.
+    pub mesh_sent: u64,
+    /// Times a batch or handoff found the target inbox full and was kept for a retry.
+    pub mesh_full_retries: u64,
+    /// Sockets handed to another shard.
+    pub handoffs: u64,
+    pub open_sockets: u64,
+}
+
+impl ShardCounters {
+    fn snapshot(&self, shard: ShardId) -> ShardStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ShardStats {
+            shard,
+            accepted: get(&self.accepted),
+            refused_over_cap: get(&self.refused_over_cap),
+            closed: get(&self.closed),
+            bytes_read: get(&self.bytes_read),
+            bytes_written: get(&self.bytes_written),
+            mesh_sent: get(&self.mesh_sent),
+            mesh_full_retries: get(&self.mesh_full_retries),
+            handoffs: get(&self.handoffs),
+            open_sockets: get(&self.open_sockets),
+        }
+    }
+}
+
+/// A running node: its shard threads and what they share.
+pub struct Node {
+    addrs: Vec<SocketAddr>,
+    backend: Backend,
+    shutdown: Arc<AtomicBool>,
+    wakes: Arc<[Wake]>,
+    counters: Vec<Arc<ShardCounters>>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+}
+
+impl Node {
+    /// The bound listen addresses (port 0 resolved), in `RuntimeConfig::listen` order.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Asks every shard to call `handle_shutdown`, flush for at most `shutdown_grace`, close and exit.
+    /// Returns at once; [`Node::join`] waits.
+    pub fn shutdown(&self) {
+        signal_shutdown(&self.shutdown, &self.wakes);
+    }
+
+    /// Waits for every shard thread; the first error (or panic) is returned.
+    pub fn join(mut self) -> io::Result<()> {
+        join_all(std::mem::take(&mut self.threads))
+    }
+
+    pub fn stats(&self) -> Vec<ShardStats> {
+        self.counters.iter().enumerate().map(|(i, c)| c.snapshot(ShardId(i as u16))).collect()
+    }
+}
+
+impl Drop for Node {
+    /// A node dropped without `join` still stops its threads (a panicking test must not leave them behind).
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shutdown();
+            let _ = join_all(std::mem::take(&mut self.threads));
+        }
+    }
+}
+
+fn signal_shutdown(flag: &AtomicBool, wakes: &[Wake]) {
+    flag.store(true, Ordering::Release);
+    for w in wakes {
+        w.force_wake();
+    }
+}
+
+fn join_all(threads: Vec<JoinHandle<io::Result<()>>>) -> io::Result<()> {
+    let mut first = Ok(());
+    for t in threads {
+        let res = t.join().unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")));
+        if first.is_ok() {
+            first = res;
+        }
+    }
+    first
+}
+
+/// The environment's override of `Auto`.
+fn effective_choice(choice: BackendChoice) -> BackendChoice {
+    if choice != BackendChoice::Auto {
+        return choice;
+    }
+    match std::env::var("SHARDMQ_RUNTIME").as_deref() {
+        Ok("epoll") => BackendChoice::Epoll,
+        Ok("io_uring" | "uring" | "io-uring") => BackendChoice::Uring,
+        Ok("auto") | Err(_) => BackendChoice::Auto,
+        Ok(other) => {
+            tracing::warn!(value = other, "SHARDMQ_RUNTIME must be epoll or io_uring; using auto");
+            BackendChoice::Auto
+        }
+    }
+}
+
+enum Decision {
+    /// Phase 1 answer: run this backend (switching to it if needed) and report again.
+    Use(Backend),
+    /// Phase 2 answer: every shard is ready.
+    Go,
+    Abort,
+}
+
+/// What a shard thread starts with.
+struct Boot<M, H> {
+    ctx: Arc<Ctx>,
+    shards: usize,
+    listeners: Vec<OwnedFd>,
+    inbox: Inbox<M, H>,
+    outbox: Outbox<M, H>,
+    try_uring: bool,
+    pin_cpu: Option<usize>,
+    read_buffer_size: usize,
+    uring: UringParams,
+    report: Sender<(usize, io::Result<()>)>,
+    decide: Receiver<Decision>,
+    wakes: Arc<[Wake]>,
+}
+
+/// Turns a panicking shard into a node shutdown, so the others do not wait forever for its messages.
+struct PanicGuard {
+    shutdown: Arc<AtomicBool>,
+    wakes: Arc<[Wake]>,
+}
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            signal_shutdown(&self.shutdown, &self.wakes);
+        }
+    }
+}
+
+enum Chosen<H> {
+    Uring(Box<UringLoop<H>>),
+    Epoll(EpollLoop),
+}
+
+fn shard_thread<C, F>(boot: Boot<C::Mesh, C::Handoff>, make_core: Arc<F>) -> io::Result<()>
+where
+    C: Core,
+    F: Fn(ShardId, usize) -> C,
+{
+    let Boot { ctx, shards, listeners, inbox, mut outbox, try_uring, pin_cpu, read_buffer_size, uring, report, decide, wakes } =
+        boot;
+    let _guard = PanicGuard { shutdown: ctx.shutdown.clone(), wakes };
+    let me = ctx.id.index();
+    if let Some(cpu) = pin_cpu {
+        if let Err(e) = sys::pin_current_thread(cpu) {
+            tracing::warn!(shard = me, cpu, error = %e, "could not pin shard thread");
+        }
+    }
+    let wake_fd = inbox.wake().fd();
+    let build_epoll = || EpollLoop::new(ctx.clone(), &listeners, wake_fd, read_buffer_size);
+
+    let mut chosen: Option<Chosen<C::Handoff>> = None;
+    let first = if try_uring {
+        UringLoop::setup(ctx.clone(), &listeners, wake_fd, &uring).map(|u| chosen = Some(Chosen::Uring(Box::new(u))))
+    } else {
+        build_epoll().map(|e| chosen = Some(Chosen::Epoll(e)))
+    };
+    let _ = report.send((me, first));
+    let backend = match decide.recv() {
+        Ok(Decision::Use(b)) => b,
+        _ => return Ok(()),
+    };
+    let second = match (backend, &chosen) {
+        (Backend::Uring, Some(Chosen::Uring(_))) | (Backend::Epoll, Some(Chosen::Epoll(_))) => Ok(()),
+        (Backend::Epoll, _) => {
+            // Tears the ring down (cancelling its accept) before epoll takes the same listeners.
+            chosen = None;
+            build_epoll().map(|e| chosen = Some(Chosen::Epoll(e)))
+        }
+        (Backend::Uring, _) => Err(io::Error::other("io_uring was not set up on this shard")),
+    };
+    let _ = report.send((me, second));
+    if !matches!(decide.recv(), Ok(Decision::Go)) {
+        return Ok(());
+    }
+    let mut core = make_core(ctx.id, shards);
+    let res = match chosen.expect("backend chosen") {
+        Chosen::Uring(mut lp) => driver::run(&ctx, &mut core, &mut *lp, &inbox, &mut outbox),
+        Chosen::Epoll(mut lp) => driver::run(&ctx, &mut core, &mut lp, &inbox, &mut outbox),
+    };
+    drop(listeners);
+    if let Err(e) = &res {
+        tracing::error!(shard = me, error = %e, "shard loop failed");
+    }
+    res
+}
+
+/// Starts a node: binds the listeners, starts one thread per shard (each builds its core with
+/// `make_core(shard, shards)`) and returns once every shard runs.
+pub fn start<C, F>(cfg: RuntimeConfig, make_core: F) -> io::Result<Node>
+where
+    C: Core,
+    F: Fn(ShardId, usize) -> C + Send + Sync + 'static,
+{
+    let shards = cfg.shards;
+    if shards == 0 || shards > u16::MAX as usize {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "shards must be in 1..=65535"));
+    }
+    if cfg.listen.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listen address"));
+    }
+    let choice = effective_choice(cfg.backend);
+
+    // Shard 0 binds first so that port 0 resolves once and every other shard joins that port's group.
+    let mut listeners: Vec<Vec<OwnedFd>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut addrs = Vec::with_capacity(cfg.listen.len());
+    for addr in &cfg.listen {
+        let first = sys::bind_listener(*addr, 1024)?;
+        let actual = sys::local_addr(first.as_raw_fd())?;
+        listeners[0].push(first);
+        for l in listeners.iter_mut().skip(1) {
+            l.push(sys::bind_listener(actual, 1024)?);
+        }
+        addrs.push(actual);
+    }
+
+    let wakes: Arc<[Wake]> = (0..shards).map(|_| Wake::new()).collect::<io::Result<Vec<_>>>()?.into();
+    let (senders, receivers): (Vec<Sender<Inbound<C::Mesh, C::Handoff>>>, Vec<_>) =
+        (0..shards).map(|_| bounded(cfg.mesh_capacity.max(1))).unzip();
+    let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let open = Arc::new(AtomicUsize::new(0));
+
+    let cpus = if cfg.pin_threads { sys::allowed_cpus().unwrap_or_default() } else { Vec::new() };
+    let pin = cfg.pin_threads && cpus.len() >= shards;
+    if cfg.pin_threads && !pin {
+        tracing::debug!(cpus = cpus.len(), shards, "fewer CPUs than shards; not pinning");
+    }
+
+    let make_core = Arc::new(make_core);
+    let (report_tx, report_rx) = bounded(shards * 2);
+    let mut deciders = Vec::with_capacity(shards);
+    let mut threads = Vec::with_capacity(shards);
+    let uring = UringParams {
+        buffers: cfg.uring_buffers,
+        buffer_size: cfg.uring_buffer_size,
+        entries: cfg.uring_entries,
+    };
+    let mut node_guard = Node {
+        addrs,
+        backend: Backend::Epoll,
+        shutdown: shutdown.clone(),
+        wakes: wakes.clone(),
+        counters: counters.clone(),
+        threads: Vec::new(),
+    };
+    for (i, (lst, rx)) in listeners.into_iter().zip(receivers).enumerate() {
+        let id = ShardId(i as u16);
+        let ctx = Arc::new(Ctx {
+            id,
+            counters: counters[i].clone(),
+            open: open.clone(),
+            max_sockets: cfg.max_sockets,
+            shutdown: shutdown.clone(),
+            close_linger: cfg.close_linger,
+            shutdown_grace: cfg.shutdown_grace,
+        });
+        let (dtx, drx) = bounded(2);
+        deciders.push(dtx);
+        let boot = Boot {
+            ctx,
+            shards,
+            listeners: lst,
+            inbox: Inbox::new(rx, id, wakes.clone()),
+            outbox: Outbox::new(id, senders.clone(), wakes.clone(), counters[i].clone()),
+            try_uring: choice != BackendChoice::Epoll,
+            pin_cpu: pin.then(|| cpus[i]),
+            read_buffer_size: cfg.read_buffer_size,
+            uring,
+            report: report_tx.clone(),
+            decide: drx,
+            wakes: wakes.clone(),
+        };
+        let mk = make_core.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("shard-{i}"))
+            .spawn(move || shard_thread::<C, F>(boot, mk))?;
+        threads.push(t);
+    }
+    drop(senders);
+    node_guard.threads = threads;
+
+    let abort = |deciders: &[Sender<Decision>], e: io::Error| {
+        for d in deciders {
+            let _ = d.send(Decision::Abort);
+        }
+        Err(e)
+    };
+    // Phase 1: which backend.
+    let mut uring_err = None;
+    for _ in 0..shards {
+        let (i, res) = report_rx.recv().map_err(|_| io::Error::other("shard thread died during setup"))?;
+        if let Err(e) = res {
+            if choice == BackendChoice::Epoll {
+                return abort(&deciders, e);
+            }
+            uring_err.get_or_insert((i, e));
+        }
+    }
+    let backend = match (choice, uring_err) {
+        (BackendChoice::Epoll, _) => Backend::Epoll,
+        (_, None) => Backend::Uring,
+        (BackendChoice::Uring, Some((i, e))) => {
+            return abort(&deciders, io::Error::new(e.kind(), format!("io_uring setup failed on shard {i}: {e}")));
+        }
+        (_, Some((i, e))) => {
+            tracing::warn!(shard = i, error = %e, "io_uring setup failed; falling back to epoll");
+            Backend::Epoll
+        }
+    };
+    for d in &deciders {
+        let _ = d.send(Decision::Use(backend));
+    }
+    // Phase 2: everyone ready on that backend.
+    for _ in 0..shards {
+        let (_, res) = report_rx.recv().map_err(|_| io::Error::other("shard thread died during setup"))?;
+        if let Err(e) = res {
+            return abort(&deciders, e);
+        }
+    }
+    for d in &deciders {
+        let _ = d.send(Decision::Go);
+    }
+    tracing::info!(backend = %backend, shards, addrs = ?node_guard.addrs, "shardmq runtime started");
+    node_guard.backend = backend;
+    Ok(node_guard)
+}
