@@ -57,17 +57,9 @@ pub fn frame(buf: &[u8], max_packet_size: u32) -> Result<Option<Frame>> {
     let header_len = 1 + n;
     let size = header_len as u64 + u64::from(remaining_len);
     if size > u64::from(max_packet_size) {
-        return Err(DecodeError::PacketTooLarge {
-            size,
-            max: max_packet_size,
-        });
+        return Err(DecodeError::PacketTooLarge { size, max: max_packet_size });
     }
-    Ok(Some(Frame {
-        packet_type,
-        flags: first & 0x0F,
-        header_len,
-        remaining_len,
-    }))
+    Ok(Some(Frame { packet_type, flags: first & 0x0F, header_len, remaining_len }))
 }
 
 /// Decodes one packet from the front of `buf`.
@@ -122,18 +114,13 @@ fn recognise(name: &[u8], level: Option<u8>) -> Result<Protocol> {
         (b"MQIsdp", Some(3)) => Ok(Protocol::V31),
         (_, Some(level)) if known => Err(DecodeError::UnsupportedProtocolLevel(level)),
         (_, None) if known => Err(DecodeError::Truncated("protocol level")),
-        (_, level) => Err(DecodeError::UnknownProtocolName {
-            level: level.unwrap_or(0),
-        }),
+        (_, level) => Err(DecodeError::UnknownProtocolName { level: level.unwrap_or(0) }),
     }
 }
 
 /// Fixed-header rules that do not need the body.
 fn check_header(ty: PacketType, flags: u8, protocol: Protocol) -> Result<()> {
-    let invalid = DecodeError::InvalidFlags {
-        packet_type: ty as u8,
-        flags,
-    };
+    let invalid = DecodeError::InvalidFlags { packet_type: ty as u8, flags };
     match ty {
         PacketType::Publish => {
             let qos = (flags >> 1) & 0b11;
@@ -220,10 +207,7 @@ fn reason_valid(ty: PacketType, code: u8) -> bool {
         T::PubAck | T::PubRec => matches!(code, 0x00 | 0x10 | 0x80 | 0x83 | 0x87 | 0x90 | 0x91 | 0x97 | 0x99),
         T::PubRel | T::PubComp => matches!(code, 0x00 | 0x92),
         T::SubAck => {
-            matches!(
-                code,
-                0x00..=0x02 | 0x80 | 0x83 | 0x87 | 0x8F | 0x91 | 0x97 | 0x9E | 0xA1 | 0xA2
-            )
+            matches!(code, 0x00..=0x02 | 0x80 | 0x83 | 0x87 | 0x8F | 0x91 | 0x97 | 0x9E | 0xA1 | 0xA2)
         }
         T::UnsubAck => matches!(code, 0x00 | 0x11 | 0x80 | 0x83 | 0x87 | 0x8F | 0x91),
         T::Disconnect => matches!(
@@ -261,47 +245,20 @@ fn connect<'a>(r: &mut Reader<'a>) -> Result<Connect<'a>> {
     let properties = v5_properties(r, PacketType::Connect, v5)?;
     let client_id = r.string("client identifier")?;
     let will = if will_flag {
-        let properties = if v5 {
-            properties_will(r)?
-        } else {
-            Properties::default()
-        };
+        let properties = if v5 { properties_will(r)? } else { Properties::default() };
         let topic = r.string("will topic")?;
         if !valid_topic_name(topic) {
             return Err(DecodeError::InvalidTopic);
         }
         let payload = r.binary("will payload")?;
         let qos = QoS::from_u8(will_qos).ok_or(DecodeError::InvalidWillFlags)?;
-        Some(Will {
-            topic,
-            payload,
-            qos,
-            retain: will_retain,
-            properties,
-        })
+        Some(Will { topic, payload, qos, retain: will_retain, properties })
     } else {
         None
     };
-    let username = if username_flag {
-        Some(r.string("user name")?)
-    } else {
-        None
-    };
-    let password = if password_flag {
-        Some(r.binary("password")?)
-    } else {
-        None
-    };
-    Ok(Connect {
-        protocol,
-        clean_start,
-        keep_alive_s,
-        client_id,
-        will,
-        username,
-        password,
-        properties,
-    })
+    let username = if username_flag { Some(r.string("user name")?) } else { None };
+    let password = if password_flag { Some(r.binary("password")?) } else { None };
+    Ok(Connect { protocol, clean_start, keep_alive_s, client_id, will, username, password, properties })
 }
 
 fn properties_will<'a>(r: &mut Reader<'a>) -> Result<Properties<'a>> {
@@ -320,11 +277,7 @@ fn connack<'a>(r: &mut Reader<'a>, v5: bool) -> Result<ConnAck<'a>> {
         ReasonCode::from_v3_connack(code).ok_or(DecodeError::InvalidReasonCode(code))?
     };
     let properties = v5_properties(r, PacketType::ConnAck, v5)?;
-    Ok(ConnAck {
-        session_present: ack_flags & 0x01 != 0,
-        reason,
-        properties,
-    })
+    Ok(ConnAck { session_present: ack_flags & 0x01 != 0, reason, properties })
 }
 
 fn publish<'a>(r: &mut Reader<'a>, flags: u8, v5: bool) -> Result<Publish<'a>> {
@@ -333,11 +286,7 @@ fn publish<'a>(r: &mut Reader<'a>, flags: u8, v5: bool) -> Result<Publish<'a>> {
     if topic.contains(['+', '#']) {
         return Err(DecodeError::InvalidTopic);
     }
-    let packet_id = if qos == QoS::AtMostOnce {
-        None
-    } else {
-        Some(packet_id(r)?)
-    };
+    let packet_id = if qos == QoS::AtMostOnce { None } else { Some(packet_id(r)?) };
     let properties = v5_properties(r, PacketType::Publish, v5)?;
     // An empty topic is how 5.0 says "use the topic this alias was bound to".
     if topic.is_empty() && properties.topic_alias.is_none() {
@@ -378,11 +327,7 @@ fn reason_and_props<'a>(
         return Ok((ReasonCode::SUCCESS, Properties::default()));
     }
     let reason = reason(r, ty)?;
-    let properties = if r.is_empty() {
-        Properties::default()
-    } else {
-        properties(r, ty, false)?
-    };
+    let properties = if r.is_empty() { Properties::default() } else { properties(r, ty, false)? };
     Ok((reason, properties))
 }
 
@@ -410,11 +355,7 @@ fn subscribe<'a>(r: &mut Reader<'a>, v5: bool) -> Result<Subscribe<'a>> {
     if filters.is_empty() {
         return Err(DecodeError::EmptyFilterList);
     }
-    Ok(Subscribe {
-        packet_id,
-        filters,
-        properties,
-    })
+    Ok(Subscribe { packet_id, filters, properties })
 }
 
 fn sub_options(byte: u8, v5: bool) -> Result<SubOptions> {
@@ -438,11 +379,7 @@ fn suback<'a>(r: &mut Reader<'a>, v5: bool) -> Result<SubAck<'a>> {
     let packet_id = packet_id(r)?;
     let properties = v5_properties(r, PacketType::SubAck, v5)?;
     let reasons = reason_list(r, PacketType::SubAck, v5)?;
-    Ok(SubAck {
-        packet_id,
-        reasons,
-        properties,
-    })
+    Ok(SubAck { packet_id, reasons, properties })
 }
 
 /// The payload of SUBACK/UNSUBACK: one code per filter, so at least one.
@@ -453,11 +390,7 @@ fn reason_list(r: &mut Reader<'_>, ty: PacketType, v5: bool) -> Result<Vec<Reaso
     r.rest()
         .iter()
         .map(|&code| {
-            let ok = if v5 {
-                reason_valid(ty, code)
-            } else {
-                matches!(code, 0x00..=0x02 | 0x80)
-            };
+            let ok = if v5 { reason_valid(ty, code) } else { matches!(code, 0x00..=0x02 | 0x80) };
             if ok {
                 Ok(ReasonCode(code))
             } else {
@@ -477,29 +410,17 @@ fn unsubscribe<'a>(r: &mut Reader<'a>, v5: bool) -> Result<Unsubscribe<'a>> {
     if filters.is_empty() {
         return Err(DecodeError::EmptyFilterList);
     }
-    Ok(Unsubscribe {
-        packet_id,
-        filters,
-        properties,
-    })
+    Ok(Unsubscribe { packet_id, filters, properties })
 }
 
 fn unsuback<'a>(r: &mut Reader<'a>, v5: bool) -> Result<UnsubAck<'a>> {
     let packet_id = packet_id(r)?;
     if !v5 {
-        return Ok(UnsubAck {
-            packet_id,
-            reasons: Vec::new(),
-            properties: Properties::default(),
-        });
+        return Ok(UnsubAck { packet_id, reasons: Vec::new(), properties: Properties::default() });
     }
     let properties = properties(r, PacketType::UnsubAck, false)?;
     let reasons = reason_list(r, PacketType::UnsubAck, true)?;
-    Ok(UnsubAck {
-        packet_id,
-        reasons,
-        properties,
-    })
+    Ok(UnsubAck { packet_id, reasons, properties })
 }
 
 #[cfg(test)]
@@ -514,28 +435,14 @@ mod tests {
         assert_eq!(frame(&[0x30], MAX), Ok(None));
         assert_eq!(frame(&[0x30, 0x80], MAX), Ok(None));
         let f = frame(&[0x32, 0x80, 0x01], MAX).unwrap().unwrap();
-        assert_eq!(
-            f,
-            Frame {
-                packet_type: 3,
-                flags: 2,
-                header_len: 3,
-                remaining_len: 128
-            }
-        );
+        assert_eq!(f, Frame { packet_type: 3, flags: 2, header_len: 3, remaining_len: 128 });
         assert_eq!(f.total_len(), 131);
         assert_eq!(frame(&[0x00, 0x00], MAX), Err(DecodeError::UnknownPacketType(0)));
-        assert_eq!(
-            frame(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF], MAX),
-            Err(DecodeError::MalformedLength)
-        );
+        assert_eq!(frame(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF], MAX), Err(DecodeError::MalformedLength));
         assert_eq!(frame(&[0x30, 0x80, 0x00], MAX), Err(DecodeError::MalformedLength));
         let f = frame(&[0x30, 0x7F, 0xAA], 129).unwrap().unwrap();
         assert_eq!(f.total_len(), 129);
-        assert_eq!(
-            frame(&[0x30, 0x7F], 128),
-            Err(DecodeError::PacketTooLarge { size: 129, max: 128 })
-        );
+        assert_eq!(frame(&[0x30, 0x7F], 128), Err(DecodeError::PacketTooLarge { size: 129, max: 128 }));
     }
 
     #[test]
@@ -543,37 +450,19 @@ mod tests {
         assert_eq!(recognise(b"MQTT", Some(4)), Ok(Protocol::V311));
         assert_eq!(recognise(b"MQTT", Some(5)), Ok(Protocol::V5));
         assert_eq!(recognise(b"MQIsdp", Some(3)), Ok(Protocol::V31));
-        assert_eq!(
-            recognise(b"MQIsdp", Some(5)),
-            Err(DecodeError::UnsupportedProtocolLevel(5))
-        );
-        assert_eq!(
-            recognise(b"MQTT", None),
-            Err(DecodeError::Truncated("protocol level"))
-        );
-        assert_eq!(
-            recognise(b"", Some(4)),
-            Err(DecodeError::UnknownProtocolName { level: 4 })
-        );
-        assert_eq!(
-            recognise(b"MQTTX", None),
-            Err(DecodeError::UnknownProtocolName { level: 0 })
-        );
+        assert_eq!(recognise(b"MQIsdp", Some(5)), Err(DecodeError::UnsupportedProtocolLevel(5)));
+        assert_eq!(recognise(b"MQTT", None), Err(DecodeError::Truncated("protocol level")));
+        assert_eq!(recognise(b"", Some(4)), Err(DecodeError::UnknownProtocolName { level: 4 }));
+        assert_eq!(recognise(b"MQTTX", None), Err(DecodeError::UnknownProtocolName { level: 0 }));
     }
 
     #[test]
     fn header_flag_rules() {
         use PacketType as T;
         assert_eq!(check_header(T::Publish, 0b1011, Protocol::V5), Ok(()));
-        assert_eq!(
-            check_header(T::Publish, 0b0110, Protocol::V31),
-            Err(DecodeError::InvalidQos)
-        );
+        assert_eq!(check_header(T::Publish, 0b0110, Protocol::V31), Err(DecodeError::InvalidQos));
         assert_eq!(check_header(T::Publish, 0b1001, Protocol::V31), Ok(()));
-        assert_eq!(
-            check_header(T::Auth, 0, Protocol::V311),
-            Err(DecodeError::UnknownPacketType(15))
-        );
+        assert_eq!(check_header(T::Auth, 0, Protocol::V311), Err(DecodeError::UnknownPacketType(15)));
         for ty in [T::PubRel, T::Subscribe, T::Unsubscribe] {
             assert_eq!(check_header(ty, 0b0010, Protocol::V5), Ok(()));
             assert!(check_header(ty, 0, Protocol::V5).is_err());
@@ -603,14 +492,8 @@ mod tests {
         assert_eq!(peek_protocol(&head), Some(Protocol::V5));
         assert_eq!(peek_protocol(&head[..8]), None);
         // A remaining length too short to hold the level means the level is not part of this packet.
-        assert_eq!(
-            peek_protocol(&[0x10, 0x06, 0, 4, b'M', b'Q', b'T', b'T', 5]),
-            None
-        );
-        assert_eq!(
-            peek_protocol(&[0x20, 0x7F, 0, 4, b'M', b'Q', b'T', b'T', 5]),
-            None
-        );
+        assert_eq!(peek_protocol(&[0x10, 0x06, 0, 4, b'M', b'Q', b'T', b'T', 5]), None);
+        assert_eq!(peek_protocol(&[0x20, 0x7F, 0, 4, b'M', b'Q', b'T', b'T', 5]), None);
         assert_eq!(peek_protocol(&[]), None);
     }
 }

@@ -67,10 +67,7 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N]> {
-        let (head, tail) = self
-            .buf
-            .split_first_chunk::<N>()
-            .ok_or(DecodeError::Truncated(what))?;
+        let (head, tail) = self.buf.split_first_chunk::<N>().ok_or(DecodeError::Truncated(what))?;
         self.buf = tail;
         Ok(*head)
     }
@@ -226,10 +223,7 @@ mod tests {
         assert_eq!(varint(&[]), Ok(None));
         assert_eq!(varint(&[0x80]), Ok(None));
         assert_eq!(varint(&[0xFF, 0xFF, 0xFF]), Ok(None));
-        assert_eq!(
-            varint(&[0xFF, 0xFF, 0xFF, 0xFF]),
-            Err(DecodeError::MalformedLength)
-        );
+        assert_eq!(varint(&[0xFF, 0xFF, 0xFF, 0xFF]), Err(DecodeError::MalformedLength));
         assert_eq!(varint(&[0x80, 0x00]), Err(DecodeError::MalformedLength));
         assert_eq!(varint(&[0xFF, 0x80, 0x00]), Err(DecodeError::MalformedLength));
     }
@@ -257,51 +251,20 @@ mod tests {
         use DecodeError::*;
         let p = props(&[5, 0x26, 0, 1, b'k', 0], PacketType::PubAck);
         assert_eq!(p, Err(Truncated("property value")));
-        let p = props(
-            &[10, 0x26, 0, 1, b'k', 0, 1, b'v', 0x1F, 0, 0],
-            PacketType::PubAck,
-        )
-        .unwrap();
+        let p = props(&[10, 0x26, 0, 1, b'k', 0, 1, b'v', 0x1F, 0, 0], PacketType::PubAck).unwrap();
         assert_eq!(p.user_properties, vec![("k", "v")]);
         assert_eq!(p.reason_string, Some(""));
-        assert_eq!(
-            props(&[2, 0x01, 0], PacketType::PubAck),
-            Err(PropertyNotAllowed(0x01))
-        );
-        assert_eq!(
-            props(&[2, 0x05, 0], PacketType::PubAck),
-            Err(UnknownProperty(0x05))
-        );
-        assert_eq!(
-            props(&[2, 0x01, 2], PacketType::Publish),
-            Err(InvalidPropertyValue(0x01))
-        );
-        assert_eq!(
-            props(&[4, 0x01, 1, 0x01, 1], PacketType::Publish),
-            Err(DuplicateProperty(0x01))
-        );
+        assert_eq!(props(&[2, 0x01, 0], PacketType::PubAck), Err(PropertyNotAllowed(0x01)));
+        assert_eq!(props(&[2, 0x05, 0], PacketType::PubAck), Err(UnknownProperty(0x05)));
+        assert_eq!(props(&[2, 0x01, 2], PacketType::Publish), Err(InvalidPropertyValue(0x01)));
+        assert_eq!(props(&[4, 0x01, 1, 0x01, 1], PacketType::Publish), Err(DuplicateProperty(0x01)));
         let p = props(&[4, 0x0B, 1, 0x0B, 2], PacketType::Publish).unwrap();
         assert_eq!(p.subscription_identifiers, vec![1, 2]);
-        assert_eq!(
-            props(&[4, 0x0B, 1, 0x0B, 2], PacketType::Subscribe),
-            Err(DuplicateProperty(0x0B))
-        );
-        assert_eq!(
-            props(&[2, 0x0B, 0], PacketType::Subscribe),
-            Err(InvalidPropertyValue(0x0B))
-        );
-        assert_eq!(
-            props(&[3, 0x0B, 0x80, 0x00], PacketType::Subscribe),
-            Err(MalformedLength)
-        );
-        assert_eq!(
-            props(&[5, 0x08, 0, 2, b'a', b'+'], PacketType::Publish),
-            Err(InvalidPropertyValue(0x08))
-        );
+        assert_eq!(props(&[4, 0x0B, 1, 0x0B, 2], PacketType::Subscribe), Err(DuplicateProperty(0x0B)));
+        assert_eq!(props(&[2, 0x0B, 0], PacketType::Subscribe), Err(InvalidPropertyValue(0x0B)));
+        assert_eq!(props(&[3, 0x0B, 0x80, 0x00], PacketType::Subscribe), Err(MalformedLength));
+        assert_eq!(props(&[5, 0x08, 0, 2, b'a', b'+'], PacketType::Publish), Err(InvalidPropertyValue(0x08)));
         assert_eq!(props(&[9], PacketType::Publish), Err(Truncated("properties")));
-        assert_eq!(
-            props(&[0x80], PacketType::Publish),
-            Err(Truncated("property length"))
-        );
+        assert_eq!(props(&[0x80], PacketType::Publish), Err(Truncated("property length")));
     }
 }

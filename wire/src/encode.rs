@@ -127,14 +127,7 @@ fn body<S: Sink>(packet: &Packet<'_>, protocol: Protocol, s: &mut S) -> Result<(
     match packet {
         Packet::Connect(c) => {
             let v5 = c.protocol.is_v5();
-            string(
-                s,
-                if c.protocol == Protocol::V31 {
-                    "MQIsdp"
-                } else {
-                    "MQTT"
-                },
-            )?;
+            string(s, if c.protocol == Protocol::V31 { "MQIsdp" } else { "MQTT" })?;
             s.byte(c.protocol.level());
             let mut flags = u8::from(c.clean_start) << 1;
             if let Some(w) = &c.will {
@@ -377,10 +370,7 @@ mod tests {
             assert_eq!(out, want);
             assert_eq!(varint_len(v), want.len());
         }
-        assert_eq!(
-            varint(&mut Vec::new(), 268_435_456),
-            Err(EncodeError::TooLarge(268_435_456))
-        );
+        assert_eq!(varint(&mut Vec::new(), 268_435_456), Err(EncodeError::TooLarge(268_435_456)));
     }
 
     #[test]
@@ -392,14 +382,8 @@ mod tests {
         assert_eq!(enc(&ack, Protocol::V311), [0x50, 2, 0, 7]);
         let rel = Packet::PubRel(Ack::new(PacketId(1), ReasonCode::SUCCESS));
         assert_eq!(enc(&rel, Protocol::V311), [0x62, 2, 0, 1]);
-        assert_eq!(
-            enc(&Packet::Disconnect(Disconnect::default()), Protocol::V5),
-            [0xE0, 0]
-        );
-        let d = Packet::Disconnect(Disconnect {
-            reason: ReasonCode::SERVER_BUSY,
-            ..Default::default()
-        });
+        assert_eq!(enc(&Packet::Disconnect(Disconnect::default()), Protocol::V5), [0xE0, 0]);
+        let d = Packet::Disconnect(Disconnect { reason: ReasonCode::SERVER_BUSY, ..Default::default() });
         assert_eq!(enc(&d, Protocol::V5), [0xE0, 1, 0x89]);
         assert_eq!(enc(&d, Protocol::V311), [0xE0, 0]);
         assert_eq!(enc(&Packet::PingReq, Protocol::V5), [0xC0, 0]);
@@ -434,10 +418,7 @@ mod tests {
             payload: b"",
             properties: Properties::default(),
         });
-        assert_eq!(
-            encode(&bad, Protocol::V5, &mut out),
-            Err(EncodeError::PacketIdMismatch)
-        );
+        assert_eq!(encode(&bad, Protocol::V5, &mut out), Err(EncodeError::PacketIdMismatch));
         let long = "x".repeat(65_536);
         let bad = Packet::Publish(Publish {
             dup: false,
@@ -448,19 +429,10 @@ mod tests {
             payload: b"",
             properties: Properties::default(),
         });
-        assert_eq!(
-            encode(&bad, Protocol::V5, &mut out),
-            Err(EncodeError::FieldTooLong(65_536))
-        );
-        assert_eq!(
-            encoded_len(&bad, Protocol::V5),
-            Err(EncodeError::FieldTooLong(65_536))
-        );
+        assert_eq!(encode(&bad, Protocol::V5, &mut out), Err(EncodeError::FieldTooLong(65_536)));
+        assert_eq!(encoded_len(&bad, Protocol::V5), Err(EncodeError::FieldTooLong(65_536)));
         let auth = Packet::Auth(Default::default());
-        assert_eq!(
-            encode(&auth, Protocol::V311, &mut out),
-            Err(EncodeError::NotInProtocol("3.1.1"))
-        );
+        assert_eq!(encode(&auth, Protocol::V311, &mut out), Err(EncodeError::NotInProtocol("3.1.1")));
         let big = vec![0u8; MAX_REMAINING_LENGTH as usize];
         let bad = Packet::Publish(Publish {
             dup: false,

@@ -89,14 +89,22 @@ impl PropertyId {
             );
         }
         match self {
-            PayloadFormatIndicator | MessageExpiryInterval | ContentType | ResponseTopic | CorrelationData
+            PayloadFormatIndicator
+            | MessageExpiryInterval
+            | ContentType
+            | ResponseTopic
+            | CorrelationData
             | TopicAlias => packet == T::Publish,
             SubscriptionIdentifier => matches!(packet, T::Publish | T::Subscribe),
             SessionExpiryInterval => matches!(packet, T::Connect | T::ConnAck | T::Disconnect),
-            AssignedClientIdentifier | ServerKeepAlive | ResponseInformation | MaximumQos | RetainAvailable
-            | WildcardSubscriptionAvailable | SubscriptionIdentifierAvailable | SharedSubscriptionAvailable => {
-                packet == T::ConnAck
-            }
+            AssignedClientIdentifier
+            | ServerKeepAlive
+            | ResponseInformation
+            | MaximumQos
+            | RetainAvailable
+            | WildcardSubscriptionAvailable
+            | SubscriptionIdentifierAvailable
+            | SharedSubscriptionAvailable => packet == T::ConnAck,
             AuthenticationMethod | AuthenticationData => matches!(packet, T::Connect | T::ConnAck | T::Auth),
             RequestProblemInformation | RequestResponseInformation => packet == T::Connect,
             WillDelayInterval => false,
@@ -105,7 +113,9 @@ impl PropertyId {
                 packet,
                 T::Connect | T::Publish | T::Subscribe | T::Unsubscribe | T::PingReq | T::PingResp
             ),
-            ReceiveMaximum | TopicAliasMaximum | MaximumPacketSize => matches!(packet, T::Connect | T::ConnAck),
+            ReceiveMaximum | TopicAliasMaximum | MaximumPacketSize => {
+                matches!(packet, T::Connect | T::ConnAck)
+            }
             UserProperty => !matches!(packet, T::PingReq | T::PingResp),
         }
     }

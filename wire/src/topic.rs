@@ -115,26 +115,11 @@ mod tests {
 
     #[test]
     fn plain_filters() {
-        for ok in [
-            "a",
-            "#",
-            "+",
-            "a/#",
-            "+/+",
-            "a/+/b",
-            "/",
-            "//",
-            "+/",
-            "/#",
-            "$share",
-            "$sharex/a",
-            "a//#",
-        ] {
+        for ok in ["a", "#", "+", "a/#", "+/+", "a/+/b", "/", "//", "+/", "/#", "$share", "$sharex/a", "a//#"]
+        {
             assert!(valid_topic_filter(ok), "{ok:?}");
         }
-        for bad in [
-            "", "a+", "a/b+", "+a/b", "#/a", "a/#/b", "a/b#", "a#", "\0", "a/\0",
-        ] {
+        for bad in ["", "a+", "a/b+", "+a/b", "#/a", "a/#/b", "a/b#", "a#", "\0", "a/\0"] {
             assert!(!valid_topic_filter(bad), "{bad:?}");
         }
         assert!(!valid_topic_filter(&"x".repeat(65_536)));
@@ -142,36 +127,10 @@ mod tests {
 
     #[test]
     fn shared_filters() {
-        assert_eq!(
-            parse_shared("$share/g/a/+"),
-            Some(SharedFilter {
-                group: "g",
-                filter: "a/+"
-            })
-        );
-        assert_eq!(
-            parse_shared("$share/g/#"),
-            Some(SharedFilter {
-                group: "g",
-                filter: "#"
-            })
-        );
-        assert_eq!(
-            parse_shared("$share/g//"),
-            Some(SharedFilter {
-                group: "g",
-                filter: "/"
-            })
-        );
-        for bad in [
-            "$share/g",
-            "$share/g/",
-            "$share//a",
-            "$share/+/a",
-            "$share/g#/a",
-            "$share/g/a#",
-            "a/b",
-        ] {
+        assert_eq!(parse_shared("$share/g/a/+"), Some(SharedFilter { group: "g", filter: "a/+" }));
+        assert_eq!(parse_shared("$share/g/#"), Some(SharedFilter { group: "g", filter: "#" }));
+        assert_eq!(parse_shared("$share/g//"), Some(SharedFilter { group: "g", filter: "/" }));
+        for bad in ["$share/g", "$share/g/", "$share//a", "$share/+/a", "$share/g#/a", "$share/g/a#", "a/b"] {
             assert_eq!(parse_shared(bad), None, "{bad:?}");
         }
         assert!(valid_topic_filter("$share/group/a/b"));

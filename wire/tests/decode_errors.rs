@@ -86,63 +86,27 @@ fn non_minimal_remaining_length() {
     assert_eq!(err(&[0xC0, 0x80, 0x80, 0x00], V5), MalformedLength);
     assert_eq!(err(&[0x30, 0xFF, 0x80, 0x80, 0x00], V5), MalformedLength);
     // Non-minimal property length inside a packet.
-    assert_eq!(
-        err(&pkt(0x30, &cat(&[&s("t"), &[0x80, 0x00]])), V5),
-        MalformedLength
-    );
+    assert_eq!(err(&pkt(0x30, &cat(&[&s("t"), &[0x80, 0x00]])), V5), MalformedLength);
 }
 
 #[test]
 fn oversize_decided_from_header_alone() {
     // 2-byte header: 2 + 100 > 50.
-    assert_eq!(
-        frame(&[0x30, 100], 50),
-        Err(PacketTooLarge { size: 102, max: 50 })
-    );
-    assert_eq!(
-        decode(&[0x30, 100], V5, 50),
-        Err(PacketTooLarge { size: 102, max: 50 })
-    );
+    assert_eq!(frame(&[0x30, 100], 50), Err(PacketTooLarge { size: 102, max: 50 }));
+    assert_eq!(decode(&[0x30, 100], V5, 50), Err(PacketTooLarge { size: 102, max: 50 }));
     // 3-, 4- and 5-byte headers.
-    assert_eq!(
-        decode(&[0x30, 0x80, 0x01], V5, 130),
-        Err(PacketTooLarge { size: 131, max: 130 })
-    );
-    assert_eq!(
-        decode(&[0x30, 0x80, 0x80, 0x01], V5, 1000),
-        Err(PacketTooLarge {
-            size: 16_388,
-            max: 1000
-        })
-    );
+    assert_eq!(decode(&[0x30, 0x80, 0x01], V5, 130), Err(PacketTooLarge { size: 131, max: 130 }));
+    assert_eq!(decode(&[0x30, 0x80, 0x80, 0x01], V5, 1000), Err(PacketTooLarge { size: 16_388, max: 1000 }));
     assert_eq!(
         decode(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F], V5, 1 << 20),
-        Err(PacketTooLarge {
-            size: 268_435_460,
-            max: 1 << 20
-        })
+        Err(PacketTooLarge { size: 268_435_460, max: 1 << 20 })
     );
     // Before CONNECT too, and before the NotConnect check.
-    assert_eq!(
-        decode(&[0x10, 0xFF, 0x7F], None, 1024),
-        Err(PacketTooLarge {
-            size: 16_386,
-            max: 1024
-        })
-    );
-    assert_eq!(
-        decode(&[0x30, 0xFF, 0x7F], None, 1024),
-        Err(PacketTooLarge {
-            size: 16_386,
-            max: 1024
-        })
-    );
+    assert_eq!(decode(&[0x10, 0xFF, 0x7F], None, 1024), Err(PacketTooLarge { size: 16_386, max: 1024 }));
+    assert_eq!(decode(&[0x30, 0xFF, 0x7F], None, 1024), Err(PacketTooLarge { size: 16_386, max: 1024 }));
     // The limit itself is allowed.
     assert_eq!(decode(&[0xC0, 0x00], V5, 2), Ok(Some((Packet::PingReq, 2))));
-    assert_eq!(
-        decode(&[0xC0, 0x00], V5, 1),
-        Err(PacketTooLarge { size: 2, max: 1 })
-    );
+    assert_eq!(decode(&[0xC0, 0x00], V5, 1), Err(PacketTooLarge { size: 2, max: 1 }));
 }
 
 #[test]
@@ -192,19 +156,10 @@ fn reserved_fixed_header_flags() {
         (0xD8, vec![]),
         (0xE2, vec![]),
     ] {
-        let want = InvalidFlags {
-            packet_type: first >> 4,
-            flags: first & 0x0F,
-        };
+        let want = InvalidFlags { packet_type: first >> 4, flags: first & 0x0F };
         assert_eq!(err(&pkt(first, &body), V311), want, "{first:#04x}");
     }
-    assert_eq!(
-        err(&pkt(0xF1, &[]), V5),
-        InvalidFlags {
-            packet_type: 15,
-            flags: 1
-        }
-    );
+    assert_eq!(err(&pkt(0xF1, &[]), V5), InvalidFlags { packet_type: 15, flags: 1 });
 }
 
 #[test]
@@ -214,20 +169,8 @@ fn publish_flags() {
     assert_eq!(err(&pkt(0x36, &body), V311), InvalidQos);
     // QoS 0 with DUP: malformed in 3.1.1 and 5.0, tolerated in 3.1.
     let qos0 = cat(&[&s("t"), &[0], b"x"]);
-    assert_eq!(
-        err(&pkt(0x38, &s("t")), V311),
-        InvalidFlags {
-            packet_type: 3,
-            flags: 8
-        }
-    );
-    assert_eq!(
-        err(&pkt(0x38, &qos0), V5),
-        InvalidFlags {
-            packet_type: 3,
-            flags: 8
-        }
-    );
+    assert_eq!(err(&pkt(0x38, &s("t")), V311), InvalidFlags { packet_type: 3, flags: 8 });
+    assert_eq!(err(&pkt(0x38, &qos0), V5), InvalidFlags { packet_type: 3, flags: 8 });
     match ok(&pkt(0x39, &s("t")), V31) {
         Packet::Publish(p) => assert!(p.dup && p.retain && p.qos == QoS::AtMostOnce),
         other => panic!("{other:?}"),
@@ -241,30 +184,19 @@ fn utf8_rules() {
     assert_eq!(err(&pkt(0x30, &s([0xFF])), V311), InvalidUtf8);
     assert_eq!(err(&pkt(0x30, &s([b'a', 0xC3])), V311), InvalidUtf8);
     assert_eq!(err(&pkt(0x30, &s("a\0b")), V311), ForbiddenCharacter);
-    assert_eq!(
-        err(&connect("MQTT", 4, 0x02, &[], &s([0xED, 0xA0, 0x80])), None),
-        InvalidUtf8
-    );
-    assert_eq!(
-        err(&connect("MQTT", 4, 0x82, &[], &cat(&[&s("c"), &s("u\0")])), None),
-        ForbiddenCharacter
-    );
+    assert_eq!(err(&connect("MQTT", 4, 0x02, &[], &s([0xED, 0xA0, 0x80])), None), InvalidUtf8);
+    assert_eq!(err(&connect("MQTT", 4, 0x82, &[], &cat(&[&s("c"), &s("u\0")])), None), ForbiddenCharacter);
     let user_prop = cat(&[&[0x26], &s("k"), &s([0xFF])]);
-    assert_eq!(
-        err(&pkt(0xE0, &cat(&[&[0], &props(&user_prop)])), V5),
-        InvalidUtf8
-    );
+    assert_eq!(err(&pkt(0xE0, &cat(&[&[0], &props(&user_prop)])), V5), InvalidUtf8);
 }
 
 // ---- CONNECT ----
 
 #[test]
 fn connect_protocols() {
-    for (name, level, want) in [
-        ("MQTT", 4, Protocol::V311),
-        ("MQTT", 5, Protocol::V5),
-        ("MQIsdp", 3, Protocol::V31),
-    ] {
+    for (name, level, want) in
+        [("MQTT", 4, Protocol::V311), ("MQTT", 5, Protocol::V5), ("MQIsdp", 3, Protocol::V31)]
+    {
         let block = if want.is_v5() { vec![0] } else { vec![] };
         let bytes = connect(name, level, 0x02, &block, &s("id"));
         match ok(&bytes, None) {
@@ -285,30 +217,12 @@ fn connect_protocols() {
 
 #[test]
 fn connect_bad_protocol() {
-    assert_eq!(
-        err(&connect("MQTX", 4, 0x02, &[], &s("c")), None),
-        UnknownProtocolName { level: 4 }
-    );
-    assert_eq!(
-        err(&connect("mqtt", 5, 0x02, &[0], &s("c")), None),
-        UnknownProtocolName { level: 5 }
-    );
-    assert_eq!(
-        err(&pkt(0x10, &s("HTTP")), None),
-        UnknownProtocolName { level: 0 }
-    );
-    assert_eq!(
-        err(&connect("MQTT", 3, 0x02, &[], &s("c")), None),
-        UnsupportedProtocolLevel(3)
-    );
-    assert_eq!(
-        err(&connect("MQTT", 6, 0x02, &[], &s("c")), None),
-        UnsupportedProtocolLevel(6)
-    );
-    assert_eq!(
-        err(&connect("MQIsdp", 4, 0x02, &[], &s("c")), None),
-        UnsupportedProtocolLevel(4)
-    );
+    assert_eq!(err(&connect("MQTX", 4, 0x02, &[], &s("c")), None), UnknownProtocolName { level: 4 });
+    assert_eq!(err(&connect("mqtt", 5, 0x02, &[0], &s("c")), None), UnknownProtocolName { level: 5 });
+    assert_eq!(err(&pkt(0x10, &s("HTTP")), None), UnknownProtocolName { level: 0 });
+    assert_eq!(err(&connect("MQTT", 3, 0x02, &[], &s("c")), None), UnsupportedProtocolLevel(3));
+    assert_eq!(err(&connect("MQTT", 6, 0x02, &[], &s("c")), None), UnsupportedProtocolLevel(6));
+    assert_eq!(err(&connect("MQIsdp", 4, 0x02, &[], &s("c")), None), UnsupportedProtocolLevel(4));
     assert_eq!(err(&pkt(0x10, &s("MQTT")), None), Truncated("protocol level"));
     assert_eq!(err(&pkt(0x10, &[0, 4, b'M']), None), Truncated("protocol name"));
     assert_eq!(peek_protocol(&connect("MQTX", 4, 0x02, &[], &s("c"))), None);
@@ -325,10 +239,7 @@ fn connect_bad_protocol() {
 fn connect_flags() {
     let c = s("c");
     assert_eq!(err(&connect("MQTT", 4, 0x01, &[], &c), None), ReservedConnectFlag);
-    assert_eq!(
-        err(&connect("MQTT", 5, 0x03, &[0], &c), None),
-        ReservedConnectFlag
-    );
+    assert_eq!(err(&connect("MQTT", 5, 0x03, &[0], &c), None), ReservedConnectFlag);
     let will = cat(&[&c, &s("w"), &s("p")]);
     // Will QoS 3 with the will flag.
     assert_eq!(err(&connect("MQTT", 4, 0x1C, &[], &will), None), InvalidWillFlags);
@@ -339,10 +250,7 @@ fn connect_flags() {
     // Valid will, QoS 2 retained.
     match ok(&connect("MQTT", 4, 0x34, &[], &will), None) {
         Packet::Connect(Connect { will: Some(w), .. }) => {
-            assert_eq!(
-                (w.topic, w.payload, w.qos, w.retain),
-                ("w", &b"p"[..], QoS::ExactlyOnce, true)
-            );
+            assert_eq!((w.topic, w.payload, w.qos, w.retain), ("w", &b"p"[..], QoS::ExactlyOnce, true));
         }
         other => panic!("{other:?}"),
     }
@@ -354,14 +262,8 @@ fn connect_flags() {
 #[test]
 fn password_without_username() {
     let payload = cat(&[&s("c"), &s("pw")]);
-    assert_eq!(
-        err(&connect("MQTT", 4, 0x40, &[], &payload), None),
-        PasswordWithoutUsername
-    );
-    assert_eq!(
-        err(&connect("MQIsdp", 3, 0x40, &[], &payload), None),
-        PasswordWithoutUsername
-    );
+    assert_eq!(err(&connect("MQTT", 4, 0x40, &[], &payload), None), PasswordWithoutUsername);
+    assert_eq!(err(&connect("MQIsdp", 3, 0x40, &[], &payload), None), PasswordWithoutUsername);
     match ok(&connect("MQTT", 5, 0x40, &[0], &payload), None) {
         Packet::Connect(c) => assert_eq!((c.username, c.password), (None, Some(&b"pw"[..]))),
         other => panic!("{other:?}"),
@@ -370,41 +272,17 @@ fn password_without_username() {
 
 #[test]
 fn connect_truncated_and_trailing() {
+    assert_eq!(err(&pkt(0x10, &cat(&[&s("MQTT"), &[4]])), None), Truncated("connect flags"));
+    assert_eq!(err(&pkt(0x10, &cat(&[&s("MQTT"), &[4, 2, 0]])), None), Truncated("keep alive"));
+    assert_eq!(err(&connect("MQTT", 4, 0x02, &[], &[]), None), Truncated("client identifier"));
+    assert_eq!(err(&connect("MQTT", 5, 0x02, &[], &[]), None), Truncated("property length"));
+    assert_eq!(err(&connect("MQTT", 4, 0x06, &[], &s("c")), None), Truncated("will topic"));
     assert_eq!(
-        err(&pkt(0x10, &cat(&[&s("MQTT"), &[4]])), None),
-        Truncated("connect flags")
-    );
-    assert_eq!(
-        err(&pkt(0x10, &cat(&[&s("MQTT"), &[4, 2, 0]])), None),
-        Truncated("keep alive")
-    );
-    assert_eq!(
-        err(&connect("MQTT", 4, 0x02, &[], &[]), None),
-        Truncated("client identifier")
-    );
-    assert_eq!(
-        err(&connect("MQTT", 5, 0x02, &[], &[]), None),
-        Truncated("property length")
-    );
-    assert_eq!(
-        err(&connect("MQTT", 4, 0x06, &[], &s("c")), None),
-        Truncated("will topic")
-    );
-    assert_eq!(
-        err(
-            &connect("MQTT", 4, 0x86, &[], &cat(&[&s("c"), &s("w"), &s("p")])),
-            None
-        ),
+        err(&connect("MQTT", 4, 0x86, &[], &cat(&[&s("c"), &s("w"), &s("p")])), None),
         Truncated("user name")
     );
-    assert_eq!(
-        err(&connect("MQTT", 4, 0xC2, &[], &cat(&[&s("c"), &s("u")])), None),
-        Truncated("password")
-    );
-    assert_eq!(
-        err(&connect("MQTT", 4, 0x02, &[], &cat(&[&s("c"), &[9]])), None),
-        TrailingBytes(1)
-    );
+    assert_eq!(err(&connect("MQTT", 4, 0xC2, &[], &cat(&[&s("c"), &s("u")])), None), Truncated("password"));
+    assert_eq!(err(&connect("MQTT", 4, 0x02, &[], &cat(&[&s("c"), &[9]])), None), TrailingBytes(1));
 }
 
 // ---- CONNACK ----
@@ -419,10 +297,9 @@ fn connack_rules() {
     assert_eq!(err(&pkt(0x20, &[0, 0]), V5), Truncated("property length"));
     assert_eq!(err(&pkt(0x20, &[0]), V311), Truncated("return code"));
     match ok(&pkt(0x20, &[1, 4]), V311) {
-        Packet::ConnAck(a) => assert_eq!(
-            (a.session_present, a.reason),
-            (true, ReasonCode::BAD_USER_NAME_OR_PASSWORD)
-        ),
+        Packet::ConnAck(a) => {
+            assert_eq!((a.session_present, a.reason), (true, ReasonCode::BAD_USER_NAME_OR_PASSWORD))
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -439,10 +316,7 @@ fn publish_topics() {
     // Empty topic with a topic alias is the 5.0 alias shorthand.
     match ok(&pkt(0x30, &cat(&[&s(""), &props(&[0x23, 0, 7]), b"payload"])), V5) {
         Packet::Publish(p) => {
-            assert_eq!(
-                (p.topic, p.properties.topic_alias, p.payload),
-                ("", Some(7), &b"payload"[..])
-            );
+            assert_eq!((p.topic, p.properties.topic_alias, p.payload), ("", Some(7), &b"payload"[..]));
         }
         other => panic!("{other:?}"),
     }
@@ -452,10 +326,7 @@ fn publish_topics() {
 fn publish_packet_ids() {
     assert_eq!(err(&pkt(0x32, &cat(&[&s("t"), &[0, 0]])), V311), ZeroPacketId);
     assert_eq!(err(&pkt(0x34, &cat(&[&s("t"), &[0, 0], &[0]])), V5), ZeroPacketId);
-    assert_eq!(
-        err(&pkt(0x32, &cat(&[&s("t"), &[0]])), V311),
-        Truncated("packet identifier")
-    );
+    assert_eq!(err(&pkt(0x32, &cat(&[&s("t"), &[0]])), V311), Truncated("packet identifier"));
     assert_eq!(err(&pkt(0x30, &[0, 5, b'a']), V311), Truncated("topic name"));
 }
 
@@ -463,10 +334,9 @@ fn publish_packet_ids() {
 fn payload_format_is_not_checked_by_the_codec() {
     let bytes = pkt(0x30, &cat(&[&s("t"), &props(&[0x01, 1]), &[0xFF, 0xFE]]));
     match ok(&bytes, V5) {
-        Packet::Publish(p) => assert_eq!(
-            (p.properties.payload_format_indicator, p.payload),
-            (Some(1), &[0xFF, 0xFE][..])
-        ),
+        Packet::Publish(p) => {
+            assert_eq!((p.properties.payload_format_indicator, p.payload), (Some(1), &[0xFF, 0xFE][..]))
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -492,14 +362,8 @@ fn ack_rules() {
     assert_eq!(err(&pkt(0x62, &[0, 1, 0x10]), V5), InvalidReasonCode(0x10));
     assert_eq!(err(&pkt(0x70, &[0, 1, 0x80]), V5), InvalidReasonCode(0x80));
     assert_eq!(err(&pkt(0x40, &[0, 1, 0, 5, 0x1F]), V5), Truncated("properties"));
-    assert_eq!(
-        err(&pkt(0x40, &[0, 1, 0, 2, 0x1F, 0, 0]), V5),
-        Truncated("property value")
-    );
-    assert_eq!(
-        err(&pkt(0x40, &[0, 1, 0, 3, 0x1F, 0, 0, 7]), V5),
-        TrailingBytes(1)
-    );
+    assert_eq!(err(&pkt(0x40, &[0, 1, 0, 2, 0x1F, 0, 0]), V5), Truncated("property value"));
+    assert_eq!(err(&pkt(0x40, &[0, 1, 0, 3, 0x1F, 0, 0, 7]), V5), TrailingBytes(1));
 }
 
 fn ack_of(first: u8, a: Ack<'static>) -> Packet<'static> {
@@ -519,10 +383,7 @@ fn subscribe_rules() {
     let sub5 = |opts: u8, filter: &str| pkt(0x82, &cat(&[&[0, 1], &[0], &s(filter), &[opts]]));
     assert_eq!(err(&pkt(0x82, &[0, 1]), V311), EmptyFilterList);
     assert_eq!(err(&pkt(0x82, &[0, 1, 0]), V5), EmptyFilterList);
-    assert_eq!(
-        err(&pkt(0x82, &cat(&[&[0, 0], &s("a"), &[0]])), V311),
-        ZeroPacketId
-    );
+    assert_eq!(err(&pkt(0x82, &cat(&[&[0, 0], &s("a"), &[0]])), V311), ZeroPacketId);
     assert_eq!(err(&sub(3, "a"), V311), InvalidQos);
     assert_eq!(err(&sub5(3, "a"), V5), InvalidQos);
     assert_eq!(err(&sub(0x04, "a"), V311), InvalidSubscriptionOptions);
@@ -534,10 +395,7 @@ fn subscribe_rules() {
     for bad in ["a/#/b", "a+", "a/b#", "$share//a", "$share/g", "$share/g+/a", ""] {
         assert_eq!(err(&sub(0, bad), V311), InvalidTopicFilter, "{bad:?}");
     }
-    assert_eq!(
-        err(&pkt(0x82, &cat(&[&[0, 1], &s("a")])), V311),
-        Truncated("subscription options")
-    );
+    assert_eq!(err(&pkt(0x82, &cat(&[&[0, 1], &s("a")])), V311), Truncated("subscription options"));
     match ok(&sub5(0x2E, "a/+"), V5) {
         Packet::Subscribe(s) => {
             let o = SubOptions {
@@ -558,10 +416,7 @@ fn subscribe_rules() {
     }
     assert_eq!(err(&with_id(&[0x0B, 1, 0x0B, 2]), V5), DuplicateProperty(0x0B));
     assert_eq!(err(&with_id(&[0x0B, 0]), V5), InvalidPropertyValue(0x0B));
-    assert_eq!(
-        err(&with_id(&[0x0B, 0xFF, 0xFF, 0xFF, 0xFF]), V5),
-        MalformedLength
-    );
+    assert_eq!(err(&with_id(&[0x0B, 0xFF, 0xFF, 0xFF, 0xFF]), V5), MalformedLength);
     assert_eq!(err(&with_id(&[0x1F, 0, 0]), V5), PropertyNotAllowed(0x1F));
 }
 
@@ -570,18 +425,9 @@ fn unsubscribe_rules() {
     assert_eq!(err(&pkt(0xA2, &[0, 1]), V311), EmptyFilterList);
     assert_eq!(err(&pkt(0xA2, &[0, 1, 0]), V5), EmptyFilterList);
     assert_eq!(err(&pkt(0xA2, &cat(&[&[0, 0], &s("a")])), V311), ZeroPacketId);
-    assert_eq!(
-        err(&pkt(0xA2, &cat(&[&[0, 1], &s("a/#/b")])), V311),
-        InvalidTopicFilter
-    );
-    assert_eq!(
-        err(&pkt(0xA2, &cat(&[&[0, 1], &s("a"), &[0]])), V311),
-        Truncated("topic filter")
-    );
-    assert_eq!(
-        err(&pkt(0xA2, &cat(&[&[0, 1], &props(&[0x0B, 1]), &s("a")])), V5),
-        PropertyNotAllowed(0x0B)
-    );
+    assert_eq!(err(&pkt(0xA2, &cat(&[&[0, 1], &s("a/#/b")])), V311), InvalidTopicFilter);
+    assert_eq!(err(&pkt(0xA2, &cat(&[&[0, 1], &s("a"), &[0]])), V311), Truncated("topic filter"));
+    assert_eq!(err(&pkt(0xA2, &cat(&[&[0, 1], &props(&[0x0B, 1]), &s("a")])), V5), PropertyNotAllowed(0x0B));
 }
 
 #[test]
@@ -619,25 +465,13 @@ fn empty_packets_have_no_body() {
 #[test]
 fn disconnect_and_auth_short_forms() {
     assert_eq!(ok(&pkt(0xE0, &[]), V5), Packet::Disconnect(Disconnect::default()));
-    let busy = Disconnect {
-        reason: ReasonCode::SERVER_BUSY,
-        properties: Properties::default(),
-    };
+    let busy = Disconnect { reason: ReasonCode::SERVER_BUSY, properties: Properties::default() };
     assert_eq!(ok(&pkt(0xE0, &[0x89]), V5), Packet::Disconnect(busy.clone()));
     assert_eq!(ok(&pkt(0xE0, &[0x89, 0]), V5), Packet::Disconnect(busy));
     assert_eq!(err(&pkt(0xE0, &[0x01]), V5), InvalidReasonCode(1));
-    assert_eq!(
-        err(&pkt(0xE0, &[0x00, 0x02, 0x11, 0]), V5),
-        Truncated("property value")
-    );
-    assert_eq!(
-        err(&pkt(0xE0, &[0x00, 0x02, 0x21, 0, 1]), V5),
-        PropertyNotAllowed(0x21)
-    );
-    let cont = Auth {
-        reason: ReasonCode::CONTINUE_AUTHENTICATION,
-        properties: Properties::default(),
-    };
+    assert_eq!(err(&pkt(0xE0, &[0x00, 0x02, 0x11, 0]), V5), Truncated("property value"));
+    assert_eq!(err(&pkt(0xE0, &[0x00, 0x02, 0x21, 0, 1]), V5), PropertyNotAllowed(0x21));
+    let cont = Auth { reason: ReasonCode::CONTINUE_AUTHENTICATION, properties: Properties::default() };
     assert_eq!(ok(&pkt(0xF0, &[0x18]), V5), Packet::Auth(cont.clone()));
     assert_eq!(ok(&pkt(0xF0, &[0x18, 0]), V5), Packet::Auth(cont));
     assert_eq!(err(&pkt(0xF0, &[0x04]), V5), InvalidReasonCode(4));
@@ -700,12 +534,8 @@ fn property_errors() {
 
 #[test]
 fn repeatable_properties() {
-    let (bytes, p) = with_props(
-        0x30,
-        &[
-            0x0B, 1, 0x0B, 2, 0x26, 0, 1, b'k', 0, 0, 0x26, 0, 1, b'k', 0, 1, b'v',
-        ],
-    );
+    let (bytes, p) =
+        with_props(0x30, &[0x0B, 1, 0x0B, 2, 0x26, 0, 1, b'k', 0, 0, 0x26, 0, 1, b'k', 0, 1, b'v']);
     match ok(&bytes, p) {
         Packet::Publish(p) => {
             assert_eq!(p.properties.subscription_identifiers, vec![1, 2]);
@@ -716,10 +546,7 @@ fn repeatable_properties() {
     // Will properties are separate from CONNECT's own and follow the will table.
     let will_props = props(&[0x18, 0, 0, 0, 5]);
     let payload = cat(&[&s("c"), &will_props, &s("w"), &s("p")]);
-    match ok(
-        &connect("MQTT", 5, 0x06, &props(&[0x11, 0, 0, 0, 9]), &payload),
-        None,
-    ) {
+    match ok(&connect("MQTT", 5, 0x06, &props(&[0x11, 0, 0, 0, 9]), &payload), None) {
         Packet::Connect(c) => {
             assert_eq!(c.properties.session_expiry_interval_s, Some(9));
             assert_eq!(c.will.map(|w| w.properties.will_delay_interval_s), Some(Some(5)));
@@ -727,24 +554,15 @@ fn repeatable_properties() {
         other => panic!("{other:?}"),
     }
     let bad_will = cat(&[&s("c"), &props(&[0x11, 0, 0, 0, 5]), &s("w"), &s("p")]);
-    assert_eq!(
-        err(&connect("MQTT", 5, 0x06, &[0], &bad_will), None),
-        PropertyNotAllowed(0x11)
-    );
+    assert_eq!(err(&connect("MQTT", 5, 0x06, &[0], &bad_will), None), PropertyNotAllowed(0x11));
 }
 
 #[test]
 fn errors_map_to_reason_codes() {
-    assert_eq!(
-        UnknownProtocolName { level: 4 }.reason_code(),
-        ReasonCode::UNSUPPORTED_PROTOCOL_VERSION
-    );
+    assert_eq!(UnknownProtocolName { level: 4 }.reason_code(), ReasonCode::UNSUPPORTED_PROTOCOL_VERSION);
     assert_eq!(UnknownProtocolName { level: 4 }.fault(), Fault::Peer);
     assert_eq!(PacketTooLarge { size: 2, max: 1 }.fault(), Fault::Limit);
-    assert_eq!(
-        ReservedConnAckFlags(2).reason_code(),
-        ReasonCode::MALFORMED_PACKET
-    );
+    assert_eq!(ReservedConnAckFlags(2).reason_code(), ReasonCode::MALFORMED_PACKET);
 }
 
 /// Every prefix of a valid packet that ends inside it must wait for more bytes, and decoding the whole
@@ -762,32 +580,16 @@ fn truncation_at_every_prefix() {
             ),
             None,
         ),
-        (
-            connect("MQIsdp", 3, 0xC2, &[], &cat(&[&s("c"), &s("u"), &s("pw")])),
-            None,
-        ),
-        (
-            pkt(
-                0x3D,
-                &cat(&[&s("a/b"), &[0, 7], &props(&[0x23, 0, 1]), &vec![7u8; 300]]),
-            ),
-            V5,
-        ),
-        (
-            pkt(0x82, &cat(&[&[0, 1], &s("a/+"), &[1], &s("$share/g/#"), &[2]])),
-            V311,
-        ),
+        (connect("MQIsdp", 3, 0xC2, &[], &cat(&[&s("c"), &s("u"), &s("pw")])), None),
+        (pkt(0x3D, &cat(&[&s("a/b"), &[0, 7], &props(&[0x23, 0, 1]), &vec![7u8; 300]])), V5),
+        (pkt(0x82, &cat(&[&[0, 1], &s("a/+"), &[1], &s("$share/g/#"), &[2]])), V311),
         (pkt(0xF0, &cat(&[&[0x18], &props(&cat(&[&[0x15], &s("m")]))])), V5),
     ];
     for (bytes, protocol) in packets {
         let (p, n) = decode(&bytes, protocol, MAX).unwrap().unwrap();
         assert_eq!(n, bytes.len());
         for i in 0..bytes.len() {
-            assert_eq!(
-                decode(&bytes[..i], protocol, MAX),
-                Ok(None),
-                "prefix {i} of {p:?}"
-            );
+            assert_eq!(decode(&bytes[..i], protocol, MAX), Ok(None), "prefix {i} of {p:?}");
         }
         let mut more = bytes.clone();
         more.extend_from_slice(&[0xC0, 0x00]);

@@ -34,19 +34,13 @@ fn level() -> impl Strategy<Value = String> {
     prop_oneof![
         "[a-z0-9]{0,4}",
         "\\$?[A-Z]{1,3}",
-        vec(
-            any::<char>().prop_filter("reserved", |c| !matches!(*c, '\0' | '+' | '#' | '/')),
-            0..4
-        )
-        .prop_map(|cs| cs.into_iter().collect()),
+        vec(any::<char>().prop_filter("reserved", |c| !matches!(*c, '\0' | '+' | '#' | '/')), 0..4)
+            .prop_map(|cs| cs.into_iter().collect()),
     ]
 }
 
 fn topic_name() -> impl Strategy<Value = &'static str> {
-    vec(level(), 1..5)
-        .prop_map(|ls| ls.join("/"))
-        .prop_filter("empty", |t| !t.is_empty())
-        .prop_map(leak)
+    vec(level(), 1..5).prop_map(|ls| ls.join("/")).prop_filter("empty", |t| !t.is_empty()).prop_map(leak)
 }
 
 fn topic_filter() -> impl Strategy<Value = &'static str> {
@@ -70,11 +64,7 @@ fn flag() -> impl Strategy<Value = u8> {
 }
 
 fn qos() -> impl Strategy<Value = QoS> {
-    prop_oneof![
-        Just(QoS::AtMostOnce),
-        Just(QoS::AtLeastOnce),
-        Just(QoS::ExactlyOnce)
-    ]
+    prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce), Just(QoS::ExactlyOnce)]
 }
 
 fn packet_id() -> impl Strategy<Value = PacketId> {
@@ -92,9 +82,7 @@ const CONNACK: &[u8] = &[
 ];
 const PUBACK: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
 const PUBREL: &[u8] = &[0x00, 0x92];
-const SUBACK: &[u8] = &[
-    0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2,
-];
+const SUBACK: &[u8] = &[0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2];
 const UNSUBACK: &[u8] = &[0x00, 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91];
 const DISCONNECT: &[u8] = &[
     0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95, 0x96,
@@ -222,18 +210,8 @@ fn props(ty: PacketType) -> impl Strategy<Value = Properties<'static>> {
 fn will(v5: bool) -> impl Strategy<Value = Will<'static>> {
     (topic_name(), bytes(8), qos(), any::<bool>(), any_props()).prop_map(
         move |(topic, payload, qos, retain, p)| {
-            let properties = if v5 {
-                restrict(p, PacketType::Connect, true)
-            } else {
-                Properties::default()
-            };
-            Will {
-                topic,
-                payload,
-                qos,
-                retain,
-                properties,
-            }
+            let properties = if v5 { restrict(p, PacketType::Connect, true) } else { Properties::default() };
+            Will { topic, payload, qos, retain, properties }
         },
     )
 }
@@ -249,22 +227,20 @@ fn connect(protocol: Protocol) -> impl Strategy<Value = Packet<'static>> {
         opt(bytes(6)),
         props(PacketType::Connect),
     )
-        .prop_map(
-            move |(clean_start, keep_alive_s, client_id, will, username, password, p)| {
-                // 3.1.1 forbids a password without a user name.
-                let password = if v5 || username.is_some() { password } else { None };
-                Packet::Connect(Connect {
-                    protocol,
-                    clean_start,
-                    keep_alive_s,
-                    client_id,
-                    will,
-                    username,
-                    password,
-                    properties: if v5 { p } else { Properties::default() },
-                })
-            },
-        )
+        .prop_map(move |(clean_start, keep_alive_s, client_id, will, username, password, p)| {
+            // 3.1.1 forbids a password without a user name.
+            let password = if v5 || username.is_some() { password } else { None };
+            Packet::Connect(Connect {
+                protocol,
+                clean_start,
+                keep_alive_s,
+                client_id,
+                will,
+                username,
+                password,
+                properties: if v5 { p } else { Properties::default() },
+            })
+        })
 }
 
 fn publish(v5: bool) -> impl Strategy<Value = Packet<'static>> {
@@ -280,11 +256,7 @@ fn publish(v5: bool) -> impl Strategy<Value = Packet<'static>> {
     )
         .prop_flat_map(move |(dup, qos, retain, topic, id, payload, p, alias)| {
             // In 5.0 an empty topic plus a topic alias is valid.
-            let empty_topic = if v5 {
-                any::<bool>().boxed()
-            } else {
-                Just(false).boxed()
-            };
+            let empty_topic = if v5 { any::<bool>().boxed() } else { Just(false).boxed() };
             empty_topic.prop_map(move |empty| {
                 let mut properties = if v5 { p.clone() } else { Properties::default() };
                 let topic = if empty {
@@ -307,21 +279,10 @@ fn publish(v5: bool) -> impl Strategy<Value = Packet<'static>> {
 }
 
 fn ack(ty: PacketType, v5: bool) -> impl Strategy<Value = Packet<'static>> {
-    let codes = if matches!(ty, PacketType::PubAck | PacketType::PubRec) {
-        PUBACK
-    } else {
-        PUBREL
-    };
+    let codes = if matches!(ty, PacketType::PubAck | PacketType::PubRec) { PUBACK } else { PUBREL };
     (packet_id(), reason(codes), props(ty)).prop_map(move |(id, reason, properties)| {
-        let ack = if v5 {
-            Ack {
-                packet_id: id,
-                reason,
-                properties,
-            }
-        } else {
-            Ack::new(id, ReasonCode::SUCCESS)
-        };
+        let ack =
+            if v5 { Ack { packet_id: id, reason, properties } } else { Ack::new(id, ReasonCode::SUCCESS) };
         match ty {
             PacketType::PubAck => Packet::PubAck(ack),
             PacketType::PubRec => Packet::PubRec(ack),
@@ -334,17 +295,9 @@ fn ack(ty: PacketType, v5: bool) -> impl Strategy<Value = Packet<'static>> {
 fn sub_options(v5: bool) -> impl Strategy<Value = SubOptions> {
     (qos(), any::<bool>(), any::<bool>(), 0u8..=2).prop_map(move |(qos, nl, rap, rh)| {
         if v5 {
-            SubOptions {
-                qos,
-                no_local: nl,
-                retain_as_published: rap,
-                retain_handling: rh,
-            }
+            SubOptions { qos, no_local: nl, retain_as_published: rap, retain_handling: rh }
         } else {
-            SubOptions {
-                qos,
-                ..Default::default()
-            }
+            SubOptions { qos, ..Default::default() }
         }
     })
 }
@@ -358,24 +311,17 @@ fn v5_or_empty(v5: bool, p: Properties<'static>) -> Properties<'static> {
 }
 
 fn subscribe(v5: bool) -> impl Strategy<Value = Packet<'static>> {
-    (
-        packet_id(),
-        vec((topic_filter(), sub_options(v5)), 1..5),
-        props(PacketType::Subscribe),
-    )
-        .prop_map(move |(packet_id, mut filters, p)| {
+    (packet_id(), vec((topic_filter(), sub_options(v5)), 1..5), props(PacketType::Subscribe)).prop_map(
+        move |(packet_id, mut filters, p)| {
             for (f, o) in &mut filters {
                 // No Local on a shared subscription is a protocol error.
                 if f.starts_with("$share/") {
                     o.no_local = false;
                 }
             }
-            Packet::Subscribe(Subscribe {
-                packet_id,
-                filters,
-                properties: v5_or_empty(v5, p),
-            })
-        })
+            Packet::Subscribe(Subscribe { packet_id, filters, properties: v5_or_empty(v5, p) })
+        },
+    )
 }
 
 fn v5_packet() -> impl Strategy<Value = Packet<'static>> {
@@ -384,11 +330,7 @@ fn v5_packet() -> impl Strategy<Value = Packet<'static>> {
         connect(Protocol::V5),
         (any::<bool>(), reason(CONNACK), props(T::ConnAck)).prop_map(
             |(session_present, reason, properties)| {
-                Packet::ConnAck(ConnAck {
-                    session_present,
-                    reason,
-                    properties,
-                })
+                Packet::ConnAck(ConnAck { session_present, reason, properties })
             }
         ),
         publish(true),
@@ -398,28 +340,16 @@ fn v5_packet() -> impl Strategy<Value = Packet<'static>> {
         ack(T::PubComp, true),
         subscribe(true),
         (packet_id(), vec(reason(SUBACK), 1..5), props(T::SubAck)).prop_map(
-            |(packet_id, reasons, properties)| Packet::SubAck(SubAck {
-                packet_id,
-                reasons,
-                properties
-            })
+            |(packet_id, reasons, properties)| Packet::SubAck(SubAck { packet_id, reasons, properties })
         ),
         (packet_id(), vec(topic_filter(), 1..5), props(T::Unsubscribe)).prop_map(
             |(packet_id, filters, properties)| {
-                Packet::Unsubscribe(Unsubscribe {
-                    packet_id,
-                    filters,
-                    properties,
-                })
+                Packet::Unsubscribe(Unsubscribe { packet_id, filters, properties })
             }
         ),
         (packet_id(), vec(reason(UNSUBACK), 1..5), props(T::UnsubAck)).prop_map(
             |(packet_id, reasons, properties)| {
-                Packet::UnsubAck(UnsubAck {
-                    packet_id,
-                    reasons,
-                    properties,
-                })
+                Packet::UnsubAck(UnsubAck { packet_id, reasons, properties })
             }
         ),
         Just(Packet::PingReq),
@@ -437,11 +367,7 @@ fn v3_packet(protocol: Protocol) -> impl Strategy<Value = Packet<'static>> {
     prop_oneof![
         connect(protocol),
         (any::<bool>(), reason(CONNACK_V3)).prop_map(move |(session_present, reason)| {
-            Packet::ConnAck(ConnAck {
-                session_present,
-                reason,
-                properties: none(),
-            })
+            Packet::ConnAck(ConnAck { session_present, reason, properties: none() })
         }),
         publish(false),
         ack(T::PubAck, false),
@@ -450,18 +376,10 @@ fn v3_packet(protocol: Protocol) -> impl Strategy<Value = Packet<'static>> {
         ack(T::PubComp, false),
         subscribe(false),
         (packet_id(), vec(reason(SUBACK_V3), 1..5)).prop_map(move |(packet_id, reasons)| Packet::SubAck(
-            SubAck {
-                packet_id,
-                reasons,
-                properties: none()
-            }
+            SubAck { packet_id, reasons, properties: none() }
         )),
         (packet_id(), vec(topic_filter(), 1..5)).prop_map(move |(packet_id, filters)| {
-            Packet::Unsubscribe(Unsubscribe {
-                packet_id,
-                filters,
-                properties: none(),
-            })
+            Packet::Unsubscribe(Unsubscribe { packet_id, filters, properties: none() })
         }),
         packet_id().prop_map(move |packet_id| Packet::UnsubAck(UnsubAck {
             packet_id,
@@ -507,10 +425,7 @@ fn check_roundtrip(p: &Packet<'static>, protocol: Protocol) -> Result<(), TestCa
     let header_len = f.map_or(0, |f| f.header_len);
     prop_assert_eq!(
         decode(&buf[..header_len], dp, n as u32 - 1),
-        Err(DecodeError::PacketTooLarge {
-            size: n as u64,
-            max: n as u32 - 1
-        })
+        Err(DecodeError::PacketTooLarge { size: n as u64, max: n as u32 - 1 })
     );
     Ok(())
 }
@@ -533,16 +448,11 @@ fn check_decoded_reencodes(bytes: &[u8], protocol: Option<Protocol>) -> Result<(
 }
 
 fn any_protocol() -> impl Strategy<Value = Option<Protocol>> {
-    prop_oneof![
-        Just(None),
-        Just(Some(Protocol::V31)),
-        Just(Some(Protocol::V311)),
-        Just(Some(Protocol::V5))
-    ]
+    prop_oneof![Just(None), Just(Some(Protocol::V31)), Just(Some(Protocol::V311)), Just(Some(Protocol::V5))]
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
     #[test]
     fn v5_packets_roundtrip(p in v5_packet()) {

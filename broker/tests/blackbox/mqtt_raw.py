@@ -501,9 +501,8 @@ class RawClient:
             filters = [(filters, 1)]
         pid = pid or self.next_pid()
         self.send(subscribe(pid, filters, self.version, properties))
-        p = self.expect(SUBACK)
-        assert p.pid == pid
-        return p
+        # matching (retained) PUBLISHes may precede the SUBACK; keep them
+        return self.wait_for(SUBACK, pid)
 
     def unsubscribe(self, filters, pid=None):
         pid = pid or self.next_pid()

@@ -254,7 +254,9 @@ impl Shard {
             };
             if let Some(reason) = reason {
                 conn.protocol = Some(p);
-                let ack = ConnAck { session_present: false, reason, properties: Properties::default() };
+                let text = err.to_string();
+                let properties = Properties { reason_string: Some(&text), ..Properties::default() };
+                let ack = ConnAck { session_present: false, reason, properties };
                 conn.send(&Packet::ConnAck(ack), &mut self.io);
             }
         }
@@ -409,7 +411,10 @@ impl Shard {
     pub(super) fn close_conn(&mut self, id: ConnId, why: Option<ProtocolError>, now: Instant) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         if let (Some(e), true, true) = (&why, conn.is_v5(), conn.is_active()) {
-            let d = Disconnect { reason: e.reason_code(), properties: Properties::default() };
+            // A reason string is allowed on DISCONNECT whatever Request Problem Information says (§3.1.2.11.7).
+            let text = e.to_string();
+            let properties = Properties { reason_string: Some(&text), ..Properties::default() };
+            let d = Disconnect { reason: e.reason_code(), properties };
             conn.send(&Packet::Disconnect(d), &mut self.io);
         }
         self.io.push_back(IoCmd::Close(id));

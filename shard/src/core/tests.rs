@@ -576,3 +576,28 @@ fn idle_connection_holds_no_read_buffer_between_packets() {
     assert_eq!(sim.shards[0].conns[&conn].rbuf_capacity(), 0, "and freed once complete");
     sim.pop(c, |p| assert!(matches!(p, Packet::PingResp)));
 }
+
+#[test]
+fn per_connection_state_stays_small() {
+    // Every connected client costs one Conn and one Session (plus map slots); keep both compact.
+    let conn = std::mem::size_of::<super::conn::Conn>();
+    let session = std::mem::size_of::<super::session::Session>();
+    assert!(conn <= 128, "Conn grew to {conn} bytes");
+    assert!(session <= 256, "Session grew to {session} bytes");
+}
+
+#[test]
+fn protocol_errors_tell_v5_clients_why() {
+    let mut sim = Sim::new(1);
+    let (c, _) = sim.connect(0, V5, "bad", true);
+    // A client must not send SUBACK.
+    sim.send(c, &Packet::SubAck(shardmq_wire::SubAck { packet_id: PacketId(1), reasons: vec![ReasonCode::SUCCESS], properties: Properties::default() }));
+    sim.pop(c, |p| match p {
+        Packet::Disconnect(d) => {
+            assert_eq!(d.reason, ReasonCode::PROTOCOL_ERROR);
+            assert!(d.properties.reason_string.is_some_and(|r| r.contains("server-to-client")));
+        }
+        p => panic!("{p:?}"),
+    });
+    assert!(sim.clients[c].closed);
+}

@@ -175,7 +175,8 @@ fn drain_inbox<C: Core, I: Io<C>>(
                 }
                 drain_io(core, io, out, now, false);
             }
-            Inbound::Adopt { from: _, adopt } => {
+            Inbound::Adopt { from, adopt } => {
+                tracing::trace!(from = from.0, "adopting a socket");
                 let (fd, state, unsent, read_ahead) = adopt.into_parts();
                 if let Some(conn) = io.adopt(fd, unsent, now) {
                     core.handle_adopt(conn, state, now);
@@ -224,6 +225,9 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
         } else {
             drain_inbox(core, lp, inbox, out, now);
         }
+        // Commands queued by callbacks that are not followed by a drain of their own (backpressure,
+        // closed) are executed before the shard sleeps.
+        drain_io(core, lp, out, now, stopping);
 
         lp.on_tick(core, now);
         if core.poll_timeout().is_some_and(|t| t <= now) {

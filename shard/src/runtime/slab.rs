@@ -40,10 +40,6 @@ impl<T> Slab<T> {
         self.live
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.live == 0
-    }
-
     pub(crate) fn insert(&mut self, val: T) -> ConnId {
         debug_assert_eq!(self.gens.len(), self.vals.len());
         self.live += 1;

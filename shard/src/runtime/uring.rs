@@ -276,7 +276,7 @@ impl<H> UringLoop<H> {
         let bufs = BufRing::new(p.buffers, p.buffer_size)?;
         // SAFETY: the ring mapping stays valid until `bufs` is dropped, which happens only after the buffer
         // ring is unregistered or the io_uring is closed (see `Drop`).
-        unsafe { ring.submitter().register_buf_ring(bufs.ring as u64, p.buffers, BGID) }
+        unsafe { ring.submitter().register_buf_ring_with_flags(bufs.ring as u64, p.buffers, BGID, 0) }
             .map_err(|e| io::Error::new(e.kind(), format!("registering {} provided buffers: {e}", p.buffers)))?;
         let mut lp = UringLoop {
             ring,

@@ -1,0 +1,303 @@
+//! Runtime tests over loopback, run once per backend (`epoll::*`, `uring::*`) with the line-protocol
+//! [`TestCore`](runtime_support::TestCore), plus the backend-choice tests.
+
+mod runtime_support;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runtime_support::*;
+use shardmq_shard::runtime::{self, Backend, BackendChoice, Node, RuntimeConfig};
+
+fn start(cfg: RuntimeConfig, core: CoreCfg) -> (Node, Arc<Obs>) {
+    let obs = Arc::new(Obs::default());
+    let o = obs.clone();
+    let node = runtime::start(cfg, move |me, shards| TestCore::new(me, shards, o.clone(), core)).expect("start");
+    (node, obs)
+}
+
+fn stop(node: Node) {
+    let t = Instant::now();
+    node.shutdown();
+    node.join().expect("join");
+    assert!(t.elapsed() < Duration::from_secs(4), "shutdown took {:?}", t.elapsed());
+}
+
+fn echo_many_clients(b: BackendChoice) {
+    let (node, obs) = start(config(b, 2), CoreCfg::default());
+    let addr = node.local_addrs()[0];
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut clients: Vec<Client> = (0..25).map(|_| Client::new(addr)).collect();
+                for round in 0..10 {
+                    for (i, c) in clients.iter_mut().enumerate() {
+                        c.send(&format!("t{t}-c{i}-r{round}\n"));
+                    }
+                    for (i, c) in clients.iter_mut().enumerate() {
+                        let l = c.line();
+                        let (_, text) = l.split_once(':').expect("shard prefix");
+                        assert_eq!(text, format!("t{t}-c{i}-r{round}"));
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(Obs::get(&obs.accepts), 200);
+    let stats = node.stats();
+    assert_eq!(stats.iter().map(|s| s.accepted).sum::<u64>(), 200);
+    assert!(stats.iter().map(|s| s.bytes_read).sum::<u64>() > 200 * 10 * 10);
+    stop(node);
+}
+
+fn large_write_backpressure(b: BackendChoice) {
+    let (node, obs) = start(config(b, 1), CoreCfg::default());
+    let mut c = Client::new(node.local_addrs()[0]);
+    let half = 4 * 1024 * 1024;
+    // The second request arrives while the core is (most likely) blocked: it must resume on `false`.
+    c.send(&format!("BIG {half}\nBIG {half}\n"));
+    let mut got = 0usize;
+    while got < 2 * half {
+        let chunk = c.bytes(64 * 1024);
+        assert_eq!(chunk, pattern(got, chunk.len()), "bytes at offset {got}");
+        got += chunk.len();
+        if got < 1024 * 1024 {
+            // A slow reader for the first MiB: the socket fills, the runtime must hold the rest.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    assert!(Obs::get(&obs.bp_true) >= 1, "backpressure never reported");
+    assert!(wait_until(Duration::from_secs(2), || Obs::get(&obs.bp_false) >= 1), "backpressure never cleared");
+    c.send("after\n");
+    assert_eq!(c.line(), "0:after");
+    assert!(node.stats()[0].bytes_written >= 2 * half as u64);
+    stop(node);
+}
+
+fn peer_close_reports_closed(b: BackendChoice) {
+    let (node, obs) = start(config(b, 2), CoreCfg::default());
+    for i in 0..3 {
+        let mut c = Client::new(node.local_addrs()[0]);
+        c.send(&format!("hello{i}\n"));
+        assert!(c.line().ends_with(&format!(":hello{i}")));
+    }
+    assert!(wait_until(Duration::from_secs(3), || Obs::get(&obs.closed) == 3), "closed = {}", Obs::get(&obs.closed));
+    assert!(wait_until(Duration::from_secs(1), || node.stats().iter().map(|s| s.open_sockets).sum::<u64>() == 0));
+    assert_eq!(Obs::get(&obs.bad_closed), 0);
+    stop(node);
+}
+
+fn core_close_flushes_then_eof(b: BackendChoice) {
+    let (node, obs) = start(config(b, 2), CoreCfg::default());
+    let n = 3 * 1024 * 1024 + 17;
+    let mut c = Client::new(node.local_addrs()[0]);
+    c.send(&format!("BYE {n}\n"));
+    std::thread::sleep(Duration::from_millis(50)); // let the output back up before reading it
+    assert_eq!(c.bytes(n), pattern(0, n));
+    c.expect_eof();
+    assert!(wait_until(Duration::from_secs(2), || node.stats().iter().map(|s| s.closed).sum::<u64>() == 1));
+    assert_eq!(Obs::get(&obs.closed), 0, "a core-requested close must not be reported back");
+    stop(node);
+}
+
+fn handoff_preserves_bytes(b: BackendChoice) {
+    let (node, obs) = start(config(b, 2), CoreCfg::default());
+    let addr = node.local_addrs()[0];
+    let handles: Vec<_> = (0..4)
+        .map(|client| {
+            std::thread::spawn(move || {
+                let mut c = Client::new(addr);
+                let mut shard = c.who();
+                for seg in 0..6 {
+                    // HOP and then well over one receive buffer of lines in one write: the lines after HOP
+                    // must all reach the next shard, in order, whatever the runtime had read already.
+                    let mut msg = String::from("HOP\n");
+                    for i in 0..1500 {
+                        msg.push_str(&format!("c{client}-s{seg}-line-{i:05}\n"));
+                    }
+                    c.w.write_all(msg.as_bytes()).unwrap();
+                    shard = (shard + 1) % 2;
+                    for i in 0..1500 {
+                        assert_eq!(c.line(), format!("{shard}:c{client}-s{seg}-line-{i:05}"));
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(Obs::get(&obs.adopts), 24);
+    assert_eq!(Obs::get(&obs.reads_after_handoff), 0);
+    assert_eq!(node.stats().iter().map(|s| s.handoffs).sum::<u64>(), 24);
+    stop(node);
+}
+
+fn mesh_tiny_capacity(b: BackendChoice) {
+    let per_target = 100_000;
+    let cfg = RuntimeConfig { mesh_capacity: 1, ..config(b, 2) };
+    let (node, obs) = start(cfg, CoreCfg { mesh_per_target: per_target, mesh_burst: 64 });
+    let addr = node.local_addrs()[0];
+    // Socket traffic alongside, so the shards are busy with something else too.
+    let mut clients: Vec<Client> = (0..4).map(|_| Client::new(addr)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut round = 0;
+    while Obs::get(&obs.mesh_recv) < 2 * per_target && Instant::now() < deadline {
+        for c in clients.iter_mut() {
+            c.send(&format!("r{round}\n"));
+            assert!(c.line().ends_with(&format!(":r{round}")));
+        }
+        round += 1;
+    }
+    assert_eq!(Obs::get(&obs.mesh_recv), 2 * per_target, "mesh messages lost");
+    assert_eq!(Obs::get(&obs.mesh_out_of_order), 0);
+    let stats = node.stats();
+    assert_eq!(stats.iter().map(|s| s.mesh_sent).sum::<u64>(), 2 * per_target);
+    assert!(stats.iter().map(|s| s.mesh_full_retries).sum::<u64>() > 0, "capacity 1 never filled up");
+    stop(node);
+}
+
+fn max_sockets_cap(b: BackendChoice) {
+    let cfg = RuntimeConfig { max_sockets: 4, ..config(b, 2) };
+    let (node, _obs) = start(cfg, CoreCfg::default());
+    let addr = node.local_addrs()[0];
+    let mut kept: Vec<Client> = (0..4).map(|_| Client::new(addr)).collect();
+    for (i, c) in kept.iter_mut().enumerate() {
+        c.send(&format!("k{i}\n"));
+        assert!(c.line().ends_with(&format!(":k{i}")));
+    }
+    for _ in 0..3 {
+        let mut extra = Client::new(addr);
+        extra.expect_eof();
+    }
+    let refused = || node.stats().iter().map(|s| s.refused_over_cap).sum::<u64>();
+    assert!(wait_until(Duration::from_secs(2), || refused() == 3), "refused = {}", refused());
+    for (i, c) in kept.iter_mut().enumerate() {
+        c.send(&format!("again{i}\n"));
+        assert!(c.line().ends_with(&format!(":again{i}")));
+    }
+    // A slot freed is a slot usable again.
+    drop(kept.pop());
+    assert!(wait_until(Duration::from_secs(2), || node.stats().iter().map(|s| s.open_sockets).sum::<u64>() == 3));
+    let mut c = Client::new(addr);
+    c.send("in\n");
+    assert!(c.line().ends_with(":in"));
+    stop(node);
+}
+
+fn shutdown_flushes_and_joins(b: BackendChoice) {
+    let (node, obs) = start(config(b, 2), CoreCfg::default());
+    let mut clients: Vec<Client> = (0..6).map(|_| Client::new(node.local_addrs()[0])).collect();
+    for c in clients.iter_mut() {
+        c.who();
+    }
+    stop(node);
+    for c in clients.iter_mut() {
+        assert_eq!(c.line(), "shutdown");
+        c.expect_eof();
+    }
+    assert_eq!(Obs::get(&obs.shutdowns), 2);
+}
+
+macro_rules! backend_tests {
+    ($module:ident, $choice:expr) => {
+        mod $module {
+            use super::*;
+            #[test]
+            fn echo_many_clients() {
+                super::echo_many_clients($choice);
+            }
+            #[test]
+            fn large_write_backpressure() {
+                super::large_write_backpressure($choice);
+            }
+            #[test]
+            fn peer_close_reports_closed() {
+                super::peer_close_reports_closed($choice);
+            }
+            #[test]
+            fn core_close_flushes_then_eof() {
+                super::core_close_flushes_then_eof($choice);
+            }
+            #[test]
+            fn handoff_preserves_bytes() {
+                super::handoff_preserves_bytes($choice);
+            }
+            #[test]
+            fn mesh_tiny_capacity() {
+                super::mesh_tiny_capacity($choice);
+            }
+            #[test]
+            fn max_sockets_cap() {
+                super::max_sockets_cap($choice);
+            }
+            #[test]
+            fn shutdown_flushes_and_joins() {
+                super::shutdown_flushes_and_joins($choice);
+            }
+        }
+    };
+}
+
+backend_tests!(epoll, BackendChoice::Epoll);
+backend_tests!(uring, BackendChoice::Uring);
+
+#[test]
+fn explicit_backends_run_what_was_asked() {
+    let (node, _) = start(config(BackendChoice::Epoll, 1), CoreCfg::default());
+    assert_eq!(node.backend(), Backend::Epoll);
+    stop(node);
+    let (node, _) = start(config(BackendChoice::Uring, 1), CoreCfg::default());
+    assert_eq!(node.backend(), Backend::Uring);
+    stop(node);
+}
+
+#[test]
+fn auto_falls_back_to_epoll_when_uring_setup_fails() {
+    // 3 buffers: the kernel refuses a provided-buffer ring that is not a power of two.
+    let cfg = RuntimeConfig { uring_buffers: 3, ..config(BackendChoice::Auto, 2) };
+    let (node, _) = start(cfg, CoreCfg::default());
+    assert_eq!(node.backend(), Backend::Epoll);
+    let mut c = Client::new(node.local_addrs()[0]);
+    c.send("x\n");
+    assert!(c.line().ends_with(":x"));
+    stop(node);
+}
+
+#[test]
+fn forced_uring_reports_setup_failure() {
+    let obs = Arc::new(Obs::default());
+    let cfg = RuntimeConfig { uring_buffers: 3, ..config(BackendChoice::Uring, 2) };
+    let res = runtime::start(cfg, move |me, n| TestCore::new(me, n, obs.clone(), CoreCfg::default()));
+    assert!(res.is_err());
+}
+
+#[test]
+fn pinned_threads_and_second_listener() {
+    let mut cfg = config(BackendChoice::Auto, 2);
+    cfg.pin_threads = true;
+    cfg.listen.push("127.0.0.1:0".parse().unwrap());
+    let (node, _) = start(cfg, CoreCfg::default());
+    let addrs = node.local_addrs().to_vec();
+    assert_eq!(addrs.len(), 2);
+    assert!(addrs.iter().all(|a| a.port() != 0));
+    for a in addrs {
+        let mut c = Client::new(a);
+        c.send("p\n");
+        assert!(c.line().ends_with(":p"));
+    }
+    stop(node);
+}
+
+#[test]
+fn conn_state_is_small() {
+    for b in [Backend::Epoll, Backend::Uring] {
+        let n = b.conn_state_bytes();
+        eprintln!("{b}: {n} bytes of runtime state per connection");
+        assert!(n <= 24, "{b}: {n} bytes");
+    }
+}
