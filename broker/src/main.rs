@@ -69,7 +69,8 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
-    let listen = resolve(if args.listen.is_empty() { vec!["0.0.0.0:1883".into()] } else { args.listen.clone() })?;
+    let listen =
+        resolve(if args.listen.is_empty() { vec!["0.0.0.0:1883".into()] } else { args.listen.clone() })?;
     let mut rt = RuntimeConfig { listen, pin_threads: !args.no_pin, ..RuntimeConfig::default() };
     if let Some(n) = args.cores {
         if n == 0 {

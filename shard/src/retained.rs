@@ -22,10 +22,7 @@ struct Node<V> {
 
 impl<V> Node<V> {
     fn new() -> Self {
-        Node {
-            entry: None,
-            children: LevelMap::default(),
-        }
+        Node { entry: None, children: LevelMap::default() }
     }
 
     fn is_empty(&self) -> bool {
@@ -41,12 +38,10 @@ impl<V> Drop for Node<V> {
             return;
         }
         let mut stack = Vec::new();
-        let take =
-            |node: &mut Node<V>, stack: &mut Vec<Node<V>>| match std::mem::take(&mut node.children)
-            {
-                LevelMap::Small(v) => stack.extend(v.into_iter().map(|(_, n)| n)),
-                LevelMap::Large(m) => stack.extend(m.into_values()),
-            };
+        let take = |node: &mut Node<V>, stack: &mut Vec<Node<V>>| match std::mem::take(&mut node.children) {
+            LevelMap::Small(v) => stack.extend(v.into_iter().map(|(_, n)| n)),
+            LevelMap::Large(m) => stack.extend(m.into_values()),
+        };
         take(self, &mut stack);
         while let Some(mut node) = stack.pop() {
             take(&mut node, &mut stack);
@@ -80,11 +75,7 @@ impl<V> Default for RetainedTree<V> {
 
 impl<V> RetainedTree<V> {
     pub fn new() -> Self {
-        RetainedTree {
-            root: Node::new(),
-            len: 0,
-            nodes: 0,
-        }
+        RetainedTree { root: Node::new(), len: 0, nodes: 0 }
     }
 
     /// Stores `value` as the retained entry of `topic`; returns the entry it replaced.
@@ -92,9 +83,7 @@ impl<V> RetainedTree<V> {
         let mut created = 0;
         let mut node = &mut self.root;
         for level in topic.split('/') {
-            node = node
-                .children
-                .get_or_insert_with(level, &mut created, Node::new);
+            node = node.children.get_or_insert_with(level, &mut created, Node::new);
         }
         self.nodes += created;
         if let Some((_, old)) = &mut node.entry {
@@ -166,8 +155,7 @@ impl<V> RetainedTree<V> {
         };
         // MQTT 5.0 §4.7.2: a wildcard first level does not match a `$` topic; skipping those root
         // children covers both `+` and `#` at the first level.
-        let skip =
-            |is_root: bool, level: &Level| is_root && level.as_bytes().first() == Some(&b'$');
+        let skip = |is_root: bool, level: &Level| is_root && level.as_bytes().first() == Some(&b'$');
         let root: *const Node<V> = &self.root;
         let mut stack = vec![Frame::Filter(&self.root, Some(filter))];
         while let Some(frame) = stack.pop() {
@@ -339,10 +327,7 @@ mod tests {
         assert_eq!(tree.get("a/b"), Some(&2));
         assert_eq!(tree.get("a/b/c"), None);
         assert_eq!(tree.get("z"), None);
-        assert_eq!(
-            matches(&tree, "a/#"),
-            [("a".into(), 3), ("a/b".into(), 2), ("a/b/c/d".into(), 4)]
-        );
+        assert_eq!(matches(&tree, "a/#"), [("a".into(), 3), ("a/b".into(), 2), ("a/b/c/d".into(), 4)]);
         assert_eq!(matches(&tree, "#").len(), 3);
         assert_eq!(matches(&tree, "$SYS/#"), [("$SYS/x".into(), 5)]);
         assert_eq!(tree.remove("a/b/c"), None);

@@ -42,10 +42,7 @@ impl Level {
         if s.len() <= INLINE_LEVEL {
             let mut bytes = [0; INLINE_LEVEL];
             bytes[..s.len()].copy_from_slice(s.as_bytes());
-            Level::Inline {
-                len: s.len() as u8,
-                bytes,
-            }
+            Level::Inline { len: s.len() as u8, bytes }
         } else {
             Level::Heap(s.into())
         }
@@ -108,20 +105,14 @@ impl<N> LevelMap<N> {
     #[inline]
     pub(crate) fn get(&self, key: &str) -> Option<&N> {
         match self {
-            LevelMap::Small(v) => v
-                .iter()
-                .find(|(k, _)| k.as_bytes() == key.as_bytes())
-                .map(|(_, n)| n),
+            LevelMap::Small(v) => v.iter().find(|(k, _)| k.as_bytes() == key.as_bytes()).map(|(_, n)| n),
             LevelMap::Large(m) => m.get(key.as_bytes()),
         }
     }
 
     pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut N> {
         match self {
-            LevelMap::Small(v) => v
-                .iter_mut()
-                .find(|(k, _)| k.as_bytes() == key.as_bytes())
-                .map(|(_, n)| n),
+            LevelMap::Small(v) => v.iter_mut().find(|(k, _)| k.as_bytes() == key.as_bytes()).map(|(_, n)| n),
             LevelMap::Large(m) => m.get_mut(key.as_bytes()),
         }
     }
@@ -139,9 +130,7 @@ impl<N> LevelMap<N> {
         if let LevelMap::Small(v) = self {
             match v.iter().position(|(k, _)| k.as_bytes() == key.as_bytes()) {
                 Some(i) => {
-                    let LevelMap::Small(v) = self else {
-                        unreachable!("matched above")
-                    };
+                    let LevelMap::Small(v) = self else { unreachable!("matched above") };
                     return &mut v[i].1;
                 }
                 None if v.len() < SMALL_MAX => {
@@ -150,22 +139,17 @@ impl<N> LevelMap<N> {
                     // would mostly be wasted on the typical single-child node.
                     v.reserve_exact(1);
                     v.push((Level::new(key), make()));
-                    let LevelMap::Small(v) = self else {
-                        unreachable!("matched above")
-                    };
+                    let LevelMap::Small(v) = self else { unreachable!("matched above") };
                     return &mut v.last_mut().expect("just pushed").1;
                 }
                 None => {
-                    let mut m =
-                        HashMap::with_capacity_and_hasher(v.len() * 2, ahash::RandomState::new());
+                    let mut m = HashMap::with_capacity_and_hasher(v.len() * 2, ahash::RandomState::new());
                     m.extend(v.drain(..));
                     *self = LevelMap::Large(Box::new(m));
                 }
             }
         }
-        let LevelMap::Large(m) = self else {
-            unreachable!("converted above")
-        };
+        let LevelMap::Large(m) = self else { unreachable!("converted above") };
         if !m.contains_key(key.as_bytes()) {
             *created += 1;
             m.insert(Level::new(key), make());
@@ -301,21 +285,13 @@ struct Node<V> {
 
 impl<V> Node<V> {
     fn new() -> Self {
-        Node {
-            values: Vec::new(),
-            hash: None,
-            plus: None,
-            children: LevelMap::default(),
-        }
+        Node { values: Vec::new(), hash: None, plus: None, children: LevelMap::default() }
     }
 
     /// Whether the node holds nothing and may be pruned (every non-root node in the trie is
     /// non-empty between public calls).
     fn is_empty(&self) -> bool {
-        self.values.is_empty()
-            && self.hash.is_none()
-            && self.plus.is_none()
-            && self.children.is_empty()
+        self.values.is_empty() && self.hash.is_none() && self.plus.is_none() && self.children.is_empty()
     }
 
     /// Whether the node holds anything besides the single child edge leading down a path, i.e.
@@ -403,11 +379,7 @@ struct WalkStack<'a, V> {
 impl<'a, V> WalkStack<'a, V> {
     #[inline]
     fn new(filler: &'a Node<V>) -> Self {
-        WalkStack {
-            inline: [(filler, None); INLINE_STACK],
-            len: 0,
-            spill: Vec::new(),
-        }
+        WalkStack { inline: [(filler, None); INLINE_STACK], len: 0, spill: Vec::new() }
     }
 
     #[inline]
@@ -454,12 +426,7 @@ impl<V> Default for TopicTrie<V> {
 
 impl<V> TopicTrie<V> {
     pub fn new() -> Self {
-        TopicTrie {
-            root: Node::new(),
-            nodes: 0,
-            filters: 0,
-            values: 0,
-        }
+        TopicTrie { root: Node::new(), nodes: 0, filters: 0, values: 0 }
     }
 
     /// Adds `value` under `filter`; returns true if the filter had no values before.
@@ -471,11 +438,8 @@ impl<V> TopicTrie<V> {
             node = node.child_or_insert(level, &mut created);
         }
         self.nodes += created;
-        let slot = if hash {
-            &mut **node.hash.get_or_insert_with(Default::default)
-        } else {
-            &mut node.values
-        };
+        let slot =
+            if hash { &mut **node.hash.get_or_insert_with(Default::default) } else { &mut node.values };
         let was_new = slot.is_empty();
         if was_new {
             // Most filters have a single subscriber per shard: allocate for one, not the default four.
@@ -529,11 +493,7 @@ impl<V> TopicTrie<V> {
         for level in levels(path) {
             node = node.child(level)?;
         }
-        let slot = if hash {
-            node.hash.as_deref()?
-        } else {
-            &node.values
-        };
+        let slot = if hash { node.hash.as_deref()? } else { &node.values };
         (!slot.is_empty()).then_some(slot.as_slice())
     }
 
@@ -542,11 +502,7 @@ impl<V> TopicTrie<V> {
     pub fn get_mut(&mut self, filter: &str) -> Option<&mut Vec<V>> {
         let (path, hash) = split_filter(filter);
         let node = self.node_mut(path)?;
-        let slot = if hash {
-            node.hash.as_deref_mut()?
-        } else {
-            &mut node.values
-        };
+        let slot = if hash { node.hash.as_deref_mut()? } else { &mut node.values };
         (!slot.is_empty()).then_some(slot)
     }
 
@@ -722,10 +678,7 @@ impl<V> TopicTrie<V> {
                 assert!(!node.is_empty(), "empty node left unpruned");
             }
             assert!(node.hash.as_ref().is_none_or(|h| !h.is_empty()));
-            for slot in [Some(&node.values), node.hash.as_deref()]
-                .into_iter()
-                .flatten()
-            {
+            for slot in [Some(&node.values), node.hash.as_deref()].into_iter().flatten() {
                 if slot.is_empty() {
                     assert_eq!(slot.capacity(), 0, "empty slot holds an allocation");
                 } else {
@@ -819,10 +772,7 @@ pub(crate) mod tests {
         assert!(single("$SYS/#", "$SYS/monitor/Clients"));
         assert!(single("$SYS/monitor/+", "$SYS/monitor/Clients"));
         assert!(single("$SYS/#", "$SYS"));
-        assert!(
-            single("a/+", "a/$x"),
-            "the $ rule is about the first level only"
-        );
+        assert!(single("a/+", "a/$x"), "the $ rule is about the first level only");
         assert!(single("a/#", "a/$x"));
     }
 
@@ -922,10 +872,7 @@ pub(crate) mod tests {
         let mut filters = Vec::new();
         for len in [0, 1, INLINE_LEVEL - 1, INLINE_LEVEL, INLINE_LEVEL + 1, 100] {
             for i in 0..12 {
-                filters.push(format!(
-                    "{}/x",
-                    "z".repeat(len) + &"+".repeat(i % 2) + &i.to_string()
-                ));
+                filters.push(format!("{}/x", "z".repeat(len) + &"+".repeat(i % 2) + &i.to_string()));
             }
         }
         for (i, f) in filters.iter().enumerate() {

@@ -92,7 +92,8 @@ impl Conn {
 
     /// When the client is overdue: 1.5 × keep alive after the last packet (MQTT §3.1.2.10).
     pub fn keepalive_deadline(&self) -> Option<Instant> {
-        (self.keepalive_ms > 0).then(|| self.last_rx + Duration::from_millis(self.keepalive_ms as u64 * 3 / 2))
+        (self.keepalive_ms > 0)
+            .then(|| self.last_rx + Duration::from_millis(self.keepalive_ms as u64 * 3 / 2))
     }
 
     #[cfg(test)]
@@ -142,7 +143,12 @@ impl Conn {
     }
 
     /// Resolves an inbound topic alias (MQTT 5 §3.3.2.3.4), recording a new mapping when a topic is given.
-    fn inbound_alias<'t>(&'t mut self, topic: &'t str, alias: u16, max: u16) -> Result<&'t str, ProtocolError> {
+    fn inbound_alias<'t>(
+        &'t mut self,
+        topic: &'t str,
+        alias: u16,
+        max: u16,
+    ) -> Result<&'t str, ProtocolError> {
         if alias == 0 || alias > max {
             return Err(ProtocolError::TopicAlias(alias));
         }
@@ -318,7 +324,13 @@ impl Shard {
         }
     }
 
-    fn on_publish(&mut self, id: ConnId, key: SessionKey, p: Publish<'_>, now: Instant) -> Result<(), ProtocolError> {
+    fn on_publish(
+        &mut self,
+        id: ConnId,
+        key: SessionKey,
+        p: Publish<'_>,
+        now: Instant,
+    ) -> Result<(), ProtocolError> {
         self.counters.publishes_in += 1;
         let max_alias = self.cfg.max_topic_alias;
         let conn = self.conns.get_mut(&id).ok_or(ProtocolError::Violation("connection gone"))?;

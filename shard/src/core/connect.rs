@@ -52,7 +52,13 @@ impl Shard {
         Flow::Stop
     }
 
-    fn accept_connect(&mut self, id: ConnId, c: &Connect<'_>, assigned: Option<Arc<str>>, now: Instant) -> Flow {
+    fn accept_connect(
+        &mut self,
+        id: ConnId,
+        c: &Connect<'_>,
+        assigned: Option<Arc<str>>,
+        now: Instant,
+    ) -> Flow {
         let v5 = c.protocol.is_v5();
         if self.shutting_down {
             return self.refuse(id, c.protocol, ReasonCode::SERVER_UNAVAILABLE, now);
@@ -87,8 +93,13 @@ impl Shard {
                 session_present = true;
             }
         }
-        let requested_expiry =
-            if v5 { c.properties.session_expiry_interval_s.unwrap_or(0) } else if c.clean_start { 0 } else { u32::MAX };
+        let requested_expiry = if v5 {
+            c.properties.session_expiry_interval_s.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
         let expiry_s = requested_expiry.min(self.cfg.max_session_expiry_s);
         let key = match self.by_client.get(&client_id) {
             Some(&k) => k,
@@ -146,7 +157,8 @@ impl Shard {
         conn.keepalive_ms = keepalive_s as u32 * 1000;
         if v5 {
             conn.client_max_packet = c.properties.maximum_packet_size.unwrap_or(conn.client_max_packet);
-            conn.client_alias_max = c.properties.topic_alias_maximum.unwrap_or(0).min(self.cfg.max_outbound_alias);
+            conn.client_alias_max =
+                c.properties.topic_alias_maximum.unwrap_or(0).min(self.cfg.max_outbound_alias);
         }
         let ack = ConnAck { session_present, reason: ReasonCode::SUCCESS, properties: props };
         conn.send(&Packet::ConnAck(ack), &mut self.io);
@@ -156,7 +168,13 @@ impl Shard {
     }
 
     /// The session's connection went away.
-    pub(super) fn session_detached(&mut self, key: SessionKey, conn: ConnId, publish_will: bool, now: Instant) {
+    pub(super) fn session_detached(
+        &mut self,
+        key: SessionKey,
+        conn: ConnId,
+        publish_will: bool,
+        now: Instant,
+    ) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
         if s.conn != Some(conn) {
             return;

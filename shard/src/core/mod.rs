@@ -34,11 +34,11 @@ use std::time::{Duration, Instant};
 use ahash::{HashMap, HashMapExt};
 use shardmq_wire::{Packet, Protocol};
 
+use self::conn::Conn;
 pub use self::error::ProtocolError;
 pub use self::msg::{Delivery, Msg, MsgProps, Origin, SessionKey};
-pub use self::route::{InterestDelta, SharedKey};
-use self::conn::Conn;
 use self::route::{Interest, SubRef};
+pub use self::route::{InterestDelta, SharedKey};
 use self::session::Session;
 use crate::retained::RetainedTree;
 use crate::runtime::{Core, IoCmd};
@@ -120,13 +120,25 @@ pub struct Counters {
 pub enum Mesh {
     /// Deliver `msg` to this shard's matching non-shared subscribers (when `normal`) and to one local
     /// member of each listed shared-subscription group.
-    Deliver { msg: Arc<Msg>, normal: bool, groups: Vec<SharedKey> },
+    Deliver {
+        msg: Arc<Msg>,
+        normal: bool,
+        groups: Vec<SharedKey>,
+    },
     /// A retained-message update. `apply == false`: sent to the topic's owner shard, which applies it
     /// and fans it out with `apply == true` to every other shard.
-    Retain { msg: Arc<Msg>, apply: bool },
+    Retain {
+        msg: Arc<Msg>,
+        apply: bool,
+    },
     /// The sender's subscriber counts changed; `token` asks for an [`Mesh::InterestAck`].
-    Interest { deltas: Vec<InterestDelta>, token: Option<u64> },
-    InterestAck { token: u64 },
+    Interest {
+        deltas: Vec<InterestDelta>,
+        token: Option<u64>,
+    },
+    InterestAck {
+        token: u64,
+    },
 }
 
 /// What travels with a socket handed to the owner shard of its client id: every byte received from the
@@ -139,7 +151,8 @@ pub struct Handoff {
 /// The shard that owns a client id or a retained topic. Stable for a given shard count.
 pub fn owner_of(key: &str, shards: u16) -> ShardId {
     // Fixed seeds: every shard (and every process of a node across restarts) must agree.
-    let mut h = ahash::RandomState::with_seeds(0x5348_4152, 0x444d_5121, 0x0bad_cafe, 0x1234_5678).build_hasher();
+    let mut h =
+        ahash::RandomState::with_seeds(0x5348_4152, 0x444d_5121, 0x0bad_cafe, 0x1234_5678).build_hasher();
     h.write(key.as_bytes());
     ShardId((h.finish() % shards.max(1) as u64) as u16)
 }
@@ -191,6 +204,10 @@ pub struct Shard {
     io: VecDeque<IoCmd<Handoff>>,
     mesh_out: VecDeque<(ShardId, Mesh)>,
     counters: Counters,
+    /// Reused per publish by routing (no allocation per message); empty between uses.
+    scratch_shards: Vec<bool>,
+    scratch_shared: Vec<(SharedKey, ShardId, u32)>,
+    scratch_hits: Vec<(SessionKey, shardmq_wire::QoS, bool, u32)>,
     shutting_down: bool,
     assigned_ids: u64,
 }
@@ -220,6 +237,9 @@ impl Shard {
             io: VecDeque::new(),
             mesh_out: VecDeque::new(),
             counters: Counters::default(),
+            scratch_shards: Vec::new(),
+            scratch_shared: Vec::new(),
+            scratch_hits: Vec::new(),
             shutting_down: false,
             assigned_ids: 0,
         }

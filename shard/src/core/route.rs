@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use shardmq_wire::{topic, Packet, Properties, QoS, ReasonCode, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe};
+use shardmq_wire::{
+    topic, Packet, Properties, QoS, ReasonCode, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe,
+};
 
 use super::{owner_of, Delivery, Mesh, Msg, PendingSubAck, ProtocolError, SessionKey, Shard};
 use crate::{ConnId, ShardId};
@@ -55,49 +57,61 @@ impl Shard {
             self.own_retained(msg.clone());
         }
         let n = self.shards as usize;
-        let mut normal = vec![false; n];
-        let mut shared: Vec<(SharedKey, ShardId, u32)> = Vec::new();
+        // Scratch buffers live in the shard so that routing a publish allocates nothing in the common case.
+        let mut normal = std::mem::take(&mut self.scratch_shards);
+        normal.clear();
+        normal.resize(n, false);
+        let mut shared = std::mem::take(&mut self.scratch_shared);
+        shared.clear();
         self.interest.for_each_match(&msg.topic, |i| match i.key.0 {
             None => normal[i.shard.index()] = true,
             Some(_) => shared.push((i.key.clone(), i.shard, i.members)),
         });
-        let mut groups: Vec<Vec<super::SharedKey>> = vec![Vec::new(); n];
-        shared.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-        let mut i = 0;
-        while i < shared.len() {
-            let key = &shared[i].0;
-            let mut j = i;
-            let mut total = 0u64;
-            while j < shared.len() && shared[j].0 == *key {
-                total += shared[j].2 as u64;
-                j += 1;
-            }
-            // Weighted round robin over shards by member count spreads messages evenly over members.
-            let rr = self.shared_rr.entry(key.clone()).or_insert(0);
-            let mut pick = *rr % total.max(1);
-            *rr = rr.wrapping_add(1);
-            for (_, shard, members) in &shared[i..j] {
-                if pick < *members as u64 {
-                    groups[shard.index()].push(key.clone());
-                    break;
+        let mut groups: Vec<Vec<SharedKey>> = Vec::new();
+        if !shared.is_empty() {
+            groups.resize(n, Vec::new());
+            shared.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut i = 0;
+            while i < shared.len() {
+                let key = &shared[i].0;
+                let mut j = i;
+                let mut total = 0u64;
+                while j < shared.len() && shared[j].0 == *key {
+                    total += shared[j].2 as u64;
+                    j += 1;
                 }
-                pick -= *members as u64;
+                // Weighted round robin over shards by member count spreads messages evenly over members.
+                let rr = self.shared_rr.entry(key.clone()).or_insert(0);
+                let mut pick = *rr % total.max(1);
+                *rr = rr.wrapping_add(1);
+                for (_, shard, members) in &shared[i..j] {
+                    if pick < *members as u64 {
+                        groups[shard.index()].push(key.clone());
+                        break;
+                    }
+                    pick -= *members as u64;
+                }
+                i = j;
             }
-            i = j;
+            shared.clear();
         }
-        drop(shared);
-        for (s, groups) in groups.into_iter().enumerate() {
-            let shard = ShardId(s as u16);
-            let normal = normal[s];
-            if !normal && groups.is_empty() {
+        self.scratch_shared = shared;
+        for s in 0..n {
+            let shard_groups = groups.get_mut(s).map(std::mem::take).unwrap_or_default();
+            if !normal[s] && shard_groups.is_empty() {
                 continue;
             }
+            let shard = ShardId(s as u16);
             if shard == self.id {
-                self.deliver_local(&msg, normal, &groups, now);
+                self.deliver_local(&msg, normal[s], &shard_groups, now);
             } else {
-                self.send_mesh(shard, Mesh::Deliver { msg: msg.clone(), normal, groups });
+                self.send_mesh(
+                    shard,
+                    Mesh::Deliver { msg: msg.clone(), normal: normal[s], groups: shard_groups },
+                );
             }
         }
+        self.scratch_shards = normal;
     }
 
     /// Delivers to this shard's subscribers: every matching non-shared subscription (one copy per session,
@@ -105,7 +119,8 @@ impl Shard {
     pub(super) fn deliver_local(&mut self, msg: &Arc<Msg>, normal: bool, groups: &[SharedKey], now: Instant) {
         if normal {
             let me = self.id;
-            let mut hits: Vec<(SessionKey, QoS, bool, u32)> = Vec::new();
+            let mut hits = std::mem::take(&mut self.scratch_hits);
+            hits.clear();
             self.subs.for_each_match(&msg.topic, |s| {
                 if s.group.is_some() {
                     return;
@@ -120,7 +135,8 @@ impl Shard {
             let mut i = 0;
             while i < hits.len() {
                 let key = hits[i].0;
-                let mut d = Delivery { msg: msg.clone(), qos: QoS::AtMostOnce, retain: false, sub_ids: Vec::new() };
+                let mut d =
+                    Delivery { msg: msg.clone(), qos: QoS::AtMostOnce, retain: false, sub_ids: Vec::new() };
                 while i < hits.len() && hits[i].0 == key {
                     let (_, qos, retain, sub_id) = hits[i];
                     d.qos = d.qos.max(qos);
@@ -132,6 +148,8 @@ impl Shard {
                 }
                 self.deliver(key, d, now);
             }
+            hits.clear();
+            self.scratch_hits = hits;
         }
         for key in groups {
             self.deliver_shared(msg, key, now);
@@ -159,7 +177,8 @@ impl Shard {
                 .is_some_and(|c| !c.blocked)
         };
         let n = members.len();
-        let chosen = (0..n).map(|i| members[(start + i) % n]).find(|s| online(s)).unwrap_or(members[start % n]);
+        let chosen =
+            (0..n).map(|i| members[(start + i) % n]).find(|s| online(s)).unwrap_or(members[start % n]);
         let d = Delivery {
             msg: msg.clone(),
             qos: chosen.opts.qos.min(msg.qos),
@@ -170,7 +189,13 @@ impl Shard {
         self.deliver(session, d, now);
     }
 
-    pub(super) fn on_subscribe(&mut self, id: ConnId, key: SessionKey, s: Subscribe<'_>, now: Instant) -> Result<(), ProtocolError> {
+    pub(super) fn on_subscribe(
+        &mut self,
+        id: ConnId,
+        key: SessionKey,
+        s: Subscribe<'_>,
+        now: Instant,
+    ) -> Result<(), ProtocolError> {
         let sub_id = s.properties.subscription_identifiers.first().copied().unwrap_or(0);
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
@@ -202,7 +227,8 @@ impl Shard {
                     deltas.push(d);
                 }
             }
-            let send_retained = group.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed));
+            let send_retained =
+                group.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed));
             if send_retained {
                 retained.push(RetainedRequest { filter: inner.into(), opts: *opts, sub_id });
             }
@@ -225,7 +251,8 @@ impl Shard {
             for to in self.other_shards() {
                 self.send_mesh(to, Mesh::Interest { deltas: deltas.clone(), token: Some(token) });
             }
-            self.pending_subacks.insert(token, PendingSubAck { acks_missing: self.shards as usize - 1, ..pending });
+            self.pending_subacks
+                .insert(token, PendingSubAck { acks_missing: self.shards as usize - 1, ..pending });
         }
         Ok(())
     }
@@ -351,4 +378,3 @@ impl Shard {
         }
     }
 }
-

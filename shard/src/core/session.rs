@@ -89,6 +89,7 @@ impl Session {
             let pid = self.next_pid;
             self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
             if !self.inflight.iter().any(|f| f.pid == pid) {
+                debug_assert!(self.inflight.len() < u16::MAX as usize, "packet ids exhausted");
                 return pid;
             }
         }
@@ -100,7 +101,14 @@ impl Session {
 }
 
 /// Writes one PUBLISH for `d` to `conn`. Returns false if the client's Maximum Packet Size forbids it.
-fn write_publish(conn: &mut Conn, d: &Delivery, pid: Option<u16>, dup: bool, now: Instant, io: &mut super::IoQueue) -> bool {
+fn write_publish(
+    conn: &mut Conn,
+    d: &Delivery,
+    pid: Option<u16>,
+    dup: bool,
+    now: Instant,
+    io: &mut super::IoQueue,
+) -> bool {
     let msg = &d.msg;
     let v5 = conn.is_v5();
     let mut props = if v5 { msg.wire_properties(now) } else { Default::default() };
@@ -137,6 +145,7 @@ impl Shard {
     /// Hands one message to a session: now, into its queue, or nowhere (QoS 0 to an absent or stalled
     /// client, expired messages, a full queue's oldest entry), counting every drop.
     pub(super) fn deliver(&mut self, key: SessionKey, d: Delivery, now: Instant) {
+        debug_assert!(d.qos <= d.msg.qos, "a subscription can only lower a message's QoS");
         if d.msg.is_expired(now) {
             self.counters.dropped_expired += 1;
             return;

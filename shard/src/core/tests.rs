@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shardmq_wire::{
-    decode, encode, Ack, Connect, Disconnect, Packet, PacketId, Properties, Protocol, Publish, QoS, ReasonCode,
-    SubOptions, Subscribe, Will,
+    decode, encode, Ack, Connect, Disconnect, Packet, PacketId, Properties, Protocol, Publish, QoS,
+    ReasonCode, SubOptions, Subscribe, Will,
 };
 
 use super::*;
@@ -276,7 +276,10 @@ fn publish_crosses_shards_only_to_interested_ones() {
     sim.publish(p, "a/x", b"hello", QoS::AtLeastOnce, false, 7);
     sim.pop(p, |a| assert!(matches!(a, Packet::PubAck(a) if a.packet_id == PacketId(7))));
     let (topic, payload, qos, retain, _, _) = sim.pop_publish(s);
-    assert_eq!((topic.as_str(), payload.as_slice(), qos, retain), ("a/x", &b"hello"[..], QoS::AtLeastOnce, false));
+    assert_eq!(
+        (topic.as_str(), payload.as_slice(), qos, retain),
+        ("a/x", &b"hello"[..], QoS::AtLeastOnce, false)
+    );
 }
 
 #[test]
@@ -435,7 +438,9 @@ fn takeover_closes_the_old_connection_with_0x8e() {
     let (old, _) = sim.connect(0, V5, &id, false);
     let (new, present) = sim.connect(1, V5, &id, false);
     assert!(present);
-    sim.pop(old, |p| assert!(matches!(p, Packet::Disconnect(d) if d.reason == ReasonCode::SESSION_TAKEN_OVER)));
+    sim.pop(old, |p| {
+        assert!(matches!(p, Packet::Disconnect(d) if d.reason == ReasonCode::SESSION_TAKEN_OVER))
+    });
     assert!(sim.clients[old].closed);
     assert!(!sim.clients[new].closed);
 }
@@ -478,7 +483,8 @@ fn will_delay_is_cancelled_by_a_reconnect_and_fires_otherwise() {
         k.properties.session_expiry_interval_s = Some(100);
         let mut properties = Properties::default();
         properties.will_delay_interval_s = Some(5);
-        k.will = Some(Will { topic: "will", payload: b"gone", qos: QoS::AtMostOnce, retain: false, properties });
+        k.will =
+            Some(Will { topic: "will", payload: b"gone", qos: QoS::AtMostOnce, retain: false, properties });
     };
     let c = sim.connect_with(0, V5, will_connect);
     sim.pop(c, |_| ());
@@ -591,7 +597,14 @@ fn protocol_errors_tell_v5_clients_why() {
     let mut sim = Sim::new(1);
     let (c, _) = sim.connect(0, V5, "bad", true);
     // A client must not send SUBACK.
-    sim.send(c, &Packet::SubAck(shardmq_wire::SubAck { packet_id: PacketId(1), reasons: vec![ReasonCode::SUCCESS], properties: Properties::default() }));
+    sim.send(
+        c,
+        &Packet::SubAck(shardmq_wire::SubAck {
+            packet_id: PacketId(1),
+            reasons: vec![ReasonCode::SUCCESS],
+            properties: Properties::default(),
+        }),
+    );
     sim.pop(c, |p| match p {
         Packet::Disconnect(d) => {
             assert_eq!(d.reason, ReasonCode::PROTOCOL_ERROR);

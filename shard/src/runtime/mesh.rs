@@ -34,7 +34,13 @@ pub(crate) struct Adopt<H> {
 }
 
 impl<H> Adopt<H> {
-    pub(crate) fn new(fd: OwnedFd, state: H, unsent: Vec<u8>, read_ahead: Vec<u8>, open: Arc<AtomicUsize>) -> Self {
+    pub(crate) fn new(
+        fd: OwnedFd,
+        state: H,
+        unsent: Vec<u8>,
+        read_ahead: Vec<u8>,
+        open: Arc<AtomicUsize>,
+    ) -> Self {
         Adopt { fd: Some(fd), state: Some(state), unsent, read_ahead, open }
     }
 
@@ -212,7 +218,8 @@ impl<M, H> Outbox<M, H> {
     /// Puts the socket in its reserved place. A ticket no longer queued (discarded at shutdown) drops it.
     pub(crate) fn fill(&mut self, to: ShardId, ticket: u64, adopt: Adopt<H>) {
         let me = self.me;
-        let slot = self.backlog[to.index()].iter_mut().find(|q| matches!(q, Queued::Reserved(t) if *t == ticket));
+        let slot =
+            self.backlog[to.index()].iter_mut().find(|q| matches!(q, Queued::Reserved(t) if *t == ticket));
         if let Some(slot) = slot {
             *slot = Queued::Item(Inbound::Adopt { from: me, adopt });
         }

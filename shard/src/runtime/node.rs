@@ -96,7 +96,8 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
         // Leave headroom under the fd limit for listeners, rings, eventfds and whatever else the process opens.
-        let max_sockets = sys::nofile_limit().map_or(1 << 20, |n| n.saturating_sub(64 + 8 * shards as u64)) as usize;
+        let max_sockets =
+            sys::nofile_limit().map_or(1 << 20, |n| n.saturating_sub(64 + 8 * shards as u64)) as usize;
         RuntimeConfig {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 1883))],
             shards,
@@ -296,8 +297,20 @@ where
     C: Core,
     F: Fn(ShardId, usize) -> C,
 {
-    let Boot { ctx, shards, listeners, inbox, mut outbox, try_uring, pin_cpu, read_buffer_size, uring, report, decide, wakes } =
-        boot;
+    let Boot {
+        ctx,
+        shards,
+        listeners,
+        inbox,
+        mut outbox,
+        try_uring,
+        pin_cpu,
+        read_buffer_size,
+        uring,
+        report,
+        decide,
+        wakes,
+    } = boot;
     let _guard = PanicGuard { shutdown: ctx.shutdown.clone(), wakes };
     let me = ctx.id.index();
     if let Some(cpu) = pin_cpu {
@@ -310,7 +323,8 @@ where
 
     let mut chosen: Option<Chosen<C::Handoff>> = None;
     let first = if try_uring {
-        UringLoop::setup(ctx.clone(), &listeners, wake_fd, &uring).map(|u| chosen = Some(Chosen::Uring(Box::new(u))))
+        UringLoop::setup(ctx.clone(), &listeners, wake_fd, &uring)
+            .map(|u| chosen = Some(Chosen::Uring(Box::new(u))))
     } else {
         build_epoll().map(|e| chosen = Some(Chosen::Epoll(e)))
     };
@@ -460,7 +474,10 @@ where
         (BackendChoice::Epoll, _) => Backend::Epoll,
         (_, None) => Backend::Uring,
         (BackendChoice::Uring, Some((i, e))) => {
-            return abort(&deciders, io::Error::new(e.kind(), format!("io_uring setup failed on shard {i}: {e}")));
+            return abort(
+                &deciders,
+                io::Error::new(e.kind(), format!("io_uring setup failed on shard {i}: {e}")),
+            );
         }
         (_, Some((i, e))) => {
             tracing::warn!(shard = i, error = %e, "io_uring setup failed; falling back to epoll");

@@ -247,7 +247,12 @@ pub(crate) struct UringLoop<H> {
 impl<H> UringLoop<H> {
     /// The full setup `Auto` relies on: ring, opcode probe, buffer ring, eventfd read and multishot accepts.
     /// Any error here means "use epoll".
-    pub(crate) fn setup(ctx: Arc<Ctx>, listeners: &[OwnedFd], wake_fd: RawFd, p: &UringParams) -> io::Result<Self> {
+    pub(crate) fn setup(
+        ctx: Arc<Ctx>,
+        listeners: &[OwnedFd],
+        wake_fd: RawFd,
+        p: &UringParams,
+    ) -> io::Result<Self> {
         let entries = p.entries.clamp(64, 32768);
         let ring = IoUring::builder()
             .setup_cqsize(entries * 4)
@@ -277,7 +282,9 @@ impl<H> UringLoop<H> {
         // SAFETY: the ring mapping stays valid until `bufs` is dropped, which happens only after the buffer
         // ring is unregistered or the io_uring is closed (see `Drop`).
         unsafe { ring.submitter().register_buf_ring_with_flags(bufs.ring as u64, p.buffers, BGID, 0) }
-            .map_err(|e| io::Error::new(e.kind(), format!("registering {} provided buffers: {e}", p.buffers)))?;
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("registering {} provided buffers: {e}", p.buffers))
+            })?;
         let mut lp = UringLoop {
             ring,
             bufs: Some(bufs),
