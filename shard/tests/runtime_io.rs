@@ -147,6 +147,37 @@ fn handoff_preserves_bytes(b: BackendChoice) {
     stop(node);
 }
 
+fn handoff_carries_unsent_output(b: BackendChoice) {
+    let (node, obs) = start(config(b, 2), CoreCfg::default());
+    let mut c = Client::new(node.local_addrs()[0]);
+    let first = c.who();
+    let n = 6 * 1024 * 1024;
+    // The output of BIG cannot all be written before HOP is processed: the rest travels with the socket
+    // and must come out of the next shard before that shard's own reply.
+    c.send(&format!("BIG {n}\nHOP\nafter\n"));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut got = 0;
+    while got < n {
+        let chunk = c.bytes((n - got).min(256 * 1024));
+        assert_eq!(chunk, pattern(got, chunk.len()), "bytes at offset {got}");
+        got += chunk.len();
+    }
+    assert_eq!(c.line(), format!("{}:after", (first + 1) % 2));
+    assert_eq!(Obs::get(&obs.adopts), 1);
+    stop(node);
+}
+
+fn close_gives_up_on_stalled_peer(b: BackendChoice) {
+    let cfg = RuntimeConfig { close_linger: Duration::from_millis(300), ..config(b, 1) };
+    let (node, _) = start(cfg, CoreCfg::default());
+    let mut c = Client::new(node.local_addrs()[0]);
+    c.send(&format!("BYE {}\n", 16 * 1024 * 1024));
+    // Never read: the runtime must stop trying after the linger and free the socket.
+    let closed = || node.stats()[0].closed == 1 && node.stats()[0].open_sockets == 0;
+    assert!(wait_until(Duration::from_secs(3), closed), "{:?}", node.stats());
+    stop(node);
+}
+
 fn mesh_tiny_capacity(b: BackendChoice) {
     let per_target = 100_000;
     let cfg = RuntimeConfig { mesh_capacity: 1, ..config(b, 2) };
@@ -238,6 +269,14 @@ macro_rules! backend_tests {
             #[test]
             fn handoff_preserves_bytes() {
                 super::handoff_preserves_bytes($choice);
+            }
+            #[test]
+            fn handoff_carries_unsent_output() {
+                super::handoff_carries_unsent_output($choice);
+            }
+            #[test]
+            fn close_gives_up_on_stalled_peer() {
+                super::close_gives_up_on_stalled_peer($choice);
             }
             #[test]
             fn mesh_tiny_capacity() {

@@ -242,6 +242,9 @@ pub(crate) struct UringLoop<H> {
     /// buffers are released.
     inflight: usize,
     cqes: Vec<(u64, i32, u32)>,
+    /// Completions taken off the queue outside `poll` (to make room, or during setup), handled first by the
+    /// next `poll`, in order.
+    deferred: Vec<(u64, i32, u32)>,
 }
 
 impl<H> UringLoop<H> {
@@ -302,6 +305,7 @@ impl<H> UringLoop<H> {
             rearm: Vec::new(),
             inflight: 0,
             cqes: Vec::with_capacity(256),
+            deferred: Vec::new(),
         };
         lp.arm_wake();
         for i in 0..lp.listeners.len() {
@@ -315,11 +319,12 @@ impl<H> UringLoop<H> {
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
             Err(e) => return Err(e),
         }
-        for e in lp.ring.completion() {
-            if ud_kind(e.user_data()) == K_ACCEPT && e.result() < 0 {
-                let err = io::Error::from_raw_os_error(-e.result());
-                return Err(io::Error::new(err.kind(), format!("multishot accept: {err}")));
-            }
+        // Kept for the first `poll`: an early completion may be a connection already accepted.
+        lp.defer_completions();
+        if let Some(&(_, res, _)) = lp.deferred.iter().find(|&&(u, res, _)| ud_kind(u) == K_ACCEPT && res < 0)
+        {
+            let err = io::Error::from_raw_os_error(-res);
+            return Err(io::Error::new(err.kind(), format!("multishot accept: {err}")));
         }
         Ok(lp)
     }
@@ -338,14 +343,24 @@ impl<H> UringLoop<H> {
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return;
             }
-            // Submission queue full: hand it to the kernel and try again.
-            if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EINTR) {
+            // Submission queue full: hand it to the kernel and try again. EBUSY means the completion side
+            // is backed up: move completions aside (handled by the next `poll`) to make room.
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.defer_completions(),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
                     tracing::warn!(error = %e, "io_uring submit failed while the queue was full");
+                    self.defer_completions();
                     std::thread::yield_now();
                 }
             }
         }
+    }
+
+    fn defer_completions(&mut self) {
+        let ring = &mut self.ring;
+        self.deferred.extend(ring.completion().map(|e| (e.user_data(), e.result(), e.flags())));
     }
 
     fn arm_wake(&mut self) {
@@ -633,9 +648,24 @@ impl<H> UringLoop<H> {
         }
     }
 
+    /// Accounts for a completion seen while tearing down: nothing is delivered to the core any more.
+    fn teardown_completion(&mut self, user_data: u64, res: i32, cflags: u32) {
+        let multishot = matches!(ud_kind(user_data), K_ACCEPT | K_RECV);
+        if !(multishot && cqueue::more(cflags)) {
+            self.inflight -= 1;
+        }
+        if ud_kind(user_data) == K_ACCEPT && res >= 0 {
+            // SAFETY: a connection accepted during teardown: we own the fd and close it.
+            drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(res) });
+        }
+    }
+
     /// Cancels everything in flight and waits (bounded) for the completions. Returns whether the ring is
     /// quiet, i.e. the kernel no longer touches any of our memory.
     fn quiesce(&mut self, limit: Duration) -> bool {
+        for (user_data, res, cflags) in std::mem::take(&mut self.deferred) {
+            self.teardown_completion(user_data, res, cflags);
+        }
         if self.inflight == 0 {
             return true;
         }
@@ -651,15 +681,9 @@ impl<H> UringLoop<H> {
                     break;
                 }
             }
-            for e in self.ring.completion() {
-                let multishot = matches!(ud_kind(e.user_data()), K_ACCEPT | K_RECV);
-                if !(multishot && cqueue::more(e.flags())) {
-                    self.inflight -= 1;
-                }
-                if ud_kind(e.user_data()) == K_ACCEPT && e.result() >= 0 {
-                    // SAFETY: a connection accepted during teardown: we own the fd and close it.
-                    drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(e.result()) });
-                }
+            self.defer_completions();
+            for (user_data, res, cflags) in std::mem::take(&mut self.deferred) {
+                self.teardown_completion(user_data, res, cflags);
             }
         }
         self.inflight == 0
@@ -785,6 +809,7 @@ impl<C: Core> EventLoop<C> for UringLoop<C::Handoff> {
         }
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
+        cqes.append(&mut self.deferred);
         cqes.extend(self.ring.completion().map(|e| (e.user_data(), e.result(), e.flags())));
         for &(user_data, res, cflags) in &cqes {
             match ud_kind(user_data) {
@@ -838,7 +863,7 @@ impl<C: Core> EventLoop<C> for UringLoop<C::Handoff> {
     }
 
     fn has_ready(&self) -> bool {
-        !self.rearm.is_empty()
+        !self.rearm.is_empty() || !self.deferred.is_empty()
     }
 
     fn stop_accepting(&mut self) {
@@ -857,7 +882,7 @@ impl<C: Core> EventLoop<C> for UringLoop<C::Handoff> {
                 // Its target is shutting down as well: close it here instead.
                 c.flags = (c.flags & !F_HANDOFF) | F_CLOSING;
                 self.handoffs.remove(&unpack(id).0);
-                self.closing.push_back((now, id));
+                self.closing.push_back((now + self.ctx.close_linger, id));
                 self.settle(id);
             } else {
                 <Self as Io<C>>::close(self, core, id, Vec::new(), now);
