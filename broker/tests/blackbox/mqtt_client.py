@@ -283,9 +283,19 @@ class Client:
             self.disconnected.wait(timeout)
         self.stop()
 
+    def _wake(self):
+        """Interrupt the loop thread's select() so that it notices _stop."""
+        w = getattr(self.c, "_sockpairW", None)
+        if w is not None:
+            try:
+                w.send(b"\0")
+            except OSError:
+                pass
+
     def kill(self):
         """Drop the TCP connection without DISCONNECT (abnormal close)."""
         self._stop.set()
+        self._wake()
         if self._thread:
             self._thread.join(2)
         sock = self.c.socket()
@@ -298,6 +308,7 @@ class Client:
 
     def stop(self):
         self._stop.set()
+        self._wake()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(2)
         try:

@@ -457,7 +457,7 @@ impl Shard {
     }
 
     pub(super) fn arm_keepalive(&mut self, id: ConnId) {
-        if let Some(d) = self.conns.get(&id).and_then(Conn::keepalive_deadline) {
+        if let Some(d) = self.conns.get(&id).and_then(|c| c.keepalive_deadline()) {
             self.arm(d, Timer::KeepAlive(id));
         }
     }

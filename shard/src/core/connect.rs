@@ -106,7 +106,7 @@ impl Shard {
             None => {
                 let k = SessionKey(self.next_session);
                 self.next_session += 1;
-                self.sessions.insert(k, Session::new(client_id.clone()));
+                self.sessions.insert(k, Box::new(Session::new(client_id.clone())));
                 self.by_client.insert(client_id.clone(), k);
                 k
             }

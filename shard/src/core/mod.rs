@@ -180,8 +180,10 @@ pub struct Shard {
     shards: u16,
     cfg: Arc<Config>,
     node: Arc<NodeShared>,
-    conns: HashMap<ConnId, Conn>,
-    sessions: HashMap<SessionKey, Session>,
+    /// Boxed values: the maps run at 45–90% load, and empty buckets would otherwise cost as much as
+    /// a live connection or session.
+    conns: HashMap<ConnId, Box<Conn>>,
+    sessions: HashMap<SessionKey, Box<Session>>,
     by_client: HashMap<Arc<str>, SessionKey>,
     next_session: u64,
     /// Local subscriptions, keyed by the filter without any `$share/group/` prefix.
@@ -318,7 +320,7 @@ impl Core for Shard {
             self.io.push_back(IoCmd::Close(conn));
             return;
         }
-        self.conns.insert(conn, Conn::new(conn, now));
+        self.conns.insert(conn, Box::new(Conn::new(conn, now)));
         self.arm(now + Duration::from_millis(self.cfg.connect_timeout_ms), Timer::Connect(conn));
     }
 

@@ -213,7 +213,10 @@ impl Shard {
             }
             let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
             let Some(sess) = self.sessions.get_mut(&key) else { return Ok(()) };
-            let existed = !sess.subs.insert((*filter).into());
+            let existed = sess.subs.iter().any(|f| **f == **filter);
+            if !existed {
+                sess.subs.push((*filter).into());
+            }
             if existed {
                 if let Some(list) = self.subs.get_mut(inner) {
                     if let Some(r) = list.iter_mut().find(|r| r.session == key && r.group == group) {
@@ -294,7 +297,10 @@ impl Shard {
     pub(super) fn on_unsubscribe(&mut self, id: ConnId, key: SessionKey, u: Unsubscribe<'_>) {
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
-            let existed = self.sessions.get_mut(&key).is_some_and(|s| s.subs.remove(*filter));
+            let existed = self.sessions.get_mut(&key).is_some_and(|s| {
+                let pos = s.subs.iter().position(|f| **f == **filter);
+                pos.map(|i| s.subs.swap_remove(i)).is_some()
+            });
             if existed {
                 self.remove_subscription(key, filter);
                 reasons.push(ReasonCode::SUCCESS);

@@ -588,6 +588,7 @@ fn per_connection_state_stays_small() {
     // Every connected client costs one Conn and one Session (plus map slots); keep both compact.
     let conn = std::mem::size_of::<super::conn::Conn>();
     let session = std::mem::size_of::<super::session::Session>();
+    println!("Conn {conn} B, Session {session} B");
     assert!(conn <= 128, "Conn grew to {conn} bytes");
     assert!(session <= 256, "Session grew to {session} bytes");
 }

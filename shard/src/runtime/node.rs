@@ -249,6 +249,8 @@ fn effective_choice(choice: BackendChoice) -> BackendChoice {
     }
 }
 
+type InboxTx<C> = Sender<Inbound<<C as Core>::Mesh, <C as Core>::Handoff>>;
+
 enum Decision {
     /// Phase 1 answer: run this backend (switching to it if needed) and report again.
     Use(Backend),
@@ -289,7 +291,7 @@ impl Drop for PanicGuard {
 
 enum Chosen<H> {
     Uring(Box<UringLoop<H>>),
-    Epoll(EpollLoop),
+    Epoll(Box<EpollLoop>),
 }
 
 fn shard_thread<C, F>(boot: Boot<C::Mesh, C::Handoff>, make_core: Arc<F>) -> io::Result<()>
@@ -326,7 +328,7 @@ where
         UringLoop::setup(ctx.clone(), &listeners, wake_fd, &uring)
             .map(|u| chosen = Some(Chosen::Uring(Box::new(u))))
     } else {
-        build_epoll().map(|e| chosen = Some(Chosen::Epoll(e)))
+        build_epoll().map(|e| chosen = Some(Chosen::Epoll(Box::new(e))))
     };
     let _ = report.send((me, first));
     let backend = match decide.recv() {
@@ -338,7 +340,7 @@ where
         (Backend::Epoll, _) => {
             // Tears the ring down (cancelling its accept) before epoll takes the same listeners.
             chosen = None;
-            build_epoll().map(|e| chosen = Some(Chosen::Epoll(e)))
+            build_epoll().map(|e| chosen = Some(Chosen::Epoll(Box::new(e))))
         }
         (Backend::Uring, _) => Err(io::Error::other("io_uring was not set up on this shard")),
     };
@@ -349,7 +351,7 @@ where
     let mut core = make_core(ctx.id, shards);
     let res = match chosen.expect("backend chosen") {
         Chosen::Uring(mut lp) => driver::run(&ctx, &mut core, &mut *lp, &inbox, &mut outbox),
-        Chosen::Epoll(mut lp) => driver::run(&ctx, &mut core, &mut lp, &inbox, &mut outbox),
+        Chosen::Epoll(mut lp) => driver::run(&ctx, &mut core, &mut *lp, &inbox, &mut outbox),
     };
     drop(listeners);
     if let Err(e) = &res {
@@ -388,7 +390,7 @@ where
     }
 
     let wakes: Arc<[Wake]> = (0..shards).map(|_| Wake::new()).collect::<io::Result<Vec<_>>>()?.into();
-    let (senders, receivers): (Vec<Sender<Inbound<C::Mesh, C::Handoff>>>, Vec<_>) =
+    let (senders, receivers): (Vec<InboxTx<C>>, Vec<_>) =
         (0..shards).map(|_| bounded(cfg.mesh_capacity.max(1))).unzip();
     let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
     let shutdown = Arc::new(AtomicBool::new(false));
