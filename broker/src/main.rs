@@ -173,7 +173,7 @@ fn resolve(listen: Vec<String>) -> Result<Vec<SocketAddr>> {
 fn nofile_limit() -> Option<u64> {
     let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct we own.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0).then_some(rl.rlim_cur as u64)
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0).then_some(rl.rlim_cur)
 }
 
 fn block_shutdown_signals() -> Result<libc::sigset_t> {

@@ -49,6 +49,7 @@ def test_session_present_persistent(broker, clients, ver):
     r, sp = conn(False, 60)
     assert sp is False, "first connect can't have a session"
     r.disconnect()
+    settle()
     r, sp = conn(False, 60)
     assert sp is True, "persistent session should be present on reconnect"
     r.drop()  # abnormal close keeps the session as well
@@ -56,6 +57,7 @@ def test_session_present_persistent(broker, clients, ver):
     r, sp = conn(False, 60)
     assert sp is True
     r.disconnect()
+    settle()
     r, sp = conn(True, 60)
     assert sp is False, "clean session/start must discard the session"
     r.disconnect()
@@ -70,6 +72,7 @@ def test_clean_session_not_kept(broker, clients, ver):
     assert r.connect("clean-client", clean=True).reason == 0
     r.subscribe([("clean/t", 1)])
     r.disconnect()
+    settle()
     r = clients.raw(b, ver)
     ca = r.connect("clean-client", clean=False, properties=sei(ver, 60))
     assert ca.reason == 0 and ca.session_present is False

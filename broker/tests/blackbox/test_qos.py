@@ -242,6 +242,7 @@ def test_offline_messages_queued_for_persistent_session(broker, clients, ver):
     b = broker()
     r = _persistent_raw_sub(clients, b, ver, "offline-sub", "off/#", 2)
     r.disconnect()
+    settle()
     pub = clients(b, "off-pub", ver)
     pub.publish("off/1", b"a", 1)
     pub.publish("off/2", b"b", 2)
@@ -330,6 +331,7 @@ def test_max_queued_drops_oldest(broker, clients):
         cid = "mq-sub-%d" % ver
         r = _persistent_raw_sub(clients, b, ver, cid, "mq%d/#" % ver, 1)
         r.disconnect()
+        settle()
         pub = clients(b, "mq-pub-%d" % ver, V5)
         for i in range(15):
             pub.publish("mq%d/t" % ver, b"%02d" % i, 1)

@@ -207,6 +207,7 @@ def test_unsubscribe_persists_in_session(broker, clients, ver):
     r.subscribe([("up/a", 1), ("up/b", 1)])
     r.unsubscribe(["up/a"])
     r.disconnect()
+    settle()
     pub = clients(b, "unsub-persist-pub", ver)
     pub.publish("up/a", b"a", 1)
     pub.publish("up/b", b"b", 1)

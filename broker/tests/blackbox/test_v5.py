@@ -81,6 +81,7 @@ def test_message_expiry_for_offline_session(broker, clients):
     r, _ = _connect(clients, b, "mexp", True, 60)
     r.subscribe([("mexp/#", 1)])
     r.disconnect()
+    settle()
     pub = clients(b, "mexp-pub", V5)
     pub.publish("mexp/short", b"short", 1, properties=publish_props(MessageExpiryInterval=1))
     pub.publish("mexp/long", b"long", 1, properties=publish_props(MessageExpiryInterval=60))

@@ -96,18 +96,18 @@ impl Shard {
             shared.clear();
         }
         self.scratch_shared = shared;
-        for s in 0..n {
+        for (s, &to_all) in normal.iter().enumerate() {
             let shard_groups = groups.get_mut(s).map(std::mem::take).unwrap_or_default();
-            if !normal[s] && shard_groups.is_empty() {
+            if !to_all && shard_groups.is_empty() {
                 continue;
             }
             let shard = ShardId(s as u16);
             if shard == self.id {
-                self.deliver_local(&msg, normal[s], &shard_groups, now);
+                self.deliver_local(&msg, to_all, &shard_groups, now);
             } else {
                 self.send_mesh(
                     shard,
-                    Mesh::Deliver { msg: msg.clone(), normal: normal[s], groups: shard_groups },
+                    Mesh::Deliver { msg: msg.clone(), normal: to_all, groups: shard_groups },
                 );
             }
         }

@@ -481,8 +481,7 @@ fn will_delay_is_cancelled_by_a_reconnect_and_fires_otherwise() {
         k.client_id = "w";
         k.clean_start = false;
         k.properties.session_expiry_interval_s = Some(100);
-        let mut properties = Properties::default();
-        properties.will_delay_interval_s = Some(5);
+        let properties = Properties { will_delay_interval_s: Some(5), ..Properties::default() };
         k.will =
             Some(Will { topic: "will", payload: b"gone", qos: QoS::AtMostOnce, retain: false, properties });
     };

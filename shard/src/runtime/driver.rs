@@ -40,6 +40,7 @@ impl Ctx {
             self.counters.refused_over_cap.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        debug_assert!(prev < self.max_sockets);
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         self.counters.open_sockets.fetch_add(1, Ordering::Relaxed);
         true

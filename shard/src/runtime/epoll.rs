@@ -326,7 +326,7 @@ impl<C: Core> Io<C> for EpollLoop {
         }
     }
 
-    fn close(&mut self, core: &mut C, conn: ConnId, buf: Vec<u8>, now: Instant) {
+    fn close(&mut self, _core: &mut C, conn: ConnId, buf: Vec<u8>, now: Instant) {
         let Some(c) = self.conns.get_mut(conn) else { return };
         match c.out.as_mut() {
             Some(p) if p.closing => return,
@@ -340,20 +340,18 @@ impl<C: Core> Io<C> for EpollLoop {
                 }
             }
         }
-        let _ = core;
         self.begin_close(conn, now);
     }
 
     fn handoff(
         &mut self,
-        core: &mut C,
+        _core: &mut C,
         conn: ConnId,
         to: ShardId,
         state: C::Handoff,
         out: &mut Outbox<C::Mesh, C::Handoff>,
-        now: Instant,
+        _now: Instant,
     ) {
-        let _ = (core, now);
         let Some(c) = self.conns.get(conn) else { return };
         if c.out.as_ref().is_some_and(|p| p.closing) {
             return;

@@ -215,13 +215,20 @@ impl<M, H> Outbox<M, H> {
         self.next_ticket
     }
 
-    /// Puts the socket in its reserved place. A ticket no longer queued (discarded at shutdown) drops it.
-    pub(crate) fn fill(&mut self, to: ShardId, ticket: u64, adopt: Adopt<H>) {
+    /// Puts the socket in its reserved place, or (`None`: the handoff failed) frees the place. A ticket no
+    /// longer queued (discarded at shutdown) drops the socket.
+    pub(crate) fn fill(&mut self, to: ShardId, ticket: u64, adopt: Option<Adopt<H>>) {
         let me = self.me;
-        let slot =
-            self.backlog[to.index()].iter_mut().find(|q| matches!(q, Queued::Reserved(t) if *t == ticket));
-        if let Some(slot) = slot {
-            *slot = Queued::Item(Inbound::Adopt { from: me, adopt });
+        let queue = &mut self.backlog[to.index()];
+        let Some(pos) = queue.iter().position(|q| matches!(q, Queued::Reserved(t) if *t == ticket)) else {
+            return;
+        };
+        match adopt {
+            Some(adopt) => queue[pos] = Queued::Item(Inbound::Adopt { from: me, adopt }),
+            None => {
+                queue.remove(pos);
+                self.pending -= 1;
+            }
         }
     }
 
@@ -288,5 +295,73 @@ impl<M, H> Outbox<M, H> {
         self.open.iter_mut().for_each(Vec::clear);
         self.backlog.iter_mut().for_each(VecDeque::clear);
         self.pending = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::bounded;
+
+    type Rx = Receiver<Inbound<u32, u8>>;
+
+    fn outbox(cap: usize) -> (Outbox<u32, u8>, Rx, Arc<AtomicUsize>) {
+        let (tx, rx) = bounded(cap);
+        let wakes: Arc<[Wake]> = vec![Wake::new().unwrap()].into();
+        let out = Outbox::new(ShardId(0), vec![tx], wakes, Arc::new(ShardCounters::default()));
+        (out, rx, Arc::new(AtomicUsize::new(1)))
+    }
+
+    fn kinds(rx: &Rx) -> Vec<String> {
+        rx.try_iter()
+            .map(|i| match i {
+                Inbound::Mesh { batch, .. } => format!("mesh{batch:?}"),
+                Inbound::Adopt { adopt, .. } => format!("adopt{}", adopt.into_parts().1),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_inbox_keeps_order_and_loses_nothing() {
+        let (mut out, rx, _) = outbox(1);
+        out.push_mesh(ShardId(0), 1);
+        assert!(!out.flush());
+        out.push_mesh(ShardId(0), 2);
+        assert!(out.flush(), "inbox of one is full: the batch stays in the backlog");
+        out.push_mesh(ShardId(0), 3);
+        assert!(out.flush());
+        assert_eq!(out.counters.mesh_full_retries.load(Ordering::Relaxed), 2);
+        assert_eq!(kinds(&rx), ["mesh[1]"]);
+        assert!(!out.flush(), "backlogged batches were merged into one");
+        assert_eq!(kinds(&rx), ["mesh[2, 3]"]);
+        assert_eq!(out.counters.mesh_sent.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn reserved_handoff_holds_later_messages_back() {
+        let (mut out, rx, open) = outbox(8);
+        out.push_mesh(ShardId(0), 1);
+        let ticket = out.reserve(ShardId(0));
+        out.push_mesh(ShardId(0), 2);
+        assert!(out.flush());
+        assert_eq!(kinds(&rx), ["mesh[1]"]);
+        let fd = sys::eventfd().unwrap();
+        out.fill(ShardId(0), ticket, Some(Adopt::new(fd, 7, Vec::new(), Vec::new(), open.clone())));
+        assert!(!out.flush());
+        assert_eq!(kinds(&rx), ["adopt7", "mesh[2]"]);
+
+        let ticket = out.reserve(ShardId(0));
+        out.push_mesh(ShardId(0), 3);
+        assert!(out.flush());
+        out.fill(ShardId(0), ticket, None);
+        assert!(!out.flush());
+        assert_eq!(kinds(&rx), ["mesh[3]"]);
+    }
+
+    #[test]
+    fn dropped_adopt_releases_its_socket_slot() {
+        let open = Arc::new(AtomicUsize::new(1));
+        drop(Adopt::new(sys::eventfd().unwrap(), (), Vec::new(), Vec::new(), open.clone()));
+        assert_eq!(open.load(Ordering::Relaxed), 0);
     }
 }

@@ -234,8 +234,8 @@ pub(crate) struct UringLoop<H> {
     wake_buf: Box<u64>,
     conns: Slab<UConn>,
     handoffs: HashMap<u32, PendingHandoff<H>>,
-    /// Handoffs whose sockets became free, to be placed in the outbox.
-    ready: Vec<(ShardId, u64, Adopt<H>)>,
+    /// Handoffs whose sockets became free (or that failed: `None`), to be placed in the outbox.
+    ready: Vec<(ShardId, u64, Option<Adopt<H>>)>,
     closing: VecDeque<(Instant, ConnId)>,
     rearm: Vec<ConnId>,
     /// Operations submitted whose final completion has not been seen. Invariant: 0 before the ring and
@@ -430,6 +430,12 @@ impl<H> UringLoop<H> {
             if flags & F_CLOSING != 0 {
                 sys::close_gracefully(c.fd);
             }
+            if flags & F_HANDOFF != 0 {
+                // The reserved place in the outbox must be released, or that target's queue stalls.
+                if let Some(h) = self.handoffs.remove(&unpack(id).0) {
+                    self.ready.push((h.to, h.ticket, None));
+                }
+            }
             self.ctx.closed_one();
             return;
         }
@@ -458,7 +464,7 @@ impl<H> UringLoop<H> {
             };
             self.ctx.handed_off_one();
             let adopt = Adopt::new(c.fd, h.state, unsent, h.read_ahead, self.ctx.open.clone());
-            self.ready.push((h.to, h.ticket, adopt));
+            self.ready.push((h.to, h.ticket, Some(adopt)));
         } else {
             sys::close_gracefully(c.fd);
             self.ctx.closed_one();
