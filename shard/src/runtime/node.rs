@@ -78,6 +78,9 @@ pub struct RuntimeConfig {
     /// Node-wide hard cap on open client sockets: beyond it an accepted socket is closed at once and counted
     /// (`refused_over_cap`).
     pub max_sockets: usize,
+    /// `listen(2)` backlog of each shard's listener. The kernel caps it at `net.core.somaxconn`, so the
+    /// default asks for a lot and lets the host's tuning decide (see `tuning/`).
+    pub listen_backlog: i32,
     /// How long a core-requested close may spend flushing before the socket is closed anyway.
     pub close_linger: Duration,
     /// How long shutdown may spend flushing before every socket is closed anyway.
@@ -105,6 +108,7 @@ impl Default for RuntimeConfig {
             backend: BackendChoice::Auto,
             mesh_capacity: 1024,
             max_sockets: max_sockets.max(16),
+            listen_backlog: 65_535,
             close_linger: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(2),
             read_buffer_size: 64 * 1024,
@@ -380,11 +384,11 @@ where
     let mut listeners: Vec<Vec<OwnedFd>> = (0..shards).map(|_| Vec::new()).collect();
     let mut addrs = Vec::with_capacity(cfg.listen.len());
     for addr in &cfg.listen {
-        let first = sys::bind_listener(*addr, 1024)?;
+        let first = sys::bind_listener(*addr, cfg.listen_backlog)?;
         let actual = sys::local_addr(first.as_raw_fd())?;
         listeners[0].push(first);
         for l in listeners.iter_mut().skip(1) {
-            l.push(sys::bind_listener(actual, 1024)?);
+            l.push(sys::bind_listener(actual, cfg.listen_backlog)?);
         }
         addrs.push(actual);
     }
