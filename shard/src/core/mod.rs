@@ -109,6 +109,8 @@ pub struct Counters {
     pub dropped_queue_full: u64,
     /// Messages dropped because their Message Expiry Interval passed before delivery.
     pub dropped_expired: u64,
+    /// Shared-subscription messages that found no member (the group emptied while they were in flight).
+    pub dropped_no_member: u64,
     /// Messages not sent because they exceeded the client's Maximum Packet Size.
     pub dropped_too_large: u64,
     pub handoffs: u64,
@@ -124,6 +126,8 @@ pub enum Mesh {
         msg: Arc<Msg>,
         normal: bool,
         groups: Vec<SharedKey>,
+        /// A shard with no member left already passed it on once; it is not passed on again.
+        rerouted: bool,
     },
     /// A retained-message update. `apply == false`: sent to the topic's owner shard, which applies it
     /// and fans it out with `apply == true` to every other shard.
@@ -353,7 +357,9 @@ impl Core for Shard {
 
     fn handle_mesh(&mut self, from: ShardId, msg: Mesh, now: Instant) {
         match msg {
-            Mesh::Deliver { msg, normal, groups } => self.deliver_local(&msg, normal, &groups, now),
+            Mesh::Deliver { msg, normal, groups, rerouted } => {
+                self.deliver_local(&msg, normal, &groups, rerouted, now)
+            }
             Mesh::Retain { msg, apply } => {
                 if apply {
                     self.apply_retained(msg);

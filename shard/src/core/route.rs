@@ -103,11 +103,11 @@ impl Shard {
             }
             let shard = ShardId(s as u16);
             if shard == self.id {
-                self.deliver_local(&msg, to_all, &shard_groups, now);
+                self.deliver_local(&msg, to_all, &shard_groups, false, now);
             } else {
                 self.send_mesh(
                     shard,
-                    Mesh::Deliver { msg: msg.clone(), normal: to_all, groups: shard_groups },
+                    Mesh::Deliver { msg: msg.clone(), normal: to_all, groups: shard_groups, rerouted: false },
                 );
             }
         }
@@ -116,7 +116,14 @@ impl Shard {
 
     /// Delivers to this shard's subscribers: every matching non-shared subscription (one copy per session,
     /// with the highest QoS and all subscription identifiers) and one member of each listed group.
-    pub(super) fn deliver_local(&mut self, msg: &Arc<Msg>, normal: bool, groups: &[SharedKey], now: Instant) {
+    pub(super) fn deliver_local(
+        &mut self,
+        msg: &Arc<Msg>,
+        normal: bool,
+        groups: &[SharedKey],
+        rerouted: bool,
+        now: Instant,
+    ) {
         if normal {
             let me = self.id;
             let mut hits = std::mem::take(&mut self.scratch_hits);
@@ -152,18 +159,35 @@ impl Shard {
             self.scratch_hits = hits;
         }
         for key in groups {
-            self.deliver_shared(msg, key, now);
+            self.deliver_shared(msg, key, rerouted, now);
         }
     }
 
     /// One member of a shared group on this shard: round robin, preferring connected members with room.
-    fn deliver_shared(&mut self, msg: &Arc<Msg>, key: &SharedKey, now: Instant) {
-        let Some(members) = self.subs.get(&key.1) else { return };
-        let members: Vec<&SubRef> = members.iter().filter(|s| s.group == key.0).collect();
+    fn deliver_shared(&mut self, msg: &Arc<Msg>, key: &SharedKey, rerouted: bool, now: Instant) {
+        let members: Vec<&SubRef> = self
+            .subs
+            .get(&key.1)
+            .map(|m| m.iter().filter(|s| s.group == key.0).collect())
+            .unwrap_or_default();
         if members.is_empty() {
-            // The member left after the sender chose this shard; the announcement is on its way.
-            self.counters.dropped_qos0 += u64::from(msg.qos == QoS::AtMostOnce);
-            self.counters.dropped_queue_full += u64::from(msg.qos != QoS::AtMostOnce);
+            // The last member here left after the sender chose this shard (its announcement is still on
+            // the way). A QoS 1/2 message goes once more to a shard that has members; a second miss means
+            // the group is empty node-wide as far as this shard knows.
+            let me = self.id;
+            let other = self.interest.get(&key.1).and_then(|list| {
+                list.iter().find(|i| i.key == *key && i.shard != me && i.members > 0).map(|i| i.shard)
+            });
+            match other {
+                Some(to) if !rerouted && msg.qos != QoS::AtMostOnce => {
+                    let groups = vec![key.clone()];
+                    self.send_mesh(
+                        to,
+                        Mesh::Deliver { msg: msg.clone(), normal: false, groups, rerouted: true },
+                    );
+                }
+                _ => self.counters.dropped_no_member += 1,
+            }
             return;
         }
         let rr = self.member_rr.entry(key.clone()).or_insert(0);

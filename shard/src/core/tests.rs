@@ -614,3 +614,33 @@ fn protocol_errors_tell_v5_clients_why() {
     });
     assert!(sim.clients[c].closed);
 }
+
+#[test]
+fn shared_qos1_message_for_a_member_that_just_left_is_rerouted() {
+    let mut sim = Sim::new(2);
+    let (m0, _) = sim.connect(0, V5, &id_on(0, 2, "m0"), true);
+    sim.subscribe(m0, "$share/g/job", QoS::AtLeastOnce);
+    let (m1, _) = sim.connect(1, V5, &id_on(1, 2, "m1"), true);
+    sim.subscribe(m1, "$share/g/job", QoS::AtLeastOnce);
+    let (p, _) = sim.connect(1, V5, &id_on(1, 2, "p"), true);
+    // Hold the mesh: shard 1 still believes shard 0 has a member while m0 unsubscribes.
+    sim.deliver_mesh = false;
+    let u = shardmq_wire::Unsubscribe {
+        packet_id: PacketId(2),
+        filters: vec!["$share/g/job"],
+        properties: Properties::default(),
+    };
+    sim.send(m0, &Packet::Unsubscribe(u));
+    for i in 1..=4u16 {
+        sim.publish(p, "job", &[i as u8], QoS::AtLeastOnce, false, i);
+    }
+    sim.deliver_mesh = true;
+    sim.run();
+    let mut got = Vec::new();
+    while sim.has_packet(m1) {
+        got.push(sim.pop_publish(m1).1[0]);
+    }
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 2, 3, 4], "every QoS 1 message reaches the remaining member");
+    assert_eq!(sim.shards[0].counters().dropped_no_member, 0);
+}
