@@ -391,6 +391,23 @@ impl Core for Shard {
 
     fn handle_shutdown(&mut self, now: Instant) {
         self.shutting_down = true;
+        // Operators read drops here until $SYS topics exist: every drop the policies allow is counted.
+        let c = &self.counters;
+        tracing::info!(
+            shard = self.id.0,
+            connects = c.connects,
+            connects_refused = c.connects_refused,
+            protocol_errors = c.protocol_errors,
+            publishes_in = c.publishes_in,
+            deliveries = c.deliveries,
+            dropped_qos0 = c.dropped_qos0,
+            dropped_queue_full = c.dropped_queue_full,
+            dropped_expired = c.dropped_expired,
+            dropped_too_large = c.dropped_too_large,
+            dropped_no_member = c.dropped_no_member,
+            handoffs = c.handoffs,
+            "shard counters at shutdown"
+        );
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for c in ids {
             self.close_conn(c, Some(ProtocolError::ShuttingDown), now);
