@@ -1,0 +1,210 @@
+//! A minimal blocking MQTT client: CONNECT/CONNACK and SUBSCRIBE/SUBACK done synchronously, then a packet
+//! reader ([`Client::poll`]) and a cloneable, lock-protected writer ([`Writer`]) so that one thread can
+//! publish while another reads acknowledgements on the same connection.
+//!
+//! It implements only what the benchmarks need: clean sessions, no will, no retained messages, no
+//! reconnects, no keep-alive pings (keep alive 0), no topic aliases.
+
+use anyhow::{anyhow, bail, Context, Result};
+use shardmq_wire::{
+    decode, encode, Ack, ConnAck, Connect, Disconnect, Packet, PacketId, Properties, Protocol, Publish, QoS,
+    ReasonCode, SubOptions, Subscribe,
+};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddrV4, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Connections made by this process so far; picks each one's source address.
+static CONN_INDEX: AtomicU64 = AtomicU64::new(0);
+
+/// How long the synchronous handshakes may take before the run is declared broken.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn protocol_from(v: u8) -> Result<Protocol> {
+    match v {
+        3 | 4 => Ok(Protocol::V311),
+        5 => Ok(Protocol::V5),
+        _ => bail!("--protocol must be 3 (3.1.1) or 5"),
+    }
+}
+
+/// The CONNECT every benchmark client sends: clean start, keep alive 0 so no pings are needed, and the
+/// largest Receive Maximum so the broker's flow control, not ours, limits delivery.
+pub fn connect_packet(client_id: &str, protocol: Protocol) -> Packet<'_> {
+    let properties = if protocol.is_v5() {
+        Properties { receive_maximum: Some(65535), ..Default::default() }
+    } else {
+        Properties::default()
+    };
+    Packet::Connect(Connect {
+        protocol,
+        clean_start: true,
+        keep_alive_s: 0,
+        client_id,
+        will: None,
+        username: None,
+        password: None,
+        properties,
+    })
+}
+
+/// The write half: encodes under a lock so whole packets from different threads never interleave.
+#[derive(Clone)]
+pub struct Writer {
+    stream: Arc<Mutex<TcpStream>>,
+    protocol: Protocol,
+}
+
+impl Writer {
+    pub fn send(&self, packet: &Packet<'_>) -> Result<()> {
+        let mut buf = Vec::with_capacity(64);
+        encode(packet, self.protocol, &mut buf)?;
+        self.send_raw(&buf)
+    }
+
+    /// Writes already-encoded packets; lets a publisher reuse its buffer.
+    pub fn send_raw(&self, bytes: &[u8]) -> Result<()> {
+        let mut s = self.stream.lock().map_err(|_| anyhow!("writer lock poisoned"))?;
+        s.write_all(bytes).context("write")
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    pub fn ack(&self, kind: fn(Ack<'static>) -> Packet<'static>, id: PacketId) -> Result<()> {
+        self.send(&kind(Ack::new(id, ReasonCode::SUCCESS)))
+    }
+
+    pub fn disconnect(&self) {
+        let _ = self.send(&Packet::Disconnect(Disconnect::default()));
+    }
+}
+
+pub struct Client {
+    read: TcpStream,
+    writer: Writer,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The broker's Receive Maximum (65535 when it sent none, as the specification says).
+    pub server_receive_max: u16,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddrV4, client_id: &str, protocol: Protocol) -> Result<Client> {
+        let index = CONN_INDEX.fetch_add(1, Ordering::Relaxed);
+        let read = crate::net::connect_blocking(addr, index).with_context(|| format!("connect {addr}"))?;
+        let write = read.try_clone()?;
+        let mut c = Client {
+            read,
+            writer: Writer { stream: Arc::new(Mutex::new(write)), protocol },
+            buf: vec![0; 64 * 1024],
+            start: 0,
+            end: 0,
+            server_receive_max: 65535,
+        };
+        c.writer.send(&connect_packet(client_id, protocol))?;
+        let ack = c.wait_for(|p| match p {
+            Packet::ConnAck(ConnAck { reason, properties, .. }) => {
+                Some((*reason, properties.receive_maximum))
+            }
+            _ => None,
+        })?;
+        if ack.0.is_error() {
+            bail!("CONNACK refused: reason 0x{:02x}", ack.0 .0);
+        }
+        c.server_receive_max = ack.1.unwrap_or(65535);
+        Ok(c)
+    }
+
+    pub fn writer(&self) -> Writer {
+        self.writer.clone()
+    }
+
+    pub fn subscribe(&mut self, filter: &str, qos: QoS) -> Result<()> {
+        let sub = Subscribe {
+            packet_id: PacketId(1),
+            filters: vec![(filter, SubOptions { qos, ..Default::default() })],
+            properties: Properties::default(),
+        };
+        self.writer.send(&Packet::Subscribe(sub))?;
+        let reasons = self.wait_for(|p| match p {
+            Packet::SubAck(a) => Some(a.reasons.clone()),
+            _ => None,
+        })?;
+        match reasons.first() {
+            Some(r) if !r.is_error() => Ok(()),
+            r => bail!("SUBACK refused {filter}: {r:?}"),
+        }
+    }
+
+    /// Reads until `pick` accepts a packet; anything else arriving during a handshake is dropped.
+    fn wait_for<T>(&mut self, mut pick: impl FnMut(&Packet<'_>) -> Option<T>) -> Result<T> {
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(Some(v)) = self.poll(&mut pick)? {
+                return Ok(v);
+            }
+        }
+        bail!("timed out waiting for the broker")
+    }
+
+    /// Hands the next complete packet to `f`. `Ok(None)` when nothing arrived within the read timeout;
+    /// an error when the connection closed or sent something undecodable.
+    pub fn poll<R>(&mut self, f: impl FnOnce(&Packet<'_>) -> R) -> Result<Option<R>> {
+        loop {
+            let protocol = Some(self.writer.protocol);
+            match decode(&self.buf[self.start..self.end], protocol, shardmq_wire::MAX_REMAINING_LENGTH)? {
+                Some((packet, n)) => {
+                    let r = f(&packet);
+                    self.start += n;
+                    return Ok(Some(r));
+                }
+                None => {
+                    // Compact, then grow only for a packet bigger than the whole buffer.
+                    self.buf.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    self.start = 0;
+                    if self.end == self.buf.len() {
+                        self.buf.resize(self.buf.len() * 2, 0);
+                    }
+                }
+            }
+            match self.read.read(&mut self.buf[self.end..]) {
+                Ok(0) => bail!("connection closed by broker"),
+                Ok(n) => self.end += n,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Encodes a PUBLISH into `out` (cleared first).
+pub fn encode_publish(
+    out: &mut Vec<u8>,
+    protocol: Protocol,
+    topic: &str,
+    qos: QoS,
+    id: Option<PacketId>,
+    payload: &[u8],
+) -> Result<()> {
+    out.clear();
+    let p = Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic,
+        packet_id: id,
+        payload,
+        properties: Properties::default(),
+    };
+    encode(&Packet::Publish(p), protocol, out)?;
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! `shardmq-perf`: a load generator for MQTT brokers (shardmq, but any 3.1.1/5.0 broker works), built on
+//! the same `shardmq-wire` codec as the broker.
+//!
+//! What it does:
+//! - `conn`: opens thousands of idle connections at a set rate from one process with an epoll loop
+//!   ([`conn`]), and reports connect rate, failures by reason and the broker's memory per connection;
+//! - `fanin`, `fanout`, `pairs`, `shared`, `pub`, `sub`: message flows over blocking clients
+//!   ([`engine`]), reporting throughput, end-to-end latency percentiles (send timestamp in the payload,
+//!   [`payload`]) and, at QoS 1/2, every acknowledged message that never arrived;
+//! - optionally samples the broker's CPU time and memory from /proc ([`procfs`]).
+//!
+//! What it does not do: TLS, WebSockets, authentication, persistent sessions, reconnects, retained
+//! messages or wills; keep-alive is always 0. It only runs on Linux (epoll, /proc, CLOCK_MONOTONIC), and
+//! latency is only meaningful when publisher and subscriber share a host clock. Every run is bounded by a
+//! duration and counts.
+
+pub mod client;
+pub mod conn;
+pub mod engine;
+pub mod net;
+pub mod payload;
+pub mod procfs;
+pub mod stats;

@@ -1,0 +1,506 @@
+//! `shardmq-bench`: command-line front end of the `shardmq-perf` load generator. See the library docs for
+//! what each subcommand measures. Exits 1 when a run lost QoS 1/2 messages or a client hit an error, so
+//! scripts can gate on it.
+
+use anyhow::{bail, Result};
+use argh::FromArgs;
+use shardmq_perf::client::protocol_from;
+use shardmq_perf::conn::{self, ConnPlan, ConnReport};
+use shardmq_perf::engine::{self, Plan, PubSpec, RunReport};
+use shardmq_perf::net::resolve;
+use shardmq_wire::QoS;
+use std::time::Duration;
+
+/// MQTT broker load generator.
+#[derive(FromArgs)]
+struct Args {
+    #[argh(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Cmd {
+    Conn(ConnCmd),
+    Fanin(FaninCmd),
+    Fanout(FanoutCmd),
+    Pairs(PairsCmd),
+    Shared(SharedCmd),
+    Pub(PubCmd),
+    Sub(SubCmd),
+}
+
+/// Options every subcommand takes.
+struct Common {
+    host: String,
+    port: u16,
+    protocol: u8,
+    json: bool,
+    broker_pid: Option<u32>,
+}
+
+macro_rules! common {
+    ($t:ty) => {
+        impl $t {
+            fn common(&self) -> Common {
+                Common {
+                    host: self.host.clone(),
+                    port: self.port,
+                    protocol: self.protocol,
+                    json: self.json,
+                    broker_pid: self.broker_pid,
+                }
+            }
+        }
+    };
+}
+
+/// hold many idle connections open: connect rate, failures, broker memory per connection
+#[derive(FromArgs)]
+#[argh(subcommand, name = "conn")]
+struct ConnCmd {
+    /// broker host (default 127.0.0.1)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    host: String,
+    /// broker port
+    #[argh(option)]
+    port: u16,
+    /// MQTT protocol: 3 (3.1.1) or 5 (default)
+    #[argh(option, default = "5")]
+    protocol: u8,
+    /// print one JSON object instead of text
+    #[argh(switch)]
+    json: bool,
+    /// broker process id, to sample its memory and CPU
+    #[argh(option)]
+    broker_pid: Option<u32>,
+    /// connections to open
+    #[argh(option)]
+    count: u64,
+    /// new connections per second (default 1000)
+    #[argh(option, default = "1000.0")]
+    rate: f64,
+    /// seconds to hold them once all are open (default 10)
+    #[argh(option, default = "10.0")]
+    hold_s: f64,
+    /// epoll threads (default 2)
+    #[argh(option, default = "2")]
+    threads: usize,
+    /// seconds allowed for TCP connect plus CONNACK (default 10)
+    #[argh(option, default = "10.0")]
+    timeout_s: f64,
+}
+common!(ConnCmd);
+
+/// P publishers to bench/fanin/{i}, one subscriber on bench/fanin/+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "fanin")]
+struct FaninCmd {
+    /// broker host (default 127.0.0.1)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    host: String,
+    /// broker port
+    #[argh(option)]
+    port: u16,
+    /// MQTT protocol: 3 (3.1.1) or 5 (default)
+    #[argh(option, default = "5")]
+    protocol: u8,
+    /// print one JSON object instead of text
+    #[argh(switch)]
+    json: bool,
+    /// broker process id, to sample its CPU time
+    #[argh(option)]
+    broker_pid: Option<u32>,
+    /// publishers (default 10)
+    #[argh(option, default = "10")]
+    publishers: usize,
+    /// quality of service: 0, 1 or 2 (default 0)
+    #[argh(option, default = "0")]
+    qos: u8,
+    /// payload bytes, at least 16 (default 64)
+    #[argh(option, default = "64")]
+    payload: usize,
+    /// seconds to publish (default 10)
+    #[argh(option, default = "10.0")]
+    duration_s: f64,
+    /// total messages per second over all publishers (default: flat out)
+    #[argh(option)]
+    rate: Option<f64>,
+    /// most QoS 1/2 messages in flight per publisher (default 64, capped by the broker's Receive Maximum)
+    #[argh(option, default = "64")]
+    window: u16,
+}
+common!(FaninCmd);
+
+/// one publisher, S subscribers on one topic
+#[derive(FromArgs)]
+#[argh(subcommand, name = "fanout")]
+struct FanoutCmd {
+    /// broker host (default 127.0.0.1)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    host: String,
+    /// broker port
+    #[argh(option)]
+    port: u16,
+    /// MQTT protocol: 3 (3.1.1) or 5 (default)
+    #[argh(option, default = "5")]
+    protocol: u8,
+    /// print one JSON object instead of text
+    #[argh(switch)]
+    json: bool,
+    /// broker process id, to sample its CPU time
+    #[argh(option)]
+    broker_pid: Option<u32>,
+    /// subscribers (default 100)
+    #[argh(option, default = "100")]
+    subscribers: usize,
+    /// messages per second published (default 1000)
+    #[argh(option, default = "1000.0")]
+    rate: f64,
+    /// quality of service: 0, 1 or 2 (default 0)
+    #[argh(option, default = "0")]
+    qos: u8,
+    /// payload bytes, at least 16 (default 64)
+    #[argh(option, default = "64")]
+    payload: usize,
+    /// seconds to publish (default 10)
+    #[argh(option, default = "10.0")]
+    duration_s: f64,
+    /// most QoS 1/2 messages in flight (default 64)
+    #[argh(option, default = "64")]
+    window: u16,
+}
+common!(FanoutCmd);
+
+/// N publisher/subscriber pairs on distinct topics
+#[derive(FromArgs)]
+#[argh(subcommand, name = "pairs")]
+struct PairsCmd {
+    /// broker host (default 127.0.0.1)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    host: String,
+    /// broker port
+    #[argh(option)]
+    port: u16,
+    /// MQTT protocol: 3 (3.1.1) or 5 (default)
+    #[argh(option, default = "5")]
+    protocol: u8,
+    /// print one JSON object instead of text
+    #[argh(switch)]
+    json: bool,
+    /// broker process id, to sample its CPU time
+    #[argh(option)]
+    broker_pid: Option<u32>,
+    /// publisher/subscriber pairs (default 10)
+    #[argh(option, default = "10")]
+    pairs: usize,
+    /// messages per second per pair (default 100)
+    #[argh(option, default = "100.0")]
+    rate: f64,
+    /// quality of service: 0, 1 or 2 (default 0)
+    #[argh(option, default = "0")]
+    qos: u8,
+    /// payload bytes, at least 16 (default 64)
+    #[argh(option, default = "64")]
+    payload: usize,
+    /// seconds to publish (default 10)
+    #[argh(option, default = "10.0")]
+    duration_s: f64,
+    /// most QoS 1/2 messages in flight per publisher (default 64)
+    #[argh(option, default = "64")]
+    window: u16,
+}
+common!(PairsCmd);
+
+/// one publisher flat out to $share/g/bench/shared with M members
+#[derive(FromArgs)]
+#[argh(subcommand, name = "shared")]
+struct SharedCmd {
+    /// broker host (default 127.0.0.1)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    host: String,
+    /// broker port
+    #[argh(option)]
+    port: u16,
+    /// MQTT protocol: 3 (3.1.1) or 5 (default)
+    #[argh(option, default = "5")]
+    protocol: u8,
+    /// print one JSON object instead of text
+    #[argh(switch)]
+    json: bool,
+    /// broker process id, to sample its CPU time
+    #[argh(option)]
+    broker_pid: Option<u32>,
+    /// group members (default 4)
+    #[argh(option, default = "4")]
+    members: usize,
+    /// quality of service: 0, 1 or 2 (default 1)
+    #[argh(option, default = "1")]
+    qos: u8,
+    /// payload bytes, at least 16 (default 64)
+    #[argh(option, default = "64")]
+    payload: usize,
+    /// seconds to publish (default 10)
+    #[argh(option, default = "10.0")]
+    duration_s: f64,
+    /// messages per second (default: flat out)
+    #[argh(option)]
+    rate: Option<f64>,
+    /// most QoS 1/2 messages in flight (default 64)
+    #[argh(option, default = "64")]
+    window: u16,
+}
+common!(SharedCmd);
+
+/// publish N messages from one client
+#[derive(FromArgs)]
+#[argh(subcommand, name = "pub")]
+struct PubCmd {
+    /// broker host (default 127.0.0.1)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    host: String,
+    /// broker port
+    #[argh(option)]
+    port: u16,
+    /// MQTT protocol: 3 (3.1.1) or 5 (default)
+    #[argh(option, default = "5")]
+    protocol: u8,
+    /// print one JSON object instead of text
+    #[argh(switch)]
+    json: bool,
+    /// broker process id, to sample its CPU time
+    #[argh(option)]
+    broker_pid: Option<u32>,
+    /// topic (default bench/smoke)
+    #[argh(option, default = "String::from(\"bench/smoke\")")]
+    topic: String,
+    /// messages to publish (default 1000)
+    #[argh(option, default = "1000")]
+    count: u64,
+    /// messages per second (default: flat out)
+    #[argh(option)]
+    rate: Option<f64>,
+    /// quality of service: 0, 1 or 2 (default 0)
+    #[argh(option, default = "0")]
+    qos: u8,
+    /// payload bytes, at least 16 (default 64)
+    #[argh(option, default = "64")]
+    payload: usize,
+    /// give up after this many seconds (default 60)
+    #[argh(option, default = "60.0")]
+    duration_s: f64,
+}
+common!(PubCmd);
+
+/// subscribe and count messages (with latency, for payloads from this tool)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "sub")]
+struct SubCmd {
+    /// broker host (default 127.0.0.1)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    host: String,
+    /// broker port
+    #[argh(option)]
+    port: u16,
+    /// MQTT protocol: 3 (3.1.1) or 5 (default)
+    #[argh(option, default = "5")]
+    protocol: u8,
+    /// print one JSON object instead of text
+    #[argh(switch)]
+    json: bool,
+    /// broker process id, to sample its CPU time
+    #[argh(option)]
+    broker_pid: Option<u32>,
+    /// topic filter (default bench/#)
+    #[argh(option, default = "String::from(\"bench/#\")")]
+    topic: String,
+    /// stop after this many messages (default: run for the whole duration)
+    #[argh(option)]
+    count: Option<u64>,
+    /// quality of service: 0, 1 or 2 (default 0)
+    #[argh(option, default = "0")]
+    qos: u8,
+    /// seconds to listen (default 10)
+    #[argh(option, default = "10.0")]
+    duration_s: f64,
+}
+common!(SubCmd);
+
+fn qos(v: u8) -> Result<QoS> {
+    QoS::from_u8(v).ok_or_else(|| anyhow::anyhow!("--qos must be 0, 1 or 2"))
+}
+
+fn secs(v: f64, name: &str) -> Result<Duration> {
+    if !(v.is_finite() && v >= 0.0) {
+        bail!("{name} must be a non-negative number of seconds");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn base_plan(c: &Common, scenario: &str, q: u8, payload: usize, duration_s: f64) -> Result<Plan> {
+    Ok(Plan {
+        scenario: scenario.into(),
+        addr: resolve(&c.host, c.port)?,
+        protocol: protocol_from(c.protocol)?,
+        qos: qos(q)?,
+        payload,
+        duration: secs(duration_s, "--duration-s")?,
+        publishers: Vec::new(),
+        subscribers: Vec::new(),
+        copies_per_msg: 1,
+        each_receiver: false,
+        window: 64,
+        broker_pid: c.broker_pid,
+        progress: true,
+        stop_after_delivered: None,
+    })
+}
+
+fn spec(topic: String, rate: Option<f64>) -> PubSpec {
+    PubSpec { topic, rate, max_msgs: None }
+}
+
+fn main() -> Result<()> {
+    let args: Args = argh::from_env();
+    let (common, plan) = match args.cmd {
+        Cmd::Conn(a) => return run_conn(a),
+        Cmd::Fanin(a) => {
+            let mut p = base_plan(&a.common(), "fanin", a.qos, a.payload, a.duration_s)?;
+            let each = a.rate.map(|r| r / a.publishers.max(1) as f64);
+            p.publishers = (0..a.publishers).map(|i| spec(format!("bench/fanin/{i}"), each)).collect();
+            p.subscribers = vec!["bench/fanin/+".into()];
+            p.window = a.window;
+            (a.common(), p)
+        }
+        Cmd::Fanout(a) => {
+            let mut p = base_plan(&a.common(), "fanout", a.qos, a.payload, a.duration_s)?;
+            p.publishers = vec![spec("bench/fanout".into(), Some(a.rate))];
+            p.subscribers = vec!["bench/fanout".into(); a.subscribers];
+            p.copies_per_msg = a.subscribers as u64;
+            p.each_receiver = true;
+            p.window = a.window;
+            (a.common(), p)
+        }
+        Cmd::Pairs(a) => {
+            let mut p = base_plan(&a.common(), "pairs", a.qos, a.payload, a.duration_s)?;
+            p.publishers = (0..a.pairs).map(|i| spec(format!("bench/pairs/{i}"), Some(a.rate))).collect();
+            p.subscribers = (0..a.pairs).map(|i| format!("bench/pairs/{i}")).collect();
+            p.window = a.window;
+            (a.common(), p)
+        }
+        Cmd::Shared(a) => {
+            let mut p = base_plan(&a.common(), "shared", a.qos, a.payload, a.duration_s)?;
+            p.publishers = vec![spec("bench/shared".into(), a.rate)];
+            p.subscribers = vec!["$share/g/bench/shared".into(); a.members];
+            p.window = a.window;
+            (a.common(), p)
+        }
+        Cmd::Pub(a) => {
+            let mut p = base_plan(&a.common(), "pub", a.qos, a.payload, a.duration_s)?;
+            p.publishers = vec![PubSpec { topic: a.topic.clone(), rate: a.rate, max_msgs: Some(a.count) }];
+            p.copies_per_msg = 0;
+            (a.common(), p)
+        }
+        Cmd::Sub(a) => {
+            let mut p = base_plan(&a.common(), "sub", a.qos, 16, a.duration_s)?;
+            p.subscribers = vec![a.topic.clone()];
+            p.stop_after_delivered = a.count;
+            (a.common(), p)
+        }
+    };
+    let report = engine::run(&plan)?;
+    if common.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_run(&report);
+    }
+    if report.lost.unwrap_or(0) > 0 || !report.errors.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn run_conn(a: ConnCmd) -> Result<()> {
+    let c = a.common();
+    let plan = ConnPlan {
+        addr: resolve(&c.host, c.port)?,
+        protocol: protocol_from(c.protocol)?,
+        count: a.count,
+        rate: a.rate,
+        hold: secs(a.hold_s, "--hold-s")?,
+        threads: a.threads,
+        timeout: secs(a.timeout_s, "--timeout-s")?,
+        broker_pid: c.broker_pid,
+        progress: true,
+    };
+    let report = conn::run(&plan)?;
+    if c.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_conn(&report);
+    }
+    if report.connected < report.requested {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn print_run(r: &RunReport) {
+    println!(
+        "{}: MQTT level {}, QoS {}, {} B payload, {} publishers, {} subscribers, {:.2} s",
+        r.scenario, r.protocol, r.qos, r.payload_bytes, r.publishers, r.subscribers, r.window_s
+    );
+    println!("  sent       {:>12} ({:.0} msg/s), acked {}", r.sent, r.sent_per_s, r.acked);
+    println!("  delivered  {:>12} ({:.0} msg/s), expected {}", r.delivered, r.delivered_per_s, r.expected);
+    println!("  lost       {:>12}   duplicates {}", opt(r.lost), r.duplicates);
+    let l = &r.latency_us;
+    println!(
+        "  latency us p50 {} p90 {} p99 {} p99.9 {} max {} (mean {:.0}, n={})",
+        l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, l.mean_us, l.count
+    );
+    if r.subscribers > 1 {
+        println!("  per subscriber min {} max {}", r.per_subscriber_min, r.per_subscriber_max);
+    }
+    if let Some(b) = &r.broker {
+        println!(
+            "  broker pid {}: cpu {} s, {} us/msg, rss {} -> {} kB",
+            b.pid,
+            opt(b.cpu_s.map(|v| format!("{v:.2}"))),
+            opt(b.cpu_us_per_msg.map(|v| format!("{v:.2}"))),
+            opt(b.rss_before_kb),
+            opt(b.rss_after_kb)
+        );
+    }
+    for e in &r.errors {
+        println!("  error: {e}");
+    }
+}
+
+fn print_conn(r: &ConnReport) {
+    println!(
+        "conn: MQTT level {}, {} of {} connected in {:.2} s ({:.0}/s), held {:.1} s, {} dropped while held",
+        r.protocol, r.connected, r.requested, r.open_s, r.connect_rate, r.held_s, r.dropped_during_hold
+    );
+    let l = &r.connect_latency_us;
+    println!("  connect+CONNACK us p50 {} p99 {} max {}", l.p50_us, l.p99_us, l.max_us);
+    for (k, v) in &r.failures {
+        println!("  failed ({k}): {v}");
+    }
+    if let Some(b) = &r.broker {
+        println!(
+            "  broker pid {}: rss {} -> {} kB ({} B/conn), slab {} -> {} kB ({} B/conn), cpu {} s",
+            b.pid,
+            opt(b.rss_before_kb),
+            opt(b.rss_after_kb),
+            opt(b.rss_bytes_per_conn.map(|v| format!("{v:.0}"))),
+            opt(b.slab_before_kb),
+            opt(b.slab_after_kb),
+            opt(b.slab_bytes_per_conn.map(|v| format!("{v:.0}"))),
+            opt(b.cpu_s.map(|v| format!("{v:.2}")))
+        );
+    }
+}

@@ -1,0 +1,127 @@
+//! Runs the engines in-process against Debian's mosquitto: a broker we did not write, so a bug shared by
+//! our codec and our broker cannot hide. Skipped (with a message) where mosquitto is not installed.
+
+use shardmq_perf::conn::{self, ConnPlan};
+use shardmq_perf::engine::{self, Plan, PubSpec};
+use shardmq_wire::{Protocol, QoS};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+struct Broker {
+    child: Child,
+    addr: SocketAddrV4,
+    _dir: TempDir,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_mosquitto() -> Option<Broker> {
+    if !std::path::Path::new(MOSQUITTO).exists() {
+        eprintln!("skipping: {MOSQUITTO} is not installed");
+        return None;
+    }
+    // Free port: bind, read it back, release. A race with another process is possible but harmless here.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("shardmq-perf-mosq-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n")).unwrap();
+    let child = Command::new(MOSQUITTO)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mosquitto");
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    let b = Broker { child, addr, _dir: TempDir(dir) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start listening on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(b)
+}
+
+fn plan(addr: SocketAddrV4, scenario: &str) -> Plan {
+    Plan {
+        scenario: scenario.into(),
+        addr,
+        protocol: Protocol::V5,
+        qos: QoS::AtLeastOnce,
+        payload: 32,
+        duration: Duration::from_secs(1),
+        publishers: Vec::new(),
+        subscribers: Vec::new(),
+        copies_per_msg: 1,
+        each_receiver: false,
+        window: 16,
+        broker_pid: None,
+        progress: false,
+        stop_after_delivered: None,
+    }
+}
+
+#[test]
+fn engines_against_mosquitto() {
+    let Some(b) = start_mosquitto() else { return };
+
+    let mut fanin = plan(b.addr, "fanin");
+    fanin.publishers = (0..3)
+        .map(|i| PubSpec { topic: format!("bench/fanin/{i}"), rate: Some(1000.0), max_msgs: None })
+        .collect();
+    fanin.subscribers = vec!["bench/fanin/+".into()];
+    fanin.broker_pid = Some(b.child.id());
+    let r = engine::run(&fanin).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.delivered > 1000, "{r:?}");
+    assert_eq!(r.lost, Some(0), "{r:?}");
+    assert_eq!(r.acked, r.sent);
+    assert_eq!(r.latency_us.count, r.delivered);
+    assert!(r.broker.as_ref().and_then(|b| b.cpu_s).is_some());
+
+    let mut pairs = plan(b.addr, "pairs");
+    pairs.protocol = Protocol::V311;
+    pairs.qos = QoS::ExactlyOnce;
+    pairs.publishers = (0..3)
+        .map(|i| PubSpec { topic: format!("bench/pairs/{i}"), rate: Some(200.0), max_msgs: None })
+        .collect();
+    pairs.subscribers = (0..3).map(|i| format!("bench/pairs/{i}")).collect();
+    let r = engine::run(&pairs).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.per_subscriber_min > 100, "{r:?}");
+    assert_eq!(r.lost, Some(0), "{r:?}");
+    assert_eq!(r.delivered, r.sent);
+
+    let c = conn::run(&ConnPlan {
+        addr: b.addr,
+        protocol: Protocol::V5,
+        count: 200,
+        rate: 2000.0,
+        hold: Duration::from_millis(300),
+        threads: 2,
+        timeout: Duration::from_secs(5),
+        broker_pid: Some(b.child.id()),
+        progress: false,
+    })
+    .unwrap();
+    assert_eq!(c.connected, 200, "{c:?}");
+    assert!(c.failures.is_empty(), "{c:?}");
+    assert_eq!(c.dropped_during_hold, 0);
+}
