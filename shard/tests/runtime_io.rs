@@ -3,10 +3,12 @@
 
 mod runtime_support;
 
-use std::io::Write;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use runtime_support::pause::{PauseCore, PauseCtl, PauseMode};
 use runtime_support::*;
 use shardmq_shard::runtime::{self, Backend, BackendChoice, Node, RuntimeConfig};
 
@@ -246,6 +248,149 @@ fn shutdown_flushes_and_joins(b: BackendChoice) {
     assert_eq!(Obs::get(&obs.shutdowns), 2);
 }
 
+fn start_pause(cfg: RuntimeConfig, mode: PauseMode) -> (Node, Arc<PauseCtl>) {
+    let ctl = Arc::new(PauseCtl::default());
+    let c = ctl.clone();
+    let node = runtime::start(cfg, move |_, _| PauseCore::new(c.clone(), mode)).expect("start");
+    (node, ctl)
+}
+
+/// Connects and writes the first `first` pattern bytes, then waits for the core to pause the connection.
+fn connect_and_pause(node: &Node, ctl: &PauseCtl, first: usize) -> TcpStream {
+    let mut s = connect(node.local_addrs()[0]);
+    s.write_all(&pattern(0, first)).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || PauseCtl::get(&ctl.paused_now) == 1), "never paused");
+    assert_eq!(PauseCtl::get(&ctl.received), first as u64);
+    s
+}
+
+/// Nonblocking writes of `data[*off..]` until the socket refuses more; `false` if everything was written.
+fn write_until_blocked(s: &mut TcpStream, data: &[u8], off: &mut usize) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let blocked = loop {
+        if *off == data.len() {
+            break false;
+        }
+        match s.write(&data[*off..]) {
+            Ok(n) => *off += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+            Err(e) => panic!("write: {e}"),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    blocked
+}
+
+fn pause_blocks_peer_then_delivers_in_order(b: BackendChoice) {
+    let (node, ctl) = start_pause(config(b, 1), PauseMode::Once { after: 1000 });
+    let total = 8 * 1024 * 1024;
+    let data = pattern(0, total);
+    let mut s = connect_and_pause(&node, &ctl, 1000);
+    let mut off = 1000;
+    // TCP flow control: with nobody reading, the socket buffers fill (a few MiB at most) and writes block.
+    assert!(write_until_blocked(&mut s, &data, &mut off), "all {total} bytes written while paused");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(write_until_blocked(&mut s, &data, &mut off), "writes unblocked while paused");
+    assert!(off < total);
+    assert_eq!(PauseCtl::get(&ctl.received), 1000, "bytes delivered while paused");
+    PauseCtl::bump(&ctl.resume_req);
+    s.write_all(&data[off..]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || PauseCtl::get(&ctl.received) == total as u64),
+        "received {} of {total}",
+        PauseCtl::get(&ctl.received)
+    );
+    assert_eq!(PauseCtl::get(&ctl.mismatches), 0);
+    assert_eq!(PauseCtl::get(&ctl.reads_while_paused), 0);
+    assert_eq!(PauseCtl::get(&ctl.resumes), 1);
+    drop(s);
+    assert!(wait_until(Duration::from_secs(2), || PauseCtl::get(&ctl.closed) == 1));
+    assert_eq!(*ctl.totals_at_close.lock().unwrap(), vec![total]);
+    stop(node);
+}
+
+/// The peer's close of a paused connection is reported after `ResumeRead`, behind the bytes before it.
+fn pause_then_peer_close(b: BackendChoice) {
+    let (node, ctl) = start_pause(config(b, 1), PauseMode::Once { after: 1000 });
+    let total = 1000 + 20_000;
+    let mut s = connect_and_pause(&node, &ctl, 1000);
+    s.write_all(&pattern(0, total)[1000..]).unwrap();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(PauseCtl::get(&ctl.closed), 0, "close of a paused connection reported before resume");
+    assert_eq!(PauseCtl::get(&ctl.received), 1000);
+    PauseCtl::bump(&ctl.resume_req);
+    assert!(wait_until(Duration::from_secs(2), || PauseCtl::get(&ctl.closed) == 1), "close never reported");
+    assert_eq!(*ctl.totals_at_close.lock().unwrap(), vec![total]);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(PauseCtl::get(&ctl.closed), 1);
+    assert_eq!(PauseCtl::get(&ctl.bad_closed), 0);
+    assert_eq!(PauseCtl::get(&ctl.mismatches), 0);
+    assert_eq!(PauseCtl::get(&ctl.reads_while_paused), 0);
+    assert!(wait_until(Duration::from_secs(1), || node.stats()[0].open_sockets == 0));
+    stop(node);
+}
+
+fn close_while_paused(b: BackendChoice) {
+    let (node, ctl) = start_pause(config(b, 1), PauseMode::Once { after: 1000 });
+    let mut s = connect_and_pause(&node, &ctl, 1000);
+    let data = pattern(0, 1 << 20);
+    let mut off = 1000;
+    write_until_blocked(&mut s, &data, &mut off);
+    PauseCtl::bump(&ctl.close_req);
+    // The core's last words, then the end (a reset, when the runtime closes with our bytes unread).
+    let mut got = Vec::new();
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    assert!(b"bye\n".starts_with(&got), "{got:?}");
+    let closed = || node.stats()[0].closed == 1 && node.stats()[0].open_sockets == 0;
+    assert!(wait_until(Duration::from_secs(2), closed), "{:?}", node.stats());
+    assert_eq!(PauseCtl::get(&ctl.closed), 0, "a core-requested close must not be reported back");
+    assert_eq!(PauseCtl::get(&ctl.reads_after_close), 0);
+    assert_eq!(PauseCtl::get(&ctl.received), 1000);
+    stop(node);
+}
+
+/// Pauses and resumes after nearly every read, several connections at once: nothing lost, duplicated,
+/// reordered or delivered while paused; every close reported once, after all of the connection's bytes.
+fn pause_resume_churn(cfg: RuntimeConfig) {
+    let (node, ctl) = start_pause(cfg, PauseMode::Churn);
+    let addr = node.local_addrs()[0];
+    let (clients, each) = (4, 2 * 1024 * 1024);
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = connect(addr);
+                let data = pattern(0, each);
+                for chunk in data.chunks(48 * 1024) {
+                    s.write_all(chunk).unwrap();
+                }
+                s.shutdown(Shutdown::Write).unwrap();
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let done = || PauseCtl::get(&ctl.closed) == clients as u64;
+    assert!(wait_until(Duration::from_secs(5), done), "closed {}", PauseCtl::get(&ctl.closed));
+    assert_eq!(*ctl.totals_at_close.lock().unwrap(), vec![each; clients]);
+    assert_eq!(PauseCtl::get(&ctl.mismatches), 0);
+    assert_eq!(PauseCtl::get(&ctl.reads_while_paused), 0);
+    assert_eq!(PauseCtl::get(&ctl.bad_closed), 0);
+    let pauses = PauseCtl::get(&ctl.pauses);
+    eprintln!("{pauses} pauses");
+    assert!(pauses >= 16, "only {pauses} pauses");
+    stop(node);
+}
+
 macro_rules! backend_tests {
     ($module:ident, $choice:expr) => {
         mod $module {
@@ -290,6 +435,23 @@ macro_rules! backend_tests {
             fn shutdown_flushes_and_joins() {
                 super::shutdown_flushes_and_joins($choice);
             }
+            #[test]
+            fn pause_blocks_peer_then_delivers_in_order() {
+                super::pause_blocks_peer_then_delivers_in_order($choice);
+            }
+            #[test]
+            fn pause_then_peer_close() {
+                super::pause_then_peer_close($choice);
+            }
+            #[test]
+            fn close_while_paused() {
+                super::close_while_paused($choice);
+            }
+            #[test]
+            fn pause_resume_churn() {
+                // Small reads: many more pause/resume cycles per byte.
+                super::pause_resume_churn(RuntimeConfig { read_buffer_size: 4096, ..config($choice, 2) });
+            }
         }
     };
 }
@@ -324,6 +486,13 @@ fn uring_survives_provided_buffer_exhaustion() {
         h.join().unwrap();
     }
     stop(node);
+}
+
+#[test]
+fn uring_pause_churn_with_few_provided_buffers() {
+    // Paused connections' in-flight completions are stashed while buffers are scarce (ENOBUFS re-arms too).
+    let cfg = RuntimeConfig { uring_buffers: 4, uring_buffer_size: 4096, ..config(BackendChoice::Uring, 2) };
+    pause_resume_churn(cfg);
 }
 
 #[test]

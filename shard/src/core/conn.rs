@@ -54,6 +54,9 @@ pub(super) struct Conn {
     pub client_max_packet: u32,
     /// Aliases the client accepts from us (its Topic Alias Maximum, capped by our own limit).
     pub client_alias_max: u16,
+    /// Flow control paused reading from this publisher (see `flow`); bytes the runtime delivered before
+    /// the pause took effect wait in `rbuf`.
+    pub paused: bool,
     aliases: Option<Box<Aliases>>,
 }
 
@@ -71,8 +74,13 @@ impl Conn {
             last_rx: now,
             client_max_packet: shardmq_wire::MAX_REMAINING_LENGTH + 5,
             client_alias_max: 0,
+            paused: false,
             aliases: None,
         }
+    }
+
+    pub fn has_buffered(&self) -> bool {
+        !self.rbuf.is_empty()
     }
 
     pub fn is_active(&self) -> bool {
@@ -171,6 +179,11 @@ impl Shard {
     pub(super) fn read(&mut self, id: ConnId, data: &[u8], now: Instant) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         conn.last_rx = now;
+        if conn.paused {
+            // Delivered before the runtime applied the pause; handled on resume, in order.
+            conn.rbuf.extend_from_slice(data);
+            return;
+        }
         let mut buf = std::mem::take(&mut conn.rbuf);
         let consumed;
         let stopped;
@@ -218,6 +231,10 @@ impl Shard {
                     pos += n;
                     if let Flow::Stop = flow {
                         return (pos, true);
+                    }
+                    if self.conns.get(&id).is_some_and(|c| c.paused) {
+                        // Flow control paused this publisher: the rest waits in its buffer.
+                        break;
                     }
                 }
                 Err(e) => {
@@ -298,7 +315,7 @@ impl Shard {
             }
             Packet::Subscribe(s) => self.on_subscribe(id, key, s, now),
             Packet::Unsubscribe(u) => {
-                self.on_unsubscribe(id, key, u);
+                self.on_unsubscribe(id, key, u, now);
                 Ok(())
             }
             Packet::PingReq => {
@@ -375,7 +392,8 @@ impl Shard {
                 props: if v5 { MsgProps::from_wire(&p.properties) } else { None },
                 origin: Some(Origin { shard: self.id, session: key }),
             });
-            self.route(msg, now);
+            let targets = self.route(msg, now);
+            self.note_targets(key, targets, now);
         }
         let reason = if too_deep { ReasonCode::TOPIC_NAME_INVALID } else { ReasonCode::SUCCESS };
         if let (Some(pid), Some(conn)) = (pid, self.conns.get_mut(&id)) {
@@ -439,6 +457,9 @@ impl Shard {
     /// The connection is gone (closed by either side): detach it from its session.
     pub(super) fn conn_gone(&mut self, id: ConnId, publish_will: bool, now: Instant) {
         let Some(mut conn) = self.conns.remove(&id) else { return };
+        if conn.paused {
+            self.paused_conns.remove(&id);
+        }
         let last = conn.take_out();
         if !last.is_empty() {
             self.closing.insert(id, last);
@@ -446,6 +467,8 @@ impl Shard {
         if let ConnState::Active(key) = conn.state {
             super::dec(&self.node.connections);
             self.session_detached(key, id, publish_will, now);
+            // A congested subscriber that leaves no longer holds anyone back.
+            self.decongested(now);
         }
     }
 

@@ -133,6 +133,8 @@ impl Shard {
             s.will = will;
             s.will_at = None;
             s.send_quota = receive_max;
+            s.last_targets = 0;
+            s.congested_by = 0;
         }
 
         let mut keepalive_s = c.keep_alive_s;
@@ -218,7 +220,8 @@ impl Shard {
             props: w.props,
             origin: Some(Origin { shard: self.id, session: key }),
         };
-        self.route(Arc::new(msg), now);
+        // A will has no connection to pause; where it went does not matter for flow control.
+        let _targets = self.route(Arc::new(msg), now);
     }
 
     /// Ends a session: its pending will goes out, its subscriptions and queued messages are dropped.
@@ -229,7 +232,7 @@ impl Shard {
         let Some(s) = self.sessions.remove(&key) else { return };
         self.by_client.remove(&s.client_id);
         for filter in s.subs {
-            self.remove_subscription(key, &filter);
+            self.remove_subscription(key, &filter, now);
         }
     }
 }

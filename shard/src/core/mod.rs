@@ -18,6 +18,7 @@
 mod conn;
 mod connect;
 mod error;
+mod flow;
 mod msg;
 mod route;
 mod session;
@@ -55,7 +56,9 @@ pub struct Config {
     /// Receive Maximum advertised to clients (QoS 2 publishes awaiting PUBREL) and cap on QoS 1/2
     /// messages in flight to a client.
     pub max_inflight: u16,
-    /// Messages queued per session beyond the in-flight window; the oldest is dropped (and counted) first.
+    /// Messages queued per offline session beyond the in-flight window; the oldest is dropped (and counted)
+    /// first. Online sessions pause their publishers at half of this (see `flow`) and hold up to
+    /// 16 × this before dropping.
     pub max_queued: usize,
     /// MQTT 5 clients asking for keep alive 0 or above this get Server Keep Alive = this.
     pub max_keepalive_s: u16,
@@ -115,6 +118,8 @@ pub struct Counters {
     pub dropped_too_large: u64,
     pub handoffs: u64,
     pub mesh_out: u64,
+    /// Times a publisher was paused because everything it published met congestion (see `flow`).
+    pub publisher_pauses: u64,
 }
 
 /// Messages between shards of one node.
@@ -143,6 +148,12 @@ pub enum Mesh {
     InterestAck {
         token: u64,
     },
+    /// Every subscriber on the sending shard of the last message from `session` (a session of the
+    /// receiving shard) is congested (`true`), or no longer (`false`).
+    Congestion {
+        session: SessionKey,
+        congested: bool,
+    },
 }
 
 /// What travels with a socket handed to the owner shard of its client id: every byte received from the
@@ -164,6 +175,8 @@ pub fn owner_of(key: &str, shards: u16) -> ShardId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Connect(ConnId),
+    /// Ends a publisher pause that no clearing event ended (see `flow`).
+    Unpause(ConnId),
     KeepAlive(ConnId),
     Will(SessionKey),
     Expiry(SessionKey),
@@ -216,6 +229,12 @@ pub struct Shard {
     scratch_hits: Vec<(SessionKey, shardmq_wire::QoS, bool, u32)>,
     shutting_down: bool,
     assigned_ids: u64,
+    /// Publishers (anywhere) this shard reported as facing congestion here; see `flow`.
+    throttling: ahash::HashSet<Origin>,
+    /// Local connections paused by flow control.
+    paused_conns: ahash::HashSet<ConnId>,
+    /// Connections resumed during the current call whose buffered bytes still need handling.
+    to_resume: Vec<ConnId>,
 }
 
 impl Shard {
@@ -248,6 +267,9 @@ impl Shard {
             scratch_hits: Vec::new(),
             shutting_down: false,
             assigned_ids: 0,
+            throttling: Default::default(),
+            paused_conns: Default::default(),
+            to_resume: Vec::new(),
         }
     }
 
@@ -289,10 +311,12 @@ impl Shard {
                     self.close_conn(c, Some(ProtocolError::ConnectTimeout), now);
                 }
             }
+            Timer::Unpause(c) => self.unpause_timer(c, now),
             Timer::KeepAlive(c) => {
                 let Some(conn) = self.conns.get(&c) else { return };
                 if let Some(deadline) = conn.keepalive_deadline() {
-                    if deadline <= now {
+                    // A paused publisher's PINGREQs wait unread in its socket: it is not overdue.
+                    if deadline <= now && !conn.paused {
                         self.close_conn(c, Some(ProtocolError::KeepAliveTimeout), now);
                     } else {
                         self.arm(deadline, Timer::KeepAlive(c));
@@ -337,6 +361,7 @@ impl Core for Shard {
 
     fn handle_read(&mut self, conn: ConnId, data: &[u8], now: Instant) {
         self.read(conn, data, now);
+        self.run_deferred(now);
     }
 
     fn handle_closed(&mut self, conn: ConnId, now: Instant) {
@@ -352,13 +377,18 @@ impl Core for Shard {
             if let Some(k) = c.session() {
                 self.pump(k, now);
             }
+            self.decongested(now);
         }
+        self.run_deferred(now);
     }
 
     fn handle_mesh(&mut self, from: ShardId, msg: Mesh, now: Instant) {
         match msg {
             Mesh::Deliver { msg, normal, groups, rerouted } => {
-                self.deliver_local(&msg, normal, &groups, rerouted, now)
+                let tally = self.deliver_local(&msg, normal, &groups, rerouted, now);
+                if let Some(origin) = msg.origin {
+                    self.report_congestion(origin, tally, now);
+                }
             }
             Mesh::Retain { msg, apply } => {
                 if apply {
@@ -368,15 +398,21 @@ impl Core for Shard {
                 }
             }
             Mesh::Interest { deltas, token } => {
+                let grew = deltas.iter().any(|d| d.members > 0);
                 for d in deltas {
                     self.apply_interest(from, d);
+                }
+                if grew {
+                    self.interest_grew(now);
                 }
                 if let Some(token) = token {
                     self.send_mesh(from, Mesh::InterestAck { token });
                 }
             }
             Mesh::InterestAck { token } => self.interest_acked(token, now),
+            Mesh::Congestion { session, congested } => self.set_congested(session, from, congested, now),
         }
+        self.run_deferred(now);
     }
 
     fn handle_timeout(&mut self, now: Instant) {
@@ -387,6 +423,7 @@ impl Core for Shard {
             let Some(Reverse((_, t))) = self.timers.pop() else { break };
             self.fire(t, now);
         }
+        self.run_deferred(now);
     }
 
     fn handle_shutdown(&mut self, now: Instant) {

@@ -9,7 +9,7 @@ use shardmq_wire::{Properties, QoS};
 use crate::ShardId;
 
 /// Where a message came from: the session that published it (for MQTT 5 No Local).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Origin {
     pub shard: ShardId,
     pub session: SessionKey,

@@ -9,6 +9,7 @@ use shardmq_wire::{
     topic, Packet, Properties, QoS, ReasonCode, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe,
 };
 
+use super::flow::{shard_bit, Tally, Verdict};
 use super::{owner_of, Delivery, Mesh, Msg, PendingSubAck, ProtocolError, SessionKey, Shard};
 use crate::{ConnId, ShardId};
 
@@ -52,7 +53,8 @@ pub(super) struct RetainedRequest {
 impl Shard {
     /// Sends a message to every shard (this one included) with matching subscribers, choosing one member
     /// per shared group node-wide.
-    pub(super) fn route(&mut self, msg: Arc<Msg>, now: Instant) {
+    /// Returns the shards the message went to (a bit per shard, this one included), for flow control.
+    pub(super) fn route(&mut self, msg: Arc<Msg>, now: Instant) -> u64 {
         if msg.retain {
             self.own_retained(msg.clone());
         }
@@ -96,14 +98,23 @@ impl Shard {
             shared.clear();
         }
         self.scratch_shared = shared;
+        let mut targets = 0u64;
         for (s, &to_all) in normal.iter().enumerate() {
             let shard_groups = groups.get_mut(s).map(std::mem::take).unwrap_or_default();
             if !to_all && shard_groups.is_empty() {
                 continue;
             }
             let shard = ShardId(s as u16);
+            targets |= shard_bit(shard);
+            if shard.0 >= 64 {
+                // Flow control tracks 64 shards; beyond that a publisher is never paused.
+                targets = u64::MAX;
+            }
             if shard == self.id {
-                self.deliver_local(&msg, to_all, &shard_groups, false, now);
+                let tally = self.deliver_local(&msg, to_all, &shard_groups, false, now);
+                if let Some(origin) = msg.origin {
+                    self.report_congestion(origin, tally, now);
+                }
             } else {
                 self.send_mesh(
                     shard,
@@ -112,6 +123,11 @@ impl Shard {
             }
         }
         self.scratch_shards = normal;
+        if targets == u64::MAX {
+            0
+        } else {
+            targets
+        }
     }
 
     /// Delivers to this shard's subscribers: every matching non-shared subscription (one copy per session,
@@ -123,7 +139,8 @@ impl Shard {
         groups: &[SharedKey],
         rerouted: bool,
         now: Instant,
-    ) {
+    ) -> Tally {
+        let mut tally = Tally::default();
         if normal {
             let me = self.id;
             let mut hits = std::mem::take(&mut self.scratch_hits);
@@ -153,18 +170,21 @@ impl Shard {
                     }
                     i += 1;
                 }
-                self.deliver(key, d, now);
+                let verdict = self.deliver(key, d, now);
+                tally.add(verdict);
             }
             hits.clear();
             self.scratch_hits = hits;
         }
         for key in groups {
-            self.deliver_shared(msg, key, rerouted, now);
+            let verdict = self.deliver_shared(msg, key, rerouted, now);
+            tally.add(verdict);
         }
+        tally
     }
 
     /// One member of a shared group on this shard: round robin, preferring connected members with room.
-    fn deliver_shared(&mut self, msg: &Arc<Msg>, key: &SharedKey, rerouted: bool, now: Instant) {
+    fn deliver_shared(&mut self, msg: &Arc<Msg>, key: &SharedKey, rerouted: bool, now: Instant) -> Verdict {
         let members: Vec<&SubRef> = self
             .subs
             .get(&key.1)
@@ -188,7 +208,7 @@ impl Shard {
                 }
                 _ => self.counters.dropped_no_member += 1,
             }
-            return;
+            return Verdict::Ignored;
         }
         let rr = self.member_rr.entry(key.clone()).or_insert(0);
         let start = *rr as usize;
@@ -210,7 +230,7 @@ impl Shard {
             sub_ids: if chosen.sub_id != 0 { vec![chosen.sub_id] } else { Vec::new() },
         };
         let session = chosen.session;
-        self.deliver(session, d, now);
+        self.deliver(session, d, now)
     }
 
     pub(super) fn on_subscribe(
@@ -313,12 +333,12 @@ impl Shard {
                     retain: true,
                     sub_ids: if r.sub_id != 0 { vec![r.sub_id] } else { Vec::new() },
                 };
-                self.deliver(p.session, d, now);
+                let _ = self.deliver(p.session, d, now);
             }
         }
     }
 
-    pub(super) fn on_unsubscribe(&mut self, id: ConnId, key: SessionKey, u: Unsubscribe<'_>) {
+    pub(super) fn on_unsubscribe(&mut self, id: ConnId, key: SessionKey, u: Unsubscribe<'_>, now: Instant) {
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
             let existed = self.sessions.get_mut(&key).is_some_and(|s| {
@@ -326,7 +346,7 @@ impl Shard {
                 pos.map(|i| s.subs.swap_remove(i)).is_some()
             });
             if existed {
-                self.remove_subscription(key, filter);
+                self.remove_subscription(key, filter, now);
                 reasons.push(ReasonCode::SUCCESS);
             } else {
                 reasons.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
@@ -339,12 +359,14 @@ impl Shard {
     }
 
     /// Removes a session's subscription (full filter) from the trie and announces the changed count.
-    pub(super) fn remove_subscription(&mut self, key: SessionKey, filter: &str) {
+    pub(super) fn remove_subscription(&mut self, key: SessionKey, filter: &str, now: Instant) {
         let shared = topic::parse_shared(filter);
         let inner = shared.as_ref().map_or(filter, |sh| sh.filter);
         let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
         let (removed, _) = self.subs.remove(inner, |r| r.session == key && r.group == group);
         if removed.is_some() {
+            // A congested subscriber that leaves no longer holds publishers back.
+            self.decongested(now);
             if let Some(d) = self.count_interest((group, inner.into()), -1) {
                 for to in self.other_shards() {
                     self.send_mesh(to, Mesh::Interest { deltas: vec![d.clone()], token: None });

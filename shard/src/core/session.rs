@@ -9,6 +9,7 @@ use std::time::Instant;
 use shardmq_wire::{Ack, Packet, PacketId, Protocol, Publish, QoS, ReasonCode};
 
 use super::conn::Conn;
+use super::flow::Verdict;
 use super::{Delivery, MsgProps, SessionKey, Shard};
 
 #[derive(Debug)]
@@ -55,6 +56,10 @@ pub(super) struct Session {
     pub inbound_qos2: Vec<u16>,
     /// The client's Receive Maximum, capped by ours.
     pub send_quota: u16,
+    /// Flow control (see `flow`): shards the last message this session published went to, and shards
+    /// that report all its subscribers there congested (bit per shard).
+    pub last_targets: u64,
+    pub congested_by: u64,
 }
 
 impl Session {
@@ -73,6 +78,8 @@ impl Session {
             queue: VecDeque::new(),
             inbound_qos2: Vec::new(),
             send_quota: 1,
+            last_targets: 0,
+            congested_by: 0,
         }
     }
 
@@ -144,26 +151,35 @@ fn write_publish(
 impl Shard {
     /// Hands one message to a session: now, into its queue, or nowhere (QoS 0 to an absent or stalled
     /// client, expired messages, a full queue's oldest entry), counting every drop.
-    pub(super) fn deliver(&mut self, key: SessionKey, d: Delivery, now: Instant) {
+    pub(super) fn deliver(&mut self, key: SessionKey, d: Delivery, now: Instant) -> Verdict {
         debug_assert!(d.qos <= d.msg.qos, "a subscription can only lower a message's QoS");
         if d.msg.is_expired(now) {
             self.counters.dropped_expired += 1;
-            return;
+            return Verdict::Ignored;
         }
-        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let high_water = self.queue_high_water();
+        let Some(s) = self.sessions.get_mut(&key) else { return Verdict::Ignored };
         let conn = s.conn.and_then(|c| self.conns.get_mut(&c));
         if d.qos == QoS::AtMostOnce {
-            match conn {
+            return match conn {
                 Some(conn) if !conn.blocked => {
                     if write_publish(conn, &d, None, false, now, &mut self.io) {
                         self.counters.deliveries += 1;
+                        Verdict::Accepted
                     } else {
                         self.counters.dropped_too_large += 1;
+                        Verdict::Ignored
                     }
                 }
-                _ => self.counters.dropped_qos0 += 1,
-            }
-            return;
+                Some(_) => {
+                    self.counters.dropped_qos0 += 1;
+                    Verdict::Congested
+                }
+                None => {
+                    self.counters.dropped_qos0 += 1;
+                    Verdict::Ignored
+                }
+            };
         }
         match conn {
             Some(conn) if !conn.blocked && s.queue.is_empty() && s.has_room() => {
@@ -171,17 +187,33 @@ impl Shard {
                 if write_publish(conn, &d, Some(pid), false, now, &mut self.io) {
                     self.counters.deliveries += 1;
                     s.inflight.push_back(InFlight { pid, d, released: false });
+                    Verdict::Accepted
                 } else {
                     self.counters.dropped_too_large += 1;
+                    Verdict::Ignored
                 }
             }
-            _ => {
-                if s.queue.len() >= self.cfg.max_queued {
+            conn => {
+                let online = conn.is_some();
+                let blocked = conn.is_some_and(|c| c.blocked);
+                let cap = if online {
+                    self.cfg.max_queued.saturating_mul(super::flow::ONLINE_QUEUE_FACTOR)
+                } else {
+                    self.cfg.max_queued
+                };
+                if s.queue.len() >= cap {
+                    // An offline session's queue is bounded by `max_queued`; an online one's only overflows
+                    // when far more arrives than flow control lets through (both counted).
                     s.queue.pop_front();
                     self.counters.dropped_queue_full += 1;
                 }
                 if self.cfg.max_queued > 0 {
                     s.queue.push_back(d);
+                }
+                match online {
+                    false => Verdict::Ignored,
+                    true if blocked || s.queue.len() >= high_water => Verdict::Congested,
+                    true => Verdict::Accepted,
                 }
             }
         }
@@ -189,6 +221,7 @@ impl Shard {
 
     /// Moves queued messages into the in-flight window while there is room and the client reads.
     pub(super) fn pump(&mut self, key: SessionKey, now: Instant) {
+        let low_water = self.queue_high_water() / 2;
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
         while !conn.blocked && s.has_room() {
@@ -204,6 +237,9 @@ impl Shard {
             } else {
                 self.counters.dropped_too_large += 1;
             }
+        }
+        if !conn.blocked && s.queue.len() <= low_water {
+            self.decongested(now);
         }
     }
 

@@ -19,6 +19,9 @@ struct Client {
     protocol: Protocol,
     rx: Vec<u8>,
     closed: bool,
+    /// The core paused reading: what the client sends waits here, as in a socket buffer.
+    paused: bool,
+    unread: Vec<u8>,
 }
 
 struct Sim {
@@ -57,7 +60,15 @@ impl Sim {
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
         self.shards[shard as usize].handle_accept(conn, self.now);
-        self.clients.push(Client { shard: ShardId(shard), conn, protocol, rx: Vec::new(), closed: false });
+        self.clients.push(Client {
+            shard: ShardId(shard),
+            conn,
+            protocol,
+            rx: Vec::new(),
+            closed: false,
+            paused: false,
+            unread: Vec::new(),
+        });
         self.run();
         self.clients.len() - 1
     }
@@ -99,8 +110,12 @@ impl Sim {
     }
 
     fn send_bytes(&mut self, c: C, bytes: &[u8]) {
-        let cl = &self.clients[c];
+        let cl = &mut self.clients[c];
         assert!(!cl.closed, "client {c} is closed");
+        if cl.paused {
+            cl.unread.extend_from_slice(bytes);
+            return;
+        }
         let (shard, conn) = (cl.shard, cl.conn);
         self.shards[shard.index()].handle_read(conn, bytes, self.now);
         self.run();
@@ -179,6 +194,20 @@ impl Sim {
                 if let Some(i) = find(&self.clients, conn) {
                     self.clients[i].rx.extend_from_slice(&bytes);
                     self.clients[i].closed = true;
+                }
+            }
+            IoCmd::PauseRead(conn) => {
+                if let Some(i) = find(&self.clients, conn) {
+                    self.clients[i].paused = true;
+                }
+            }
+            IoCmd::ResumeRead(conn) => {
+                if let Some(i) = find(&self.clients, conn) {
+                    self.clients[i].paused = false;
+                    let unread = std::mem::take(&mut self.clients[i].unread);
+                    if !unread.is_empty() {
+                        self.shards[shard.index()].handle_read(conn, &unread, self.now);
+                    }
                 }
             }
             IoCmd::Handoff { conn, to, state } => {
@@ -643,4 +672,104 @@ fn shared_qos1_message_for_a_member_that_just_left_is_rerouted() {
     got.sort_unstable();
     assert_eq!(got, vec![1, 2, 3, 4], "every QoS 1 message reaches the remaining member");
     assert_eq!(sim.shards[0].counters().dropped_no_member, 0);
+}
+
+/// Acks every QoS 1 PUBLISH the client has received; returns how many.
+fn ack_all(sim: &mut Sim, c: C) -> usize {
+    let mut n = 0;
+    while sim.has_packet(c) {
+        let pid = sim.pop_publish(c).5.expect("QoS 1");
+        sim.send(c, &Packet::PubAck(Ack::new(PacketId(pid), ReasonCode::SUCCESS)));
+        n += 1;
+    }
+    n
+}
+
+/// `cross`: publishers are owned by another shard than the subscriber.
+fn fan_in_without_loss(shards: u16, cross: bool) {
+    // A tiny queue: without publisher backpressure most of these messages would be dropped.
+    let mut sim = Sim::with(shards, Config { max_queued: 8, ..Config::default() });
+    let s = sim.connect_with(0, V5, |k| {
+        k.client_id = "slow-sub";
+        k.properties.receive_maximum = Some(2);
+    });
+    sim.pop(s, |_| ());
+    let sub_shard = owner_of("slow-sub", shards).0;
+    let pub_shard = if cross { (sub_shard + 1) % shards } else { sub_shard };
+    sim.subscribe(s, "in/+", QoS::AtLeastOnce);
+    let pubs: Vec<C> =
+        (0..3).map(|i| sim.connect(0, V5, &id_on(pub_shard, shards, &format!("pub{i}")), true).0).collect();
+    assert!(pubs.iter().all(|p| sim.clients[*p].shard == ShardId(pub_shard)));
+    let total = 60u16;
+    for i in 0..total {
+        let p = pubs[i as usize % pubs.len()];
+        // The publisher writes whether or not the broker reads (paused bytes wait in the "socket").
+        sim.publish(p, &format!("in/{}", i % 3), &i.to_be_bytes(), QoS::AtLeastOnce, false, i + 1);
+    }
+    let paused = sim.shards.iter().map(|s| s.counters().publisher_pauses).sum::<u64>();
+    assert!(paused > 0, "the publishers must have been paused");
+    let mut received = 0;
+    for _ in 0..1000 {
+        received += ack_all(&mut sim, s);
+        if received == total as usize {
+            break;
+        }
+        sim.advance(Duration::from_millis(10));
+    }
+    assert_eq!(received, total as usize, "every acknowledged QoS 1 message arrives");
+    let dropped: u64 = sim.shards.iter().map(|s| s.counters().dropped_queue_full).sum();
+    assert_eq!(dropped, 0);
+    assert!(sim.clients.iter().all(|c| !c.paused), "publishers resume once the subscriber catches up");
+}
+
+#[test]
+fn publishers_are_paused_instead_of_losing_qos1_messages() {
+    fan_in_without_loss(1, false);
+}
+
+#[test]
+fn publishers_on_other_shards_are_paused_too() {
+    fan_in_without_loss(2, true);
+}
+
+#[test]
+fn a_publisher_with_one_keeping_up_subscriber_is_never_paused() {
+    let mut sim = Sim::with(2, Config { max_queued: 8, ..Config::default() });
+    let stalled = sim.connect_with(0, V5, |k| {
+        k.client_id = "stalled";
+        k.properties.receive_maximum = Some(1);
+    });
+    sim.pop(stalled, |_| ());
+    sim.subscribe(stalled, "t", QoS::AtLeastOnce);
+    let (good, _) = sim.connect(1, V5, "good", true);
+    sim.subscribe(good, "t", QoS::AtLeastOnce);
+    let (p, _) = sim.connect(0, V5, "p", true);
+    // More than the stalled session's online headroom (16 × max_queued) can hold.
+    for i in 0..200u16 {
+        sim.publish(p, "t", &[0], QoS::AtLeastOnce, false, i + 1);
+        assert_eq!(ack_all(&mut sim, good), 1, "the keeping-up subscriber gets every message at once");
+    }
+    assert_eq!(sim.shards.iter().map(|s| s.counters().publisher_pauses).sum::<u64>(), 0);
+    assert!(!sim.clients[p].paused);
+    let dropped: u64 = sim.shards.iter().map(|s| s.counters().dropped_queue_full).sum();
+    assert!(dropped > 0, "the stalled subscriber alone pays: its oldest messages are dropped");
+}
+
+#[test]
+fn a_pause_ends_by_itself_if_no_clearing_event_comes() {
+    let mut sim = Sim::with(1, Config { max_queued: 2, ..Config::default() });
+    let s = sim.connect_with(0, V5, |k| {
+        k.client_id = "s";
+        k.properties.receive_maximum = Some(1);
+    });
+    sim.pop(s, |_| ());
+    sim.subscribe(s, "t", QoS::AtLeastOnce);
+    let (p, _) = sim.connect(0, V5, "p", true);
+    for i in 0..5u16 {
+        sim.publish(p, "t", &[0], QoS::AtLeastOnce, false, i + 1);
+    }
+    assert!(sim.clients[p].paused);
+    sim.advance(super::flow::MAX_PAUSE + Duration::from_millis(1));
+    // Resumed, read the waiting publishes, and paused again (the subscriber still does not read).
+    assert!(sim.shards[0].counters().publisher_pauses >= 2);
 }

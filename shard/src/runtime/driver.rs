@@ -82,6 +82,11 @@ pub(crate) trait Io<C: Core> {
         out: &mut Outbox<C::Mesh, C::Handoff>,
         now: Instant,
     );
+    /// Stops delivering reads of `conn` (see [`IoCmd::PauseRead`]). Unknown, closing or paused: ignored.
+    fn pause_read(&mut self, conn: ConnId);
+    /// Delivers reads of `conn` again, held bytes first, from the event loop ([`EventLoop::has_ready`]
+    /// reports the pending delivery). Unknown, closing or not paused: ignored.
+    fn resume_read(&mut self, conn: ConnId);
     /// Registers a socket moved here; `unsent` is queued before any output of the core. `None`: it could
     /// not be registered and was closed.
     fn adopt(&mut self, fd: OwnedFd, unsent: Vec<u8>, now: Instant) -> Option<ConnId>;
@@ -144,6 +149,8 @@ pub(crate) fn drain_io<C: Core, I: Io<C>>(
                     io.handoff(core, conn, to, state, out, now);
                 }
             }
+            IoCmd::PauseRead(conn) => io.pause_read(conn),
+            IoCmd::ResumeRead(conn) => io.resume_read(conn),
         }
     }
 }

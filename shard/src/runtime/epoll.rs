@@ -7,6 +7,10 @@
 //! is written as soon as the core transmits; only what the socket refused is kept (`Pending`), and the core
 //! is told (`handle_backpressure`) when that starts and when it drains.
 //!
+//! Pausing reads (`IoCmd::PauseRead`) needs no buffer either: a paused connection is simply not read, so its
+//! bytes stay in the kernel and TCP flow control slows the peer. Since the socket is edge-triggered, resuming
+//! reads until `EAGAIN` right away instead of waiting for an edge that may never come.
+//!
 //! It does not: read more than a bounded amount per connection per wakeup (fairness; the rest is picked up
 //! on the next iteration), or keep reading a connection the core asked to close (its input is discarded).
 
@@ -34,6 +38,8 @@ const EVENTFD_INDEX: u32 = u32::MAX;
 /// a heap block.
 pub(crate) struct EConn {
     fd: OwnedFd,
+    /// The core asked not to be given reads (fits in the padding after `fd`).
+    paused: bool,
     out: Option<Box<Pending>>,
 }
 
@@ -75,9 +81,10 @@ pub(crate) struct EpollLoop {
     /// The shared read buffer. Taken out (`mem::take`) while a read is being handed to the core.
     buf: Box<[u8]>,
     events: Vec<libc::epoll_event>,
-    /// Connections whose reads were cut short by `READS_PER_WAKEUP`: edge-triggered epoll will not report
-    /// them again, so they are read on the next iteration without waiting.
-    again: Vec<ConnId>,
+    /// Connections whose reads were cut short by `READS_PER_WAKEUP`, or that were resumed: edge-triggered
+    /// epoll will not report them again, so they are read on the next iteration without waiting. The flag:
+    /// read until `EAGAIN` (a hangup or a resume), not just until a short read.
+    again: Vec<(ConnId, bool)>,
     /// Closing connections by deadline (FIFO: every close gets the same linger).
     closing: VecDeque<(Instant, ConnId)>,
     accepting: bool,
@@ -139,7 +146,7 @@ impl EpollLoop {
 
     fn register_conn(&mut self, fd: OwnedFd, out: Option<Box<Pending>>) -> Option<ConnId> {
         let raw = fd.as_raw_fd();
-        let id = self.conns.insert(EConn { fd, out });
+        let id = self.conns.insert(EConn { fd, paused: false, out });
         let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
         if let Err(e) = self.ctl(libc::EPOLL_CTL_ADD, raw, events, id.0) {
             tracing::warn!(error = %e, "epoll_ctl ADD failed; closing socket");
@@ -195,6 +202,10 @@ impl EpollLoop {
     ) {
         for _ in 0..READS_PER_WAKEUP {
             let Some(c) = self.conns.get(id) else { return };
+            if c.paused {
+                // Left in the kernel; `resume_read` reads it.
+                return;
+            }
             let closing = c.out.as_ref().is_some_and(|p| p.closing);
             match sys::recv(c.fd.as_raw_fd(), buf) {
                 Ok(0) => return self.gone(core, id, closing),
@@ -215,7 +226,7 @@ impl EpollLoop {
                 Err(_) => return self.gone(core, id, closing),
             }
         }
-        self.again.push(id);
+        self.again.push((id, hup));
     }
 
     /// The peer closed or the socket failed. A live connection is reported to the core; one the core
@@ -328,6 +339,10 @@ impl<C: Core> Io<C> for EpollLoop {
 
     fn close(&mut self, _core: &mut C, conn: ConnId, buf: Vec<u8>, now: Instant) {
         let Some(c) = self.conns.get_mut(conn) else { return };
+        if mem::take(&mut c.paused) {
+            // Closing discards input as usual; what arrived while paused raised no edge we acted on.
+            self.again.push((conn, true));
+        }
         match c.out.as_mut() {
             Some(p) if p.closing => return,
             Some(p) => p.append(&buf),
@@ -362,6 +377,22 @@ impl<C: Core> Io<C> for EpollLoop {
         let unsent = c.out.map(|p| p.buf[p.off..].to_vec()).unwrap_or_default();
         self.ctx.handed_off_one();
         out.push_adopt(to, Adopt::new(c.fd, state, unsent, Vec::new(), self.ctx.open.clone()));
+    }
+
+    fn pause_read(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(conn) {
+            if !c.out.as_ref().is_some_and(|p| p.closing) {
+                c.paused = true;
+            }
+        }
+    }
+
+    fn resume_read(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(conn) {
+            if mem::take(&mut c.paused) {
+                self.again.push((conn, true));
+            }
+        }
     }
 
     fn adopt(&mut self, fd: OwnedFd, unsent: Vec<u8>, _now: Instant) -> Option<ConnId> {
@@ -431,8 +462,8 @@ impl<C: Core> EventLoop<C> for EpollLoop {
             events.reserve(events.capacity());
         }
         self.events = events;
-        for id in mem::take(&mut self.again) {
-            self.on_readable(core, out, id, &mut buf, false);
+        for (id, hup) in mem::take(&mut self.again) {
+            self.on_readable(core, out, id, &mut buf, hup);
         }
         self.buf = buf;
         Ok(())

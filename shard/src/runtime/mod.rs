@@ -30,6 +30,20 @@ pub enum IoCmd<H> {
     /// the target runtime, which registers it under a fresh [`ConnId`] and calls [`Core::handle_adopt`].
     /// Output already taken by the runtime but not yet written travels with it and is written first.
     Handoff { conn: ConnId, to: ShardId, state: H },
+    /// Stop reading from `conn` (publisher backpressure): the runtime makes no further `handle_read` calls
+    /// for it until `ResumeRead`, so the kernel's receive buffer fills and TCP flow control slows the peer.
+    /// Writes, closes and peer-close detection are unaffected.
+    ///
+    /// Takes effect as soon as the current `handle_*` call returns: bytes the runtime already holds for
+    /// `conn` are kept, in order, and delivered after `ResumeRead`. Idempotent; ignored for unknown or
+    /// closing connections. The end of the stream (peer close or read error) is only seen by reading, so a
+    /// paused connection's `handle_closed` comes after `ResumeRead`, once the bytes before it are delivered;
+    /// only a failed write reports it while paused. A handed-off connection arrives unpaused.
+    PauseRead(ConnId),
+    /// Read from `conn` again. Data that arrived while paused is delivered with `handle_read` as usual
+    /// (from the event loop, not from within the call that returned this command). A no-op for a
+    /// connection that is not paused.
+    ResumeRead(ConnId),
 }
 
 /// A sans-I/O shard core: bytes, cross-core messages and `now` in; bytes, timers, I/O commands and cross-core

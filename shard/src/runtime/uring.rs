@@ -11,6 +11,11 @@
 //! the terminal completions, then act (`settle`). Bytes a multishot recv completes after a handoff was
 //! requested travel with the socket (`read_ahead`), so the target core sees the stream without a gap.
 //!
+//! Pausing reads (`IoCmd::PauseRead`) cancels the multishot recv, so the kernel stops reading the socket and
+//! TCP flow control slows the peer. Completions that were already on their way are copied into a per-slot
+//! [`Stash`] (their buffers go back to the ring at once) and handed to the core first when reads resume; the
+//! recv is re-armed after that. A connection owns a stash only while paused with such bytes.
+//!
 //! It does not use registered files, zero-copy send or incremental buffer consumption; those are
 //! optimisations with more kernel-version constraints than this runtime wants to carry.
 
@@ -78,6 +83,7 @@ const F_CANCEL_RECV: u16 = 1 << 5; // recv cancel submitted
 const F_CANCEL_ALL: u16 = 1 << 6; // cancel-all submitted
 const F_TOLD_BLOCKED: u16 = 1 << 7; // core told handle_backpressure(true)
 const F_REARM: u16 = 1 << 8; // recv ended for lack of buffers; re-arm after this batch
+const F_PAUSED: u16 = 1 << 9; // the core asked for no reads; recv cancelled (or being cancelled)
 const NOT_LIVE: u16 = F_CLOSING | F_DYING | F_HANDOFF;
 
 /// The runtime's state for one connection: the socket, its flags and, only while output is in flight,
@@ -96,6 +102,15 @@ struct Out {
     off: usize,
     /// Output produced while `cur` is in flight.
     queued: Vec<u8>,
+}
+
+/// What a paused connection's recv completed before its cancel landed (or after it resumed, until the stash
+/// is delivered): delivered, in order, before anything read later.
+#[derive(Default)]
+struct Stash {
+    data: Vec<u8>,
+    /// The recv's end of stream (0) or error (negative errno), reported after `data`.
+    end: Option<i32>,
 }
 
 /// A handoff waiting for its socket's operations to finish.
@@ -238,6 +253,11 @@ pub(crate) struct UringLoop<H> {
     ready: Vec<(ShardId, u64, Option<Adopt<H>>)>,
     closing: VecDeque<(Instant, ConnId)>,
     rearm: Vec<ConnId>,
+    /// Bytes (and ends) held for live connections by slot index. An entry exists only while its connection
+    /// is paused with such bytes, or resumed and waiting for them to be delivered (`resumed`).
+    stash: HashMap<u32, Stash>,
+    /// Connections resumed with a stash, delivered at the end of the next `poll`.
+    resumed: Vec<ConnId>,
     /// Operations submitted whose final completion has not been seen. Invariant: 0 before the ring and
     /// buffers are released.
     inflight: usize,
@@ -303,6 +323,8 @@ impl<H> UringLoop<H> {
             ready: Vec::new(),
             closing: VecDeque::new(),
             rearm: Vec::new(),
+            stash: HashMap::new(),
+            resumed: Vec::new(),
             inflight: 0,
             cqes: Vec::with_capacity(256),
             deferred: Vec::new(),
@@ -384,7 +406,7 @@ impl<H> UringLoop<H> {
     fn arm_recv(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(id) else { return };
         debug_assert!(c.flags & F_RECV == 0);
-        c.flags = (c.flags | F_RECV) & !F_REARM;
+        c.flags = (c.flags | F_RECV) & !(F_REARM | F_CANCEL_RECV);
         let sqe = opcode::RecvMulti::new(Fd(c.fd.as_raw_fd()), BGID).build().user_data(ud(K_RECV, id));
         self.push(sqe);
     }
@@ -427,6 +449,7 @@ impl<H> UringLoop<H> {
                 return;
             }
             let c = self.conns.remove(id).expect("present");
+            self.stash.remove(&unpack(id).0);
             if flags & F_CLOSING != 0 {
                 sys::close_gracefully(c.fd);
             }
@@ -451,6 +474,7 @@ impl<H> UringLoop<H> {
             return;
         }
         let c = self.conns.remove(id).expect("present");
+        self.stash.remove(&unpack(id).0);
         if flags & F_HANDOFF != 0 {
             let (index, _) = unpack(id);
             let h = self.handoffs.remove(&index).expect("handoff state of a handing-off connection");
@@ -476,6 +500,8 @@ impl<H> UringLoop<H> {
         let Some(c) = self.conns.get_mut(id) else { return };
         let live = c.flags & NOT_LIVE == 0;
         c.flags |= F_DYING;
+        // Bytes held for a paused connection are moot once it is gone.
+        self.stash.remove(&unpack(id).0);
         if live {
             core.handle_closed(id, Instant::now());
         }
@@ -560,6 +586,9 @@ impl<H> UringLoop<H> {
         }
         let flags = c.flags;
         let live = flags & NOT_LIVE == 0;
+        if live && (flags & F_PAUSED != 0 || self.stash.contains_key(&unpack(id).0)) {
+            return self.stash_recv(id, res, bid);
+        }
         if res > 0 {
             let bid = bid.expect("recv completion without a provided buffer");
             let bufs = self.bufs.as_mut().expect("buffer ring present while running");
@@ -588,6 +617,9 @@ impl<H> UringLoop<H> {
             // Every buffer is out; they come back as this batch is processed.
             c.flags |= F_REARM;
             self.rearm.push(id);
+        } else if res == -libc::ECANCELED && live {
+            // The cancel of a pause that was lifted before it landed.
+            self.rearm.push(id);
         } else if res == 0 || (res < 0 && res != -libc::ECANCELED && res != -libc::ENOBUFS) {
             // End of stream or a socket error. A handoff still ships: the target will see it for itself.
             if live {
@@ -599,6 +631,63 @@ impl<H> UringLoop<H> {
         }
         if !live {
             self.settle(id);
+        }
+    }
+
+    /// A recv completion of a paused connection (or of a resumed one whose stash is not delivered yet): its
+    /// bytes are copied aside and the buffer goes straight back to the ring. The recv is not re-armed.
+    fn stash_recv(&mut self, id: ConnId, res: i32, bid: Option<u16>) {
+        let st = self.stash.entry(unpack(id).0).or_default();
+        if res > 0 {
+            let bid = bid.expect("recv completion without a provided buffer");
+            let bufs = self.bufs.as_mut().expect("buffer ring present while running");
+            // SAFETY: the kernel filled `res` bytes of buffer `bid`; it is recycled right after the copy.
+            st.data.extend_from_slice(unsafe { bufs.slice(bid, res as usize) });
+            bufs.recycle(bid);
+            self.ctx.counters.bytes_read.fetch_add(res as u64, Ordering::Relaxed);
+        } else if res != -libc::ECANCELED && res != -libc::ENOBUFS && st.end.is_none() {
+            // End of stream or an error: reported after the bytes before it, once resumed.
+            st.end = Some(res);
+        }
+        if st.data.is_empty() && st.end.is_none() {
+            self.stash.remove(&unpack(id).0);
+        }
+    }
+
+    /// Hands the bytes held for resumed connections to the core, then reports their end or reads on.
+    fn deliver_resumed<C: Core<Handoff = H>>(
+        &mut self,
+        core: &mut C,
+        out: &mut Outbox<C::Mesh, H>,
+        stopping: bool,
+    ) {
+        for id in std::mem::take(&mut self.resumed) {
+            let index = unpack(id).0;
+            // Paused again before delivery: the stash waits for the next resume. Gone: it went with it.
+            if self.conns.get(id).is_none_or(|c| c.flags & (NOT_LIVE | F_PAUSED) != 0) {
+                continue;
+            }
+            let st = self.stash.remove(&index).unwrap_or_default();
+            if !st.data.is_empty() {
+                let now = Instant::now();
+                core.handle_read(id, &st.data, now);
+                drain_io(core, self, out, now, stopping);
+            }
+            // The core may have closed, handed off or paused it again meanwhile.
+            let Some(c) = self.conns.get(id) else { continue };
+            let flags = c.flags;
+            if flags & NOT_LIVE != 0 {
+                continue;
+            }
+            match st.end {
+                Some(_) if flags & F_PAUSED != 0 => {
+                    self.stash.insert(index, Stash { data: Vec::new(), end: st.end });
+                }
+                Some(_) => self.peer_gone(core, id),
+                None if flags & (F_PAUSED | F_RECV) == 0 => self.arm_recv(id),
+                // Paused: stays quiet. Still armed: a recv whose cancel had not landed reads on.
+                None => {}
+            }
         }
     }
 
@@ -747,6 +836,8 @@ impl<C: Core> Io<C> for UringLoop<C::Handoff> {
             return;
         }
         c.flags |= F_CLOSING;
+        // Input is discarded while closing, held bytes included.
+        self.stash.remove(&unpack(conn).0);
         if !buf.is_empty() {
             match c.out.as_mut() {
                 Some(o) => o.queued.extend_from_slice(&buf),
@@ -775,9 +866,38 @@ impl<C: Core> Io<C> for UringLoop<C::Handoff> {
         }
         c.flags |= F_HANDOFF;
         let ticket = out.reserve(to);
-        self.handoffs.insert(unpack(conn).0, PendingHandoff { to, ticket, state, read_ahead: Vec::new() });
+        // Bytes held while paused come first in the stream; the target starts unpaused. A held end of stream
+        // is not carried: the target's own recv sees it again.
+        let read_ahead = self.stash.remove(&unpack(conn).0).map(|s| s.data).unwrap_or_default();
+        self.handoffs.insert(unpack(conn).0, PendingHandoff { to, ticket, state, read_ahead });
         self.settle(conn);
         self.ship_ready(out);
+    }
+
+    fn pause_read(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else { return };
+        if c.flags & (NOT_LIVE | F_PAUSED) != 0 {
+            return;
+        }
+        c.flags |= F_PAUSED;
+        if c.flags & (F_RECV | F_CANCEL_RECV) == F_RECV {
+            c.flags |= F_CANCEL_RECV;
+            self.cancel(CancelBuilder::user_data(ud(K_RECV, conn)));
+        }
+    }
+
+    fn resume_read(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else { return };
+        if c.flags & NOT_LIVE != 0 || c.flags & F_PAUSED == 0 {
+            return;
+        }
+        c.flags &= !F_PAUSED;
+        if self.stash.contains_key(&unpack(conn).0) {
+            self.resumed.push(conn);
+        } else if c.flags & F_RECV == 0 {
+            self.arm_recv(conn);
+        }
+        // Otherwise the recv's cancel has not landed yet: its final completion re-arms it.
     }
 
     fn adopt(&mut self, fd: OwnedFd, unsent: Vec<u8>, _now: Instant) -> Option<ConnId> {
@@ -833,9 +953,11 @@ impl<C: Core> EventLoop<C> for UringLoop<C::Handoff> {
             }
         }
         self.cqes = cqes;
+        self.deliver_resumed(core, out, stopping);
         // Buffers used by this batch are back in the ring: connections that ran dry can read again.
         for id in std::mem::take(&mut self.rearm) {
-            if self.conns.get(id).is_some_and(|c| c.flags & (NOT_LIVE | F_RECV) == 0) {
+            let idle = self.conns.get(id).is_some_and(|c| c.flags & (NOT_LIVE | F_RECV | F_PAUSED) == 0);
+            if idle && !self.stash.contains_key(&unpack(id).0) {
                 self.arm_recv(id);
             }
         }
@@ -869,7 +991,7 @@ impl<C: Core> EventLoop<C> for UringLoop<C::Handoff> {
     }
 
     fn has_ready(&self) -> bool {
-        !self.rearm.is_empty() || !self.deferred.is_empty()
+        !self.rearm.is_empty() || !self.deferred.is_empty() || !self.resumed.is_empty()
     }
 
     fn stop_accepting(&mut self) {
@@ -902,6 +1024,7 @@ impl<C: Core> EventLoop<C> for UringLoop<C::Handoff> {
 
     fn force_close_all(&mut self) {
         self.quiesce(QUIESCE_LIMIT);
+        self.stash.clear();
         for id in self.conns.ids() {
             if let Some(c) = self.conns.get_mut(id) {
                 if self.inflight > 0 {

@@ -13,6 +13,8 @@
 
 #![allow(dead_code)]
 
+pub mod pause;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
