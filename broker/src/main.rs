@@ -37,8 +37,9 @@ struct Args {
     /// number of QoS 1/2 messages in flight per client in each direction (MQTT 5 Receive Maximum); default 64
     #[argh(option, default = "64")]
     max_inflight: u16,
-    /// messages queued per session beyond the in-flight window (offline or slow clients); the oldest
-    /// is dropped first when full; default 1000
+    /// messages queued per offline session; the oldest is dropped first when full. Online clients
+    /// that fall behind pause their publishers at half of this (flow control) and hold up to 16x
+    /// before dropping; default 1000
     #[argh(option, default = "1000")]
     max_queued: usize,
     /// largest keep alive in seconds; MQTT 5 clients asking for 0 or more get this as Server Keep
