@@ -391,6 +391,79 @@ fn pause_resume_churn(cfg: RuntimeConfig) {
     stop(node);
 }
 
+/// A peer writing flat out to a connection that is paused and resumed all the time: the runtime holds at most
+/// a couple of receive buffers' worth of input for it (io_uring's stash), not the socket's receive buffer.
+///
+/// The connection is paused once while the peer is idle first: on io_uring the first pause of a connection
+/// cancels a multishot recv, and what that recv completed in the same batch (bounded by the kernel's retry
+/// limit, not by the socket buffer) is held once; the churn that follows must not hold more than a buffer.
+fn pause_churn_holds_little(b: BackendChoice) {
+    let cfg = RuntimeConfig { uring_buffer_size: 16 * 1024, ..config(b, 1) };
+    let limit = 2 * cfg.uring_buffer_size as u64;
+    let (node, ctl) = start_pause(cfg, PauseMode::OnceThenChurn { after: 1000 });
+    let mut s = connect_and_pause(&node, &ctl, 1000);
+    assert!(node.stats()[0].stash_bytes_max <= limit);
+    let each = 32 * 1024 * 1024;
+    let data = pattern(0, each);
+    PauseCtl::bump(&ctl.resume_req);
+    for chunk in data[1000..].chunks(256 * 1024) {
+        s.write_all(chunk).unwrap();
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    let done = || PauseCtl::get(&ctl.closed) == 1;
+    assert!(wait_until(Duration::from_secs(10), done), "closed {}", PauseCtl::get(&ctl.closed));
+    assert_eq!(*ctl.totals_at_close.lock().unwrap(), vec![each]);
+    assert_eq!(PauseCtl::get(&ctl.mismatches), 0);
+    assert_eq!(PauseCtl::get(&ctl.reads_while_paused), 0);
+    let held = node.stats()[0].stash_bytes_max;
+    let pauses = PauseCtl::get(&ctl.pauses);
+    eprintln!("{pauses} pauses, at most {held} bytes held for a paused connection");
+    assert!(pauses >= 100, "only {pauses} pauses");
+    assert!(held <= limit, "held {held} bytes for a paused connection (limit {limit})");
+    stop(node);
+}
+
+/// A connection paused, resumed, left unpaused for a few seconds (io_uring goes back to multishot recvs)
+/// and paused again: nothing delivered while paused, little held, every byte in order after resuming.
+fn pause_again_after_quiet_period(b: BackendChoice) {
+    let cfg = config(b, 1);
+    let limit = 2 * cfg.uring_buffer_size as u64;
+    let (node, ctl) = start_pause(cfg, PauseMode::Once { after: 1000 });
+    let total = 8 * 1024 * 1024;
+    let data = pattern(0, total);
+    let mut s = connect_and_pause(&node, &ctl, 1000);
+    PauseCtl::bump(&ctl.resume_req);
+    assert!(wait_until(Duration::from_secs(2), || PauseCtl::get(&ctl.paused_now) == 0));
+    let mut off = 1000;
+    for _ in 0..3 {
+        s.write_all(&data[off..off + 1000]).unwrap();
+        off += 1000;
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    s.write_all(&data[off..off + 1000]).unwrap();
+    off += 1000;
+    assert!(wait_until(Duration::from_secs(2), || PauseCtl::get(&ctl.received) == off as u64));
+    PauseCtl::bump(&ctl.pause_req);
+    assert!(wait_until(Duration::from_secs(2), || PauseCtl::get(&ctl.paused_now) == 1), "never paused");
+    assert!(write_until_blocked(&mut s, &data, &mut off), "all {total} bytes written while paused");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(write_until_blocked(&mut s, &data, &mut off), "writes unblocked while paused");
+    let before = PauseCtl::get(&ctl.received);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(PauseCtl::get(&ctl.received), before, "bytes delivered while paused");
+    assert!(node.stats()[0].stash_bytes_max <= limit, "{:?}", node.stats());
+    PauseCtl::bump(&ctl.resume_req);
+    s.write_all(&data[off..]).unwrap();
+    let done = || PauseCtl::get(&ctl.received) == total as u64;
+    assert!(wait_until(Duration::from_secs(3), done), "received {}", PauseCtl::get(&ctl.received));
+    assert_eq!(PauseCtl::get(&ctl.mismatches), 0);
+    assert_eq!(PauseCtl::get(&ctl.reads_while_paused), 0);
+    drop(s);
+    assert!(wait_until(Duration::from_secs(2), || PauseCtl::get(&ctl.closed) == 1));
+    assert_eq!(*ctl.totals_at_close.lock().unwrap(), vec![total]);
+    stop(node);
+}
+
 macro_rules! backend_tests {
     ($module:ident, $choice:expr) => {
         mod $module {
@@ -446,6 +519,14 @@ macro_rules! backend_tests {
             #[test]
             fn close_while_paused() {
                 super::close_while_paused($choice);
+            }
+            #[test]
+            fn pause_again_after_quiet_period() {
+                super::pause_again_after_quiet_period($choice);
+            }
+            #[test]
+            fn pause_churn_holds_little() {
+                super::pause_churn_holds_little($choice);
             }
             #[test]
             fn pause_resume_churn() {

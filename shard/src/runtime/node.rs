@@ -132,6 +132,8 @@ pub(crate) struct ShardCounters {
     pub(crate) handoffs: AtomicU64,
     /// Sockets this shard holds; moves with handoffs (source decrements, target increments).
     pub(crate) open_sockets: AtomicU64,
+    /// The most bytes the runtime ever held for one paused connection (io_uring's stash).
+    pub(crate) stash_bytes_max: AtomicU64,
 }
 
 /// A snapshot of one shard's counters.
@@ -153,6 +155,10 @@ pub struct ShardStats {
     /// Sockets handed to another shard.
     pub handoffs: u64,
     pub open_sockets: u64,
+    /// The most input bytes the runtime held at once for one paused connection (read before the pause
+    /// took effect, delivered after `ResumeRead`). Always 0 on epoll. For tests and diagnostics.
+    #[doc(hidden)]
+    pub stash_bytes_max: u64,
 }
 
 impl ShardCounters {
@@ -169,6 +175,7 @@ impl ShardCounters {
             mesh_full_retries: get(&self.mesh_full_retries),
             handoffs: get(&self.handoffs),
             open_sockets: get(&self.open_sockets),
+            stash_bytes_max: get(&self.stash_bytes_max),
         }
     }
 }

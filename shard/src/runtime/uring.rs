@@ -16,6 +16,14 @@
 //! [`Stash`] (their buffers go back to the ring at once) and handed to the core first when reads resume; the
 //! recv is re-armed after that. A connection owns a stash only while paused with such bytes.
 //!
+//! Until its cancel lands, a multishot recv drains the whole socket receive buffer (megabytes for a
+//! flat-out peer) into the stash. A connection paused once is therefore likely paused again (a publisher
+//! whose subscribers are congested) and reads with single-shot recvs from then on (`F_ONESHOT`): one
+//! provided buffer per submission, re-armed after each delivered completion. Pausing such a connection
+//! needs no cancel: the runtime just does not re-arm, and the recv in flight, if any, completes at most
+//! once, so the stash holds at most one buffer. A connection not paused for a second or two goes back to
+//! multishot recvs (at its next re-arm).
+//!
 //! It does not use registered files, zero-copy send or incremental buffer consumption; those are
 //! optimisations with more kernel-version constraints than this runtime wants to carry.
 
@@ -50,6 +58,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const QUEUED_HIGH_WATER: usize = 256 * 1024;
 /// How long teardown waits for cancelled operations before leaking their buffers instead.
 const QUIESCE_LIMIT: Duration = Duration::from_secs(2);
+/// A single-shot connection not paused for a whole sweep period (so 1 to 2 periods) goes back to multishot.
+const ONESHOT_SWEEP: Duration = Duration::from_secs(1);
 
 // user_data: kind in bits 56..64, low 24 bits of the connection generation in 32..56, slot index in 0..32.
 // The generation keeps a stale cancel (or completion) from matching a newer connection in the same slot.
@@ -84,6 +94,8 @@ const F_CANCEL_ALL: u16 = 1 << 6; // cancel-all submitted
 const F_TOLD_BLOCKED: u16 = 1 << 7; // core told handle_backpressure(true)
 const F_REARM: u16 = 1 << 8; // recv ended for lack of buffers; re-arm after this batch
 const F_PAUSED: u16 = 1 << 9; // the core asked for no reads; recv cancelled (or being cancelled)
+const F_ONESHOT: u16 = 1 << 10; // paused lately: recvs are single-shot (see `arm_recv`)
+const F_PAUSED_LATELY: u16 = 1 << 11; // paused since the last `oneshot` sweep
 const NOT_LIVE: u16 = F_CLOSING | F_DYING | F_HANDOFF;
 
 /// The runtime's state for one connection: the socket, its flags and, only while output is in flight,
@@ -258,6 +270,9 @@ pub(crate) struct UringLoop<H> {
     stash: HashMap<u32, Stash>,
     /// Connections resumed with a stash, delivered at the end of the next `poll`.
     resumed: Vec<ConnId>,
+    /// Connections with `F_ONESHOT` (ids of gone ones are dropped by the sweep), and when to sweep them.
+    oneshot: Vec<ConnId>,
+    oneshot_sweep: Option<Instant>,
     /// Operations submitted whose final completion has not been seen. Invariant: 0 before the ring and
     /// buffers are released.
     inflight: usize,
@@ -325,6 +340,8 @@ impl<H> UringLoop<H> {
             rearm: Vec::new(),
             stash: HashMap::new(),
             resumed: Vec::new(),
+            oneshot: Vec::new(),
+            oneshot_sweep: None,
             inflight: 0,
             cqes: Vec::with_capacity(256),
             deferred: Vec::new(),
@@ -407,8 +424,17 @@ impl<H> UringLoop<H> {
         let Some(c) = self.conns.get_mut(id) else { return };
         debug_assert!(c.flags & F_RECV == 0);
         c.flags = (c.flags | F_RECV) & !(F_REARM | F_CANCEL_RECV);
-        let sqe = opcode::RecvMulti::new(Fd(c.fd.as_raw_fd()), BGID).build().user_data(ud(K_RECV, id));
-        self.push(sqe);
+        let fd = Fd(c.fd.as_raw_fd());
+        let sqe = if c.flags & F_ONESHOT != 0 {
+            // One buffer per submission; the length comes from the selected buffer.
+            opcode::Recv::new(fd, std::ptr::null_mut(), 0)
+                .buf_group(BGID)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+        } else {
+            opcode::RecvMulti::new(fd, BGID).build()
+        };
+        self.push(sqe.user_data(ud(K_RECV, id)));
     }
 
     fn submit_send(&mut self, id: ConnId) {
@@ -645,6 +671,7 @@ impl<H> UringLoop<H> {
             st.data.extend_from_slice(unsafe { bufs.slice(bid, res as usize) });
             bufs.recycle(bid);
             self.ctx.counters.bytes_read.fetch_add(res as u64, Ordering::Relaxed);
+            self.ctx.counters.stash_bytes_max.fetch_max(st.data.len() as u64, Ordering::Relaxed);
         } else if res != -libc::ECANCELED && res != -libc::ENOBUFS && st.end.is_none() {
             // End of stream or an error: reported after the bytes before it, once resumed.
             st.end = Some(res);
@@ -652,6 +679,22 @@ impl<H> UringLoop<H> {
         if st.data.is_empty() && st.end.is_none() {
             self.stash.remove(&unpack(id).0);
         }
+    }
+
+    /// Connections not paused since the last sweep read with multishot recvs again, from their next re-arm
+    /// (a single-shot recv in flight stays; pausing cancels it, harmlessly, if it has not completed).
+    fn sweep_oneshot(&mut self, now: Instant) {
+        let conns = &mut self.conns;
+        self.oneshot.retain(|&id| {
+            let Some(c) = conns.get_mut(id) else { return false };
+            if c.flags & (F_PAUSED | F_PAUSED_LATELY) == 0 {
+                c.flags &= !F_ONESHOT;
+                return false;
+            }
+            c.flags &= !F_PAUSED_LATELY;
+            true
+        });
+        self.oneshot_sweep = (!self.oneshot.is_empty()).then(|| now + ONESHOT_SWEEP);
     }
 
     /// Hands the bytes held for resumed connections to the core, then reports their end or reads on.
@@ -879,8 +922,19 @@ impl<C: Core> Io<C> for UringLoop<C::Handoff> {
         if c.flags & (NOT_LIVE | F_PAUSED) != 0 {
             return;
         }
-        c.flags |= F_PAUSED;
-        if c.flags & (F_RECV | F_CANCEL_RECV) == F_RECV {
+        // With `F_ONESHOT` set, a multishot recv can only be armed with its cancel on the way; a single-shot
+        // one is left to complete (into the stash, at most one buffer) or to wait. With it clear, the recv
+        // is multishot (or a single-shot one armed before a sweep, which cancelling does not harm).
+        let cancel = c.flags & (F_RECV | F_CANCEL_RECV | F_ONESHOT) == F_RECV;
+        let first = c.flags & F_ONESHOT == 0;
+        c.flags |= F_PAUSED | F_ONESHOT | F_PAUSED_LATELY;
+        if first {
+            self.oneshot.push(conn);
+            if self.oneshot_sweep.is_none() {
+                self.oneshot_sweep = Some(Instant::now() + ONESHOT_SWEEP);
+            }
+        }
+        if cancel {
             c.flags |= F_CANCEL_RECV;
             self.cancel(CancelBuilder::user_data(ud(K_RECV, conn)));
         }
@@ -983,11 +1037,14 @@ impl<C: Core> EventLoop<C> for UringLoop<C::Handoff> {
                 self.arm_accept(i);
             }
         }
+        if self.oneshot_sweep.is_some_and(|t| t <= now) {
+            self.sweep_oneshot(now);
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
         let closing = self.closing.front().map(|&(d, _)| d);
-        closing.into_iter().chain(self.accept_paused_until).min()
+        closing.into_iter().chain(self.accept_paused_until).chain(self.oneshot_sweep).min()
     }
 
     fn has_ready(&self) -> bool {

@@ -19,6 +19,8 @@ pub enum PauseMode {
     /// Pause and resume all the time: after every read one of pause+resume at once, pause (twice), pause
     /// (once), nothing; paused connections are resumed by the next `handle_timeout`, which is due at once.
     Churn,
+    /// `Once` until the first resume request, `Churn` from then on.
+    OnceThenChurn { after: usize },
 }
 
 /// Shared between the test and the cores of a node.
@@ -41,6 +43,8 @@ pub struct PauseCtl {
     pub bad_closed: AtomicU64,
     /// Bump to have every paused connection resumed.
     pub resume_req: AtomicU64,
+    /// Bump to have every connection that is not paused paused.
+    pub pause_req: AtomicU64,
     /// Bump to have every paused connection sent `bye\n` and closed by the core.
     pub close_req: AtomicU64,
     /// Bytes each connection had received when `handle_closed` came.
@@ -73,6 +77,7 @@ pub struct PauseCore {
     out: HashMap<ConnId, Vec<u8>>,
     io: VecDeque<IoCmd<()>>,
     seen_resume: u64,
+    seen_pause: u64,
     seen_close: u64,
     next_tick: Instant,
 }
@@ -87,6 +92,7 @@ impl PauseCore {
             out: HashMap::new(),
             io: VecDeque::new(),
             seen_resume: 0,
+            seen_pause: 0,
             seen_close: 0,
             next_tick: Instant::now(),
         }
@@ -152,13 +158,18 @@ impl Core for PauseCore {
         c.reads += 1;
         self.ctl.received.fetch_add(data.len() as u64, Ordering::SeqCst);
         let (received, reads, paused_once) = (c.received, c.reads, c.paused_once);
-        match self.mode {
+        let mode = match self.mode {
+            PauseMode::OnceThenChurn { .. } if self.seen_resume > 0 => PauseMode::Churn,
+            PauseMode::OnceThenChurn { after } => PauseMode::Once { after },
+            m => m,
+        };
+        match mode {
             PauseMode::Once { after } if !paused_once && received >= after => {
                 self.conns.get_mut(&conn).expect("known").paused_once = true;
                 self.pause(conn);
             }
             PauseMode::Once { .. } => {}
-            PauseMode::Churn => {
+            PauseMode::Churn | PauseMode::OnceThenChurn { .. } => {
                 match reads % 4 {
                     0 => {
                         self.pause(conn);
@@ -195,11 +206,25 @@ impl Core for PauseCore {
 
     fn handle_timeout(&mut self, now: Instant) {
         let resume = PauseCtl::get(&self.ctl.resume_req);
-        if matches!(self.mode, PauseMode::Churn) || resume != self.seen_resume {
+        let churn = match self.mode {
+            PauseMode::Churn => true,
+            PauseMode::OnceThenChurn { .. } => self.seen_resume > 0,
+            PauseMode::Once { .. } => false,
+        };
+        if churn || resume != self.seen_resume {
             self.seen_resume = resume;
             for conn in self.paused() {
                 self.resume(conn);
                 self.resume(conn);
+            }
+        }
+        let pause = PauseCtl::get(&self.ctl.pause_req);
+        if pause != self.seen_pause {
+            self.seen_pause = pause;
+            let running: Vec<ConnId> =
+                self.conns.iter().filter(|(_, c)| !c.paused).map(|(&id, _)| id).collect();
+            for conn in running {
+                self.pause(conn);
             }
         }
         let close = PauseCtl::get(&self.ctl.close_req);
