@@ -172,6 +172,7 @@ impl EpollLoop {
                         drop(fd);
                         continue;
                     }
+                    sys::prepare_client(fd.as_raw_fd());
                     let Some(id) = self.register_conn(fd, None) else { continue };
                     let now = Instant::now();
                     core.handle_accept(id, now);

@@ -567,6 +567,7 @@ impl<H> UringLoop<H> {
             if stopping || !self.accepting || !self.ctx.try_open() {
                 drop(fd);
             } else {
+                sys::prepare_client(res);
                 let id = self.conns.insert(UConn { fd, flags: 0, out: None });
                 self.arm_recv(id);
                 let now = Instant::now();
