@@ -67,5 +67,5 @@ fn idle_connection_costs_the_core_few_bytes() {
     let per_conn = (LIVE.load(Ordering::Relaxed) - before) as f64 / n as f64;
     println!("core heap per idle connection: {per_conn:.0} B");
     assert_eq!(shard.connection_count(), n as usize);
-    assert!(per_conn < 600.0, "core holds {per_conn:.0} B per idle connection");
+    assert!(per_conn < 520.0, "core holds {per_conn:.0} B per idle connection");
 }

@@ -367,14 +367,14 @@ impl Shard {
         if p.qos == QoS::ExactlyOnce {
             let pid = pid.ok_or(ProtocolError::Violation("QoS 2 without packet id"))?;
             let s = self.sessions.get_mut(&key).ok_or(ProtocolError::Violation("no session"))?;
-            if s.inbound_qos2.contains(&pid.0) {
+            if s.flows().inbound_qos2.contains(&pid.0) {
                 // A resent QoS 2 PUBLISH before PUBREL: already routed once (exactly-once delivery).
                 route = false;
             } else {
-                if v5 && s.inbound_qos2.len() >= self.cfg.max_inflight as usize {
+                if v5 && s.flows().inbound_qos2.len() >= self.cfg.max_inflight as usize {
                     return Err(ProtocolError::ReceiveMaximumExceeded);
                 }
-                s.inbound_qos2.push(pid.0);
+                s.flows_mut().inbound_qos2.push(pid.0);
             }
         }
         if route {
@@ -409,8 +409,10 @@ impl Shard {
 
     fn on_pubrel(&mut self, id: ConnId, key: SessionKey, pid: PacketId) {
         let found = self.sessions.get_mut(&key).is_some_and(|s| {
-            let pos = s.inbound_qos2.iter().position(|p| *p == pid.0);
-            pos.map(|i| s.inbound_qos2.swap_remove(i)).is_some()
+            let pos = s.flows().inbound_qos2.iter().position(|p| *p == pid.0);
+            let found = pos.map(|i| s.flows_mut().inbound_qos2.swap_remove(i)).is_some();
+            s.trim();
+            found
         });
         let reason = if found { ReasonCode::SUCCESS } else { ReasonCode::PACKET_IDENTIFIER_NOT_FOUND };
         if let Some(conn) = self.conns.get_mut(&id) {

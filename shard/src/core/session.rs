@@ -31,6 +31,28 @@ pub(super) struct InFlight {
     pub released: bool,
 }
 
+/// A session's QoS 1/2 bookkeeping.
+#[derive(Debug, Default)]
+pub(super) struct Flows {
+    /// QoS 1/2 messages sent and not yet completed, in send order.
+    /// Invariant: `inflight.len() <= send_quota` except right after a resume with a smaller quota.
+    pub inflight: VecDeque<InFlight>,
+    /// QoS 1/2 messages waiting for room in the window (or for the client to come back).
+    pub queue: VecDeque<Delivery>,
+    /// Packet ids of QoS 2 publishes received and not yet released (duplicate suppression).
+    pub inbound_qos2: Vec<u16>,
+}
+
+impl Flows {
+    fn is_empty(&self) -> bool {
+        self.inflight.is_empty() && self.queue.is_empty() && self.inbound_qos2.is_empty()
+    }
+}
+
+/// What a session without QoS 1/2 state reads.
+static NO_FLOWS: Flows =
+    Flows { inflight: VecDeque::new(), queue: VecDeque::new(), inbound_qos2: Vec::new() };
+
 #[derive(Debug)]
 pub(super) struct Session {
     pub client_id: Arc<str>,
@@ -47,13 +69,8 @@ pub(super) struct Session {
     /// Set while a delayed will is pending.
     pub will_at: Option<Instant>,
     next_pid: u16,
-    /// QoS 1/2 messages sent and not yet completed, in send order.
-    /// Invariant: `inflight.len() <= send_quota` except right after a resume with a smaller quota.
-    pub inflight: VecDeque<InFlight>,
-    /// QoS 1/2 messages waiting for room in the window (or for the client to come back).
-    pub queue: VecDeque<Delivery>,
-    /// Packet ids of QoS 2 publishes received and not yet released (duplicate suppression).
-    pub inbound_qos2: Vec<u16>,
+    /// QoS 1/2 state, allocated on first use and freed when empty: an idle client pays one pointer.
+    flows: Option<Box<Flows>>,
     /// The client's Receive Maximum, capped by ours.
     pub send_quota: u16,
     /// Flow control (see `flow`): shards the last message this session published went to, and shards
@@ -74,12 +91,25 @@ impl Session {
             will: None,
             will_at: None,
             next_pid: 1,
-            inflight: VecDeque::new(),
-            queue: VecDeque::new(),
-            inbound_qos2: Vec::new(),
+            flows: None,
             send_quota: 1,
             last_targets: 0,
             congested_by: 0,
+        }
+    }
+
+    pub fn flows(&self) -> &Flows {
+        self.flows.as_deref().unwrap_or(&NO_FLOWS)
+    }
+
+    pub fn flows_mut(&mut self) -> &mut Flows {
+        self.flows.get_or_insert_with(Default::default)
+    }
+
+    /// Frees the QoS 1/2 state once nothing is in flight, queued or awaiting PUBREL.
+    pub fn trim(&mut self) {
+        if self.flows.as_deref().is_some_and(Flows::is_empty) {
+            self.flows = None;
         }
     }
 
@@ -95,15 +125,15 @@ impl Session {
         loop {
             let pid = self.next_pid;
             self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
-            if !self.inflight.iter().any(|f| f.pid == pid) {
-                debug_assert!(self.inflight.len() < u16::MAX as usize, "packet ids exhausted");
+            if !self.flows().inflight.iter().any(|f| f.pid == pid) {
+                debug_assert!(self.flows().inflight.len() < u16::MAX as usize, "packet ids exhausted");
                 return pid;
             }
         }
     }
 
     fn has_room(&self) -> bool {
-        self.inflight.len() < self.send_quota as usize
+        self.flows().inflight.len() < self.send_quota as usize
     }
 }
 
@@ -182,11 +212,11 @@ impl Shard {
             };
         }
         match conn {
-            Some(conn) if !conn.blocked && s.queue.is_empty() && s.has_room() => {
+            Some(conn) if !conn.blocked && s.flows().queue.is_empty() && s.has_room() => {
                 let pid = s.alloc_pid();
                 if write_publish(conn, &d, Some(pid), false, now, &mut self.io) {
                     self.counters.deliveries += 1;
-                    s.inflight.push_back(InFlight { pid, d, released: false });
+                    s.flows_mut().inflight.push_back(InFlight { pid, d, released: false });
                     Verdict::Accepted
                 } else {
                     self.counters.dropped_too_large += 1;
@@ -201,18 +231,21 @@ impl Shard {
                 } else {
                     self.cfg.max_queued
                 };
-                if s.queue.len() >= cap {
+                let queue = &mut s.flows_mut().queue;
+                if queue.len() >= cap {
                     // An offline session's queue is bounded by `max_queued`; an online one's only overflows
                     // when far more arrives than flow control lets through (both counted).
-                    s.queue.pop_front();
+                    queue.pop_front();
                     self.counters.dropped_queue_full += 1;
                 }
                 if self.cfg.max_queued > 0 {
-                    s.queue.push_back(d);
+                    queue.push_back(d);
                 }
+                let queued = queue.len();
+                s.trim();
                 match online {
                     false => Verdict::Ignored,
-                    true if blocked || s.queue.len() >= high_water => Verdict::Congested,
+                    true if blocked || queued >= high_water => Verdict::Congested,
                     true => Verdict::Accepted,
                 }
             }
@@ -225,7 +258,7 @@ impl Shard {
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
         while !conn.blocked && s.has_room() {
-            let Some(d) = s.queue.pop_front() else { break };
+            let Some(d) = s.flows_mut().queue.pop_front() else { break };
             if d.msg.is_expired(now) {
                 self.counters.dropped_expired += 1;
                 continue;
@@ -233,12 +266,13 @@ impl Shard {
             let pid = s.alloc_pid();
             if write_publish(conn, &d, Some(pid), false, now, &mut self.io) {
                 self.counters.deliveries += 1;
-                s.inflight.push_back(InFlight { pid, d, released: false });
+                s.flows_mut().inflight.push_back(InFlight { pid, d, released: false });
             } else {
                 self.counters.dropped_too_large += 1;
             }
         }
-        if !conn.blocked && s.queue.len() <= low_water {
+        s.trim();
+        if !conn.blocked && s.flows().queue.len() <= low_water {
             self.decongested(now);
         }
     }
@@ -247,7 +281,7 @@ impl Shard {
     pub(super) fn resume(&mut self, key: SessionKey, now: Instant) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
-        for f in s.inflight.iter() {
+        for f in s.flows().inflight.iter() {
             if f.released {
                 conn.send(&Packet::PubRel(Ack::new(PacketId(f.pid), ReasonCode::SUCCESS)), &mut self.io);
             } else {
@@ -260,24 +294,26 @@ impl Shard {
 
     pub(super) fn on_puback(&mut self, key: SessionKey, pid: PacketId, now: Instant) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
-        if let Some(i) = s.inflight.iter().position(|f| f.pid == pid.0 && f.d.qos == QoS::AtLeastOnce) {
-            s.inflight.remove(i);
+        if let Some(i) = s.flows().inflight.iter().position(|f| f.pid == pid.0 && f.d.qos == QoS::AtLeastOnce)
+        {
+            s.flows_mut().inflight.remove(i);
             self.pump(key, now);
         }
     }
 
     pub(super) fn on_pubrec(&mut self, id: crate::ConnId, key: SessionKey, a: &Ack<'_>, now: Instant) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
-        let pos = s.inflight.iter().position(|f| f.pid == a.packet_id.0 && f.d.qos == QoS::ExactlyOnce);
+        let pos =
+            s.flows().inflight.iter().position(|f| f.pid == a.packet_id.0 && f.d.qos == QoS::ExactlyOnce);
         let reason = match pos {
             Some(i) if a.reason.is_error() => {
                 // The receiver refused the message: the exchange ends here (MQTT 5 §4.3.3).
-                s.inflight.remove(i);
+                s.flows_mut().inflight.remove(i);
                 self.pump(key, now);
                 return;
             }
             Some(i) => {
-                s.inflight[i].released = true;
+                s.flows_mut().inflight[i].released = true;
                 ReasonCode::SUCCESS
             }
             None => ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
@@ -289,8 +325,8 @@ impl Shard {
 
     pub(super) fn on_pubcomp(&mut self, key: SessionKey, pid: PacketId, now: Instant) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
-        if let Some(i) = s.inflight.iter().position(|f| f.pid == pid.0 && f.released) {
-            s.inflight.remove(i);
+        if let Some(i) = s.flows().inflight.iter().position(|f| f.pid == pid.0 && f.released) {
+            s.flows_mut().inflight.remove(i);
             self.pump(key, now);
         }
     }
