@@ -120,6 +120,12 @@ impl Client {
         Ok(c)
     }
 
+    /// The socket (the writer's clone is dropped) and any bytes already read past the handshake, for an
+    /// event loop to take over the connection.
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        (self.read, self.buf[self.start..self.end].to_vec())
+    }
+
     pub fn writer(&self) -> Writer {
         self.writer.clone()
     }

@@ -89,10 +89,10 @@ struct Conn {
     buf: Vec<u8>,
 }
 
-struct Epoll(OwnedFd);
+pub(crate) struct Epoll(OwnedFd);
 
 impl Epoll {
-    fn new() -> io::Result<Epoll> {
+    pub(crate) fn new() -> io::Result<Epoll> {
         // SAFETY: plain epoll_create1; the fd is owned immediately.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -102,7 +102,7 @@ impl Epoll {
         Ok(Epoll(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
     }
 
-    fn ctl(&self, op: libc::c_int, fd: &OwnedFd, events: u32, token: u64) -> io::Result<()> {
+    pub(crate) fn ctl(&self, op: libc::c_int, fd: &impl AsRawFd, events: u32, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: both fds are open and `ev` is valid for the call.
         if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) } < 0 {
@@ -111,7 +111,7 @@ impl Epoll {
         Ok(())
     }
 
-    fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> usize {
+    pub(crate) fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> usize {
         // SAFETY: `events` is a writable buffer of the stated length.
         let n = unsafe {
             libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, timeout_ms)

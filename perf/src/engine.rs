@@ -85,19 +85,19 @@ pub struct RunReport {
 }
 
 #[derive(Default)]
-struct Counters {
-    sent: AtomicU64,
-    acked: AtomicU64,
-    delivered: AtomicU64,
-    dups: AtomicU64,
-    publishers_done: AtomicUsize,
-    stop_pub: AtomicBool,
-    stop_read: AtomicBool,
-    errors: Mutex<Vec<String>>,
+pub(crate) struct Counters {
+    pub(crate) sent: AtomicU64,
+    pub(crate) acked: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) dups: AtomicU64,
+    pub(crate) publishers_done: AtomicUsize,
+    pub(crate) stop_pub: AtomicBool,
+    pub(crate) stop_read: AtomicBool,
+    pub(crate) errors: Mutex<Vec<String>>,
 }
 
 impl Counters {
-    fn error(&self, who: &str, e: impl std::fmt::Display) {
+    pub(crate) fn error(&self, who: &str, e: impl std::fmt::Display) {
         if let Ok(mut v) = self.errors.lock() {
             v.push(format!("{who}: {e}"));
         }
@@ -105,13 +105,13 @@ impl Counters {
 }
 
 /// Total and since-last-progress-line latencies of one subscriber.
-struct Hists {
-    total: Histogram<u64>,
-    interval: Histogram<u64>,
+pub(crate) struct Hists {
+    pub(crate) total: Histogram<u64>,
+    pub(crate) interval: Histogram<u64>,
 }
 
 impl Hists {
-    fn new() -> Mutex<Hists> {
+    pub(crate) fn new() -> Mutex<Hists> {
         Mutex::new(Hists { total: stats::new_histogram(), interval: stats::new_histogram() })
     }
 }
@@ -180,8 +180,24 @@ pub fn run(plan: &Plan) -> Result<RunReport> {
         (received, counts, acked, window, at_stop)
     });
 
+    Ok(report(plan, c, &hists, &received, counts, &acked, window, at_stop, probe))
+}
+
+/// The summary of a finished run, shared by this engine and the epoll one ([`crate::pairs`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn report(
+    plan: &Plan,
+    c: Counters,
+    hists: &[Mutex<Hists>],
+    received: &[Received],
+    counts: Vec<u64>,
+    acked: &HashMap<u32, SeqSet>,
+    window: Duration,
+    at_stop: (u64, u64),
+    probe: Option<BrokerProbe>,
+) -> RunReport {
     let mut total = stats::new_histogram();
-    for h in &hists {
+    for h in hists {
         if let Ok(h) = h.lock() {
             let _ = total.add(&h.total);
         }
@@ -190,7 +206,7 @@ pub fn run(plan: &Plan) -> Result<RunReport> {
     let sent = c.sent.load(Relaxed);
     let secs = window.as_secs_f64().max(1e-9);
     let errors = c.errors.into_inner().unwrap_or_default();
-    Ok(RunReport {
+    RunReport {
         scenario: plan.scenario.clone(),
         protocol: plan.protocol.level(),
         qos: plan.qos as u8,
@@ -206,7 +222,7 @@ pub fn run(plan: &Plan) -> Result<RunReport> {
         delivered_per_s: at_stop.1 as f64 / secs,
         // Loss needs both ends in this process: `pub` and `sub` alone cannot tell.
         lost: (plan.qos != QoS::AtMostOnce && !plan.publishers.is_empty() && !plan.subscribers.is_empty())
-            .then(|| lost(&acked, &received, plan.each_receiver)),
+            .then(|| lost(acked, received, plan.each_receiver)),
         duplicates: c.dups.load(Relaxed),
         latency_us: LatencySummary::of(&total),
         per_subscriber_min: counts.iter().copied().min().unwrap_or(0),
@@ -214,13 +230,13 @@ pub fn run(plan: &Plan) -> Result<RunReport> {
         per_subscriber: counts,
         broker: probe.map(|p| p.finish(delivered)),
         errors,
-    })
+    }
 }
 
 /// Waits for in-flight messages after publishing stops: until every expected copy arrived and every
 /// QoS 1/2 message was acknowledged, or nothing moved for a second, or the longer of five seconds and the
 /// run's duration passed (an overloaded broker may still be working through a backlog as long as the run).
-fn drain(plan: &Plan, c: &Counters) {
+pub(crate) fn drain(plan: &Plan, c: &Counters) {
     let deadline = Instant::now() + plan.duration.max(Duration::from_secs(5));
     let mut seen = (u64::MAX, u64::MAX);
     let mut still_since = Instant::now();
@@ -242,7 +258,12 @@ fn drain(plan: &Plan, c: &Counters) {
     }
 }
 
-fn progress_line(t0: Instant, last: (u64, Instant), c: &Counters, hists: &[Mutex<Hists>]) -> (u64, Instant) {
+pub(crate) fn progress_line(
+    t0: Instant,
+    last: (u64, Instant),
+    c: &Counters,
+    hists: &[Mutex<Hists>],
+) -> (u64, Instant) {
     let mut merged = stats::new_histogram();
     for h in hists {
         if let Ok(mut h) = h.lock() {

@@ -6,7 +6,8 @@
 //!   ([`conn`]), and reports connect rate, failures by reason and the broker's memory per connection;
 //! - `fanin`, `fanout`, `pairs`, `shared`, `pub`, `sub`: message flows over blocking clients
 //!   ([`engine`]), reporting throughput, end-to-end latency percentiles (send timestamp in the payload,
-//!   [`payload`]) and, at QoS 1/2, every acknowledged message that never arrived;
+//!   [`payload`]) and, at QoS 1/2, every acknowledged message that never arrived; `pairs` runs on a few
+//!   epoll threads ([`pairs`]) so that scheduling hundreds of client threads does not swamp the latency;
 //! - optionally samples the broker's CPU time and memory from /proc ([`procfs`]).
 //!
 //! What it does not do: TLS, WebSockets, authentication, persistent sessions, reconnects, retained
@@ -18,6 +19,7 @@ pub mod client;
 pub mod conn;
 pub mod engine;
 pub mod net;
+pub mod pairs;
 pub mod payload;
 pub mod procfs;
 pub mod stats;

@@ -8,6 +8,7 @@ use shardmq_perf::client::protocol_from;
 use shardmq_perf::conn::{self, ConnPlan, ConnReport};
 use shardmq_perf::engine::{self, Plan, PubSpec, RunReport};
 use shardmq_perf::net::resolve;
+use shardmq_perf::pairs;
 use shardmq_wire::QoS;
 use std::time::Duration;
 
@@ -209,6 +210,9 @@ struct PairsCmd {
     /// most QoS 1/2 messages in flight per publisher (default 64)
     #[argh(option, default = "64")]
     window: u16,
+    /// epoll threads driving the connections (default: one per CPU this process may use, at most 4)
+    #[argh(option, default = "0")]
+    threads: usize,
 }
 common!(PairsCmd);
 
@@ -362,6 +366,8 @@ fn spec(topic: String, rate: Option<f64>) -> PubSpec {
 
 fn main() -> Result<()> {
     let args: Args = argh::from_env();
+    // `Some(threads)`: run on the epoll engine (`pairs`).
+    let mut epoll_threads = None;
     let (common, plan) = match args.cmd {
         Cmd::Conn(a) => return run_conn(a),
         Cmd::Fanin(a) => {
@@ -386,6 +392,7 @@ fn main() -> Result<()> {
             p.publishers = (0..a.pairs).map(|i| spec(format!("bench/pairs/{i}"), Some(a.rate))).collect();
             p.subscribers = (0..a.pairs).map(|i| format!("bench/pairs/{i}")).collect();
             p.window = a.window;
+            epoll_threads = Some(a.threads);
             (a.common(), p)
         }
         Cmd::Shared(a) => {
@@ -408,7 +415,10 @@ fn main() -> Result<()> {
             (a.common(), p)
         }
     };
-    let report = engine::run(&plan)?;
+    let report = match epoll_threads {
+        Some(t) => pairs::run(&plan, t)?,
+        None => engine::run(&plan)?,
+    };
     if common.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
