@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use ahash::HashMap;
 use shardmq_wire::{
-    decode, frame, peek_protocol, topic, Ack, ConnAck, Disconnect, Packet, PacketId, Properties, Protocol,
-    Publish, QoS, ReasonCode,
+    decode, peek_protocol, topic, Ack, ConnAck, Disconnect, Packet, PacketId, Properties, Protocol, Publish,
+    QoS, ReasonCode,
 };
 
 use super::{encode_into, Flow, Handoff, Msg, MsgProps, Origin, ProtocolError, SessionKey, Shard, Timer};
@@ -133,21 +133,41 @@ impl Conn {
         }
     }
 
+    /// Appends an encoded packet unless it exceeds `max` bytes (the client's Maximum Packet Size); returns
+    /// whether it was appended. Encodes once: an oversized packet is cut back off the buffer.
+    pub fn send_within(&mut self, pkt: &Packet<'_>, max: u32, io: &mut super::IoQueue) -> bool {
+        let start = self.out.len();
+        encode_into(&mut self.out, pkt, self.protocol.unwrap_or(Protocol::V311));
+        if (self.out.len() - start) as u64 > max as u64 {
+            self.out.truncate(start);
+            return false;
+        }
+        if !self.tx_queued {
+            self.tx_queued = true;
+            io.push_back(IoCmd::Transmit(self.id));
+        }
+        true
+    }
+
     /// The alias to use for `topic` towards this client: `(alias, topic already known to the client)`.
-    pub fn outbound_alias(&mut self, topic: &str) -> Option<(u16, bool)> {
+    /// A new alias is only a proposal until [`Conn::remember_alias`] records it, after the PUBLISH that
+    /// introduces it was actually written.
+    pub fn outbound_alias(&self, topic: &str) -> Option<(u16, bool)> {
         if self.client_alias_max == 0 {
             return None;
         }
-        let a = self.aliases.get_or_insert_with(Default::default);
-        if let Some(&n) = a.outbound.get(topic) {
+        let known = self.aliases.as_ref().map_or(0, |a| a.outbound.len());
+        if let Some(&n) = self.aliases.as_ref().and_then(|a| a.outbound.get(topic)) {
             return Some((n, true));
         }
-        let next = a.outbound.len() as u16 + 1;
-        if next > self.client_alias_max {
-            return None;
-        }
-        a.outbound.insert(topic.into(), next);
-        Some((next, false))
+        let next = known as u16 + 1;
+        (next <= self.client_alias_max).then_some((next, false))
+    }
+
+    pub fn remember_alias(&mut self, topic: &str, alias: u16) {
+        let a = self.aliases.get_or_insert_with(Default::default);
+        debug_assert_eq!(alias as usize, a.outbound.len() + 1, "aliases are handed out in order");
+        a.outbound.insert(topic.into(), alias);
     }
 
     /// Resolves an inbound topic alias (MQTT 5 §3.3.2.3.4), recording a new mapping when a topic is given.
@@ -216,11 +236,7 @@ impl Shard {
             let Some(conn) = self.conns.get(&id) else { return (pos, true) };
             let protocol = conn.protocol;
             let rest = &buf[pos..];
-            // Size check on the fixed header alone: an oversized packet is refused before its body arrives.
-            if let Err(e) = frame(rest, self.cfg.max_packet_size) {
-                self.decode_failed(id, rest, e.into(), now);
-                return (pos, true);
-            }
+            // `decode` refuses an oversized packet from its fixed header alone, before the body arrives.
             match decode(rest, protocol, self.cfg.max_packet_size) {
                 Ok(None) => break,
                 Ok(Some((pkt, n))) => {

@@ -227,6 +227,7 @@ pub struct Shard {
     scratch_shards: Vec<bool>,
     scratch_shared: Vec<(SharedKey, ShardId, u32)>,
     scratch_hits: Vec<(SessionKey, shardmq_wire::QoS, bool, u32)>,
+    scratch_members: Vec<u32>,
     shutting_down: bool,
     assigned_ids: u64,
     /// Publishers (anywhere) this shard reported as facing congestion here; see `flow`.
@@ -265,6 +266,7 @@ impl Shard {
             scratch_shards: Vec::new(),
             scratch_shared: Vec::new(),
             scratch_hits: Vec::new(),
+            scratch_members: Vec::new(),
             shutting_down: false,
             assigned_ids: 0,
             throttling: Default::default(),

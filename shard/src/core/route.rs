@@ -185,12 +185,13 @@ impl Shard {
 
     /// One member of a shared group on this shard: round robin, preferring connected members with room.
     fn deliver_shared(&mut self, msg: &Arc<Msg>, key: &SharedKey, rerouted: bool, now: Instant) -> Verdict {
-        let members: Vec<&SubRef> = self
-            .subs
-            .get(&key.1)
-            .map(|m| m.iter().filter(|s| s.group == key.0).collect())
-            .unwrap_or_default();
+        // Indices of the group's members in the trie's list, in a buffer reused across messages.
+        let mut members = std::mem::take(&mut self.scratch_members);
+        members.clear();
+        let list: &[SubRef] = self.subs.get(&key.1).unwrap_or(&[]);
+        members.extend(list.iter().enumerate().filter(|(_, s)| s.group == key.0).map(|(i, _)| i as u32));
         if members.is_empty() {
+            self.scratch_members = members;
             // The last member here left after the sender chose this shard (its announcement is still on
             // the way). A QoS 1/2 message goes once more to a shard that has members; a second miss means
             // the group is empty node-wide as far as this shard knows.
@@ -221,8 +222,8 @@ impl Shard {
                 .is_some_and(|c| !c.blocked)
         };
         let n = members.len();
-        let chosen =
-            (0..n).map(|i| members[(start + i) % n]).find(|s| online(s)).unwrap_or(members[start % n]);
+        let member = |i: usize| &list[members[i % n] as usize];
+        let chosen = (0..n).map(|i| member(start + i)).find(|s| online(s)).unwrap_or(member(start));
         let d = Delivery {
             msg: msg.clone(),
             qos: chosen.opts.qos.min(msg.qos),
@@ -230,6 +231,7 @@ impl Shard {
             sub_ids: if chosen.sub_id != 0 { vec![chosen.sub_id] } else { Vec::new() },
         };
         let session = chosen.session;
+        self.scratch_members = members;
         self.deliver(session, d, now)
     }
 

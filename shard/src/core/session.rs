@@ -150,12 +150,15 @@ fn write_publish(
     let v5 = conn.is_v5();
     let mut props = if v5 { msg.wire_properties(now) } else { Default::default() };
     let mut topic: &str = &msg.topic;
+    let mut new_alias = None;
     if v5 {
         props.subscription_identifiers = d.sub_ids.clone();
         if let Some((alias, known)) = conn.outbound_alias(&msg.topic) {
             props.topic_alias = Some(alias);
             if known {
                 topic = "";
+            } else {
+                new_alias = Some(alias);
             }
         }
     }
@@ -168,14 +171,13 @@ fn write_publish(
         payload: &msg.payload,
         properties: props,
     });
-    let protocol = conn.protocol.unwrap_or(Protocol::V311);
-    match shardmq_wire::encoded_len(&pkt, protocol) {
-        Ok(len) if len as u64 <= conn.client_max_packet as u64 => {
-            conn.send(&pkt, io);
-            true
-        }
-        _ => false,
+    let max = conn.client_max_packet;
+    let sent = conn.send_within(&pkt, max, io);
+    if let (true, Some(alias)) = (sent, new_alias) {
+        // Only a PUBLISH that reached the client teaches it the alias.
+        conn.remember_alias(&msg.topic, alias);
     }
+    sent
 }
 
 impl Shard {

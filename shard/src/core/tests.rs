@@ -773,3 +773,34 @@ fn a_pause_ends_by_itself_if_no_clearing_event_comes() {
     // Resumed, read the waiting publishes, and paused again (the subscriber still does not read).
     assert!(sim.shards[0].counters().publisher_pauses >= 2);
 }
+
+#[test]
+fn an_oversized_publish_does_not_consume_a_topic_alias() {
+    let mut sim = Sim::new(1);
+    let s = sim.connect_with(0, V5, |k| {
+        k.client_id = "small";
+        k.properties.topic_alias_maximum = Some(4);
+        k.properties.maximum_packet_size = Some(64);
+    });
+    sim.pop(s, |_| ());
+    sim.subscribe(s, "alias/t", QoS::AtMostOnce);
+    let (p, _) = sim.connect(0, V5, "p", true);
+    sim.publish(p, "alias/t", &[7; 200], QoS::AtMostOnce, false, 0);
+    assert!(!sim.has_packet(s), "larger than the client's Maximum Packet Size: not sent");
+    sim.publish(p, "alias/t", b"ok", QoS::AtMostOnce, false, 0);
+    // The client never saw the first PUBLISH, so this one must name the topic along with its new alias.
+    sim.pop(s, |pkt| match pkt {
+        Packet::Publish(m) => {
+            assert_eq!(m.topic, "alias/t");
+            assert_eq!(m.properties.topic_alias, Some(1));
+        }
+        other => panic!("{other:?}"),
+    });
+    sim.publish(p, "alias/t", b"ok", QoS::AtMostOnce, false, 0);
+    sim.pop(s, |pkt| {
+        assert!(
+            matches!(pkt, Packet::Publish(m) if m.topic.is_empty() && m.properties.topic_alias == Some(1))
+        )
+    });
+    assert_eq!(sim.shards[0].counters().dropped_too_large, 1);
+}
