@@ -38,7 +38,7 @@ def start(args):
         time.sleep(0.5)
         return p, port
     p = subprocess.Popen([args.bin, "--listen", "127.0.0.1:0", "--cores", str(args.cores),
-                          "--log-level", "warn"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                          "--log-level", "warn", "--in-memory"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = p.stdout.readline()
     m = re.search(r"listening on \S+:(\d+)", line)
     if not m:

@@ -1,12 +1,17 @@
 //! `shardmq`: the broker binary. Parses flags, sets up logging, starts one shard per core and waits for
 //! SIGINT/SIGTERM to shut down gracefully. All protocol work lives in `shardmq-shard`.
 
+mod inspect;
+
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use shardmq_shard::core::{Config, NodeShared, Shard};
+use shardmq_shard::core::{open_node, Boot, Config, NodeShared, Shard, StorageConfig, WallClock};
 use shardmq_shard::runtime::{self, BackendChoice, RuntimeConfig};
+use shardmq_storage::FsyncPolicy;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -58,9 +63,33 @@ struct Args {
     /// cap on the session expiry interval a client may ask for, in seconds; default: no cap
     #[argh(option, default = "u32::MAX")]
     max_session_expiry: u32,
+    /// directory of the durable state (one log per shard: persistent sessions, their queued and
+    /// in-flight messages, retained messages); created if missing; default ./data
+    #[argh(option, default = "PathBuf::from(\"data\")")]
+    data_dir: PathBuf,
+    /// keep everything in memory: no data directory, nothing survives a restart
+    #[argh(switch)]
+    in_memory: bool,
+    /// when the log reaches the disk: always (default; an acknowledgement waits for the flush of its
+    /// records, one flush per event-loop iteration for everything in it), interval:<ms> (acknowledge
+    /// once written; flushed every <ms>, so power loss can lose that much, a process crash nothing), or
+    /// never (the OS writes back when it likes)
+    #[argh(option, default = "String::from(\"always\")")]
+    fsync: String,
+    /// size of each log segment file in bytes, allocated up front; default 64 MiB
+    #[argh(option, default = "64 << 20")]
+    segment_bytes: u64,
     /// log level or filter (error, warn, info, debug, trace, or a tracing filter); default info
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
+    #[argh(subcommand)]
+    cmd: Option<Command>,
+}
+
+#[derive(argh::FromArgs, Debug)]
+#[argh(subcommand)]
+enum Command {
+    Inspect(inspect::Inspect),
 }
 
 fn main() -> Result<()> {
@@ -69,6 +98,9 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)
         .init();
+    if let Some(Command::Inspect(i)) = &args.cmd {
+        std::process::exit(inspect::run(i, wall_clock())?);
+    }
 
     let listen =
         resolve(if args.listen.is_empty() { vec!["0.0.0.0:1883".into()] } else { args.listen.clone() })?;
@@ -112,19 +144,45 @@ fn main() -> Result<()> {
     });
     let node_state = Arc::new(NodeShared::default());
     let shards = rt.shards;
+    if shards > u16::MAX as usize {
+        bail!("--cores must be at most {}", u16::MAX);
+    }
+    let fsync: FsyncPolicy = args.fsync.parse().map_err(anyhow::Error::msg).context("--fsync")?;
+    let boots: Vec<Mutex<Option<Boot>>> = if args.in_memory {
+        Vec::new()
+    } else {
+        let sc = StorageConfig { dir: args.data_dir.clone(), fsync, segment_bytes: args.segment_bytes };
+        let boots = open_node(&sc, shards as u16, wall_clock())
+            .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
+        boots.into_iter().map(|b| Mutex::new(Some(b))).collect()
+    };
 
     // Block the shutdown signals before any thread starts so that only `sigwait` below sees them.
     let signals = block_shutdown_signals()?;
-    let node = runtime::start(rt, move |id, n| Shard::new(id, n as u16, cfg.clone(), node_state.clone()))
-        .context("starting the shards")?;
+    let node = runtime::start(rt, move |id, n| {
+        let mut shard = Shard::new(id, n as u16, cfg.clone(), node_state.clone());
+        // Each shard takes its own boot state once, on its own thread, before its loop starts.
+        let boot = boots.get(id.index()).and_then(|b| b.lock().ok()?.take());
+        if let Some(boot) = boot {
+            shard.restore(boot, Instant::now());
+        }
+        shard
+    })
+    .context("starting the shards")?;
     let addrs: Vec<String> = node.local_addrs().iter().map(ToString::to_string).collect();
+    let storage = if args.in_memory {
+        "in-memory".to_string()
+    } else {
+        format!("{} fsync={fsync}", args.data_dir.display())
+    };
     println!(
-        "shardmq {} listening on {} cores={} runtime={} max_connections={}",
+        "shardmq {} listening on {} cores={} runtime={} max_connections={} data={}",
         env!("CARGO_PKG_VERSION"),
         addrs.join(","),
         shards,
         node.backend(),
-        args.max_connections
+        args.max_connections,
+        storage
     );
     let sig = wait_for(&signals);
     tracing::info!(signal = sig, "shutting down");
@@ -157,6 +215,12 @@ extern "C" fn tune_allocator() {
 #[used]
 #[link_section = ".init_array"]
 static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
+/// Deadlines are stored as Unix time; the shards run on the monotonic clock.
+fn wall_clock() -> WallClock {
+    let base_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    WallClock { base: Instant::now(), base_unix_ms }
+}
 
 fn resolve(listen: Vec<String>) -> Result<Vec<SocketAddr>> {
     let mut out = Vec::new();

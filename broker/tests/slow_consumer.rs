@@ -19,7 +19,7 @@ struct Broker {
 impl Broker {
     fn start(args: &[&str]) -> Broker {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-            .args(["--listen", "127.0.0.1:0", "--cores", "2", "--log-level", "warn"])
+            .args(["--listen", "127.0.0.1:0", "--cores", "2", "--log-level", "warn", "--in-memory"])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -60,6 +60,15 @@ impl InspectReport {
 /// Reports on the log in `dir` without modifying anything. Damage is reported in
 /// [`InspectReport::problems`], not as an error; errors are for directories and files that cannot be read.
 pub fn inspect(dir: &Path) -> Result<InspectReport, StorageError> {
+    inspect_records(dir, &mut |_, _| {})
+}
+
+/// [`inspect`], also handing every valid record (in log order, including any a torn tail would cut) to
+/// `each`, so a caller can report on what the records mean. Read-only, like `inspect`.
+pub fn inspect_records(
+    dir: &Path,
+    each: &mut dyn FnMut(RecordType, &[u8]),
+) -> Result<InspectReport, StorageError> {
     let listing = segment::list(dir)?;
     let mut report =
         InspectReport { dir: dir.to_path_buf(), temp_files: listing.temp_files, ..InspectReport::default() };
@@ -95,6 +104,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, StorageError> {
             continue;
         }
         let s = scan(&buf, id, &mut |_, t, p| {
+            each(RecordType(t), p);
             by_type[t as usize] += 1;
             seg.records += 1;
             report.payload_bytes += p.len() as u64;

@@ -68,7 +68,7 @@ use std::time::Duration;
 pub use compact::{CompactProgress, Relocation};
 pub use error::{Fault, StorageError};
 pub use format::{FORMAT_VERSION, RECORD_OVERHEAD};
-pub use inspect::{inspect, InspectProblem, InspectReport, SegmentReport};
+pub use inspect::{inspect, inspect_records, InspectProblem, InspectReport, SegmentReport};
 pub use log::{Log, SegmentInfo};
 pub use recovery::{Cut, Records, Recovery, RecoveryReport};
 

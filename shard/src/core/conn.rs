@@ -322,7 +322,7 @@ impl Shard {
                 Ok(())
             }
             Packet::PubRel(a) => {
-                self.on_pubrel(id, key, a.packet_id);
+                self.on_pubrel(id, key, a.packet_id, now);
                 Ok(())
             }
             Packet::PubComp(a) => {
@@ -380,6 +380,8 @@ impl Shard {
         let too_deep = topic::levels(&topic) > self.cfg.max_topic_levels;
         let pid = p.packet_id;
         let mut route = !too_deep;
+        // With a log, the acknowledgement waits until the message is durable wherever it went.
+        let token = if p.qos != QoS::AtMostOnce { self.begin_ack() } else { None };
         if p.qos == QoS::ExactlyOnce {
             let pid = pid.ok_or(ProtocolError::Violation("QoS 2 without packet id"))?;
             let s = self.sessions.get_mut(&key).ok_or(ProtocolError::Violation("no session"))?;
@@ -391,6 +393,8 @@ impl Shard {
                     return Err(ProtocolError::ReceiveMaximumExceeded);
                 }
                 s.flows_mut().inbound_qos2.push(pid.0);
+                // A failure is remembered by the store and refuses the PUBREC.
+                let _ = self.persist_inbound_qos2(key, pid.0, true);
             }
         }
         if route {
@@ -412,28 +416,31 @@ impl Shard {
             self.note_targets(key, targets, now);
         }
         let reason = if too_deep { ReasonCode::TOPIC_NAME_INVALID } else { ReasonCode::SUCCESS };
-        if let (Some(pid), Some(conn)) = (pid, self.conns.get_mut(&id)) {
-            let ack = Ack::new(pid, reason);
-            match p.qos {
-                QoS::AtLeastOnce => conn.send(&Packet::PubAck(ack), &mut self.io),
-                QoS::ExactlyOnce => conn.send(&Packet::PubRec(ack), &mut self.io),
-                QoS::AtMostOnce => {}
-            }
+        match pid {
+            Some(pid) if p.qos != QoS::AtMostOnce => self.ack_publish(id, pid, p.qos, reason, token, now),
+            _ => self.ack_ctx = None,
         }
         Ok(())
     }
 
-    fn on_pubrel(&mut self, id: ConnId, key: SessionKey, pid: PacketId) {
+    fn on_pubrel(&mut self, id: ConnId, key: SessionKey, pid: PacketId, now: Instant) {
         let found = self.sessions.get_mut(&key).is_some_and(|s| {
             let pos = s.flows().inbound_qos2.iter().position(|p| *p == pid.0);
             let found = pos.map(|i| s.flows_mut().inbound_qos2.swap_remove(i)).is_some();
             s.trim();
             found
         });
-        let reason = if found { ReasonCode::SUCCESS } else { ReasonCode::PACKET_IDENTIFIER_NOT_FOUND };
-        if let Some(conn) = self.conns.get_mut(&id) {
-            conn.send(&Packet::PubComp(Ack::new(pid, reason)), &mut self.io);
+        // Durable before PUBCOMP: the client reuses the packet id once it has PUBCOMP, and a restart
+        // that still remembered it would drop the next message sent with it as a duplicate.
+        if found && !self.persist_inbound_qos2(key, pid.0, false) {
+            self.storage_failed(id, now);
+            return;
         }
+        let reason = if found { ReasonCode::SUCCESS } else { ReasonCode::PACKET_IDENTIFIER_NOT_FOUND };
+        let protocol = self.conns.get(&id).and_then(|c| c.protocol).unwrap_or(Protocol::V311);
+        let mut out = Vec::new();
+        encode_into(&mut out, &Packet::PubComp(Ack::new(pid, reason)), protocol);
+        self.send_durable(id, out, now);
     }
 
     fn on_disconnect(&mut self, id: ConnId, key: SessionKey, d: Disconnect<'_>, now: Instant) -> Flow {

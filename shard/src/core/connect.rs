@@ -164,6 +164,9 @@ impl Shard {
         }
         let ack = ConnAck { session_present, reason: ReasonCode::SUCCESS, properties: props };
         conn.send(&Packet::ConnAck(ack), &mut self.io);
+        // Not a reason to refuse the client: the session works from memory, and the next change that
+        // must be durable (a subscription, a publish) is refused if the log still fails.
+        let _ = self.persist_session(key);
         self.arm_keepalive(id);
         self.resume(key, now);
         Flow::Continue
@@ -197,11 +200,14 @@ impl Shard {
         let Some(s) = self.sessions.get_mut(&key) else { return };
         match s.expiry_s {
             0 => self.end_session(key, now),
-            u32::MAX => {}
+            u32::MAX => {
+                let _ = self.persist_session(key);
+            }
             secs => {
                 let at = now + Duration::from_secs(secs as u64);
                 s.expires_at = Some(at);
                 self.arm(at, Timer::Expiry(key));
+                let _ = self.persist_session(key);
             }
         }
     }
@@ -211,6 +217,10 @@ impl Shard {
         let Some(s) = self.sessions.get_mut(&key) else { return };
         s.will_at = None;
         let Some(w) = s.will.take() else { return };
+        let stored = s.stored_ver != 0;
+        if stored {
+            let _ = self.persist_session(key);
+        }
         let msg = Msg {
             topic: w.topic,
             payload: w.payload,
@@ -228,6 +238,10 @@ impl Shard {
     pub(super) fn end_session(&mut self, key: SessionKey, now: Instant) {
         if self.sessions.get(&key).is_some_and(|s| s.will.is_some()) {
             self.publish_will(key, now);
+        }
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.expiry_s = 0;
+            let _ = self.persist_session(key);
         }
         let Some(s) = self.sessions.remove(&key) else { return };
         self.by_client.remove(&s.client_id);

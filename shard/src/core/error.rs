@@ -34,6 +34,10 @@ pub enum ProtocolError {
     AuthNotSupported,
     #[error("session expiry changed from 0 at DISCONNECT")]
     SessionExpiryAfterZero,
+    /// The shard's log refused a write (disk full, or stopped after an I/O error): what the client asked
+    /// for cannot be made durable, so it is not acknowledged.
+    #[error("storage full or failing: the request cannot be made durable")]
+    StorageUnavailable,
 }
 
 impl ProtocolError {
@@ -43,7 +47,8 @@ impl ProtocolError {
             ProtocolError::ConnectTimeout
             | ProtocolError::KeepAliveTimeout
             | ProtocolError::SessionTakenOver
-            | ProtocolError::ShuttingDown => Fault::Limit,
+            | ProtocolError::ShuttingDown
+            | ProtocolError::StorageUnavailable => Fault::Limit,
             _ => Fault::Peer,
         }
     }
@@ -64,6 +69,7 @@ impl ProtocolError {
             ProtocolError::SessionTakenOver => ReasonCode::SESSION_TAKEN_OVER,
             ProtocolError::ShuttingDown => ReasonCode::SERVER_SHUTTING_DOWN,
             ProtocolError::AuthNotSupported => ReasonCode::BAD_AUTHENTICATION_METHOD,
+            ProtocolError::StorageUnavailable => ReasonCode::QUOTA_EXCEEDED,
         }
     }
 }
@@ -89,6 +95,7 @@ mod tests {
             ProtocolError::ShuttingDown,
             ProtocolError::AuthNotSupported,
             ProtocolError::SessionExpiryAfterZero,
+            ProtocolError::StorageUnavailable,
         ];
         for e in all {
             assert!(e.reason_code().is_error(), "{e:?} maps to a success code");
@@ -102,5 +109,7 @@ mod tests {
         assert_eq!(ProtocolError::KeepAliveTimeout.reason_code(), ReasonCode::KEEP_ALIVE_TIMEOUT);
         assert_eq!(ProtocolError::TopicAlias(0).reason_code(), ReasonCode::TOPIC_ALIAS_INVALID);
         assert_eq!(ProtocolError::SecondConnect.fault(), Fault::Peer);
+        assert_eq!(ProtocolError::StorageUnavailable.reason_code(), ReasonCode::QUOTA_EXCEEDED);
+        assert_eq!(ProtocolError::StorageUnavailable.fault(), Fault::Limit);
     }
 }

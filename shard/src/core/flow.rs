@@ -29,6 +29,14 @@ pub(super) const MAX_PAUSE: Duration = Duration::from_secs(1);
 /// `max_queued` exactly.
 pub(super) const ONLINE_QUEUE_FACTOR: usize = 16;
 
+/// How many messages a session may queue: `max_queued` offline, [`ONLINE_QUEUE_FACTOR`] times that
+/// online, and never so many that queued and in-flight messages could run out of packet ids (they are
+/// chosen when a message is queued).
+pub(super) fn queue_cap(cfg: &super::Config, online: bool) -> usize {
+    let cap = if online { cfg.max_queued.saturating_mul(ONLINE_QUEUE_FACTOR) } else { cfg.max_queued };
+    cap.min((u16::MAX as usize - 1).saturating_sub(cfg.max_inflight as usize))
+}
+
 /// What one delivery to one session amounted to, for flow control.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Verdict {

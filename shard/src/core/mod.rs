@@ -20,6 +20,7 @@ mod connect;
 mod error;
 mod flow;
 mod msg;
+mod persist;
 mod route;
 mod session;
 #[cfg(test)]
@@ -38,6 +39,10 @@ use shardmq_wire::{Packet, Protocol};
 use self::conn::Conn;
 pub use self::error::ProtocolError;
 pub use self::msg::{Delivery, Msg, MsgProps, Origin, SessionKey};
+pub use self::persist::{
+    inspect_node, open_node, read_meta, type_name, Boot, BootError, Recovered, Replay, ShardReport,
+    StorageConfig, Store, StoredSession, WallClock,
+};
 use self::route::{Interest, SubRef};
 pub use self::route::{InterestDelta, SharedKey};
 use self::session::Session;
@@ -122,6 +127,9 @@ pub struct Counters {
     pub publisher_pauses: u64,
 }
 
+/// Who asks for a durability answer: the publishing shard and its token (see `persist`).
+pub type AckRequest = Option<(ShardId, u64)>;
+
 /// Messages between shards of one node.
 #[derive(Debug)]
 pub enum Mesh {
@@ -133,12 +141,24 @@ pub enum Mesh {
         groups: Vec<SharedKey>,
         /// A shard with no member left already passed it on once; it is not passed on again.
         rerouted: bool,
+        /// Answer [`Mesh::Stored`] to this shard once what this message added to the log is durable.
+        ack: AckRequest,
     },
     /// A retained-message update. `apply == false`: sent to the topic's owner shard, which applies it
     /// and fans it out with `apply == true` to every other shard.
     Retain {
         msg: Arc<Msg>,
         apply: bool,
+        ack: AckRequest,
+    },
+    /// Answer to a Deliver/Retain that carried `ack`: the receiver's records for it are durable (`ok`;
+    /// false: its log refused them). `forwarded`: it passed the message on to that many shards, whose
+    /// answers (with `rerouted`) come too.
+    Stored {
+        token: u64,
+        ok: bool,
+        forwarded: u32,
+        rerouted: bool,
     },
     /// The sender's subscriber counts changed; `token` asks for an [`Mesh::InterestAck`].
     Interest {
@@ -183,6 +203,7 @@ enum Timer {
 }
 
 /// A SUBACK waiting for every other shard to acknowledge new interest.
+#[derive(Debug)]
 struct PendingSubAck {
     conn: ConnId,
     session: SessionKey,
@@ -236,6 +257,10 @@ pub struct Shard {
     paused_conns: ahash::HashSet<ConnId>,
     /// Connections resumed during the current call whose buffered bytes still need handling.
     to_resume: Vec<ConnId>,
+    /// The shard's log; `None` runs in memory only.
+    store: Option<Box<persist::Store>>,
+    /// Set while routing a publish whose acknowledgement waits for the shards it reaches.
+    ack_ctx: Option<persist::AckCtx>,
 }
 
 impl Shard {
@@ -272,6 +297,8 @@ impl Shard {
             throttling: Default::default(),
             paused_conns: Default::default(),
             to_resume: Vec::new(),
+            store: None,
+            ack_ctx: None,
         }
     }
 
@@ -386,18 +413,25 @@ impl Core for Shard {
 
     fn handle_mesh(&mut self, from: ShardId, msg: Mesh, now: Instant) {
         match msg {
-            Mesh::Deliver { msg, normal, groups, rerouted } => {
+            Mesh::Deliver { msg, normal, groups, rerouted, ack } => {
+                self.begin_remote_ack(ack);
                 let tally = self.deliver_local(&msg, normal, &groups, rerouted, now);
+                self.answer_stored(ack, rerouted, now);
                 if let Some(origin) = msg.origin {
                     self.report_congestion(origin, tally, now);
                 }
             }
-            Mesh::Retain { msg, apply } => {
+            Mesh::Retain { msg, apply, ack } => {
                 if apply {
                     self.apply_retained(msg);
                 } else {
+                    self.begin_remote_ack(ack);
                     self.own_retained(msg);
+                    self.answer_stored(ack, false, now);
                 }
+            }
+            Mesh::Stored { token, ok, forwarded, rerouted } => {
+                self.on_stored(token, ok, forwarded, rerouted, now)
             }
             Mesh::Interest { deltas, token } => {
                 let grew = deltas.iter().any(|d| d.members > 0);
@@ -445,12 +479,19 @@ impl Core for Shard {
             dropped_too_large = c.dropped_too_large,
             dropped_no_member = c.dropped_no_member,
             handoffs = c.handoffs,
+            storage_errors = self.storage_errors(),
             "shard counters at shutdown"
         );
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for c in ids {
             self.close_conn(c, Some(ProtocolError::ShuttingDown), now);
         }
+        self.store_shutdown();
+    }
+
+    fn handle_commit(&mut self, now: Instant) {
+        self.commit(now);
+        self.run_deferred(now);
     }
 
     fn take_transmit(&mut self, conn: ConnId) -> Vec<u8> {
@@ -469,7 +510,11 @@ impl Core for Shard {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((at, _))| *at)
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        match (timer, self.store_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 

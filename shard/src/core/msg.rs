@@ -85,12 +85,25 @@ impl Msg {
     }
 }
 
-/// One message on its way to one session: what the subscription(s) made of it.
+/// One message on its way to one session: what the subscription(s) made of it. 40 bytes plus the shared
+/// message: this is the in-memory cost of a queued message (see `persist` for what the log adds).
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub msg: Arc<Msg>,
+    /// MQTT 5 subscription identifiers of every matching subscription of the session.
+    pub sub_ids: Box<[u32]>,
+    /// The record of this delivery in the shard's log (0: not stored: QoS 0, a session that ends with
+    /// its connection, or no log). Invariant: ascending along a session's in-flight window then queue.
+    pub mid: u64,
+    /// Packet id, chosen when the message is queued (QoS 1/2; 0 for QoS 0) so that it is the same after
+    /// a restart: a QoS 2 receiver recognises a resent message by it.
+    pub pid: u16,
     pub qos: QoS,
     pub retain: bool,
-    /// MQTT 5 subscription identifiers of every matching subscription of the session.
-    pub sub_ids: Vec<u32>,
+}
+
+impl Delivery {
+    pub fn new(msg: Arc<Msg>, qos: QoS, retain: bool, sub_ids: Box<[u32]>) -> Delivery {
+        Delivery { msg, sub_ids, mid: 0, pid: 0, qos, retain }
+    }
 }

@@ -116,10 +116,15 @@ impl Shard {
                     self.report_congestion(origin, tally, now);
                 }
             } else {
-                self.send_mesh(
-                    shard,
-                    Mesh::Deliver { msg: msg.clone(), normal: to_all, groups: shard_groups, rerouted: false },
-                );
+                let ack = self.ack_for_send();
+                let m = Mesh::Deliver {
+                    msg: msg.clone(),
+                    normal: to_all,
+                    groups: shard_groups,
+                    rerouted: false,
+                    ack,
+                };
+                self.send_mesh(shard, m);
             }
         }
         self.scratch_shards = normal;
@@ -159,17 +164,17 @@ impl Shard {
             let mut i = 0;
             while i < hits.len() {
                 let key = hits[i].0;
-                let mut d =
-                    Delivery { msg: msg.clone(), qos: QoS::AtMostOnce, retain: false, sub_ids: Vec::new() };
+                let (mut qos, mut retain, mut sub_ids) = (QoS::AtMostOnce, false, Vec::new());
                 while i < hits.len() && hits[i].0 == key {
-                    let (_, qos, retain, sub_id) = hits[i];
-                    d.qos = d.qos.max(qos);
-                    d.retain |= retain;
+                    let (_, q, r, sub_id) = hits[i];
+                    qos = qos.max(q);
+                    retain |= r;
                     if sub_id != 0 {
-                        d.sub_ids.push(sub_id);
+                        sub_ids.push(sub_id);
                     }
                     i += 1;
                 }
+                let d = Delivery::new(msg.clone(), qos, retain, sub_ids.into_boxed_slice());
                 let verdict = self.deliver(key, d, now);
                 tally.add(verdict);
             }
@@ -202,9 +207,10 @@ impl Shard {
             match other {
                 Some(to) if !rerouted && msg.qos != QoS::AtMostOnce => {
                     let groups = vec![key.clone()];
+                    let ack = self.ack_for_send();
                     self.send_mesh(
                         to,
-                        Mesh::Deliver { msg: msg.clone(), normal: false, groups, rerouted: true },
+                        Mesh::Deliver { msg: msg.clone(), normal: false, groups, rerouted: true, ack },
                     );
                 }
                 _ => self.counters.dropped_no_member += 1,
@@ -224,12 +230,12 @@ impl Shard {
         let n = members.len();
         let member = |i: usize| &list[members[i % n] as usize];
         let chosen = (0..n).map(|i| member(start + i)).find(|s| online(s)).unwrap_or(member(start));
-        let d = Delivery {
-            msg: msg.clone(),
-            qos: chosen.opts.qos.min(msg.qos),
-            retain: chosen.opts.retain_as_published && msg.retain,
-            sub_ids: if chosen.sub_id != 0 { vec![chosen.sub_id] } else { Vec::new() },
-        };
+        let d = Delivery::new(
+            msg.clone(),
+            chosen.opts.qos.min(msg.qos),
+            chosen.opts.retain_as_published && msg.retain,
+            sub_id_list(chosen.sub_id),
+        );
         let session = chosen.session;
         self.scratch_members = members;
         self.deliver(session, d, now)
@@ -287,6 +293,10 @@ impl Shard {
                 QoS::ExactlyOnce => ReasonCode::GRANTED_QOS_2,
             });
         }
+        if !self.persist_session(key) {
+            self.storage_failed(id, now);
+            return Ok(());
+        }
         let ack = SubAck { packet_id: s.packet_id, reasons, properties: Properties::default() };
         let mut packet = Vec::new();
         let protocol = self.conns.get(&id).and_then(|c| c.protocol).unwrap_or(shardmq_wire::Protocol::V311);
@@ -316,7 +326,7 @@ impl Shard {
     }
 
     /// Sends the SUBACK, then the retained messages its filters asked for.
-    fn complete_suback(&mut self, p: PendingSubAck, now: Instant) {
+    pub(super) fn complete_suback_now(&mut self, p: PendingSubAck, now: Instant) {
         let Some(conn) = self.conns.get_mut(&p.conn) else { return };
         if conn.session() != Some(p.session) {
             return;
@@ -329,12 +339,8 @@ impl Shard {
                 if m.is_expired(now) {
                     continue;
                 }
-                let d = Delivery {
-                    qos: r.opts.qos.min(m.qos),
-                    msg: m,
-                    retain: true,
-                    sub_ids: if r.sub_id != 0 { vec![r.sub_id] } else { Vec::new() },
-                };
+                let qos = r.opts.qos.min(m.qos);
+                let d = Delivery::new(m, qos, true, sub_id_list(r.sub_id));
                 let _ = self.deliver(p.session, d, now);
             }
         }
@@ -354,10 +360,15 @@ impl Shard {
                 reasons.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
             }
         }
-        if let Some(conn) = self.conns.get_mut(&id) {
-            let ack = UnsubAck { packet_id: u.packet_id, reasons, properties: Properties::default() };
-            conn.send(&Packet::UnsubAck(ack), &mut self.io);
+        if !self.persist_session(key) {
+            self.storage_failed(id, now);
+            return;
         }
+        let protocol = self.conns.get(&id).and_then(|c| c.protocol).unwrap_or(shardmq_wire::Protocol::V311);
+        let ack = UnsubAck { packet_id: u.packet_id, reasons, properties: Properties::default() };
+        let mut out = Vec::new();
+        super::encode_into(&mut out, &Packet::UnsubAck(ack), protocol);
+        self.send_durable(id, out, now);
     }
 
     /// Removes a session's subscription (full filter) from the trie and announces the changed count.
@@ -380,7 +391,7 @@ impl Shard {
     /// Changes this shard's member count for `key` and applies it to its own interest view. Returns the
     /// announcement other shards need: on every change for shared groups (their member counts weight the
     /// choice), only on 0 ↔ 1 for plain filters.
-    fn count_interest(&mut self, key: SharedKey, change: i32) -> Option<InterestDelta> {
+    pub(super) fn count_interest(&mut self, key: SharedKey, change: i32) -> Option<InterestDelta> {
         let count = self.local_interest.entry(key.clone()).or_insert(0);
         let before = *count;
         *count = (before as i64 + change as i64).max(0) as u32;
@@ -414,11 +425,14 @@ impl Shard {
     pub(super) fn own_retained(&mut self, msg: Arc<Msg>) {
         let owner = owner_of(&msg.topic, self.shards);
         if owner != self.id {
-            self.send_mesh(owner, Mesh::Retain { msg, apply: false });
+            let ack = self.ack_for_send();
+            self.send_mesh(owner, Mesh::Retain { msg, apply: false, ack });
             return;
         }
+        // A failure is remembered by the store: the publish waiting for it is refused.
+        let _ = self.persist_retained(&msg);
         for to in self.other_shards() {
-            self.send_mesh(to, Mesh::Retain { msg: msg.clone(), apply: true });
+            self.send_mesh(to, Mesh::Retain { msg: msg.clone(), apply: true, ack: None });
         }
         self.apply_retained(msg);
     }
@@ -430,5 +444,14 @@ impl Shard {
             let topic = msg.topic.clone();
             self.retained.insert(&topic, msg);
         }
+    }
+}
+
+/// The subscription identifiers of one subscription (0: none).
+fn sub_id_list(sub_id: u32) -> Box<[u32]> {
+    if sub_id != 0 {
+        Box::new([sub_id])
+    } else {
+        Box::default()
     }
 }

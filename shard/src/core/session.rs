@@ -25,7 +25,7 @@ pub(super) struct WillState {
 
 #[derive(Debug)]
 pub(super) struct InFlight {
-    pub pid: u16,
+    /// Sent with `d.pid`.
     pub d: Delivery,
     /// PUBREC received and PUBREL sent (QoS 2 second half).
     pub released: bool,
@@ -35,9 +35,12 @@ pub(super) struct InFlight {
 #[derive(Debug, Default)]
 pub(super) struct Flows {
     /// QoS 1/2 messages sent and not yet completed, in send order.
-    /// Invariant: `inflight.len() <= send_quota` except right after a resume with a smaller quota.
+    /// Invariant: `inflight.len() <= send_quota` except right after a resume with a smaller quota or a
+    /// restart (released QoS 2 messages come back in flight).
     pub inflight: VecDeque<InFlight>,
-    /// QoS 1/2 messages waiting for room in the window (or for the client to come back).
+    /// QoS 1/2 messages waiting for room in the window (or for the client to come back), packet ids
+    /// already chosen. Invariant: packet ids are unique across `inflight` and `queue` (the queue cap keeps
+    /// the two below the 65,535 ids).
     pub queue: VecDeque<Delivery>,
     /// Packet ids of QoS 2 publishes received and not yet released (duplicate suppression).
     pub inbound_qos2: Vec<u16>,
@@ -68,7 +71,10 @@ pub(super) struct Session {
     pub will: Option<Box<WillState>>,
     /// Set while a delayed will is pending.
     pub will_at: Option<Instant>,
-    next_pid: u16,
+    /// Version of this session's latest record in the shard's log; 0 when it is not stored (it ends with
+    /// its connection, or there is no log). See `persist`.
+    pub stored_ver: u64,
+    pub(super) next_pid: u16,
     /// QoS 1/2 state, allocated on first use and freed when empty: an idle client pays one pointer.
     flows: Option<Box<Flows>>,
     /// The client's Receive Maximum, capped by ours.
@@ -90,6 +96,7 @@ impl Session {
             expires_at: None,
             will: None,
             will_at: None,
+            stored_ver: 0,
             next_pid: 1,
             flows: None,
             send_quota: 1,
@@ -104,6 +111,10 @@ impl Session {
 
     pub fn flows_mut(&mut self) -> &mut Flows {
         self.flows.get_or_insert_with(Default::default)
+    }
+
+    pub fn flows_opt_mut(&mut self) -> Option<&mut Flows> {
+        self.flows.as_deref_mut()
     }
 
     /// Frees the QoS 1/2 state once nothing is in flight, queued or awaiting PUBREL.
@@ -121,15 +132,23 @@ impl Session {
         self.expires_at.is_some_and(|t| t <= now)
     }
 
+    /// The next packet id, in sequence. Ids are taken when a message is queued and the queue cap keeps
+    /// fewer than 65,535 messages queued or in flight, so the id coming round again is free.
     fn alloc_pid(&mut self) -> u16 {
-        loop {
-            let pid = self.next_pid;
-            self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
-            if !self.flows().inflight.iter().any(|f| f.pid == pid) {
-                debug_assert!(self.flows().inflight.len() < u16::MAX as usize, "packet ids exhausted");
-                return pid;
-            }
-        }
+        let pid = self.next_pid;
+        self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
+        debug_assert!(
+            !self.flows().inflight.iter().any(|f| f.d.pid == pid),
+            "packet id {pid} is still in flight"
+        );
+        pid
+    }
+
+    /// Whether the session holds the message stored as `mid` (for log compaction). `mid`s ascend along
+    /// the window then the queue.
+    pub fn holds(&self, mid: u64) -> bool {
+        let f = self.flows();
+        f.inflight.iter().any(|x| x.d.mid == mid) || f.queue.binary_search_by_key(&mid, |d| d.mid).is_ok()
     }
 
     fn has_room(&self) -> bool {
@@ -138,21 +157,14 @@ impl Session {
 }
 
 /// Writes one PUBLISH for `d` to `conn`. Returns false if the client's Maximum Packet Size forbids it.
-fn write_publish(
-    conn: &mut Conn,
-    d: &Delivery,
-    pid: Option<u16>,
-    dup: bool,
-    now: Instant,
-    io: &mut super::IoQueue,
-) -> bool {
+fn write_publish(conn: &mut Conn, d: &Delivery, dup: bool, now: Instant, io: &mut super::IoQueue) -> bool {
     let msg = &d.msg;
     let v5 = conn.is_v5();
     let mut props = if v5 { msg.wire_properties(now) } else { Default::default() };
     let mut topic: &str = &msg.topic;
     let mut new_alias = None;
     if v5 {
-        props.subscription_identifiers = d.sub_ids.clone();
+        props.subscription_identifiers = d.sub_ids.to_vec();
         if let Some((alias, known)) = conn.outbound_alias(&msg.topic) {
             props.topic_alias = Some(alias);
             if known {
@@ -167,7 +179,7 @@ fn write_publish(
         qos: d.qos,
         retain: d.retain,
         topic,
-        packet_id: pid.map(PacketId),
+        packet_id: (d.qos != QoS::AtMostOnce).then_some(PacketId(d.pid)),
         payload: &msg.payload,
         properties: props,
     });
@@ -183,7 +195,7 @@ fn write_publish(
 impl Shard {
     /// Hands one message to a session: now, into its queue, or nowhere (QoS 0 to an absent or stalled
     /// client, expired messages, a full queue's oldest entry), counting every drop.
-    pub(super) fn deliver(&mut self, key: SessionKey, d: Delivery, now: Instant) -> Verdict {
+    pub(super) fn deliver(&mut self, key: SessionKey, mut d: Delivery, now: Instant) -> Verdict {
         debug_assert!(d.qos <= d.msg.qos, "a subscription can only lower a message's QoS");
         if d.msg.is_expired(now) {
             self.counters.dropped_expired += 1;
@@ -195,7 +207,7 @@ impl Shard {
         if d.qos == QoS::AtMostOnce {
             return match conn {
                 Some(conn) if !conn.blocked => {
-                    if write_publish(conn, &d, None, false, now, &mut self.io) {
+                    if write_publish(conn, &d, false, now, &mut self.io) {
                         self.counters.deliveries += 1;
                         Verdict::Accepted
                     } else {
@@ -215,10 +227,15 @@ impl Shard {
         }
         match conn {
             Some(conn) if !conn.blocked && s.flows().queue.is_empty() && s.has_room() => {
-                let pid = s.alloc_pid();
-                if write_publish(conn, &d, Some(pid), false, now, &mut self.io) {
+                d.pid = s.alloc_pid();
+                if write_publish(conn, &d, false, now, &mut self.io) {
                     self.counters.deliveries += 1;
-                    s.flows_mut().inflight.push_back(InFlight { pid, d, released: false });
+                    if s.stored_ver != 0 {
+                        if let Some(st) = self.store.as_deref_mut() {
+                            d.mid = st.note_delivery(key, &d);
+                        }
+                    }
+                    s.flows_mut().inflight.push_back(InFlight { d, released: false });
                     Verdict::Accepted
                 } else {
                     self.counters.dropped_too_large += 1;
@@ -228,19 +245,29 @@ impl Shard {
             conn => {
                 let online = conn.is_some();
                 let blocked = conn.is_some_and(|c| c.blocked);
-                let cap = if online {
-                    self.cfg.max_queued.saturating_mul(super::flow::ONLINE_QUEUE_FACTOR)
-                } else {
-                    self.cfg.max_queued
-                };
+                let cap = super::flow::queue_cap(&self.cfg, online);
+                let stored = s.stored_ver != 0;
+                if self.cfg.max_queued > 0 {
+                    d.pid = s.alloc_pid();
+                    if stored {
+                        if let Some(st) = self.store.as_deref_mut() {
+                            d.mid = st.note_delivery(key, &d);
+                        }
+                    }
+                }
                 let queue = &mut s.flows_mut().queue;
                 if queue.len() >= cap {
                     // An offline session's queue is bounded by `max_queued`; an online one's only overflows
                     // when far more arrives than flow control lets through (both counted).
-                    queue.pop_front();
+                    if let Some(old) = queue.pop_front() {
+                        if let (Some(st), true) = (self.store.as_deref_mut(), old.mid != 0) {
+                            st.done(key, old.mid);
+                        }
+                    }
                     self.counters.dropped_queue_full += 1;
                 }
                 if self.cfg.max_queued > 0 {
+                    debug_assert!(queue.back().is_none_or(|b| b.mid < d.mid || d.mid == 0 || b.mid == 0));
                     queue.push_back(d);
                 }
                 let queued = queue.len();
@@ -261,16 +288,20 @@ impl Shard {
         let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
         while !conn.blocked && s.has_room() {
             let Some(d) = s.flows_mut().queue.pop_front() else { break };
-            if d.msg.is_expired(now) {
+            let sent = if d.msg.is_expired(now) {
                 self.counters.dropped_expired += 1;
-                continue;
-            }
-            let pid = s.alloc_pid();
-            if write_publish(conn, &d, Some(pid), false, now, &mut self.io) {
+                false
+            } else if write_publish(conn, &d, false, now, &mut self.io) {
                 self.counters.deliveries += 1;
-                s.flows_mut().inflight.push_back(InFlight { pid, d, released: false });
+                true
             } else {
                 self.counters.dropped_too_large += 1;
+                false
+            };
+            if sent {
+                s.flows_mut().inflight.push_back(InFlight { d, released: false });
+            } else if let (Some(st), true) = (self.store.as_deref_mut(), d.mid != 0) {
+                st.done(key, d.mid);
             }
         }
         s.trim();
@@ -285,10 +316,10 @@ impl Shard {
         let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
         for f in s.flows().inflight.iter() {
             if f.released {
-                conn.send(&Packet::PubRel(Ack::new(PacketId(f.pid), ReasonCode::SUCCESS)), &mut self.io);
+                conn.send(&Packet::PubRel(Ack::new(PacketId(f.d.pid), ReasonCode::SUCCESS)), &mut self.io);
             } else {
                 // MQTT 5 §4.4: unacknowledged PUBLISHes are resent with DUP; expiry does not apply to them.
-                write_publish(conn, &f.d, Some(f.pid), true, now, &mut self.io);
+                write_publish(conn, &f.d, true, now, &mut self.io);
             }
         }
         self.pump(key, now);
@@ -296,9 +327,12 @@ impl Shard {
 
     pub(super) fn on_puback(&mut self, key: SessionKey, pid: PacketId, now: Instant) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
-        if let Some(i) = s.flows().inflight.iter().position(|f| f.pid == pid.0 && f.d.qos == QoS::AtLeastOnce)
+        if let Some(i) =
+            s.flows().inflight.iter().position(|f| f.d.pid == pid.0 && f.d.qos == QoS::AtLeastOnce)
         {
-            s.flows_mut().inflight.remove(i);
+            if let Some(f) = s.flows_mut().inflight.remove(i) {
+                self.forget(key, f);
+            }
             self.pump(key, now);
         }
     }
@@ -306,30 +340,53 @@ impl Shard {
     pub(super) fn on_pubrec(&mut self, id: crate::ConnId, key: SessionKey, a: &Ack<'_>, now: Instant) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let pos =
-            s.flows().inflight.iter().position(|f| f.pid == a.packet_id.0 && f.d.qos == QoS::ExactlyOnce);
+            s.flows().inflight.iter().position(|f| f.d.pid == a.packet_id.0 && f.d.qos == QoS::ExactlyOnce);
         let reason = match pos {
             Some(i) if a.reason.is_error() => {
                 // The receiver refused the message: the exchange ends here (MQTT 5 §4.3.3).
-                s.flows_mut().inflight.remove(i);
+                if let Some(f) = s.flows_mut().inflight.remove(i) {
+                    self.forget(key, f);
+                }
                 self.pump(key, now);
                 return;
             }
             Some(i) => {
-                s.flows_mut().inflight[i].released = true;
+                let f = &mut s.flows_mut().inflight[i];
+                let first = !f.released;
+                f.released = true;
+                let mid = f.d.mid;
+                if let (Some(st), true, true) = (self.store.as_deref_mut(), mid != 0, first) {
+                    // Durable before the PUBREL goes out: once the client sees PUBREL it may forget the
+                    // packet id, so a restart must not send the PUBLISH again.
+                    if !st.released(key, mid) {
+                        self.storage_failed(id, now);
+                        return;
+                    }
+                }
                 ReasonCode::SUCCESS
             }
             None => ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
         };
-        if let Some(conn) = self.conns.get_mut(&id) {
-            conn.send(&Packet::PubRel(Ack::new(a.packet_id, reason)), &mut self.io);
-        }
+        let mut out = Vec::new();
+        let protocol = self.conns.get(&id).and_then(|c| c.protocol).unwrap_or(Protocol::V311);
+        super::encode_into(&mut out, &Packet::PubRel(Ack::new(a.packet_id, reason)), protocol);
+        self.send_durable(id, out, now);
     }
 
     pub(super) fn on_pubcomp(&mut self, key: SessionKey, pid: PacketId, now: Instant) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
-        if let Some(i) = s.flows().inflight.iter().position(|f| f.pid == pid.0 && f.released) {
-            s.flows_mut().inflight.remove(i);
+        if let Some(i) = s.flows().inflight.iter().position(|f| f.d.pid == pid.0 && f.released) {
+            if let Some(f) = s.flows_mut().inflight.remove(i) {
+                self.forget(key, f);
+            }
             self.pump(key, now);
+        }
+    }
+
+    /// A message left a session's window for good (acknowledged or refused by the client).
+    fn forget(&mut self, key: SessionKey, f: InFlight) {
+        if let (Some(st), true) = (self.store.as_deref_mut(), f.d.mid != 0) {
+            st.done(key, f.d.mid);
         }
     }
 }

@@ -243,6 +243,8 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
             drain_io(core, lp, out, now, stopping);
         }
         if !stopping {
+            core.handle_commit(now);
+            drain_io(core, lp, out, now, stopping);
             drain_mesh(core, out);
             out.flush();
         }

@@ -73,6 +73,9 @@ pub trait Core {
     fn handle_timeout(&mut self, now: Instant);
     /// The node is shutting down: tell clients (MQTT 5: DISCONNECT 0x8B) and ask to close every connection.
     fn handle_shutdown(&mut self, now: Instant);
+    /// End of an event-loop iteration, before cross-core messages are sent and the loop sleeps: a core
+    /// with a log commits what the iteration appended as one group and releases what waited for it.
+    fn handle_commit(&mut self, _now: Instant) {}
 
     /// Takes the bytes queued for `conn` (leaving the core's buffer empty). Empty when there are none.
     fn take_transmit(&mut self, conn: ConnId) -> Vec<u8>;

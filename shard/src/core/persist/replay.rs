@@ -1,0 +1,262 @@
+//! Rebuilding a shard's durable state from its log, record by record in log order.
+//!
+//! Replay is idempotent and tolerates the duplicates compaction can leave behind (a record relocated to
+//! the head of the log while its old copy survived a crash): sessions keep their highest version, a
+//! message queued for a session is keyed by `(session, mid)` and `mid`s are never reused, and "done" and
+//! "released" marks apply whichever side of the message record they are found on. Only inbound QoS 2
+//! packet ids (which clients reuse) depend on order, and compaction keeps a copy of one only while it is
+//! still pending, at the head of the log, after every record that could cancel it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use shardmq_storage::RecordType;
+use shardmq_wire::{Protocol, QoS, SubOptions};
+
+use super::records::{self, Dec, DecResult, WallClock};
+use crate::core::msg::{Delivery, Msg};
+use crate::core::session::WillState;
+
+/// A persistent session as its latest record describes it.
+#[derive(Debug)]
+pub struct StoredSession {
+    pub ver: u64,
+    pub sid: u64,
+    pub client_id: Box<str>,
+    pub protocol: Protocol,
+    pub expiry_s: u32,
+    /// Unix ms when a disconnected session expires; 0 when it was connected (or never expires).
+    pub expires_at_unix_ms: u64,
+    pub(in crate::core) will: Option<Box<WillState>>,
+    /// Unix ms when a delayed will is due; 0 when none is pending.
+    pub will_at_unix_ms: u64,
+    /// Full filters (with any `$share/group/` prefix), options, subscription identifier (0: none).
+    pub subs: Vec<(Box<str>, SubOptions, u32)>,
+}
+
+/// What a session had: its record, its messages (in `mid` order, with whether a QoS 2 one was already
+/// released) and the inbound QoS 2 packet ids awaiting PUBREL.
+#[derive(Debug)]
+pub struct RecoveredSession {
+    pub session: StoredSession,
+    pub messages: Vec<(Delivery, bool)>,
+    pub inbound_qos2: Vec<u16>,
+}
+
+/// The durable state of one shard.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub sessions: Vec<RecoveredSession>,
+    /// Retained messages this shard owns.
+    pub retained: Vec<Arc<Msg>>,
+    /// Above every id found in the log.
+    pub next_sid: u64,
+    pub next_mid: u64,
+    pub next_ver: u64,
+}
+
+impl Recovered {
+    pub fn queued_messages(&self) -> usize {
+        self.sessions.iter().map(|s| s.messages.len()).sum()
+    }
+}
+
+struct Entry {
+    pid: u16,
+    qos: QoS,
+    retain: bool,
+    sub_ids: Box<[u32]>,
+}
+
+pub struct Replay {
+    clock: WallClock,
+    sessions: HashMap<u64, StoredSession>,
+    ended: HashSet<u64>,
+    msgs: HashMap<u64, Arc<Msg>>,
+    entries: BTreeMap<(u64, u64), Entry>,
+    /// Done marks seen before their message (possible after compaction moved the message).
+    done_early: HashSet<(u64, u64)>,
+    released: HashSet<(u64, u64)>,
+    inbound: HashMap<u64, Vec<u16>>,
+    retained: HashMap<Box<str>, Option<Arc<Msg>>>,
+    max_sid: u64,
+    max_mid: u64,
+    max_ver: u64,
+}
+
+impl Replay {
+    pub fn new(clock: WallClock) -> Replay {
+        Replay {
+            clock,
+            sessions: HashMap::new(),
+            ended: HashSet::new(),
+            msgs: HashMap::new(),
+            entries: BTreeMap::new(),
+            done_early: HashSet::new(),
+            released: HashSet::new(),
+            inbound: HashMap::new(),
+            retained: HashMap::new(),
+            max_sid: 0,
+            max_mid: 0,
+            max_ver: 0,
+        }
+    }
+
+    /// Applies one record. An error means a record that passed its checksum but does not decode: a bug or
+    /// a log from an incompatible build, which the caller must not start on.
+    pub fn apply(&mut self, t: RecordType, payload: &[u8]) -> DecResult<()> {
+        let mut d = Dec::new(payload);
+        match t {
+            records::SESSION => {
+                let s = decode_session(&mut d)?;
+                self.max_sid = self.max_sid.max(s.sid);
+                self.max_ver = self.max_ver.max(s.ver);
+                if !self.ended.contains(&s.sid) && self.sessions.get(&s.sid).is_none_or(|old| old.ver < s.ver)
+                {
+                    self.sessions.insert(s.sid, s);
+                }
+            }
+            records::SESSION_END => {
+                let sid = d.u64()?;
+                self.max_sid = self.max_sid.max(sid);
+                self.sessions.remove(&sid);
+                self.inbound.remove(&sid);
+                self.ended.insert(sid);
+            }
+            records::MESSAGE => {
+                let mid = d.u64()?;
+                self.max_mid = self.max_mid.max(mid);
+                let msg = Arc::new(records::get_msg(&mut d, &self.clock)?);
+                let n = d.count(16)?;
+                let mut used = false;
+                for _ in 0..n {
+                    let sid = d.u64()?;
+                    let pid = d.u16()?;
+                    let qos = d.qos()?;
+                    let retain = d.bool()?;
+                    let k = d.count(4)?;
+                    let mut sub_ids = Vec::with_capacity(k);
+                    for _ in 0..k {
+                        sub_ids.push(d.u32()?);
+                    }
+                    if pid == 0 || qos == QoS::AtMostOnce {
+                        return Err(format!("message {mid}: QoS {qos:?} with packet id {pid}"));
+                    }
+                    if self.done_early.remove(&(sid, mid)) || self.ended.contains(&sid) {
+                        continue;
+                    }
+                    used = true;
+                    let e = Entry { pid, qos, retain, sub_ids: sub_ids.into_boxed_slice() };
+                    self.entries.insert((sid, mid), e);
+                }
+                if used {
+                    self.msgs.insert(mid, msg);
+                }
+            }
+            records::DONE => {
+                let (sid, mid) = (d.u64()?, d.u64()?);
+                self.max_mid = self.max_mid.max(mid);
+                if self.entries.remove(&(sid, mid)).is_none() {
+                    self.done_early.insert((sid, mid));
+                }
+                self.released.remove(&(sid, mid));
+            }
+            records::RELEASED => {
+                let (sid, mid) = (d.u64()?, d.u64()?);
+                self.max_mid = self.max_mid.max(mid);
+                self.released.insert((sid, mid));
+            }
+            records::INBOUND_QOS2 | records::INBOUND_QOS2_DONE => {
+                let (sid, pid) = (d.u64()?, d.u16()?);
+                let set = self.inbound.entry(sid).or_default();
+                set.retain(|p| *p != pid);
+                if t == records::INBOUND_QOS2 && !self.ended.contains(&sid) {
+                    set.push(pid);
+                }
+            }
+            records::RETAIN => {
+                let mut m = records::get_msg(&mut d, &self.clock)?;
+                m.retain = true;
+                self.retained.insert(m.topic.clone(), Some(Arc::new(m)));
+            }
+            records::RETAIN_DELETE => {
+                let topic: Box<str> = d.str()?.into();
+                self.retained.insert(topic, None);
+            }
+            other => return Err(format!("unknown record type {other}")),
+        }
+        d.end()
+    }
+
+    pub fn finish(mut self) -> Recovered {
+        let mut out = Recovered {
+            next_sid: self.max_sid + 1,
+            next_mid: self.max_mid + 1,
+            next_ver: self.max_ver + 1,
+            ..Recovered::default()
+        };
+        let mut sids: Vec<u64> = self.sessions.keys().copied().collect();
+        sids.sort_unstable();
+        for sid in sids {
+            let session = self.sessions.remove(&sid).expect("listed above");
+            let mut messages = Vec::new();
+            for (&(_, mid), e) in self.entries.range((sid, 0)..=(sid, u64::MAX)) {
+                let Some(msg) = self.msgs.get(&mid) else { continue };
+                let mut d = Delivery::new(msg.clone(), e.qos, e.retain, e.sub_ids.clone());
+                d.mid = mid;
+                d.pid = e.pid;
+                let released = e.qos == QoS::ExactlyOnce && self.released.contains(&(sid, mid));
+                messages.push((d, released));
+            }
+            let inbound_qos2 = self.inbound.remove(&sid).unwrap_or_default();
+            out.sessions.push(RecoveredSession { session, messages, inbound_qos2 });
+        }
+        out.retained = self.retained.into_values().flatten().collect();
+        out
+    }
+}
+
+fn decode_session(d: &mut Dec<'_>) -> DecResult<StoredSession> {
+    let ver = d.u64()?;
+    let sid = d.u64()?;
+    let client_id = d.str()?.into();
+    let protocol = records::get_protocol(d)?;
+    let expiry_s = d.u32()?;
+    let expires_at_unix_ms = d.u64()?;
+    let (will, will_at_unix_ms) = match d.u8()? {
+        0 => (None, 0),
+        _ => {
+            let topic = d.str()?.into();
+            let payload = d.bytes()?.into();
+            let qos = d.qos()?;
+            let retain = d.bool()?;
+            let delay_s = d.u32()?;
+            let expiry_s = match d.u8()? {
+                0 => None,
+                _ => Some(d.u32()?),
+            };
+            let props = records::get_props(d)?;
+            let at = d.u64()?;
+            (Some(Box::new(WillState { topic, payload, qos, retain, delay_s, expiry_s, props })), at)
+        }
+    };
+    let n = d.count(9)?;
+    let mut subs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let filter = d.str()?.into();
+        let opts = records::get_sub_options(d)?;
+        let sub_id = d.u32()?;
+        subs.push((filter, opts, sub_id));
+    }
+    Ok(StoredSession {
+        ver,
+        sid,
+        client_id,
+        protocol,
+        expiry_s,
+        expires_at_unix_ms,
+        will,
+        will_at_unix_ms,
+        subs,
+    })
+}

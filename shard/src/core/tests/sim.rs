@@ -1,0 +1,336 @@
+//! The deterministic harness: several real `Shard` cores wired together by a simulated runtime that moves
+//! bytes, mesh messages and handed-off connections, with a virtual clock. No sockets, no threads.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardmq_wire::{
+    decode, encode, Connect, Packet, PacketId, Properties, Protocol, Publish, QoS, ReasonCode, SubOptions,
+    Subscribe,
+};
+
+use crate::core::*;
+use crate::runtime::{Core, IoCmd};
+use crate::{ConnId, ShardId};
+
+pub(super) struct Client {
+    pub(super) shard: ShardId,
+    pub(super) conn: ConnId,
+    pub(super) protocol: Protocol,
+    pub(super) rx: Vec<u8>,
+    pub(super) closed: bool,
+    /// The core paused reading: what the client sends waits here, as in a socket buffer.
+    pub(super) paused: bool,
+    pub(super) unread: Vec<u8>,
+}
+
+pub(super) struct Sim {
+    pub(super) shards: Vec<Shard>,
+    pub(super) clients: Vec<Client>,
+    pub(super) now: Instant,
+    started: Instant,
+    pub(super) next_conn: u64,
+    /// In-flight mesh messages, delivered in FIFO order by `run`.
+    pub(super) mesh: VecDeque<(ShardId, ShardId, Mesh)>,
+    /// When false, `run` leaves mesh messages queued (to observe barriers).
+    pub(super) deliver_mesh: bool,
+    cfg: Arc<Config>,
+    /// The data directory of a durable node (`None`: in memory).
+    pub(super) data: Option<(tempfile::TempDir, StorageConfig)>,
+}
+
+pub(super) type C = usize;
+
+impl Sim {
+    pub(super) fn new(n: u16) -> Sim {
+        Sim::with(n, Config::default())
+    }
+
+    pub(super) fn with(n: u16, cfg: Config) -> Sim {
+        let cfg = Arc::new(cfg);
+        let node = Arc::new(NodeShared::default());
+        let now = Instant::now();
+        Sim {
+            shards: (0..n).map(|i| Shard::new(ShardId(i), n, cfg.clone(), node.clone())).collect(),
+            clients: Vec::new(),
+            now,
+            started: now,
+            next_conn: 1,
+            mesh: VecDeque::new(),
+            deliver_mesh: true,
+            cfg,
+            data: None,
+        }
+    }
+
+    /// A node whose shards keep their state in logs under a temporary directory (`--fsync always`).
+    pub(super) fn durable(n: u16, cfg: Config) -> Sim {
+        let dir = tempfile::tempdir().unwrap();
+        let sc = StorageConfig {
+            dir: dir.path().join("data"),
+            fsync: shardmq_storage::FsyncPolicy::Always,
+            segment_bytes: 64 * 1024,
+        };
+        let mut sim = Sim::with(n, cfg);
+        sim.data = Some((dir, sc));
+        sim.boot(n);
+        sim
+    }
+
+    /// Replaces the shards with fresh ones restored from the data directory.
+    fn boot(&mut self, n: u16) {
+        let node = Arc::new(NodeShared::default());
+        let (_, sc) = self.data.as_ref().expect("a durable sim");
+        let clock = WallClock { base: self.now, base_unix_ms: 1_800_000_000_000 + self.elapsed_ms() };
+        let boots = open_node(sc, n, clock).expect("the data directory opens");
+        self.shards = boots
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let mut s = Shard::new(ShardId(i as u16), n, self.cfg.clone(), node.clone());
+                s.restore(b, self.now);
+                s
+            })
+            .collect();
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.now.duration_since(self.started).as_millis() as u64
+    }
+
+    /// The process dies: every connection and every byte in flight between shards is lost, the logs
+    /// stay as they are (their pages survive a process crash), and a new process starts on them.
+    pub(super) fn crash_and_restart(&mut self) {
+        for c in &mut self.clients {
+            c.closed = true;
+        }
+        self.mesh.clear();
+        let n = self.shards.len() as u16;
+        self.shards.clear(); // drops the logs (and their locks) without a final flush
+        self.boot(n);
+        self.run();
+    }
+
+    /// Opens a TCP-level connection on `shard`.
+    pub(super) fn open(&mut self, shard: u16, protocol: Protocol) -> C {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.shards[shard as usize].handle_accept(conn, self.now);
+        self.clients.push(Client {
+            shard: ShardId(shard),
+            conn,
+            protocol,
+            rx: Vec::new(),
+            closed: false,
+            paused: false,
+            unread: Vec::new(),
+        });
+        self.run();
+        self.clients.len() - 1
+    }
+
+    pub(super) fn connect_with<'a>(
+        &mut self,
+        shard: u16,
+        protocol: Protocol,
+        f: impl FnOnce(&mut Connect<'a>),
+    ) -> C {
+        let c = self.open(shard, protocol);
+        let mut connect = Connect {
+            protocol,
+            clean_start: true,
+            keep_alive_s: 0,
+            client_id: "",
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        f(&mut connect);
+        self.send(c, &Packet::Connect(connect));
+        c
+    }
+
+    /// Connects and consumes the CONNACK, asserting success; returns (client, session present).
+    pub(super) fn connect(&mut self, shard: u16, protocol: Protocol, id: &str, clean: bool) -> (C, bool) {
+        let c = self.connect_with(shard, protocol, |k| {
+            k.client_id = id;
+            k.clean_start = clean;
+            if protocol.is_v5() && !clean {
+                k.properties.session_expiry_interval_s = Some(3600);
+            }
+        });
+        let present = self.pop(c, |p| match p {
+            Packet::ConnAck(a) => {
+                assert_eq!(a.reason, ReasonCode::SUCCESS);
+                a.session_present
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        });
+        (c, present)
+    }
+
+    pub(super) fn send_bytes(&mut self, c: C, bytes: &[u8]) {
+        let cl = &mut self.clients[c];
+        assert!(!cl.closed, "client {c} is closed");
+        if cl.paused {
+            cl.unread.extend_from_slice(bytes);
+            return;
+        }
+        let (shard, conn) = (cl.shard, cl.conn);
+        self.shards[shard.index()].handle_read(conn, bytes, self.now);
+        self.run();
+    }
+
+    pub(super) fn send(&mut self, c: C, p: &Packet<'_>) {
+        let mut buf = Vec::new();
+        encode(p, self.clients[c].protocol, &mut buf).unwrap();
+        self.send_bytes(c, &buf);
+    }
+
+    pub(super) fn publish(&mut self, c: C, topic: &str, payload: &[u8], qos: QoS, retain: bool, pid: u16) {
+        let p = Publish {
+            dup: false,
+            qos,
+            retain,
+            topic,
+            packet_id: (qos != QoS::AtMostOnce).then_some(PacketId(pid)),
+            payload,
+            properties: Properties::default(),
+        };
+        self.send(c, &Packet::Publish(p));
+    }
+
+    pub(super) fn subscribe(&mut self, c: C, filter: &str, qos: QoS) {
+        self.subscribe_opts(c, filter, SubOptions { qos, ..Default::default() }, None);
+        self.pop(c, |p| assert!(matches!(p, Packet::SubAck(_)), "expected SUBACK, got {p:?}"));
+    }
+
+    pub(super) fn subscribe_opts(&mut self, c: C, filter: &str, opts: SubOptions, sub_id: Option<u32>) {
+        let mut properties = Properties::default();
+        properties.subscription_identifiers.extend(sub_id);
+        let s = Subscribe { packet_id: PacketId(99), filters: vec![(filter, opts)], properties };
+        self.send(c, &Packet::Subscribe(s));
+    }
+
+    /// Drives every core until nothing moves.
+    pub(super) fn run(&mut self) {
+        loop {
+            let mut progressed = false;
+            for s in 0..self.shards.len() {
+                // As the runtime does once per loop iteration: group commit, release what waited on it.
+                self.shards[s].handle_commit(self.now);
+                while let Some(cmd) = self.shards[s].poll_io() {
+                    progressed = true;
+                    self.io(ShardId(s as u16), cmd);
+                }
+                while let Some((to, m)) = self.shards[s].poll_mesh() {
+                    progressed = true;
+                    self.mesh.push_back((ShardId(s as u16), to, m));
+                }
+            }
+            if self.deliver_mesh {
+                while let Some((from, to, m)) = self.mesh.pop_front() {
+                    progressed = true;
+                    self.shards[to.index()].handle_mesh(from, m, self.now);
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    pub(super) fn io(&mut self, shard: ShardId, cmd: IoCmd<Handoff>) {
+        let find = |clients: &Vec<Client>, conn: ConnId| {
+            clients.iter().position(|c| c.shard == shard && c.conn == conn && !c.closed)
+        };
+        match cmd {
+            IoCmd::Transmit(conn) => {
+                let bytes = self.shards[shard.index()].take_transmit(conn);
+                if let Some(i) = find(&self.clients, conn) {
+                    self.clients[i].rx.extend_from_slice(&bytes);
+                }
+            }
+            IoCmd::Close(conn) => {
+                let bytes = self.shards[shard.index()].take_transmit(conn);
+                if let Some(i) = find(&self.clients, conn) {
+                    self.clients[i].rx.extend_from_slice(&bytes);
+                    self.clients[i].closed = true;
+                }
+            }
+            IoCmd::PauseRead(conn) => {
+                if let Some(i) = find(&self.clients, conn) {
+                    self.clients[i].paused = true;
+                }
+            }
+            IoCmd::ResumeRead(conn) => {
+                if let Some(i) = find(&self.clients, conn) {
+                    self.clients[i].paused = false;
+                    let unread = std::mem::take(&mut self.clients[i].unread);
+                    if !unread.is_empty() {
+                        self.shards[shard.index()].handle_read(conn, &unread, self.now);
+                    }
+                }
+            }
+            IoCmd::Handoff { conn, to, state } => {
+                let i = find(&self.clients, conn).expect("handoff of an unknown connection");
+                let new = ConnId(self.next_conn);
+                self.next_conn += 1;
+                self.clients[i].shard = to;
+                self.clients[i].conn = new;
+                self.shards[to.index()].handle_adopt(new, state, self.now);
+            }
+        }
+    }
+
+    /// Pops the next packet the client received and hands it to `f`.
+    pub(super) fn pop<R>(&mut self, c: C, f: impl FnOnce(&Packet<'_>) -> R) -> R {
+        let cl = &mut self.clients[c];
+        let (pkt, n) = decode(&cl.rx, Some(cl.protocol), u32::MAX)
+            .expect("broker sent a malformed packet")
+            .unwrap_or_else(|| panic!("client {c} has no packet (closed: {})", cl.closed));
+        let r = f(&pkt);
+        cl.rx.drain(..n);
+        r
+    }
+
+    pub(super) fn has_packet(&self, c: C) -> bool {
+        !self.clients[c].rx.is_empty()
+    }
+
+    /// Pops a PUBLISH: (topic, payload, qos, retain, dup, packet id, properties debug).
+    pub(super) fn pop_publish(&mut self, c: C) -> (String, Vec<u8>, QoS, bool, bool, Option<u16>) {
+        self.pop(c, |p| match p {
+            Packet::Publish(p) => {
+                (p.topic.to_string(), p.payload.to_vec(), p.qos, p.retain, p.dup, p.packet_id.map(|i| i.0))
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        })
+    }
+
+    pub(super) fn drop_conn(&mut self, c: C) {
+        let cl = &mut self.clients[c];
+        cl.closed = true;
+        let (shard, conn) = (cl.shard, cl.conn);
+        self.shards[shard.index()].handle_closed(conn, self.now);
+        self.run();
+    }
+
+    pub(super) fn advance(&mut self, d: Duration) {
+        self.now += d;
+        for s in &mut self.shards {
+            s.handle_timeout(self.now);
+        }
+        self.run();
+    }
+}
+
+/// A client id owned by `shard` of `n`.
+pub(super) fn id_on(shard: u16, n: u16, prefix: &str) -> String {
+    (0..).map(|i| format!("{prefix}-{i}")).find(|id| owner_of(id, n) == ShardId(shard)).unwrap()
+}
+
+pub(super) const V3: Protocol = Protocol::V311;
+pub(super) const V5: Protocol = Protocol::V5;
