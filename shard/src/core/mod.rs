@@ -229,7 +229,7 @@ pub struct Shard {
     /// Every shard's subscriber counts (this one's included) per filter and group.
     interest: TopicTrie<Interest>,
     /// This shard's own counts per (group, filter), the source of its interest announcements.
-    local_interest: HashMap<SharedKey, u32>,
+    local_interest: HashMap<SharedKey, route::LocalCount>,
     retained: RetainedTree<Arc<Msg>>,
     /// Round-robin position per shared group when choosing a shard for a publish from here.
     shared_rr: HashMap<SharedKey, u64>,
@@ -246,7 +246,9 @@ pub struct Shard {
     counters: Counters,
     /// Reused per publish by routing (no allocation per message); empty between uses.
     scratch_shards: Vec<bool>,
-    scratch_shared: Vec<(SharedKey, ShardId, u32)>,
+    /// Per shard: a matching subscription there belongs to a persistent session (see `persist`).
+    scratch_durable: Vec<bool>,
+    scratch_shared: Vec<(SharedKey, ShardId, u32, bool)>,
     scratch_hits: Vec<(SessionKey, shardmq_wire::QoS, bool, u32)>,
     scratch_members: Vec<u32>,
     shutting_down: bool,
@@ -289,6 +291,7 @@ impl Shard {
             mesh_out: VecDeque::new(),
             counters: Counters::default(),
             scratch_shards: Vec::new(),
+            scratch_durable: Vec::new(),
             scratch_shared: Vec::new(),
             scratch_hits: Vec::new(),
             scratch_members: Vec::new(),

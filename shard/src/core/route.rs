@@ -33,6 +33,9 @@ pub(super) struct Interest {
     pub key: SharedKey,
     /// Invariant: > 0 (entries at 0 are removed).
     pub members: u32,
+    /// How many of them belong to persistent sessions: a QoS 1/2 publish to that shard waits for it to
+    /// store the message before it is acknowledged. Invariant: `<= members`.
+    pub durable: u32,
 }
 
 /// The new count of a shard's subscribers for one filter and group (0: none left).
@@ -40,6 +43,14 @@ pub(super) struct Interest {
 pub struct InterestDelta {
     pub key: SharedKey,
     pub members: u32,
+    pub durable: u32,
+}
+
+/// This shard's own subscriber counts for one filter and group.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct LocalCount {
+    pub members: u32,
+    pub durable: u32,
 }
 
 /// A filter whose retained messages are sent after its SUBACK.
@@ -63,11 +74,17 @@ impl Shard {
         let mut normal = std::mem::take(&mut self.scratch_shards);
         normal.clear();
         normal.resize(n, false);
+        let mut durable = std::mem::take(&mut self.scratch_durable);
+        durable.clear();
+        durable.resize(n, false);
         let mut shared = std::mem::take(&mut self.scratch_shared);
         shared.clear();
         self.interest.for_each_match(&msg.topic, |i| match i.key.0 {
-            None => normal[i.shard.index()] = true,
-            Some(_) => shared.push((i.key.clone(), i.shard, i.members)),
+            None => {
+                normal[i.shard.index()] = true;
+                durable[i.shard.index()] |= i.durable > 0;
+            }
+            Some(_) => shared.push((i.key.clone(), i.shard, i.members, i.durable > 0)),
         });
         let mut groups: Vec<Vec<SharedKey>> = Vec::new();
         if !shared.is_empty() {
@@ -86,9 +103,10 @@ impl Shard {
                 let rr = self.shared_rr.entry(key.clone()).or_insert(0);
                 let mut pick = *rr % total.max(1);
                 *rr = rr.wrapping_add(1);
-                for (_, shard, members) in &shared[i..j] {
+                for (_, shard, members, persistent) in &shared[i..j] {
                     if pick < *members as u64 {
                         groups[shard.index()].push(key.clone());
+                        durable[shard.index()] |= *persistent;
                         break;
                     }
                     pick -= *members as u64;
@@ -116,7 +134,8 @@ impl Shard {
                     self.report_congestion(origin, tally, now);
                 }
             } else {
-                let ack = self.ack_for_send();
+                // Only a shard with persistent subscribers stores the message; the others need not answer.
+                let ack = if durable[s] { self.ack_for_send() } else { None };
                 let m = Mesh::Deliver {
                     msg: msg.clone(),
                     normal: to_all,
@@ -128,6 +147,7 @@ impl Shard {
             }
         }
         self.scratch_shards = normal;
+        self.scratch_durable = durable;
         if targets == u64::MAX {
             0
         } else {
@@ -265,6 +285,7 @@ impl Shard {
             }
             let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
             let Some(sess) = self.sessions.get_mut(&key) else { return Ok(()) };
+            let stored = sess.stored_ver != 0;
             let existed = sess.subs.iter().any(|f| **f == **filter);
             if !existed {
                 sess.subs.push((*filter).into());
@@ -278,7 +299,7 @@ impl Shard {
                 }
             } else {
                 self.subs.insert(inner, SubRef { session: key, opts: *opts, sub_id, group: group.clone() });
-                if let Some(d) = self.count_interest((group.clone(), inner.into()), 1) {
+                if let Some(d) = self.count_interest((group.clone(), inner.into()), 1, stored as i32) {
                     deltas.push(d);
                 }
             }
@@ -373,6 +394,8 @@ impl Shard {
 
     /// Removes a session's subscription (full filter) from the trie and announces the changed count.
     pub(super) fn remove_subscription(&mut self, key: SessionKey, filter: &str, now: Instant) {
+        // A session that ends is no longer stored by the time its subscriptions go (see `end_session`).
+        let stored = self.sessions.get(&key).is_some_and(|s| s.stored_ver != 0);
         let shared = topic::parse_shared(filter);
         let inner = shared.as_ref().map_or(filter, |sh| sh.filter);
         let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
@@ -380,7 +403,7 @@ impl Shard {
         if removed.is_some() {
             // A congested subscriber that leaves no longer holds publishers back.
             self.decongested(now);
-            if let Some(d) = self.count_interest((group, inner.into()), -1) {
+            if let Some(d) = self.count_interest((group, inner.into()), -1, -(stored as i32)) {
                 for to in self.other_shards() {
                     self.send_mesh(to, Mesh::Interest { deltas: vec![d.clone()], token: None });
                 }
@@ -388,19 +411,29 @@ impl Shard {
         }
     }
 
-    /// Changes this shard's member count for `key` and applies it to its own interest view. Returns the
-    /// announcement other shards need: on every change for shared groups (their member counts weight the
-    /// choice), only on 0 ↔ 1 for plain filters.
-    pub(super) fn count_interest(&mut self, key: SharedKey, change: i32) -> Option<InterestDelta> {
-        let count = self.local_interest.entry(key.clone()).or_insert(0);
+    /// Changes this shard's member (and persistent member) count for `key` and applies it to its own
+    /// interest view. Returns the announcement other shards need: on every change for shared groups
+    /// (their member counts weight the choice), only on 0 ↔ 1 of either count for plain filters.
+    pub(super) fn count_interest(
+        &mut self,
+        key: SharedKey,
+        change: i32,
+        durable: i32,
+    ) -> Option<InterestDelta> {
+        let count = self.local_interest.entry(key.clone()).or_default();
         let before = *count;
-        *count = (before as i64 + change as i64).max(0) as u32;
+        let add = |v: u32, d: i32| (v as i64 + d as i64).max(0) as u32;
+        count.members = add(before.members, change);
+        count.durable = add(before.durable, durable).min(count.members);
         let after = *count;
-        if after == 0 {
+        if after.members == 0 {
             self.local_interest.remove(&key);
         }
-        let announce = key.0.is_some() || (before == 0) != (after == 0);
-        let delta = InterestDelta { key, members: after };
+        let flipped = |a: u32, b: u32| (a == 0) != (b == 0);
+        let announce = key.0.is_some()
+            || flipped(before.members, after.members)
+            || flipped(before.durable, after.durable);
+        let delta = InterestDelta { key, members: after.members, durable: after.durable };
         self.apply_interest(self.id, delta.clone());
         announce.then_some(delta)
     }
@@ -414,10 +447,12 @@ impl Shard {
         if let Some(list) = self.interest.get_mut(&filter) {
             if let Some(i) = list.iter_mut().find(|i| i.shard == from && i.key == d.key) {
                 i.members = d.members;
+                i.durable = d.durable;
                 return;
             }
         }
-        self.interest.insert(&filter, Interest { shard: from, key: d.key, members: d.members });
+        let i = Interest { shard: from, key: d.key, members: d.members, durable: d.durable };
+        self.interest.insert(&filter, i);
     }
 
     /// A retained update published on this shard or forwarded to it: the topic's owner applies it and fans

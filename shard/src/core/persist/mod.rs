@@ -59,7 +59,8 @@ pub struct Store {
     /// added before the record is written, so a message is stored once per shard however many sessions
     /// take it.
     batch: Option<Batch>,
-    /// An append failed since this was last cleared: the publish being handled cannot be acknowledged.
+    /// An append failed since the operation being handled started (a publish being routed, a Deliver
+    /// being stored, a session record being written): it cannot be acknowledged.
     failed: bool,
     errors: u64,
     held: HashMap<ConnId, VecDeque<Held>>,
@@ -109,6 +110,8 @@ pub(super) struct AckCtx {
     pub reply: (ShardId, u64),
     /// Deliver/Retain messages sent with this token so far.
     pub sends: u32,
+    /// Where the log's head was when the publish started: whether it appended anything.
+    pub start: Lsn,
 }
 
 /// Everything a shard gets at boot from the logs of the whole node.
@@ -337,13 +340,27 @@ impl Shard {
             let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
             self.subs.insert(inner, SubRef { session: key, opts, sub_id, group: group.clone() });
             // Other shards learn these counts from the boot summary, not from announcements.
-            let _ = self.count_interest((group, inner.into()), 1);
+            let _ = self.count_interest((group, inner.into()), 1, 1);
         }
     }
 
     /// Writes the session's current record (or its end, once it is no longer persistent). Returns
     /// false if the log refused it.
     pub(super) fn persist_session(&mut self, key: SessionKey) -> bool {
+        if !self.sessions.contains_key(&key) {
+            return true;
+        }
+        let Some(st) = self.store.as_deref_mut() else { return true };
+        // This call's own failures; a publish being routed around it keeps its verdict.
+        let outer_failed = std::mem::take(&mut st.failed);
+        let ok = self.persist_session_inner(key);
+        if let Some(st) = self.store.as_deref_mut() {
+            st.failed |= outer_failed;
+        }
+        ok
+    }
+
+    fn persist_session_inner(&mut self, key: SessionKey) -> bool {
         let Some(st) = self.store.as_deref_mut() else { return true };
         let Some(s) = self.sessions.get_mut(&key) else { return true };
         if s.expiry_s == 0 {
@@ -351,7 +368,9 @@ impl Shard {
                 s.stored_ver = 0;
                 let mut e = Enc::default();
                 e.u64(key.0);
-                return st.append(records::SESSION_END, &e.0);
+                let ok = st.append(records::SESSION_END, &e.0);
+                self.recount_durable(key, -1);
+                return ok;
             }
             return true;
         }
@@ -396,6 +415,9 @@ impl Shard {
         let newly = s.stored_ver == 0;
         s.stored_ver = ver;
         if newly {
+            self.recount_durable(key, 1);
+            let Some(st) = self.store.as_deref_mut() else { return true };
+            let Some(s) = self.sessions.get_mut(&key) else { return true };
             // It held messages while it was not persistent (a takeover by a persistent CONNECT): they
             // are stored now, with ids above everything stored before.
             if let Some(f) = s.flows_opt_mut() {
@@ -407,7 +429,25 @@ impl Shard {
                 }
             }
         }
-        !st.take_failed()
+        self.store.as_deref_mut().is_none_or(|st| !st.take_failed())
+    }
+
+    /// A session became persistent (`+1`) or stopped being (`-1`): its subscriptions' persistent counts
+    /// change, and other shards learn it (a publish to persistent subscribers waits for their shard).
+    fn recount_durable(&mut self, key: SessionKey, change: i32) {
+        let Some(s) = self.sessions.get(&key) else { return };
+        let mut deltas = Vec::new();
+        for filter in s.subs.clone() {
+            let shared = topic::parse_shared(&filter);
+            let inner = shared.as_ref().map_or(&*filter, |sh| sh.filter);
+            let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
+            deltas.extend(self.count_interest((group, inner.into()), 0, change));
+        }
+        if !deltas.is_empty() {
+            for to in self.other_shards() {
+                self.send_mesh(to, Mesh::Interest { deltas: deltas.clone(), token: None });
+            }
+        }
     }
 
     pub(super) fn persist_inbound_qos2(&mut self, key: SessionKey, pid: u16, pending: bool) -> bool {
@@ -429,7 +469,8 @@ impl Shard {
         st.failed = false;
         let token = st.next_token;
         st.next_token += 1;
-        self.ack_ctx = Some(AckCtx { reply: (self.id, token), sends: 0 });
+        debug_assert!(self.ack_ctx.is_none(), "a publish is routed at a time");
+        self.ack_ctx = Some(AckCtx { reply: (self.id, token), sends: 0, start: st.log.written_lsn() });
         Some(token)
     }
 
@@ -453,11 +494,21 @@ impl Shard {
     ) {
         let ctx = self.ack_ctx.take();
         let what = HeldAck::Publish { pid: pid.0, qos, reason };
+        // A QoS 2 PUBREC also confirms the packet id is remembered (its record may be from an earlier
+        // copy of this publish, in this same iteration).
+        let qos2_stored = qos == QoS::ExactlyOnce && self.session_stored(conn);
         match (self.store.as_deref_mut(), token) {
             (Some(st), Some(token)) => {
                 st.flush_batch();
                 let refused = st.take_failed();
                 let remote = ctx.map_or(0, |c| c.sends);
+                let appended = ctx.is_none_or(|c| c.start != st.log.written_lsn());
+                let queued = st.held.get(&conn).is_some_and(|q| !q.is_empty());
+                if !appended && !qos2_stored && remote == 0 && !refused && !queued {
+                    // Nothing of it needs the disk: acknowledged at once, like without a log.
+                    self.emit(conn, what, false, now);
+                    return;
+                }
                 let h = Held { token, lsn: st.log.written_lsn(), remote, extra: 0, refused, what };
                 if remote > 0 {
                     st.tokens.insert(token, conn);
@@ -470,20 +521,28 @@ impl Shard {
 
     /// Sends `bytes` (an acknowledgement) to `conn` once everything appended so far is durable.
     pub(super) fn send_durable(&mut self, conn: ConnId, bytes: Vec<u8>, now: Instant) {
+        let stored = self.session_stored(conn);
         match self.store.as_deref_mut() {
-            Some(st) => {
+            Some(st) if stored || st.held.contains_key(&conn) => {
+                // Callers check their own appends: this only waits for them.
                 st.flush_batch();
-                let refused = st.take_failed();
                 let lsn = st.log.written_lsn();
-                let h = Held { token: 0, lsn, remote: 0, extra: 0, refused, what: HeldAck::Bytes(bytes) };
+                let h =
+                    Held { token: 0, lsn, remote: 0, extra: 0, refused: false, what: HeldAck::Bytes(bytes) };
                 self.hold(conn, h, now);
             }
-            None => {
+            _ => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.send_raw(&bytes, &mut self.io);
                 }
             }
         }
+    }
+
+    /// Whether the session of `conn` is in the log (what it acknowledges must be durable first).
+    fn session_stored(&self, conn: ConnId) -> bool {
+        let key = self.conns.get(&conn).and_then(|c| c.session());
+        key.and_then(|k| self.sessions.get(&k)).is_some_and(|s| s.stored_ver != 0)
     }
 
     fn hold(&mut self, conn: ConnId, h: Held, now: Instant) {
@@ -498,16 +557,17 @@ impl Shard {
     /// Completes a SUBACK (and sends the retained messages it asked for) once the subscription is
     /// durable: retained messages must not overtake their SUBACK.
     pub(super) fn complete_suback(&mut self, p: PendingSubAck, now: Instant) {
+        let stored = self.session_stored(p.conn);
         match self.store.as_deref_mut() {
-            Some(st) => {
+            Some(st) if stored || st.held.contains_key(&p.conn) => {
+                // `on_subscribe` already refused the SUBACK if its session record failed.
                 st.flush_batch();
-                let refused = st.take_failed();
                 let lsn = st.log.written_lsn();
                 let conn = p.conn;
                 let what = HeldAck::SubAck(Box::new(p));
-                self.hold(conn, Held { token: 0, lsn, remote: 0, extra: 0, refused, what }, now);
+                self.hold(conn, Held { token: 0, lsn, remote: 0, extra: 0, refused: false, what }, now);
             }
-            None => self.complete_suback_now(p, now),
+            _ => self.complete_suback_now(p, now),
         }
     }
 
@@ -609,7 +669,7 @@ impl Shard {
     pub(super) fn begin_remote_ack(&mut self, ack: Option<(ShardId, u64)>) {
         if let (Some(reply), Some(st)) = (ack, self.store.as_deref_mut()) {
             st.failed = false;
-            self.ack_ctx = Some(AckCtx { reply, sends: 0 });
+            self.ack_ctx = Some(AckCtx { reply, sends: 0, start: st.log.written_lsn() });
         }
     }
 

@@ -166,7 +166,8 @@ fn interest_of(r: &Recovered) -> Vec<InterestDelta> {
             *counts.entry((group, inner.into())).or_default() += 1;
         }
     }
-    counts.into_iter().map(|(key, members)| InterestDelta { key, members }).collect()
+    // Every recovered session is persistent.
+    counts.into_iter().map(|(key, members)| InterestDelta { key, members, durable: members }).collect()
 }
 
 /// What `shardmq inspect` reports about one shard's log.
