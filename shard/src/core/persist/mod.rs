@@ -53,8 +53,8 @@ const COMPACT_DEBT_CAP: u64 = 256 << 20;
 pub struct Store {
     log: Log,
     clock: WallClock,
-    next_mid: u64,
-    next_ver: u64,
+    /// Session versions, `mid`s and session ends, in one sequence (see `replay`).
+    next_seq: u64,
     /// The MESSAGE record being assembled: every persistent session of this shard a message goes to is
     /// added before the record is written, so a message is stored once per shard however many sessions
     /// take it.
@@ -130,8 +130,7 @@ impl Store {
         Store {
             log,
             clock,
-            next_mid: r.next_mid,
-            next_ver: r.next_ver,
+            next_seq: r.next_seq,
             batch: None,
             failed: false,
             errors: 0,
@@ -196,8 +195,7 @@ impl Store {
         debug_assert!(d.qos != QoS::AtMostOnce && d.pid != 0);
         if !self.batch.as_ref().is_some_and(|b| Arc::ptr_eq(&b.msg, &d.msg)) {
             self.flush_batch();
-            let mid = self.next_mid;
-            self.next_mid += 1;
+            let mid = self.seq();
             self.batch = Some(Batch { msg: d.msg.clone(), mid, dests: Enc::default(), n: 0 });
         }
         let b = self.batch.as_mut().expect("set above");
@@ -218,6 +216,12 @@ impl Store {
         e.u32(b.n);
         e.0.extend_from_slice(&b.dests.0);
         self.append_now(records::MESSAGE, &e.0);
+    }
+
+    fn seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
     }
 
     pub(super) fn done(&mut self, key: SessionKey, mid: u64) -> bool {
@@ -367,7 +371,8 @@ impl Shard {
             if s.stored_ver != 0 {
                 s.stored_ver = 0;
                 let mut e = Enc::default();
-                e.u64(key.0);
+                let seq = st.seq();
+                e.u64(key.0).u64(seq);
                 let ok = st.append(records::SESSION_END, &e.0);
                 self.recount_durable(key, -1);
                 return ok;
@@ -375,8 +380,7 @@ impl Shard {
             return true;
         }
         let clock = st.clock;
-        let ver = st.next_ver;
-        st.next_ver += 1;
+        let ver = st.seq();
         let mut e = Enc::default();
         e.u64(ver).u64(key.0).str(&s.client_id);
         records::put_protocol(&mut e, s.protocol);
@@ -418,14 +422,20 @@ impl Shard {
             self.recount_durable(key, 1);
             let Some(st) = self.store.as_deref_mut() else { return true };
             let Some(s) = self.sessions.get_mut(&key) else { return true };
-            // It held messages while it was not persistent (a takeover by a persistent CONNECT): they
-            // are stored now, with ids above everything stored before.
+            // It holds messages from while it was not persistent (a takeover by a persistent CONNECT,
+            // or stored, ended and stored again): all are stored now, with ids above the session's end.
             if let Some(f) = s.flows_opt_mut() {
                 for d in f.inflight.iter_mut().map(|x| &mut x.d).chain(f.queue.iter_mut()) {
-                    if d.qos != QoS::AtMostOnce && d.mid == 0 {
+                    if d.qos != QoS::AtMostOnce {
                         d.mid = st.note_delivery(key, d);
                         st.flush_batch();
                     }
+                }
+                for x in f.inflight.iter().filter(|x| x.released) {
+                    st.released(key, x.d.mid);
+                }
+                for pid in f.inbound_qos2.clone() {
+                    st.inbound_qos2(key, pid, true);
                 }
             }
         }

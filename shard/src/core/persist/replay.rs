@@ -3,7 +3,9 @@
 //! Replay is idempotent and tolerates the duplicates compaction can leave behind (a record relocated to
 //! the head of the log while its old copy survived a crash): sessions keep their highest version, a
 //! message queued for a session is keyed by `(session, mid)` and `mid`s are never reused, and "done" and
-//! "released" marks apply whichever side of the message record they are found on. Only inbound QoS 2
+//! "released" marks apply whichever side of the message record they are found on. Session versions,
+//! `mid`s and session ends share one sequence, so an end cancels exactly what was stored before it (a
+//! session can be stored again later under the same id, e.g. a takeover by a persistent CONNECT). Only inbound QoS 2
 //! packet ids (which clients reuse) depend on order, and compaction keeps a copy of one only while it is
 //! still pending, at the head of the log, after every record that could cancel it.
 
@@ -51,8 +53,8 @@ pub struct Recovered {
     pub retained: Vec<Arc<Msg>>,
     /// Above every id found in the log.
     pub next_sid: u64,
-    pub next_mid: u64,
-    pub next_ver: u64,
+    /// Above every session version, `mid` and session end found in the log.
+    pub next_seq: u64,
 }
 
 impl Recovered {
@@ -71,7 +73,8 @@ struct Entry {
 pub struct Replay {
     clock: WallClock,
     sessions: HashMap<u64, StoredSession>,
-    ended: HashSet<u64>,
+    /// Session id → sequence of its latest end: what was stored for it before that is gone.
+    ended: HashMap<u64, u64>,
     msgs: HashMap<u64, Arc<Msg>>,
     entries: BTreeMap<(u64, u64), Entry>,
     /// Done marks seen before their message (possible after compaction moved the message).
@@ -80,8 +83,7 @@ pub struct Replay {
     inbound: HashMap<u64, Vec<u16>>,
     retained: HashMap<Box<str>, Option<Arc<Msg>>>,
     max_sid: u64,
-    max_mid: u64,
-    max_ver: u64,
+    max_seq: u64,
 }
 
 impl Replay {
@@ -89,7 +91,7 @@ impl Replay {
         Replay {
             clock,
             sessions: HashMap::new(),
-            ended: HashSet::new(),
+            ended: HashMap::new(),
             msgs: HashMap::new(),
             entries: BTreeMap::new(),
             done_early: HashSet::new(),
@@ -97,8 +99,7 @@ impl Replay {
             inbound: HashMap::new(),
             retained: HashMap::new(),
             max_sid: 0,
-            max_mid: 0,
-            max_ver: 0,
+            max_seq: 0,
         }
     }
 
@@ -110,22 +111,26 @@ impl Replay {
             records::SESSION => {
                 let s = decode_session(&mut d)?;
                 self.max_sid = self.max_sid.max(s.sid);
-                self.max_ver = self.max_ver.max(s.ver);
-                if !self.ended.contains(&s.sid) && self.sessions.get(&s.sid).is_none_or(|old| old.ver < s.ver)
-                {
+                self.max_seq = self.max_seq.max(s.ver);
+                let after_end = self.ended.get(&s.sid).is_none_or(|&end| s.ver > end);
+                if after_end && self.sessions.get(&s.sid).is_none_or(|old| old.ver < s.ver) {
                     self.sessions.insert(s.sid, s);
                 }
             }
             records::SESSION_END => {
-                let sid = d.u64()?;
+                let (sid, seq) = (d.u64()?, d.u64()?);
                 self.max_sid = self.max_sid.max(sid);
-                self.sessions.remove(&sid);
-                self.inbound.remove(&sid);
-                self.ended.insert(sid);
+                self.max_seq = self.max_seq.max(seq);
+                if self.sessions.get(&sid).is_some_and(|s| s.ver < seq) {
+                    self.sessions.remove(&sid);
+                    self.inbound.remove(&sid);
+                }
+                let end = self.ended.entry(sid).or_default();
+                *end = (*end).max(seq);
             }
             records::MESSAGE => {
                 let mid = d.u64()?;
-                self.max_mid = self.max_mid.max(mid);
+                self.max_seq = self.max_seq.max(mid);
                 let msg = Arc::new(records::get_msg(&mut d, &self.clock)?);
                 let n = d.count(16)?;
                 let mut used = false;
@@ -142,7 +147,7 @@ impl Replay {
                     if pid == 0 || qos == QoS::AtMostOnce {
                         return Err(format!("message {mid}: QoS {qos:?} with packet id {pid}"));
                     }
-                    if self.done_early.remove(&(sid, mid)) || self.ended.contains(&sid) {
+                    if self.done_early.remove(&(sid, mid)) || self.ended.get(&sid).is_some_and(|&e| mid < e) {
                         continue;
                     }
                     used = true;
@@ -155,7 +160,7 @@ impl Replay {
             }
             records::DONE => {
                 let (sid, mid) = (d.u64()?, d.u64()?);
-                self.max_mid = self.max_mid.max(mid);
+                self.max_seq = self.max_seq.max(mid);
                 if self.entries.remove(&(sid, mid)).is_none() {
                     self.done_early.insert((sid, mid));
                 }
@@ -163,14 +168,14 @@ impl Replay {
             }
             records::RELEASED => {
                 let (sid, mid) = (d.u64()?, d.u64()?);
-                self.max_mid = self.max_mid.max(mid);
+                self.max_seq = self.max_seq.max(mid);
                 self.released.insert((sid, mid));
             }
             records::INBOUND_QOS2 | records::INBOUND_QOS2_DONE => {
                 let (sid, pid) = (d.u64()?, d.u16()?);
                 let set = self.inbound.entry(sid).or_default();
                 set.retain(|p| *p != pid);
-                if t == records::INBOUND_QOS2 && !self.ended.contains(&sid) {
+                if t == records::INBOUND_QOS2 {
                     set.push(pid);
                 }
             }
@@ -189,18 +194,15 @@ impl Replay {
     }
 
     pub fn finish(mut self) -> Recovered {
-        let mut out = Recovered {
-            next_sid: self.max_sid + 1,
-            next_mid: self.max_mid + 1,
-            next_ver: self.max_ver + 1,
-            ..Recovered::default()
-        };
+        let mut out =
+            Recovered { next_sid: self.max_sid + 1, next_seq: self.max_seq + 1, ..Recovered::default() };
         let mut sids: Vec<u64> = self.sessions.keys().copied().collect();
         sids.sort_unstable();
         for sid in sids {
             let session = self.sessions.remove(&sid).expect("listed above");
             let mut messages = Vec::new();
-            for (&(_, mid), e) in self.entries.range((sid, 0)..=(sid, u64::MAX)) {
+            let end = self.ended.get(&sid).copied().unwrap_or(0);
+            for (&(_, mid), e) in self.entries.range((sid, end)..=(sid, u64::MAX)) {
                 let Some(msg) = self.msgs.get(&mid) else { continue };
                 let mut d = Delivery::new(msg.clone(), e.qos, e.retain, e.sub_ids.clone());
                 d.mid = mid;

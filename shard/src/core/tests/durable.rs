@@ -274,3 +274,36 @@ fn a_stored_message_costs_its_delivery_slot_in_memory() {
     assert_eq!(r[0].queued_messages, 2);
     let _ = ShardId(0);
 }
+
+#[test]
+fn a_session_resumed_with_expiry_zero_leaves_the_log() {
+    let mut sim = Sim::durable(1, Config::default());
+    let connect = |sim: &mut Sim, expiry: u32| {
+        let c = sim.connect_with(0, V5, |k| {
+            k.client_id = "flip";
+            k.clean_start = false;
+            k.properties.session_expiry_interval_s = Some(expiry);
+        });
+        sim.pop(c, |p| assert!(matches!(p, Packet::ConnAck(_)), "{p:?}"));
+        c
+    };
+    let c = connect(&mut sim, 3600);
+    sim.subscribe(c, "t", QoS::AtLeastOnce);
+    sim.drop_conn(c);
+    let (p, _) = sim.connect(0, V3, "pub", true);
+    sim.publish(p, "t", b"a", QoS::AtLeastOnce, false, 1);
+    expect_puback(&mut sim, p, 1);
+    // Resumed with expiry 0: the session now ends with its connection, so the log forgets it.
+    let c = connect(&mut sim, 0);
+    assert_eq!(publishes(&mut sim, c).len(), 1);
+    sim.crash_and_restart();
+    assert_eq!(sim.shards[0].session_count(), 0);
+    assert!(records(&sim) > 0, "the session's end is a record too");
+    let c = sim.connect_with(0, V5, |k| {
+        k.client_id = "flip";
+        k.clean_start = false;
+        k.properties.session_expiry_interval_s = Some(3600);
+    });
+    sim.pop(c, |p| assert!(matches!(p, Packet::ConnAck(a) if !a.session_present), "{p:?}"));
+    assert!(publishes(&mut sim, c).is_empty());
+}
