@@ -340,6 +340,11 @@ impl Log {
         v
     }
 
+    /// Sealed segments, the ones [`Log::compact_step`] can work on (cheap: for per-iteration checks).
+    pub fn sealed_count(&self) -> usize {
+        self.sealed.len()
+    }
+
     /// The oldest segment: the next one [`Log::compact_step`] works on, unless it is the active one.
     pub fn oldest_segment(&self) -> Option<SegmentInfo> {
         self.segments().into_iter().next()

@@ -695,6 +695,12 @@ impl Shard {
                     h.refused = true;
                 }
             }
+            for (lsn, _, m) in st.held_mesh.iter_mut() {
+                *lsn = Lsn::default();
+                if let Mesh::Stored { ok, .. } = m {
+                    *ok = false;
+                }
+            }
         }
         let durable = st.ack_bound();
         let mut answers = Vec::new();
@@ -724,7 +730,7 @@ impl Shard {
         st.compact_at = now;
         st.compact_budget = (st.compact_budget + (elapsed.as_secs_f64() * COMPACT_PER_SECOND as f64) as u64)
             .min(COMPACT_DEBT_CAP);
-        if st.log.segments().len() < 2 || st.compact_budget == 0 {
+        if st.log.sealed_count() == 0 || st.compact_budget == 0 {
             return;
         }
         let budget = st.compact_budget.min(COMPACT_STEP_BYTES);
@@ -746,7 +752,7 @@ impl Shard {
     /// Whether the runtime should come back without waiting: a flush the policy wants, compaction work.
     pub(super) fn store_deadline(&self) -> Option<Instant> {
         let st = self.store.as_deref()?;
-        let compaction = st.compact_budget > 0 && st.log.segments().len() >= 2;
+        let compaction = st.compact_budget > 0 && st.log.sealed_count() > 0;
         let flush = st.log.poll_timeout();
         match (compaction, flush) {
             (true, _) => Some(st.compact_at),
