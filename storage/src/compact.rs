@@ -36,6 +36,20 @@ pub struct Relocation {
     pub to: Lsn,
 }
 
+/// The caller's verdict on one record during compaction ([`Log::compact_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Keep {
+    /// Still needed as it is: appended again unchanged.
+    Whole,
+    /// Needed in part: this payload (no larger than the old one) is appended in its place, with the same
+    /// type. For a record that describes several things of which some are gone (a message queued for
+    /// several sessions, some of which have acknowledged it): copying it whole would revive those parts
+    /// once the records that cancelled them are compacted away.
+    Rewritten(Vec<u8>),
+    /// Not needed: dropped.
+    Drop,
+}
+
 /// What one [`Log::compact_step`] did.
 #[derive(Debug, Default)]
 pub struct CompactProgress {
@@ -66,6 +80,23 @@ impl Log {
         &mut self,
         budget_bytes: usize,
         live: &mut dyn FnMut(Lsn, RecordType, &[u8]) -> bool,
+    ) -> Result<CompactProgress, StorageError> {
+        self.compact_with(budget_bytes, &mut |lsn, t, p| {
+            if live(lsn, t, p) {
+                Keep::Whole
+            } else {
+                Keep::Drop
+            }
+        })
+    }
+
+    /// [`Log::compact_step`] with a three-way verdict: a kept record may be rewritten smaller (see
+    /// [`Keep::Rewritten`]). A rewritten payload larger than the original is a caller bug: it is kept
+    /// whole instead (room was made for the original size only).
+    pub fn compact_with(
+        &mut self,
+        budget_bytes: usize,
+        live: &mut dyn FnMut(Lsn, RecordType, &[u8]) -> Keep,
     ) -> Result<CompactProgress, StorageError> {
         self.check_poisoned()?;
         let mut progress = CompactProgress::default();
@@ -98,12 +129,23 @@ impl Log {
                 return if progress.kept + progress.dropped == 0 { Err(e) } else { Ok(progress) };
             }
             let from = Lsn { segment: cur.id, offset: cur.pos as u64 };
-            if live(from, RecordType(rtype), payload) {
-                let to = self.append(RecordType(rtype), payload)?;
-                progress.relocated.push(Relocation { from, to });
-                progress.kept += 1;
-            } else {
-                progress.dropped += 1;
+            let verdict = live(from, RecordType(rtype), payload);
+            let kept = match &verdict {
+                Keep::Drop => None,
+                Keep::Rewritten(p) if p.len() <= payload.len() => Some(&p[..]),
+                Keep::Rewritten(_) => {
+                    debug_assert!(false, "a rewritten record may not grow");
+                    Some(payload)
+                }
+                Keep::Whole => Some(payload),
+            };
+            match kept {
+                Some(p) => {
+                    let to = self.append(RecordType(rtype), p)?;
+                    progress.relocated.push(Relocation { from, to });
+                    progress.kept += 1;
+                }
+                None => progress.dropped += 1,
             }
             cur.pos = next;
         }

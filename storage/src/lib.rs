@@ -65,7 +65,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use compact::{CompactProgress, Relocation};
+pub use compact::{CompactProgress, Keep, Relocation};
 pub use error::{Fault, StorageError};
 pub use format::{FORMAT_VERSION, RECORD_OVERHEAD};
 pub use inspect::{inspect, inspect_records, InspectProblem, InspectReport, SegmentReport};

@@ -312,7 +312,14 @@ impl Shard {
         };
         let result = match pkt {
             Packet::Connect(_) => Err(ProtocolError::SecondConnect),
-            Packet::Publish(p) => self.on_publish(id, key, p, now),
+            Packet::Publish(p) => {
+                let r = self.on_publish(id, key, p, now);
+                if r.is_err() {
+                    // Refused before its acknowledgement: nothing waits for the shards it may have reached.
+                    self.ack_ctx = None;
+                }
+                r
+            }
             Packet::PubAck(a) => {
                 self.on_puback(key, a.packet_id, now);
                 Ok(())

@@ -100,10 +100,12 @@ pub struct Delivery {
     pub pid: u16,
     pub qos: QoS,
     pub retain: bool,
+    /// It may have been sent before (restored after a restart): its PUBLISH carries DUP.
+    pub dup: bool,
 }
 
 impl Delivery {
     pub fn new(msg: Arc<Msg>, qos: QoS, retain: bool, sub_ids: Box<[u32]>) -> Delivery {
-        Delivery { msg, sub_ids, mid: 0, pid: 0, qos, retain }
+        Delivery { msg, sub_ids, mid: 0, pid: 0, qos, retain, dup: false }
     }
 }

@@ -175,7 +175,7 @@ fn write_publish(conn: &mut Conn, d: &Delivery, dup: bool, now: Instant, io: &mu
         }
     }
     let pkt = Packet::Publish(Publish {
-        dup,
+        dup: dup || d.dup,
         qos: d.qos,
         retain: d.retain,
         topic,

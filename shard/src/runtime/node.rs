@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
@@ -371,6 +371,27 @@ where
     res
 }
 
+/// How long start-up waits for another process's listeners on the same port to go away.
+const PORT_WAIT: Duration = Duration::from_secs(2);
+
+/// A process killed with `kill -9` keeps its listening sockets for a moment while the kernel tears down
+/// its io_uring; a restart that joined their `SO_REUSEPORT` group then would see some connections land on
+/// sockets nobody accepts from. So start-up waits (up to [`PORT_WAIT`]) until no socket listens on a fixed
+/// port; if one still does (another live process sharing the port on purpose), it joins with a warning.
+fn wait_for_port(addr: SocketAddr) {
+    if addr.port() == 0 || !sys::port_is_held(addr) {
+        return;
+    }
+    let deadline = Instant::now() + PORT_WAIT;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        if !sys::port_is_held(addr) {
+            return;
+        }
+    }
+    tracing::warn!(%addr, "another socket still listens on this port; sharing it (SO_REUSEPORT)");
+}
+
 /// Starts a node: binds the listeners, starts one thread per shard (each builds its core with
 /// `make_core(shard, shards)`) and returns once every shard runs.
 pub fn start<C, F>(cfg: RuntimeConfig, make_core: F) -> io::Result<Node>
@@ -391,6 +412,7 @@ where
     let mut listeners: Vec<Vec<OwnedFd>> = (0..shards).map(|_| Vec::new()).collect();
     let mut addrs = Vec::with_capacity(cfg.listen.len());
     for addr in &cfg.listen {
+        wait_for_port(*addr);
         let first = sys::bind_listener(*addr, cfg.listen_backlog)?;
         let actual = sys::local_addr(first.as_raw_fd())?;
         listeners[0].push(first);

@@ -118,6 +118,28 @@ pub(crate) fn bind_listener(addr: SocketAddr, backlog: i32) -> io::Result<OwnedF
     Ok(fd)
 }
 
+/// Whether some socket still listens on `addr` (a bind without `SO_REUSEPORT` fails with `EADDRINUSE`).
+/// `SO_REUSEADDR` keeps connections in TIME_WAIT from counting.
+pub(crate) fn port_is_held(addr: SocketAddr) -> bool {
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain syscall; the returned fd is checked before being wrapped.
+    let Ok(raw) = cvt(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) }) else {
+        return false;
+    };
+    // SAFETY: `raw` is a freshly created fd that nothing else owns; it is closed on drop.
+    let _fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    if set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).is_err() {
+        return false;
+    }
+    if addr.is_ipv6() && set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1).is_err() {
+        return false;
+    }
+    let (storage, len) = to_sockaddr(&addr);
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+    let rc = unsafe { libc::bind(raw, &storage as *const _ as *const libc::sockaddr, len) };
+    rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EADDRINUSE)
+}
+
 /// Prepares an accepted client socket. `TCP_NODELAY`: MQTT packets are small and latency-bound; with Nagle's
 /// algorithm a PUBLISH written while an earlier segment is unacknowledged waits for the peer's (possibly
 /// delayed) ACK, which showed up as millisecond tail latency. Failure is harmless, so it is only logged.
@@ -264,4 +286,18 @@ pub(crate) fn nofile_limit() -> Option<u64> {
 /// Whether an errno means "try again when the socket is ready" on a nonblocking socket.
 pub(crate) fn would_block(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EAGAIN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_port_is_held_until_its_socket_closes() {
+        let l = bind_listener("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = local_addr(l.as_raw_fd()).unwrap();
+        assert!(port_is_held(addr));
+        drop(l);
+        assert!(!port_is_held(addr));
+    }
 }

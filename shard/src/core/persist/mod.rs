@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ahash::HashMap;
-use shardmq_storage::{Log, Lsn, RecordType, StorageError};
+use shardmq_storage::{Keep, Log, Lsn, RecordType, StorageError};
 use shardmq_wire::{topic, Ack, Packet, PacketId, QoS, ReasonCode};
 
 pub use self::node::{inspect_node, open_node, read_meta, BootError, ShardReport, StorageConfig};
@@ -324,6 +324,10 @@ impl Shard {
         }
         if let Some((last, _)) = rs.messages.last() {
             s.next_pid = if last.pid == u16::MAX { 1 } else { last.pid + 1 };
+        }
+        if !rs.messages.is_empty() {
+            let queued = rs.messages.iter().filter(|(_, released)| !released).count();
+            s.flows_mut().queue.reserve_exact(queued);
         }
         for (d, released) in rs.messages {
             if released {
@@ -739,7 +743,7 @@ impl Shard {
         let retained = &self.retained;
         let res = st
             .log
-            .compact_step(budget as usize, &mut |_, t, payload| live(sessions, retained, &clock, t, payload));
+            .compact_with(budget as usize, &mut |_, t, payload| live(sessions, retained, &clock, t, payload));
         match res {
             Ok(p) => st.compact_budget = st.compact_budget.saturating_sub(p.scanned_bytes.max(1)),
             Err(e) => {
@@ -774,8 +778,66 @@ impl Shard {
     }
 }
 
-/// Whether a record is still needed (compaction keeps it) given the shard's current state.
+/// Whether a record is still needed (compaction keeps it) given the shard's current state. A message
+/// some of whose sessions are done with it is rewritten for the others only: copied whole, it would bring
+/// the finished ones back once their "done" records are compacted away.
 fn live(
+    sessions: &HashMap<SessionKey, Box<Session>>,
+    retained: &RetainedTree<Arc<Msg>>,
+    clock: &WallClock,
+    t: RecordType,
+    payload: &[u8],
+) -> Keep {
+    if t == records::MESSAGE {
+        return live_message(sessions, clock, payload);
+    }
+    if live_record(sessions, retained, clock, t, payload) {
+        Keep::Whole
+    } else {
+        Keep::Drop
+    }
+}
+
+fn live_message(sessions: &HashMap<SessionKey, Box<Session>>, clock: &WallClock, payload: &[u8]) -> Keep {
+    let mut d = records::Dec::new(payload);
+    let Ok(mid) = d.u64() else { return Keep::Whole };
+    if records::get_msg(&mut d, clock).is_err() {
+        return Keep::Whole;
+    }
+    let head = d.pos();
+    let Ok(n) = d.count(16) else { return Keep::Whole };
+    let mut kept: Vec<(usize, usize)> = Vec::new();
+    for _ in 0..n {
+        let start = d.pos();
+        let Ok(sid) = d.u64() else { return Keep::Whole };
+        let (Ok(_pid), Ok(_q), Ok(_r), Ok(k)) = (d.u16(), d.u8(), d.u8(), d.count(4)) else {
+            return Keep::Whole;
+        };
+        for _ in 0..k {
+            if d.u32().is_err() {
+                return Keep::Whole;
+            }
+        }
+        if sessions.get(&SessionKey(sid)).is_some_and(|s| s.stored_ver != 0 && s.holds(mid)) {
+            kept.push((start, d.pos()));
+        }
+    }
+    match kept.len() {
+        0 => Keep::Drop,
+        k if k == n => Keep::Whole,
+        k => {
+            let mut out = Vec::with_capacity(payload.len());
+            out.extend_from_slice(&payload[..head]);
+            out.extend_from_slice(&(k as u32).to_le_bytes());
+            for (a, b) in kept {
+                out.extend_from_slice(&payload[a..b]);
+            }
+            Keep::Rewritten(out)
+        }
+    }
+}
+
+fn live_record(
     sessions: &HashMap<SessionKey, Box<Session>>,
     retained: &RetainedTree<Arc<Msg>>,
     clock: &WallClock,
@@ -788,26 +850,6 @@ fn live(
         records::SESSION => {
             let (Ok(ver), Ok(sid)) = (d.u64(), d.u64()) else { return true };
             stored(sid).is_some_and(|s| s.stored_ver == ver)
-        }
-        records::MESSAGE => {
-            let Ok(mid) = d.u64() else { return true };
-            if records::get_msg(&mut d, clock).is_err() {
-                return true;
-            }
-            let Ok(n) = d.count(16) else { return true };
-            for _ in 0..n {
-                let Ok(sid) = d.u64() else { return true };
-                if stored(sid).is_some_and(|s| s.holds(mid)) {
-                    return true;
-                }
-                let (Ok(_pid), Ok(_q), Ok(_r), Ok(k)) = (d.u16(), d.u8(), d.u8(), d.count(4)) else {
-                    return true;
-                };
-                for _ in 0..k {
-                    let _ = d.u32();
-                }
-            }
-            false
         }
         records::RELEASED => {
             let (Ok(sid), Ok(mid)) = (d.u64(), d.u64()) else { return true };

@@ -164,6 +164,11 @@ impl<'a> Dec<'a> {
         }
         Ok(n)
     }
+    /// Bytes consumed so far.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
     pub fn end(&self) -> DecResult<()> {
         if self.pos == self.buf.len() {
             Ok(())

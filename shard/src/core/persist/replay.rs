@@ -9,7 +9,7 @@
 //! packet ids (which clients reuse) depend on order, and compaction keeps a copy of one only while it is
 //! still pending, at the head of the log, after every record that could cancel it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
 
 use shardmq_storage::RecordType;
@@ -76,7 +76,9 @@ pub struct Replay {
     /// Session id → sequence of its latest end: what was stored for it before that is gone.
     ended: HashMap<u64, u64>,
     msgs: HashMap<u64, Arc<Msg>>,
-    entries: BTreeMap<(u64, u64), Entry>,
+    /// A hash table rather than a tree: one allocation, freed in one piece after the replay, so it leaves
+    /// no holes between the messages that stay (a tree's nodes did: ~80 B per message after recovery).
+    entries: HashMap<(u64, u64), Entry>,
     /// Done marks seen before their message (possible after compaction moved the message).
     done_early: HashSet<(u64, u64)>,
     released: HashSet<(u64, u64)>,
@@ -93,7 +95,7 @@ impl Replay {
             sessions: HashMap::new(),
             ended: HashMap::new(),
             msgs: HashMap::new(),
-            entries: BTreeMap::new(),
+            entries: HashMap::new(),
             done_early: HashSet::new(),
             released: HashSet::new(),
             inbound: HashMap::new(),
@@ -198,15 +200,22 @@ impl Replay {
             Recovered { next_sid: self.max_sid + 1, next_seq: self.max_seq + 1, ..Recovered::default() };
         let mut sids: Vec<u64> = self.sessions.keys().copied().collect();
         sids.sort_unstable();
+        let mut keys: Vec<(u64, u64)> = self.entries.keys().copied().collect();
+        keys.sort_unstable();
         for sid in sids {
             let session = self.sessions.remove(&sid).expect("listed above");
-            let mut messages = Vec::new();
             let end = self.ended.get(&sid).copied().unwrap_or(0);
-            for (&(_, mid), e) in self.entries.range((sid, end)..=(sid, u64::MAX)) {
+            let from = keys.partition_point(|k| *k < (sid, end));
+            let to = keys.partition_point(|k| k.0 <= sid);
+            let mut messages = Vec::with_capacity(to.saturating_sub(from));
+            for &(_, mid) in &keys[from..to.max(from)] {
+                let e = &self.entries[&(sid, mid)];
                 let Some(msg) = self.msgs.get(&mid) else { continue };
                 let mut d = Delivery::new(msg.clone(), e.qos, e.retain, e.sub_ids.clone());
                 d.mid = mid;
                 d.pid = e.pid;
+                // Whether it went out before the restart is not recorded: say it may have.
+                d.dup = true;
                 let released = e.qos == QoS::ExactlyOnce && self.released.contains(&(sid, mid));
                 messages.push((d, released));
             }

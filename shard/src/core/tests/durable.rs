@@ -223,6 +223,20 @@ fn session_expiry_counts_across_a_restart() {
 }
 
 #[test]
+fn a_session_that_expired_while_the_node_was_down_is_gone_at_start() {
+    let mut sim = Sim::durable(1, Config::default());
+    let c = sim.connect_with(0, V5, |k| {
+        k.client_id = "e";
+        k.clean_start = false;
+        k.properties.session_expiry_interval_s = Some(2);
+    });
+    sim.pop(c, |_| ());
+    sim.drop_conn(c);
+    sim.crash_and_restart_after(Duration::from_secs(3));
+    assert_eq!(sim.shards[0].session_count(), 0);
+}
+
+#[test]
 fn acknowledged_messages_are_compacted_away() {
     let mut sim = Sim::durable(1, Config::default());
     let (s, _) = sim.connect(0, V3, "sub", false);
@@ -306,4 +320,44 @@ fn a_session_resumed_with_expiry_zero_leaves_the_log() {
     });
     sim.pop(c, |p| assert!(matches!(p, Packet::ConnAck(a) if !a.session_present), "{p:?}"));
     assert!(publishes(&mut sim, c).is_empty());
+}
+
+#[test]
+fn compaction_keeps_a_message_only_for_the_sessions_still_holding_it() {
+    let mut sim = Sim::durable(1, Config { max_queued: 10_000, ..Config::default() });
+    let (a, _) = sim.connect(0, V5, "online", false);
+    sim.subscribe(a, "t", QoS::ExactlyOnce);
+    let (b, _) = sim.connect(0, V5, "offline", false);
+    sim.subscribe(b, "t", QoS::AtLeastOnce);
+    sim.drop_conn(b);
+    let (p, _) = sim.connect(0, V3, "pub", true);
+    let payload = vec![1u8; 500];
+    for i in 0..600u16 {
+        sim.publish(p, "t", &payload, QoS::AtLeastOnce, false, i + 1);
+        expect_puback(&mut sim, p, i + 1);
+        // The online session completes its QoS 1 exchange at once (granted QoS 1: min of 1 and 2).
+        for (_, _, pid) in publishes(&mut sim, a) {
+            ack(&mut sim, a, pid.unwrap());
+        }
+        if i % 50 == 0 {
+            sim.advance(Duration::from_millis(100));
+        }
+    }
+    sim.crash_and_restart();
+    let (a, present) = sim.connect(0, V5, "online", false);
+    assert!(present);
+    assert!(publishes(&mut sim, a).is_empty(), "what the online session acknowledged stays acknowledged");
+    let (b, _) = sim.connect(0, V5, "offline", false);
+    let mut got = 0;
+    loop {
+        let batch = publishes(&mut sim, b);
+        if batch.is_empty() {
+            break;
+        }
+        got += batch.len();
+        for (_, _, pid) in batch {
+            ack(&mut sim, b, pid.unwrap());
+        }
+    }
+    assert_eq!(got, 600, "the offline session still has every message");
 }

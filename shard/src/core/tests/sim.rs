@@ -102,6 +102,12 @@ impl Sim {
     /// The process dies: every connection and every byte in flight between shards is lost, the logs
     /// stay as they are (their pages survive a process crash), and a new process starts on them.
     pub(super) fn crash_and_restart(&mut self) {
+        self.crash_and_restart_after(Duration::ZERO);
+    }
+
+    /// A crash, and `downtime` before the new process starts (no timer of the old one fires meanwhile).
+    pub(super) fn crash_and_restart_after(&mut self, downtime: Duration) {
+        self.now += downtime;
         for c in &mut self.clients {
             c.closed = true;
         }
@@ -109,6 +115,10 @@ impl Sim {
         let n = self.shards.len() as u16;
         self.shards.clear(); // drops the logs (and their locks) without a final flush
         self.boot(n);
+        // The runtime's first loop iteration handles what fell due while the node was down.
+        for s in &mut self.shards {
+            s.handle_timeout(self.now);
+        }
         self.run();
     }
 
