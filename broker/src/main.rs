@@ -154,6 +154,10 @@ fn main() -> Result<()> {
         let sc = StorageConfig { dir: args.data_dir.clone(), fsync, segment_bytes: args.segment_bytes };
         let boots = open_node(&sc, shards as u16, wall_clock())
             .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
+        // Replay built and freed indexes as large as the log; this thread now only waits for signals,
+        // so mimalloc would never get round to returning those pages on its own.
+        // SAFETY: mi_collect only walks this thread's own heap.
+        unsafe { libmimalloc_sys::mi_collect(true) };
         boots.into_iter().map(|b| Mutex::new(Some(b))).collect()
     };
 
@@ -165,6 +169,9 @@ fn main() -> Result<()> {
         let boot = boots.get(id.index()).and_then(|b| b.lock().ok()?.take());
         if let Some(boot) = boot {
             shard.restore(boot, Instant::now());
+            // The recovered lists were freed here, on this thread's heap: return their pages now.
+            // SAFETY: mi_collect only walks this thread's own heap.
+            unsafe { libmimalloc_sys::mi_collect(true) };
         }
         shard
     })
