@@ -307,6 +307,10 @@ impl Log {
         }
     }
 
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
+    }
+
     pub fn fsync_policy(&self) -> FsyncPolicy {
         self.fsync
     }

@@ -71,6 +71,14 @@ pub struct Store {
     next_token: u64,
     compact_budget: u64,
     compact_at: Instant,
+    /// The pass over the segment being compacted so far: bytes walked and bytes kept.
+    pass_scanned: u64,
+    pass_kept: u64,
+    /// Bytes appended (not relocated) since the last pass that found the segment mostly live. Compaction
+    /// waits for a segment's worth of them before it tries again: rewriting live data only moves it, and
+    /// without this a log of live data would be copied round and round.
+    fresh: u64,
+    mostly_live: bool,
 }
 
 struct Batch {
@@ -140,6 +148,10 @@ impl Store {
             next_token: 1,
             compact_budget: 0,
             compact_at: clock.base,
+            pass_scanned: 0,
+            pass_kept: 0,
+            fresh: 0,
+            mostly_live: false,
         }
     }
 
@@ -169,6 +181,7 @@ impl Store {
     fn append_now(&mut self, t: RecordType, payload: &[u8]) -> bool {
         match self.log.append(t, payload) {
             Ok(_) => {
+                self.fresh += payload.len() as u64 + 9;
                 self.compact_budget = (self.compact_budget
                     + COMPACT_PER_APPENDED_BYTE * (payload.len() as u64 + 9))
                     .min(COMPACT_DEBT_CAP);
@@ -265,6 +278,14 @@ impl Store {
     /// Something appended is not yet covered by `ack_bound`.
     fn pending(&self) -> bool {
         self.batch.is_some() || self.log.written_lsn() > self.ack_bound()
+    }
+
+    /// A sealed segment to walk, budget to walk it, and (after a pass that reclaimed under a quarter of
+    /// its segment) a segment's worth of new records since.
+    fn compaction_due(&self) -> bool {
+        self.log.sealed_count() > 0
+            && self.compact_budget > 0
+            && (!self.mostly_live || self.fresh >= self.log.segment_bytes())
     }
 
     fn take_failed(&mut self) -> bool {
@@ -734,18 +755,37 @@ impl Shard {
         st.compact_at = now;
         st.compact_budget = (st.compact_budget + (elapsed.as_secs_f64() * COMPACT_PER_SECOND as f64) as u64)
             .min(COMPACT_DEBT_CAP);
-        if st.log.sealed_count() == 0 || st.compact_budget == 0 {
+        if !st.compaction_due() {
             return;
         }
         let budget = st.compact_budget.min(COMPACT_STEP_BYTES);
         let clock = st.clock;
         let sessions = &self.sessions;
         let retained = &self.retained;
-        let res = st
-            .log
-            .compact_with(budget as usize, &mut |_, t, payload| live(sessions, retained, &clock, t, payload));
+        let mut kept = 0u64;
+        let res = st.log.compact_with(budget as usize, &mut |_, t, payload| {
+            let k = live(sessions, retained, &clock, t, payload);
+            kept += match &k {
+                Keep::Whole => payload.len() as u64,
+                Keep::Rewritten(p) => p.len() as u64,
+                Keep::Drop => 0,
+            };
+            k
+        });
         match res {
-            Ok(p) => st.compact_budget = st.compact_budget.saturating_sub(p.scanned_bytes.max(1)),
+            Ok(p) => {
+                st.compact_budget = st.compact_budget.saturating_sub(p.scanned_bytes.max(1));
+                st.pass_scanned += p.scanned_bytes;
+                st.pass_kept += kept;
+                if p.deleted {
+                    st.mostly_live = st.pass_kept * 4 >= st.pass_scanned * 3;
+                    if st.mostly_live {
+                        st.fresh = 0;
+                    }
+                    st.pass_scanned = 0;
+                    st.pass_kept = 0;
+                }
+            }
             Err(e) => {
                 st.compact_budget = 0;
                 st.fail(&e);
@@ -756,7 +796,7 @@ impl Shard {
     /// Whether the runtime should come back without waiting: a flush the policy wants, compaction work.
     pub(super) fn store_deadline(&self) -> Option<Instant> {
         let st = self.store.as_deref()?;
-        let compaction = st.compact_budget > 0 && st.log.sealed_count() > 0;
+        let compaction = st.compaction_due();
         let flush = st.log.poll_timeout();
         match (compaction, flush) {
             (true, _) => Some(st.compact_at),
