@@ -394,3 +394,30 @@ fn a_log_of_live_messages_is_not_rewritten_while_idle() {
     let (s, _) = sim.connect(0, V3, "keeper", false);
     assert_eq!(publishes(&mut sim, s).len(), 64, "the first window of the 300 queued messages");
 }
+
+#[test]
+fn a_record_that_passes_its_checksum_but_does_not_decode_refuses_the_start() {
+    let mut sim = Sim::durable(1, Config::default());
+    let (c, _) = sim.connect(0, V3, "s", false);
+    sim.subscribe(c, "t", QoS::AtLeastOnce);
+    let (_, sc) = sim.data.take().unwrap();
+    sim.shards.clear(); // the process is gone; its logs are closed
+    let lc = shardmq_storage::LogConfig {
+        dir: sc.dir.join("shard-0"),
+        segment_bytes: sc.segment_bytes,
+        fsync: sc.fsync,
+    };
+    let (mut log, _) = shardmq_storage::Log::open(lc).unwrap();
+    log.append(shardmq_storage::RecordType(3), &[1, 2, 3]).unwrap();
+    drop(log);
+    let clock = WallClock { base: sim.now, base_unix_ms: 1_800_000_000_000 };
+    match open_node(&sc, 1, clock) {
+        Err(e @ BootError::Record { .. }) => {
+            assert!(e.is_data());
+            let text = e.to_string();
+            assert!(text.contains("message") && text.contains("shard 0"), "{text}");
+        }
+        Err(other) => panic!("expected an undecodable-record error, got {other}"),
+        Ok(_) => panic!("started on an undecodable record"),
+    }
+}
