@@ -17,6 +17,8 @@
 //!
 //! With no log (`--in-memory`) none of this runs and nothing is held.
 
+mod acks;
+mod compact;
 mod node;
 mod records;
 mod replay;
@@ -26,9 +28,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ahash::HashMap;
-use shardmq_storage::{Keep, Log, Lsn, RecordType, StorageError};
-use shardmq_wire::{topic, Ack, Packet, PacketId, QoS, ReasonCode};
+use shardmq_storage::{Log, Lsn, RecordType, StorageError};
+use shardmq_wire::{topic, QoS};
 
+pub(super) use self::acks::AckCtx;
+use self::acks::Held;
 pub use self::node::{inspect_node, open_node, read_meta, BootError, ShardReport, StorageConfig};
 use self::records::Enc;
 pub use self::records::{type_name, WallClock};
@@ -36,8 +40,7 @@ pub use self::replay::{Recovered, RecoveredSession, Replay, StoredSession};
 use super::msg::{Delivery, Msg};
 use super::route::{InterestDelta, SubRef};
 use super::session::{InFlight, Session};
-use super::{Mesh, PendingSubAck, ProtocolError, SessionKey, Shard, Timer};
-use crate::retained::RetainedTree;
+use super::{Mesh, SessionKey, Shard, Timer};
 use crate::{ConnId, ShardId};
 
 /// Bytes of the oldest segment compaction may walk per event-loop iteration: keeps every step well under
@@ -86,40 +89,6 @@ struct Batch {
     mid: u64,
     dests: Enc,
     n: u32,
-}
-
-/// An acknowledgement waiting for durability here (`lsn`) and, for a publish, for the other shards.
-struct Held {
-    token: u64,
-    lsn: Lsn,
-    /// Shards the publish was sent to that have not answered.
-    remote: u32,
-    /// Answers from shards a message was passed on to, minus how many were announced (see `on_stored`).
-    extra: i32,
-    refused: bool,
-    what: HeldAck,
-}
-
-enum HeldAck {
-    Bytes(Vec<u8>),
-    SubAck(Box<PendingSubAck>),
-    Publish { pid: u16, qos: QoS, reason: ReasonCode },
-}
-
-impl Held {
-    fn ready(&self, durable: Lsn) -> bool {
-        self.remote == 0 && self.extra == 0 && (self.refused || self.lsn <= durable)
-    }
-}
-
-/// The publish being routed asks the shards it reaches to confirm durability to `reply`.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct AckCtx {
-    pub reply: (ShardId, u64),
-    /// Deliver/Retain messages sent with this token so far.
-    pub sends: u32,
-    /// Where the log's head was when the publish started: whether it appended anything.
-    pub start: Lsn,
 }
 
 /// Everything a shard gets at boot from the logs of the whole node.
@@ -498,301 +467,6 @@ impl Shard {
         self.store.as_deref_mut().is_none_or(|st| st.retained(msg))
     }
 
-    /// Starts routing a publish whose acknowledgement must wait for the shards it reaches.
-    pub(super) fn begin_ack(&mut self) -> Option<u64> {
-        let st = self.store.as_deref_mut()?;
-        st.failed = false;
-        let token = st.next_token;
-        st.next_token += 1;
-        debug_assert!(self.ack_ctx.is_none(), "a publish is routed at a time");
-        self.ack_ctx = Some(AckCtx { reply: (self.id, token), sends: 0, start: st.log.written_lsn() });
-        Some(token)
-    }
-
-    /// The acknowledgement token to attach to a Deliver or Retain sent now, counting it.
-    pub(super) fn ack_for_send(&mut self) -> Option<(ShardId, u64)> {
-        self.ack_ctx.as_mut().map(|c| {
-            c.sends += 1;
-            c.reply
-        })
-    }
-
-    /// Sends a PUBACK/PUBREC once the publish it acknowledges is durable everywhere it went.
-    pub(super) fn ack_publish(
-        &mut self,
-        conn: ConnId,
-        pid: PacketId,
-        qos: QoS,
-        reason: ReasonCode,
-        token: Option<u64>,
-        now: Instant,
-    ) {
-        let ctx = self.ack_ctx.take();
-        let what = HeldAck::Publish { pid: pid.0, qos, reason };
-        // A QoS 2 PUBREC also confirms the packet id is remembered (its record may be from an earlier
-        // copy of this publish, in this same iteration).
-        let qos2_stored = qos == QoS::ExactlyOnce && self.session_stored(conn);
-        match (self.store.as_deref_mut(), token) {
-            (Some(st), Some(token)) => {
-                st.flush_batch();
-                let refused = st.take_failed();
-                let remote = ctx.map_or(0, |c| c.sends);
-                let appended = ctx.is_none_or(|c| c.start != st.log.written_lsn());
-                let queued = st.held.get(&conn).is_some_and(|q| !q.is_empty());
-                if !appended && !qos2_stored && remote == 0 && !refused && !queued {
-                    // Nothing of it needs the disk: acknowledged at once, like without a log.
-                    self.emit(conn, what, false, now);
-                    return;
-                }
-                let h = Held { token, lsn: st.log.written_lsn(), remote, extra: 0, refused, what };
-                if remote > 0 {
-                    st.tokens.insert(token, conn);
-                }
-                self.hold(conn, h, now);
-            }
-            _ => self.emit(conn, what, false, now),
-        }
-    }
-
-    /// Sends `bytes` (an acknowledgement) to `conn` once everything appended so far is durable.
-    pub(super) fn send_durable(&mut self, conn: ConnId, bytes: Vec<u8>, now: Instant) {
-        let stored = self.session_stored(conn);
-        match self.store.as_deref_mut() {
-            Some(st) if stored || st.held.contains_key(&conn) => {
-                // Callers check their own appends: this only waits for them.
-                st.flush_batch();
-                let lsn = st.log.written_lsn();
-                let h =
-                    Held { token: 0, lsn, remote: 0, extra: 0, refused: false, what: HeldAck::Bytes(bytes) };
-                self.hold(conn, h, now);
-            }
-            _ => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.send_raw(&bytes, &mut self.io);
-                }
-            }
-        }
-    }
-
-    /// Whether the session of `conn` is in the log (what it acknowledges must be durable first).
-    fn session_stored(&self, conn: ConnId) -> bool {
-        let key = self.conns.get(&conn).and_then(|c| c.session());
-        key.and_then(|k| self.sessions.get(&k)).is_some_and(|s| s.stored_ver != 0)
-    }
-
-    fn hold(&mut self, conn: ConnId, h: Held, now: Instant) {
-        let st = self.store.as_deref_mut().expect("holding needs a store");
-        let queue = st.held.entry(conn).or_default();
-        queue.push_back(h);
-        if !st.pending() {
-            self.release(conn, now);
-        }
-    }
-
-    /// Completes a SUBACK (and sends the retained messages it asked for) once the subscription is
-    /// durable: retained messages must not overtake their SUBACK.
-    pub(super) fn complete_suback(&mut self, p: PendingSubAck, now: Instant) {
-        let stored = self.session_stored(p.conn);
-        match self.store.as_deref_mut() {
-            Some(st) if stored || st.held.contains_key(&p.conn) => {
-                // `on_subscribe` already refused the SUBACK if its session record failed.
-                st.flush_batch();
-                let lsn = st.log.written_lsn();
-                let conn = p.conn;
-                let what = HeldAck::SubAck(Box::new(p));
-                self.hold(conn, Held { token: 0, lsn, remote: 0, extra: 0, refused: false, what }, now);
-            }
-            _ => self.complete_suback_now(p, now),
-        }
-    }
-
-    /// Sends the acknowledgements of `conn` that are ready, in order.
-    fn release(&mut self, conn: ConnId, now: Instant) {
-        let Some(st) = self.store.as_deref_mut() else { return };
-        let durable = st.ack_bound();
-        let Some(queue) = st.held.get_mut(&conn) else { return };
-        let mut out = Vec::new();
-        while queue.front().is_some_and(|h| h.ready(durable)) {
-            let h = queue.pop_front().expect("checked");
-            if h.token != 0 {
-                st.tokens.remove(&h.token);
-            }
-            out.push((h.what, h.refused));
-        }
-        if queue.is_empty() {
-            st.held.remove(&conn);
-        }
-        for (what, refused) in out {
-            self.emit(conn, what, refused, now);
-        }
-    }
-
-    fn emit(&mut self, conn: ConnId, what: HeldAck, refused: bool, now: Instant) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        let v5 = c.is_v5();
-        match what {
-            // MQTT 3.1.1 cannot refuse a publish, and nothing can refuse a PUBREL/PUBCOMP/SUBACK: the
-            // connection closes unacknowledged and the client retries after reconnecting.
-            HeldAck::Publish { .. } if refused && !v5 => self.storage_failed(conn, now),
-            HeldAck::Bytes(_) | HeldAck::SubAck(_) if refused => self.storage_failed(conn, now),
-            HeldAck::Bytes(b) => c.send_raw(&b, &mut self.io),
-            HeldAck::SubAck(p) => self.complete_suback_now(*p, now),
-            HeldAck::Publish { pid, qos, reason } => {
-                let reason = if refused { ReasonCode::QUOTA_EXCEEDED } else { reason };
-                let ack = Ack::new(PacketId(pid), reason);
-                match qos {
-                    QoS::AtLeastOnce => c.send(&Packet::PubAck(ack), &mut self.io),
-                    QoS::ExactlyOnce => c.send(&Packet::PubRec(ack), &mut self.io),
-                    QoS::AtMostOnce => {}
-                }
-                if refused && qos == QoS::ExactlyOnce {
-                    // An error PUBREC ends the exchange: the packet id is free again.
-                    if let Some(key) = c.session() {
-                        if let Some(s) = self.sessions.get_mut(&key) {
-                            s.flows_mut().inbound_qos2.retain(|p| *p != pid);
-                            s.trim();
-                        }
-                        self.persist_inbound_qos2(key, pid, false);
-                    }
-                }
-            }
-        }
-    }
-
-    /// The log cannot make a client's request durable: the connection is closed unacknowledged (MQTT 5:
-    /// DISCONNECT 0x97) and the client retries after reconnecting; the shard keeps serving others.
-    pub(super) fn storage_failed(&mut self, conn: ConnId, now: Instant) {
-        self.close_conn(conn, Some(ProtocolError::StorageUnavailable), now);
-    }
-
-    /// A shard the publish went to stored what it had to (`ok`), having passed it on to `forwarded` more.
-    pub(super) fn on_stored(&mut self, token: u64, ok: bool, forwarded: u32, rerouted: bool, now: Instant) {
-        let Some(st) = self.store.as_deref_mut() else { return };
-        let Some(&conn) = st.tokens.get(&token) else { return };
-        let Some(h) = st.held.get_mut(&conn).and_then(|q| q.iter_mut().find(|h| h.token == token)) else {
-            return;
-        };
-        if rerouted {
-            h.extra -= 1;
-        } else {
-            h.remote = h.remote.saturating_sub(1);
-        }
-        h.extra += forwarded as i32;
-        h.refused |= !ok;
-        self.release(conn, now);
-    }
-
-    /// Answers a Deliver or Retain that asked for it, once this shard's records for it are durable.
-    pub(super) fn answer_stored(&mut self, ack: Option<(ShardId, u64)>, rerouted: bool, now: Instant) {
-        let Some((to, token)) = ack else { return };
-        let ctx = self.ack_ctx.take();
-        let forwarded = ctx.map_or(0, |c| c.sends);
-        let Some(st) = self.store.as_deref_mut() else { return };
-        st.flush_batch();
-        let ok = !st.take_failed();
-        let msg = Mesh::Stored { token, ok, forwarded, rerouted };
-        if to == self.id {
-            self.on_stored(token, ok, forwarded, rerouted, now);
-        } else if st.pending() {
-            st.held_mesh.push_back((st.log.written_lsn(), to, msg));
-        } else {
-            self.send_mesh(to, msg);
-        }
-    }
-
-    /// Starts handling a Deliver/Retain that carries a token: what it forwards counts towards the answer.
-    pub(super) fn begin_remote_ack(&mut self, ack: Option<(ShardId, u64)>) {
-        if let (Some(reply), Some(st)) = (ack, self.store.as_deref_mut()) {
-            st.failed = false;
-            self.ack_ctx = Some(AckCtx { reply, sends: 0, start: st.log.written_lsn() });
-        }
-    }
-
-    /// Group commit: called by the runtime once per event-loop iteration.
-    pub(super) fn commit(&mut self, now: Instant) {
-        let Some(st) = self.store.as_deref_mut() else { return };
-        st.flush_batch();
-        if let Err(e) = st.log.commit(now) {
-            // The log stops after a failed flush; nothing pending can be confirmed any more.
-            st.fail(&e);
-            for q in st.held.values_mut() {
-                for h in q.iter_mut() {
-                    h.refused = true;
-                }
-            }
-            for (lsn, _, m) in st.held_mesh.iter_mut() {
-                *lsn = Lsn::default();
-                if let Mesh::Stored { ok, .. } = m {
-                    *ok = false;
-                }
-            }
-        }
-        let durable = st.ack_bound();
-        let mut answers = Vec::new();
-        while st.held_mesh.front().is_some_and(|(lsn, _, _)| *lsn <= durable) {
-            answers.push(st.held_mesh.pop_front().expect("checked"));
-        }
-        let conns: Vec<ConnId> = st.held.keys().copied().collect();
-        for (_, to, msg) in answers {
-            self.send_mesh(to, msg);
-        }
-        for c in conns {
-            self.release(c, now);
-        }
-        // Acknowledgements held for connections that are gone will never be sent.
-        if let Some(st) = self.store.as_deref_mut() {
-            let conns = &self.conns;
-            st.held.retain(|c, _| conns.contains_key(c));
-            let held = &st.held;
-            st.tokens.retain(|_, c| held.contains_key(c));
-        }
-        self.compact(now);
-    }
-
-    fn compact(&mut self, now: Instant) {
-        let Some(st) = self.store.as_deref_mut() else { return };
-        let elapsed = now.saturating_duration_since(st.compact_at);
-        st.compact_at = now;
-        st.compact_budget = (st.compact_budget + (elapsed.as_secs_f64() * COMPACT_PER_SECOND as f64) as u64)
-            .min(COMPACT_DEBT_CAP);
-        if !st.compaction_due() {
-            return;
-        }
-        let budget = st.compact_budget.min(COMPACT_STEP_BYTES);
-        let clock = st.clock;
-        let sessions = &self.sessions;
-        let retained = &self.retained;
-        let mut kept = 0u64;
-        let res = st.log.compact_with(budget as usize, &mut |_, t, payload| {
-            let k = live(sessions, retained, &clock, t, payload);
-            kept += match &k {
-                Keep::Whole => payload.len() as u64,
-                Keep::Rewritten(p) => p.len() as u64,
-                Keep::Drop => 0,
-            };
-            k
-        });
-        match res {
-            Ok(p) => {
-                st.compact_budget = st.compact_budget.saturating_sub(p.scanned_bytes.max(1));
-                st.pass_scanned += p.scanned_bytes;
-                st.pass_kept += kept;
-                if p.deleted {
-                    st.mostly_live = st.pass_kept * 4 >= st.pass_scanned * 3;
-                    if st.mostly_live {
-                        st.fresh = 0;
-                    }
-                    st.pass_scanned = 0;
-                    st.pass_kept = 0;
-                }
-            }
-            Err(e) => {
-                st.compact_budget = 0;
-                st.fail(&e);
-            }
-        }
-    }
-
     /// Whether the runtime should come back without waiting: a flush the policy wants, compaction work.
     pub(super) fn store_deadline(&self) -> Option<Instant> {
         let st = self.store.as_deref()?;
@@ -815,97 +489,5 @@ impl Shard {
 
     pub fn storage_errors(&self) -> u64 {
         self.store.as_deref().map_or(0, Store::errors)
-    }
-}
-
-/// Whether a record is still needed (compaction keeps it) given the shard's current state. A message
-/// some of whose sessions are done with it is rewritten for the others only: copied whole, it would bring
-/// the finished ones back once their "done" records are compacted away.
-fn live(
-    sessions: &HashMap<SessionKey, Box<Session>>,
-    retained: &RetainedTree<Arc<Msg>>,
-    clock: &WallClock,
-    t: RecordType,
-    payload: &[u8],
-) -> Keep {
-    if t == records::MESSAGE {
-        return live_message(sessions, clock, payload);
-    }
-    if live_record(sessions, retained, clock, t, payload) {
-        Keep::Whole
-    } else {
-        Keep::Drop
-    }
-}
-
-fn live_message(sessions: &HashMap<SessionKey, Box<Session>>, clock: &WallClock, payload: &[u8]) -> Keep {
-    let mut d = records::Dec::new(payload);
-    let Ok(mid) = d.u64() else { return Keep::Whole };
-    if records::get_msg(&mut d, clock).is_err() {
-        return Keep::Whole;
-    }
-    let head = d.pos();
-    let Ok(n) = d.count(16) else { return Keep::Whole };
-    let mut kept: Vec<(usize, usize)> = Vec::new();
-    for _ in 0..n {
-        let start = d.pos();
-        let Ok(sid) = d.u64() else { return Keep::Whole };
-        let (Ok(_pid), Ok(_q), Ok(_r), Ok(k)) = (d.u16(), d.u8(), d.u8(), d.count(4)) else {
-            return Keep::Whole;
-        };
-        for _ in 0..k {
-            if d.u32().is_err() {
-                return Keep::Whole;
-            }
-        }
-        if sessions.get(&SessionKey(sid)).is_some_and(|s| s.stored_ver != 0 && s.holds(mid)) {
-            kept.push((start, d.pos()));
-        }
-    }
-    match kept.len() {
-        0 => Keep::Drop,
-        k if k == n => Keep::Whole,
-        k => {
-            let mut out = Vec::with_capacity(payload.len());
-            out.extend_from_slice(&payload[..head]);
-            out.extend_from_slice(&(k as u32).to_le_bytes());
-            for (a, b) in kept {
-                out.extend_from_slice(&payload[a..b]);
-            }
-            Keep::Rewritten(out)
-        }
-    }
-}
-
-fn live_record(
-    sessions: &HashMap<SessionKey, Box<Session>>,
-    retained: &RetainedTree<Arc<Msg>>,
-    clock: &WallClock,
-    t: RecordType,
-    payload: &[u8],
-) -> bool {
-    let mut d = records::Dec::new(payload);
-    let stored = |sid: u64| sessions.get(&SessionKey(sid)).filter(|s| s.stored_ver != 0);
-    match t {
-        records::SESSION => {
-            let (Ok(ver), Ok(sid)) = (d.u64(), d.u64()) else { return true };
-            stored(sid).is_some_and(|s| s.stored_ver == ver)
-        }
-        records::RELEASED => {
-            let (Ok(sid), Ok(mid)) = (d.u64(), d.u64()) else { return true };
-            stored(sid).is_some_and(|s| s.flows().inflight.iter().any(|f| f.d.mid == mid && f.released))
-        }
-        records::INBOUND_QOS2 => {
-            let (Ok(sid), Ok(pid)) = (d.u64(), d.u16()) else { return true };
-            stored(sid).is_some_and(|s| s.flows().inbound_qos2.contains(&pid))
-        }
-        records::RETAIN => {
-            let Ok(topic) = d.str() else { return true };
-            retained.get(topic).is_some_and(|m| records::same_retained(payload, m, clock))
-        }
-        // Tombstones: everything they cancel is older, so it went with an earlier segment or this one.
-        records::SESSION_END | records::DONE | records::INBOUND_QOS2_DONE | records::RETAIN_DELETE => false,
-        // Never written by this build; keep rather than lose what a newer one meant.
-        _ => true,
     }
 }
