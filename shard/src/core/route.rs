@@ -227,6 +227,11 @@ impl Shard {
             match other {
                 Some(to) if !rerouted && msg.qos != QoS::AtMostOnce => {
                     let groups = vec![key.clone()];
+                    // Asked for a durability answer itself, this shard passes the request on (and tells
+                    // the publisher's shard to wait for one more answer). Not asked (the publisher saw
+                    // only non-persistent members here), it cannot extend a wait that is not happening:
+                    // a persistent member elsewhere then stores the message without holding the PUBACK,
+                    // a window as narrow as the group's last member here leaving mid-flight.
                     let ack = self.ack_for_send();
                     self.send_mesh(
                         to,
