@@ -120,7 +120,7 @@ impl Replay {
                 }
             }
             records::SESSION_END => {
-                let (sid, seq) = (d.u64()?, d.u64()?);
+                let (sid, seq) = (id(&mut d)?, id(&mut d)?);
                 self.max_sid = self.max_sid.max(sid);
                 self.max_seq = self.max_seq.max(seq);
                 if self.sessions.get(&sid).is_some_and(|s| s.ver < seq) {
@@ -131,13 +131,13 @@ impl Replay {
                 *end = (*end).max(seq);
             }
             records::MESSAGE => {
-                let mid = d.u64()?;
+                let mid = id(&mut d)?;
                 self.max_seq = self.max_seq.max(mid);
                 let msg = Arc::new(records::get_msg(&mut d, &self.clock)?);
                 let n = d.count(16)?;
                 let mut used = false;
                 for _ in 0..n {
-                    let sid = d.u64()?;
+                    let sid = id(&mut d)?;
                     let pid = d.u16()?;
                     let qos = d.qos()?;
                     let retain = d.bool()?;
@@ -161,7 +161,7 @@ impl Replay {
                 }
             }
             records::DONE => {
-                let (sid, mid) = (d.u64()?, d.u64()?);
+                let (sid, mid) = (id(&mut d)?, id(&mut d)?);
                 self.max_seq = self.max_seq.max(mid);
                 if self.entries.remove(&(sid, mid)).is_none() {
                     self.done_early.insert((sid, mid));
@@ -169,12 +169,12 @@ impl Replay {
                 self.released.remove(&(sid, mid));
             }
             records::RELEASED => {
-                let (sid, mid) = (d.u64()?, d.u64()?);
+                let (sid, mid) = (id(&mut d)?, id(&mut d)?);
                 self.max_seq = self.max_seq.max(mid);
                 self.released.insert((sid, mid));
             }
             records::INBOUND_QOS2 | records::INBOUND_QOS2_DONE => {
-                let (sid, pid) = (d.u64()?, d.u16()?);
+                let (sid, pid) = (id(&mut d)?, d.u16()?);
                 let set = self.inbound.entry(sid).or_default();
                 set.retain(|p| *p != pid);
                 if t == records::INBOUND_QOS2 {
@@ -227,9 +227,22 @@ impl Replay {
     }
 }
 
+/// Session ids, versions and message ids count up from 1 and never get near 2^62 (a shard writing a
+/// million records a second would take 146,000 years): a larger one is damage, and refusing it keeps the
+/// `+ 1` of the next id from overflowing.
+const MAX_ID: u64 = 1 << 62;
+
+fn id(d: &mut Dec<'_>) -> DecResult<u64> {
+    let v = d.u64()?;
+    if v >= MAX_ID {
+        return Err(format!("implausible id {v}"));
+    }
+    Ok(v)
+}
+
 fn decode_session(d: &mut Dec<'_>) -> DecResult<StoredSession> {
-    let ver = d.u64()?;
-    let sid = d.u64()?;
+    let ver = id(d)?;
+    let sid = id(d)?;
     let client_id = d.str()?.into();
     let protocol = records::get_protocol(d)?;
     let expiry_s = d.u32()?;
@@ -336,6 +349,19 @@ mod tests {
         }
         let out = r.finish();
         assert_eq!(out.next_seq, 9);
+    }
+
+    #[test]
+    fn implausible_ids_are_refused_not_overflowed() {
+        let mut e = Enc::default();
+        e.u64(u64::MAX).u64(u64::MAX);
+        let mut r = Replay::new(clock());
+        for t in [records::SESSION_END, records::DONE, records::RELEASED] {
+            let err = r.apply(t, &e.0).unwrap_err();
+            assert!(err.contains("implausible"), "{err}");
+        }
+        let out = r.finish();
+        assert_eq!((out.next_sid, out.next_seq), (1, 1));
     }
 
     proptest! {
