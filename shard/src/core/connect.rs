@@ -30,12 +30,14 @@ impl Shard {
         self.accept_connect(id, c, None, now)
     }
 
-    /// An id owned by this shard, so a client without one is never handed off.
+    /// An id owned by this shard, so a client without one is never handed off, and used by no session
+    /// here: the counter restarts with the process, while sessions restored from the log keep the ids
+    /// assigned before.
     fn assign_client_id(&mut self) -> Arc<str> {
         loop {
             self.assigned_ids += 1;
             let id = format!("shardmq-{}-{:x}", self.id.0, self.assigned_ids);
-            if owner_of(&id, self.shards) == self.id {
+            if owner_of(&id, self.shards) == self.id && !self.by_client.contains_key(id.as_str()) {
                 return id.into();
             }
         }

@@ -421,3 +421,30 @@ fn a_record_that_passes_its_checksum_but_does_not_decode_refuses_the_start() {
         Ok(_) => panic!("started on an undecodable record"),
     }
 }
+
+#[test]
+fn an_assigned_client_id_never_lands_on_a_restored_session() {
+    let mut sim = Sim::durable(1, Config::default());
+    let assigned = |sim: &mut Sim| {
+        let c = sim.connect_with(0, V5, |k| {
+            k.clean_start = false;
+            k.properties.session_expiry_interval_s = Some(3600);
+        });
+        let id = sim.pop(c, |p| match p {
+            Packet::ConnAck(a) => {
+                assert!(!a.session_present, "a client without an id gets a new session");
+                a.properties.assigned_client_identifier.unwrap().to_string()
+            }
+            other => panic!("{other:?}"),
+        });
+        (c, id)
+    };
+    let (c, first) = assigned(&mut sim);
+    sim.subscribe(c, "t", QoS::AtLeastOnce);
+    sim.drop_conn(c);
+    sim.crash_and_restart();
+    // The id counter starts again after a restart; the stored session keeps its id.
+    let (_, second) = assigned(&mut sim);
+    assert_ne!(first, second);
+    assert_eq!(sim.shards[0].session_count(), 2);
+}
