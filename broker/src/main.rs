@@ -65,8 +65,8 @@ struct Args {
     max_session_expiry: u32,
     /// directory of the durable state (one log per shard: persistent sessions, their queued and
     /// in-flight messages, retained messages); created if missing; default ./data
-    #[argh(option, default = "PathBuf::from(\"data\")")]
-    data_dir: PathBuf,
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
     /// keep everything in memory: no data directory, nothing survives a restart
     #[argh(switch)]
     in_memory: bool,
@@ -148,12 +148,16 @@ fn main() -> Result<()> {
         bail!("--cores must be at most {}", u16::MAX);
     }
     let fsync: FsyncPolicy = args.fsync.parse().map_err(anyhow::Error::msg).context("--fsync")?;
+    if args.in_memory && args.data_dir.is_some() {
+        bail!("--in-memory and --data-dir exclude each other");
+    }
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("data"));
     let boots: Vec<Mutex<Option<Boot>>> = if args.in_memory {
         Vec::new()
     } else {
-        let sc = StorageConfig { dir: args.data_dir.clone(), fsync, segment_bytes: args.segment_bytes };
+        let sc = StorageConfig { dir: data_dir.clone(), fsync, segment_bytes: args.segment_bytes };
         let boots = open_node(&sc, shards as u16, wall_clock())
-            .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
+            .with_context(|| format!("opening the data directory {}", data_dir.display()))?;
         // Replay built and freed indexes as large as the log; this thread now only waits for signals,
         // so mimalloc would never get round to returning those pages on its own.
         // SAFETY: mi_collect only walks this thread's own heap.
@@ -180,7 +184,7 @@ fn main() -> Result<()> {
     let storage = if args.in_memory {
         "in-memory".to_string()
     } else {
-        format!("{} fsync={fsync}", args.data_dir.display())
+        format!("{} fsync={fsync}", data_dir.display())
     };
     println!(
         "shardmq {} listening on {} cores={} runtime={} max_connections={} data={}",

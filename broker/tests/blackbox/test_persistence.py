@@ -1241,6 +1241,15 @@ def test_invalid_fsync_value_refused(tmp_path):
     assert "fsync" in err.lower() or "sometimes" in err, err[-2000:]
 
 
+
+def test_in_memory_and_data_dir_together_refused(tmp_path):
+    d = tmp_path / "d"
+    rc, out, err = run_refused(["--cores", "1", "--in-memory", "--data-dir", str(d)], str(tmp_path))
+    assert rc != 0
+    assert "--in-memory" in err and "--data-dir" in err, err[-2000:]
+    assert not d.exists(), "nothing is created for a refused start"
+
+
 # ---------------------------------------------------------------- disk full
 
 @pytest.fixture
