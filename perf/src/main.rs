@@ -40,9 +40,35 @@ struct Common {
     broker_pid: Option<u32>,
 }
 
-macro_rules! common {
-    ($t:ty) => {
-        impl $t {
+/// Declares a subcommand's arguments with the options every subcommand shares (argh has no flatten),
+/// and `common()` to collect them.
+macro_rules! subcommand {
+    // Field types as `ident<arg>` rather than `ty`: argh must see `Option` to make an option optional.
+    ($(#[$meta:meta])* struct $name:ident {
+        $($(#[$fmeta:meta])* $field:ident: $fty:ident $(<$farg:ty>)?,)*
+    }) => {
+        #[derive(FromArgs)]
+        $(#[$meta])*
+        struct $name {
+            /// broker host (default 127.0.0.1)
+            #[argh(option, default = "String::from(\"127.0.0.1\")")]
+            host: String,
+            /// broker port
+            #[argh(option)]
+            port: u16,
+            /// MQTT protocol: 3 (3.1.1) or 5 (default)
+            #[argh(option, default = "5")]
+            protocol: u8,
+            /// print one JSON object instead of text
+            #[argh(switch)]
+            json: bool,
+            /// broker process id, to sample its CPU time and memory
+            #[argh(option)]
+            broker_pid: Option<u32>,
+            $($(#[$fmeta])* $field: $fty $(<$farg>)?,)*
+        }
+
+        impl $name {
             fn common(&self) -> Common {
                 Common {
                     host: self.host.clone(),
@@ -56,279 +82,174 @@ macro_rules! common {
     };
 }
 
-/// hold many idle connections open: connect rate, failures, broker memory per connection
-#[derive(FromArgs)]
-#[argh(subcommand, name = "conn")]
-struct ConnCmd {
-    /// broker host (default 127.0.0.1)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
-    host: String,
-    /// broker port
-    #[argh(option)]
-    port: u16,
-    /// MQTT protocol: 3 (3.1.1) or 5 (default)
-    #[argh(option, default = "5")]
-    protocol: u8,
-    /// print one JSON object instead of text
-    #[argh(switch)]
-    json: bool,
-    /// broker process id, to sample its memory and CPU
-    #[argh(option)]
-    broker_pid: Option<u32>,
-    /// connections to open
-    #[argh(option)]
-    count: u64,
-    /// new connections per second (default 1000)
-    #[argh(option, default = "1000.0")]
-    rate: f64,
-    /// seconds to hold them once all are open (default 10)
-    #[argh(option, default = "10.0")]
-    hold_s: f64,
-    /// epoll threads (default 2)
-    #[argh(option, default = "2")]
-    threads: usize,
-    /// seconds allowed for TCP connect plus CONNACK (default 10)
-    #[argh(option, default = "10.0")]
-    timeout_s: f64,
+subcommand! {
+    /// hold many idle connections open: connect rate, failures, broker memory per connection
+    #[argh(subcommand, name = "conn")]
+    struct ConnCmd {
+        /// connections to open
+        #[argh(option)]
+        count: u64,
+        /// new connections per second (default 1000)
+        #[argh(option, default = "1000.0")]
+        rate: f64,
+        /// seconds to hold them once all are open (default 10)
+        #[argh(option, default = "10.0")]
+        hold_s: f64,
+        /// epoll threads (default 2)
+        #[argh(option, default = "2")]
+        threads: usize,
+        /// seconds allowed for TCP connect plus CONNACK (default 10)
+        #[argh(option, default = "10.0")]
+        timeout_s: f64,
+    }
 }
-common!(ConnCmd);
 
-/// P publishers to bench/fanin/{i}, one subscriber on bench/fanin/+
-#[derive(FromArgs)]
-#[argh(subcommand, name = "fanin")]
-struct FaninCmd {
-    /// broker host (default 127.0.0.1)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
-    host: String,
-    /// broker port
-    #[argh(option)]
-    port: u16,
-    /// MQTT protocol: 3 (3.1.1) or 5 (default)
-    #[argh(option, default = "5")]
-    protocol: u8,
-    /// print one JSON object instead of text
-    #[argh(switch)]
-    json: bool,
-    /// broker process id, to sample its CPU time
-    #[argh(option)]
-    broker_pid: Option<u32>,
-    /// publishers (default 10)
-    #[argh(option, default = "10")]
-    publishers: usize,
-    /// quality of service: 0, 1 or 2 (default 0)
-    #[argh(option, default = "0")]
-    qos: u8,
-    /// payload bytes, at least 16 (default 64)
-    #[argh(option, default = "64")]
-    payload: usize,
-    /// seconds to publish (default 10)
-    #[argh(option, default = "10.0")]
-    duration_s: f64,
-    /// total messages per second over all publishers (default: flat out)
-    #[argh(option)]
-    rate: Option<f64>,
-    /// most QoS 1/2 messages in flight per publisher (default 64, capped by the broker's Receive Maximum)
-    #[argh(option, default = "64")]
-    window: u16,
+subcommand! {
+    /// P publishers to bench/fanin/{i}, one subscriber on bench/fanin/+
+    #[argh(subcommand, name = "fanin")]
+    struct FaninCmd {
+        /// publishers (default 10)
+        #[argh(option, default = "10")]
+        publishers: usize,
+        /// quality of service: 0, 1 or 2 (default 0)
+        #[argh(option, default = "0")]
+        qos: u8,
+        /// payload bytes, at least 16 (default 64)
+        #[argh(option, default = "64")]
+        payload: usize,
+        /// seconds to publish (default 10)
+        #[argh(option, default = "10.0")]
+        duration_s: f64,
+        /// total messages per second over all publishers (default: flat out)
+        #[argh(option)]
+        rate: Option<f64>,
+        /// most QoS 1/2 messages in flight per publisher (default 64, capped by the broker's Receive Maximum)
+        #[argh(option, default = "64")]
+        window: u16,
+    }
 }
-common!(FaninCmd);
 
-/// one publisher, S subscribers on one topic
-#[derive(FromArgs)]
-#[argh(subcommand, name = "fanout")]
-struct FanoutCmd {
-    /// broker host (default 127.0.0.1)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
-    host: String,
-    /// broker port
-    #[argh(option)]
-    port: u16,
-    /// MQTT protocol: 3 (3.1.1) or 5 (default)
-    #[argh(option, default = "5")]
-    protocol: u8,
-    /// print one JSON object instead of text
-    #[argh(switch)]
-    json: bool,
-    /// broker process id, to sample its CPU time
-    #[argh(option)]
-    broker_pid: Option<u32>,
-    /// subscribers (default 100)
-    #[argh(option, default = "100")]
-    subscribers: usize,
-    /// messages per second published (default 1000)
-    #[argh(option, default = "1000.0")]
-    rate: f64,
-    /// quality of service: 0, 1 or 2 (default 0)
-    #[argh(option, default = "0")]
-    qos: u8,
-    /// payload bytes, at least 16 (default 64)
-    #[argh(option, default = "64")]
-    payload: usize,
-    /// seconds to publish (default 10)
-    #[argh(option, default = "10.0")]
-    duration_s: f64,
-    /// most QoS 1/2 messages in flight (default 64)
-    #[argh(option, default = "64")]
-    window: u16,
+subcommand! {
+    /// one publisher, S subscribers on one topic
+    #[argh(subcommand, name = "fanout")]
+    struct FanoutCmd {
+        /// subscribers (default 100)
+        #[argh(option, default = "100")]
+        subscribers: usize,
+        /// messages per second published (default 1000)
+        #[argh(option, default = "1000.0")]
+        rate: f64,
+        /// quality of service: 0, 1 or 2 (default 0)
+        #[argh(option, default = "0")]
+        qos: u8,
+        /// payload bytes, at least 16 (default 64)
+        #[argh(option, default = "64")]
+        payload: usize,
+        /// seconds to publish (default 10)
+        #[argh(option, default = "10.0")]
+        duration_s: f64,
+        /// most QoS 1/2 messages in flight (default 64)
+        #[argh(option, default = "64")]
+        window: u16,
+    }
 }
-common!(FanoutCmd);
 
-/// N publisher/subscriber pairs on distinct topics
-#[derive(FromArgs)]
-#[argh(subcommand, name = "pairs")]
-struct PairsCmd {
-    /// broker host (default 127.0.0.1)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
-    host: String,
-    /// broker port
-    #[argh(option)]
-    port: u16,
-    /// MQTT protocol: 3 (3.1.1) or 5 (default)
-    #[argh(option, default = "5")]
-    protocol: u8,
-    /// print one JSON object instead of text
-    #[argh(switch)]
-    json: bool,
-    /// broker process id, to sample its CPU time
-    #[argh(option)]
-    broker_pid: Option<u32>,
-    /// publisher/subscriber pairs (default 10)
-    #[argh(option, default = "10")]
-    pairs: usize,
-    /// messages per second per pair (default 100)
-    #[argh(option, default = "100.0")]
-    rate: f64,
-    /// quality of service: 0, 1 or 2 (default 0)
-    #[argh(option, default = "0")]
-    qos: u8,
-    /// payload bytes, at least 16 (default 64)
-    #[argh(option, default = "64")]
-    payload: usize,
-    /// seconds to publish (default 10)
-    #[argh(option, default = "10.0")]
-    duration_s: f64,
-    /// most QoS 1/2 messages in flight per publisher (default 64)
-    #[argh(option, default = "64")]
-    window: u16,
-    /// epoll threads driving the connections (default: one per CPU this process may use, at most 4)
-    #[argh(option, default = "0")]
-    threads: usize,
+subcommand! {
+    /// N publisher/subscriber pairs on distinct topics
+    #[argh(subcommand, name = "pairs")]
+    struct PairsCmd {
+        /// publisher/subscriber pairs (default 10)
+        #[argh(option, default = "10")]
+        pairs: usize,
+        /// messages per second per pair (default 100)
+        #[argh(option, default = "100.0")]
+        rate: f64,
+        /// quality of service: 0, 1 or 2 (default 0)
+        #[argh(option, default = "0")]
+        qos: u8,
+        /// payload bytes, at least 16 (default 64)
+        #[argh(option, default = "64")]
+        payload: usize,
+        /// seconds to publish (default 10)
+        #[argh(option, default = "10.0")]
+        duration_s: f64,
+        /// most QoS 1/2 messages in flight per publisher (default 64)
+        #[argh(option, default = "64")]
+        window: u16,
+        /// epoll threads driving the connections (default: one per CPU this process may use, at most 4)
+        #[argh(option, default = "0")]
+        threads: usize,
+    }
 }
-common!(PairsCmd);
 
-/// one publisher flat out to $share/g/bench/shared with M members
-#[derive(FromArgs)]
-#[argh(subcommand, name = "shared")]
-struct SharedCmd {
-    /// broker host (default 127.0.0.1)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
-    host: String,
-    /// broker port
-    #[argh(option)]
-    port: u16,
-    /// MQTT protocol: 3 (3.1.1) or 5 (default)
-    #[argh(option, default = "5")]
-    protocol: u8,
-    /// print one JSON object instead of text
-    #[argh(switch)]
-    json: bool,
-    /// broker process id, to sample its CPU time
-    #[argh(option)]
-    broker_pid: Option<u32>,
-    /// group members (default 4)
-    #[argh(option, default = "4")]
-    members: usize,
-    /// quality of service: 0, 1 or 2 (default 1)
-    #[argh(option, default = "1")]
-    qos: u8,
-    /// payload bytes, at least 16 (default 64)
-    #[argh(option, default = "64")]
-    payload: usize,
-    /// seconds to publish (default 10)
-    #[argh(option, default = "10.0")]
-    duration_s: f64,
-    /// messages per second (default: flat out)
-    #[argh(option)]
-    rate: Option<f64>,
-    /// most QoS 1/2 messages in flight (default 64)
-    #[argh(option, default = "64")]
-    window: u16,
+subcommand! {
+    /// one publisher flat out to $share/g/bench/shared with M members
+    #[argh(subcommand, name = "shared")]
+    struct SharedCmd {
+        /// group members (default 4)
+        #[argh(option, default = "4")]
+        members: usize,
+        /// quality of service: 0, 1 or 2 (default 1)
+        #[argh(option, default = "1")]
+        qos: u8,
+        /// payload bytes, at least 16 (default 64)
+        #[argh(option, default = "64")]
+        payload: usize,
+        /// seconds to publish (default 10)
+        #[argh(option, default = "10.0")]
+        duration_s: f64,
+        /// messages per second (default: flat out)
+        #[argh(option)]
+        rate: Option<f64>,
+        /// most QoS 1/2 messages in flight (default 64)
+        #[argh(option, default = "64")]
+        window: u16,
+    }
 }
-common!(SharedCmd);
 
-/// publish N messages from one client
-#[derive(FromArgs)]
-#[argh(subcommand, name = "pub")]
-struct PubCmd {
-    /// broker host (default 127.0.0.1)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
-    host: String,
-    /// broker port
-    #[argh(option)]
-    port: u16,
-    /// MQTT protocol: 3 (3.1.1) or 5 (default)
-    #[argh(option, default = "5")]
-    protocol: u8,
-    /// print one JSON object instead of text
-    #[argh(switch)]
-    json: bool,
-    /// broker process id, to sample its CPU time
-    #[argh(option)]
-    broker_pid: Option<u32>,
-    /// topic (default bench/smoke)
-    #[argh(option, default = "String::from(\"bench/smoke\")")]
-    topic: String,
-    /// messages to publish (default 1000)
-    #[argh(option, default = "1000")]
-    count: u64,
-    /// messages per second (default: flat out)
-    #[argh(option)]
-    rate: Option<f64>,
-    /// quality of service: 0, 1 or 2 (default 0)
-    #[argh(option, default = "0")]
-    qos: u8,
-    /// payload bytes, at least 16 (default 64)
-    #[argh(option, default = "64")]
-    payload: usize,
-    /// give up after this many seconds (default 60)
-    #[argh(option, default = "60.0")]
-    duration_s: f64,
+subcommand! {
+    /// publish N messages from one client
+    #[argh(subcommand, name = "pub")]
+    struct PubCmd {
+        /// topic (default bench/smoke)
+        #[argh(option, default = "String::from(\"bench/smoke\")")]
+        topic: String,
+        /// messages to publish (default 1000)
+        #[argh(option, default = "1000")]
+        count: u64,
+        /// messages per second (default: flat out)
+        #[argh(option)]
+        rate: Option<f64>,
+        /// quality of service: 0, 1 or 2 (default 0)
+        #[argh(option, default = "0")]
+        qos: u8,
+        /// payload bytes, at least 16 (default 64)
+        #[argh(option, default = "64")]
+        payload: usize,
+        /// give up after this many seconds (default 60)
+        #[argh(option, default = "60.0")]
+        duration_s: f64,
+    }
 }
-common!(PubCmd);
 
-/// subscribe and count messages (with latency, for payloads from this tool)
-#[derive(FromArgs)]
-#[argh(subcommand, name = "sub")]
-struct SubCmd {
-    /// broker host (default 127.0.0.1)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
-    host: String,
-    /// broker port
-    #[argh(option)]
-    port: u16,
-    /// MQTT protocol: 3 (3.1.1) or 5 (default)
-    #[argh(option, default = "5")]
-    protocol: u8,
-    /// print one JSON object instead of text
-    #[argh(switch)]
-    json: bool,
-    /// broker process id, to sample its CPU time
-    #[argh(option)]
-    broker_pid: Option<u32>,
-    /// topic filter (default bench/#)
-    #[argh(option, default = "String::from(\"bench/#\")")]
-    topic: String,
-    /// stop after this many messages (default: run for the whole duration)
-    #[argh(option)]
-    count: Option<u64>,
-    /// quality of service: 0, 1 or 2 (default 0)
-    #[argh(option, default = "0")]
-    qos: u8,
-    /// seconds to listen (default 10)
-    #[argh(option, default = "10.0")]
-    duration_s: f64,
+subcommand! {
+    /// subscribe and count messages (with latency, for payloads from this tool)
+    #[argh(subcommand, name = "sub")]
+    struct SubCmd {
+        /// topic filter (default bench/#)
+        #[argh(option, default = "String::from(\"bench/#\")")]
+        topic: String,
+        /// stop after this many messages (default: run for the whole duration)
+        #[argh(option)]
+        count: Option<u64>,
+        /// quality of service: 0, 1 or 2 (default 0)
+        #[argh(option, default = "0")]
+        qos: u8,
+        /// seconds to listen (default 10)
+        #[argh(option, default = "10.0")]
+        duration_s: f64,
+    }
 }
-common!(SubCmd);
 
 fn qos(v: u8) -> Result<QoS> {
     QoS::from_u8(v).ok_or_else(|| anyhow::anyhow!("--qos must be 0, 1 or 2"))
