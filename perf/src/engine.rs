@@ -155,16 +155,7 @@ pub fn run(plan: &Plan) -> Result<RunReport> {
             .map(|(i, (cl, spec))| s.spawn(move || publisher(i as u32, cl, spec, plan, c)))
             .collect();
 
-        let mut last = (0u64, Instant::now());
-        while t0.elapsed() < plan.duration
-            && (plan.publishers.is_empty() || c.publishers_done.load(Relaxed) < plan.publishers.len())
-            && plan.stop_after_delivered.is_none_or(|n| c.delivered.load(Relaxed) < n)
-        {
-            thread::sleep(Duration::from_millis(20).min(plan.duration.saturating_sub(t0.elapsed())));
-            if plan.progress && last.1.elapsed() >= Duration::from_secs(1) {
-                last = progress_line(t0, last, c, &hists);
-            }
-        }
+        wait_for_end(plan, t0, c, &hists);
         c.stop_pub.store(true, Relaxed);
         let window = t0.elapsed();
         let at_stop = (c.sent.load(Relaxed), c.delivered.load(Relaxed));
@@ -255,6 +246,21 @@ pub(crate) fn drain(plan: &Plan, c: &Counters) {
             return;
         }
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the run's duration is over, every publisher is done or enough was delivered, printing a
+/// progress line every second when the plan asks for it.
+pub(crate) fn wait_for_end(plan: &Plan, t0: Instant, c: &Counters, hists: &[Mutex<Hists>]) {
+    let mut last = (0u64, Instant::now());
+    while t0.elapsed() < plan.duration
+        && (plan.publishers.is_empty() || c.publishers_done.load(Relaxed) < plan.publishers.len())
+        && plan.stop_after_delivered.is_none_or(|n| c.delivered.load(Relaxed) < n)
+    {
+        thread::sleep(Duration::from_millis(20).min(plan.duration.saturating_sub(t0.elapsed())));
+        if plan.progress && last.1.elapsed() >= Duration::from_secs(1) {
+            last = progress_line(t0, last, c, hists);
+        }
     }
 }
 

@@ -28,7 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// One thread per CPU in this process's affinity mask, at most four.
 pub fn default_threads() -> usize {
@@ -550,16 +550,7 @@ pub fn run(plan: &Plan, threads: usize) -> Result<RunReport> {
             .zip(subs)
             .map(|(p, sb)| s.spawn(move || worker(plan, c, hists, p, sb, t0_ns)))
             .collect();
-        let mut last = (0u64, Instant::now());
-        while t0.elapsed() < plan.duration
-            && (plan.publishers.is_empty() || c.publishers_done.load(Relaxed) < plan.publishers.len())
-            && plan.stop_after_delivered.is_none_or(|n| c.delivered.load(Relaxed) < n)
-        {
-            thread::sleep(Duration::from_millis(20).min(plan.duration.saturating_sub(t0.elapsed())));
-            if plan.progress && last.1.elapsed() >= Duration::from_secs(1) {
-                last = engine::progress_line(t0, last, c, hists);
-            }
-        }
+        engine::wait_for_end(plan, t0, c, hists);
         c.stop_pub.store(true, Relaxed);
         let window = t0.elapsed();
         let at_stop = (c.sent.load(Relaxed), c.delivered.load(Relaxed));
