@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use common::{cfg, flip_byte, payload, records, segment_files, Tmpfs};
 use proptest::prelude::*;
-use shardmq_storage::{inspect, Fault, FsyncPolicy, Log, Lsn, RecordType, StorageError, RECORD_OVERHEAD};
+use shardmq_storage::{
+    inspect, Fault, FsyncPolicy, Log, LogConfig, Lsn, RecordType, StorageError, RECORD_OVERHEAD,
+};
 
 const T: RecordType = RecordType(1);
 
@@ -18,14 +20,19 @@ fn fill(log: &mut Log, n: u64, len: usize) -> Vec<Lsn> {
     v
 }
 
+/// A log in a fresh directory holding `count` records of `len` bytes, closed (as after a crash: nothing
+/// flushed beyond what `fill` committed); the directory, the config and the records' positions.
+fn written_log(segment_bytes: u64, count: u64, len: usize) -> (tempfile::TempDir, LogConfig, Vec<Lsn>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cfg(tmp.path(), segment_bytes, FsyncPolicy::Always);
+    let (mut log, _) = Log::open(c.clone()).unwrap();
+    let lsns = fill(&mut log, count, len);
+    (tmp, c, lsns)
+}
+
 #[test]
 fn truncated_last_record_is_cut_and_appends_continue_there() {
-    let tmp = tempfile::tempdir().unwrap();
-    let c = cfg(tmp.path(), 64 << 10, FsyncPolicy::Always);
-    let lsns = {
-        let (mut log, _) = Log::open(c.clone()).unwrap();
-        fill(&mut log, 10, 100)
-    };
+    let (tmp, c, lsns) = written_log(64 << 10, 10, 100);
     let last = lsns[9];
     let file = &segment_files(tmp.path())[0];
     // Cut the file itself in the middle of the last record.
@@ -53,12 +60,7 @@ fn truncated_last_record_is_cut_and_appends_continue_there() {
 
 #[test]
 fn corrupt_last_record_is_cut_and_its_stale_tail_never_comes_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    let c = cfg(tmp.path(), 64 << 10, FsyncPolicy::Always);
-    let lsns = {
-        let (mut log, _) = Log::open(c.clone()).unwrap();
-        fill(&mut log, 6, 200)
-    };
+    let (tmp, c, lsns) = written_log(64 << 10, 6, 200);
     let file = &segment_files(tmp.path())[0];
     // Damage record 3 of 6: records 3, 4 and 5 go, and must stay gone after a shorter record is
     // written where record 3 was (its old neighbours would otherwise parse again behind it).
@@ -82,12 +84,7 @@ fn corrupt_last_record_is_cut_and_its_stale_tail_never_comes_back() {
 
 #[test]
 fn flipped_bytes_in_the_last_record_of_the_last_segment_truncate() {
-    let tmp = tempfile::tempdir().unwrap();
-    let c = cfg(tmp.path(), 4096, FsyncPolicy::Always);
-    let lsns = {
-        let (mut log, _) = Log::open(c.clone()).unwrap();
-        fill(&mut log, 100, 100)
-    };
+    let (tmp, c, lsns) = written_log(4096, 100, 100);
     let files = segment_files(tmp.path());
     assert!(files.len() >= 3, "several segments: {}", files.len());
     let last = *lsns.last().unwrap();
@@ -100,12 +97,7 @@ fn flipped_bytes_in_the_last_record_of_the_last_segment_truncate() {
 
 #[test]
 fn flipped_bytes_in_an_earlier_segment_are_corruption_naming_the_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let c = cfg(tmp.path(), 4096, FsyncPolicy::Always);
-    let lsns = {
-        let (mut log, _) = Log::open(c.clone()).unwrap();
-        fill(&mut log, 100, 100)
-    };
+    let (tmp, c, lsns) = written_log(4096, 100, 100);
     let files = segment_files(tmp.path());
     let victim = lsns.iter().filter(|l| l.segment == 1).nth(10).unwrap();
     flip_byte(&files[0], victim.offset + 40);
@@ -148,12 +140,7 @@ fn bad_magic_is_corruption_even_in_the_last_segment() {
 
 #[test]
 fn an_earlier_segment_that_lost_its_tail_or_a_missing_segment_is_corruption() {
-    let tmp = tempfile::tempdir().unwrap();
-    let c = cfg(tmp.path(), 4096, FsyncPolicy::Always);
-    let lsns = {
-        let (mut log, _) = Log::open(c.clone()).unwrap();
-        fill(&mut log, 120, 100)
-    };
+    let (tmp, c, lsns) = written_log(4096, 120, 100);
     let files = segment_files(tmp.path());
     assert!(files.len() >= 4);
     // Segment 1 as a power failure could leave it: its last pages, seal included, never written.

@@ -8,7 +8,6 @@ use shardmq_wire::{Ack, Packet, PacketId, QoS, ReasonCode};
 
 use super::sim::*;
 use crate::core::*;
-use crate::ShardId;
 
 fn ack(sim: &mut Sim, c: C, pid: u16) {
     sim.send(c, &Packet::PubAck(Ack::new(PacketId(pid), ReasonCode::SUCCESS)));
@@ -29,6 +28,24 @@ fn expect_puback(sim: &mut Sim, c: C, pid: u16) {
         Packet::PubAck(a) => assert_eq!((a.packet_id, a.reason), (PacketId(pid), ReasonCode::SUCCESS)),
         other => panic!("expected PUBACK {pid}, got {other:?}"),
     });
+}
+
+/// An MQTT 5 connect that resumes (or starts) session `id` with the given expiry; returns the client and
+/// whether the session was present.
+fn connect_v5(sim: &mut Sim, id: &str, expiry_s: u32) -> (C, bool) {
+    let c = sim.connect_with(0, V5, |k| {
+        k.client_id = id;
+        k.clean_start = false;
+        k.properties.session_expiry_interval_s = Some(expiry_s);
+    });
+    let present = sim.pop(c, |p| match p {
+        Packet::ConnAck(a) => {
+            assert_eq!(a.reason, ReasonCode::SUCCESS);
+            a.session_present
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    });
+    (c, present)
 }
 
 fn records(sim: &Sim) -> u64 {
@@ -205,12 +222,7 @@ fn subscriptions_and_retained_messages_survive_and_route_after_restart() {
 #[test]
 fn session_expiry_counts_across_a_restart() {
     let mut sim = Sim::durable(1, Config::default());
-    let c = sim.connect_with(0, V5, |k| {
-        k.client_id = "e";
-        k.clean_start = false;
-        k.properties.session_expiry_interval_s = Some(10);
-    });
-    sim.pop(c, |_| ());
+    let (c, _) = connect_v5(&mut sim, "e", 10);
     sim.subscribe(c, "t", QoS::AtLeastOnce);
     sim.drop_conn(c);
     sim.advance(Duration::from_secs(6));
@@ -225,12 +237,7 @@ fn session_expiry_counts_across_a_restart() {
 #[test]
 fn a_session_that_expired_while_the_node_was_down_is_gone_at_start() {
     let mut sim = Sim::durable(1, Config::default());
-    let c = sim.connect_with(0, V5, |k| {
-        k.client_id = "e";
-        k.clean_start = false;
-        k.properties.session_expiry_interval_s = Some(2);
-    });
-    sim.pop(c, |_| ());
+    let (c, _) = connect_v5(&mut sim, "e", 2);
     sim.drop_conn(c);
     sim.crash_and_restart_after(Duration::from_secs(3));
     assert_eq!(sim.shards[0].session_count(), 0);
@@ -286,21 +293,12 @@ fn a_stored_message_costs_its_delivery_slot_in_memory() {
     let r = inspect_node(&sc.dir, clock).unwrap();
     assert_eq!(r[0].by_name.get("message"), Some(&1));
     assert_eq!(r[0].queued_messages, 2);
-    let _ = ShardId(0);
 }
 
 #[test]
 fn a_session_resumed_with_expiry_zero_leaves_the_log() {
     let mut sim = Sim::durable(1, Config::default());
-    let connect = |sim: &mut Sim, expiry: u32| {
-        let c = sim.connect_with(0, V5, |k| {
-            k.client_id = "flip";
-            k.clean_start = false;
-            k.properties.session_expiry_interval_s = Some(expiry);
-        });
-        sim.pop(c, |p| assert!(matches!(p, Packet::ConnAck(_)), "{p:?}"));
-        c
-    };
+    let connect = |sim: &mut Sim, expiry: u32| connect_v5(sim, "flip", expiry).0;
     let c = connect(&mut sim, 3600);
     sim.subscribe(c, "t", QoS::AtLeastOnce);
     sim.drop_conn(c);
@@ -313,12 +311,8 @@ fn a_session_resumed_with_expiry_zero_leaves_the_log() {
     sim.crash_and_restart();
     assert_eq!(sim.shards[0].session_count(), 0);
     assert!(records(&sim) > 0, "the session's end is a record too");
-    let c = sim.connect_with(0, V5, |k| {
-        k.client_id = "flip";
-        k.clean_start = false;
-        k.properties.session_expiry_interval_s = Some(3600);
-    });
-    sim.pop(c, |p| assert!(matches!(p, Packet::ConnAck(a) if !a.session_present), "{p:?}"));
+    let (c, present) = connect_v5(&mut sim, "flip", 3600);
+    assert!(!present);
     assert!(publishes(&mut sim, c).is_empty());
 }
 
