@@ -299,7 +299,8 @@ impl Shard {
             self.release(c, now);
         }
         // Acknowledgements held for connections that are gone will never be sent.
-        if let Some(st) = self.store.as_deref_mut() {
+        if let Some(st) = self.store.as_deref_mut().filter(|st| !st.held.is_empty() || !st.tokens.is_empty())
+        {
             let conns = &self.conns;
             st.held.retain(|c, _| conns.contains_key(c));
             let held = &st.held;

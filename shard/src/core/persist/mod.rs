@@ -62,6 +62,10 @@ pub struct Store {
     /// added before the record is written, so a message is stored once per shard however many sessions
     /// take it.
     batch: Option<Batch>,
+    /// The batch's destination entries and the record being encoded: reused, so storing a message or a
+    /// "done" mark allocates nothing.
+    dests: Vec<u8>,
+    rec: Vec<u8>,
     /// An append failed since the operation being handled started (a publish being routed, a Deliver
     /// being stored, a session record being written): it cannot be acknowledged.
     failed: bool,
@@ -87,7 +91,7 @@ pub struct Store {
 struct Batch {
     msg: Arc<Msg>,
     mid: u64,
-    dests: Enc,
+    /// Destination entries in `Store::dests`.
     n: u32,
 }
 
@@ -109,6 +113,8 @@ impl Store {
             clock,
             next_seq: r.next_seq,
             batch: None,
+            dests: Vec::new(),
+            rec: Vec::new(),
             failed: false,
             errors: 0,
             held: HashMap::default(),
@@ -140,11 +146,27 @@ impl Store {
         self.errors
     }
 
+    /// Appends an encoded record after the pending MESSAGE record (session records: rare, built by the
+    /// caller).
     fn append(&mut self, t: RecordType, payload: &[u8]) -> bool {
-        if t != records::MESSAGE {
-            self.flush_batch();
-        }
+        self.flush_batch();
         self.append_now(t, payload)
+    }
+
+    /// Encodes a record with `f` in the reused buffer and appends it (after the pending MESSAGE record,
+    /// so records stay in the order things happened).
+    fn write(&mut self, t: RecordType, f: impl FnOnce(&mut Enc)) -> bool {
+        self.flush_batch();
+        self.write_now(t, f)
+    }
+
+    fn write_now(&mut self, t: RecordType, f: impl FnOnce(&mut Enc)) -> bool {
+        let mut e = Enc(std::mem::take(&mut self.rec));
+        e.0.clear();
+        f(&mut e);
+        let ok = self.append_now(t, &e.0);
+        self.rec = e.0;
+        ok
     }
 
     fn append_now(&mut self, t: RecordType, payload: &[u8]) -> bool {
@@ -178,13 +200,15 @@ impl Store {
         if !self.batch.as_ref().is_some_and(|b| Arc::ptr_eq(&b.msg, &d.msg)) {
             self.flush_batch();
             let mid = self.seq();
-            self.batch = Some(Batch { msg: d.msg.clone(), mid, dests: Enc::default(), n: 0 });
+            self.batch = Some(Batch { msg: d.msg.clone(), mid, n: 0 });
         }
         let b = self.batch.as_mut().expect("set above");
-        b.dests.u64(key.0).u16(d.pid).u8(d.qos as u8).u8(d.retain as u8).u32(d.sub_ids.len() as u32);
+        let mut e = Enc(std::mem::take(&mut self.dests));
+        e.u64(key.0).u16(d.pid).u8(d.qos as u8).u8(d.retain as u8).u32(d.sub_ids.len() as u32);
         for id in d.sub_ids.iter() {
-            b.dests.u32(*id);
+            e.u32(*id);
         }
+        self.dests = e.0;
         b.n += 1;
         b.mid
     }
@@ -192,12 +216,16 @@ impl Store {
     /// Writes the pending MESSAGE record, if any.
     pub(super) fn flush_batch(&mut self) {
         let Some(b) = self.batch.take() else { return };
-        let mut e = Enc(Vec::with_capacity(64 + b.msg.topic.len() + b.msg.payload.len() + b.dests.0.len()));
-        e.u64(b.mid);
-        records::put_msg(&mut e, &b.msg, &self.clock);
-        e.u32(b.n);
-        e.0.extend_from_slice(&b.dests.0);
-        self.append_now(records::MESSAGE, &e.0);
+        let dests = std::mem::take(&mut self.dests);
+        let clock = self.clock;
+        self.write_now(records::MESSAGE, |e| {
+            e.u64(b.mid);
+            records::put_msg(e, &b.msg, &clock);
+            e.u32(b.n);
+            e.0.extend_from_slice(&dests);
+        });
+        self.dests = dests;
+        self.dests.clear();
     }
 
     fn seq(&mut self) -> u64 {
@@ -207,31 +235,32 @@ impl Store {
     }
 
     pub(super) fn done(&mut self, key: SessionKey, mid: u64) -> bool {
-        let mut e = Enc::default();
-        e.u64(key.0).u64(mid);
-        self.append(records::DONE, &e.0)
+        self.write(records::DONE, |e| {
+            e.u64(key.0).u64(mid);
+        })
     }
 
     pub(super) fn released(&mut self, key: SessionKey, mid: u64) -> bool {
-        let mut e = Enc::default();
-        e.u64(key.0).u64(mid);
-        self.append(records::RELEASED, &e.0)
+        self.write(records::RELEASED, |e| {
+            e.u64(key.0).u64(mid);
+        })
     }
 
     fn inbound_qos2(&mut self, key: SessionKey, pid: u16, pending: bool) -> bool {
-        let mut e = Enc::default();
-        e.u64(key.0).u16(pid);
-        self.append(if pending { records::INBOUND_QOS2 } else { records::INBOUND_QOS2_DONE }, &e.0)
+        let t = if pending { records::INBOUND_QOS2 } else { records::INBOUND_QOS2_DONE };
+        self.write(t, |e| {
+            e.u64(key.0).u16(pid);
+        })
     }
 
     fn retained(&mut self, msg: &Msg) -> bool {
         if msg.payload.is_empty() {
-            let mut e = Enc::default();
-            e.str(&msg.topic);
-            self.append(records::RETAIN_DELETE, &e.0)
+            self.write(records::RETAIN_DELETE, |e| {
+                e.str(&msg.topic);
+            })
         } else {
-            let rec = records::retain_record(msg, &self.clock);
-            self.append(records::RETAIN, &rec)
+            let clock = self.clock;
+            self.write(records::RETAIN, |e| records::put_msg(e, msg, &clock))
         }
     }
 

@@ -283,7 +283,8 @@ pub fn get_msg(d: &mut Dec<'_>, clock: &WallClock) -> DecResult<Msg> {
     })
 }
 
-/// A retained message as its record stores it.
+/// A retained message as its record stores it (the store encodes it in place with `put_msg`).
+#[cfg(test)]
 pub fn retain_record(m: &Msg, clock: &WallClock) -> Vec<u8> {
     let mut e = Enc::default();
     put_msg(&mut e, m, clock);
