@@ -16,6 +16,14 @@ use crate::{ConnId, ShardId};
 /// A subscription group: `(Some(group), filter)` for `$share/group/filter`, `(None, filter)` otherwise.
 pub type SharedKey = (Option<Arc<str>>, Arc<str>);
 
+/// A full filter's group and the filter without its `$share/group/` prefix.
+pub(super) fn split_shared(filter: &str) -> (Option<&str>, &str) {
+    match topic::parse_shared(filter) {
+        Some(sh) => (Some(sh.group), sh.filter),
+        None => (None, filter),
+    }
+}
+
 /// A local subscription in the trie (keyed by the filter without the `$share/group/` prefix).
 #[derive(Debug, Clone)]
 pub(super) struct SubRef {
@@ -401,9 +409,8 @@ impl Shard {
     pub(super) fn remove_subscription(&mut self, key: SessionKey, filter: &str, now: Instant) {
         // A session that ends is no longer stored by the time its subscriptions go (see `end_session`).
         let stored = self.sessions.get(&key).is_some_and(|s| s.stored_ver != 0);
-        let shared = topic::parse_shared(filter);
-        let inner = shared.as_ref().map_or(filter, |sh| sh.filter);
-        let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
+        let (group, inner) = split_shared(filter);
+        let group: Option<Arc<str>> = group.map(Into::into);
         let (removed, _) = self.subs.remove(inner, |r| r.session == key && r.group == group);
         if removed.is_some() {
             // A congested subscriber that leaves no longer holds publishers back.

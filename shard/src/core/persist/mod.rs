@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use ahash::HashMap;
 use shardmq_storage::{Log, Lsn, RecordType, StorageError};
-use shardmq_wire::{topic, QoS};
+use shardmq_wire::QoS;
 
 pub(super) use self::acks::AckCtx;
 use self::acks::Held;
@@ -38,7 +38,7 @@ use self::records::Enc;
 pub use self::records::{type_name, WallClock};
 pub use self::replay::{Recovered, RecoveredSession, Replay, StoredSession};
 use super::msg::{Delivery, Msg};
-use super::route::{InterestDelta, SubRef};
+use super::route::{split_shared, InterestDelta, SubRef};
 use super::session::{InFlight, Session};
 use super::{Mesh, SessionKey, Shard, Timer};
 use crate::{ConnId, ShardId};
@@ -362,9 +362,8 @@ impl Shard {
         self.sessions.insert(key, Box::new(s));
         self.by_client.insert(client_id, key);
         for (filter, opts, sub_id) in subs {
-            let shared = topic::parse_shared(&filter);
-            let inner = shared.as_ref().map_or(&*filter, |sh| sh.filter);
-            let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
+            let (group, inner) = split_shared(&filter);
+            let group: Option<Arc<str>> = group.map(Into::into);
             self.subs.insert(inner, SubRef { session: key, opts, sub_id, group: group.clone() });
             // Other shards learn these counts from the boot summary, not from announcements.
             let _ = self.count_interest((group, inner.into()), 1, 1);
@@ -424,9 +423,7 @@ impl Shard {
         }
         e.u32(s.subs.len() as u32);
         for filter in &s.subs {
-            let shared = topic::parse_shared(filter);
-            let inner = shared.as_ref().map_or(&**filter, |sh| sh.filter);
-            let group = shared.as_ref().map(|sh| sh.group);
+            let (group, inner) = split_shared(filter);
             let sub = self
                 .subs
                 .get(inner)
@@ -471,9 +468,8 @@ impl Shard {
         let Some(s) = self.sessions.get(&key) else { return };
         let mut deltas = Vec::new();
         for filter in s.subs.clone() {
-            let shared = topic::parse_shared(&filter);
-            let inner = shared.as_ref().map_or(&*filter, |sh| sh.filter);
-            let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
+            let (group, inner) = split_shared(&filter);
+            let group: Option<Arc<str>> = group.map(Into::into);
             deltas.extend(self.count_interest((group, inner.into()), 0, change));
         }
         if !deltas.is_empty() {

@@ -11,12 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use shardmq_storage::{FsyncPolicy, Log, LogConfig, Lsn, RecordType, StorageError};
-use shardmq_wire::topic;
 
 use super::records::{type_name, WallClock};
 use super::replay::{Recovered, Replay};
 use super::{Boot, Store};
-use crate::core::route::InterestDelta;
+use crate::core::route::{split_shared, InterestDelta};
 use crate::ShardId;
 
 #[derive(Debug, Clone)]
@@ -160,9 +159,8 @@ fn interest_of(r: &Recovered) -> Vec<InterestDelta> {
     let mut counts: BTreeMap<(Option<Arc<str>>, Arc<str>), u32> = BTreeMap::new();
     for s in &r.sessions {
         for (filter, _, _) in &s.session.subs {
-            let shared = topic::parse_shared(filter);
-            let inner = shared.as_ref().map_or(&**filter, |sh| sh.filter);
-            let group = shared.as_ref().map(|sh| Arc::from(sh.group));
+            let (group, inner) = split_shared(filter);
+            let group = group.map(Arc::from);
             *counts.entry((group, inner.into())).or_default() += 1;
         }
     }
