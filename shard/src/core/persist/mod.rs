@@ -322,22 +322,18 @@ impl Shard {
         s.stored_ver = st.ver;
         s.will = st.will;
         // A session that was connected when the broker stopped lost its connection then: its expiry
-        // and will delay start now.
+        // and will delay start now. A stored deadline (0: none) is kept.
+        let due = |unix_ms: u64, after_s: u32| match unix_ms {
+            0 => now + Duration::from_secs(after_s as u64),
+            at => clock.instant(at),
+        };
         if st.expiry_s != u32::MAX {
-            let at = if st.expires_at_unix_ms != 0 {
-                clock.instant(st.expires_at_unix_ms)
-            } else {
-                now + Duration::from_secs(st.expiry_s as u64)
-            };
+            let at = due(st.expires_at_unix_ms, st.expiry_s);
             s.expires_at = Some(at);
             self.arm(at, Timer::Expiry(key));
         }
         if let Some(w) = &s.will {
-            let at = if st.will_at_unix_ms != 0 {
-                clock.instant(st.will_at_unix_ms)
-            } else {
-                now + Duration::from_secs(w.delay_s as u64)
-            };
+            let at = due(st.will_at_unix_ms, w.delay_s);
             s.will_at = Some(at);
             self.arm(at, Timer::Will(key));
         }

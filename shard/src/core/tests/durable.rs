@@ -38,13 +38,7 @@ fn connect_v5(sim: &mut Sim, id: &str, expiry_s: u32) -> (C, bool) {
         k.clean_start = false;
         k.properties.session_expiry_interval_s = Some(expiry_s);
     });
-    let present = sim.pop(c, |p| match p {
-        Packet::ConnAck(a) => {
-            assert_eq!(a.reason, ReasonCode::SUCCESS);
-            a.session_present
-        }
-        other => panic!("expected CONNACK, got {other:?}"),
-    });
+    let present = sim.pop_connack(c);
     (c, present)
 }
 

@@ -171,14 +171,19 @@ impl Sim {
                 k.properties.session_expiry_interval_s = Some(3600);
             }
         });
-        let present = self.pop(c, |p| match p {
+        let present = self.pop_connack(c);
+        (c, present)
+    }
+
+    /// Pops a CONNACK, asserting success; returns session present.
+    pub(super) fn pop_connack(&mut self, c: C) -> bool {
+        self.pop(c, |p| match p {
             Packet::ConnAck(a) => {
                 assert_eq!(a.reason, ReasonCode::SUCCESS);
                 a.session_present
             }
             other => panic!("expected CONNACK, got {other:?}"),
-        });
-        (c, present)
+        })
     }
 
     pub(super) fn send_bytes(&mut self, c: C, bytes: &[u8]) {
