@@ -9,6 +9,7 @@
 //! than stretching the schedule, so a stalled broker shows up as latency, not as a silently lower rate.
 
 use crate::client::{encode_publish, Client, Writer};
+use crate::host::{HostNoise, HostProbe};
 use crate::payload::{self, now_ns, Stamp};
 use crate::procfs::{BrokerProbe, BrokerUsage};
 use crate::stats::{self, lost, LatencySummary, Received, SeqSet};
@@ -81,7 +82,21 @@ pub struct RunReport {
     pub per_subscriber_max: u64,
     /// CPU from just before the first publish to the end of the drain, per message delivered in that time.
     pub broker: Option<BrokerUsage>,
+    /// The host's own noise over the window (see [`crate::host`]).
+    pub host: HostNoise,
     pub errors: Vec<String>,
+}
+
+/// What is sampled beside the clients over the measurement window.
+pub(crate) struct Probes {
+    broker: Option<BrokerProbe>,
+    host: HostProbe,
+}
+
+impl Probes {
+    pub(crate) fn start(plan: &Plan) -> Self {
+        Probes { broker: plan.broker_pid.map(BrokerProbe::start), host: HostProbe::start() }
+    }
 }
 
 #[derive(Default)]
@@ -137,7 +152,7 @@ pub fn run(plan: &Plan) -> Result<RunReport> {
         pubs.push(Client::connect(plan.addr, &format!("{tag}-p{i}"), plan.protocol)?);
     }
     let hists: Vec<Mutex<Hists>> = subs.iter().map(|_| Hists::new()).collect();
-    let probe = plan.broker_pid.map(BrokerProbe::start);
+    let probes = Probes::start(plan);
     let t0 = Instant::now();
 
     let (received, counts, acked, window, at_stop) = thread::scope(|s| {
@@ -171,7 +186,7 @@ pub fn run(plan: &Plan) -> Result<RunReport> {
         (received, counts, acked, window, at_stop)
     });
 
-    Ok(report(plan, c, &hists, &received, counts, &acked, window, at_stop, probe))
+    Ok(report(plan, c, &hists, &received, counts, &acked, window, at_stop, probes))
 }
 
 /// The summary of a finished run, shared by this engine and the epoll one ([`crate::pairs`]).
@@ -185,7 +200,7 @@ pub(crate) fn report(
     acked: &HashMap<u32, SeqSet>,
     window: Duration,
     at_stop: (u64, u64),
-    probe: Option<BrokerProbe>,
+    probes: Probes,
 ) -> RunReport {
     let mut total = stats::new_histogram();
     for h in hists {
@@ -219,7 +234,8 @@ pub(crate) fn report(
         per_subscriber_min: counts.iter().copied().min().unwrap_or(0),
         per_subscriber_max: counts.iter().copied().max().unwrap_or(0),
         per_subscriber: counts,
-        broker: probe.map(|p| p.finish(delivered)),
+        broker: probes.broker.map(|p| p.finish(delivered)),
+        host: probes.host.finish(),
         errors,
     }
 }

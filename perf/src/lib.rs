@@ -8,7 +8,8 @@
 //!   ([`engine`]), reporting throughput, end-to-end latency percentiles (send timestamp in the payload,
 //!   [`payload`]) and, at QoS 1/2, every acknowledged message that never arrived; `pairs` runs on a few
 //!   epoll threads ([`pairs`]) so that scheduling hundreds of client threads does not swamp the latency;
-//! - optionally samples the broker's CPU time and memory from /proc ([`procfs`]).
+//! - optionally samples the broker's CPU time and memory from /proc ([`procfs`]), and always the host's
+//!   own noise: stolen CPU time and how late a sleeping thread wakes ([`host`]).
 //!
 //! What it does not do: TLS, WebSockets, authentication, persistent sessions, reconnects, retained
 //! messages or wills; keep-alive is always 0. It only runs on Linux (epoll, /proc, CLOCK_MONOTONIC), and
@@ -18,6 +19,7 @@
 pub mod client;
 pub mod conn;
 pub mod engine;
+pub mod host;
 pub mod net;
 pub mod pairs;
 pub mod payload;

@@ -406,6 +406,14 @@ fn print_run(r: &RunReport) {
             opt(b.rss_after_kb)
         );
     }
+    let w = &r.host.wake_late_us;
+    println!(
+        "  host: steal {}%, a 1 ms sleep wakes late by p50 {} p99 {} max {} us",
+        opt(r.host.steal_pct.map(|v| format!("{v:.1}"))),
+        w.p50_us,
+        w.p99_us,
+        w.max_us
+    );
     for e in &r.errors {
         println!("  error: {e}");
     }

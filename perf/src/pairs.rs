@@ -14,9 +14,8 @@
 
 use crate::client::{encode_publish, Client};
 use crate::conn::Epoll;
-use crate::engine::{self, Counters, Hists, Plan, RunReport};
+use crate::engine::{self, Counters, Hists, Plan, Probes, RunReport};
 use crate::payload::{self, now_ns, Stamp};
-use crate::procfs::BrokerProbe;
 use crate::stats::{self, Received, SeqSet};
 use anyhow::{anyhow, bail, Result};
 use shardmq_wire::{decode, encode, Ack, Disconnect, Packet, PacketId, Protocol, QoS, ReasonCode};
@@ -538,7 +537,7 @@ pub fn run(plan: &Plan, threads: usize) -> Result<RunReport> {
         pubs[i % threads].push((i, sock, left, rm));
     }
     let hists: Vec<Mutex<Hists>> = plan.subscribers.iter().map(|_| Hists::new()).collect();
-    let probe = plan.broker_pid.map(BrokerProbe::start);
+    let probes = Probes::start(plan);
     let t0 = Instant::now();
     let t0_ns = now_ns();
 
@@ -579,5 +578,5 @@ pub fn run(plan: &Plan, threads: usize) -> Result<RunReport> {
             Err(e) => c.error("worker", e),
         }
     }
-    Ok(engine::report(plan, c, &hists, &received, counts, &acked, window, at_stop, probe))
+    Ok(engine::report(plan, c, &hists, &received, counts, &acked, window, at_stop, probes))
 }

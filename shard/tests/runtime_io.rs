@@ -204,6 +204,32 @@ fn mesh_tiny_capacity(b: BackendChoice) {
     stop(node);
 }
 
+/// With an idle-poll window the shards seldom sleep, so mesh batches usually find their target awake and
+/// send no wakeup: echo and cross-shard traffic must behave exactly as without it.
+fn idle_poll_echo_and_mesh(b: BackendChoice) {
+    let per_target = 20_000;
+    let cfg = RuntimeConfig { idle_poll: Duration::from_micros(500), mesh_capacity: 4, ..config(b, 2) };
+    let (node, obs) = start(cfg, CoreCfg { mesh_per_target: per_target, mesh_burst: 16 });
+    let addr = node.local_addrs()[0];
+    let mut clients: Vec<Client> = (0..8).map(|_| Client::new(addr)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut round = 0;
+    while (Obs::get(&obs.mesh_recv) < 2 * per_target || round < 50) && Instant::now() < deadline {
+        for c in clients.iter_mut() {
+            c.send(&format!("r{round}\n"));
+            assert!(c.line().ends_with(&format!(":r{round}")));
+        }
+        round += 1;
+        if round % 10 == 0 {
+            // Gaps longer than the window: the shards go to sleep and must be woken again.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    assert_eq!(Obs::get(&obs.mesh_recv), 2 * per_target, "mesh messages lost");
+    assert_eq!(Obs::get(&obs.mesh_out_of_order), 0);
+    stop(node);
+}
+
 fn max_sockets_cap(b: BackendChoice) {
     let cfg = RuntimeConfig { max_sockets: 4, ..config(b, 2) };
     let (node, _obs) = start(cfg, CoreCfg::default());
@@ -499,6 +525,10 @@ macro_rules! backend_tests {
             #[test]
             fn mesh_tiny_capacity() {
                 super::mesh_tiny_capacity($choice);
+            }
+            #[test]
+            fn idle_poll_echo_and_mesh() {
+                super::idle_poll_echo_and_mesh($choice);
             }
             #[test]
             fn max_sockets_cap() {

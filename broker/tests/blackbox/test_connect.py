@@ -1,11 +1,13 @@
 """CONNECT / CONNACK, sessions, takeover, keepalive, connect timeout,
 client identifiers, CONNACK properties, graceful shutdown."""
 
+import subprocess
 import time
 
 import pytest
 
 import mqtt_raw as R
+from conftest import SHARDMQ_BIN
 from mqtt_client import ALL_VERSIONS, IS_MOSQUITTO, V311, V5, assert_broker_serves, settle, ver_id
 
 
@@ -291,3 +293,36 @@ def test_many_clients_across_shards(broker, clients):
         got = sorted(m.payload for m in s.expect(10))
         assert got == sorted(b"m%d" % i for i in range(10))
         s.expect_none(0.05)
+
+
+@pytest.mark.shardmq_only  # a shardmq runtime flag
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_idle_poll_serves_across_shards(broker, clients, qos):
+    """--idle-poll-us: after an event a shard polls for more work instead of
+    sleeping, so a mesh batch usually finds its target awake and sends no
+    wakeup. Deliveries across shards must be exactly as without it, including
+    after pauses longer than the window (shards asleep again)."""
+    b = broker("--idle-poll-us", "300")
+    assert "idle_poll_us=300" in b.stdout()
+    subs = [clients(b, "poll-sub-%d" % i, ALL_VERSIONS[i % 2]) for i in range(6)]
+    for s in subs:
+        assert s.subscribe("poll/+", qos) == [qos]
+    pubs = [clients(b, "poll-pub-%d" % i, ALL_VERSIONS[(i + 1) % 2]) for i in range(6)]
+    for rnd in range(3):
+        for i, p in enumerate(pubs):
+            p.publish("poll/%d" % i, b"r%d-m%d" % (rnd, i), qos)
+        for s in subs:
+            got = sorted(m.payload for m in s.expect(6))
+            assert got == sorted(b"r%d-m%d" % (rnd, i) for i in range(6))
+        time.sleep(0.05)  # far past the window: every shard sleeps before the next round
+    for s in subs:
+        s.expect_none(0.05)
+
+
+@pytest.mark.shardmq_only
+def test_idle_poll_past_cap_refused():
+    p = subprocess.run([SHARDMQ_BIN, "--listen", "127.0.0.1:0", "--in-memory", "--idle-poll-us", "10001"],
+                       capture_output=True, text=True, timeout=15)
+    assert p.returncode != 0
+    assert "--idle-poll-us" in p.stderr and "10000" in p.stderr, p.stderr[-2000:]
+    assert "panicked" not in p.stderr

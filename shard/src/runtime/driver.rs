@@ -29,6 +29,13 @@ pub(crate) struct Ctx {
     pub(crate) close_linger: Duration,
     /// How long the shutdown sequence may spend flushing.
     pub(crate) shutdown_grace: Duration,
+    /// After an iteration that handled an event, the shard polls (non-blocking, yielding the CPU between
+    /// polls) for this long before it sleeps. Waking a sleeping thread costs an interrupt to its CPU and a
+    /// context switch, and on a virtual machine a halted vCPU's exit and re-entry on top; a shard that is
+    /// still polling when the next packet or mesh batch arrives skips all of it, and a sender needs no
+    /// eventfd signal ([`super::mesh::Wake`]). The price is CPU time: under steady traffic a polling
+    /// shard looks busy. Zero (the default) sleeps at once.
+    pub(crate) idle_poll: Duration,
 }
 
 impl Ctx {
@@ -94,14 +101,15 @@ pub(crate) trait Io<C: Core> {
 
 /// A backend's event source.
 pub(crate) trait EventLoop<C: Core>: Io<C> {
-    /// Waits up to `timeout` (`None`: forever) for events and dispatches them to the core.
+    /// Waits up to `timeout` (`None`: forever) for events and dispatches them to the core; returns how many
+    /// it dispatched (completions or readiness events, wakeups included).
     fn poll(
         &mut self,
         core: &mut C,
         out: &mut Outbox<C::Mesh, C::Handoff>,
         timeout: Option<Duration>,
         stopping: bool,
-    ) -> io::Result<()>;
+    ) -> io::Result<usize>;
     /// Backend deadlines (lingering closes, paused accepts) that have passed.
     fn on_tick(&mut self, core: &mut C, now: Instant);
     /// The earliest backend deadline.
@@ -173,9 +181,11 @@ fn drain_inbox<C: Core, I: Io<C>>(
     inbox: &Inbox<C::Mesh, C::Handoff>,
     out: &mut Outbox<C::Mesh, C::Handoff>,
     now: Instant,
-) {
+) -> usize {
+    let mut n = 0;
     for _ in 0..1024 {
         let Ok(item) = inbox.rx.try_recv() else { break };
+        n += 1;
         match item {
             Inbound::Mesh { from, batch } => {
                 for msg in batch {
@@ -198,6 +208,7 @@ fn drain_inbox<C: Core, I: Io<C>>(
         }
     }
     inbox.notify_drained();
+    n
 }
 
 /// How long to wait for the backlog of a full inbox to clear when nobody wakes us.
@@ -212,6 +223,9 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
     out: &mut Outbox<C::Mesh, C::Handoff>,
 ) -> io::Result<()> {
     let mut stop_deadline: Option<Instant> = None;
+    let idle_poll = ctx.idle_poll;
+    // Invariant: `Some` only while `idle_poll` is non-zero; the shard does not sleep before this instant.
+    let mut active_until: Option<Instant> = None;
     loop {
         let now = Instant::now();
         if stop_deadline.is_none() && ctx.shutdown.load(Ordering::Acquire) {
@@ -230,8 +244,8 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
                 lp.force_close_all();
                 return Ok(());
             }
-        } else {
-            drain_inbox(core, lp, inbox, out, now);
+        } else if drain_inbox(core, lp, inbox, out, now) > 0 && !idle_poll.is_zero() {
+            active_until = Some(now + idle_poll);
         }
         // Commands queued by callbacks that are not followed by a drain of their own (backpressure,
         // closed) are executed before the shard sleeps.
@@ -257,6 +271,12 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
         if lp.has_ready() || (!stopping && !inbox.is_empty()) {
             timeout = Some(Duration::ZERO);
         }
+        if timeout != Some(Duration::ZERO) && !stopping && active_until.is_some_and(|t| now < t) {
+            debug_assert!(!idle_poll.is_zero());
+            // Lets the load generator or another process on this CPU run; back at once when none wants to.
+            std::thread::yield_now();
+            timeout = Some(Duration::ZERO);
+        }
         if timeout != Some(Duration::ZERO) {
             inbox.wake().prepare_sleep();
             if !inbox.is_empty() || ctx.shutdown.load(Ordering::Acquire) != stopping {
@@ -265,6 +285,8 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
         }
         let res = lp.poll(core, out, timeout, stopping);
         inbox.wake().awake();
-        res?;
+        if res? > 0 && !idle_poll.is_zero() {
+            active_until = Some(Instant::now() + idle_poll);
+        }
     }
 }

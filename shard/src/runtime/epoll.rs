@@ -417,7 +417,7 @@ impl<C: Core> EventLoop<C> for EpollLoop {
         out: &mut Outbox<C::Mesh, C::Handoff>,
         timeout: Option<Duration>,
         _stopping: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<usize> {
         let ms = match timeout {
             None => -1,
             // Round up: waking before the deadline would just spin.
@@ -432,7 +432,7 @@ impl<C: Core> EventLoop<C> for EpollLoop {
         if n < 0 {
             self.events = events;
             let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::EINTR) { Ok(()) } else { Err(e) };
+            return if e.raw_os_error() == Some(libc::EINTR) { Ok(0) } else { Err(e) };
         }
         // SAFETY: epoll_wait initialised the first `n` entries.
         unsafe { events.set_len(n as usize) };
@@ -467,7 +467,7 @@ impl<C: Core> EventLoop<C> for EpollLoop {
             self.on_readable(core, out, id, &mut buf, hup);
         }
         self.buf = buf;
-        Ok(())
+        Ok(n as usize)
     }
 
     fn on_tick(&mut self, _core: &mut C, now: Instant) {

@@ -93,6 +93,9 @@ pub struct RuntimeConfig {
     pub uring_buffer_size: u32,
     /// io_uring: submission queue entries per shard.
     pub uring_entries: u32,
+    /// How long a shard keeps polling for more work, without sleeping, after its last event (zero: it
+    /// sleeps at once). See [`Ctx::idle_poll`].
+    pub idle_poll: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -115,6 +118,7 @@ impl Default for RuntimeConfig {
             uring_buffers: 512,
             uring_buffer_size: 16 * 1024,
             uring_entries: 1024,
+            idle_poll: Duration::ZERO,
         }
     }
 }
@@ -462,6 +466,7 @@ where
             shutdown: shutdown.clone(),
             close_linger: cfg.close_linger,
             shutdown_grace: cfg.shutdown_grace,
+            idle_poll: cfg.idle_poll,
         });
         let (dtx, drx) = bounded(2);
         deciders.push(dtx);

@@ -975,7 +975,7 @@ impl<C: Core> EventLoop<C> for UringLoop<C::Handoff> {
         out: &mut Outbox<C::Mesh, C::Handoff>,
         timeout: Option<Duration>,
         stopping: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<usize> {
         let res = match timeout {
             Some(t) => {
                 let ts = Timespec::from(t);
@@ -1007,6 +1007,7 @@ impl<C: Core> EventLoop<C> for UringLoop<C::Handoff> {
                 k => debug_assert!(false, "unknown completion kind {k}"),
             }
         }
+        let n = cqes.len();
         self.cqes = cqes;
         self.deliver_resumed(core, out, stopping);
         // Buffers used by this batch are back in the ring: connections that ran dry can read again.
@@ -1017,7 +1018,7 @@ impl<C: Core> EventLoop<C> for UringLoop<C::Handoff> {
             }
         }
         self.ship_ready(out);
-        Ok(())
+        Ok(n)
     }
 
     fn on_tick(&mut self, _core: &mut C, now: Instant) {
