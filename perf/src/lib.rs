@@ -6,8 +6,8 @@
 //!   ([`conn`]), and reports connect rate, failures by reason and the broker's memory per connection;
 //! - `fanin`, `fanout`, `pairs`, `shared`, `pub`, `sub`: message flows over blocking clients
 //!   ([`engine`]), reporting throughput, end-to-end latency percentiles (send timestamp in the payload,
-//!   [`payload`]) and, at QoS 1/2, every acknowledged message that never arrived; `pairs` runs on a few
-//!   epoll threads ([`pairs`]) so that scheduling hundreds of client threads does not swamp the latency;
+//!   [`payload`]) and, at QoS 1/2, every acknowledged message that never arrived; `pairs` and `fanout` run on a
+//!   few epoll threads ([`pairs`]) so that scheduling hundreds of client threads does not swamp the latency;
 //! - optionally samples the broker's CPU time and memory from /proc ([`procfs`]), and always the host's
 //!   own noise: stolen CPU time and how late a sleeping thread wakes ([`host`]).
 //!

@@ -151,6 +151,9 @@ subcommand! {
         /// most QoS 1/2 messages in flight (default 64)
         #[argh(option, default = "64")]
         window: u16,
+        /// epoll threads driving the connections (default: one per CPU this process may use, at most 4)
+        #[argh(option, default = "0")]
+        threads: usize,
     }
 }
 
@@ -306,6 +309,8 @@ fn main() -> Result<()> {
             p.copies_per_msg = a.subscribers as u64;
             p.each_receiver = true;
             p.window = a.window;
+            // Hundreds of subscriber threads would wait for the scheduler, and that wait is the tail.
+            epoll_threads = Some(a.threads);
             (a.common(), p)
         }
         Cmd::Pairs(a) => {

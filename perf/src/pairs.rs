@@ -1,4 +1,4 @@
-//! The epoll engine behind `pairs`: a few threads (by default one per CPU this process may run on, at most
+//! The epoll engine behind `pairs` and `fanout`: a few threads (by default one per CPU this process may run on, at most
 //! four), each owning a subset of the publisher and subscriber connections over non-blocking sockets.
 //!
 //! With one blocking thread per client, hundreds of clients on a pinned load generator spend their time

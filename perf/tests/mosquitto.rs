@@ -119,6 +119,20 @@ fn engines_against_mosquitto() {
         assert_eq!(r.latency_us.count, r.delivered);
     }
 
+    // `fanout` runs on the epoll engine too: every subscriber gets every message, each counted per receiver.
+    let mut fanout = plan(b.addr, "fanout");
+    fanout.publishers = vec![PubSpec { topic: "bench/fanout".into(), rate: Some(300.0), max_msgs: None }];
+    fanout.subscribers = vec!["bench/fanout".into(); 5];
+    fanout.copies_per_msg = 5;
+    fanout.each_receiver = true;
+    let r = pairs::run(&fanout, 2).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.lost, Some(0), "{r:?}");
+    assert_eq!(r.duplicates, 0, "{r:?}");
+    assert!(r.per_subscriber_min > 100, "{r:?}");
+    assert!(r.delivered <= r.sent * 5 && r.delivered >= r.acked * 5, "{r:?}");
+    assert_eq!(r.latency_us.count, r.delivered);
+
     let c = conn::run(&ConnPlan {
         addr: b.addr,
         protocol: Protocol::V5,
