@@ -290,7 +290,7 @@ fn spec(topic: String, rate: Option<f64>) -> PubSpec {
 
 fn main() -> Result<()> {
     let args: Args = argh::from_env();
-    // `Some(threads)`: run on the epoll engine (`pairs`).
+    // `Some(threads)`: run on the epoll engine (module `pairs`), as `pairs` and `fanout` do.
     let mut epoll_threads = None;
     let (common, plan) = match args.cmd {
         Cmd::Conn(a) => return run_conn(a),

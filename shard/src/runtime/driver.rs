@@ -223,9 +223,11 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
     out: &mut Outbox<C::Mesh, C::Handoff>,
 ) -> io::Result<()> {
     let mut stop_deadline: Option<Instant> = None;
-    let idle_poll = ctx.idle_poll;
-    // Invariant: `Some` only while `idle_poll` is non-zero; the shard does not sleep before this instant.
-    let mut active_until: Option<Instant> = None;
+    // When the shard last handled something; it polls rather than sleeps until `ctx.idle_poll` after it
+    // (never, with the default zero). Events of the previous `poll` are stamped with the next iteration's
+    // `now`, which is taken right after it returns.
+    let mut last_event = Instant::now();
+    let mut polled_events = 0;
     loop {
         let now = Instant::now();
         if stop_deadline.is_none() && ctx.shutdown.load(Ordering::Acquire) {
@@ -244,8 +246,8 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
                 lp.force_close_all();
                 return Ok(());
             }
-        } else if drain_inbox(core, lp, inbox, out, now) > 0 && !idle_poll.is_zero() {
-            active_until = Some(now + idle_poll);
+        } else if drain_inbox(core, lp, inbox, out, now) > 0 || polled_events > 0 {
+            last_event = now;
         }
         // Commands queued by callbacks that are not followed by a drain of their own (backpressure,
         // closed) are executed before the shard sleeps.
@@ -271,8 +273,7 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
         if lp.has_ready() || (!stopping && !inbox.is_empty()) {
             timeout = Some(Duration::ZERO);
         }
-        if timeout != Some(Duration::ZERO) && !stopping && active_until.is_some_and(|t| now < t) {
-            debug_assert!(!idle_poll.is_zero());
+        if timeout != Some(Duration::ZERO) && !stopping && now.duration_since(last_event) < ctx.idle_poll {
             // Lets the load generator or another process on this CPU run; back at once when none wants to.
             std::thread::yield_now();
             timeout = Some(Duration::ZERO);
@@ -285,8 +286,6 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
         }
         let res = lp.poll(core, out, timeout, stopping);
         inbox.wake().awake();
-        if res? > 0 && !idle_poll.is_zero() {
-            active_until = Some(Instant::now() + idle_poll);
-        }
+        polled_events = res?;
     }
 }
