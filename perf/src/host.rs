@@ -2,9 +2,9 @@
 //! it: the share of CPU time the hypervisor stole (from /proc/stat) and how late a thread of the load
 //! generator wakes from a 1 ms sleep (a small cyclictest).
 //!
-//! Why: on a virtual machine a vCPU can be descheduled for milliseconds, and no broker can show a p99
-//! below the host's own wake-up lateness. When the probe's p99 is of the same order as a broker's, the
-//! difference between two brokers in that run is noise, not the brokers.
+//! Why: on a virtual machine a vCPU can be descheduled for milliseconds, and every message of a latency
+//! run waits for at least two thread wake-ups. When the probe's p99 is of the same order as a broker's,
+//! the difference between two brokers in that run is noise, not the brokers.
 //!
 //! What it does not do: attribute the noise (other tenants, the load generator's own threads and the
 //! broker all contribute), or measure anything when /proc is missing (the fields are then `None`).
