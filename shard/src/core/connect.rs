@@ -81,6 +81,20 @@ impl Shard {
         self.counters.connects += 1;
         let client_id: Arc<str> = assigned.clone().unwrap_or_else(|| c.client_id.into());
 
+        // Timers fire once per loop iteration, but a read is stamped when it is dispatched, and handed-off
+        // connections are served before the first timer pass after a restart: a session can be past its
+        // expiry or will delay here with its timer not yet run. That happened then, not at this CONNECT:
+        // the will is published, the session ended.
+        if let Some(&key) = self.by_client.get(&client_id) {
+            let offline = self.sessions.get(&key).filter(|s| s.conn.is_none());
+            let (will_due, expired) = offline.map_or((false, false), |s| (s.will_due(now), s.expired(now)));
+            if will_due {
+                self.publish_will(key, now);
+            }
+            if expired {
+                self.end_session(key, now);
+            }
+        }
         // Takeover: the old connection is closed as if it had dropped (its will applies).
         if let Some(&key) = self.by_client.get(&client_id) {
             if let Some(old) = self.sessions.get(&key).and_then(|s| s.conn) {

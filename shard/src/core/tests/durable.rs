@@ -238,6 +238,25 @@ fn a_session_that_expired_while_the_node_was_down_is_gone_at_start() {
 }
 
 #[test]
+fn a_connect_served_before_the_first_timer_pass_does_not_resume_an_expired_session() {
+    let mut sim = Sim::durable(1, Config::default());
+    let (c, _) = connect_v5(&mut sim, "e", 2);
+    sim.subscribe(c, "t", QoS::AtLeastOnce);
+    sim.drop_conn(c);
+    sim.crash_and_boot_after(Duration::from_secs(3));
+    let (c, present) = connect_v5(&mut sim, "e", 2);
+    assert!(!present, "the session expired while the node was down");
+    let (p, _) = sim.connect(0, V3, "pub", true);
+    sim.publish(p, "t", b"x", QoS::AtLeastOnce, false, 1);
+    expect_puback(&mut sim, p, 1);
+    assert!(publishes(&mut sim, c).is_empty(), "its subscription ended with it");
+    sim.drop_conn(c);
+    sim.crash_and_restart();
+    let (_, present) = connect_v5(&mut sim, "e", 2);
+    assert!(present, "the new session is stored, not the expired one's end");
+}
+
+#[test]
 fn acknowledged_messages_are_compacted_away() {
     let mut sim = Sim::durable(1, Config::default());
     let (s, _) = sim.connect(0, V3, "sub", false);

@@ -244,6 +244,56 @@ fn will_is_published_on_abnormal_close_only() {
 }
 
 #[test]
+fn a_connect_stamped_after_the_expiry_ends_the_session_before_its_timer_runs() {
+    let mut sim = Sim::new(1);
+    let (s, _) = sim.connect(0, V5, "watch", true);
+    sim.subscribe(s, "will", QoS::AtMostOnce);
+    let session = |k: &mut Connect<'static>| {
+        k.client_id = "e";
+        k.clean_start = false;
+        k.properties.session_expiry_interval_s = Some(2);
+        let properties = Properties { will_delay_interval_s: Some(60), ..Properties::default() };
+        k.will =
+            Some(Will { topic: "will", payload: b"ended", qos: QoS::AtMostOnce, retain: false, properties });
+    };
+    let c = sim.connect_with(0, V5, session);
+    sim.pop(c, |_| ());
+    sim.drop_conn(c);
+    // The clock passes the expiry and a CONNECT is read before the loop's timer pass.
+    sim.now += Duration::from_secs(3);
+    let c = sim.connect_with(0, V5, session);
+    assert!(!sim.pop_connack(c), "a session past its expiry is not resumed");
+    assert_eq!(sim.pop_publish(s).1, b"ended", "the session's end published its will");
+    sim.advance(Duration::ZERO);
+    assert!(!sim.has_packet(s), "the stale timer publishes nothing more");
+    assert!(!sim.clients[c].closed);
+}
+
+#[test]
+fn a_connect_stamped_after_the_will_delay_does_not_cancel_the_will_before_its_timer_runs() {
+    let mut sim = Sim::new(1);
+    let (s, _) = sim.connect(0, V5, "watch", true);
+    sim.subscribe(s, "will", QoS::AtMostOnce);
+    let session = |k: &mut Connect<'static>| {
+        k.client_id = "w";
+        k.clean_start = false;
+        k.properties.session_expiry_interval_s = Some(100);
+        let properties = Properties { will_delay_interval_s: Some(5), ..Properties::default() };
+        k.will =
+            Some(Will { topic: "will", payload: b"late", qos: QoS::AtMostOnce, retain: false, properties });
+    };
+    let c = sim.connect_with(0, V5, session);
+    sim.pop(c, |_| ());
+    sim.drop_conn(c);
+    sim.now += Duration::from_secs(6);
+    let c = sim.connect_with(0, V5, session);
+    assert!(sim.pop_connack(c), "the session is within its expiry");
+    assert_eq!(sim.pop_publish(s).1, b"late", "the will delay had elapsed: the will was due");
+    sim.advance(Duration::from_secs(10));
+    assert!(!sim.has_packet(s), "published once; the new connection's will is pending while it is connected");
+}
+
+#[test]
 fn will_delay_is_cancelled_by_a_reconnect_and_fires_otherwise() {
     let mut sim = Sim::new(1);
     let (s, _) = sim.connect(0, V5, "watch", true);

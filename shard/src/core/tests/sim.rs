@@ -107,6 +107,17 @@ impl Sim {
 
     /// A crash, and `downtime` before the new process starts (no timer of the old one fires meanwhile).
     pub(super) fn crash_and_restart_after(&mut self, downtime: Duration) {
+        self.crash_and_boot_after(downtime);
+        // The runtime's first loop iteration handles what fell due while the node was down.
+        for s in &mut self.shards {
+            s.handle_timeout(self.now);
+        }
+        self.run();
+    }
+
+    /// A crash and a restart whose shards have not yet run their first timer pass (the runtime serves
+    /// handed-off connections before it).
+    pub(super) fn crash_and_boot_after(&mut self, downtime: Duration) {
         self.now += downtime;
         for c in &mut self.clients {
             c.closed = true;
@@ -115,11 +126,6 @@ impl Sim {
         let n = self.shards.len() as u16;
         self.shards.clear(); // drops the logs (and their locks) without a final flush
         self.boot(n);
-        // The runtime's first loop iteration handles what fell due while the node was down.
-        for s in &mut self.shards {
-            s.handle_timeout(self.now);
-        }
-        self.run();
     }
 
     /// Opens a TCP-level connection on `shard`.
