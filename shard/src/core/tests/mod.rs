@@ -243,19 +243,29 @@ fn will_is_published_on_abnormal_close_only() {
     assert!(!sim.has_packet(s), "a normal DISCONNECT discards the will");
 }
 
+/// A v5 CONNECT that resumes session `id` (expiry `expiry_s`) with a QoS 0 will on "will", delayed
+/// `delay_s`.
+fn will_session(
+    id: &'static str,
+    expiry_s: u32,
+    delay_s: u32,
+    payload: &'static [u8],
+) -> impl Fn(&mut Connect<'static>) + Copy {
+    move |k| {
+        k.client_id = id;
+        k.clean_start = false;
+        k.properties.session_expiry_interval_s = Some(expiry_s);
+        let properties = Properties { will_delay_interval_s: Some(delay_s), ..Properties::default() };
+        k.will = Some(Will { topic: "will", payload, qos: QoS::AtMostOnce, retain: false, properties });
+    }
+}
+
 #[test]
 fn a_connect_stamped_after_the_expiry_ends_the_session_before_its_timer_runs() {
     let mut sim = Sim::new(1);
     let (s, _) = sim.connect(0, V5, "watch", true);
     sim.subscribe(s, "will", QoS::AtMostOnce);
-    let session = |k: &mut Connect<'static>| {
-        k.client_id = "e";
-        k.clean_start = false;
-        k.properties.session_expiry_interval_s = Some(2);
-        let properties = Properties { will_delay_interval_s: Some(60), ..Properties::default() };
-        k.will =
-            Some(Will { topic: "will", payload: b"ended", qos: QoS::AtMostOnce, retain: false, properties });
-    };
+    let session = will_session("e", 2, 60, b"ended");
     let c = sim.connect_with(0, V5, session);
     sim.pop(c, |_| ());
     sim.drop_conn(c);
@@ -274,14 +284,7 @@ fn a_connect_stamped_after_the_will_delay_does_not_cancel_the_will_before_its_ti
     let mut sim = Sim::new(1);
     let (s, _) = sim.connect(0, V5, "watch", true);
     sim.subscribe(s, "will", QoS::AtMostOnce);
-    let session = |k: &mut Connect<'static>| {
-        k.client_id = "w";
-        k.clean_start = false;
-        k.properties.session_expiry_interval_s = Some(100);
-        let properties = Properties { will_delay_interval_s: Some(5), ..Properties::default() };
-        k.will =
-            Some(Will { topic: "will", payload: b"late", qos: QoS::AtMostOnce, retain: false, properties });
-    };
+    let session = will_session("w", 100, 5, b"late");
     let c = sim.connect_with(0, V5, session);
     sim.pop(c, |_| ());
     sim.drop_conn(c);
@@ -298,14 +301,7 @@ fn will_delay_is_cancelled_by_a_reconnect_and_fires_otherwise() {
     let mut sim = Sim::new(1);
     let (s, _) = sim.connect(0, V5, "watch", true);
     sim.subscribe(s, "will", QoS::AtMostOnce);
-    let will_connect = |k: &mut Connect<'static>| {
-        k.client_id = "w";
-        k.clean_start = false;
-        k.properties.session_expiry_interval_s = Some(100);
-        let properties = Properties { will_delay_interval_s: Some(5), ..Properties::default() };
-        k.will =
-            Some(Will { topic: "will", payload: b"gone", qos: QoS::AtMostOnce, retain: false, properties });
-    };
+    let will_connect = will_session("w", 100, 5, b"gone");
     let c = sim.connect_with(0, V5, will_connect);
     sim.pop(c, |_| ());
     sim.drop_conn(c);
