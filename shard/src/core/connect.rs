@@ -83,17 +83,9 @@ impl Shard {
 
         // Timers fire once per loop iteration, but a read is stamped when it is dispatched, and handed-off
         // connections are served before the first timer pass after a restart: a session can be past its
-        // expiry or will delay here with its timer not yet run. That happened then, not at this CONNECT:
-        // the will is published, the session ended.
+        // expiry or will delay here with its timer not yet run. That happened then, not at this CONNECT.
         if let Some(&key) = self.by_client.get(&client_id) {
-            let offline = self.sessions.get(&key).filter(|s| s.conn.is_none());
-            let (will_due, expired) = offline.map_or((false, false), |s| (s.will_due(now), s.expired(now)));
-            if will_due {
-                self.publish_will(key, now);
-            }
-            if expired {
-                self.end_session(key, now);
-            }
+            self.settle_offline(key, now);
         }
         // Takeover: the old connection is closed as if it had dropped (its will applies).
         if let Some(&key) = self.by_client.get(&client_id) {
@@ -225,6 +217,20 @@ impl Shard {
                 self.arm(at, Timer::Expiry(key));
                 let _ = self.persist_session(key);
             }
+        }
+    }
+
+    /// What an offline session's Will and Expiry timers do once due: publish the will when its delay has
+    /// passed, end the session when its expiry has (which publishes a will still pending). Also run for a
+    /// CONNECT that may arrive before those timers (see `accept_connect`).
+    pub(super) fn settle_offline(&mut self, key: SessionKey, now: Instant) {
+        let Some(s) = self.sessions.get(&key).filter(|s| s.conn.is_none()) else { return };
+        let (will_due, expired) = (s.will_due(now), s.expired(now));
+        if will_due {
+            self.publish_will(key, now);
+        }
+        if expired {
+            self.end_session(key, now);
         }
     }
 

@@ -355,18 +355,7 @@ impl Shard {
                     }
                 }
             }
-            Timer::Will(k) => {
-                let due = self.sessions.get(&k).is_some_and(|s| s.conn.is_none() && s.will_due(now));
-                if due {
-                    self.publish_will(k, now);
-                }
-            }
-            Timer::Expiry(k) => {
-                let due = self.sessions.get(&k).is_some_and(|s| s.conn.is_none() && s.expired(now));
-                if due {
-                    self.end_session(k, now);
-                }
-            }
+            Timer::Will(k) | Timer::Expiry(k) => self.settle_offline(k, now),
         }
     }
 }
