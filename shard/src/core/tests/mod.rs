@@ -260,15 +260,22 @@ fn will_session(
     }
 }
 
-#[test]
-fn a_connect_stamped_after_the_expiry_ends_the_session_before_its_timer_runs() {
+/// One shard with a "watch" client subscribed to "will", and the session of `connect` connected once and
+/// dropped; returns the sim and the watcher.
+fn watched_dropped_session(connect: impl Fn(&mut Connect<'static>)) -> (Sim, C) {
     let mut sim = Sim::new(1);
     let (s, _) = sim.connect(0, V5, "watch", true);
     sim.subscribe(s, "will", QoS::AtMostOnce);
-    let session = will_session("e", 2, 60, b"ended");
-    let c = sim.connect_with(0, V5, session);
+    let c = sim.connect_with(0, V5, connect);
     sim.pop(c, |_| ());
     sim.drop_conn(c);
+    (sim, s)
+}
+
+#[test]
+fn a_connect_stamped_after_the_expiry_ends_the_session_before_its_timer_runs() {
+    let session = will_session("e", 2, 60, b"ended");
+    let (mut sim, s) = watched_dropped_session(session);
     // The clock passes the expiry and a CONNECT is read before the loop's timer pass.
     sim.now += Duration::from_secs(3);
     let c = sim.connect_with(0, V5, session);
@@ -281,13 +288,8 @@ fn a_connect_stamped_after_the_expiry_ends_the_session_before_its_timer_runs() {
 
 #[test]
 fn a_connect_stamped_after_the_will_delay_does_not_cancel_the_will_before_its_timer_runs() {
-    let mut sim = Sim::new(1);
-    let (s, _) = sim.connect(0, V5, "watch", true);
-    sim.subscribe(s, "will", QoS::AtMostOnce);
     let session = will_session("w", 100, 5, b"late");
-    let c = sim.connect_with(0, V5, session);
-    sim.pop(c, |_| ());
-    sim.drop_conn(c);
+    let (mut sim, s) = watched_dropped_session(session);
     sim.now += Duration::from_secs(6);
     let c = sim.connect_with(0, V5, session);
     assert!(sim.pop_connack(c), "the session is within its expiry");
@@ -298,13 +300,8 @@ fn a_connect_stamped_after_the_will_delay_does_not_cancel_the_will_before_its_ti
 
 #[test]
 fn will_delay_is_cancelled_by_a_reconnect_and_fires_otherwise() {
-    let mut sim = Sim::new(1);
-    let (s, _) = sim.connect(0, V5, "watch", true);
-    sim.subscribe(s, "will", QoS::AtMostOnce);
     let will_connect = will_session("w", 100, 5, b"gone");
-    let c = sim.connect_with(0, V5, will_connect);
-    sim.pop(c, |_| ());
-    sim.drop_conn(c);
+    let (mut sim, s) = watched_dropped_session(will_connect);
     sim.advance(Duration::from_secs(3));
     assert!(!sim.has_packet(s));
     let c = sim.connect_with(0, V5, will_connect);
