@@ -57,18 +57,27 @@ def test_second_connect(broker, clients, ver):
     assert_broker_serves(b)
 
 
-def test_unsupported_protocol_level(broker, clients):
-    """'MQTT' with level 9: CONNACK return code 0x01 then close."""
+@pytest.mark.parametrize("level", [6, 9, 99])
+def test_future_protocol_level(broker, clients, level):
+    """'MQTT' with a level above 5 comes from a newer client: a v5 CONNACK with
+    0x84 Unsupported Protocol Version (MQTT 5 §3.1.2.2), then the close."""
     b = broker()
     r = clients.raw(b, V311)
-    r.send(R.connect("lvl9", version=9))
+    r.send(R.connect("lvl%d" % level, version=level))
     got = r.wait_closed(3)
     assert len(got) == 1 and got[0].type == R.CONNACK, got
-    if IS_MOSQUITTO and got[0].body != b"\x00\x01":
-        # Mosquitto answers in the v5 format with 0x84 Unsupported Protocol Version
-        assert got[0].body[:2] == b"\x00\x84", got
-    else:
-        assert got[0].body == b"\x00\x01", "expected 3.1.1 CONNACK 0x01: %r" % got
+    # v5 layout: acknowledge flags, reason code, then a properties block.
+    assert got[0].body[:2] == b"\x00\x84" and len(got[0].body) > 2, got
+    assert_broker_serves(b)
+
+
+def test_older_protocol_level_under_the_311_name(broker, clients):
+    """'MQTT' with level 3 (3.1 uses 'MQIsdp'): 3.1.1 CONNACK return code 0x01."""
+    b = broker()
+    r = clients.raw(b, V311)
+    r.send(R.connect("lvl3", version=3))
+    got = r.wait_closed(3)
+    assert len(got) == 1 and got[0].type == R.CONNACK and got[0].body == b"\x00\x01", got
     assert_broker_serves(b)
 
 
@@ -378,6 +387,20 @@ def test_receive_maximum_exceeded_by_client_v5(broker, clients):
         assert r.expect(R.PUBREC).pid == pid
     r.send(R.publish("rmx/t", b"x", qos=2, pid=3, version=5))
     assert_closed(r, (0x93,))
+    assert_broker_serves(b)
+
+
+def test_subscription_identifier_in_client_publish_v5(broker, clients):
+    """Only the server sets Subscription Identifiers (MQTT 5 §3.3.4): a client
+    PUBLISH carrying one is a protocol error, DISCONNECT 0x82, and is not routed."""
+    b = broker()
+    sub = clients(b, "sid-watch", V5)
+    sub.subscribe("sid/t", 0)
+    r = clients.raw(b, V5)
+    assert r.connect("sid-liar").reason == 0
+    r.send(R.publish("sid/t", b"x", qos=0, version=5, properties={R.P_SUBSCRIPTION_ID: 3}))
+    assert_closed(r, (PROTOCOL_ERROR,))
+    sub.expect_none(0.3)
     assert_broker_serves(b)
 
 

@@ -279,7 +279,9 @@ impl Shard {
         };
         let protocol = match (peek_protocol(rest), level) {
             (Some(p), _) => Some(p),
-            (None, Some(5)) => Some(Protocol::V5),
+            // A level above 5 comes from a client newer than us: it reads a v5 CONNACK (0x84), as
+            // MQTT 5 §3.1.2.2 asks; older or unknown levels get the 3.1.1 return code 1.
+            (None, Some(level)) if level >= 5 => Some(Protocol::V5),
             (None, Some(_)) => Some(Protocol::V311),
             (None, None) => None,
         };
@@ -375,6 +377,10 @@ impl Shard {
         let max_alias = self.cfg.max_topic_alias;
         let conn = self.conns.get_mut(&id).ok_or(ProtocolError::Violation("connection gone"))?;
         let v5 = conn.is_v5();
+        if v5 && !p.properties.subscription_identifiers.is_empty() {
+            // MQTT 5 §3.3.4: only the server sets Subscription Identifiers on a PUBLISH.
+            return Err(ProtocolError::Violation("PUBLISH from a client carries a Subscription Identifier"));
+        }
         let topic: Box<str> = match p.properties.topic_alias {
             Some(alias) if v5 => conn.inbound_alias(p.topic, alias, max_alias)?.into(),
             _ if p.topic.is_empty() => return Err(ProtocolError::TopicName("empty topic")),
@@ -392,14 +398,16 @@ impl Shard {
         if p.qos == QoS::ExactlyOnce {
             let pid = pid.ok_or(ProtocolError::Violation("QoS 2 without packet id"))?;
             let s = self.sessions.get_mut(&key).ok_or(ProtocolError::Violation("no session"))?;
-            if s.flows().inbound_qos2.contains(&pid.0) {
+            if s.flows().holds_inbound_qos2(pid.0) {
                 // A resent QoS 2 PUBLISH before PUBREL: already routed once (exactly-once delivery).
                 route = false;
             } else {
-                if v5 && s.flows().inbound_qos2.len() >= self.cfg.max_inflight as usize {
+                // v5 clients were told this limit (Receive Maximum); 3.1.1 has no way to say it, so a
+                // client past it is closed rather than allowed to hold up to 65,535 ids.
+                if s.flows().inbound_qos2.len() >= self.cfg.max_inflight as usize {
                     return Err(ProtocolError::ReceiveMaximumExceeded);
                 }
-                s.flows_mut().inbound_qos2.push(pid.0);
+                s.flows_mut().add_inbound_qos2(pid.0);
                 // A failure is remembered by the store and refuses the PUBREC.
                 let _ = self.persist_inbound_qos2(key, pid.0, true);
             }
@@ -432,8 +440,7 @@ impl Shard {
 
     fn on_pubrel(&mut self, id: ConnId, key: SessionKey, pid: PacketId, now: Instant) {
         let found = self.sessions.get_mut(&key).is_some_and(|s| {
-            let pos = s.flows().inbound_qos2.iter().position(|p| *p == pid.0);
-            let found = pos.map(|i| s.flows_mut().inbound_qos2.swap_remove(i)).is_some();
+            let found = s.flows_opt_mut().is_some_and(|f| f.remove_inbound_qos2(pid.0));
             s.trim();
             found
         });

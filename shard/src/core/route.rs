@@ -163,8 +163,8 @@ impl Shard {
         }
     }
 
-    /// Delivers to this shard's subscribers: every matching non-shared subscription (one copy per session,
-    /// with the highest QoS and all subscription identifiers) and one member of each listed group.
+    /// Delivers to this shard's subscribers: every matching non-shared subscription (one copy each) and one
+    /// member of each listed group.
     pub(super) fn deliver_local(
         &mut self,
         msg: &Arc<Msg>,
@@ -188,21 +188,11 @@ impl Shard {
                 let retain = s.opts.retain_as_published && msg.retain;
                 hits.push((s.session, s.opts.qos.min(msg.qos), retain, s.sub_id));
             });
-            hits.sort_by_key(|h| h.0);
-            let mut i = 0;
-            while i < hits.len() {
-                let key = hits[i].0;
-                let (mut qos, mut retain, mut sub_ids) = (QoS::AtMostOnce, false, Vec::new());
-                while i < hits.len() && hits[i].0 == key {
-                    let (_, q, r, sub_id) = hits[i];
-                    qos = qos.max(q);
-                    retain |= r;
-                    if sub_id != 0 {
-                        sub_ids.push(sub_id);
-                    }
-                    i += 1;
-                }
-                let d = Delivery::new(msg.clone(), qos, retain, sub_ids.into_boxed_slice());
+            // One copy per matching subscription, each with its own QoS, Retain As Published and
+            // identifier, as Mosquitto does: MQTT 5 §3.3.4 allows a single merged copy too, but clients
+            // and test suites that subscribe twice expect one copy per subscription.
+            for &(key, qos, retain, sub_id) in hits.iter() {
+                let d = Delivery::new(msg.clone(), qos, retain, sub_id_list(sub_id));
                 let verdict = self.deliver(key, d, now);
                 tally.add(verdict);
             }

@@ -42,11 +42,38 @@ pub(super) struct Flows {
     /// already chosen. Invariant: packet ids are unique across `inflight` and `queue` (the queue cap keeps
     /// the two below the 65,535 ids).
     pub queue: VecDeque<Delivery>,
-    /// Packet ids of QoS 2 publishes received and not yet released (duplicate suppression).
+    /// Packet ids of QoS 2 publishes received and not yet released (duplicate suppression). Invariant:
+    /// sorted and unique, at most `Config::max_inflight` long (the inbound limit, every protocol version).
     pub inbound_qos2: Vec<u16>,
 }
 
 impl Flows {
+    pub fn holds_inbound_qos2(&self, pid: u16) -> bool {
+        self.inbound_qos2.binary_search(&pid).is_ok()
+    }
+
+    /// Records an unreleased inbound QoS 2 id; false if it was already there.
+    pub fn add_inbound_qos2(&mut self, pid: u16) -> bool {
+        match self.inbound_qos2.binary_search(&pid) {
+            Ok(_) => false,
+            Err(i) => {
+                self.inbound_qos2.insert(i, pid);
+                true
+            }
+        }
+    }
+
+    /// Forgets a released inbound QoS 2 id; false if it was not there.
+    pub fn remove_inbound_qos2(&mut self, pid: u16) -> bool {
+        match self.inbound_qos2.binary_search(&pid) {
+            Ok(i) => {
+                self.inbound_qos2.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.inflight.is_empty() && self.queue.is_empty() && self.inbound_qos2.is_empty()
     }
@@ -132,16 +159,27 @@ impl Session {
         self.expires_at.is_some_and(|t| t <= now)
     }
 
-    /// The next packet id, in sequence. Ids are taken when a message is queued and the queue cap keeps
-    /// fewer than 65,535 messages queued or in flight, so the id coming round again is free.
+    /// The next free packet id, in sequence. Ids are taken in order when a message is queued or sent, so
+    /// the queue holds the most recently taken ones, and the queue cap (`flow::queue_cap`) keeps queue and
+    /// window below 65,535 ids together: coming round again, an id can still be held only by a message
+    /// in flight that the client never acknowledged (while later ones were), and that id is skipped.
     fn alloc_pid(&mut self) -> u16 {
-        let pid = self.next_pid;
-        self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
-        debug_assert!(
-            !self.flows().inflight.iter().any(|f| f.d.pid == pid),
-            "packet id {pid} is still in flight"
-        );
-        pid
+        let f = self.flows();
+        debug_assert!(f.inflight.len() + f.queue.len() < u16::MAX as usize, "every packet id is taken");
+        loop {
+            let pid = self.next_pid;
+            self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
+            if !self.flows().inflight.iter().any(|x| x.d.pid == pid) {
+                return pid;
+            }
+        }
+    }
+
+    /// The `mid` of the message queued or sent last (the queue only fills while it is not empty or the
+    /// window is full, so its back is newer than anything in flight).
+    fn newest_mid(&self) -> Option<u64> {
+        let f = self.flows();
+        f.queue.back().or(f.inflight.back().map(|x| &x.d)).map(|d| d.mid)
     }
 
     /// Whether the session holds the message stored as `mid` (for log compaction). `mid`s ascend along
@@ -232,7 +270,7 @@ impl Shard {
                     self.counters.deliveries += 1;
                     if s.stored_ver != 0 {
                         if let Some(st) = self.store.as_deref_mut() {
-                            d.mid = st.note_delivery(key, &d);
+                            d.mid = st.note_delivery(key, &d, s.newest_mid());
                         }
                     }
                     s.flows_mut().inflight.push_back(InFlight { d, released: false });
@@ -251,7 +289,7 @@ impl Shard {
                     d.pid = s.alloc_pid();
                     if stored {
                         if let Some(st) = self.store.as_deref_mut() {
-                            d.mid = st.note_delivery(key, &d);
+                            d.mid = st.note_delivery(key, &d, s.newest_mid());
                         }
                     }
                 }

@@ -196,7 +196,7 @@ impl Shard {
                     // An error PUBREC ends the exchange: the packet id is free again.
                     if let Some(key) = c.session() {
                         if let Some(s) = self.sessions.get_mut(&key) {
-                            s.flows_mut().inbound_qos2.retain(|p| *p != pid);
+                            s.flows_mut().remove_inbound_qos2(pid);
                             s.trim();
                         }
                         self.persist_inbound_qos2(key, pid, false);

@@ -139,7 +139,7 @@ fn live_record(
         }
         records::INBOUND_QOS2 => {
             let (Ok(sid), Ok(pid)) = (d.u64(), d.u16()) else { return true };
-            stored(sid).is_some_and(|s| s.flows().inbound_qos2.contains(&pid))
+            stored(sid).is_some_and(|s| s.flows().holds_inbound_qos2(pid))
         }
         records::RETAIN => {
             let Ok(topic) = d.str() else { return true };

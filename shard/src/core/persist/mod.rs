@@ -194,10 +194,14 @@ impl Store {
         }
     }
 
-    /// Adds a delivery to a persistent session to the message's record; returns its `mid`.
-    pub(super) fn note_delivery(&mut self, key: SessionKey, d: &Delivery) -> u64 {
+    /// Adds a delivery to a persistent session to the message's record; returns its `mid`. `held_mid` is
+    /// the `mid` of the session's newest queued or in-flight message: a second copy of one message for
+    /// one session (overlapping subscriptions) gets a record and `mid` of its own, since a DONE record
+    /// names a (session, `mid`) pair and must end exactly one copy.
+    pub(super) fn note_delivery(&mut self, key: SessionKey, d: &Delivery, held_mid: Option<u64>) -> u64 {
         debug_assert!(d.qos != QoS::AtMostOnce && d.pid != 0);
-        if !self.batch.as_ref().is_some_and(|b| Arc::ptr_eq(&b.msg, &d.msg)) {
+        let same_msg = self.batch.as_ref().is_some_and(|b| Arc::ptr_eq(&b.msg, &d.msg));
+        if !same_msg || self.batch.as_ref().map(|b| b.mid) == held_mid {
             self.flush_batch();
             let mid = self.seq();
             self.batch = Some(Batch { msg: d.msg.clone(), mid, n: 0 });
@@ -351,7 +355,10 @@ impl Shard {
                 s.flows_mut().queue.push_back(d);
             }
         }
-        s.flows_mut().inbound_qos2 = rs.inbound_qos2;
+        let mut inbound = rs.inbound_qos2;
+        inbound.sort_unstable();
+        inbound.dedup();
+        s.flows_mut().inbound_qos2 = inbound;
         s.trim();
         let subs = st.subs;
         s.subs = subs.iter().map(|(f, _, _)| f.clone()).collect();
@@ -443,7 +450,8 @@ impl Shard {
             if let Some(f) = s.flows_opt_mut() {
                 for d in f.inflight.iter_mut().map(|x| &mut x.d).chain(f.queue.iter_mut()) {
                     if d.qos != QoS::AtMostOnce {
-                        d.mid = st.note_delivery(key, d);
+                        // Flushed after each: every entry has its own record, whatever it shares.
+                        d.mid = st.note_delivery(key, d, None);
                         st.flush_batch();
                     }
                 }

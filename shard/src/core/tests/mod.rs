@@ -1,6 +1,7 @@
 //! Deterministic harness tests of the core (see `sim` for the harness).
 
 mod durable;
+mod protocol;
 mod sim;
 
 use std::time::Duration;
