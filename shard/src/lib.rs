@@ -6,6 +6,8 @@
 //!   messages out; with a log (`core::persist`, on `shardmq-storage`), it records persistent sessions,
 //!   their messages and retained messages, holds acknowledgements until their records are durable, and
 //!   rebuilds itself from the logs of every shard at boot;
+//! - [`placement`]: the specified, stable hash that decides which shard owns a client id or retained
+//!   topic (recorded in the data directory, since the logs depend on it);
 //! - [`trie`] and [`retained`]: the per-shard subscription index and retained-message tree;
 //! - [`runtime`]: the only code that touches sockets: a pinned thread per shard, io_uring with an epoll
 //!   fallback, bounded cross-core channels.
@@ -16,6 +18,7 @@
 
 pub mod core;
 mod ids;
+pub mod placement;
 pub mod retained;
 pub mod runtime;
 pub mod trie;

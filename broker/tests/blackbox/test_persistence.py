@@ -1211,6 +1211,32 @@ def test_second_broker_on_same_data_dir_refused(broker, clients):
     assert s.expect_one().payload == b"still mine"
 
 
+def test_placement_recorded_and_another_rule_refused(broker, clients):
+    """META names the rule that placed client ids on shards; a directory
+    placed by another rule (e.g. the ahash placement of format-1 directories)
+    is refused with an error naming both rules, and nothing is changed."""
+    b = broker("--fsync", "always", "--cores", "2")
+    s = session_client(clients, b, "place-sub", V311)
+    assert s.subscribe("place/#", 1) == [1]
+    s.disconnect()
+    b.stop()
+    meta = os.path.join(b.data_dir, "META")
+    text = open(meta).read()
+    assert "placement xxh3-64-seed0-mod" in text.splitlines(), text
+    for legacy in ("shardmq data directory\nformat 1\nshards 2\n",
+                   text.replace("xxh3-64-seed0-mod", "some-other-rule")):
+        open(meta, "w").write(legacy)
+        before = tree_digest(b.data_dir)
+        rc, out, err = run_refused(["--cores", "2", "--data-dir", b.data_dir], b.tmpdir)
+        assert rc != 0
+        assert "xxh3-64-seed0-mod" in err and ("ahash" in err or "some-other-rule" in err), err[-3000:]
+        assert tree_digest(b.data_dir) == before, "a refused start changed the data directory"
+    open(meta, "w").write(text)
+    b.start()
+    s = session_client(clients, b, "place-sub", V311)
+    assert s.session_present is True
+
+
 @pytest.mark.parametrize("other", [1, 3])
 def test_cores_mismatch_refused(broker, clients, other):
     """A data dir written by 2 shards cannot be opened with another --cores

@@ -28,7 +28,6 @@ mod tests;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,12 +39,13 @@ use self::conn::Conn;
 pub use self::error::ProtocolError;
 pub use self::msg::{Delivery, Msg, MsgProps, Origin, SessionKey};
 pub use self::persist::{
-    inspect_node, open_node, read_meta, type_name, Boot, BootError, Recovered, Replay, ShardReport,
+    inspect_node, open_node, read_meta, type_name, Boot, BootError, Meta, Recovered, Replay, ShardReport,
     StorageConfig, Store, StoredSession, WallClock,
 };
 use self::route::{Interest, SubRef};
 pub use self::route::{InterestDelta, SharedKey};
 use self::session::Session;
+pub use crate::placement::owner_of;
 use crate::retained::RetainedTree;
 use crate::runtime::{Core, IoCmd};
 use crate::trie::TopicTrie;
@@ -181,15 +181,6 @@ pub enum Mesh {
 #[derive(Debug)]
 pub struct Handoff {
     pub bytes: Vec<u8>,
-}
-
-/// The shard that owns a client id or a retained topic. Stable for a given shard count.
-pub fn owner_of(key: &str, shards: u16) -> ShardId {
-    // Fixed seeds: every shard (and every process of a node across restarts) must agree.
-    let mut h =
-        ahash::RandomState::with_seeds(0x5348_4152, 0x444d_5121, 0x0bad_cafe, 0x1234_5678).build_hasher();
-    h.write(key.as_bytes());
-    ShardId((h.finish() % shards.max(1) as u64) as u16)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

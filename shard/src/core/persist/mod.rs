@@ -33,7 +33,7 @@ use shardmq_wire::QoS;
 
 pub(super) use self::acks::AckCtx;
 use self::acks::Held;
-pub use self::node::{inspect_node, open_node, read_meta, BootError, ShardReport, StorageConfig};
+pub use self::node::{inspect_node, open_node, read_meta, BootError, Meta, ShardReport, StorageConfig};
 use self::records::Enc;
 pub use self::records::{type_name, WallClock};
 pub use self::replay::{Recovered, RecoveredSession, Replay, StoredSession};

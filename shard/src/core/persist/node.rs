@@ -1,6 +1,6 @@
 //! A node's data directory: one log per shard in `DIR/shard-<i>/`, and `DIR/META`, which records the
-//! shard count (a client id's owner shard depends on it, so a directory only opens with the count it was
-//! written with). Opening replays every shard's log before any shard starts, so that each shard boots
+//! shard count and the placement rule (a client id's owner shard depends on both, so a directory only
+//! opens with the count and rule it was written with). Opening replays every shard's log before any shard starts, so that each shard boots
 //! knowing the other shards' subscriptions and every retained message: a publish accepted right after
 //! start-up cannot miss a persistent subscriber on another shard.
 
@@ -16,6 +16,7 @@ use super::records::{type_name, WallClock};
 use super::replay::{Recovered, Replay};
 use super::{Boot, Store};
 use crate::core::route::{split_shared, InterestDelta};
+use crate::placement::PLACEMENT;
 use crate::ShardId;
 
 #[derive(Debug, Clone)]
@@ -29,6 +30,8 @@ pub struct StorageConfig {
 pub enum BootError {
     #[error("data directory {dir} was written by a node with {found} shards, and this one has {want}: start with --cores {found} (a data directory keeps its shard count)")]
     ShardCount { dir: PathBuf, found: u16, want: u16 },
+    #[error("data directory {dir} placed client ids and retained topics on shards with {found}, and this build places them with {PLACEMENT}: opening it would look for sessions on the wrong shards. Drain it with the build that wrote it (or move the directory aside and start empty)")]
+    Placement { dir: PathBuf, found: String },
     #[error("{file}: {reason}")]
     Meta { file: PathBuf, reason: String },
     #[error("data directory {dir} cannot be created or written: {source}")]
@@ -44,7 +47,7 @@ impl BootError {
     pub fn is_data(&self) -> bool {
         match self {
             BootError::Storage { source, .. } => source.fault() == shardmq_storage::Fault::Data,
-            BootError::Record { .. } | BootError::Meta { .. } => true,
+            BootError::Record { .. } | BootError::Meta { .. } | BootError::Placement { .. } => true,
             _ => false,
         }
     }
@@ -52,13 +55,27 @@ impl BootError {
 
 const META: &str = "META";
 const META_HEADER: &str = "shardmq data directory";
+/// Format 2 added the `placement` line. Format 1 directories placed keys with ahash (fixed seeds), whose
+/// output is not specified and can differ between builds.
+const META_FORMAT: u32 = 2;
+const LEGACY_PLACEMENT: &str = "ahash-0.8-fixed-seeds";
 
 fn shard_dir(dir: &Path, i: u16) -> PathBuf {
     dir.join(format!("shard-{i}"))
 }
 
-/// The shard count a data directory was written with (`None`: a new directory).
-pub fn read_meta(dir: &Path) -> Result<Option<u16>, BootError> {
+/// What a data directory's `META` file records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// A client id's (and retained topic's) owner shard depends on it.
+    pub shards: u16,
+    /// The rule that placed keys on shards ([`crate::placement::PLACEMENT`] for directories this build
+    /// wrote).
+    pub placement: String,
+}
+
+/// What a data directory's `META` records (`None`: a new directory).
+pub fn read_meta(dir: &Path) -> Result<Option<Meta>, BootError> {
     let file = dir.join(META);
     let text = match fs::read_to_string(&file) {
         Ok(t) => t,
@@ -70,18 +87,26 @@ pub fn read_meta(dir: &Path) -> Result<Option<u16>, BootError> {
     if lines.next() != Some(META_HEADER) {
         return Err(bad("not a shardmq META file"));
     }
-    let mut shards = None;
+    let (mut format, mut shards, mut placement) = (None, None, None);
     for line in lines {
         match line.split_once(' ') {
-            Some(("format", v)) if v != "1" => {
-                return Err(bad(&format!("format {v} is newer than this build (1)")))
-            }
+            Some(("format", v)) => format = Some(v.parse::<u32>().map_err(|_| bad("invalid format"))?),
             Some(("shards", v)) => shards = Some(v.parse::<u16>().map_err(|_| bad("invalid shard count"))?),
+            Some(("placement", v)) => placement = Some(v.to_string()),
             _ => {}
         }
     }
-    match shards {
-        Some(n) if n > 0 => Ok(Some(n)),
+    match format {
+        Some(f) if f > META_FORMAT => {
+            return Err(bad(&format!("format {f} is newer than this build ({META_FORMAT})")))
+        }
+        Some(1) => placement = Some(LEGACY_PLACEMENT.to_string()),
+        Some(_) if placement.is_none() => return Err(bad("no placement")),
+        Some(_) => {}
+        None => return Err(bad("no format")),
+    }
+    match (shards, placement) {
+        (Some(n), Some(placement)) if n > 0 => Ok(Some(Meta { shards: n, placement })),
         _ => Err(bad("no shard count")),
     }
 }
@@ -90,10 +115,26 @@ fn write_meta(dir: &Path, shards: u16) -> Result<(), BootError> {
     let err = |source| BootError::Dir { dir: dir.to_path_buf(), source };
     let tmp = dir.join("META.tmp");
     let mut f = fs::File::create(&tmp).map_err(err)?;
-    write!(f, "{META_HEADER}\nformat 1\nshards {shards}\n").map_err(err)?;
+    write!(f, "{META_HEADER}\nformat {META_FORMAT}\nshards {shards}\nplacement {PLACEMENT}\n")
+        .map_err(err)?;
     f.sync_all().map_err(err)?;
     fs::rename(&tmp, dir.join(META)).map_err(err)?;
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+}
+
+/// Checks that `dir` was written with `shards` shards and this build's placement, recording both in a
+/// new directory. A directory with one shard places every key on it whatever the rule, so its record is
+/// brought up to date.
+fn check_meta(dir: &Path, shards: u16) -> Result<(), BootError> {
+    match read_meta(dir)? {
+        None => write_meta(dir, shards),
+        Some(m) if m.shards != shards => {
+            Err(BootError::ShardCount { dir: dir.to_path_buf(), found: m.shards, want: shards })
+        }
+        Some(m) if m.placement == PLACEMENT => Ok(()),
+        Some(_) if shards == 1 => write_meta(dir, shards),
+        Some(m) => Err(BootError::Placement { dir: dir.to_path_buf(), found: m.placement }),
+    }
 }
 
 /// Opens (creating it if needed) the data directory of a node with `shards` shards, recovers every
@@ -101,13 +142,7 @@ fn write_meta(dir: &Path, shards: u16) -> Result<(), BootError> {
 pub fn open_node(cfg: &StorageConfig, shards: u16, clock: WallClock) -> Result<Vec<Boot>, BootError> {
     let dir = &cfg.dir;
     fs::create_dir_all(dir).map_err(|source| BootError::Dir { dir: dir.clone(), source })?;
-    match read_meta(dir)? {
-        Some(found) if found != shards => {
-            return Err(BootError::ShardCount { dir: dir.clone(), found, want: shards });
-        }
-        Some(_) => {}
-        None => write_meta(dir, shards)?,
-    }
+    check_meta(dir, shards)?;
     let mut opened = Vec::with_capacity(shards as usize);
     for i in 0..shards {
         let lc = LogConfig { dir: shard_dir(dir, i), segment_bytes: cfg.segment_bytes, fsync: cfg.fsync };
@@ -191,7 +226,7 @@ impl ShardReport {
 /// Reads a data directory without changing anything (no lock, no recovery cut).
 pub fn inspect_node(dir: &Path, clock: WallClock) -> Result<Vec<ShardReport>, BootError> {
     let shards = match read_meta(dir)? {
-        Some(n) => n,
+        Some(m) => m.shards,
         None if dir.is_dir() => {
             return Err(BootError::Meta {
                 file: dir.join(META),
@@ -233,4 +268,64 @@ pub fn inspect_node(dir: &Path, clock: WallClock) -> Result<Vec<ShardReport>, Bo
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta_text(dir: &Path) -> String {
+        fs::read_to_string(dir.join(META)).unwrap()
+    }
+
+    #[test]
+    fn a_new_directory_records_shards_and_placement() {
+        let d = tempfile::tempdir().unwrap();
+        check_meta(d.path(), 3).unwrap();
+        let m = read_meta(d.path()).unwrap().unwrap();
+        assert_eq!(m, Meta { shards: 3, placement: PLACEMENT.to_string() });
+        assert!(meta_text(d.path()).contains(&format!("\nplacement {PLACEMENT}\n")));
+        check_meta(d.path(), 3).unwrap();
+    }
+
+    #[test]
+    fn another_placement_is_refused_naming_both_rules() {
+        let d = tempfile::tempdir().unwrap();
+        for (text, found) in [
+            (format!("{META_HEADER}\nformat 1\nshards 2\n"), LEGACY_PLACEMENT),
+            (format!("{META_HEADER}\nformat 2\nshards 2\nplacement fnv\n"), "fnv"),
+        ] {
+            fs::write(d.path().join(META), &text).unwrap();
+            let e = check_meta(d.path(), 2).unwrap_err();
+            assert!(matches!(&e, BootError::Placement { found: f, .. } if f == found), "{e:?}");
+            let msg = e.to_string();
+            assert!(msg.contains(found) && msg.contains(PLACEMENT), "{msg}");
+            assert_eq!(meta_text(d.path()), text, "a refused directory is left as it was");
+        }
+    }
+
+    #[test]
+    fn a_one_shard_directory_of_another_placement_is_brought_up_to_date() {
+        // One shard owns every key whatever the rule: nothing is misplaced.
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(META), format!("{META_HEADER}\nformat 1\nshards 1\n")).unwrap();
+        check_meta(d.path(), 1).unwrap();
+        assert_eq!(read_meta(d.path()).unwrap().unwrap().placement, PLACEMENT);
+    }
+
+    #[test]
+    fn damaged_or_newer_meta_files_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        for text in [
+            "not meta\n".to_string(),
+            format!("{META_HEADER}\nformat 3\nshards 2\nplacement {PLACEMENT}\n"),
+            format!("{META_HEADER}\nformat 2\nshards 2\n"),
+            format!("{META_HEADER}\nformat 2\nplacement {PLACEMENT}\n"),
+            format!("{META_HEADER}\nshards 2\nplacement {PLACEMENT}\n"),
+            format!("{META_HEADER}\nformat x\nshards 2\nplacement {PLACEMENT}\n"),
+        ] {
+            fs::write(d.path().join(META), &text).unwrap();
+            assert!(matches!(read_meta(d.path()), Err(BootError::Meta { .. })), "{text:?}");
+        }
+    }
 }
