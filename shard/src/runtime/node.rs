@@ -184,8 +184,8 @@ impl ShardCounters {
     }
 }
 
-/// A shard that ended without a shutdown having been asked for: it panicked, its loop failed, or its loop
-/// returned on its own. The rest of the node is told to shut down when it happens, since its peers would
+/// A shard that ended on its own: it panicked, its loop failed, or its loop returned although no shutdown
+/// was asked for. The rest of the node is told to shut down when it happens, since its peers would
 /// otherwise wait forever for its mesh answers and its clients could no longer be reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardFailure {
