@@ -109,6 +109,7 @@ fn main() -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs())
         .init();
     if let Some(Command::Inspect(i)) = &args.cmd {
         std::process::exit(inspect::run(i, wall_clock())?);
@@ -226,6 +227,13 @@ fn main() -> Result<ExitCode> {
     node.join().context("joining the shards")?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Colour codes only for a person at a terminal: under a supervisor or in a file they are noise. `NO_COLOR`
+/// (any non-empty value, <https://no-color.org>) turns them off there too.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// mimalloc commits each new arena eagerly by default: with one heap per shard thread that is megabytes
