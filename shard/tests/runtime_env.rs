@@ -60,7 +60,7 @@ fn quiet_sample(tids: &[u32]) -> Result<Duration, Vec<Duration>> {
     for _ in 0..ATTEMPTS {
         let t0 = cpu_sum(tids);
         std::thread::sleep(IDLE_WINDOW);
-        let used = cpu_sum(tids) - t0;
+        let used = cpu_sum(tids).saturating_sub(t0);
         if used <= IDLE_LIMIT {
             return Ok(used);
         }
@@ -138,7 +138,7 @@ fn env_override_and_idle_shards_sleep() {
                 n += 1;
                 std::thread::sleep(Duration::from_millis(1));
             }
-            rounds.push(cpu_time(mine[0]) - t0);
+            rounds.push(cpu_time(mine[0]).saturating_sub(t0));
             if rounds.last().is_some_and(|&busy| busy >= window / 4) {
                 break;
             }
