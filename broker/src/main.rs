@@ -5,12 +5,13 @@ mod inspect;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use shardmq_shard::core::{open_node, Boot, Config, NodeShared, Shard, StorageConfig, WallClock};
-use shardmq_shard::runtime::{self, BackendChoice, RuntimeConfig};
+use shardmq_shard::runtime::{self, BackendChoice, Node, RuntimeConfig, ShardFailure};
 use shardmq_storage::FsyncPolicy;
 
 #[global_allocator]
@@ -100,11 +101,15 @@ enum Command {
     Inspect(inspect::Inspect),
 }
 
-fn main() -> Result<()> {
+/// How often `main` looks at the node for a failed shard while it waits for a signal.
+const FAILURE_CHECK: Duration = Duration::from_millis(200);
+
+fn main() -> Result<ExitCode> {
     let args: Args = argh::from_env();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs())
         .init();
     if let Some(Command::Inspect(i)) = &args.cmd {
         std::process::exit(inspect::run(i, wall_clock())?);
@@ -208,12 +213,27 @@ fn main() -> Result<()> {
         args.max_connections,
         storage
     );
-    let sig = wait_for(&signals);
+    let sig = match wait_for_end(&node, &signals) {
+        End::Signal(sig) => sig,
+        End::Failed(failure) => {
+            tracing::error!(shard = failure.shard.index(), cause = %failure.cause, "a shard failed; stopping");
+            // The join error is that same failure (or a consequence of it), already reported.
+            let _ = node.join();
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     tracing::info!(signal = sig, "shutting down");
     node.shutdown();
     node.join().context("joining the shards")?;
     tracing::info!("stopped");
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Colour codes only for a person at a terminal: under a supervisor or in a file they are noise. `NO_COLOR`
+/// (any non-empty value, <https://no-color.org>) turns them off there too.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// mimalloc commits each new arena eagerly by default: with one heap per shard thread that is megabytes
@@ -281,12 +301,116 @@ fn block_shutdown_signals() -> Result<libc::sigset_t> {
     }
 }
 
-fn wait_for(set: &libc::sigset_t) -> &'static str {
+/// Why the node is to stop.
+#[derive(Debug)]
+enum End {
+    Signal(&'static str),
+    Failed(ShardFailure),
+}
+
+/// Waits for a shutdown signal or a shard failure. A shard that died has already stopped the others;
+/// waiting for a signal alone would leave a process without listeners that no supervisor restarts.
+fn wait_for_end(node: &Node, signals: &libc::sigset_t) -> End {
     loop {
-        let mut sig = 0;
-        // SAFETY: `set` is a valid, initialised signal set; sig is written by sigwait.
-        if unsafe { libc::sigwait(set, &mut sig) } == 0 {
-            return if sig == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
+        if let Some(failure) = node.failure() {
+            return End::Failed(failure);
         }
+        if let Some(sig) = wait_for(signals, FAILURE_CHECK) {
+            return End::Signal(sig);
+        }
+    }
+}
+
+/// Waits up to `timeout` for one of the blocked shutdown signals; `None` when none came (or the wait was
+/// interrupted).
+fn wait_for(set: &libc::sigset_t, timeout: Duration) -> Option<&'static str> {
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
+    // SAFETY: `set` is a valid, initialised signal set and `ts` a valid timespec; no siginfo is asked for.
+    let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    match sig {
+        libc::SIGINT => Some("SIGINT"),
+        libc::SIGTERM => Some("SIGTERM"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use shardmq_shard::runtime::{Core, IoCmd};
+    use shardmq_shard::{ConnId, ShardId};
+
+    use super::*;
+
+    /// A core that does nothing, except on shard 1, which panics at its first timer.
+    struct Doomed {
+        at: Option<Instant>,
+    }
+
+    impl Core for Doomed {
+        type Mesh = ();
+        type Handoff = ();
+        fn handle_accept(&mut self, _: ConnId, _: Instant) {}
+        fn handle_adopt(&mut self, _: ConnId, _: (), _: Instant) {}
+        fn handle_read(&mut self, _: ConnId, _: &[u8], _: Instant) {}
+        fn handle_closed(&mut self, _: ConnId, _: Instant) {}
+        fn handle_backpressure(&mut self, _: ConnId, _: bool, _: Instant) {}
+        fn handle_mesh(&mut self, _: ShardId, _: (), _: Instant) {}
+        fn handle_timeout(&mut self, _: Instant) {
+            panic!("doomed shard");
+        }
+        fn handle_shutdown(&mut self, _: Instant) {}
+        fn take_transmit(&mut self, _: ConnId) -> Vec<u8> {
+            Vec::new()
+        }
+        fn poll_io(&mut self) -> Option<IoCmd<()>> {
+            None
+        }
+        fn poll_mesh(&mut self) -> Option<(ShardId, ())> {
+            None
+        }
+        fn poll_timeout(&self) -> Option<Instant> {
+            self.at
+        }
+    }
+
+    #[test]
+    fn a_failed_shard_ends_the_wait_for_signals() {
+        let cfg = RuntimeConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            shards: 2,
+            pin_threads: false,
+            backend: BackendChoice::Epoll,
+            ..RuntimeConfig::default()
+        };
+        let node = runtime::start(cfg, |id, _| Doomed {
+            at: (id == ShardId(1)).then(|| Instant::now() + Duration::from_millis(100)),
+        })
+        .expect("start");
+        // No signal is waited for: only the failure can end the wait.
+        // SAFETY: sigemptyset on a zeroed set we own.
+        let none = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            set
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let end = wait_for_end(&node, &none);
+            let _ = tx.send(end);
+            node
+        });
+        // 100 ms to the panic plus one check period, with room for a slow host.
+        let end = rx.recv_timeout(Duration::from_secs(3)).expect("the wait did not notice the failure");
+        match end {
+            End::Failed(f) => {
+                assert_eq!(f.shard, ShardId(1));
+                assert!(f.cause.contains("doomed shard"), "{f}");
+            }
+            End::Signal(s) => panic!("no signal was sent, got {s}"),
+        }
+        assert!(waiter.join().expect("waiter").join().is_err(), "join hid the panic");
     }
 }

@@ -16,7 +16,7 @@ mod slab;
 mod sys;
 mod uring;
 
-pub use self::node::{start, Backend, BackendChoice, Node, RuntimeConfig, ShardStats};
+pub use self::node::{start, Backend, BackendChoice, Node, RuntimeConfig, ShardFailure, ShardStats};
 
 /// What a core asks its runtime to do with a connection. Returned by [`Core::poll_io`].
 #[derive(Debug)]

@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -184,11 +184,29 @@ impl ShardCounters {
     }
 }
 
+/// A shard that ended on its own: it panicked, its loop failed, or its loop returned although no shutdown
+/// was asked for. The rest of the node is told to shut down when it happens, since its peers would
+/// otherwise wait forever for its mesh answers and its clients could no longer be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardFailure {
+    pub shard: ShardId,
+    /// What happened, for a log line: the panic message or the loop's error.
+    pub cause: String,
+}
+
+impl fmt::Display for ShardFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shard {} failed: {}", self.shard.index(), self.cause)
+    }
+}
+
 /// A running node: its shard threads and what they share.
 pub struct Node {
     addrs: Vec<SocketAddr>,
     backend: Backend,
     shutdown: Arc<AtomicBool>,
+    /// The first shard failure; later ones are consequences or coincidences and are not kept.
+    failure: Arc<OnceLock<ShardFailure>>,
     wakes: Arc<[Wake]>,
     counters: Vec<Arc<ShardCounters>>,
     threads: Vec<JoinHandle<io::Result<()>>>,
@@ -208,6 +226,13 @@ impl Node {
     /// Returns at once; [`Node::join`] waits.
     pub fn shutdown(&self) {
         signal_shutdown(&self.shutdown, &self.wakes);
+    }
+
+    /// The first shard that ended unexpectedly, if one did. Once it is set every other shard has been told
+    /// to shut down, so the node is going away: the owner should [`join`](Node::join) and report it.
+    /// Cheap enough to poll.
+    pub fn failure(&self) -> Option<ShardFailure> {
+        self.failure.get().cloned()
     }
 
     /// Waits for every shard thread; the first error (or panic) is returned.
@@ -288,20 +313,42 @@ struct Boot<M, H> {
     report: Sender<(usize, io::Result<()>)>,
     decide: Receiver<Decision>,
     wakes: Arc<[Wake]>,
+    failure: Arc<OnceLock<ShardFailure>>,
 }
 
-/// Turns a panicking shard into a node shutdown, so the others do not wait forever for its messages.
-struct PanicGuard {
+/// How a shard thread's work ended, when it did not panic.
+enum Exit {
+    /// Start-up was aborted before the loop ran: `start` reports that itself.
+    NotStarted,
+    /// The loop returned.
+    Ran,
+}
+
+/// Turns a shard's unexpected end into a recorded [`ShardFailure`] and a node shutdown, so the other shards
+/// do not wait forever for its messages and the node's owner learns about it.
+struct FailureGuard {
+    id: ShardId,
     shutdown: Arc<AtomicBool>,
     wakes: Arc<[Wake]>,
+    failure: Arc<OnceLock<ShardFailure>>,
 }
 
-impl Drop for PanicGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            signal_shutdown(&self.shutdown, &self.wakes);
-        }
+impl FailureGuard {
+    fn fail(&self, cause: String) {
+        // Recorded before the others are told to stop, so that their own ends (consequences) cannot be
+        // taken for the first failure.
+        let _ = self.failure.set(ShardFailure { shard: self.id, cause });
+        signal_shutdown(&self.shutdown, &self.wakes);
     }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string payload)");
+    format!("panicked: {msg}")
 }
 
 enum Chosen<H> {
@@ -310,6 +357,36 @@ enum Chosen<H> {
 }
 
 fn shard_thread<C, F>(boot: Boot<C::Mesh, C::Handoff>, make_core: Arc<F>) -> io::Result<()>
+where
+    C: Core,
+    F: Fn(ShardId, usize) -> C,
+{
+    let guard = FailureGuard {
+        id: boot.ctx.id,
+        shutdown: boot.ctx.shutdown.clone(),
+        wakes: boot.wakes.clone(),
+        failure: boot.failure.clone(),
+    };
+    // AssertUnwindSafe: after a panic nothing of the shard is used again; the thread only reports and ends.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_shard::<C, F>(boot, make_core))) {
+        Err(payload) => {
+            guard.fail(panic_message(&*payload));
+            // Still a panic for `join`, as before.
+            std::panic::resume_unwind(payload)
+        }
+        Ok(Err(e)) => {
+            guard.fail(format!("loop failed: {e}"));
+            Err(e)
+        }
+        Ok(Ok(Exit::Ran)) if !guard.shutdown.load(Ordering::Acquire) => {
+            guard.fail("loop ended without a shutdown request".into());
+            Ok(())
+        }
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+fn run_shard<C, F>(boot: Boot<C::Mesh, C::Handoff>, make_core: Arc<F>) -> io::Result<Exit>
 where
     C: Core,
     F: Fn(ShardId, usize) -> C,
@@ -326,9 +403,8 @@ where
         uring,
         report,
         decide,
-        wakes,
+        ..
     } = boot;
-    let _guard = PanicGuard { shutdown: ctx.shutdown.clone(), wakes };
     let me = ctx.id.index();
     if let Some(cpu) = pin_cpu {
         if let Err(e) = sys::pin_current_thread(cpu) {
@@ -348,7 +424,7 @@ where
     let _ = report.send((me, first));
     let backend = match decide.recv() {
         Ok(Decision::Use(b)) => b,
-        _ => return Ok(()),
+        _ => return Ok(Exit::NotStarted),
     };
     let second = match (backend, &chosen) {
         (Backend::Uring, Some(Chosen::Uring(_))) | (Backend::Epoll, Some(Chosen::Epoll(_))) => Ok(()),
@@ -361,7 +437,7 @@ where
     };
     let _ = report.send((me, second));
     if !matches!(decide.recv(), Ok(Decision::Go)) {
-        return Ok(());
+        return Ok(Exit::NotStarted);
     }
     let mut core = make_core(ctx.id, shards);
     let res = match chosen.expect("backend chosen") {
@@ -369,10 +445,8 @@ where
         Chosen::Epoll(mut lp) => driver::run(&ctx, &mut core, &mut *lp, &inbox, &mut outbox),
     };
     drop(listeners);
-    if let Err(e) = &res {
-        tracing::error!(shard = me, error = %e, "shard loop failed");
-    }
-    res
+    // Not logged here: the failure is recorded for the node's owner, who reports it once.
+    res.map(|()| Exit::Ran)
 }
 
 /// How long start-up waits for another process's listeners on the same port to go away.
@@ -431,6 +505,7 @@ where
         (0..shards).map(|_| bounded(cfg.mesh_capacity.max(1))).unzip();
     let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
     let shutdown = Arc::new(AtomicBool::new(false));
+    let failure = Arc::new(OnceLock::new());
     let open = Arc::new(AtomicUsize::new(0));
 
     let cpus = if cfg.pin_threads { sys::allowed_cpus().unwrap_or_default() } else { Vec::new() };
@@ -452,6 +527,7 @@ where
         addrs,
         backend: Backend::Epoll,
         shutdown: shutdown.clone(),
+        failure: failure.clone(),
         wakes: wakes.clone(),
         counters: counters.clone(),
         threads: Vec::new(),
@@ -483,6 +559,7 @@ where
             report: report_tx.clone(),
             decide: drx,
             wakes: wakes.clone(),
+            failure: failure.clone(),
         };
         let mk = make_core.clone();
         let t = std::thread::Builder::new()

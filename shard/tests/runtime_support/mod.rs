@@ -5,6 +5,7 @@
 //! - `HOP` → hands the connection to the next shard; the bytes after the line travel in the handoff state;
 //! - `BIG n` → sends `n` pattern bytes in 256 KiB chunks, pausing while the runtime reports backpressure;
 //! - `BYE n` → sends `n` pattern bytes, then asks the runtime to close;
+//! - `PANIC` → panics on the shard's thread (the failure tests);
 //! - anything else → echoed as `{shard}:{line}\n`.
 //!
 //! It also sends `mesh_per_target` numbered cross-core messages to every other shard, in bursts from
@@ -149,6 +150,7 @@ impl TestCore {
                     c.big_left += n;
                     self.pump(conn);
                 }
+                (Some("PANIC"), _) => panic!("PANIC requested on shard {}", self.me.0),
                 (Some("BYE"), Some(n)) => {
                     self.conns.remove(&conn);
                     self.gone.insert(conn);
