@@ -159,7 +159,7 @@ fn main() -> Result<ExitCode> {
         max_session_expiry_s: args.max_session_expiry,
         ..Config::default()
     });
-    let node_state = Arc::new(NodeShared::default());
+    let node_state = Arc::new(NodeShared::new(rt.shards.min(u16::MAX as usize) as u16));
     let shards = rt.shards;
     if shards > u16::MAX as usize {
         bail!("--cores must be at most {}", u16::MAX);

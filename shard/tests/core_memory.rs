@@ -36,7 +36,7 @@ static A: Counting = Counting;
 #[test]
 fn idle_connection_costs_the_core_few_bytes() {
     let now = Instant::now();
-    let mut shard = Shard::new(ShardId(0), 1, Arc::new(Config::default()), Arc::new(NodeShared::default()));
+    let mut shard = Shard::new(ShardId(0), 1, Arc::new(Config::default()), Arc::new(NodeShared::new(1)));
     let n = 15_000u64;
     let mut pkt = Vec::new();
     let before = LIVE.load(Ordering::Relaxed);

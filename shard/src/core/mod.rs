@@ -9,9 +9,10 @@
 //! Cross-shard rules (the invariants the rest of the module relies on):
 //! - a client id is owned by exactly one shard ([`owner_of`]); a connection that lands elsewhere is handed
 //!   to the owner right after its CONNECT, so takeover and session state are always shard-local;
-//! - a publish crosses to another shard only if that shard announced interest in a matching filter; a
-//!   SUBACK that adds interest is sent only after every other shard acknowledged it, so a publish that
-//!   starts after the SUBACK can never miss the new subscriber (no false negatives);
+//! - a publish crosses to another shard only if that shard announced interest in a matching filter, or
+//!   added interest whose announcement has not arrived yet (its interest generation is ahead: see
+//!   `interest_gen`), so a publish routed after a SUBSCRIBE was processed anywhere in the node never
+//!   misses it; a SUBACK that adds interest is also sent only after every other shard acknowledged it;
 //! - retained messages are replicated to every shard, serialised through an owner shard per topic
 //!   ([`owner_of`] on the topic), so replicas apply the same sequence for a topic and converge.
 
@@ -19,6 +20,7 @@ mod conn;
 mod connect;
 mod error;
 mod flow;
+mod interest_gen;
 mod msg;
 mod persist;
 mod route;
@@ -37,6 +39,8 @@ use shardmq_wire::{Packet, Protocol};
 
 use self::conn::Conn;
 pub use self::error::ProtocolError;
+pub use self::interest_gen::InterestGens;
+use self::interest_gen::SeenGens;
 pub use self::msg::{Delivery, Msg, MsgProps, Origin, SessionKey};
 pub use self::persist::{
     inspect_node, open_node, read_meta, type_name, Boot, BootError, Meta, Recovered, Replay, ShardReport,
@@ -97,10 +101,18 @@ impl Default for Config {
 }
 
 /// State every shard of a node shares: atomics only, never locked.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NodeShared {
     /// Clients with an accepted CONNECT, node-wide.
     pub connections: AtomicUsize,
+    /// How much interest each shard has added (see `interest_gen`).
+    interest: InterestGens,
+}
+
+impl NodeShared {
+    pub fn new(shards: u16) -> NodeShared {
+        NodeShared { connections: AtomicUsize::new(0), interest: InterestGens::new(shards) }
+    }
 }
 
 /// Counters of one shard, for logs and benchmarks.
@@ -160,10 +172,12 @@ pub enum Mesh {
         forwarded: u32,
         rerouted: bool,
     },
-    /// The sender's subscriber counts changed; `token` asks for an [`Mesh::InterestAck`].
+    /// The sender's subscriber counts changed; `token` asks for an [`Mesh::InterestAck`]. `generation`:
+    /// the sender's interest generation once these deltas are applied (see `interest_gen`).
     Interest {
         deltas: Vec<InterestDelta>,
         token: Option<u64>,
+        generation: u64,
     },
     InterestAck {
         token: u64,
@@ -221,6 +235,8 @@ pub struct Shard {
     interest: TopicTrie<Interest>,
     /// This shard's own counts per (group, filter), the source of its interest announcements.
     local_interest: HashMap<SharedKey, route::LocalCount>,
+    /// The interest generation of each shard that `interest` reflects.
+    seen_interest: SeenGens,
     retained: RetainedTree<Arc<Msg>>,
     /// Round-robin position per shared group when choosing a shard for a publish from here.
     shared_rr: HashMap<SharedKey, u64>,
@@ -271,6 +287,7 @@ impl Shard {
             subs: TopicTrie::new(),
             interest: TopicTrie::new(),
             local_interest: HashMap::new(),
+            seen_interest: SeenGens::new(shards),
             retained: RetainedTree::new(),
             shared_rr: HashMap::new(),
             member_rr: HashMap::new(),
@@ -416,11 +433,12 @@ impl Core for Shard {
             Mesh::Stored { token, ok, forwarded, rerouted } => {
                 self.on_stored(token, ok, forwarded, rerouted, now)
             }
-            Mesh::Interest { deltas, token } => {
+            Mesh::Interest { deltas, token, generation } => {
                 let grew = deltas.iter().any(|d| d.members > 0);
                 for d in deltas {
                     self.apply_interest(from, d);
                 }
+                self.seen_interest.applied(from, generation);
                 if grew {
                     self.interest_grew(now);
                 }

@@ -94,6 +94,13 @@ impl Shard {
             }
             Some(_) => shared.push((i.key.clone(), i.shard, i.members, i.durable > 0)),
         });
+        // Shards that added interest this one has not heard of yet get the message too, and match it
+        // against their own index: a subscription processed there before this publish is not missed. The
+        // new subscriber may be persistent, so a QoS 1/2 acknowledgement waits for that shard's answer.
+        self.seen_interest.for_each_behind(&self.node.interest, |s| {
+            normal[s.index()] = true;
+            durable[s.index()] = true;
+        });
         let mut groups: Vec<Vec<SharedKey>> = Vec::new();
         if !shared.is_empty() {
             groups.resize(n, Vec::new());
@@ -331,9 +338,7 @@ impl Shard {
         } else {
             let token = self.next_token;
             self.next_token += 1;
-            for to in self.other_shards() {
-                self.send_mesh(to, Mesh::Interest { deltas: deltas.clone(), token: Some(token) });
-            }
+            self.announce(deltas, Some(token));
             self.pending_subacks
                 .insert(token, PendingSubAck { acks_missing: self.shards as usize - 1, ..pending });
         }
@@ -406,10 +411,24 @@ impl Shard {
             // A congested subscriber that leaves no longer holds publishers back.
             self.decongested(now);
             if let Some(d) = self.count_interest((group, inner.into()), -1, -(stored as i32)) {
-                for to in self.other_shards() {
-                    self.send_mesh(to, Mesh::Interest { deltas: vec![d.clone()], token: None });
-                }
+                self.announce(vec![d], None);
             }
+        }
+    }
+
+    /// Sends interest deltas to every other shard. One that adds interest first bumps this shard's
+    /// interest generation, so that shards routing a publish before the announcement reaches them send it
+    /// here anyway (see `interest_gen`).
+    pub(super) fn announce(&mut self, deltas: Vec<InterestDelta>, token: Option<u64>) {
+        let generation = if deltas.iter().any(|d| d.members > 0) {
+            let g = self.node.interest.bump(self.id);
+            self.seen_interest.applied(self.id, g);
+            g
+        } else {
+            self.node.interest.get(self.id)
+        };
+        for to in self.other_shards() {
+            self.send_mesh(to, Mesh::Interest { deltas: deltas.clone(), token, generation });
         }
     }
 

@@ -477,9 +477,7 @@ impl Shard {
             deltas.extend(self.count_interest((group, inner.into()), 0, change));
         }
         if !deltas.is_empty() {
-            for to in self.other_shards() {
-                self.send_mesh(to, Mesh::Interest { deltas: deltas.clone(), token: None });
-            }
+            self.announce(deltas, None);
         }
     }
 

@@ -3,6 +3,7 @@
 mod durable;
 mod protocol;
 mod sim;
+mod visibility;
 
 use std::time::Duration;
 

@@ -49,7 +49,7 @@ impl Sim {
 
     pub(super) fn with(n: u16, cfg: Config) -> Sim {
         let cfg = Arc::new(cfg);
-        let node = Arc::new(NodeShared::default());
+        let node = Arc::new(NodeShared::new(n));
         let now = Instant::now();
         Sim {
             shards: (0..n).map(|i| Shard::new(ShardId(i), n, cfg.clone(), node.clone())).collect(),
@@ -80,7 +80,7 @@ impl Sim {
 
     /// Replaces the shards with fresh ones restored from the data directory.
     fn boot(&mut self, n: u16) {
-        let node = Arc::new(NodeShared::default());
+        let node = Arc::new(NodeShared::new(n));
         let (_, sc) = self.data.as_ref().expect("a durable sim");
         let clock = WallClock { base: self.now, base_unix_ms: 1_800_000_000_000 + self.elapsed_ms() };
         let boots = open_node(sc, n, clock).expect("the data directory opens");
