@@ -194,6 +194,9 @@ impl Conn {
     }
 }
 
+/// Unreleased inbound QoS 2 packet ids a 3.1.1 client may hold (at least; `max_inflight` if larger).
+pub(super) const V311_INBOUND_QOS2_MAX: usize = 1024;
+
 impl Shard {
     /// Decodes and handles every complete packet in `rbuf ++ data`, keeping an incomplete tail.
     pub(super) fn read(&mut self, id: ConnId, data: &[u8], now: Instant) {
@@ -402,9 +405,16 @@ impl Shard {
                 // A resent QoS 2 PUBLISH before PUBREL: already routed once (exactly-once delivery).
                 route = false;
             } else {
-                // v5 clients were told this limit (Receive Maximum); 3.1.1 has no way to say it, so a
-                // client past it is closed rather than allowed to hold up to 65,535 ids.
-                if s.flows().inbound_qos2.len() >= self.cfg.max_inflight as usize {
+                // v5 clients were told the limit (Receive Maximum). 3.1.1 clients were not, and pipeline
+                // more than that (their PUBRELs queue behind their next PUBLISHes, so reading cannot
+                // pause): they get a looser bound, past which they are closed rather than allowed to hold
+                // up to 65,535 ids.
+                let limit = if v5 {
+                    self.cfg.max_inflight as usize
+                } else {
+                    (self.cfg.max_inflight as usize).max(V311_INBOUND_QOS2_MAX)
+                };
+                if s.flows().inbound_qos2.len() >= limit {
                     return Err(ProtocolError::ReceiveMaximumExceeded);
                 }
                 s.flows_mut().add_inbound_qos2(pid.0);

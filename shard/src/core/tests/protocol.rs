@@ -148,9 +148,11 @@ fn a_packet_id_is_never_reused_while_its_message_is_in_flight() {
 
 #[test]
 fn a_v311_client_cannot_hold_more_unreleased_qos2_ids_than_the_inbound_limit() {
+    // 3.1.1 clients were never told a Receive Maximum: they get the looser bound, not max_inflight.
+    let limit = crate::core::conn::V311_INBOUND_QOS2_MAX as u16;
     let mut sim = Sim::with(1, Config { max_inflight: 4, ..Config::default() });
     let (p, _) = sim.connect(0, V3, "hoarder", true);
-    for pid in 1..=4u16 {
+    for pid in 1..=limit {
         sim.publish(p, "t", b"x", QoS::ExactlyOnce, false, pid);
         sim.pop(p, |a| assert!(matches!(a, Packet::PubRec(_))));
     }
@@ -158,7 +160,7 @@ fn a_v311_client_cannot_hold_more_unreleased_qos2_ids_than_the_inbound_limit() {
     sim.publish(p, "t", b"x", QoS::ExactlyOnce, false, 2);
     sim.pop(p, |a| assert!(matches!(a, Packet::PubRec(_))));
     assert!(!sim.clients[p].closed);
-    sim.publish(p, "t", b"x", QoS::ExactlyOnce, false, 5);
-    assert!(sim.clients[p].closed, "a fifth unreleased id is over the limit");
+    sim.publish(p, "t", b"x", QoS::ExactlyOnce, false, limit + 1);
+    assert!(sim.clients[p].closed, "one unreleased id over the limit");
     assert!(!sim.has_packet(p), "3.1.1 has no packet to say why");
 }
