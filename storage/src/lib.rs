@@ -54,6 +54,7 @@
 
 mod compact;
 mod error;
+mod flusher;
 mod format;
 mod inspect;
 mod log;
@@ -67,6 +68,7 @@ use std::time::Duration;
 
 pub use compact::{CompactProgress, Keep, Relocation};
 pub use error::{Fault, StorageError};
+pub use flusher::WakeFn;
 pub use format::{FORMAT_VERSION, RECORD_OVERHEAD};
 pub use inspect::{inspect, inspect_records, InspectProblem, InspectReport, SegmentReport};
 pub use log::{Log, SegmentInfo};

@@ -1,12 +1,14 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use memmap2::MmapMut;
 
 use crate::compact::CompactCursor;
 use crate::error::StorageError;
+use crate::flusher::{Done, Flusher, Job, WakeFn};
 use crate::format::{self, check_segment_header, scan, Stop, RECORD_OVERHEAD, SEAL_LEN, SEGMENT_HEADER_LEN};
 use crate::recovery::{Cut, RecoveredSegment, Recovery, RecoveryReport};
 use crate::segment::{self, Prepared};
@@ -36,9 +38,9 @@ pub(crate) struct SealedSegment {
 struct Active {
     id: u64,
     path: PathBuf,
-    /// Kept open for the lifetime of the mapping; the mapping does not need it, but an open descriptor
-    /// makes the file visibly in use (lsof) while we write it.
-    _file: File,
+    /// Kept open for the lifetime of the mapping (the mapping does not need it, but an open descriptor
+    /// makes the file visibly in use while we write it) and shared with the flusher, which syncs it.
+    file: Arc<File>,
     map: MmapMut,
     /// Where the next record goes.
     write: usize,
@@ -80,6 +82,40 @@ pub struct Log {
     last_flush: Instant,
     poisoned: Option<String>,
     pub(crate) compact: Option<CompactCursor>,
+    /// Set by [`Log::start_background_flush`]: flushes and segment creation run on a thread of their own.
+    background: Option<Background>,
+}
+
+/// The state of a log's flusher thread and of what it is doing.
+struct Background {
+    flusher: Flusher,
+    /// A flush job is outstanding. Invariant: while it is, the active segment is neither replaced nor
+    /// unmapped, and no other flush starts (its completion names a byte offset of this segment).
+    flush_in_flight: bool,
+    prepare_in_flight: bool,
+    /// The next segment, created and synced ahead of need; its id is `next_id` when it is used.
+    prepared: Option<Prepared>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // A segment prepared but never installed is only a temporary file: remove it now rather than
+        // leave it to the next recovery.
+        while self.flush_in_flight || self.prepare_in_flight {
+            match self.flusher.wait_done() {
+                Some(Done::Prepared(p)) => {
+                    self.prepare_in_flight = false;
+                    p.abandon();
+                }
+                Some(Done::PrepareFailed(_)) => self.prepare_in_flight = false,
+                Some(_) => self.flush_in_flight = false,
+                None => break,
+            }
+        }
+        if let Some(p) = self.prepared.take() {
+            p.abandon();
+        }
+    }
 }
 
 impl Log {
@@ -183,6 +219,7 @@ impl Log {
             durable: Lsn::default(),
             dir_sync_pending: false,
             last_flush: Instant::now(),
+            background: None,
             poisoned: None,
             compact: None,
         };
@@ -230,7 +267,18 @@ impl Log {
     /// the new one its name — so no crash can leave an unsealed segment followed by another.
     fn roll(&mut self) -> Result<(), StorageError> {
         self.check_poisoned()?;
-        let prepared = Prepared::create(&self.dir, self.next_id, self.segment_bytes)?;
+        // The flush in flight names an offset of the segment being replaced: let it land first.
+        self.wait_background()?;
+        let ahead = self.background.as_mut().and_then(|b| b.prepared.take());
+        let prepared = match ahead {
+            Some(p) if p.id == self.next_id => p,
+            other => {
+                if let Some(p) = other {
+                    p.abandon();
+                }
+                Prepared::create(&self.dir, self.next_id, self.segment_bytes)?
+            }
+        };
         if let Some(a) = self.active.as_mut() {
             if !a.sealed {
                 let w = a.write;
@@ -252,7 +300,7 @@ impl Log {
                 file_bytes: old.map.len() as u64,
             });
         }
-        let a = Active { id, path, _file: file, map, write: SEGMENT_HEADER_LEN, sealed: false };
+        let a = Active { id, path, file: Arc::new(file), map, write: SEGMENT_HEADER_LEN, sealed: false };
         a.check();
         self.flushed = a.write;
         self.active = Some(a);
@@ -264,17 +312,27 @@ impl Log {
 
     /// Group commit: flushes what the policy says is due and returns the durable bound — every record whose
     /// [`Lsn`] is below it survives power loss. Call it once per event-loop iteration after the appends.
+    ///
+    /// With a background flusher ([`Log::start_background_flush`]) it never waits for the disk: it takes
+    /// what the flusher completed, starts the next flush if one is due and none is running, and returns;
+    /// the flusher wakes the owner when a flush completes, and the next `commit` returns the new bound.
     pub fn commit(&mut self, now: Instant) -> Result<Lsn, StorageError> {
         self.check_poisoned()?;
+        self.take_completed()?;
         let due = match self.fsync {
             FsyncPolicy::Always => true,
             FsyncPolicy::Interval(d) => now.saturating_duration_since(self.last_flush) >= d,
             FsyncPolicy::Never => false,
         };
-        if due && self.has_unflushed() {
-            self.flush_all()?;
+        if due && self.has_unflushed() && !self.flush_in_flight() {
+            if self.background.is_some() {
+                self.start_flush();
+            } else {
+                self.flush_all()?;
+            }
             self.last_flush = now;
         }
+        self.prepare_ahead();
         Ok(self.durable)
     }
 
@@ -282,6 +340,108 @@ impl Log {
     pub fn flush(&mut self) -> Result<Lsn, StorageError> {
         self.flush_all()?;
         Ok(self.durable)
+    }
+
+    /// Moves flushes and the creation of segments to a thread of their own, which calls `wake` after
+    /// each job (see [`crate::flusher`]). From then on [`Log::commit`] never waits for the disk; a roll
+    /// to the next segment, compaction and [`Log::flush`] still flush inline, after waiting for the
+    /// flusher (a roll finds its segment prepared ahead).
+    pub fn start_background_flush(&mut self, wake: WakeFn) -> Result<(), StorageError> {
+        if self.background.is_some() {
+            return Ok(());
+        }
+        let name = format!("flush-{}", self.dir.file_name().and_then(|n| n.to_str()).unwrap_or("log"));
+        let flusher = Flusher::start(&self.dir, name, wake)?;
+        self.background =
+            Some(Background { flusher, flush_in_flight: false, prepare_in_flight: false, prepared: None });
+        self.prepare_ahead();
+        Ok(())
+    }
+
+    fn flush_in_flight(&self) -> bool {
+        self.background.as_ref().is_some_and(|b| b.flush_in_flight)
+    }
+
+    /// Hands the flush of everything written so far to the flusher.
+    fn start_flush(&mut self) {
+        let Some(bg) = self.background.as_mut() else { return };
+        debug_assert!(!bg.flush_in_flight, "one flush at a time");
+        let upto =
+            self.active.as_ref().map_or(Lsn::default(), |a| Lsn { segment: a.id, offset: a.write as u64 });
+        let (file, path, end) = match &self.active {
+            Some(a) => (Some(a.file.clone()), a.path.clone(), a.written_end()),
+            None => (None, self.dir.clone(), self.flushed),
+        };
+        let dir = std::mem::take(&mut self.dir_sync_pending).then(|| self.dir.clone());
+        bg.flusher.submit(Job::Flush { file, path, dir, upto, end });
+        bg.flush_in_flight = true;
+    }
+
+    /// Starts creating the next segment once the active one is half full, so that a roll only renames it.
+    fn prepare_ahead(&mut self) {
+        let Some(bg) = self.background.as_mut() else { return };
+        let half_full = self.active.as_ref().is_some_and(|a| a.write * 2 >= a.map.len());
+        if !half_full || bg.prepare_in_flight || bg.prepared.is_some() || self.poisoned.is_some() {
+            return;
+        }
+        bg.flusher.submit(Job::Prepare { dir: self.dir.clone(), id: self.next_id, len: self.segment_bytes });
+        bg.prepare_in_flight = true;
+    }
+
+    /// Applies the flusher's completed jobs, without waiting.
+    fn take_completed(&mut self) -> Result<(), StorageError> {
+        while let Some(done) = self.background.as_ref().and_then(|b| b.flusher.try_done()) {
+            self.apply(done)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the flusher has nothing in flight (before the active segment changes).
+    fn wait_background(&mut self) -> Result<(), StorageError> {
+        let mut result = Ok(());
+        while let Some(bg) = self.background.as_ref() {
+            if !bg.flush_in_flight && !bg.prepare_in_flight {
+                break;
+            }
+            let Some(done) = bg.flusher.wait_done() else { break };
+            if let Err(e) = self.apply(done) {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    fn apply(&mut self, done: Done) -> Result<(), StorageError> {
+        let Some(bg) = self.background.as_mut() else { return Ok(()) };
+        match done {
+            Done::Flushed { upto, end } => {
+                bg.flush_in_flight = false;
+                // The active segment did not change meanwhile (a roll waits for the flush).
+                debug_assert!(self.active.as_ref().is_none_or(|a| end <= a.written_end()));
+                self.flushed = self.flushed.max(end);
+                self.durable = self.durable.max(upto);
+                Ok(())
+            }
+            Done::Failed(e) => {
+                bg.flush_in_flight = false;
+                Err(self.poison(e))
+            }
+            Done::Prepared(p) => {
+                bg.prepare_in_flight = false;
+                if p.id == self.next_id {
+                    bg.prepared = Some(p);
+                } else {
+                    p.abandon();
+                }
+                Ok(())
+            }
+            Done::PrepareFailed(e) => {
+                // Not fatal: the roll creates the segment itself and reports what goes wrong then.
+                bg.prepare_in_flight = false;
+                tracing::warn!(dir = %self.dir.display(), error = %e, "preparing the next log segment failed");
+                Ok(())
+            }
+        }
     }
 
     /// Every record below this is durable (see [`Log::commit`]).
@@ -297,7 +457,8 @@ impl Log {
     /// When the shard should call [`Log::commit`] next even if nothing else happens: `None` when nothing
     /// is waiting for a flush the policy would do; an instant in the past means "now".
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if !self.has_unflushed() {
+        // A flush in flight wakes the owner when it completes; the next one starts from that `commit`.
+        if !self.has_unflushed() || self.flush_in_flight() {
             return None;
         }
         match self.fsync {
@@ -362,6 +523,7 @@ impl Log {
     /// Earlier segments need nothing: each was flushed when it was sealed.
     pub(crate) fn flush_all(&mut self) -> Result<(), StorageError> {
         self.check_poisoned()?;
+        self.wait_background()?;
         if let Some(a) = &self.active {
             let end = a.written_end();
             debug_assert!(self.flushed <= end, "flushed never passes what was written");
@@ -478,7 +640,7 @@ fn open_last(
         map = segment::map_mut(&file, &path)?;
     }
     let ro = segment::map_ro(&file, &path)?;
-    let active = Active { id, path, _file: file, map, write: s.end, sealed };
+    let active = Active { id, path, file: Arc::new(file), map, write: s.end, sealed };
     active.check();
     Ok((active, RecoveredSegment { id, map: ro, end: s.end }))
 }

@@ -125,6 +125,8 @@ pub(crate) struct Prepared {
     pub path: PathBuf,
     pub file: File,
     pub map: MmapMut,
+    /// Header and allocation are durable already (prepared ahead by the flusher).
+    synced: bool,
 }
 
 impl Prepared {
@@ -144,7 +146,7 @@ impl Prepared {
             allocate(&file, len, &tmp)?;
             file.write_all_at(&encode_segment_header(id), 0).map_err(|e| StorageError::io(&tmp, e))?;
             let map = map_mut(&file, &tmp)?;
-            Ok(Prepared { id, tmp: tmp.clone(), path, file, map })
+            Ok(Prepared { id, tmp: tmp.clone(), path, file, map, synced: false })
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -152,12 +154,27 @@ impl Prepared {
         result
     }
 
-    /// Makes the header and the allocation durable, then gives the segment its real name. The directory
-    /// entry itself becomes durable at the next directory sync (the log's next flush).
+    /// Makes the header and the allocation durable (the slow part of [`Prepared::install`], which a
+    /// flusher does ahead of need).
+    pub(crate) fn sync(mut self) -> Result<Prepared, StorageError> {
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.synced = true;
+                Ok(self)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&self.tmp);
+                Err(StorageError::io(&self.tmp, e))
+            }
+        }
+    }
+
+    /// Makes the header and the allocation durable (unless [`Prepared::sync`] did), then gives the segment
+    /// its real name. The directory entry itself becomes durable at the next directory sync (the log's next
+    /// flush).
     pub(crate) fn install(self) -> Result<(File, MmapMut, PathBuf), StorageError> {
-        let r = self
-            .file
-            .sync_data()
+        let synced = if self.synced { Ok(()) } else { self.file.sync_data() };
+        let r = synced
             .and_then(|()| fs::rename(&self.tmp, &self.path))
             .map_err(|e| StorageError::io(&self.tmp, e));
         if let Err(e) = r {

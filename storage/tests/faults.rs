@@ -70,21 +70,29 @@ fn crash_child_entry() {
         .unwrap_or_else(|_| panic!("{CHILD_ENV} unset: run kill_9_never_loses_a_committed_record instead"));
     let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
     let (mut log, rec) = Log::open(cfg(dir.as_ref(), 64 << 10, FsyncPolicy::Always)).unwrap();
+    let background = std::env::var("BACKGROUND").is_ok_and(|v| v == "1");
+    if background {
+        // Flushes and segment creation on the flusher thread; commit reports what completed.
+        log.start_background_flush(Box::new(|| ())).unwrap();
+    }
     let mut next = rec.report.records;
     drop(rec);
     let mut rng = XorShift(seed | 1);
     let mut out = std::io::stdout().lock();
+    let mut pending = std::collections::VecDeque::new();
     loop {
         let batch = 1 + rng.next() % 8;
-        let mut lsns = Vec::new();
         for _ in 0..batch {
             let len = 8 + (rng.next() % 3000) as usize;
-            lsns.push((log.append(T, &payload(next, len)).unwrap(), next, len));
+            pending.push_back((log.append(T, &payload(next, len)).unwrap(), next, len));
             next += 1;
         }
         let durable = log.commit(Instant::now()).unwrap();
-        for (lsn, i, len) in lsns {
-            assert!(lsn < durable);
+        if !background {
+            assert!(pending.iter().all(|(lsn, _, _)| *lsn < durable), "inline commit flushes everything");
+        }
+        while pending.front().is_some_and(|(lsn, _, _)| *lsn < durable) {
+            let (lsn, i, len) = pending.pop_front().unwrap();
             writeln!(out, "COMMITTED {} {} {i} {len}", lsn.segment, lsn.offset).unwrap();
         }
         out.flush().unwrap();
@@ -93,6 +101,15 @@ fn crash_child_entry() {
 
 #[test]
 fn kill_9_never_loses_a_committed_record() {
+    kill_9_rounds(false);
+}
+
+#[test]
+fn kill_9_never_loses_a_committed_record_with_background_flush() {
+    kill_9_rounds(true);
+}
+
+fn kill_9_rounds(background: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("seed {seed}");
@@ -103,6 +120,7 @@ fn kill_9_never_loses_a_committed_record() {
             .args(["crash_child_entry", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, tmp.path())
             .env("SEED", (seed + round).to_string())
+            .env("BACKGROUND", if background { "1" } else { "0" })
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

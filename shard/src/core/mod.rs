@@ -506,6 +506,10 @@ impl Core for Shard {
         self.io.pop_front()
     }
 
+    fn set_waker(&mut self, waker: crate::runtime::Waker) {
+        self.start_background_flush(waker);
+    }
+
     fn poll_mesh(&mut self) -> Option<(ShardId, Mesh)> {
         self.mesh_out.pop_front()
     }

@@ -68,6 +68,33 @@ pub(crate) enum Inbound<M, H> {
 }
 
 /// The wakeup side of a shard, shared with every other shard.
+/// Wakes one shard's loop from any thread (see `Core::set_waker`).
+#[derive(Clone)]
+pub struct Waker {
+    wakes: Arc<[Wake]>,
+    shard: usize,
+}
+
+impl Waker {
+    pub(crate) fn new(wakes: Arc<[Wake]>, shard: usize) -> Waker {
+        debug_assert!(shard < wakes.len());
+        Waker { wakes, shard }
+    }
+
+    /// Makes the shard run one more loop iteration soon. Always signals the eventfd: a lighter
+    /// `Wake::wake` could be lost between the shard's last `handle_commit` and its sleep, since what this
+    /// announces does not sit in the inbox that the shard checks before sleeping.
+    pub fn wake(&self) {
+        self.wakes[self.shard].force_wake();
+    }
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waker").field("shard", &self.shard).finish()
+    }
+}
+
 pub(crate) struct Wake {
     fd: OwnedFd,
     /// Set by the owner right before it blocks; a sender that clears it owes the owner an eventfd signal.

@@ -16,6 +16,7 @@ mod slab;
 mod sys;
 mod uring;
 
+pub use self::mesh::Waker;
 pub use self::node::{start, Backend, BackendChoice, Node, RuntimeConfig, ShardFailure, ShardStats};
 
 /// What a core asks its runtime to do with a connection. Returned by [`Core::poll_io`].
@@ -85,4 +86,8 @@ pub trait Core {
     fn poll_mesh(&mut self) -> Option<(ShardId, Self::Mesh)>;
     /// The earliest instant at which `handle_timeout` must be called.
     fn poll_timeout(&self) -> Option<Instant>;
+    /// Called once before the loop starts with a handle that wakes this shard's loop from any thread: a core
+    /// may give it to work it runs off the loop (its log's flusher), whose completion the loop must see
+    /// in its next iteration (`handle_commit`).
+    fn set_waker(&mut self, _waker: Waker) {}
 }

@@ -20,7 +20,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::driver::{self, Ctx};
 use super::epoll::EpollLoop;
-use super::mesh::{Inbound, Inbox, Outbox, Wake};
+use super::mesh::{Inbound, Inbox, Outbox, Wake, Waker};
 use super::uring::{UringLoop, UringParams};
 use super::{sys, Core};
 use crate::ShardId;
@@ -403,6 +403,7 @@ where
         uring,
         report,
         decide,
+        wakes,
         ..
     } = boot;
     let me = ctx.id.index();
@@ -440,6 +441,7 @@ where
         return Ok(Exit::NotStarted);
     }
     let mut core = make_core(ctx.id, shards);
+    core.set_waker(Waker::new(wakes, me));
     let res = match chosen.expect("backend chosen") {
         Chosen::Uring(mut lp) => driver::run(&ctx, &mut core, &mut *lp, &inbox, &mut outbox),
         Chosen::Epoll(mut lp) => driver::run(&ctx, &mut core, &mut *lp, &inbox, &mut outbox),

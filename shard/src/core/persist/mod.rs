@@ -505,6 +505,16 @@ impl Shard {
         }
     }
 
+    /// Moves the log's flushes and segment creation off the loop (see `shardmq_storage::Log::
+    /// start_background_flush`): `waker` brings the loop round to `handle_commit` when a flush lands.
+    pub(super) fn start_background_flush(&mut self, waker: crate::runtime::Waker) {
+        let Some(st) = self.store.as_deref_mut() else { return };
+        if let Err(e) = st.log.start_background_flush(Box::new(move || waker.wake())) {
+            // Still correct, only slower: flushes stay on the loop.
+            tracing::warn!(shard = self.id.0, error = %e, "no flusher thread; flushing on the shard's loop");
+        }
+    }
+
     /// Shutdown: everything appended is flushed whatever the policy.
     pub(super) fn store_shutdown(&mut self) {
         let Some(st) = self.store.as_deref_mut() else { return };
