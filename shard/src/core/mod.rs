@@ -183,6 +183,9 @@ pub struct Handoff {
     pub bytes: Vec<u8>,
 }
 
+/// The timer heap is never compacted below this size: compacting a small heap saves nothing.
+const TIMER_COMPACT_MIN: usize = 64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Connect(ConnId),
@@ -231,7 +234,12 @@ pub struct Shard {
     closing: HashMap<ConnId, Vec<u8>>,
     pending_subacks: HashMap<u64, PendingSubAck>,
     next_token: u64,
+    /// Entries are never removed when what they guard changes (a reconnect, a closed connection): a
+    /// stale one is harmless when it fires (`fire` re-checks the state), and `arm` compacts the heap to
+    /// the live entries (see `timer_live`) once it doubles, so its size follows live state, not history.
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    /// Heap size at which `arm` compacts next. Invariant: at least [`TIMER_COMPACT_MIN`].
+    timers_compact_at: usize,
     io: VecDeque<IoCmd<Handoff>>,
     mesh_out: VecDeque<(ShardId, Mesh)>,
     counters: Counters,
@@ -278,6 +286,7 @@ impl Shard {
             pending_subacks: HashMap::new(),
             next_token: 1,
             timers: BinaryHeap::new(),
+            timers_compact_at: TIMER_COMPACT_MIN,
             io: VecDeque::new(),
             mesh_out: VecDeque::new(),
             counters: Counters::default(),
@@ -312,8 +321,42 @@ impl Shard {
         self.retained.len()
     }
 
+    /// Entries in the timer heap, live or stale.
+    #[cfg(test)]
+    pub(crate) fn timer_count(&self) -> usize {
+        self.timers.len()
+    }
+
     fn arm(&mut self, at: Instant, t: Timer) {
         self.timers.push(Reverse((at, t)));
+        if self.timers.len() > self.timers_compact_at {
+            self.compact_timers();
+        }
+    }
+
+    /// Drops stale and duplicate timer entries. Runs when the heap doubled since the last compaction, so
+    /// its O(n log n) is amortised to O(log n) per `arm`.
+    fn compact_timers(&mut self) {
+        let mut v = std::mem::take(&mut self.timers).into_vec();
+        v.retain(|Reverse((at, t))| self.timer_live(*at, *t));
+        v.sort_unstable();
+        v.dedup();
+        self.timers = BinaryHeap::from(v);
+        self.timers_compact_at = (self.timers.len() * 2).max(TIMER_COMPACT_MIN);
+        debug_assert!(self.timers_compact_at >= TIMER_COMPACT_MIN);
+    }
+
+    /// Whether firing the entry could still do anything. Session timers are live only at the deadline
+    /// the session holds now (a reconnect resets it, the next disconnect arms a new one); connection
+    /// timers while their connection is there and in the state they guard.
+    fn timer_live(&self, at: Instant, t: Timer) -> bool {
+        match t {
+            Timer::Connect(c) => self.conns.get(&c).is_some_and(|c| !c.is_active()),
+            Timer::Unpause(c) => self.conns.get(&c).is_some_and(|c| c.paused),
+            Timer::KeepAlive(c) => self.conns.get(&c).is_some_and(|c| c.keepalive_deadline().is_some()),
+            Timer::Will(k) => self.sessions.get(&k).is_some_and(|s| s.will_at == Some(at)),
+            Timer::Expiry(k) => self.sessions.get(&k).is_some_and(|s| s.expires_at == Some(at)),
+        }
     }
 
     fn send_mesh(&mut self, to: ShardId, m: Mesh) {
