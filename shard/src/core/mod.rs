@@ -327,6 +327,12 @@ impl Shard {
         self.timers.len()
     }
 
+    /// Entries of `shared_rr` and `member_rr`.
+    #[cfg(test)]
+    pub(crate) fn round_robin_counts(&self) -> (usize, usize) {
+        (self.shared_rr.len(), self.member_rr.len())
+    }
+
     fn arm(&mut self, at: Instant, t: Timer) {
         self.timers.push(Reverse((at, t)));
         if self.timers.len() > self.timers_compact_at {

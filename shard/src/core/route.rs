@@ -430,6 +430,8 @@ impl Shard {
         let after = *count;
         if after.members == 0 {
             self.local_interest.remove(&key);
+            // No member here to choose among: a later member starts a fresh rotation.
+            self.member_rr.remove(&key);
         }
         let flipped = |a: u32, b: u32| (a == 0) != (b == 0);
         let announce = key.0.is_some()
@@ -444,6 +446,11 @@ impl Shard {
         let filter = d.key.1.clone();
         if d.members == 0 {
             self.interest.remove(&filter, |i| i.shard == from && i.key == d.key);
+            // The group has no member on any shard this one knows of: forget its rotation.
+            let left = self.interest.get(&filter).is_some_and(|l| l.iter().any(|i| i.key == d.key));
+            if d.key.0.is_some() && !left {
+                self.shared_rr.remove(&d.key);
+            }
             return;
         }
         if let Some(list) = self.interest.get_mut(&filter) {

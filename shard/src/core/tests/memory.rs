@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use shardmq_wire::{Properties, QoS, Will};
+use shardmq_wire::{Packet, PacketId, Properties, QoS, Unsubscribe, Will};
 
 use super::sim::*;
 
@@ -46,4 +46,32 @@ fn reconnect_cycles_keep_the_timer_heap_bounded() {
     sim.advance(Duration::from_secs(86_400 - 3600));
     assert_eq!(sim.shards[0].session_count(), 1, "the session expired");
     assert!(sim.shards[0].timer_count() <= base + 64);
+}
+
+/// 1,000 shared groups, each used once and left: no round-robin position outlives its group on any
+/// shard (the publisher's shard keeps one per group it routed to, the member's shard one per group it
+/// chose a member in).
+#[test]
+fn round_robin_positions_go_with_their_groups() {
+    let mut sim = Sim::new(2);
+    let (m, _) = sim.connect(0, V5, &id_on(0, 2, "member"), true);
+    let (p, _) = sim.connect(1, V5, &id_on(1, 2, "pub"), true);
+    for g in 0..1000 {
+        let filter = format!("$share/g{g}/t");
+        sim.subscribe(m, &filter, QoS::AtMostOnce);
+        sim.publish(p, "t", b"x", QoS::AtMostOnce, false, 0);
+        sim.pop_publish(m);
+        sim.send(
+            m,
+            &Packet::Unsubscribe(Unsubscribe {
+                packet_id: PacketId(1),
+                filters: vec![&filter],
+                properties: Properties::default(),
+            }),
+        );
+        sim.pop(m, |p| assert!(matches!(p, Packet::UnsubAck(_)), "{p:?}"));
+    }
+    for s in &sim.shards {
+        assert_eq!(s.round_robin_counts(), (0, 0), "shard {:?}", s.id());
+    }
 }
