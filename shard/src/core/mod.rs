@@ -225,6 +225,13 @@ pub struct Shard {
     /// This shard's own counts per (group, filter), the source of its interest announcements.
     local_interest: HashMap<SharedKey, route::LocalCount>,
     retained: RetainedTree<Arc<Msg>>,
+    /// Expiry deadlines of retained messages with a Message Expiry Interval, by topic, so that each is
+    /// evicted when it expires (the same instant on every replica, as the message carries it) rather
+    /// than kept until a subscriber looks. Entries of messages since replaced or cleared are stale, and
+    /// dropped when the heap doubles (as `timers`).
+    retained_expiry: BinaryHeap<Reverse<(Instant, Box<str>)>>,
+    /// Heap size at which `retained_expiry` is compacted next. Invariant: at least [`TIMER_COMPACT_MIN`].
+    retained_expiry_compact_at: usize,
     /// Round-robin position per shared group when choosing a shard for a publish from here.
     shared_rr: HashMap<SharedKey, u64>,
     /// Round-robin position per shared group when choosing a member on this shard.
@@ -280,6 +287,8 @@ impl Shard {
             interest: TopicTrie::new(),
             local_interest: HashMap::new(),
             retained: RetainedTree::new(),
+            retained_expiry: BinaryHeap::new(),
+            retained_expiry_compact_at: TIMER_COMPACT_MIN,
             shared_rr: HashMap::new(),
             member_rr: HashMap::new(),
             closing: HashMap::new(),
@@ -325,6 +334,12 @@ impl Shard {
     #[cfg(test)]
     pub(crate) fn timer_count(&self) -> usize {
         self.timers.len()
+    }
+
+    /// Entries in the retained-expiry index, live or stale.
+    #[cfg(test)]
+    pub(crate) fn retained_expiry_count(&self) -> usize {
+        self.retained_expiry.len()
     }
 
     /// Entries of `shared_rr` and `member_rr`.
@@ -491,6 +506,7 @@ impl Core for Shard {
             let Some(Reverse((_, t))) = self.timers.pop() else { break };
             self.fire(t, now);
         }
+        self.evict_expired_retained(now);
         self.run_deferred(now);
     }
 
@@ -542,7 +558,11 @@ impl Core for Shard {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let retained = self.retained_expiry.peek().map(|Reverse((at, _))| *at);
+        let timer = match (self.timers.peek().map(|Reverse((at, _))| *at), retained) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match (timer, self.store_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

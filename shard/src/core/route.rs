@@ -61,6 +61,9 @@ pub(super) struct LocalCount {
     pub durable: u32,
 }
 
+/// Expired retained messages evicted per timer pass at most.
+const RETAINED_EVICT_BATCH: usize = 1024;
+
 /// A filter whose retained messages are sent after its SUBACK.
 #[derive(Debug, Clone)]
 pub(super) struct RetainedRequest {
@@ -486,8 +489,48 @@ impl Shard {
             self.retained.remove(&msg.topic);
         } else {
             let topic = msg.topic.clone();
+            let expires_at = msg.expires_at;
+            // Inserted first: compaction keeps only entries of messages held.
             self.retained.insert(&topic, msg);
+            if let Some(at) = expires_at {
+                self.retained_expiry.push(std::cmp::Reverse((at, topic)));
+                if self.retained_expiry.len() > self.retained_expiry_compact_at {
+                    self.compact_retained_expiry();
+                }
+            }
         }
+    }
+
+    /// Evicts the retained messages whose expiry has passed, at most [`RETAINED_EVICT_BATCH`] per call so
+    /// that a burst of expiries does not stall the shard (the next deadline is then already due and the
+    /// runtime calls again at once). Every replica does the same at the same instant, so they agree; the
+    /// owner's log needs no record: replay drops a message already expired (see `restore`), and
+    /// compaction drops a record whose message is no longer held.
+    pub(super) fn evict_expired_retained(&mut self, now: Instant) {
+        for _ in 0..RETAINED_EVICT_BATCH {
+            match self.retained_expiry.peek() {
+                Some(std::cmp::Reverse((at, _))) if *at <= now => {}
+                _ => return,
+            }
+            let Some(std::cmp::Reverse((_, topic))) = self.retained_expiry.pop() else { return };
+            // The topic may hold a newer message by now: evict only what has expired.
+            if self.retained.get(&topic).is_some_and(|m| m.is_expired(now)) {
+                self.retained.remove(&topic);
+            }
+        }
+    }
+
+    /// Drops entries of `retained_expiry` whose message was replaced or cleared (and duplicates).
+    fn compact_retained_expiry(&mut self) {
+        let mut v = std::mem::take(&mut self.retained_expiry).into_vec();
+        let retained = &self.retained;
+        v.retain(|std::cmp::Reverse((at, topic))| {
+            retained.get(topic).is_some_and(|m| m.expires_at == Some(*at))
+        });
+        v.sort_unstable();
+        v.dedup();
+        self.retained_expiry = std::collections::BinaryHeap::from(v);
+        self.retained_expiry_compact_at = (self.retained_expiry.len() * 2).max(super::TIMER_COMPACT_MIN);
     }
 }
 

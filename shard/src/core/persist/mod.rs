@@ -303,7 +303,8 @@ impl Shard {
         let clock = store.clock;
         self.next_session = self.next_session.max(recovered.next_sid);
         self.store = Some(Box::new(store));
-        for m in retained.iter() {
+        // A message that expired while the node was down (or was evicted before it stopped) stays gone.
+        for m in retained.iter().filter(|m| !m.is_expired(now)) {
             self.apply_retained(m.clone());
         }
         for (from, deltas) in interest {
