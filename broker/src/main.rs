@@ -56,6 +56,11 @@ struct Args {
     /// before dropping; default 1000
     #[argh(option, default = "1000")]
     max_queued: usize,
+    /// bytes (topic + payload) queued per offline session, applied like --max-queued: the oldest is
+    /// dropped first, online clients pause their publishers at half and hold up to 16x; the newest
+    /// message is always kept; default 64 MiB
+    #[argh(option, default = "64 << 20")]
+    max_queued_bytes: usize,
     /// largest keep alive in seconds; MQTT 5 clients asking for 0 or more get this as Server Keep
     /// Alive; default 3600
     #[argh(option, default = "3600")]
@@ -152,6 +157,7 @@ fn main() -> Result<ExitCode> {
         max_packet_size: args.max_packet_size,
         max_inflight: args.max_inflight.max(1),
         max_queued: args.max_queued,
+        max_queued_bytes: args.max_queued_bytes,
         max_keepalive_s: args.max_keepalive,
         connect_timeout_ms: args.connect_timeout_ms,
         max_topic_levels: args.max_topic_levels.max(1),

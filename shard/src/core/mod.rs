@@ -65,6 +65,10 @@ pub struct Config {
     /// first. Online sessions pause their publishers at half of this (see `flow`) and hold up to
     /// 16 × this before dropping.
     pub max_queued: usize,
+    /// Bytes (topic + payload) queued per offline session beyond the in-flight window, applied like
+    /// `max_queued`: the oldest is dropped (and counted) first; online sessions pause their publishers
+    /// at half of this and hold up to 16 × this before dropping. The newest message is always kept.
+    pub max_queued_bytes: usize,
     /// MQTT 5 clients asking for keep alive 0 or above this get Server Keep Alive = this.
     pub max_keepalive_s: u16,
     /// A connection that has not completed CONNECT by then is closed.
@@ -86,6 +90,10 @@ impl Default for Config {
             max_packet_size: 1024 * 1024,
             max_inflight: 64,
             max_queued: 1000,
+            // 64 MiB: never reached by the count bound's 1000 messages below 64 KiB each (typical traffic
+            // is unaffected), while 1000 messages at the 1 MiB packet limit would hold 1 GiB offline and
+            // 16 GiB online per session.
+            max_queued_bytes: 64 << 20,
             max_keepalive_s: 3600,
             connect_timeout_ms: 10_000,
             max_topic_levels: 32,
@@ -115,6 +123,8 @@ pub struct Counters {
     pub dropped_qos0: u64,
     /// Queued messages dropped (oldest first) because a session's queue was full.
     pub dropped_queue_full: u64,
+    /// Queued messages dropped (oldest first) because a session's queued bytes reached the byte bound.
+    pub dropped_queue_bytes: u64,
     /// Messages dropped because their Message Expiry Interval passed before delivery.
     pub dropped_expired: u64,
     /// Shared-subscription messages that found no member (the group emptied while they were in flight).
@@ -523,6 +533,7 @@ impl Core for Shard {
             deliveries = c.deliveries,
             dropped_qos0 = c.dropped_qos0,
             dropped_queue_full = c.dropped_queue_full,
+            dropped_queue_bytes = c.dropped_queue_bytes,
             dropped_expired = c.dropped_expired,
             dropped_too_large = c.dropped_too_large,
             dropped_no_member = c.dropped_no_member,

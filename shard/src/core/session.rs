@@ -45,9 +45,36 @@ pub(super) struct Flows {
     /// Packet ids of QoS 2 publishes received and not yet released (duplicate suppression). Invariant:
     /// sorted and unique, at most `Config::max_inflight` long (the inbound limit, every protocol version).
     pub inbound_qos2: Vec<u16>,
+    /// Topic + payload bytes of the messages in `queue`, kept as they come and go (never recounted).
+    /// Invariant: 0 exactly when `queue` is empty (every message has a topic).
+    queued_bytes: usize,
+}
+
+/// What a queued message counts against `max_queued_bytes`: the parts that vary with the message.
+fn queued_size(d: &Delivery) -> usize {
+    d.msg.topic.len() + d.msg.payload.len()
 }
 
 impl Flows {
+    pub fn queued_bytes(&self) -> usize {
+        debug_assert_eq!(self.queue.is_empty(), self.queued_bytes == 0);
+        self.queued_bytes
+    }
+
+    /// Appends to the queue. Every addition goes through here, so `queued_bytes` stays exact.
+    pub fn push_queued(&mut self, d: Delivery) {
+        self.queued_bytes += queued_size(&d);
+        self.queue.push_back(d);
+    }
+
+    /// Takes the oldest queued message. Every removal goes through here, so `queued_bytes` stays exact.
+    pub fn pop_queued(&mut self) -> Option<Delivery> {
+        let d = self.queue.pop_front()?;
+        self.queued_bytes -= queued_size(&d);
+        debug_assert_eq!(self.queue.is_empty(), self.queued_bytes == 0);
+        Some(d)
+    }
+
     pub fn holds_inbound_qos2(&self, pid: u16) -> bool {
         self.inbound_qos2.binary_search(&pid).is_ok()
     }
@@ -81,7 +108,7 @@ impl Flows {
 
 /// What a session without QoS 1/2 state reads.
 static NO_FLOWS: Flows =
-    Flows { inflight: VecDeque::new(), queue: VecDeque::new(), inbound_qos2: Vec::new() };
+    Flows { inflight: VecDeque::new(), queue: VecDeque::new(), inbound_qos2: Vec::new(), queued_bytes: 0 };
 
 #[derive(Debug)]
 pub(super) struct Session {
@@ -240,6 +267,7 @@ impl Shard {
             return Verdict::Ignored;
         }
         let high_water = self.queue_high_water();
+        let bytes_high_water = self.queue_bytes_high_water();
         let Some(s) = self.sessions.get_mut(&key) else { return Verdict::Ignored };
         let conn = s.conn.and_then(|c| self.conns.get_mut(&c));
         if d.qos == QoS::AtMostOnce {
@@ -284,6 +312,8 @@ impl Shard {
                 let online = conn.is_some();
                 let blocked = conn.is_some_and(|c| c.blocked);
                 let cap = super::flow::queue_cap(&self.cfg, online);
+                let bytes_cap = super::flow::queue_bytes_cap(&self.cfg, online);
+                let size = queued_size(&d);
                 let stored = s.stored_ver != 0;
                 if self.cfg.max_queued > 0 {
                     d.pid = s.alloc_pid();
@@ -293,26 +323,42 @@ impl Shard {
                         }
                     }
                 }
-                let queue = &mut s.flows_mut().queue;
-                if queue.len() >= cap {
-                    // An offline session's queue is bounded by `max_queued`; an online one's only overflows
-                    // when far more arrives than flow control lets through (both counted).
-                    if let Some(old) = queue.pop_front() {
+                let flows = s.flows_mut();
+                // An offline session's queue is bounded by `max_queued` and `max_queued_bytes`; an online
+                // one's only overflows when far more arrives than flow control lets through (all counted).
+                // The newest message is kept even if it alone exceeds the byte bound.
+                loop {
+                    let full = flows.queue.len() >= cap;
+                    let over_bytes = !flows.queue.is_empty() && flows.queued_bytes() + size > bytes_cap;
+                    if !full && !over_bytes {
+                        break;
+                    }
+                    if let Some(old) = flows.pop_queued() {
                         if let (Some(st), true) = (self.store.as_deref_mut(), old.mid != 0) {
                             st.done(key, old.mid);
                         }
                     }
-                    self.counters.dropped_queue_full += 1;
+                    if full {
+                        self.counters.dropped_queue_full += 1;
+                    } else {
+                        self.counters.dropped_queue_bytes += 1;
+                    }
+                    if flows.queue.is_empty() {
+                        break;
+                    }
                 }
                 if self.cfg.max_queued > 0 {
+                    let queue = &flows.queue;
                     debug_assert!(queue.back().is_none_or(|b| b.mid < d.mid || d.mid == 0 || b.mid == 0));
-                    queue.push_back(d);
+                    flows.push_queued(d);
                 }
-                let queued = queue.len();
+                let (queued, queued_bytes) = (flows.queue.len(), flows.queued_bytes());
                 s.trim();
                 match online {
                     false => Verdict::Ignored,
-                    true if blocked || queued >= high_water => Verdict::Congested,
+                    true if blocked || queued >= high_water || queued_bytes >= bytes_high_water => {
+                        Verdict::Congested
+                    }
                     true => Verdict::Accepted,
                 }
             }
@@ -322,10 +368,11 @@ impl Shard {
     /// Moves queued messages into the in-flight window while there is room and the client reads.
     pub(super) fn pump(&mut self, key: SessionKey, now: Instant) {
         let low_water = self.queue_high_water() / 2;
+        let bytes_low_water = self.queue_bytes_high_water() / 2;
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
         while !conn.blocked && s.has_room() {
-            let Some(d) = s.flows_mut().queue.pop_front() else { break };
+            let Some(d) = s.flows_mut().pop_queued() else { break };
             let sent = if d.msg.is_expired(now) {
                 self.counters.dropped_expired += 1;
                 false
@@ -343,7 +390,8 @@ impl Shard {
             }
         }
         s.trim();
-        if !conn.blocked && s.flows().queue.len() <= low_water {
+        let f = s.flows();
+        if !conn.blocked && f.queue.len() <= low_water && f.queued_bytes() <= bytes_low_water {
             self.decongested(now);
         }
     }

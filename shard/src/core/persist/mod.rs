@@ -353,7 +353,7 @@ impl Shard {
             if released {
                 s.flows_mut().inflight.push_back(InFlight { d, released: true });
             } else {
-                s.flows_mut().queue.push_back(d);
+                s.flows_mut().push_queued(d);
             }
         }
         let mut inbound = rs.inbound_qos2;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use shardmq_wire::{Packet, PacketId, Properties, Publish, QoS, Unsubscribe, Will};
 
 use super::sim::*;
+use crate::core::Config;
 
 /// A persistent session with a day of expiry and an hour of will delay that reconnects 10,000 times
 /// leaves a bounded timer heap, and its will and expiry still fire on time after the last drop.
@@ -138,4 +139,54 @@ fn replaced_retained_messages_leave_no_expiry_entries() {
     assert_eq!(sim.shards[0].retained_count(), 1);
     let entries = sim.shards[0].retained_expiry_count();
     assert!(entries <= 64, "{entries} expiry entries for one retained message");
+}
+
+/// An offline session's queue holds at most `max_queued_bytes` of topic + payload: the oldest messages
+/// are dropped first (counted apart from count-bound drops), the newest are delivered on reconnect.
+#[test]
+fn offline_queue_is_bounded_in_bytes() {
+    let cfg = Config { max_queued_bytes: 10 * 1024, ..Config::default() };
+    let mut sim = Sim::with(1, cfg);
+    let (s, _) = sim.connect(0, V5, "sub", false);
+    sim.subscribe(s, "t", QoS::AtLeastOnce);
+    sim.drop_conn(s);
+    let (p, _) = sim.connect(0, V5, "pub", true);
+    // 100 messages of 1 KiB + the 1-byte topic: 10 fit.
+    for i in 0..100u16 {
+        let payload = [i as u8; 1024];
+        sim.publish(p, "t", &payload, QoS::AtLeastOnce, false, i + 1);
+        sim.pop(p, |_| ());
+    }
+    let c = sim.shards[0].counters();
+    assert_eq!(c.dropped_queue_bytes, 91, "the oldest 91 dropped for bytes");
+    assert_eq!(c.dropped_queue_full, 0, "the count bound (1000) was not reached");
+    let (s, present) = sim.connect(0, V5, "sub", false);
+    assert!(present);
+    let mut got = Vec::new();
+    while sim.has_packet(s) {
+        got.push(sim.pop_publish(s).1[0]);
+    }
+    assert_eq!(got, (91..100).collect::<Vec<u8>>());
+}
+
+/// An online subscriber that stops reading congests its publisher once its queue holds half the byte
+/// bound, though far below the message-count high-water mark: the publisher is paused.
+#[test]
+fn queued_bytes_pause_publishers_of_an_online_subscriber() {
+    let cfg = Config { max_queued_bytes: 64 * 1024, ..Config::default() };
+    let mut sim = Sim::with(1, cfg);
+    let (s, _) = sim.connect(0, V5, "sub", true);
+    sim.subscribe(s, "t", QoS::AtLeastOnce);
+    let (p, _) = sim.connect(0, V5, "pub", true);
+    // The subscriber never acknowledges: 64 fill its window, the rest queue.
+    let payload = [7u8; 4096];
+    let mut pid = 1;
+    while !sim.clients[p].paused && pid < 200 {
+        sim.publish(p, "t", &payload, QoS::AtLeastOnce, false, pid);
+        pid += 1;
+    }
+    assert!(sim.clients[p].paused, "publisher not paused after {pid} messages");
+    // 64 in flight + 8 queued (32 KiB, half the byte bound) + the one that congested.
+    assert!(pid <= 64 + 10, "paused only after {pid} messages");
+    assert_eq!(sim.shards[0].counters().publisher_pauses, 1);
 }
