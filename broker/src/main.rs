@@ -74,7 +74,10 @@ struct Args {
     /// topic aliases a client may use towards the broker (MQTT 5 Topic Alias Maximum); default 64
     #[argh(option, default = "64")]
     max_topic_alias: u16,
-    /// cap on the session expiry interval a client may ask for, in seconds; default: no cap
+    /// cap on the session expiry interval a client may ask for, in seconds; it also ends MQTT 3.1.1
+    /// persistent sessions (which ask for none) that long after their client left, and applies to
+    /// sessions restored from the data directory (like Mosquitto's persistent_client_expiration);
+    /// default: no cap
     #[argh(option, default = "u32::MAX")]
     max_session_expiry: u32,
     /// directory of the durable state (one log per shard: persistent sessions, their queued and

@@ -77,7 +77,8 @@ pub struct Config {
     pub max_topic_levels: usize,
     /// Topic Alias Maximum advertised to MQTT 5 clients (0 disables client-to-server aliases).
     pub max_topic_alias: u16,
-    /// Cap on the session expiry interval a client may ask for.
+    /// Cap on the session expiry interval a client may ask for. MQTT 3.1.1 persistent sessions (no
+    /// expiry of their own) get exactly this, and sessions restored from the log are capped too.
     pub max_session_expiry_s: u32,
     /// Aliases the server may use towards a client (bounded by the client's Topic Alias Maximum).
     pub max_outbound_alias: u16,

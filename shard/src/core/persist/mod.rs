@@ -323,7 +323,10 @@ impl Shard {
         let client_id: Arc<str> = st.client_id.into();
         let mut s = Session::new(client_id.clone());
         s.protocol = st.protocol;
-        s.expiry_s = st.expiry_s;
+        // The cap applies to sessions stored before it was set (or lowered), 3.1.1 ones without expiry
+        // included: otherwise they would live until their client came back.
+        let cap = self.cfg.max_session_expiry_s;
+        s.expiry_s = st.expiry_s.min(cap);
         s.stored_ver = st.ver;
         s.will = st.will;
         // A session that was connected when the broker stopped lost its connection then: its expiry
@@ -332,8 +335,9 @@ impl Shard {
             0 => now + Duration::from_secs(after_s as u64),
             at => clock.instant(at),
         };
-        if st.expiry_s != u32::MAX {
-            let at = due(st.expires_at_unix_ms, st.expiry_s);
+        if s.expiry_s != u32::MAX {
+            let capped = now + Duration::from_secs(cap as u64);
+            let at = due(st.expires_at_unix_ms, s.expiry_s).min(capped);
             s.expires_at = Some(at);
             self.arm(at, Timer::Expiry(key));
         }

@@ -190,3 +190,37 @@ fn queued_bytes_pause_publishers_of_an_online_subscriber() {
     assert!(pid <= 64 + 10, "paused only after {pid} messages");
     assert_eq!(sim.shards[0].counters().publisher_pauses, 1);
 }
+
+/// `max_session_expiry_s` caps MQTT 3.1.1 persistent sessions too (which ask for no expiry), as
+/// Mosquitto's `persistent_client_expiration` does.
+#[test]
+fn max_session_expiry_ends_v311_persistent_sessions() {
+    let cfg = Config { max_session_expiry_s: 60, ..Config::default() };
+    let mut sim = Sim::with(1, cfg);
+    let (c, _) = sim.connect(0, V3, "old-client", false);
+    sim.subscribe(c, "t", QoS::AtLeastOnce);
+    sim.drop_conn(c);
+    sim.advance(Duration::from_secs(59));
+    assert_eq!(sim.shards[0].session_count(), 1, "kept within the cap");
+    sim.advance(Duration::from_secs(2));
+    assert_eq!(sim.shards[0].session_count(), 0, "ended after the cap");
+    let (_, present) = sim.connect(0, V3, "old-client", false);
+    assert!(!present);
+}
+
+/// A persistent session stored before `--max-session-expiry` was set (3.1.1: no expiry) gets the cap
+/// when the node restarts with it, instead of living until its client comes back.
+#[test]
+fn max_session_expiry_applies_to_sessions_restored_from_the_log() {
+    let mut sim = Sim::durable(1, Config::default());
+    let (c, _) = sim.connect(0, V3, "old-client", false);
+    sim.subscribe(c, "t", QoS::AtLeastOnce);
+    sim.drop_conn(c);
+    sim.set_config(Config { max_session_expiry_s: 60, ..Config::default() });
+    sim.crash_and_restart();
+    assert_eq!(sim.shards[0].session_count(), 1, "restored");
+    sim.advance(Duration::from_secs(61));
+    assert_eq!(sim.shards[0].session_count(), 0, "ended after the cap");
+    sim.crash_and_restart();
+    assert_eq!(sim.shards[0].session_count(), 0, "its end is in the log");
+}
