@@ -74,6 +74,10 @@ struct Args {
     /// topic aliases a client may use towards the broker (MQTT 5 Topic Alias Maximum); default 64
     #[argh(option, default = "64")]
     max_topic_alias: u16,
+    /// subscriptions one session may hold; further filters are refused in the SUBACK (MQTT 5 0x97
+    /// Quota exceeded, 3.1.1 0x80); default 1000
+    #[argh(option, default = "1000")]
+    max_subscriptions: usize,
     /// cap on the session expiry interval a client may ask for, in seconds; it also ends MQTT 3.1.1
     /// persistent sessions (which ask for none) that long after their client left, and applies to
     /// sessions restored from the data directory (like Mosquitto's persistent_client_expiration);
@@ -166,6 +170,7 @@ fn main() -> Result<ExitCode> {
         max_topic_levels: args.max_topic_levels.max(1),
         max_topic_alias: args.max_topic_alias,
         max_session_expiry_s: args.max_session_expiry,
+        max_subscriptions: args.max_subscriptions,
         ..Config::default()
     });
     let node_state = Arc::new(NodeShared::default());

@@ -80,6 +80,9 @@ pub struct Config {
     /// Cap on the session expiry interval a client may ask for. MQTT 3.1.1 persistent sessions (no
     /// expiry of their own) get exactly this, and sessions restored from the log are capped too.
     pub max_session_expiry_s: u32,
+    /// Subscriptions one session may hold; a SUBSCRIBE beyond it is refused for that filter (MQTT 5:
+    /// 0x97 Quota exceeded, 3.1.1: 0x80 Failure). Re-subscribing to a held filter is always allowed.
+    pub max_subscriptions: usize,
     /// Aliases the server may use towards a client (bounded by the client's Topic Alias Maximum).
     pub max_outbound_alias: u16,
 }
@@ -101,6 +104,10 @@ impl Default for Config {
             max_topic_alias: 64,
             max_session_expiry_s: u32::MAX,
             max_outbound_alias: 64,
+            // Far above what devices and typical applications hold, and it bounds what one client can
+            // make a shard keep (each filter: a trie entry, an interest entry, its share of the session
+            // record rewritten on every SUBSCRIBE) to well under a megabyte.
+            max_subscriptions: 1000,
         }
     }
 }

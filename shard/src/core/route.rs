@@ -292,9 +292,14 @@ impl Shard {
             let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
             let Some(sess) = self.sessions.get_mut(&key) else { return Ok(()) };
             let stored = sess.stored_ver != 0;
-            let existed = sess.subs.iter().any(|f| **f == **filter);
+            let existed = sess.subs.contains(filter);
+            if !existed && sess.subs.len() >= self.cfg.max_subscriptions {
+                // 3.1.1 clients read any refusal as 0x80 Failure (the encoder maps it).
+                reasons.push(ReasonCode::QUOTA_EXCEEDED);
+                continue;
+            }
             if !existed {
-                sess.subs.push((*filter).into());
+                sess.subs.insert((*filter).into());
             }
             if existed {
                 if let Some(list) = self.subs.get_mut(inner) {
@@ -376,10 +381,7 @@ impl Shard {
     pub(super) fn on_unsubscribe(&mut self, id: ConnId, key: SessionKey, u: Unsubscribe<'_>, now: Instant) {
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
-            let existed = self.sessions.get_mut(&key).is_some_and(|s| {
-                let pos = s.subs.iter().position(|f| **f == **filter);
-                pos.map(|i| s.subs.swap_remove(i)).is_some()
-            });
+            let existed = self.sessions.get_mut(&key).is_some_and(|s| s.subs.remove(filter));
             if existed {
                 self.remove_subscription(key, filter, now);
                 reasons.push(ReasonCode::SUCCESS);

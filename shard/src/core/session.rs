@@ -110,14 +110,117 @@ impl Flows {
 static NO_FLOWS: Flows =
     Flows { inflight: VecDeque::new(), queue: VecDeque::new(), inbound_qos2: Vec::new(), queued_bytes: 0 };
 
+/// A session's filters, unordered and unique. Most sessions hold a few, kept in a Vec (24 bytes when
+/// empty, where a hash set costs 64) and scanned; past [`Subs::SMALL`] they move to a hash set, so that
+/// checking a SUBSCRIBE for a duplicate stays O(1) however many a session holds.
+#[derive(Debug, Clone)]
+pub(super) enum Subs {
+    /// Invariant: at most [`Subs::SMALL`] filters.
+    Small(Vec<Box<str>>),
+    /// Invariant: more than [`Subs::SMALL`] / 2 filters (fewer move back to a Vec).
+    Large(Box<ahash::HashSet<Box<str>>>),
+}
+
+impl Default for Subs {
+    fn default() -> Self {
+        Subs::Small(Vec::new())
+    }
+}
+
+impl Subs {
+    const SMALL: usize = 16;
+
+    pub fn len(&self) -> usize {
+        match self {
+            Subs::Small(v) => v.len(),
+            Subs::Large(h) => h.len(),
+        }
+    }
+
+    pub fn contains(&self, filter: &str) -> bool {
+        match self {
+            Subs::Small(v) => v.iter().any(|f| **f == *filter),
+            Subs::Large(h) => h.contains(filter),
+        }
+    }
+
+    /// Adds a filter known not to be there.
+    pub fn insert(&mut self, filter: Box<str>) {
+        debug_assert!(!self.contains(&filter));
+        match self {
+            Subs::Small(v) if v.len() < Self::SMALL => v.push(filter),
+            Subs::Small(v) => {
+                let mut h: ahash::HashSet<Box<str>> = std::mem::take(v).into_iter().collect();
+                h.insert(filter);
+                *self = Subs::Large(Box::new(h));
+            }
+            Subs::Large(h) => {
+                h.insert(filter);
+            }
+        }
+        debug_assert!(!matches!(self, Subs::Small(v) if v.len() > Self::SMALL));
+    }
+
+    /// Removes a filter; false if it was not there.
+    pub fn remove(&mut self, filter: &str) -> bool {
+        match self {
+            Subs::Small(v) => match v.iter().position(|f| **f == *filter) {
+                Some(i) => {
+                    v.swap_remove(i);
+                    true
+                }
+                None => false,
+            },
+            Subs::Large(h) => {
+                let removed = h.remove(filter);
+                if h.len() <= Self::SMALL / 2 {
+                    // Back to the compact form once few are left (half, so that one filter coming and
+                    // going at the boundary does not convert each time).
+                    *self = Subs::Small(std::mem::take(&mut **h).into_iter().collect());
+                }
+                removed
+            }
+        }
+    }
+
+    pub fn iter(&self) -> Box<dyn Iterator<Item = &Box<str>> + '_> {
+        match self {
+            Subs::Small(v) => Box::new(v.iter()),
+            Subs::Large(h) => Box::new(h.iter()),
+        }
+    }
+}
+
+impl FromIterator<Box<str>> for Subs {
+    fn from_iter<I: IntoIterator<Item = Box<str>>>(iter: I) -> Self {
+        let mut s = Subs::default();
+        for f in iter {
+            if !s.contains(&f) {
+                s.insert(f);
+            }
+        }
+        s
+    }
+}
+
+impl IntoIterator for Subs {
+    type Item = Box<str>;
+    type IntoIter = Box<dyn Iterator<Item = Box<str>>>;
+    fn into_iter(self) -> Self::IntoIter {
+        match self {
+            Subs::Small(v) => Box::new(v.into_iter()),
+            Subs::Large(h) => Box::new(h.into_iter()),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Session {
     pub client_id: Arc<str>,
     pub conn: Option<crate::ConnId>,
     pub protocol: Protocol,
-    /// Full filters as subscribed (with any `$share/group/` prefix); options live in the trie. A Vec:
-    /// sessions hold few subscriptions, and an empty one costs 24 bytes rather than a hash table's 64.
-    pub subs: Vec<Box<str>>,
+    /// Full filters as subscribed (with any `$share/group/` prefix); options live in the trie.
+    pub subs: Subs,
     /// 0: ends with the connection; `u32::MAX`: never expires.
     pub expiry_s: u32,
     /// Set while disconnected with a finite expiry.
@@ -145,7 +248,7 @@ impl Session {
             client_id,
             conn: None,
             protocol: Protocol::V311,
-            subs: Vec::new(),
+            subs: Subs::default(),
             expiry_s: 0,
             expires_at: None,
             will: None,

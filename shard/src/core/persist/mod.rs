@@ -430,7 +430,7 @@ impl Shard {
             }
         }
         e.u32(s.subs.len() as u32);
-        for filter in &s.subs {
+        for filter in s.subs.iter() {
             let (group, inner) = split_shared(filter);
             let sub = self
                 .subs

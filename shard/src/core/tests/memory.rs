@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use shardmq_wire::{Packet, PacketId, Properties, Publish, QoS, Unsubscribe, Will};
+use shardmq_wire::{Packet, PacketId, Properties, Publish, QoS, SubOptions, Subscribe, Unsubscribe, Will};
 
 use super::sim::*;
 use crate::core::Config;
@@ -223,4 +223,81 @@ fn max_session_expiry_applies_to_sessions_restored_from_the_log() {
     assert_eq!(sim.shards[0].session_count(), 0, "ended after the cap");
     sim.crash_and_restart();
     assert_eq!(sim.shards[0].session_count(), 0, "its end is in the log");
+}
+
+/// Sends one SUBSCRIBE with `filters` (QoS 1) and returns the SUBACK's reason codes.
+fn subscribe_many(sim: &mut Sim, c: C, filters: &[&str]) -> Vec<u8> {
+    let opts = SubOptions { qos: QoS::AtLeastOnce, ..Default::default() };
+    let s = Subscribe {
+        packet_id: PacketId(5),
+        filters: filters.iter().map(|f| (*f, opts)).collect(),
+        properties: Properties::default(),
+    };
+    sim.send(c, &Packet::Subscribe(s));
+    sim.pop(c, |p| match p {
+        Packet::SubAck(a) => a.reasons.iter().map(|r| r.0).collect(),
+        other => panic!("expected SUBACK, got {other:?}"),
+    })
+}
+
+/// `max_subscriptions` refuses new filters past the cap (0x97 for MQTT 5, 0x80 for 3.1.1) and nothing
+/// is delivered for them; re-subscribing to a held filter and subscribing after an unsubscribe work.
+#[test]
+fn max_subscriptions_refuses_filters_past_the_cap() {
+    let cfg = Config { max_subscriptions: 3, ..Config::default() };
+    let mut sim = Sim::with(1, cfg);
+    let (c, _) = sim.connect(0, V5, "v5", true);
+    assert_eq!(subscribe_many(&mut sim, c, &["a", "b", "c", "d"]), [1, 1, 1, 0x97]);
+    assert_eq!(subscribe_many(&mut sim, c, &["a", "e"]), [1, 0x97], "a is held: its options may change");
+    let (p, _) = sim.connect(0, V5, "pub", true);
+    sim.publish(p, "d", b"x", QoS::AtMostOnce, false, 0);
+    assert!(!sim.has_packet(c), "nothing for a refused filter");
+    sim.send(
+        c,
+        &Packet::Unsubscribe(Unsubscribe {
+            packet_id: PacketId(6),
+            filters: vec!["b"],
+            properties: Properties::default(),
+        }),
+    );
+    sim.pop(c, |_| ());
+    assert_eq!(subscribe_many(&mut sim, c, &["d"]), [1]);
+    let (v3, _) = sim.connect(0, V3, "v3", true);
+    assert_eq!(subscribe_many(&mut sim, v3, &["a", "b", "c", "d"]), [1, 1, 1, 0x80]);
+}
+
+/// A session with many subscriptions (its filter set changes representation past a few): duplicates
+/// are still recognised, unsubscribes find their filters, and deliveries are one per subscription.
+#[test]
+fn many_subscriptions_keep_duplicate_and_unsubscribe_semantics() {
+    let mut sim = Sim::new(1);
+    let (c, _) = sim.connect(0, V5, "many", true);
+    let filters: Vec<String> = (0..40).map(|i| format!("f/{i}")).collect();
+    let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
+    assert_eq!(subscribe_many(&mut sim, c, &refs), vec![1; 40]);
+    // Subscribing again to all: no second subscription (one copy per message).
+    assert_eq!(subscribe_many(&mut sim, c, &refs), vec![1; 40]);
+    let (p, _) = sim.connect(0, V5, "pub", true);
+    sim.publish(p, "f/7", b"x", QoS::AtMostOnce, false, 0);
+    sim.pop_publish(c);
+    assert!(!sim.has_packet(c), "one copy");
+    // Unsubscribe all but two (back below the threshold), then the rest still work.
+    let gone: Vec<&str> = refs[2..].to_vec();
+    sim.send(
+        c,
+        &Packet::Unsubscribe(Unsubscribe {
+            packet_id: PacketId(7),
+            filters: gone.clone(),
+            properties: Properties::default(),
+        }),
+    );
+    sim.pop(c, |p| match p {
+        Packet::UnsubAck(a) => assert!(a.reasons.iter().all(|r| r.0 == 0), "{a:?}"),
+        other => panic!("{other:?}"),
+    });
+    sim.publish(p, "f/7", b"x", QoS::AtMostOnce, false, 0);
+    assert!(!sim.has_packet(c));
+    sim.publish(p, "f/1", b"x", QoS::AtMostOnce, false, 0);
+    sim.pop_publish(c);
+    assert_eq!(subscribe_many(&mut sim, c, &["f/0", "f/1", "f/2"]), [1, 1, 1]);
 }
