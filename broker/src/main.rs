@@ -56,6 +56,11 @@ struct Args {
     /// before dropping; default 1000
     #[argh(option, default = "1000")]
     max_queued: usize,
+    /// bytes (topic + payload) queued per offline session, applied like --max-queued: the oldest is
+    /// dropped first, online clients pause their publishers at half and hold up to 16x; the newest
+    /// message is always kept; default 64 MiB
+    #[argh(option, default = "64 << 20")]
+    max_queued_bytes: usize,
     /// largest keep alive in seconds; MQTT 5 clients asking for 0 or more get this as Server Keep
     /// Alive; default 3600
     #[argh(option, default = "3600")]
@@ -69,7 +74,14 @@ struct Args {
     /// topic aliases a client may use towards the broker (MQTT 5 Topic Alias Maximum); default 64
     #[argh(option, default = "64")]
     max_topic_alias: u16,
-    /// cap on the session expiry interval a client may ask for, in seconds; default: no cap
+    /// subscriptions one session may hold; further filters are refused in the SUBACK (MQTT 5 0x97
+    /// Quota exceeded, 3.1.1 0x80); default 1000
+    #[argh(option, default = "1000")]
+    max_subscriptions: usize,
+    /// cap on the session expiry interval a client may ask for, in seconds; it also ends MQTT 3.1.1
+    /// persistent sessions (which ask for none) that long after their client left, and applies to
+    /// sessions restored from the data directory (like Mosquitto's persistent_client_expiration);
+    /// default: no cap
     #[argh(option, default = "u32::MAX")]
     max_session_expiry: u32,
     /// directory of the durable state (one log per shard: persistent sessions, their queued and
@@ -152,11 +164,13 @@ fn main() -> Result<ExitCode> {
         max_packet_size: args.max_packet_size,
         max_inflight: args.max_inflight.max(1),
         max_queued: args.max_queued,
+        max_queued_bytes: args.max_queued_bytes,
         max_keepalive_s: args.max_keepalive,
         connect_timeout_ms: args.connect_timeout_ms,
         max_topic_levels: args.max_topic_levels.max(1),
         max_topic_alias: args.max_topic_alias,
         max_session_expiry_s: args.max_session_expiry,
+        max_subscriptions: args.max_subscriptions,
         ..Config::default()
     });
     let node_state = Arc::new(NodeShared::new(rt.shards.min(u16::MAX as usize) as u16));

@@ -37,6 +37,15 @@ pub(super) fn queue_cap(cfg: &super::Config, online: bool) -> usize {
     cap.min((u16::MAX as usize - 1).saturating_sub(cfg.max_inflight as usize))
 }
 
+/// How many bytes (topic + payload) a session may queue: as [`queue_cap`] for `max_queued_bytes`.
+pub(super) fn queue_bytes_cap(cfg: &super::Config, online: bool) -> usize {
+    if online {
+        cfg.max_queued_bytes.saturating_mul(ONLINE_QUEUE_FACTOR)
+    } else {
+        cfg.max_queued_bytes
+    }
+}
+
 /// What one delivery to one session amounted to, for flow control.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Verdict {
@@ -80,6 +89,11 @@ impl Shard {
     /// Queue length at which an online session counts as congested.
     pub(super) fn queue_high_water(&self) -> usize {
         (self.cfg.max_queued / 2).max(1)
+    }
+
+    /// Queued bytes at which an online session counts as congested.
+    pub(super) fn queue_bytes_high_water(&self) -> usize {
+        (self.cfg.max_queued_bytes / 2).max(1)
     }
 
     /// This shard's verdict on a message from `origin`: report a change of congestion to the origin.

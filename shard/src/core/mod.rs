@@ -69,6 +69,10 @@ pub struct Config {
     /// first. Online sessions pause their publishers at half of this (see `flow`) and hold up to
     /// 16 × this before dropping.
     pub max_queued: usize,
+    /// Bytes (topic + payload) queued per offline session beyond the in-flight window, applied like
+    /// `max_queued`: the oldest is dropped (and counted) first; online sessions pause their publishers
+    /// at half of this and hold up to 16 × this before dropping. The newest message is always kept.
+    pub max_queued_bytes: usize,
     /// MQTT 5 clients asking for keep alive 0 or above this get Server Keep Alive = this.
     pub max_keepalive_s: u16,
     /// A connection that has not completed CONNECT by then is closed.
@@ -77,8 +81,12 @@ pub struct Config {
     pub max_topic_levels: usize,
     /// Topic Alias Maximum advertised to MQTT 5 clients (0 disables client-to-server aliases).
     pub max_topic_alias: u16,
-    /// Cap on the session expiry interval a client may ask for.
+    /// Cap on the session expiry interval a client may ask for. MQTT 3.1.1 persistent sessions (no
+    /// expiry of their own) get exactly this, and sessions restored from the log are capped too.
     pub max_session_expiry_s: u32,
+    /// Subscriptions one session may hold; a SUBSCRIBE beyond it is refused for that filter (MQTT 5:
+    /// 0x97 Quota exceeded, 3.1.1: 0x80 Failure). Re-subscribing to a held filter is always allowed.
+    pub max_subscriptions: usize,
     /// Aliases the server may use towards a client (bounded by the client's Topic Alias Maximum).
     pub max_outbound_alias: u16,
 }
@@ -90,12 +98,20 @@ impl Default for Config {
             max_packet_size: 1024 * 1024,
             max_inflight: 64,
             max_queued: 1000,
+            // 64 MiB: never reached by the count bound's 1000 messages below 64 KiB each (typical traffic
+            // is unaffected), while 1000 messages at the 1 MiB packet limit would hold 1 GiB offline and
+            // 16 GiB online per session.
+            max_queued_bytes: 64 << 20,
             max_keepalive_s: 3600,
             connect_timeout_ms: 10_000,
             max_topic_levels: 32,
             max_topic_alias: 64,
             max_session_expiry_s: u32::MAX,
             max_outbound_alias: 64,
+            // Far above what devices and typical applications hold, and it bounds what one client can
+            // make a shard keep (each filter: a trie entry, an interest entry, its share of the session
+            // record rewritten on every SUBSCRIBE) to well under a megabyte.
+            max_subscriptions: 1000,
         }
     }
 }
@@ -127,6 +143,8 @@ pub struct Counters {
     pub dropped_qos0: u64,
     /// Queued messages dropped (oldest first) because a session's queue was full.
     pub dropped_queue_full: u64,
+    /// Queued messages dropped (oldest first) because a session's queued bytes reached the byte bound.
+    pub dropped_queue_bytes: u64,
     /// Messages dropped because their Message Expiry Interval passed before delivery.
     pub dropped_expired: u64,
     /// Shared-subscription messages that found no member (the group emptied while they were in flight).
@@ -197,6 +215,9 @@ pub struct Handoff {
     pub bytes: Vec<u8>,
 }
 
+/// The timer heap is never compacted below this size: compacting a small heap saves nothing.
+const TIMER_COMPACT_MIN: usize = 64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Connect(ConnId),
@@ -238,6 +259,13 @@ pub struct Shard {
     /// The interest generation of each shard that `interest` reflects.
     seen_interest: SeenGens,
     retained: RetainedTree<Arc<Msg>>,
+    /// Expiry deadlines of retained messages with a Message Expiry Interval, by topic, so that each is
+    /// evicted when it expires (the same instant on every replica, as the message carries it) rather
+    /// than kept until a subscriber looks. Entries of messages since replaced or cleared are stale, and
+    /// dropped when the heap doubles (as `timers`).
+    retained_expiry: BinaryHeap<Reverse<(Instant, Box<str>)>>,
+    /// Heap size at which `retained_expiry` is compacted next. Invariant: at least [`TIMER_COMPACT_MIN`].
+    retained_expiry_compact_at: usize,
     /// Round-robin position per shared group when choosing a shard for a publish from here.
     shared_rr: HashMap<SharedKey, u64>,
     /// Round-robin position per shared group when choosing a member on this shard.
@@ -247,7 +275,12 @@ pub struct Shard {
     closing: HashMap<ConnId, Vec<u8>>,
     pending_subacks: HashMap<u64, PendingSubAck>,
     next_token: u64,
+    /// Entries are never removed when what they guard changes (a reconnect, a closed connection): a
+    /// stale one is harmless when it fires (`fire` re-checks the state), and `arm` compacts the heap to
+    /// the live entries (see `timer_live`) once it doubles, so its size follows live state, not history.
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    /// Heap size at which `arm` compacts next. Invariant: at least [`TIMER_COMPACT_MIN`].
+    timers_compact_at: usize,
     io: VecDeque<IoCmd<Handoff>>,
     mesh_out: VecDeque<(ShardId, Mesh)>,
     counters: Counters,
@@ -289,12 +322,15 @@ impl Shard {
             local_interest: HashMap::new(),
             seen_interest: SeenGens::new(shards),
             retained: RetainedTree::new(),
+            retained_expiry: BinaryHeap::new(),
+            retained_expiry_compact_at: TIMER_COMPACT_MIN,
             shared_rr: HashMap::new(),
             member_rr: HashMap::new(),
             closing: HashMap::new(),
             pending_subacks: HashMap::new(),
             next_token: 1,
             timers: BinaryHeap::new(),
+            timers_compact_at: TIMER_COMPACT_MIN,
             io: VecDeque::new(),
             mesh_out: VecDeque::new(),
             counters: Counters::default(),
@@ -329,8 +365,54 @@ impl Shard {
         self.retained.len()
     }
 
+    /// Entries in the timer heap, live or stale.
+    #[cfg(test)]
+    pub(crate) fn timer_count(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// Entries in the retained-expiry index, live or stale.
+    #[cfg(test)]
+    pub(crate) fn retained_expiry_count(&self) -> usize {
+        self.retained_expiry.len()
+    }
+
+    /// Entries of `shared_rr` and `member_rr`.
+    #[cfg(test)]
+    pub(crate) fn round_robin_counts(&self) -> (usize, usize) {
+        (self.shared_rr.len(), self.member_rr.len())
+    }
+
     fn arm(&mut self, at: Instant, t: Timer) {
         self.timers.push(Reverse((at, t)));
+        if self.timers.len() > self.timers_compact_at {
+            self.compact_timers();
+        }
+    }
+
+    /// Drops stale and duplicate timer entries. Runs when the heap doubled since the last compaction, so
+    /// its O(n log n) is amortised to O(log n) per `arm`.
+    fn compact_timers(&mut self) {
+        let mut v = std::mem::take(&mut self.timers).into_vec();
+        v.retain(|Reverse((at, t))| self.timer_live(*at, *t));
+        v.sort_unstable();
+        v.dedup();
+        self.timers = BinaryHeap::from(v);
+        self.timers_compact_at = (self.timers.len() * 2).max(TIMER_COMPACT_MIN);
+        debug_assert!(self.timers_compact_at >= TIMER_COMPACT_MIN);
+    }
+
+    /// Whether firing the entry could still do anything. Session timers are live only at the deadline
+    /// the session holds now (a reconnect resets it, the next disconnect arms a new one); connection
+    /// timers while their connection is there and in the state they guard.
+    fn timer_live(&self, at: Instant, t: Timer) -> bool {
+        match t {
+            Timer::Connect(c) => self.conns.get(&c).is_some_and(|c| !c.is_active()),
+            Timer::Unpause(c) => self.conns.get(&c).is_some_and(|c| c.paused),
+            Timer::KeepAlive(c) => self.conns.get(&c).is_some_and(|c| c.keepalive_deadline().is_some()),
+            Timer::Will(k) => self.sessions.get(&k).is_some_and(|s| s.will_at == Some(at)),
+            Timer::Expiry(k) => self.sessions.get(&k).is_some_and(|s| s.expires_at == Some(at)),
+        }
     }
 
     fn send_mesh(&mut self, to: ShardId, m: Mesh) {
@@ -460,6 +542,7 @@ impl Core for Shard {
             let Some(Reverse((_, t))) = self.timers.pop() else { break };
             self.fire(t, now);
         }
+        self.evict_expired_retained(now);
         self.run_deferred(now);
     }
 
@@ -476,6 +559,7 @@ impl Core for Shard {
             deliveries = c.deliveries,
             dropped_qos0 = c.dropped_qos0,
             dropped_queue_full = c.dropped_queue_full,
+            dropped_queue_bytes = c.dropped_queue_bytes,
             dropped_expired = c.dropped_expired,
             dropped_too_large = c.dropped_too_large,
             dropped_no_member = c.dropped_no_member,
@@ -515,7 +599,11 @@ impl Core for Shard {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let retained = self.retained_expiry.peek().map(|Reverse((at, _))| *at);
+        let timer = match (self.timers.peek().map(|Reverse((at, _))| *at), retained) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match (timer, self.store_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

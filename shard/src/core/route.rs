@@ -61,6 +61,9 @@ pub(super) struct LocalCount {
     pub durable: u32,
 }
 
+/// Expired retained messages evicted per timer pass at most.
+const RETAINED_EVICT_BATCH: usize = 1024;
+
 /// A filter whose retained messages are sent after its SUBACK.
 #[derive(Debug, Clone)]
 pub(super) struct RetainedRequest {
@@ -296,9 +299,14 @@ impl Shard {
             let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
             let Some(sess) = self.sessions.get_mut(&key) else { return Ok(()) };
             let stored = sess.stored_ver != 0;
-            let existed = sess.subs.iter().any(|f| **f == **filter);
+            let existed = sess.subs.contains(filter);
+            if !existed && sess.subs.len() >= self.cfg.max_subscriptions {
+                // 3.1.1 clients read any refusal as 0x80 Failure (the encoder maps it).
+                reasons.push(ReasonCode::QUOTA_EXCEEDED);
+                continue;
+            }
             if !existed {
-                sess.subs.push((*filter).into());
+                sess.subs.insert((*filter).into());
             }
             if existed {
                 if let Some(list) = self.subs.get_mut(inner) {
@@ -378,10 +386,7 @@ impl Shard {
     pub(super) fn on_unsubscribe(&mut self, id: ConnId, key: SessionKey, u: Unsubscribe<'_>, now: Instant) {
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
-            let existed = self.sessions.get_mut(&key).is_some_and(|s| {
-                let pos = s.subs.iter().position(|f| **f == **filter);
-                pos.map(|i| s.subs.swap_remove(i)).is_some()
-            });
+            let existed = self.sessions.get_mut(&key).is_some_and(|s| s.subs.remove(filter));
             if existed {
                 self.remove_subscription(key, filter, now);
                 reasons.push(ReasonCode::SUCCESS);
@@ -449,6 +454,8 @@ impl Shard {
         let after = *count;
         if after.members == 0 {
             self.local_interest.remove(&key);
+            // No member here to choose among: a later member starts a fresh rotation.
+            self.member_rr.remove(&key);
         }
         let flipped = |a: u32, b: u32| (a == 0) != (b == 0);
         let announce = key.0.is_some()
@@ -463,6 +470,11 @@ impl Shard {
         let filter = d.key.1.clone();
         if d.members == 0 {
             self.interest.remove(&filter, |i| i.shard == from && i.key == d.key);
+            // The group has no member on any shard this one knows of: forget its rotation.
+            let left = self.interest.get(&filter).is_some_and(|l| l.iter().any(|i| i.key == d.key));
+            if d.key.0.is_some() && !left {
+                self.shared_rr.remove(&d.key);
+            }
             return;
         }
         if let Some(list) = self.interest.get_mut(&filter) {
@@ -498,8 +510,48 @@ impl Shard {
             self.retained.remove(&msg.topic);
         } else {
             let topic = msg.topic.clone();
+            let expires_at = msg.expires_at;
+            // Inserted first: compaction keeps only entries of messages held.
             self.retained.insert(&topic, msg);
+            if let Some(at) = expires_at {
+                self.retained_expiry.push(std::cmp::Reverse((at, topic)));
+                if self.retained_expiry.len() > self.retained_expiry_compact_at {
+                    self.compact_retained_expiry();
+                }
+            }
         }
+    }
+
+    /// Evicts the retained messages whose expiry has passed, at most [`RETAINED_EVICT_BATCH`] per call so
+    /// that a burst of expiries does not stall the shard (the next deadline is then already due and the
+    /// runtime calls again at once). Every replica does the same at the same instant, so they agree; the
+    /// owner's log needs no record: replay drops a message already expired (see `restore`), and
+    /// compaction drops a record whose message is no longer held.
+    pub(super) fn evict_expired_retained(&mut self, now: Instant) {
+        for _ in 0..RETAINED_EVICT_BATCH {
+            match self.retained_expiry.peek() {
+                Some(std::cmp::Reverse((at, _))) if *at <= now => {}
+                _ => return,
+            }
+            let Some(std::cmp::Reverse((_, topic))) = self.retained_expiry.pop() else { return };
+            // The topic may hold a newer message by now: evict only what has expired.
+            if self.retained.get(&topic).is_some_and(|m| m.is_expired(now)) {
+                self.retained.remove(&topic);
+            }
+        }
+    }
+
+    /// Drops entries of `retained_expiry` whose message was replaced or cleared (and duplicates).
+    fn compact_retained_expiry(&mut self) {
+        let mut v = std::mem::take(&mut self.retained_expiry).into_vec();
+        let retained = &self.retained;
+        v.retain(|std::cmp::Reverse((at, topic))| {
+            retained.get(topic).is_some_and(|m| m.expires_at == Some(*at))
+        });
+        v.sort_unstable();
+        v.dedup();
+        self.retained_expiry = std::collections::BinaryHeap::from(v);
+        self.retained_expiry_compact_at = (self.retained_expiry.len() * 2).max(super::TIMER_COMPACT_MIN);
     }
 }
 

@@ -45,9 +45,36 @@ pub(super) struct Flows {
     /// Packet ids of QoS 2 publishes received and not yet released (duplicate suppression). Invariant:
     /// sorted and unique, at most `Config::max_inflight` long (the inbound limit, every protocol version).
     pub inbound_qos2: Vec<u16>,
+    /// Topic + payload bytes of the messages in `queue`, kept as they come and go (never recounted).
+    /// Invariant: 0 exactly when `queue` is empty (every message has a topic).
+    queued_bytes: usize,
+}
+
+/// What a queued message counts against `max_queued_bytes`: the parts that vary with the message.
+fn queued_size(d: &Delivery) -> usize {
+    d.msg.topic.len() + d.msg.payload.len()
 }
 
 impl Flows {
+    pub fn queued_bytes(&self) -> usize {
+        debug_assert_eq!(self.queue.is_empty(), self.queued_bytes == 0);
+        self.queued_bytes
+    }
+
+    /// Appends to the queue. Every addition goes through here, so `queued_bytes` stays exact.
+    pub fn push_queued(&mut self, d: Delivery) {
+        self.queued_bytes += queued_size(&d);
+        self.queue.push_back(d);
+    }
+
+    /// Takes the oldest queued message. Every removal goes through here, so `queued_bytes` stays exact.
+    pub fn pop_queued(&mut self) -> Option<Delivery> {
+        let d = self.queue.pop_front()?;
+        self.queued_bytes -= queued_size(&d);
+        debug_assert_eq!(self.queue.is_empty(), self.queued_bytes == 0);
+        Some(d)
+    }
+
     pub fn holds_inbound_qos2(&self, pid: u16) -> bool {
         self.inbound_qos2.binary_search(&pid).is_ok()
     }
@@ -81,16 +108,119 @@ impl Flows {
 
 /// What a session without QoS 1/2 state reads.
 static NO_FLOWS: Flows =
-    Flows { inflight: VecDeque::new(), queue: VecDeque::new(), inbound_qos2: Vec::new() };
+    Flows { inflight: VecDeque::new(), queue: VecDeque::new(), inbound_qos2: Vec::new(), queued_bytes: 0 };
+
+/// A session's filters, unordered and unique. Most sessions hold a few, kept in a Vec (24 bytes when
+/// empty, where a hash set costs 64) and scanned; past [`Subs::SMALL`] they move to a hash set, so that
+/// checking a SUBSCRIBE for a duplicate stays O(1) however many a session holds.
+#[derive(Debug, Clone)]
+pub(super) enum Subs {
+    /// Invariant: at most [`Subs::SMALL`] filters.
+    Small(Vec<Box<str>>),
+    /// Invariant: more than [`Subs::SMALL`] / 2 filters (fewer move back to a Vec).
+    Large(Box<ahash::HashSet<Box<str>>>),
+}
+
+impl Default for Subs {
+    fn default() -> Self {
+        Subs::Small(Vec::new())
+    }
+}
+
+impl Subs {
+    const SMALL: usize = 16;
+
+    pub fn len(&self) -> usize {
+        match self {
+            Subs::Small(v) => v.len(),
+            Subs::Large(h) => h.len(),
+        }
+    }
+
+    pub fn contains(&self, filter: &str) -> bool {
+        match self {
+            Subs::Small(v) => v.iter().any(|f| **f == *filter),
+            Subs::Large(h) => h.contains(filter),
+        }
+    }
+
+    /// Adds a filter known not to be there.
+    pub fn insert(&mut self, filter: Box<str>) {
+        debug_assert!(!self.contains(&filter));
+        match self {
+            Subs::Small(v) if v.len() < Self::SMALL => v.push(filter),
+            Subs::Small(v) => {
+                let mut h: ahash::HashSet<Box<str>> = std::mem::take(v).into_iter().collect();
+                h.insert(filter);
+                *self = Subs::Large(Box::new(h));
+            }
+            Subs::Large(h) => {
+                h.insert(filter);
+            }
+        }
+        debug_assert!(!matches!(self, Subs::Small(v) if v.len() > Self::SMALL));
+    }
+
+    /// Removes a filter; false if it was not there.
+    pub fn remove(&mut self, filter: &str) -> bool {
+        match self {
+            Subs::Small(v) => match v.iter().position(|f| **f == *filter) {
+                Some(i) => {
+                    v.swap_remove(i);
+                    true
+                }
+                None => false,
+            },
+            Subs::Large(h) => {
+                let removed = h.remove(filter);
+                if h.len() <= Self::SMALL / 2 {
+                    // Back to the compact form once few are left (half, so that one filter coming and
+                    // going at the boundary does not convert each time).
+                    *self = Subs::Small(std::mem::take(&mut **h).into_iter().collect());
+                }
+                removed
+            }
+        }
+    }
+
+    pub fn iter(&self) -> Box<dyn Iterator<Item = &Box<str>> + '_> {
+        match self {
+            Subs::Small(v) => Box::new(v.iter()),
+            Subs::Large(h) => Box::new(h.iter()),
+        }
+    }
+}
+
+impl FromIterator<Box<str>> for Subs {
+    fn from_iter<I: IntoIterator<Item = Box<str>>>(iter: I) -> Self {
+        let mut s = Subs::default();
+        for f in iter {
+            if !s.contains(&f) {
+                s.insert(f);
+            }
+        }
+        s
+    }
+}
+
+impl IntoIterator for Subs {
+    type Item = Box<str>;
+    type IntoIter = Box<dyn Iterator<Item = Box<str>>>;
+    fn into_iter(self) -> Self::IntoIter {
+        match self {
+            Subs::Small(v) => Box::new(v.into_iter()),
+            Subs::Large(h) => Box::new(h.into_iter()),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub(super) struct Session {
     pub client_id: Arc<str>,
     pub conn: Option<crate::ConnId>,
     pub protocol: Protocol,
-    /// Full filters as subscribed (with any `$share/group/` prefix); options live in the trie. A Vec:
-    /// sessions hold few subscriptions, and an empty one costs 24 bytes rather than a hash table's 64.
-    pub subs: Vec<Box<str>>,
+    /// Full filters as subscribed (with any `$share/group/` prefix); options live in the trie.
+    pub subs: Subs,
     /// 0: ends with the connection; `u32::MAX`: never expires.
     pub expiry_s: u32,
     /// Set while disconnected with a finite expiry.
@@ -118,7 +248,7 @@ impl Session {
             client_id,
             conn: None,
             protocol: Protocol::V311,
-            subs: Vec::new(),
+            subs: Subs::default(),
             expiry_s: 0,
             expires_at: None,
             will: None,
@@ -240,6 +370,7 @@ impl Shard {
             return Verdict::Ignored;
         }
         let high_water = self.queue_high_water();
+        let bytes_high_water = self.queue_bytes_high_water();
         let Some(s) = self.sessions.get_mut(&key) else { return Verdict::Ignored };
         let conn = s.conn.and_then(|c| self.conns.get_mut(&c));
         if d.qos == QoS::AtMostOnce {
@@ -284,6 +415,8 @@ impl Shard {
                 let online = conn.is_some();
                 let blocked = conn.is_some_and(|c| c.blocked);
                 let cap = super::flow::queue_cap(&self.cfg, online);
+                let bytes_cap = super::flow::queue_bytes_cap(&self.cfg, online);
+                let size = queued_size(&d);
                 let stored = s.stored_ver != 0;
                 if self.cfg.max_queued > 0 {
                     d.pid = s.alloc_pid();
@@ -293,26 +426,42 @@ impl Shard {
                         }
                     }
                 }
-                let queue = &mut s.flows_mut().queue;
-                if queue.len() >= cap {
-                    // An offline session's queue is bounded by `max_queued`; an online one's only overflows
-                    // when far more arrives than flow control lets through (both counted).
-                    if let Some(old) = queue.pop_front() {
+                let flows = s.flows_mut();
+                // An offline session's queue is bounded by `max_queued` and `max_queued_bytes`; an online
+                // one's only overflows when far more arrives than flow control lets through (all counted).
+                // The newest message is kept even if it alone exceeds the byte bound.
+                loop {
+                    let full = flows.queue.len() >= cap;
+                    let over_bytes = !flows.queue.is_empty() && flows.queued_bytes() + size > bytes_cap;
+                    if !full && !over_bytes {
+                        break;
+                    }
+                    if let Some(old) = flows.pop_queued() {
                         if let (Some(st), true) = (self.store.as_deref_mut(), old.mid != 0) {
                             st.done(key, old.mid);
                         }
                     }
-                    self.counters.dropped_queue_full += 1;
+                    if full {
+                        self.counters.dropped_queue_full += 1;
+                    } else {
+                        self.counters.dropped_queue_bytes += 1;
+                    }
+                    if flows.queue.is_empty() {
+                        break;
+                    }
                 }
                 if self.cfg.max_queued > 0 {
+                    let queue = &flows.queue;
                     debug_assert!(queue.back().is_none_or(|b| b.mid < d.mid || d.mid == 0 || b.mid == 0));
-                    queue.push_back(d);
+                    flows.push_queued(d);
                 }
-                let queued = queue.len();
+                let (queued, queued_bytes) = (flows.queue.len(), flows.queued_bytes());
                 s.trim();
                 match online {
                     false => Verdict::Ignored,
-                    true if blocked || queued >= high_water => Verdict::Congested,
+                    true if blocked || queued >= high_water || queued_bytes >= bytes_high_water => {
+                        Verdict::Congested
+                    }
                     true => Verdict::Accepted,
                 }
             }
@@ -322,10 +471,11 @@ impl Shard {
     /// Moves queued messages into the in-flight window while there is room and the client reads.
     pub(super) fn pump(&mut self, key: SessionKey, now: Instant) {
         let low_water = self.queue_high_water() / 2;
+        let bytes_low_water = self.queue_bytes_high_water() / 2;
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
         while !conn.blocked && s.has_room() {
-            let Some(d) = s.flows_mut().queue.pop_front() else { break };
+            let Some(d) = s.flows_mut().pop_queued() else { break };
             let sent = if d.msg.is_expired(now) {
                 self.counters.dropped_expired += 1;
                 false
@@ -343,7 +493,8 @@ impl Shard {
             }
         }
         s.trim();
-        if !conn.blocked && s.flows().queue.len() <= low_water {
+        let f = s.flows();
+        if !conn.blocked && f.queue.len() <= low_water && f.queued_bytes() <= bytes_low_water {
             self.decongested(now);
         }
     }

@@ -303,7 +303,8 @@ impl Shard {
         let clock = store.clock;
         self.next_session = self.next_session.max(recovered.next_sid);
         self.store = Some(Box::new(store));
-        for m in retained.iter() {
+        // A message that expired while the node was down (or was evicted before it stopped) stays gone.
+        for m in retained.iter().filter(|m| !m.is_expired(now)) {
             self.apply_retained(m.clone());
         }
         for (from, deltas) in interest {
@@ -322,7 +323,10 @@ impl Shard {
         let client_id: Arc<str> = st.client_id.into();
         let mut s = Session::new(client_id.clone());
         s.protocol = st.protocol;
-        s.expiry_s = st.expiry_s;
+        // The cap applies to sessions stored before it was set (or lowered), 3.1.1 ones without expiry
+        // included: otherwise they would live until their client came back.
+        let cap = self.cfg.max_session_expiry_s;
+        s.expiry_s = st.expiry_s.min(cap);
         s.stored_ver = st.ver;
         s.will = st.will;
         // A session that was connected when the broker stopped lost its connection then: its expiry
@@ -331,8 +335,9 @@ impl Shard {
             0 => now + Duration::from_secs(after_s as u64),
             at => clock.instant(at),
         };
-        if st.expiry_s != u32::MAX {
-            let at = due(st.expires_at_unix_ms, st.expiry_s);
+        if s.expiry_s != u32::MAX {
+            let capped = now + Duration::from_secs(cap as u64);
+            let at = due(st.expires_at_unix_ms, s.expiry_s).min(capped);
             s.expires_at = Some(at);
             self.arm(at, Timer::Expiry(key));
         }
@@ -352,7 +357,7 @@ impl Shard {
             if released {
                 s.flows_mut().inflight.push_back(InFlight { d, released: true });
             } else {
-                s.flows_mut().queue.push_back(d);
+                s.flows_mut().push_queued(d);
             }
         }
         let mut inbound = rs.inbound_qos2;
@@ -425,7 +430,7 @@ impl Shard {
             }
         }
         e.u32(s.subs.len() as u32);
-        for filter in &s.subs {
+        for filter in s.subs.iter() {
             let (group, inner) = split_shared(filter);
             let sub = self
                 .subs

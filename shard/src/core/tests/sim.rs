@@ -99,6 +99,11 @@ impl Sim {
         self.now.duration_since(self.started).as_millis() as u64
     }
 
+    /// The configuration the shards of the next boot start with (as if the operator changed flags).
+    pub(super) fn set_config(&mut self, cfg: Config) {
+        self.cfg = Arc::new(cfg);
+    }
+
     /// The process dies: every connection and every byte in flight between shards is lost, the logs
     /// stay as they are (their pages survive a process crash), and a new process starts on them.
     pub(super) fn crash_and_restart(&mut self) {
