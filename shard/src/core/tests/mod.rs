@@ -1,6 +1,7 @@
 //! Deterministic harness tests of the core (see `sim` for the harness).
 
 mod durable;
+mod interleave;
 mod protocol;
 mod sim;
 mod visibility;
