@@ -1,5 +1,7 @@
 //! The deterministic harness: several real `Shard` cores wired together by a simulated runtime that moves
 //! bytes, mesh messages and handed-off connections, with a virtual clock. No sockets, no threads.
+//!
+//! `fuzz/fuzz_targets/core.rs` includes this file by path: it may use only the crate's public API.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
