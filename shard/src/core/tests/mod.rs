@@ -1,8 +1,11 @@
 //! Deterministic harness tests of the core (see `sim` for the harness).
 
+mod driver;
 mod durable;
+mod interleave;
 mod memory;
 mod protocol;
+mod random;
 mod sim;
 mod visibility;
 

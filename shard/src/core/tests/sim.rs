@@ -1,5 +1,7 @@
 //! The deterministic harness: several real `Shard` cores wired together by a simulated runtime that moves
 //! bytes, mesh messages and handed-off connections, with a virtual clock. No sockets, no threads.
+//!
+//! `fuzz/fuzz_targets/core.rs` includes this file by path: it may use only the crate's public API.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,10 +33,14 @@ pub(super) struct Sim {
     pub(super) now: Instant,
     started: Instant,
     pub(super) next_conn: u64,
-    /// In-flight mesh messages, delivered in FIFO order by `run`.
-    pub(super) mesh: VecDeque<(ShardId, ShardId, Mesh)>,
+    /// In-flight mesh messages, one FIFO per (from, to) pair at `from * n + to`: the runtime's channels
+    /// keep order only per pair, so `run` picks which pair delivers next with `rng`.
+    mesh: Vec<VecDeque<Mesh>>,
     /// When false, `run` leaves mesh messages queued (to observe barriers).
     pub(super) deliver_mesh: bool,
+    /// Decides every interleaving choice of `run`; seeded, so a failure replays exactly.
+    rng: SplitMix64,
+    pub(super) seed: u64,
     cfg: Arc<Config>,
     /// The data directory of a durable node (`None`: in memory).
     pub(super) data: Option<(tempfile::TempDir, StorageConfig)>,
@@ -47,7 +53,13 @@ impl Sim {
         Sim::with(n, Config::default())
     }
 
+    /// With the seed of `SHARDMQ_SIM_SEED` if set (to replay any test under another interleaving), else
+    /// [`DEFAULT_SEED`].
     pub(super) fn with(n: u16, cfg: Config) -> Sim {
+        Sim::with_seed(n, cfg, env_seed().unwrap_or(DEFAULT_SEED))
+    }
+
+    pub(super) fn with_seed(n: u16, cfg: Config, seed: u64) -> Sim {
         let cfg = Arc::new(cfg);
         let node = Arc::new(NodeShared::new(n));
         let now = Instant::now();
@@ -57,8 +69,10 @@ impl Sim {
             now,
             started: now,
             next_conn: 1,
-            mesh: VecDeque::new(),
+            mesh: (0..n as usize * n as usize).map(|_| VecDeque::new()).collect(),
             deliver_mesh: true,
+            rng: SplitMix64(seed),
+            seed,
             cfg,
             data: None,
         }
@@ -66,13 +80,17 @@ impl Sim {
 
     /// A node whose shards keep their state in logs under a temporary directory (`--fsync always`).
     pub(super) fn durable(n: u16, cfg: Config) -> Sim {
+        Sim::durable_with_seed(n, cfg, env_seed().unwrap_or(DEFAULT_SEED))
+    }
+
+    pub(super) fn durable_with_seed(n: u16, cfg: Config, seed: u64) -> Sim {
         let dir = tempfile::tempdir().unwrap();
         let sc = StorageConfig {
             dir: dir.path().join("data"),
             fsync: shardmq_storage::FsyncPolicy::Always,
             segment_bytes: 64 * 1024,
         };
-        let mut sim = Sim::with(n, cfg);
+        let mut sim = Sim::with_seed(n, cfg, seed);
         sim.data = Some((dir, sc));
         sim.boot(n);
         sim
@@ -127,7 +145,7 @@ impl Sim {
         for c in &mut self.clients {
             c.closed = true;
         }
-        self.mesh.clear();
+        self.mesh.iter_mut().for_each(VecDeque::clear);
         let n = self.shards.len() as u16;
         self.shards.clear(); // drops the logs (and their locks) without a final flush
         self.boot(n);
@@ -240,35 +258,60 @@ impl Sim {
         self.send(c, &Packet::Subscribe(s));
     }
 
-    /// Drives every core until nothing moves.
+    /// Messages queued between shards and not delivered yet.
+    pub(super) fn mesh_in_flight(&self) -> usize {
+        self.mesh.iter().map(VecDeque::len).sum()
+    }
+
+    /// Drives every core until nothing moves. Each step, chosen at random: one shard runs a loop iteration
+    /// of its runtime (group commit, then drains its I/O commands and outgoing mesh messages), or one
+    /// (from, to) pair delivers its oldest message. So messages of different pairs, and a shard's output
+    /// and its input, interleave in any order the real runtime allows.
     pub(super) fn run(&mut self) {
+        let n = self.shards.len();
+        // Shards that may have output: every shard was just given input by the caller (or nothing).
+        let mut dirty = vec![true; n];
+        let mut choices = Vec::with_capacity(n + n * n);
         loop {
-            let mut progressed = false;
-            for s in 0..self.shards.len() {
-                // As the runtime does once per loop iteration: group commit, release what waited on it.
-                self.shards[s].handle_commit(self.now);
-                while let Some(cmd) = self.shards[s].poll_io() {
-                    progressed = true;
-                    self.io(ShardId(s as u16), cmd);
-                }
-                while let Some((to, m)) = self.shards[s].poll_mesh() {
-                    progressed = true;
-                    self.mesh.push_back((ShardId(s as u16), to, m));
-                }
-            }
+            choices.clear();
+            choices.extend((0..n).filter(|&s| dirty[s]).map(Step::Shard));
             if self.deliver_mesh {
-                while let Some((from, to, m)) = self.mesh.pop_front() {
-                    progressed = true;
-                    self.shards[to.index()].handle_mesh(from, m, self.now);
-                }
+                choices.extend((0..n * n).filter(|&p| !self.mesh[p].is_empty()).map(Step::Pair));
             }
-            if !progressed {
+            if choices.is_empty() {
                 break;
+            }
+            match choices[self.rng.below(choices.len())] {
+                Step::Shard(s) => {
+                    // As the runtime does once per loop iteration: group commit, release what waited on it.
+                    self.shards[s].handle_commit(self.now);
+                    let mut progressed = false;
+                    while let Some(cmd) = self.shards[s].poll_io() {
+                        progressed = true;
+                        if let Some(touched) = self.io(ShardId(s as u16), cmd) {
+                            dirty[touched.index()] = true;
+                        }
+                    }
+                    while let Some((to, m)) = self.shards[s].poll_mesh() {
+                        progressed = true;
+                        self.mesh[s * n + to.index()].push_back(m);
+                    }
+                    // A step that moved something may have more to move (a resumed read fed it input); one
+                    // that did not leaves the shard idle until new input.
+                    dirty[s] = progressed;
+                }
+                Step::Pair(p) => {
+                    let (from, to) = (p / n, p % n);
+                    let m = self.mesh[p].pop_front().expect("a non-empty pair");
+                    self.shards[to].handle_mesh(ShardId(from as u16), m, self.now);
+                    dirty[to] = true;
+                }
             }
         }
     }
 
-    pub(super) fn io(&mut self, shard: ShardId, cmd: IoCmd<Handoff>) {
+    /// Carries out one I/O command; returns the shard it gave input to, if any.
+    pub(super) fn io(&mut self, shard: ShardId, cmd: IoCmd<Handoff>) -> Option<ShardId> {
         let find = |clients: &Vec<Client>, conn: ConnId| {
             clients.iter().position(|c| c.shard == shard && c.conn == conn && !c.closed)
         };
@@ -297,6 +340,7 @@ impl Sim {
                     let unread = std::mem::take(&mut self.clients[i].unread);
                     if !unread.is_empty() {
                         self.shards[shard.index()].handle_read(conn, &unread, self.now);
+                        return Some(shard);
                     }
                 }
             }
@@ -307,8 +351,10 @@ impl Sim {
                 self.clients[i].shard = to;
                 self.clients[i].conn = new;
                 self.shards[to.index()].handle_adopt(new, state, self.now);
+                return Some(to);
             }
         }
+        None
     }
 
     /// Pops the next packet the client received and hands it to `f`.
@@ -350,6 +396,48 @@ impl Sim {
             s.handle_timeout(self.now);
         }
         self.run();
+    }
+}
+
+impl Drop for Sim {
+    /// A failing test names the seed that replays it.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("sim seed {} (replay with SHARDMQ_SIM_SEED={})", self.seed, self.seed);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Step {
+    Shard(usize),
+    Pair(usize),
+}
+
+/// The seed of `Sim::new`/`with`/`durable` unless `SHARDMQ_SIM_SEED` is set.
+pub(super) const DEFAULT_SEED: u64 = 0x5eed;
+
+fn env_seed() -> Option<u64> {
+    let v = std::env::var("SHARDMQ_SIM_SEED").ok()?;
+    Some(v.trim().parse().unwrap_or_else(|_| panic!("SHARDMQ_SIM_SEED={v:?} is not a u64")))
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): tiny, seedable, and good enough to pick interleavings.
+#[derive(Clone)]
+pub(super) struct SplitMix64(pub(super) u64);
+
+impl SplitMix64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform enough in `0..n` (n > 0) for test scheduling; the modulo bias is below 2^-50 here.
+    pub(super) fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
     }
 }
 
