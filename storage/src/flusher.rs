@@ -56,6 +56,7 @@ impl Flusher {
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
+                unpin();
                 for job in rx {
                     let d = run(job);
                     if done_tx.send(d).is_err() {
@@ -112,5 +113,20 @@ fn run(job: Job) -> Done {
             Ok(p) => Done::Prepared(p),
             Err(e) => Done::PrepareFailed(e),
         },
+    }
+}
+
+/// Lets this thread run on any CPU the process may use. It is spawned by the loop that owns the log, and a
+/// shard's loop is usually pinned to one CPU: inherited, that pin would make the flusher wake up on, and
+/// take turns with, the very loop it exists to keep free. The main thread is never pinned, so its mask
+/// (the process's, as `sched_getaffinity` of the process id reports it) is the one to take.
+fn unpin() {
+    // SAFETY: plain syscalls on a zeroed cpu_set_t we own; a failure leaves the inherited mask in place.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        if libc::sched_getaffinity(libc::getpid(), size, &mut set) == 0 {
+            libc::sched_setaffinity(0, size, &set);
+        }
     }
 }
