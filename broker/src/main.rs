@@ -58,7 +58,8 @@ struct Args {
     max_queued: usize,
     /// bytes (topic + payload) queued per offline session, applied like --max-queued: the oldest is
     /// dropped first, online clients pause their publishers at half and hold up to 16x; the newest
-    /// message is always kept; default 64 MiB
+    /// message is always kept. A connected client that is not reading also gets up to a quarter of it in
+    /// QoS 0 messages held (not dropped) while its publishers are paused; default 64 MiB
     #[argh(option, default = "64 << 20")]
     max_queued_bytes: usize,
     /// largest keep alive in seconds; MQTT 5 clients asking for 0 or more get this as Server Keep

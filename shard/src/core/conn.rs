@@ -47,6 +47,8 @@ pub(super) struct Conn {
     tx_queued: bool,
     /// The socket is not draining; see `Core::handle_backpressure`.
     pub blocked: bool,
+    /// QoS 0 bytes added while `blocked` (reset when it drains); bounded by `flow::qos0_blocked_budget`.
+    pub blocked_bytes: u32,
     /// 0 disables keep alive.
     pub keepalive_ms: u32,
     pub last_rx: Instant,
@@ -70,6 +72,7 @@ impl Conn {
             out: Vec::new(),
             tx_queued: false,
             blocked: false,
+            blocked_bytes: 0,
             keepalive_ms: 0,
             last_rx: now,
             client_max_packet: shardmq_wire::MAX_REMAINING_LENGTH + 5,
@@ -107,6 +110,11 @@ impl Conn {
     #[cfg(test)]
     pub fn rbuf_capacity(&self) -> usize {
         self.rbuf.capacity()
+    }
+
+    /// Bytes encoded and not yet taken by the runtime.
+    pub fn out_len(&self) -> usize {
+        self.out.len()
     }
 
     pub fn take_out(&mut self) -> Vec<u8> {

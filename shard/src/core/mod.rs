@@ -485,6 +485,7 @@ impl Core for Shard {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         c.blocked = blocked;
         if !blocked {
+            c.blocked_bytes = 0;
             if let Some(k) = c.session() {
                 self.pump(k, now);
             }

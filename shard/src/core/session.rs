@@ -374,11 +374,21 @@ impl Shard {
         let Some(s) = self.sessions.get_mut(&key) else { return Verdict::Ignored };
         let conn = s.conn.and_then(|c| self.conns.get_mut(&c));
         if d.qos == QoS::AtMostOnce {
+            let budget = super::flow::qos0_blocked_budget(&self.cfg);
             return match conn {
-                Some(conn) if !conn.blocked => {
+                Some(conn) if !conn.blocked || (conn.blocked_bytes as usize) < budget => {
+                    let before = conn.out_len();
                     if write_publish(conn, &d, false, now, &mut self.io) {
                         self.counters.deliveries += 1;
-                        Verdict::Accepted
+                        if conn.blocked {
+                            // Held as output behind what the socket has not taken yet, while flow control
+                            // pauses the publishers (the verdict), instead of being dropped.
+                            let added = conn.out_len().saturating_sub(before);
+                            conn.blocked_bytes = conn.blocked_bytes.saturating_add(added as u32);
+                            Verdict::Congested
+                        } else {
+                            Verdict::Accepted
+                        }
                     } else {
                         self.counters.dropped_too_large += 1;
                         Verdict::Ignored

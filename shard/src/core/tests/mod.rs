@@ -5,6 +5,7 @@ mod durable;
 mod interleave;
 mod memory;
 mod protocol;
+mod qos0;
 mod random;
 mod sim;
 mod visibility;
