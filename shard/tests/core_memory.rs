@@ -191,7 +191,10 @@ fn idle_connection_costs_the_core_few_bytes() {
 #[test]
 fn idle_connection_with_a_subscription_costs_the_core_few_bytes() {
     let per_conn = per_client(15_000, true, false);
-    assert!(per_conn < 3000.0, "core holds {per_conn:.0} B per idle subscribed connection");
+    // 1248 B measured: 412 B of the client itself, then per filter its session entry, a subscription
+    // entry on the owner shard and an interest entry on each of the two shards (trie nodes, values, the
+    // shared filter string, and their share of the large `idle/` level's tables).
+    assert!(per_conn < 1300.0, "core holds {per_conn:.0} B per idle subscribed connection");
 }
 
 #[test]

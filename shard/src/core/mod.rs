@@ -255,8 +255,6 @@ pub struct Shard {
     subs: TopicTrie<SubRef>,
     /// Every shard's subscriber counts (this one's included) per filter and group.
     interest: TopicTrie<Interest>,
-    /// This shard's own counts per (group, filter), the source of its interest announcements.
-    local_interest: HashMap<SharedKey, route::LocalCount>,
     /// The interest generation of each shard that `interest` reflects.
     seen_interest: SeenGens,
     retained: RetainedTree<Arc<Msg>>,
@@ -320,7 +318,6 @@ impl Shard {
             next_session: 1,
             subs: TopicTrie::new(),
             interest: TopicTrie::new(),
-            local_interest: HashMap::new(),
             seen_interest: SeenGens::new(shards),
             retained: RetainedTree::new(),
             retained_expiry: BinaryHeap::new(),
