@@ -40,7 +40,7 @@ impl<V> Drop for Node<V> {
         let mut stack = Vec::new();
         let take = |node: &mut Node<V>, stack: &mut Vec<Node<V>>| match std::mem::take(&mut node.children) {
             LevelMap::Small(v) => stack.extend(v.into_iter().map(|(_, n)| n)),
-            LevelMap::Large(m) => stack.extend(m.into_values()),
+            LevelMap::Large(m) => stack.extend(m.into_values().map(|n| *n)),
         };
         take(self, &mut stack);
         while let Some(mut node) = stack.pop() {

@@ -86,13 +86,17 @@ impl std::borrow::Borrow<[u8]> for Level {
 
 /// Map from a level string to a child node: a short unsorted vector when a node has few children,
 /// a boxed ahash map when it has many (boxed so that the common small case keeps nodes compact).
+///
+/// The map holds its nodes boxed: a large level is typically one child per device (`dev/<id>/...`), and
+/// hashbrown keeps 1.1-2.3 buckets per entry, so an inline ~64-byte node would cost ~90-200 bytes of table
+/// per child where a pointer costs 35-75 (plus the node's own 64). Lookups there chase one pointer more.
 pub(crate) enum LevelMap<N> {
     /// Invariant: keys are distinct and `len() <= SMALL_MAX`.
     Small(Vec<(Level, N)>),
     /// Invariant: `len() > SMALL_MAX / 2` (it shrinks back to `Small` below that; the gap between
     /// the two thresholds keeps a node hovering around the limit from converting on every change).
     #[allow(clippy::box_collection)] // 8 bytes in every node instead of ~64 (table + hasher)
-    Large(Box<HashMap<Level, N, ahash::RandomState>>),
+    Large(Box<HashMap<Level, Box<N>, ahash::RandomState>>),
 }
 
 impl<N> Default for LevelMap<N> {
@@ -106,14 +110,14 @@ impl<N> LevelMap<N> {
     pub(crate) fn get(&self, key: &str) -> Option<&N> {
         match self {
             LevelMap::Small(v) => v.iter().find(|(k, _)| k.as_bytes() == key.as_bytes()).map(|(_, n)| n),
-            LevelMap::Large(m) => m.get(key.as_bytes()),
+            LevelMap::Large(m) => m.get(key.as_bytes()).map(|n| &**n),
         }
     }
 
     pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut N> {
         match self {
             LevelMap::Small(v) => v.iter_mut().find(|(k, _)| k.as_bytes() == key.as_bytes()).map(|(_, n)| n),
-            LevelMap::Large(m) => m.get_mut(key.as_bytes()),
+            LevelMap::Large(m) => m.get_mut(key.as_bytes()).map(|n| &mut **n),
         }
     }
 
@@ -144,7 +148,7 @@ impl<N> LevelMap<N> {
                 }
                 None => {
                     let mut m = HashMap::with_capacity_and_hasher(v.len() * 2, ahash::RandomState::new());
-                    m.extend(v.drain(..));
+                    m.extend(v.drain(..).map(|(k, n)| (k, Box::new(n))));
                     *self = LevelMap::Large(Box::new(m));
                 }
             }
@@ -152,7 +156,7 @@ impl<N> LevelMap<N> {
         let LevelMap::Large(m) = self else { unreachable!("converted above") };
         if !m.contains_key(key.as_bytes()) {
             *created += 1;
-            m.insert(Level::new(key), make());
+            m.insert(Level::new(key), Box::new(make()));
         }
         m.get_mut(key.as_bytes()).expect("present")
     }
@@ -171,10 +175,10 @@ impl<N> LevelMap<N> {
             LevelMap::Large(m) => {
                 let n = m.remove(key.as_bytes())?;
                 if m.len() <= SMALL_MAX / 2 {
-                    let small: Vec<_> = m.drain().collect();
+                    let small: Vec<_> = m.drain().map(|(k, n)| (k, *n)).collect();
                     *self = LevelMap::Small(small);
                 }
-                Some(n)
+                Some(*n)
             }
         }
     }
@@ -209,7 +213,7 @@ impl<N> LevelMap<N> {
 
 pub(crate) enum LevelIter<'a, N> {
     Small(std::slice::Iter<'a, (Level, N)>),
-    Large(std::collections::hash_map::Iter<'a, Level, N>),
+    Large(std::collections::hash_map::Iter<'a, Level, Box<N>>),
 }
 
 impl<'a, N> Iterator for LevelIter<'a, N> {
@@ -219,14 +223,14 @@ impl<'a, N> Iterator for LevelIter<'a, N> {
     fn next(&mut self) -> Option<Self::Item> {
         match self {
             LevelIter::Small(it) => it.next().map(|(k, n)| (k, n)),
-            LevelIter::Large(it) => it.next(),
+            LevelIter::Large(it) => it.next().map(|(k, n)| (k, &**n)),
         }
     }
 }
 
 pub(crate) enum LevelValuesMut<'a, N> {
     Small(std::slice::IterMut<'a, (Level, N)>),
-    Large(std::collections::hash_map::ValuesMut<'a, Level, N>),
+    Large(std::collections::hash_map::ValuesMut<'a, Level, Box<N>>),
 }
 
 impl<'a, N> Iterator for LevelValuesMut<'a, N> {
@@ -235,7 +239,7 @@ impl<'a, N> Iterator for LevelValuesMut<'a, N> {
     fn next(&mut self) -> Option<Self::Item> {
         match self {
             LevelValuesMut::Small(it) => it.next().map(|(_, n)| n),
-            LevelValuesMut::Large(it) => it.next(),
+            LevelValuesMut::Large(it) => it.next().map(|n| &mut **n),
         }
     }
 }
@@ -361,7 +365,7 @@ impl<V> Node<V> {
         }
         match std::mem::take(&mut self.children) {
             LevelMap::Small(v) => stack.extend(v.into_iter().map(|(_, n)| n)),
-            LevelMap::Large(m) => stack.extend(m.into_values()),
+            LevelMap::Large(m) => stack.extend(m.into_values().map(|n| *n)),
         }
     }
 }

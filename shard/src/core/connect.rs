@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use shardmq_wire::{topic, ConnAck, Connect, Packet, Properties, Protocol, ReasonCode};
 
-use super::conn::ConnState;
 use super::session::{Session, WillState};
 use super::{owner_of, Flow, Msg, MsgProps, Origin, ProtocolError, SessionKey, Shard, Timer};
 use crate::ConnId;
@@ -37,7 +36,7 @@ impl Shard {
         loop {
             self.assigned_ids += 1;
             let id = format!("shardmq-{}-{:x}", self.id.0, self.assigned_ids);
-            if owner_of(&id, self.shards) == self.id && !self.by_client.contains_key(id.as_str()) {
+            if owner_of(&id, self.shards) == self.id && self.by_client.get(&id, &self.sessions).is_none() {
                 return id.into();
             }
         }
@@ -84,17 +83,17 @@ impl Shard {
         // Timers fire once per loop iteration, but a read is stamped when it is dispatched, and handed-off
         // connections are served before the first timer pass after a restart: a session can be past its
         // expiry or will delay here with its timer not yet run. That happened then, not at this CONNECT.
-        if let Some(&key) = self.by_client.get(&client_id) {
+        if let Some(key) = self.by_client.get(&client_id, &self.sessions) {
             self.settle_offline(key, now);
         }
         // Takeover: the old connection is closed as if it had dropped (its will applies).
-        if let Some(&key) = self.by_client.get(&client_id) {
+        if let Some(key) = self.by_client.get(&client_id, &self.sessions) {
             if let Some(old) = self.sessions.get(&key).and_then(|s| s.conn) {
                 self.close_conn(old, Some(ProtocolError::SessionTakenOver), now);
             }
         }
         let mut session_present = false;
-        if let Some(&key) = self.by_client.get(&client_id) {
+        if let Some(key) = self.by_client.get(&client_id, &self.sessions) {
             if c.clean_start {
                 self.end_session(key, now);
             } else {
@@ -109,13 +108,13 @@ impl Shard {
             u32::MAX
         };
         let expiry_s = requested_expiry.min(self.cfg.max_session_expiry_s);
-        let key = match self.by_client.get(&client_id) {
-            Some(&k) => k,
+        let key = match self.by_client.get(&client_id, &self.sessions) {
+            Some(k) => k,
             None => {
                 let k = SessionKey(self.next_session);
                 self.next_session += 1;
                 self.sessions.insert(k, Box::new(Session::new(client_id.clone())));
-                self.by_client.insert(client_id.clone(), k);
+                self.by_client.insert(k, &self.sessions);
                 k
             }
         };
@@ -128,6 +127,7 @@ impl Shard {
                 delay_s: if v5 { w.properties.will_delay_interval_s.unwrap_or(0) } else { 0 },
                 expiry_s: w.properties.message_expiry_interval_s.filter(|_| v5),
                 props: if v5 { MsgProps::from_wire(&w.properties) } else { None },
+                at: None,
             })
         });
         let receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight).max(1);
@@ -139,7 +139,6 @@ impl Shard {
             s.expires_at = None;
             // A reconnect before the will delay elapsed cancels the pending will (MQTT 5 §3.1.3.2.2).
             s.will = will;
-            s.will_at = None;
             s.send_quota = receive_max;
             s.last_targets = 0;
             s.congested_by = 0;
@@ -162,7 +161,7 @@ impl Shard {
             props.assigned_client_identifier = assigned.as_deref();
         }
         let conn = self.conns.get_mut(&id).expect("connection present while handling its CONNECT");
-        conn.state = ConnState::Active(key);
+        conn.activate(key);
         conn.protocol = Some(c.protocol);
         conn.keepalive_ms = keepalive_s as u32 * 1000;
         if v5 {
@@ -196,12 +195,12 @@ impl Shard {
         if !publish_will {
             s.will = None;
         }
-        if let Some(w) = &s.will {
+        if let Some(w) = &mut s.will {
             if w.delay_s == 0 {
                 self.publish_will(key, now);
             } else {
                 let at = now + Duration::from_secs(w.delay_s as u64);
-                s.will_at = Some(at);
+                w.at = Some(at);
                 self.arm(at, Timer::Will(key));
             }
         }
@@ -237,7 +236,6 @@ impl Shard {
     /// Publishes the session's will (once) and forgets it.
     pub(super) fn publish_will(&mut self, key: SessionKey, now: Instant) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
-        s.will_at = None;
         let Some(w) = s.will.take() else { return };
         let stored = s.stored_ver != 0;
         if stored {
@@ -266,7 +264,7 @@ impl Shard {
             let _ = self.persist_session(key);
         }
         let Some(s) = self.sessions.remove(&key) else { return };
-        self.by_client.remove(&s.client_id);
+        self.by_client.remove(&s.client_id, key);
         for filter in s.subs {
             self.remove_subscription(key, &filter, now);
         }

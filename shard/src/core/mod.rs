@@ -16,6 +16,7 @@
 //! - retained messages are replicated to every shard, serialised through an owner shard per topic
 //!   ([`owner_of`] on the topic), so replicas apply the same sequence for a topic and converge.
 
+mod clients;
 mod conn;
 mod connect;
 mod error;
@@ -248,14 +249,12 @@ pub struct Shard {
     /// a live connection or session.
     conns: HashMap<ConnId, Box<Conn>>,
     sessions: HashMap<SessionKey, Box<Session>>,
-    by_client: HashMap<Arc<str>, SessionKey>,
+    by_client: clients::ClientIndex,
     next_session: u64,
     /// Local subscriptions, keyed by the filter without any `$share/group/` prefix.
     subs: TopicTrie<SubRef>,
     /// Every shard's subscriber counts (this one's included) per filter and group.
     interest: TopicTrie<Interest>,
-    /// This shard's own counts per (group, filter), the source of its interest announcements.
-    local_interest: HashMap<SharedKey, route::LocalCount>,
     /// The interest generation of each shard that `interest` reflects.
     seen_interest: SeenGens,
     retained: RetainedTree<Arc<Msg>>,
@@ -315,11 +314,10 @@ impl Shard {
             node,
             conns: HashMap::new(),
             sessions: HashMap::new(),
-            by_client: HashMap::new(),
+            by_client: clients::ClientIndex::new(),
             next_session: 1,
             subs: TopicTrie::new(),
             interest: TopicTrie::new(),
-            local_interest: HashMap::new(),
             seen_interest: SeenGens::new(shards),
             retained: RetainedTree::new(),
             retained_expiry: BinaryHeap::new(),
@@ -410,7 +408,7 @@ impl Shard {
             Timer::Connect(c) => self.conns.get(&c).is_some_and(|c| !c.is_active()),
             Timer::Unpause(c) => self.conns.get(&c).is_some_and(|c| c.paused),
             Timer::KeepAlive(c) => self.conns.get(&c).is_some_and(|c| c.keepalive_deadline().is_some()),
-            Timer::Will(k) => self.sessions.get(&k).is_some_and(|s| s.will_at == Some(at)),
+            Timer::Will(k) => self.sessions.get(&k).is_some_and(|s| s.will_at() == Some(at)),
             Timer::Expiry(k) => self.sessions.get(&k).is_some_and(|s| s.expires_at == Some(at)),
         }
     }

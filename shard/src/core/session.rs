@@ -21,6 +21,9 @@ pub(super) struct WillState {
     pub delay_s: u32,
     pub expiry_s: Option<u32>,
     pub props: Option<Box<MsgProps>>,
+    /// Set while the (delayed) will is pending. Kept here rather than in `Session`, where it would cost
+    /// every session 16 bytes (and push it past the 128-byte allocator class) for a rare state.
+    pub at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -225,9 +228,8 @@ pub(super) struct Session {
     pub expiry_s: u32,
     /// Set while disconnected with a finite expiry.
     pub expires_at: Option<Instant>,
+    /// Its `at` is set while a delayed will is pending.
     pub will: Option<Box<WillState>>,
-    /// Set while a delayed will is pending.
-    pub will_at: Option<Instant>,
     /// Version of this session's latest record in the shard's log; 0 when it is not stored (it ends with
     /// its connection, or there is no log). See `persist`.
     pub stored_ver: u64,
@@ -252,7 +254,6 @@ impl Session {
             expiry_s: 0,
             expires_at: None,
             will: None,
-            will_at: None,
             stored_ver: 0,
             next_pid: 1,
             flows: None,
@@ -281,8 +282,13 @@ impl Session {
         }
     }
 
+    /// When the pending delayed will is due, if one is.
+    pub fn will_at(&self) -> Option<Instant> {
+        self.will.as_ref().and_then(|w| w.at)
+    }
+
     pub fn will_due(&self, now: Instant) -> bool {
-        self.will_at.is_some_and(|t| t <= now)
+        self.will_at().is_some_and(|t| t <= now)
     }
 
     pub fn expired(&self, now: Instant) -> bool {

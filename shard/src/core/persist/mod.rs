@@ -341,9 +341,9 @@ impl Shard {
             s.expires_at = Some(at);
             self.arm(at, Timer::Expiry(key));
         }
-        if let Some(w) = &s.will {
+        if let Some(w) = &mut s.will {
             let at = due(st.will_at_unix_ms, w.delay_s);
-            s.will_at = Some(at);
+            w.at = Some(at);
             self.arm(at, Timer::Will(key));
         }
         if let Some((last, _)) = rs.messages.last() {
@@ -368,7 +368,7 @@ impl Shard {
         let subs = st.subs;
         s.subs = subs.iter().map(|(f, _, _)| f.clone()).collect();
         self.sessions.insert(key, Box::new(s));
-        self.by_client.insert(client_id, key);
+        self.by_client.insert(key, &self.sessions);
         for (filter, opts, sub_id) in subs {
             let (group, inner) = split_shared(&filter);
             let group: Option<Arc<str>> = group.map(Into::into);
@@ -426,7 +426,7 @@ impl Shard {
                     None => e.u8(0),
                 };
                 records::put_props(&mut e, w.props.as_deref());
-                e.u64(s.will_at.map_or(0, |t| clock.unix_ms(t)));
+                e.u64(w.at.map_or(0, |t| clock.unix_ms(t)));
             }
         }
         e.u32(s.subs.len() as u32);

@@ -261,7 +261,10 @@ fn decode_session(d: &mut Dec<'_>) -> DecResult<StoredSession> {
             };
             let props = records::get_props(d)?;
             let at = d.u64()?;
-            (Some(Box::new(WillState { topic, payload, qos, retain, delay_s, expiry_s, props })), at)
+            (
+                Some(Box::new(WillState { topic, payload, qos, retain, delay_s, expiry_s, props, at: None })),
+                at,
+            )
         }
     };
     let n = d.count(9)?;

@@ -409,8 +409,10 @@ fn per_connection_state_stays_small() {
     let conn = std::mem::size_of::<super::conn::Conn>();
     let session = std::mem::size_of::<super::session::Session>();
     println!("Conn {conn} B, Session {session} B");
-    assert!(conn <= 128, "Conn grew to {conn} bytes");
-    assert!(session <= 160, "Session grew to {session} bytes");
+    // The allocator rounds up to its size classes (mimalloc: 80, 96, 112, 128, 160): 88 B takes a
+    // 96-byte block and 128 B a 128-byte one; one field more would cost each 16 or 32 bytes.
+    assert!(conn <= 96, "Conn grew to {conn} bytes");
+    assert!(session <= 128, "Session grew to {session} bytes");
 }
 
 #[test]
