@@ -2,18 +2,21 @@
 //!
 //! What it does (so far): a node's identity in the cluster ([`NodeIdentity`]: name, address, zone,
 //! region and an incarnation that changes on every restart, so a restarted node is a new member and its
-//! old self is declared down), and membership of one zone by SWIM ([`Membership`], on `foca`), with every
-//! gossip datagram framed, versioned and authenticated with the cluster secret ([`frame`]). Like the
+//! old self is declared down); membership of one zone by SWIM ([`Membership`], on `foca`), with every
+//! gossip datagram framed, versioned and authenticated with the cluster secret ([`frame`]); and node-level
+//! interest ([`interest`]): BinaryFuse8 summaries of exact filters plus wildcard lists, with 0 ↔ 1 deltas
+//! between snapshots and no false negatives. Like the
 //! shard core, it takes datagrams, timer deadlines and `now`, and hands out datagrams to send, member
 //! events and its next deadline; it never touches a socket or a clock, so a whole zone runs in one
 //! process under a seeded simulation (`tests/sim.rs`).
 //!
-//! What it does not do yet: the TCP links between nodes, interest routing and forwarding, retained
+//! What it does not do yet: the TCP links between nodes, forwarding by interest, retained
 //! replication, or anything the broker binary drives (no flags are wired to it yet). Those build on this
 //! (issue "Cluster, one zone").
 
 pub mod frame;
 mod identity;
+pub mod interest;
 mod membership;
 
 pub use identity::{NodeIdentity, NodeName};
