@@ -1,0 +1,568 @@
+//! The binary protocol of a TCP link between two nodes of a zone: frames, and the handshake that opens
+//! a link.
+//!
+//! Every frame is `length varint | type u8 | body`, the length counting type and body. The hot frame,
+//! [`Frame::Forward`] (a PUBLISH passed to a peer whose interest may match), costs at most 16 bytes on top
+//! of its topic, payload and properties: length (≤ 4), type, flags, topic length (≤ 2), payload length
+//! (≤ 4) and an optional acknowledgement token (≤ 4 for tokens below 2^28). The link sequence is implicit:
+//! frames of one direction are numbered from 1 in the order sent (TCP keeps it), and [`Frame::Received`]
+//! reports how far the receiver got, which is what a reconnect resumes from.
+//!
+//! Opening a link: each side sends [`Frame::Hello`] (magic, version, its identity, a fresh nonce); then
+//! each sends [`Frame::Proof`], an HMAC with the cluster secret over both nonces and both identities, or
+//! an empty proof when the cluster has no secret. A wrong magic, version or proof ends the link with
+//! [`Frame::Refuse`] carrying the reason, logged on both sides ([`Handshake`]).
+
+use ring::hmac;
+
+use crate::NodeIdentity;
+
+pub const LINK_MAGIC: [u8; 4] = *b"SMQL";
+/// Bumped with any incompatible change of the frames below.
+pub const LINK_VERSION: u16 = 1;
+/// A frame longer than this is refused (a forwarded PUBLISH is at most the broker's maximum packet size,
+/// 256 MiB by the protocol; snapshots are sent in parts below it).
+pub const MAX_FRAME: usize = 300 << 20;
+
+const T_HELLO: u8 = 1;
+const T_PROOF: u8 = 2;
+const T_REFUSE: u8 = 3;
+const T_FORWARD: u8 = 4;
+const T_STORED: u8 = 5;
+const T_RECEIVED: u8 = 6;
+
+/// A PUBLISH forwarded to a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward<'a> {
+    pub qos: u8,
+    pub retain: bool,
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    /// MQTT 5 properties as encoded on the wire (empty: none).
+    pub properties: &'a [u8],
+    /// Set when the publisher's acknowledgement waits for the peer to store the message: the peer answers
+    /// [`Frame::Stored`] with it.
+    pub ack_token: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Hello {
+        version: u16,
+        identity: NodeIdentity,
+        nonce: [u8; 16],
+    },
+    Proof {
+        tag: Vec<u8>,
+    },
+    Refuse {
+        reason: &'a str,
+    },
+    Forward(Forward<'a>),
+    /// The answer to a forward that carried `token`: stored (`ok`) or refused by the peer's log.
+    Stored {
+        token: u32,
+        ok: bool,
+    },
+    /// The receiver has every frame of this direction up to `seq`.
+    Received {
+        seq: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("link frame of {0} bytes is over the limit")]
+    TooLong(usize),
+    #[error("malformed link frame: {0}")]
+    Malformed(&'static str),
+    #[error("unknown link frame type {0}")]
+    UnknownType(u8),
+    #[error("not a shardmq cluster link (bad magic)")]
+    BadMagic,
+    #[error("peer speaks link version {0}, this node {LINK_VERSION}")]
+    Version(u16),
+    #[error("peer's proof does not match the cluster secret")]
+    WrongSecret,
+    #[error("peer refused the link: {0}")]
+    Refused(String),
+    #[error("unexpected {0} frame during the handshake")]
+    Unexpected(&'static str),
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], LinkError> {
+        let end =
+            self.pos.checked_add(n).filter(|e| *e <= self.b.len()).ok_or(LinkError::Malformed("short"))?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, LinkError> {
+        Ok(self.take(1)?[0])
+    }
+    fn varint(&mut self) -> Result<u64, LinkError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= ((b & 0x7f) as u64) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(LinkError::Malformed("varint too long"))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], LinkError> {
+        let n = self.varint()?;
+        self.take(usize::try_from(n).map_err(|_| LinkError::Malformed("length"))?)
+    }
+    fn str(&mut self) -> Result<&'a str, LinkError> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| LinkError::Malformed("not UTF-8"))
+    }
+    fn done(&self) -> Result<(), LinkError> {
+        if self.pos == self.b.len() {
+            Ok(())
+        } else {
+            Err(LinkError::Malformed("trailing bytes"))
+        }
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+const F_RETAIN: u8 = 0x04;
+const F_PROPS: u8 = 0x08;
+const F_TOKEN: u8 = 0x10;
+
+/// Appends `f`, framed, to `out`.
+pub fn encode(f: &Frame<'_>, out: &mut Vec<u8>) {
+    let mut body = Vec::new();
+    let ty = match f {
+        Frame::Hello { version, identity, nonce } => {
+            body.extend_from_slice(&LINK_MAGIC);
+            body.extend_from_slice(&version.to_le_bytes());
+            put_identity(&mut body, identity);
+            body.extend_from_slice(nonce);
+            T_HELLO
+        }
+        Frame::Proof { tag } => {
+            put_bytes(&mut body, tag);
+            T_PROOF
+        }
+        Frame::Refuse { reason } => {
+            put_bytes(&mut body, reason.as_bytes());
+            T_REFUSE
+        }
+        Frame::Forward(fw) => return encode_forward(fw, out),
+        Frame::Stored { token, ok } => {
+            put_varint(&mut body, *token as u64);
+            body.push(*ok as u8);
+            T_STORED
+        }
+        Frame::Received { seq } => {
+            put_varint(&mut body, *seq);
+            T_RECEIVED
+        }
+    };
+    put_varint(out, body.len() as u64 + 1);
+    out.push(ty);
+    out.extend_from_slice(&body);
+}
+
+/// The hot path: written straight into `out`, no intermediate buffer.
+fn encode_forward(fw: &Forward<'_>, out: &mut Vec<u8>) {
+    let mut flags = fw.qos & 0x03;
+    if fw.retain {
+        flags |= F_RETAIN;
+    }
+    if !fw.properties.is_empty() {
+        flags |= F_PROPS;
+    }
+    if fw.ack_token.is_some() {
+        flags |= F_TOKEN;
+    }
+    // Type and flags, then the lengths.
+    let mut header = 2 + varint_len(fw.topic.len() as u64) + varint_len(fw.payload.len() as u64);
+    if let Some(t) = fw.ack_token {
+        header += varint_len(t as u64);
+    }
+    if !fw.properties.is_empty() {
+        header += varint_len(fw.properties.len() as u64);
+    }
+    let len = header + fw.topic.len() + fw.payload.len() + fw.properties.len();
+    put_varint(out, len as u64);
+    out.push(T_FORWARD);
+    out.push(flags);
+    put_varint(out, fw.topic.len() as u64);
+    put_varint(out, fw.payload.len() as u64);
+    if let Some(t) = fw.ack_token {
+        put_varint(out, t as u64);
+    }
+    if !fw.properties.is_empty() {
+        put_varint(out, fw.properties.len() as u64);
+    }
+    out.extend_from_slice(fw.topic.as_bytes());
+    out.extend_from_slice(fw.properties);
+    out.extend_from_slice(fw.payload);
+}
+
+fn put_identity(out: &mut Vec<u8>, id: &NodeIdentity) {
+    put_bytes(out, id.name.0.as_bytes());
+    put_bytes(out, id.addr.to_string().as_bytes());
+    put_bytes(out, id.zone.as_bytes());
+    put_bytes(out, id.region.as_bytes());
+    out.extend_from_slice(&id.incarnation.to_le_bytes());
+}
+
+fn read_identity(r: &mut Reader<'_>) -> Result<NodeIdentity, LinkError> {
+    let name = r.str()?;
+    let addr = r.str()?.parse().map_err(|_| LinkError::Malformed("node address"))?;
+    let zone = r.str()?;
+    let region = r.str()?;
+    let incarnation = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+    if name.is_empty() {
+        return Err(LinkError::Malformed("empty node name"));
+    }
+    Ok(NodeIdentity::new(name, addr, zone, region, incarnation))
+}
+
+/// Decodes the frame at the start of `buf`: `Ok(None)` until it is complete, else the frame and the
+/// bytes it took. Never panics, whatever the bytes.
+pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
+    let mut r = Reader { b: buf, pos: 0 };
+    let len = match r.varint() {
+        Ok(l) => l,
+        Err(_) if buf.len() < 10 => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = usize::try_from(len).map_err(|_| LinkError::TooLong(usize::MAX))?;
+    if len > MAX_FRAME {
+        return Err(LinkError::TooLong(len));
+    }
+    if len == 0 {
+        return Err(LinkError::Malformed("empty frame"));
+    }
+    let start = r.pos;
+    let Some(end) = start.checked_add(len).filter(|e| *e <= buf.len()) else { return Ok(None) };
+    let mut f = Reader { b: &buf[start..end], pos: 0 };
+    let frame = match f.u8()? {
+        T_HELLO => {
+            if f.take(4)? != LINK_MAGIC {
+                return Err(LinkError::BadMagic);
+            }
+            let version = u16::from_le_bytes(f.take(2)?.try_into().expect("2 bytes"));
+            let identity = read_identity(&mut f)?;
+            let nonce: [u8; 16] = f.take(16)?.try_into().expect("16 bytes");
+            Frame::Hello { version, identity, nonce }
+        }
+        T_PROOF => Frame::Proof { tag: f.bytes()?.to_vec() },
+        T_REFUSE => Frame::Refuse { reason: f.str()? },
+        T_FORWARD => {
+            let flags = f.u8()?;
+            if flags & !(0x03 | F_RETAIN | F_PROPS | F_TOKEN) != 0 || flags & 0x03 == 3 {
+                return Err(LinkError::Malformed("forward flags"));
+            }
+            let topic_len = f.varint()? as usize;
+            let payload_len = f.varint()? as usize;
+            let ack_token = if flags & F_TOKEN != 0 {
+                Some(u32::try_from(f.varint()?).map_err(|_| LinkError::Malformed("token"))?)
+            } else {
+                None
+            };
+            let props_len = if flags & F_PROPS != 0 { f.varint()? as usize } else { 0 };
+            let topic = std::str::from_utf8(f.take(topic_len)?).map_err(|_| LinkError::Malformed("topic"))?;
+            let properties = f.take(props_len)?;
+            let payload = f.take(payload_len)?;
+            Frame::Forward(Forward {
+                qos: flags & 0x03,
+                retain: flags & F_RETAIN != 0,
+                topic,
+                payload,
+                properties,
+                ack_token,
+            })
+        }
+        T_STORED => {
+            let token = u32::try_from(f.varint()?).map_err(|_| LinkError::Malformed("token"))?;
+            Frame::Stored { token, ok: f.u8()? != 0 }
+        }
+        T_RECEIVED => Frame::Received { seq: f.varint()? },
+        t => return Err(LinkError::UnknownType(t)),
+    };
+    f.done()?;
+    Ok(Some((frame, end)))
+}
+
+/// What one side of a link opening does next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandshakeStep {
+    /// Keep reading.
+    Continue,
+    /// The link is open with this peer.
+    Open(NodeIdentity),
+    /// Refused: send what `poll_transmit` has (a Refuse frame) and close. The error says why (log it).
+    Refused(LinkError),
+}
+
+/// One side of a link's handshake, sans I/O: bytes in, bytes out.
+pub struct Handshake {
+    me: NodeIdentity,
+    secret: Option<hmac::Key>,
+    my_nonce: [u8; 16],
+    peer: Option<(NodeIdentity, [u8; 16])>,
+    out: Vec<u8>,
+    inbuf: Vec<u8>,
+}
+
+impl Handshake {
+    /// `nonce` must be fresh for every link (the caller draws it from the OS: this core has no
+    /// randomness of its own, so simulations replay).
+    pub fn new(me: NodeIdentity, secret: Option<&[u8]>, nonce: [u8; 16]) -> Handshake {
+        let mut out = Vec::new();
+        encode(&Frame::Hello { version: LINK_VERSION, identity: me.clone(), nonce }, &mut out);
+        Handshake {
+            me,
+            secret: secret.map(|s| hmac::Key::new(hmac::HMAC_SHA256, s)),
+            my_nonce: nonce,
+            peer: None,
+            out,
+            inbuf: Vec::new(),
+        }
+    }
+
+    pub fn take_transmit(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The proof one side sends: over (sender's nonce, receiver's nonce, sender, receiver), so it cannot
+    /// be replayed on another link or reflected back.
+    fn proof(
+        &self,
+        from: &NodeIdentity,
+        from_nonce: &[u8; 16],
+        to: &NodeIdentity,
+        to_nonce: &[u8; 16],
+    ) -> Vec<u8> {
+        let Some(key) = &self.secret else { return Vec::new() };
+        let mut data = Vec::new();
+        data.extend_from_slice(b"shardmq-link-v1");
+        data.extend_from_slice(from_nonce);
+        data.extend_from_slice(to_nonce);
+        put_identity(&mut data, from);
+        put_identity(&mut data, to);
+        hmac::sign(key, &data).as_ref().to_vec()
+    }
+
+    fn refuse(&mut self, e: LinkError) -> HandshakeStep {
+        encode(&Frame::Refuse { reason: &e.to_string() }, &mut self.out);
+        HandshakeStep::Refused(e)
+    }
+
+    /// Bytes from the peer. Bytes after the handshake (the first data frames) stay in `leftover`.
+    pub fn handle_bytes(&mut self, data: &[u8]) -> HandshakeStep {
+        self.inbuf.extend_from_slice(data);
+        loop {
+            let (frame, used) = match decode(&self.inbuf) {
+                Ok(Some((f, n))) => (owned(f), n),
+                Ok(None) => return HandshakeStep::Continue,
+                Err(e) => return self.refuse(e),
+            };
+            self.inbuf.drain(..used);
+            match (frame, self.peer.clone()) {
+                (OwnedHandshakeFrame::Refuse(reason), _) => {
+                    return HandshakeStep::Refused(LinkError::Refused(reason));
+                }
+                (OwnedHandshakeFrame::Hello { version, identity, nonce }, None) => {
+                    if version != LINK_VERSION {
+                        return self.refuse(LinkError::Version(version));
+                    }
+                    let tag = self.proof(&self.me, &self.my_nonce, &identity, &nonce);
+                    encode(&Frame::Proof { tag }, &mut self.out);
+                    self.peer = Some((identity, nonce));
+                }
+                (OwnedHandshakeFrame::Proof(tag), Some((peer, peer_nonce))) => {
+                    let want = self.proof(&peer, &peer_nonce, &self.me, &self.my_nonce);
+                    let ok = want.len() == tag.len()
+                        && want.iter().zip(&tag).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+                    if !ok {
+                        return self.refuse(LinkError::WrongSecret);
+                    }
+                    return HandshakeStep::Open(peer);
+                }
+                (OwnedHandshakeFrame::Hello { .. }, Some(_)) => {
+                    return self.refuse(LinkError::Unexpected("second Hello"))
+                }
+                (OwnedHandshakeFrame::Proof(_), None) => {
+                    return self.refuse(LinkError::Unexpected("Proof before Hello"))
+                }
+                (OwnedHandshakeFrame::Other(what), _) => return self.refuse(LinkError::Unexpected(what)),
+            }
+        }
+    }
+
+    /// Bytes received past the handshake (data frames the peer sent right after its proof).
+    pub fn leftover(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.inbuf)
+    }
+}
+
+enum OwnedHandshakeFrame {
+    Hello { version: u16, identity: NodeIdentity, nonce: [u8; 16] },
+    Proof(Vec<u8>),
+    Refuse(String),
+    Other(&'static str),
+}
+
+fn owned(f: Frame<'_>) -> OwnedHandshakeFrame {
+    match f {
+        Frame::Hello { version, identity, nonce } => OwnedHandshakeFrame::Hello { version, identity, nonce },
+        Frame::Proof { tag } => OwnedHandshakeFrame::Proof(tag),
+        Frame::Refuse { reason } => OwnedHandshakeFrame::Refuse(reason.to_string()),
+        Frame::Forward(_) => OwnedHandshakeFrame::Other("Forward"),
+        Frame::Stored { .. } => OwnedHandshakeFrame::Other("Stored"),
+        Frame::Received { .. } => OwnedHandshakeFrame::Other("Received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id(name: &str, port: u16) -> NodeIdentity {
+        NodeIdentity::new(name, ([127, 0, 0, 1], port).into(), "z", "r", 7)
+    }
+
+    /// Runs two handshakes against each other; returns what each side ended with.
+    fn pair(sa: Option<&[u8]>, sb: Option<&[u8]>) -> (HandshakeStep, HandshakeStep) {
+        let mut a = Handshake::new(id("a", 1), sa, [1; 16]);
+        let mut b = Handshake::new(id("b", 2), sb, [2; 16]);
+        let (mut ra, mut rb) = (HandshakeStep::Continue, HandshakeStep::Continue);
+        for _ in 0..4 {
+            let to_b = a.take_transmit();
+            let to_a = b.take_transmit();
+            if ra == HandshakeStep::Continue && !to_a.is_empty() {
+                ra = a.handle_bytes(&to_a);
+            }
+            if rb == HandshakeStep::Continue && !to_b.is_empty() {
+                rb = b.handle_bytes(&to_b);
+            }
+        }
+        (ra, rb)
+    }
+
+    #[test]
+    fn a_handshake_opens_with_the_same_secret_or_none() {
+        assert_eq!(
+            pair(Some(b"s"), Some(b"s")),
+            (HandshakeStep::Open(id("b", 2)), HandshakeStep::Open(id("a", 1)))
+        );
+        assert_eq!(pair(None, None), (HandshakeStep::Open(id("b", 2)), HandshakeStep::Open(id("a", 1))));
+    }
+
+    #[test]
+    fn another_secret_or_none_is_refused_on_both_sides() {
+        for (sa, sb) in [(Some(&b"s"[..]), Some(&b"t"[..])), (Some(&b"s"[..]), None), (None, Some(&b"s"[..]))]
+        {
+            let (ra, rb) = pair(sa, sb);
+            assert!(matches!(ra, HandshakeStep::Refused(_)), "{ra:?}");
+            assert!(matches!(rb, HandshakeStep::Refused(_)), "{rb:?}");
+        }
+    }
+
+    #[test]
+    fn another_version_is_refused_with_a_reason() {
+        let mut a = Handshake::new(id("a", 1), None, [1; 16]);
+        let mut hello = Vec::new();
+        encode(&Frame::Hello { version: 9, identity: id("b", 2), nonce: [0; 16] }, &mut hello);
+        let _ = a.take_transmit();
+        assert_eq!(a.handle_bytes(&hello), HandshakeStep::Refused(LinkError::Version(9)));
+        let out = a.take_transmit();
+        let (f, _) = decode(&out).unwrap().unwrap();
+        assert!(matches!(f, Frame::Refuse { reason } if reason.contains('9')));
+    }
+
+    #[test]
+    fn a_forward_costs_at_most_16_bytes_of_framing() {
+        for (topic_len, payload_len, token) in
+            [(10, 64, None), (100, 1000, Some(5)), (1000, 100_000, Some(1 << 27))]
+        {
+            let topic = "t".repeat(topic_len);
+            let payload = vec![7u8; payload_len];
+            let fw = Forward {
+                qos: 1,
+                retain: true,
+                topic: &topic,
+                payload: &payload,
+                properties: &[],
+                ack_token: token,
+            };
+            let mut out = Vec::new();
+            encode(&Frame::Forward(fw.clone()), &mut out);
+            let framing = out.len() - topic_len - payload_len;
+            assert!(framing <= 16, "{framing} bytes of framing");
+            assert_eq!(decode(&out).unwrap().unwrap(), (Frame::Forward(fw), out.len()));
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_incomplete_ones_wait() {
+        let frames = vec![
+            Frame::Hello { version: LINK_VERSION, identity: id("n", 5), nonce: [3; 16] },
+            Frame::Proof { tag: vec![1, 2, 3] },
+            Frame::Refuse { reason: "no" },
+            Frame::Forward(Forward {
+                qos: 2,
+                retain: false,
+                topic: "a/b",
+                payload: b"x",
+                properties: &[1, 2],
+                ack_token: Some(9),
+            }),
+            Frame::Stored { token: 77, ok: false },
+            Frame::Received { seq: 1 << 40 },
+        ];
+        for f in frames {
+            let mut out = Vec::new();
+            encode(&f, &mut out);
+            for cut in 0..out.len() {
+                assert_eq!(decode(&out[..cut]), Ok(None), "{f:?} cut at {cut}");
+            }
+            assert_eq!(decode(&out), Ok(Some((f, out.len()))));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(&b);
+            let mut h = Handshake::new(id("a", 1), Some(b"s"), [1; 16]);
+            let _ = h.handle_bytes(&b);
+        }
+    }
+}
