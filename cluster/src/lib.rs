@@ -14,9 +14,8 @@
 //! process under a seeded simulation (`tests/sim.rs`).
 //!
 //! What it does not do yet: running links (reconnects, resume from `Received`, bounded backlogs),
-//! forwarding by interest, retained snapshots for joining nodes,
-//! replication, or anything the broker binary drives (no flags are wired to it yet). Those build on this
-//! (issue "Cluster, one zone").
+//! forwarding by interest, retained snapshots for joining nodes, or anything the broker binary drives (no
+//! flags are wired to it yet). Those build on this (issue "Cluster, one zone").
 
 pub mod frame;
 mod identity;
