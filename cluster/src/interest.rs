@@ -265,10 +265,11 @@ impl PeerInterest {
         }
     }
 
-    /// Applies a delta that follows snapshot `generation`. One for an older generation is already part
-    /// of the snapshot applied since, and is ignored (returns false).
+    /// Applies a delta that follows snapshot `generation`. One for an older generation was sent before
+    /// the snapshot applied since (a link keeps order), which already holds it: ignored (returns false).
+    /// A newer one follows a snapshot made for another peer, and applies.
     pub fn apply_delta(&mut self, generation: u64, d: &Delta) -> bool {
-        if generation != self.generation {
+        if generation < self.generation {
             return false;
         }
         match d {

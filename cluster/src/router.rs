@@ -1,0 +1,377 @@
+//! Interest routing in a zone, sans I/O: which peers a publish goes to, what this node announces, and
+//! when a SUBACK may leave.
+//!
+//! Each node announces its node-level interest ([`crate::interest`]) to every peer that is up: a snapshot
+//! when the peer comes up (or its link resyncs), then the 0 ↔ 1 deltas. A delta that adds interest carries
+//! a token; every peer up in this node's view answers it once applied, and the SUBACK of the subscription
+//! that caused it waits for all of them ([`ZoneRouter::poll_completed`]): so a publish started on any node
+//! after the client got its SUBACK reaches it. A peer that goes down is not waited for; a peer that does
+//! not answer within the timeout is not waited for either, and that is counted and logged.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::interest::{Delta, LocalInterest, PeerInterest, Snapshot};
+use crate::NodeName;
+
+/// What goes to a peer over its link.
+#[derive(Debug, Clone)]
+pub enum Announce {
+    Snapshot(Snapshot),
+    /// Deltas that follow snapshot `generation`; `token`: answer with [`Announce::Ack`] once applied.
+    Deltas {
+        generation: u64,
+        deltas: Vec<Delta>,
+        token: Option<u64>,
+    },
+    Ack {
+        token: u64,
+    },
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RouterCounters {
+    /// SUBACKs released because a peer did not acknowledge in time.
+    pub ack_timeouts: u64,
+    /// Announcements from a node that is not (or no longer) a peer.
+    pub from_unknown: u64,
+}
+
+struct PendingAck {
+    waiting: HashSet<NodeName>,
+    deadline: Instant,
+}
+
+pub struct ZoneRouter {
+    local: LocalInterest,
+    peers: HashMap<NodeName, PeerInterest>,
+    pending: BTreeMap<u64, PendingAck>,
+    /// The token a filter's announcement waits for: a second subscriber to the filter meanwhile waits
+    /// for the same one (its SUBACK must not overtake the first one's).
+    pending_filters: HashMap<Box<str>, u64>,
+    next_token: u64,
+    ack_timeout: Duration,
+    out: VecDeque<(NodeName, Announce)>,
+    completed: VecDeque<u64>,
+    counters: RouterCounters,
+}
+
+impl ZoneRouter {
+    pub fn new(ack_timeout: Duration) -> ZoneRouter {
+        ZoneRouter {
+            local: LocalInterest::default(),
+            peers: HashMap::new(),
+            pending: BTreeMap::new(),
+            pending_filters: HashMap::new(),
+            next_token: 1,
+            ack_timeout,
+            out: VecDeque::new(),
+            completed: VecDeque::new(),
+            counters: RouterCounters::default(),
+        }
+    }
+
+    pub fn counters(&self) -> RouterCounters {
+        self.counters
+    }
+
+    /// A peer is up (membership) and its link open, or its link resynced: it gets this node's whole
+    /// interest, and starts from nothing of its own until it sends its snapshot.
+    pub fn peer_up(&mut self, peer: NodeName) {
+        let snap = self.local.snapshot();
+        self.peers.insert(peer.clone(), PeerInterest::default());
+        self.out.push_back((peer, Announce::Snapshot(snap)));
+    }
+
+    /// A peer is down: nothing more is forwarded to it, and no SUBACK waits for it.
+    pub fn peer_down(&mut self, peer: &NodeName) {
+        self.peers.remove(peer);
+        let done: Vec<u64> = self
+            .pending
+            .iter_mut()
+            .filter_map(|(t, p)| (p.waiting.remove(peer) && p.waiting.is_empty()).then_some(*t))
+            .collect();
+        for t in done {
+            self.finish(t);
+        }
+    }
+
+    fn finish(&mut self, token: u64) {
+        self.pending.remove(&token);
+        self.pending_filters.retain(|_, t| *t != token);
+        self.completed.push_back(token);
+    }
+
+    /// A local subscriber to `filter`. Returns the token its SUBACK waits for (see
+    /// [`ZoneRouter::poll_completed`]; several subscriptions may wait for one token), or `None` when it
+    /// need not wait (the peers know the filter already, or there is no peer).
+    pub fn subscribe(&mut self, filter: &str, now: Instant) -> Option<u64> {
+        self.local.add(filter);
+        let (generation, deltas) = self.local.take_deltas();
+        if deltas.is_empty() {
+            return self.pending_filters.get(filter).copied();
+        }
+        if self.peers.is_empty() {
+            self.broadcast(generation, deltas, None);
+            return None;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let waiting: HashSet<NodeName> = self.peers.keys().cloned().collect();
+        self.pending.insert(token, PendingAck { waiting, deadline: now + self.ack_timeout });
+        self.pending_filters.insert(filter.into(), token);
+        self.broadcast(generation, deltas, Some(token));
+        Some(token)
+    }
+
+    pub fn unsubscribe(&mut self, filter: &str) {
+        self.local.remove(filter);
+        let (generation, deltas) = self.local.take_deltas();
+        self.broadcast(generation, deltas, None);
+    }
+
+    fn broadcast(&mut self, generation: u64, deltas: Vec<Delta>, token: Option<u64>) {
+        if deltas.is_empty() {
+            return;
+        }
+        for p in self.peers.keys() {
+            let a = Announce::Deltas { generation, deltas: deltas.clone(), token };
+            self.out.push_back((p.clone(), a));
+        }
+    }
+
+    /// An announcement from a peer.
+    pub fn handle(&mut self, from: &NodeName, a: Announce) {
+        match a {
+            Announce::Ack { token } => {
+                if let Some(p) = self.pending.get_mut(&token) {
+                    p.waiting.remove(from);
+                    if p.waiting.is_empty() {
+                        self.finish(token);
+                    }
+                }
+            }
+            Announce::Snapshot(s) => match self.peers.get_mut(from) {
+                Some(p) => p.apply_snapshot(s),
+                None => self.counters.from_unknown += 1,
+            },
+            Announce::Deltas { generation, deltas, token } => {
+                let Some(p) = self.peers.get_mut(from) else {
+                    self.counters.from_unknown += 1;
+                    return;
+                };
+                for d in &deltas {
+                    p.apply_delta(generation, d);
+                }
+                if let Some(token) = token {
+                    self.out.push_back((from.clone(), Announce::Ack { token }));
+                }
+            }
+        }
+    }
+
+    /// Releases SUBACKs whose peers did not answer in time (counted, logged).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let late: Vec<u64> =
+            self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(t, _)| *t).collect();
+        for t in late {
+            if let Some(p) = self.pending.get(&t) {
+                self.counters.ack_timeouts += 1;
+                tracing::warn!(token = t, waiting = ?p.waiting, "interest not acknowledged in time; SUBACK sent anyway");
+                self.finish(t);
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.deadline).min()
+    }
+
+    pub fn poll_announce(&mut self) -> Option<(NodeName, Announce)> {
+        self.out.pop_front()
+    }
+
+    /// A SUBACK that may leave now.
+    pub fn poll_completed(&mut self) -> Option<u64> {
+        self.completed.pop_front()
+    }
+
+    /// The peers a publish to `topic` goes to: every one whose interest may match (never one fewer).
+    pub fn route<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a NodeName> + 'a {
+        self.peers.iter().filter(move |(_, p)| p.may_match(topic)).map(|(n, _)| n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A few routers wired by per-pair FIFO links, with a seeded choice of which link delivers next.
+    struct Zone {
+        nodes: Vec<ZoneRouter>,
+        names: Vec<NodeName>,
+        links: BTreeMap<(usize, usize), VecDeque<Announce>>,
+        up: Vec<bool>,
+        rng: u64,
+        now: Instant,
+    }
+
+    impl Zone {
+        fn new(n: usize, seed: u64) -> Zone {
+            let names: Vec<NodeName> = (0..n).map(|i| NodeName(format!("n{i}").into())).collect();
+            let mut z = Zone {
+                nodes: (0..n).map(|_| ZoneRouter::new(Duration::from_secs(2))).collect(),
+                names,
+                links: BTreeMap::new(),
+                up: vec![true; n],
+                rng: seed | 1,
+                now: Instant::now(),
+            };
+            for a in 0..n {
+                for b in 0..n {
+                    if a != b {
+                        let name = z.names[b].clone();
+                        z.nodes[a].peer_up(name);
+                    }
+                }
+            }
+            z.pump();
+            z
+        }
+
+        fn next(&mut self) -> u64 {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            self.rng
+        }
+
+        fn index(&self, n: &NodeName) -> usize {
+            self.names.iter().position(|x| x == n).unwrap()
+        }
+
+        /// Moves announcements onto links, then delivers `steps` of them in a random link order (all if
+        /// `None`).
+        fn step(&mut self, steps: Option<usize>) {
+            let mut delivered = 0;
+            loop {
+                for a in 0..self.nodes.len() {
+                    while let Some((to, m)) = self.nodes[a].poll_announce() {
+                        let b = self.index(&to);
+                        if self.up[a] && self.up[b] {
+                            self.links.entry((a, b)).or_default().push_back(m);
+                        }
+                    }
+                }
+                if steps.is_some_and(|s| delivered >= s) {
+                    return;
+                }
+                let busy: Vec<(usize, usize)> =
+                    self.links.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
+                if busy.is_empty() {
+                    return;
+                }
+                let (a, b) = busy[(self.next() % busy.len() as u64) as usize];
+                let m = self.links.get_mut(&(a, b)).unwrap().pop_front().unwrap();
+                let from = self.names[a].clone();
+                self.nodes[b].handle(&from, m);
+                delivered += 1;
+            }
+        }
+
+        fn pump(&mut self) {
+            self.step(None);
+        }
+    }
+
+    #[test]
+    fn a_suback_waits_for_every_peer_and_then_every_publish_reaches_the_subscriber() {
+        for seed in 1..50u64 {
+            let mut z = Zone::new(4, seed);
+            let now = z.now;
+            let token = z.nodes[2].subscribe("dev/+/state", now).expect("new interest with peers up");
+            z.step(Some(2));
+            // Three deltas out and three acknowledgements back take six deliveries.
+            assert!(z.nodes[2].poll_completed().is_none());
+            z.pump();
+            assert_eq!(z.nodes[2].poll_completed(), Some(token));
+            for n in [0, 1, 3] {
+                let routed: Vec<_> = z.nodes[n].route("dev/7/state").cloned().collect();
+                assert_eq!(routed, vec![z.names[2].clone()], "seed {seed}: node {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_subscriptions_never_miss_a_publish_after_their_suback() {
+        for seed in 1..40u64 {
+            let mut z = Zone::new(4, seed);
+            // (node, filter) whose SUBACK was released, still subscribed.
+            let mut acked: Vec<(usize, String)> = Vec::new();
+            let mut tokens: HashMap<(usize, u64), Vec<String>> = HashMap::new();
+            let filters = ["a/+", "a/b", "c/#", "$share/g/a/b", "d"];
+            let topics = ["a/b", "a/x", "c", "c/d/e", "d", "e"];
+            for _ in 0..200 {
+                let r = z.next();
+                let node = (r % 4) as usize;
+                let f = filters[((r >> 8) % filters.len() as u64) as usize];
+                match (r >> 16) % 4 {
+                    0 => {
+                        let now = z.now;
+                        match z.nodes[node].subscribe(f, now) {
+                            Some(t) => tokens.entry((node, t)).or_default().push(f.to_string()),
+                            None => acked.push((node, f.to_string())),
+                        }
+                    }
+                    1 => {
+                        if let Some(i) = acked.iter().position(|(n, x)| *n == node && x == f) {
+                            acked.swap_remove(i);
+                            z.nodes[node].unsubscribe(f);
+                        }
+                    }
+                    _ => z.step(Some(((r >> 24) % 5) as usize)),
+                }
+                for n in 0..4 {
+                    while let Some(t) = z.nodes[n].poll_completed() {
+                        acked.extend(tokens.remove(&(n, t)).unwrap().into_iter().map(|f| (n, f)));
+                    }
+                }
+                // Every publish from any node reaches every node with an acknowledged matching filter.
+                for t in topics {
+                    for from in 0..4 {
+                        let routed: HashSet<NodeName> = z.nodes[from].route(t).cloned().collect();
+                        for (n, f) in &acked {
+                            if *n != from && shardmq_wire::topic::matches(f, t) {
+                                assert!(
+                                    routed.contains(&z.names[*n]),
+                                    "seed {seed}: {t} from {from} misses {f} on {n}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_peer_that_goes_down_is_not_waited_for_and_a_silent_one_times_out() {
+        let mut z = Zone::new(3, 5);
+        let now = z.now;
+        let t = z.nodes[0].subscribe("x", now).unwrap();
+        // Node 2 dies before it answers; node 1 answers.
+        z.up[2] = false;
+        z.pump();
+        assert_eq!(z.nodes[0].poll_completed(), None);
+        let dead = z.names[2].clone();
+        z.nodes[0].peer_down(&dead);
+        assert_eq!(z.nodes[0].poll_completed(), Some(t));
+        // Node 1 stops answering without being declared down: the timeout releases the SUBACK.
+        z.up[1] = false;
+        let t2 = z.nodes[0].subscribe("y", now).unwrap();
+        z.pump();
+        z.nodes[0].handle_timeout(now + Duration::from_secs(3));
+        assert_eq!(z.nodes[0].poll_completed(), Some(t2));
+        assert_eq!(z.nodes[0].counters().ack_timeouts, 1);
+    }
+}
