@@ -7,6 +7,10 @@
 //! false negative) and the wildcard filters as a list. Filters are immutable, so between snapshots the
 //! deltas travel explicitly; each carries the generation of the snapshot it follows.
 //!
+//! Shared subscriptions (`$share/group/filter`) are announced apart, with their member count on every
+//! change ([`Delta::Members`]): a publish goes to one member of a group in the whole zone, chosen by
+//! member count across nodes, so every node needs the counts (see `router`).
+//!
 //! The receiver ([`PeerInterest`]) answers [`PeerInterest::may_match`]: the summary, the exact filters
 //! added since it, and a trie of the wildcard filters. A removed exact filter stays in the summary until
 //! the next snapshot (a false positive: the receiving node matches against its own index and counts
@@ -22,11 +26,6 @@ pub fn topic_key(topic: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(topic.as_bytes(), 0)
 }
 
-/// The filter a full filter matches with (`$share/group/f` matches what `f` does).
-fn inner(filter: &str) -> &str {
-    topic::parse_shared(filter).map_or(filter, |s| s.filter)
-}
-
 fn is_wildcard(filter: &str) -> bool {
     filter.contains(['+', '#'])
 }
@@ -38,6 +37,8 @@ pub enum Delta {
     Add(Box<str>),
     /// The last one left.
     Remove(Box<str>),
+    /// A shared subscription's (`$share/group/filter`) member count on the node changed (0: none left).
+    Members { filter: Box<str>, count: u32 },
 }
 
 /// A node's whole interest at one generation.
@@ -49,6 +50,8 @@ pub struct Snapshot {
     /// Exact keys the summary could not take (its construction failed): sent as they are.
     pub exact_plain: Vec<u64>,
     pub wildcards: Vec<Box<str>>,
+    /// Shared subscriptions and their member counts on the node.
+    pub shared: Vec<(Box<str>, u32)>,
 }
 
 /// Why a snapshot from a peer was refused.
@@ -58,7 +61,7 @@ pub enum SnapshotError {
     Truncated(usize),
     #[error("interest snapshot: summary descriptor inconsistent with its {0} fingerprints")]
     BadSummary(usize),
-    #[error("interest snapshot: a wildcard filter is not valid UTF-8 or not a valid filter")]
+    #[error("interest snapshot: a filter is not valid UTF-8 or not a valid filter")]
     BadFilter,
     #[error("interest snapshot: {0} bytes left over")]
     Trailing(usize),
@@ -67,7 +70,7 @@ pub enum SnapshotError {
 /// Snapshot layout (all integers little-endian):
 /// `generation u64 | has_summary u8 | [seed u64 | segment_length u32 | mask u32 | segment_count_length u32 |
 /// fingerprints u32-length-prefixed] | plain keys u32 count, u64 each | wildcards u32 count, each u16-length
-/// UTF-8`.
+/// UTF-8 | shared u32 count, each u16-length UTF-8 and u32 members`.
 impl Snapshot {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.generation.to_le_bytes());
@@ -93,6 +96,12 @@ impl Snapshot {
             // Filters are at most 65,535 bytes (MQTT strings), so the length fits.
             out.extend_from_slice(&(w.len() as u16).to_le_bytes());
             out.extend_from_slice(w.as_bytes());
+        }
+        out.extend_from_slice(&(self.shared.len() as u32).to_le_bytes());
+        for (f, n) in &self.shared {
+            out.extend_from_slice(&(f.len() as u16).to_le_bytes());
+            out.extend_from_slice(f.as_bytes());
+            out.extend_from_slice(&n.to_le_bytes());
         }
     }
 
@@ -136,15 +145,25 @@ impl Snapshot {
         for _ in 0..n {
             let len = r.u16()? as usize;
             let s = std::str::from_utf8(r.take(len)?).map_err(|_| SnapshotError::BadFilter)?;
-            if !topic::valid_topic_filter(s) {
+            if !topic::valid_topic_filter(s) || topic::parse_shared(s).is_some() {
                 return Err(SnapshotError::BadFilter);
             }
             wildcards.push(s.into());
         }
+        let n = r.u32()? as usize;
+        let mut shared = Vec::with_capacity(n.min(b.len() / 6));
+        for _ in 0..n {
+            let len = r.u16()? as usize;
+            let s = std::str::from_utf8(r.take(len)?).map_err(|_| SnapshotError::BadFilter)?;
+            if topic::parse_shared(s).is_none() {
+                return Err(SnapshotError::BadFilter);
+            }
+            shared.push((s.into(), r.u32()?));
+        }
         if r.pos != b.len() {
             return Err(SnapshotError::Trailing(b.len() - r.pos));
         }
-        Ok(Snapshot { generation, exact, exact_plain, wildcards })
+        Ok(Snapshot { generation, exact, exact_plain, wildcards, shared })
     }
 }
 
@@ -187,23 +206,41 @@ pub struct LocalInterest {
 }
 
 impl LocalInterest {
-    /// One more subscriber to `filter`; the first one is announced.
+    /// One more subscriber to `filter`; the first one is announced (every one, for a shared filter).
     pub fn add(&mut self, filter: &str) {
         let n = self.counts.entry(filter.into()).or_insert(0);
         *n += 1;
-        if *n == 1 {
+        let count = *n;
+        if topic::parse_shared(filter).is_some() {
+            self.pending.push(Delta::Members { filter: filter.into(), count });
+        } else if count == 1 {
             self.pending.push(Delta::Add(filter.into()));
         }
     }
 
-    /// One subscriber fewer; the last one is announced.
+    /// One subscriber fewer; the last one is announced (every one, for a shared filter).
     pub fn remove(&mut self, filter: &str) {
         let Some(n) = self.counts.get_mut(filter) else { return };
         *n -= 1;
-        if *n == 0 {
+        let count = *n;
+        if count == 0 {
             self.counts.remove(filter);
+        }
+        if topic::parse_shared(filter).is_some() {
+            self.pending.push(Delta::Members { filter: filter.into(), count });
+        } else if count == 0 {
             self.pending.push(Delta::Remove(filter.into()));
         }
+    }
+
+    /// This node's subscriber count for a filter.
+    pub fn count(&self, filter: &str) -> u32 {
+        self.counts.get(filter).copied().unwrap_or(0)
+    }
+
+    /// The shared subscriptions this node has members of, with their counts.
+    pub fn shared(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.counts.iter().filter(|(f, _)| topic::parse_shared(f).is_some()).map(|(f, n)| (&**f, *n))
     }
 
     /// The changes since the last call, tagged with the generation they follow.
@@ -215,11 +252,12 @@ impl LocalInterest {
     pub fn snapshot(&mut self) -> Snapshot {
         self.generation += 1;
         self.pending.clear();
+        let shared: Vec<(Box<str>, u32)> = self.shared().map(|(f, n)| (f.into(), n)).collect();
         let (wild, exact): (Vec<&Box<str>>, Vec<&Box<str>>) =
-            self.counts.keys().partition(|f| is_wildcard(inner(f)));
-        let mut keys: Vec<u64> = exact.iter().map(|f| topic_key(inner(f))).collect();
+            self.counts.keys().filter(|f| topic::parse_shared(f).is_none()).partition(|f| is_wildcard(f));
+        let mut keys: Vec<u64> = exact.iter().map(|f| topic_key(f)).collect();
         keys.sort_unstable();
-        keys.dedup(); // `$share/a/t` and `t` are one key; the filter needs distinct keys
+        keys.dedup(); // the filter needs distinct keys
         let (summary, plain) = match keys.len() {
             0 => (None, Vec::new()),
             _ => match BinaryFuse8::try_from(&keys) {
@@ -232,6 +270,7 @@ impl LocalInterest {
             exact: summary,
             exact_plain: plain,
             wildcards: wild.into_iter().cloned().collect(),
+            shared,
         }
     }
 }
@@ -243,10 +282,11 @@ pub struct PeerInterest {
     summary: Option<BinaryFuse8>,
     /// Exact keys outside the summary: added since the snapshot, or sent plain.
     exact: HashSet<u64>,
-    /// Subscriber-filter counts of exact filters added since the snapshot, so that a removal takes
-    /// a key out only when no filter with that key is left (`$share/g/t` and `t`).
+    /// Exact filters added since the snapshot, with their keys.
     exact_filters: HashMap<Box<str>, u64>,
     wildcards: WildcardSet,
+    /// Shared subscriptions and the peer's member count of each.
+    shared: HashMap<Box<str>, u32>,
 }
 
 impl PeerInterest {
@@ -261,8 +301,19 @@ impl PeerInterest {
         self.exact_filters.clear();
         self.wildcards = WildcardSet::default();
         for w in &s.wildcards {
-            self.wildcards.insert(inner(w));
+            self.wildcards.insert(w);
         }
+        self.shared = s.shared.into_iter().filter(|(_, n)| *n > 0).collect();
+    }
+
+    /// The peer's members of a shared subscription (`$share/group/filter`).
+    pub fn members(&self, shared_filter: &str) -> u32 {
+        self.shared.get(shared_filter).copied().unwrap_or(0)
+    }
+
+    /// The peer's shared subscriptions with members.
+    pub fn shared(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.shared.iter().map(|(f, n)| (&**f, *n))
     }
 
     /// Applies a delta that follows snapshot `generation`. One for an older generation was sent before
@@ -273,10 +324,16 @@ impl PeerInterest {
             return false;
         }
         match d {
-            Delta::Add(f) if is_wildcard(inner(f)) => self.wildcards.insert(inner(f)),
-            Delta::Remove(f) if is_wildcard(inner(f)) => self.wildcards.remove(inner(f)),
+            Delta::Members { filter, count: 0 } => {
+                self.shared.remove(filter);
+            }
+            Delta::Members { filter, count } => {
+                self.shared.insert(filter.clone(), *count);
+            }
+            Delta::Add(f) if is_wildcard(f) => self.wildcards.insert(f),
+            Delta::Remove(f) if is_wildcard(f) => self.wildcards.remove(f),
             Delta::Add(f) => {
-                let key = topic_key(inner(f));
+                let key = topic_key(f);
                 self.exact_filters.insert(f.clone(), key);
                 self.exact.insert(key);
             }
@@ -284,17 +341,15 @@ impl PeerInterest {
                 // Only what was added since the snapshot can go; the summary keeps the rest until the
                 // next one (a false positive, never a false negative).
                 if let Some(key) = self.exact_filters.remove(f) {
-                    if !self.exact_filters.values().any(|k| *k == key) {
-                        self.exact.remove(&key);
-                    }
+                    self.exact.remove(&key);
                 }
             }
         }
         true
     }
 
-    /// Whether a publish to `topic` may match a subscription on the peer. Never false for a topic one
-    /// of its announced filters matches.
+    /// Whether a publish to `topic` may match a (non-shared) subscription on the peer. Never false for a
+    /// topic one of its announced filters matches.
     pub fn may_match(&self, topic: &str) -> bool {
         let key = topic_key(topic);
         self.summary.as_ref().is_some_and(|f| f.contains(&key))
@@ -422,9 +477,12 @@ mod tests {
         }
         let mut p = PeerInterest::default();
         p.apply_snapshot(l.snapshot());
-        for t in ["s/1", "s/2", "w/q/t", "all", "all/x/y", "shared/x"] {
+        for t in ["s/1", "s/2", "w/q/t", "all", "all/x/y"] {
             assert!(p.may_match(t), "{t}");
         }
+        assert!(!p.may_match("shared/x"), "shared groups are routed by member count, not by may_match");
+        assert_eq!(p.members("$share/g/shared/x"), 1);
+        l.add("$share/g/shared/x");
         assert!(!p.may_match("w/q/t/u") && !p.may_match("w/t"));
         l.add("new/exact");
         l.add("new/+");
@@ -435,6 +493,7 @@ mod tests {
         }
         assert!(p.may_match("new/exact") && p.may_match("new/z"));
         assert!(!p.may_match("all/x/y"), "a withdrawn wildcard is gone at once");
+        assert_eq!(p.members("$share/g/shared/x"), 2, "every member count change is announced");
         // A delta of an older generation is already in a newer snapshot.
         p.apply_snapshot(l.snapshot());
         assert!(!p.apply_delta(g, &Delta::Add("stale".into())));
@@ -545,9 +604,14 @@ mod tests {
             p.apply_snapshot(l.snapshot());
             let check = |p: &PeerInterest, live: &HashMap<String, u32>| -> Result<(), TestCaseError> {
                 for t in &topics {
-                    let wanted = live.keys().any(|f| topic::matches(f, t));
+                    let wanted = live.keys().any(|f| topic::parse_shared(f).is_none() && topic::matches(f, t));
                     prop_assert!(!wanted || p.may_match(t), "false negative for {} with {:?}", t, live.keys());
                 }
+                // Shared member counts are replicated exactly.
+                let shared: HashMap<String, u32> =
+                    live.iter().filter(|(f, _)| topic::parse_shared(f).is_some()).map(|(f, n)| (f.clone(), *n)).collect();
+                let got: HashMap<String, u32> = p.shared().map(|(f, n)| (f.to_string(), n)).collect();
+                prop_assert_eq!(got, shared);
                 Ok(())
             };
             check(&p, &live)?;
@@ -572,9 +636,9 @@ mod tests {
             check(&p, &live)?;
             // After a snapshot the wildcard part is exact: no wildcard false positives either.
             for t in &topics {
-                let wanted = live.keys().any(|f| topic::matches(f, t));
-                let exact_hit = live.keys().any(|f| !is_wildcard(inner(f)) && inner(f) == t);
-                if !wanted && !exact_hit {
+                let plain = |f: &&String| topic::parse_shared(f).is_none();
+                let wanted = live.keys().filter(plain).any(|f| topic::matches(f, t));
+                if !wanted {
                     let wild = p.wildcards.matches(t);
                     prop_assert!(!wild, "wildcard false positive for {}", t);
                 }

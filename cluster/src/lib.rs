@@ -10,8 +10,8 @@
 //! - [`interest`]: node-level interest, exact filters as BinaryFuse8 summaries and wildcard filters as
 //!   lists, 0 ↔ 1 deltas between snapshots, no false negatives;
 //! - [`router`]: the zone's interest routing: snapshots to peers that come up, deltas after, the peers a
-//!   publish goes to, and SUBACKs that wait until every peer up has the new interest (or is down, or
-//!   timed out);
+//!   publish goes to, one node per shared-group message by member count across the zone, and SUBACKs
+//!   that wait until every peer up has the new interest (or is down, or timed out);
 //! - [`link`]: the link protocol's frames (a forwarded PUBLISH in at most 16 bytes of framing) and the
 //!   handshake that opens a link (version, identities, a proof of the cluster secret over both nonces);
 //! - [`session`]: the part of a link that outlives its connection: numbered frames kept within a byte
@@ -19,8 +19,7 @@
 //! - [`retained`]: retained replicas, last writer wins by (hybrid logical clock, node name), with
 //!   tombstones, converging in any delivery order.
 //!
-//! What it does not do yet: drive links over sockets (connect, backoff, timers), shared-group weights
-//! across nodes, retained snapshots for joining nodes, or anything the broker binary drives (no flags are
+//! What it does not do yet: drive links over sockets (connect, backoff, timers), retained snapshots for joining nodes, or anything the broker binary drives (no flags are
 //! wired to it yet). Those build on this (issue "Cluster, one zone").
 
 pub mod frame;

@@ -29,6 +29,13 @@ pub enum Announce {
     },
 }
 
+/// The node that gets a shared group's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedTarget {
+    Local,
+    Peer(NodeName),
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RouterCounters {
     /// SUBACKs released because a peer did not acknowledge in time.
@@ -53,6 +60,8 @@ pub struct ZoneRouter {
     ack_timeout: Duration,
     out: VecDeque<(NodeName, Announce)>,
     completed: VecDeque<u64>,
+    /// Round-robin position per shared subscription; dropped when the group has no member left.
+    shared_rr: HashMap<Box<str>, u64>,
     counters: RouterCounters,
 }
 
@@ -67,6 +76,7 @@ impl ZoneRouter {
             ack_timeout,
             out: VecDeque::new(),
             completed: VecDeque::new(),
+            shared_rr: HashMap::new(),
             counters: RouterCounters::default(),
         }
     }
@@ -86,6 +96,7 @@ impl ZoneRouter {
     /// A peer is down: nothing more is forwarded to it, and no SUBACK waits for it.
     pub fn peer_down(&mut self, peer: &NodeName) {
         self.peers.remove(peer);
+        self.prune_shared_rr();
         let done: Vec<u64> = self
             .pending
             .iter_mut()
@@ -126,6 +137,7 @@ impl ZoneRouter {
 
     pub fn unsubscribe(&mut self, filter: &str) {
         self.local.remove(filter);
+        self.prune_shared_rr();
         let (generation, deltas) = self.local.take_deltas();
         self.broadcast(generation, deltas, None);
     }
@@ -163,6 +175,9 @@ impl ZoneRouter {
                 for d in &deltas {
                     p.apply_delta(generation, d);
                 }
+                if deltas.iter().any(|d| matches!(d, Delta::Members { count: 0, .. })) {
+                    self.prune_shared_rr();
+                }
                 if let Some(token) = token {
                     self.out.push_back((from.clone(), Announce::Ack { token }));
                 }
@@ -194,6 +209,54 @@ impl ZoneRouter {
     /// A SUBACK that may leave now.
     pub fn poll_completed(&mut self) -> Option<u64> {
         self.completed.pop_front()
+    }
+
+    /// For every shared subscription (`$share/group/filter`) matching `topic` with members anywhere in the
+    /// zone, the one node that gets this message: weighted round robin over the nodes by their member
+    /// counts, so messages spread evenly over members. Linear in the zone's shared subscriptions.
+    pub fn shared_targets(&mut self, topic: &str) -> Vec<(Box<str>, SharedTarget)> {
+        let mut filters: Vec<&str> = self
+            .local
+            .shared()
+            .map(|(f, _)| f)
+            .chain(self.peers.values().flat_map(|p| p.shared().map(|(f, _)| f)))
+            .filter(|f| shardmq_wire::topic::matches(f, topic))
+            .collect();
+        filters.sort_unstable();
+        filters.dedup();
+        let mut out = Vec::with_capacity(filters.len());
+        for f in filters {
+            let mut nodes: Vec<(SharedTarget, u32)> = vec![(SharedTarget::Local, self.local.count(f))];
+            let mut peers: Vec<(&NodeName, u32)> =
+                self.peers.iter().map(|(n, p)| (n, p.members(f))).filter(|(_, m)| *m > 0).collect();
+            peers.sort_unstable();
+            nodes.extend(peers.into_iter().map(|(n, m)| (SharedTarget::Peer(n.clone()), m)));
+            let total: u64 = nodes.iter().map(|(_, m)| *m as u64).sum();
+            if total == 0 {
+                continue;
+            }
+            let rr = self.shared_rr.entry(f.into()).or_insert(0);
+            let mut pick = *rr % total;
+            *rr = rr.wrapping_add(1);
+            for (target, m) in nodes {
+                if pick < m as u64 {
+                    out.push((f.into(), target));
+                    break;
+                }
+                pick -= m as u64;
+            }
+        }
+        out
+    }
+
+    /// Members of a shared subscription in the zone, as this node knows them.
+    pub fn shared_members(&self, filter: &str) -> u32 {
+        self.local.count(filter) + self.peers.values().map(|p| p.members(filter)).sum::<u32>()
+    }
+
+    fn prune_shared_rr(&mut self) {
+        let (local, peers) = (&self.local, &self.peers);
+        self.shared_rr.retain(|f, _| local.count(f) > 0 || peers.values().any(|p| p.members(f) > 0));
     }
 
     /// The peers a publish to `topic` goes to: every one whose interest may match (never one fewer).
@@ -341,6 +404,16 @@ mod tests {
                     for from in 0..4 {
                         let routed: HashSet<NodeName> = z.nodes[from].route(t).cloned().collect();
                         for (n, f) in &acked {
+                            if shardmq_wire::topic::parse_shared(f).is_some() {
+                                // Shared groups go by member counts: the publisher's node knows n's.
+                                let known = if *n == from {
+                                    z.nodes[from].local.count(f)
+                                } else {
+                                    z.nodes[from].peers.get(&z.names[*n]).map_or(0, |p| p.members(f))
+                                };
+                                assert!(known > 0, "seed {seed}: node {from} does not know {f} on {n}");
+                                continue;
+                            }
                             if *n != from && shardmq_wire::topic::matches(f, t) {
                                 assert!(
                                     routed.contains(&z.names[*n]),
@@ -352,6 +425,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn shared_messages_go_to_one_node_each_spread_by_member_count() {
+        let mut z = Zone::new(3, 9);
+        let now = z.now;
+        let g = "$share/g/jobs/+";
+        // Node 0 has one member, node 1 three, node 2 none.
+        z.nodes[0].subscribe(g, now);
+        for _ in 0..3 {
+            z.nodes[1].subscribe(g, now);
+        }
+        z.pump();
+        let mut per = HashMap::new();
+        for _ in 0..400 {
+            let t = z.nodes[2].shared_targets("jobs/x");
+            assert_eq!(t.len(), 1, "exactly one node per message");
+            *per.entry(format!("{:?}", t[0].1)).or_insert(0) += 1;
+        }
+        assert_eq!(per.get("Peer(\"n0\")"), Some(&100));
+        assert_eq!(per.get("Peer(\"n1\")"), Some(&300));
+        // Node 1 dies: the group keeps delivering, all to node 0.
+        let n1 = z.names[1].clone();
+        z.nodes[2].peer_down(&n1);
+        let t = z.nodes[2].shared_targets("jobs/y");
+        assert_eq!(t, vec![(g.into(), SharedTarget::Peer(z.names[0].clone()))]);
+        // The last member leaves: no target, and no round-robin state left behind.
+        z.nodes[0].unsubscribe(g);
+        z.pump();
+        assert!(z.nodes[2].shared_targets("jobs/z").is_empty());
+        assert!(z.nodes[2].shared_rr.is_empty());
     }
 
     #[test]
