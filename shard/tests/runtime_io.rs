@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime_support::pause::{PauseCore, PauseCtl, PauseMode};
+use runtime_support::stall::{StallCore, StallCtl, Unstall};
 use runtime_support::*;
 use shardmq_shard::runtime::{self, Backend, BackendChoice, Node, RuntimeConfig};
 
@@ -490,6 +491,95 @@ fn pause_again_after_quiet_period(b: BackendChoice) {
     stop(node);
 }
 
+/// A shard whose peer stops draining its inbox stops reading its sockets once its backlog for that peer
+/// reaches `mesh_backlog_limit`, instead of buffering without bound; everything arrives once the peer
+/// resumes.
+fn stalled_peer_bounds_backlog(b: BackendChoice) {
+    const LIMIT: usize = 2000;
+    const LINE: usize = 128;
+    let cfg = RuntimeConfig {
+        mesh_capacity: 4,
+        mesh_backlog_limit: LIMIT,
+        read_buffer_size: 16 * 1024,
+        uring_buffer_size: 16 * 1024,
+        ..config(b, 2)
+    };
+    let ctl = Arc::new(StallCtl::default());
+    ctl.stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _unstall = Unstall(ctl.clone());
+    let c = ctl.clone();
+    let node = runtime::start(cfg, move |me, _| StallCore::new(me, c.clone())).expect("start");
+    let addr = node.local_addrs()[0];
+    // A producer on shard 0 (SO_REUSEPORT picks the shard).
+    let mut s = (0..64)
+        .find_map(|_| {
+            let mut c = Client::new(addr);
+            c.send("WHO\n");
+            (c.line() == "0").then_some(c.w)
+        })
+        .expect("no connection landed on shard 0");
+    let mut line = [b'x'; LINE];
+    line[0] = b'M';
+    line[LINE - 1] = b'\n';
+    let chunk = line.repeat(64);
+    // Bounded: 40 MB of lines or 20 s; a gate that works blocks the writer after a few MB (kernel buffers).
+    let max_bytes = 40 * 1024 * 1024;
+    let mut written = 0usize;
+    let mut off = 0usize;
+    let start = Instant::now();
+    let mut blocked_since: Option<Instant> = None;
+    s.set_nonblocking(true).unwrap();
+    while written < max_bytes && start.elapsed() < Duration::from_secs(20) {
+        match s.write(&chunk[off..]) {
+            Ok(n) => {
+                written += n;
+                off = (off + n) % chunk.len();
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(500) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    let stats = node.stats();
+    assert!(ctl.stalled_now.load(std::sync::atomic::Ordering::SeqCst), "shard 1 never stalled");
+    assert!(blocked_since.is_some(), "{written} bytes written and the producer never blocked");
+    assert!(stats[0].read_gate_closed, "shard 0 still reads its sockets: {:?}", stats[0]);
+    // The budget stops the core after the read that spends it: one read (16 KiB = 128 lines) past the
+    // mark, plus a first io_uring pause's stash (what its multishot recv took before the cancel landed).
+    let slack = if stats[0].stash_bytes_max > 0 { stats[0].stash_bytes_max as usize / LINE } else { 0 };
+    let bound = (LIMIT + 16 * 1024 / LINE + slack) as u64;
+    assert!(stats[0].mesh_backlog_max <= bound, "backlog {} over {bound}", stats[0].mesh_backlog_max);
+    // Still bounded a moment later: nothing more is read.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(node.stats()[0].mesh_backlog_max, stats[0].mesh_backlog_max);
+
+    ctl.stall.store(false, std::sync::atomic::Ordering::SeqCst);
+    s.set_nonblocking(false).unwrap();
+    // Finish the line cut short, so every byte written is whole lines.
+    s.write_all(&chunk[off..]).unwrap();
+    written += chunk.len() - off;
+    let lines = (written / LINE) as u64;
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl.received.load(std::sync::atomic::Ordering::SeqCst)
+            == lines),
+        "received {} of {lines}",
+        ctl.received.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert_eq!(ctl.out_of_order.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let stats = node.stats();
+    assert!(!stats[0].read_gate_closed);
+    assert!(stats[0].read_gate_closings >= 1 && stats[0].read_gate_held >= 1, "{:?}", stats[0]);
+    eprintln!("{written} bytes, backlog max {} (bound {bound}), {:?}", stats[0].mesh_backlog_max, stats[0]);
+    drop(s);
+    stop(node);
+}
+
 macro_rules! backend_tests {
     ($module:ident, $choice:expr) => {
         mod $module {
@@ -557,6 +647,10 @@ macro_rules! backend_tests {
             #[test]
             fn pause_churn_holds_little() {
                 super::pause_churn_holds_little($choice);
+            }
+            #[test]
+            fn stalled_peer_bounds_backlog() {
+                super::stalled_peer_bounds_backlog($choice);
             }
             #[test]
             fn pause_resume_churn() {

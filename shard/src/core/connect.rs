@@ -264,6 +264,8 @@ impl Shard {
             let _ = self.persist_session(key);
         }
         let Some(s) = self.sessions.remove(&key) else { return };
+        // Retained messages it was still owed go with it (a later session may get the same key).
+        self.retained_owed.remove(&key);
         self.by_client.remove(&s.client_id, key);
         for filter in s.subs {
             self.remove_subscription(key, &filter, now);

@@ -227,6 +227,8 @@ enum Timer {
     KeepAlive(ConnId),
     Will(SessionKey),
     Expiry(SessionKey),
+    /// Sends the next batch of retained messages owed after a SUBACK (see `route::pump_retained`).
+    Retained(SessionKey),
 }
 
 /// A SUBACK waiting for every other shard to acknowledge new interest.
@@ -250,6 +252,10 @@ pub struct Shard {
     conns: HashMap<ConnId, Box<Conn>>,
     sessions: HashMap<SessionKey, Box<Session>>,
     by_client: clients::ClientIndex,
+    /// Retained messages still owed to sessions after their SUBACK, by topic, sent in batches as flow
+    /// control allows (`route::pump_retained`). Kept here rather than in `Session`: only sessions that
+    /// just subscribed to filters with many retained matches have an entry.
+    retained_owed: HashMap<SessionKey, VecDeque<route::OwedRetained>>,
     next_session: u64,
     /// Local subscriptions, keyed by the filter without any `$share/group/` prefix.
     subs: TopicTrie<SubRef>,
@@ -315,6 +321,7 @@ impl Shard {
             conns: HashMap::new(),
             sessions: HashMap::new(),
             by_client: clients::ClientIndex::new(),
+            retained_owed: HashMap::new(),
             next_session: 1,
             subs: TopicTrie::new(),
             interest: TopicTrie::new(),
@@ -369,6 +376,20 @@ impl Shard {
         self.timers.len()
     }
 
+    /// Messages queued (beyond the in-flight window) for the session of `client_id`. For tests.
+    #[cfg(test)]
+    pub(crate) fn queued_for(&self, client_id: &str) -> usize {
+        let key = self.by_client.get(client_id, &self.sessions);
+        key.and_then(|k| self.sessions.get(&k)).map_or(0, |s| s.flows().queue.len())
+    }
+
+    /// Retained messages owed to the session of `client_id` and not sent yet. For tests.
+    #[cfg(test)]
+    pub(crate) fn retained_owed_for(&self, client_id: &str) -> usize {
+        let key = self.by_client.get(client_id, &self.sessions);
+        key.and_then(|k| self.retained_owed.get(&k)).map_or(0, VecDeque::len)
+    }
+
     /// Entries in the retained-expiry index, live or stale.
     #[cfg(test)]
     pub(crate) fn retained_expiry_count(&self) -> usize {
@@ -410,6 +431,7 @@ impl Shard {
             Timer::KeepAlive(c) => self.conns.get(&c).is_some_and(|c| c.keepalive_deadline().is_some()),
             Timer::Will(k) => self.sessions.get(&k).is_some_and(|s| s.will_at() == Some(at)),
             Timer::Expiry(k) => self.sessions.get(&k).is_some_and(|s| s.expires_at == Some(at)),
+            Timer::Retained(k) => self.retained_owed.contains_key(&k),
         }
     }
 
@@ -444,6 +466,7 @@ impl Shard {
                 }
             }
             Timer::Will(k) | Timer::Expiry(k) => self.settle_offline(k, now),
+            Timer::Retained(k) => self.pump_retained(k, now),
         }
     }
 }

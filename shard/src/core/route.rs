@@ -10,7 +10,7 @@ use shardmq_wire::{
 };
 
 use super::flow::{shard_bit, Tally, Verdict};
-use super::{owner_of, Delivery, Mesh, Msg, PendingSubAck, ProtocolError, SessionKey, Shard};
+use super::{owner_of, Delivery, Mesh, Msg, PendingSubAck, ProtocolError, SessionKey, Shard, Timer};
 use crate::{ConnId, ShardId};
 
 /// A subscription group: `(Some(group), filter)` for `$share/group/filter`, `(None, filter)` otherwise.
@@ -63,6 +63,20 @@ pub(super) struct LocalCount {
 
 /// Expired retained messages evicted per timer pass at most.
 const RETAINED_EVICT_BATCH: usize = 1024;
+
+/// Retained messages sent to a session per `pump_retained` call, and the most it may have queued (beyond
+/// its in-flight window) for more to be sent: what bounds the memory a subscription to `#` over many
+/// retained messages costs, and the burst it puts on the socket.
+const RETAINED_BATCH: usize = 64;
+
+/// A retained message owed to a session: the topic (looked up again when its turn comes, so a message
+/// replaced or cleared meanwhile goes out as it is then, or not at all) and the subscription's terms.
+#[derive(Debug)]
+pub(super) struct OwedRetained {
+    topic: Box<str>,
+    qos: QoS,
+    sub_id: u32,
+}
 
 /// A filter whose retained messages are sent after its SUBACK.
 #[derive(Debug, Clone)]
@@ -369,17 +383,61 @@ impl Shard {
             return;
         }
         conn.send_raw(&p.packet, &mut self.io);
+        if p.retained.is_empty() {
+            return;
+        }
+        // Not delivered in one go: a `#` over 50,000 retained messages would queue them all at once.
+        // Only their topics are kept, and `pump_retained` sends them as the window and socket allow.
+        let owed = self.retained_owed.entry(p.session).or_default();
         for r in p.retained {
-            let mut found = Vec::new();
-            self.retained.for_each_match(&r.filter, |_, m| found.push(m.clone()));
-            for m in found {
-                if m.is_expired(now) {
-                    continue;
+            self.retained.for_each_match(&r.filter, |topic, m| {
+                if !m.is_expired(now) {
+                    owed.push_back(OwedRetained { topic: topic.into(), qos: r.opts.qos, sub_id: r.sub_id });
                 }
-                let qos = r.opts.qos.min(m.qos);
-                let d = Delivery::new(m, qos, true, sub_id_list(r.sub_id));
-                let _ = self.deliver(p.session, d, now);
+            });
+        }
+        if owed.is_empty() {
+            self.retained_owed.remove(&p.session);
+            return;
+        }
+        self.pump_retained(p.session, now);
+    }
+
+    /// Sends owed retained messages: at most [`RETAINED_BATCH`] per call, and only while the client's
+    /// socket takes bytes and its queue (beyond the in-flight window) is short. It is called again when
+    /// the session can take more (`pump`: an acknowledgement, a drained socket, a resumed session) or, when
+    /// only the batch bound stopped it, from a timer due at once, so the runtime writes the batch (and
+    /// reports a full socket) first. QoS 0 messages therefore wait for a blocked socket instead of being
+    /// dropped as a live QoS 0 publish to it would be. An offline session keeps what it is owed until it
+    /// resumes; an ended one loses it.
+    pub(super) fn pump_retained(&mut self, key: SessionKey, now: Instant) {
+        if self.retained_owed.is_empty() {
+            return;
+        }
+        for _ in 0..RETAINED_BATCH {
+            let Some(s) = self.sessions.get(&key) else {
+                self.retained_owed.remove(&key);
+                return;
+            };
+            let Some(conn) = s.conn.and_then(|c| self.conns.get(&c)) else { return };
+            if conn.blocked || s.flows().queue.len() >= RETAINED_BATCH {
+                return;
             }
+            let Some(owed) = self.retained_owed.get_mut(&key) else { return };
+            let Some(item) = owed.pop_front() else {
+                self.retained_owed.remove(&key);
+                return;
+            };
+            let Some(m) = self.retained.get(&item.topic).filter(|m| !m.is_expired(now)).cloned() else {
+                continue;
+            };
+            let qos = item.qos.min(m.qos);
+            let _ = self.deliver(key, Delivery::new(m, qos, true, sub_id_list(item.sub_id)), now);
+        }
+        if self.retained_owed.get(&key).is_some_and(|o| !o.is_empty()) {
+            self.arm(now, Timer::Retained(key));
+        } else {
+            self.retained_owed.remove(&key);
         }
     }
 

@@ -513,6 +513,7 @@ impl Shard {
         if !conn.blocked && f.queue.len() <= low_water && f.queued_bytes() <= bytes_low_water {
             self.decongested(now);
         }
+        self.pump_retained(key, now);
     }
 
     /// A client resumed its session: resend everything unacknowledged, in order, then the queue.

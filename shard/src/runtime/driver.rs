@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::gate::Gate;
 use super::mesh::{Inbound, Inbox, Outbox};
 use super::node::ShardCounters;
 use super::{Core, IoCmd};
@@ -36,6 +37,9 @@ pub(crate) struct Ctx {
     /// eventfd signal ([`super::mesh::Wake`]). The price is CPU time: under steady traffic a polling
     /// shard looks busy. Zero (the default) sleeps at once.
     pub(crate) idle_poll: Duration,
+    /// Mesh messages produced and not yet handled by their targets at which the shard stops reading its
+    /// sockets (see `gate.rs`); 0: never.
+    pub(crate) mesh_backlog_limit: usize,
 }
 
 impl Ctx {
@@ -188,9 +192,11 @@ fn drain_inbox<C: Core, I: Io<C>>(
         n += 1;
         match item {
             Inbound::Mesh { from, batch } => {
+                let msgs = batch.len();
                 for msg in batch {
                     core.handle_mesh(from, msg, now);
                 }
+                inbox.consumed(from, msgs);
                 drain_io(core, io, out, now, false);
             }
             Inbound::Adopt { from, adopt } => {
@@ -211,13 +217,37 @@ fn drain_inbox<C: Core, I: Io<C>>(
     n
 }
 
-/// How long to wait for the backlog of a full inbox to clear when nobody wakes us.
+/// How long to wait for the backlog of a full inbox to clear (or a closed read gate to open) when nobody
+/// wakes us.
 const BACKLOG_RETRY: Duration = Duration::from_millis(1);
 
-/// A shard's loop: runs until shutdown has flushed (or given up on) every connection.
-pub(crate) fn run<C: Core, L: EventLoop<C>>(
+/// After a flush: lets the read gate see the backlog, feeds it the reads it held if it opened, and
+/// publishes the figures.
+fn gate_after_flush<C: Core, L: EventLoop<Gate<C>>>(
     ctx: &Ctx,
-    core: &mut C,
+    core: &mut Gate<C>,
+    lp: &mut L,
+    out: &mut Outbox<C::Mesh, C::Handoff>,
+    now: Instant,
+) {
+    core.after_flush(out.unconsumed());
+    ctx.counters.mesh_backlog_max.fetch_max(out.unconsumed() as u64, Ordering::Relaxed);
+    if core.release(now) > 0 {
+        drain_io(core, lp, out, now, false);
+        drain_mesh(core, out);
+        out.flush();
+        core.after_flush(out.unconsumed());
+        ctx.counters.mesh_backlog_max.fetch_max(out.unconsumed() as u64, Ordering::Relaxed);
+    }
+    ctx.counters.read_gate_closings.store(core.closings, Ordering::Relaxed);
+    ctx.counters.read_gate_held.store(core.held_reads, Ordering::Relaxed);
+    ctx.counters.read_gate_closed.store(core.is_closed(), Ordering::Relaxed);
+}
+
+/// A shard's loop: runs until shutdown has flushed (or given up on) every connection.
+pub(crate) fn run<C: Core, L: EventLoop<Gate<C>>>(
+    ctx: &Ctx,
+    core: &mut Gate<C>,
     lp: &mut L,
     inbox: &Inbox<C::Mesh, C::Handoff>,
     out: &mut Outbox<C::Mesh, C::Handoff>,
@@ -263,14 +293,17 @@ pub(crate) fn run<C: Core, L: EventLoop<C>>(
             drain_io(core, lp, out, now, stopping);
             drain_mesh(core, out);
             out.flush();
+            gate_after_flush(ctx, core, lp, out, now);
         }
 
         let deadline = [core.poll_timeout(), lp.next_deadline(), stop_deadline].into_iter().flatten().min();
         let mut timeout = deadline.map(|d| d.saturating_duration_since(now));
-        if out.has_backlog() {
+        // A closed gate opens when targets handle what they were sent; they signal nobody when their inbox
+        // was not full, so the shard looks again after the same short wait as for a backlog.
+        if out.has_backlog() || (!stopping && core.is_closed()) {
             timeout = Some(timeout.map_or(BACKLOG_RETRY, |t| t.min(BACKLOG_RETRY)));
         }
-        if lp.has_ready() || (!stopping && !inbox.is_empty()) {
+        if lp.has_ready() || (!stopping && (!inbox.is_empty() || core.has_releasable())) {
             timeout = Some(Duration::ZERO);
         }
         if timeout != Some(Duration::ZERO) && !stopping && now.duration_since(last_event) < ctx.idle_poll {

@@ -5,7 +5,11 @@
 //! messages and socket handoffs share one FIFO per target), and nothing is dropped while the target runs: a
 //! full inbox hands the item back, it stays in a per-target backlog and is retried on the next loop
 //! iteration. What it does not do: deliver to a shard that already exited (items for it are dropped, which
-//! only happens during node shutdown), or bound the backlog (a core that floods a stalled peer grows it).
+//! only happens during node shutdown), or bound what a shard produces by itself. An inbox is bounded in
+//! batches, not messages, and the backlog not at all; so the outbox counts every message it produced that
+//! its target has not consumed yet, backlog and inbox together ([`Outbox::unconsumed`]: the sender adds
+//! what an inbox accepted, the receiver subtracts what it handled), and the driver's read gate (`gate.rs`)
+//! stops the shard reading its sockets while that count is too high, which is what bounds it.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -102,11 +106,19 @@ pub(crate) struct Wake {
     /// Bit `i` set: shard `i` found this inbox full and wants a wakeup once it is drained (shards 0..64;
     /// others rely on the backlog retry timer).
     drain_waiters: AtomicU64,
+    /// By sender shard: mesh messages its outbox handed to this inbox that this shard has not handled yet.
+    in_flight: Box<[AtomicUsize]>,
 }
 
 impl Wake {
-    pub(crate) fn new() -> std::io::Result<Self> {
-        Ok(Wake { fd: sys::eventfd()?, sleeping: AtomicBool::new(false), drain_waiters: AtomicU64::new(0) })
+    /// `shards`: how many shards may send to this one.
+    pub(crate) fn new(shards: usize) -> std::io::Result<Self> {
+        Ok(Wake {
+            fd: sys::eventfd()?,
+            sleeping: AtomicBool::new(false),
+            drain_waiters: AtomicU64::new(0),
+            in_flight: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
+        })
     }
 
     pub(crate) fn fd(&self) -> std::os::fd::RawFd {
@@ -160,6 +172,13 @@ impl<M, H> Inbox<M, H> {
         &self.wakes[self.me]
     }
 
+    /// `msgs` messages from `from`'s batch were handled: they no longer count against its gate.
+    pub(crate) fn consumed(&self, from: ShardId, msgs: usize) {
+        if let Some(n) = self.wakes[self.me].in_flight.get(from.index()) {
+            n.fetch_sub(msgs, Ordering::Relaxed);
+        }
+    }
+
     /// Tells the shards that found this inbox full that there is room again.
     pub(crate) fn notify_drained(&self) {
         let mut waiters = self.wakes[self.me].drain_waiters.swap(0, Ordering::AcqRel);
@@ -193,6 +212,8 @@ pub(crate) struct Outbox<M, H> {
     /// Items not yet accepted by the target's inbox, oldest first. Invariant: `pending` counts them.
     backlog: Vec<VecDeque<Queued<M, H>>>,
     pending: usize,
+    /// Mesh messages (not batches) in `backlog`, all targets together.
+    backlog_msgs: usize,
     next_ticket: u64,
 }
 
@@ -212,6 +233,7 @@ impl<M, H> Outbox<M, H> {
             open: (0..n).map(|_| Vec::new()).collect(),
             backlog: (0..n).map(|_| VecDeque::new()).collect(),
             pending: 0,
+            backlog_msgs: 0,
             next_ticket: 0,
         }
     }
@@ -264,6 +286,7 @@ impl<M, H> Outbox<M, H> {
             return;
         }
         let batch = std::mem::take(&mut self.open[t]);
+        self.backlog_msgs += batch.len();
         // Appending to a batch still waiting in the backlog keeps order and sends fewer, larger batches.
         if let Some(Queued::Item(Inbound::Mesh { batch: last, .. })) = self.backlog[t].back_mut() {
             last.extend(batch);
@@ -287,6 +310,13 @@ impl<M, H> Outbox<M, H> {
                 match self.senders[t].try_send(item) {
                     Ok(()) => {
                         self.pending -= 1;
+                        self.backlog_msgs -= msgs as usize;
+                        if let Some(n) = self.wakes[t].in_flight.get(self.me.index()) {
+                            // Relaxed: a gauge for the gate, not a synchronisation point; the target
+                            // subtracts only after the channel handed it the batch, so it never underflows
+                            // for long enough to matter (a wrapping dip is read as "large" for an instant).
+                            n.fetch_add(msgs as usize, Ordering::Relaxed);
+                        }
                         sent = true;
                         self.counters.mesh_sent.fetch_add(msgs, Ordering::Relaxed);
                     }
@@ -301,6 +331,7 @@ impl<M, H> Outbox<M, H> {
                     Err(TrySendError::Disconnected(_)) => {
                         // Only at shutdown: the target exited. Dropping an Adopt closes its socket.
                         self.pending -= 1;
+                        self.backlog_msgs -= msgs as usize;
                         tracing::debug!(target_shard = t, "mesh target gone, dropping item");
                     }
                 }
@@ -317,11 +348,23 @@ impl<M, H> Outbox<M, H> {
         self.pending > 0
     }
 
+    /// Mesh messages this shard produced that their targets have not handled yet: those no inbox accepted
+    /// (after a `flush`: the backlog) plus those waiting in the target inboxes.
+    pub(crate) fn unconsumed(&self) -> usize {
+        let me = self.me.index();
+        let in_inboxes: usize = (0..self.senders.len())
+            .filter_map(|t| self.wakes.get(t)?.in_flight.get(me))
+            .map(|n| n.load(Ordering::Relaxed))
+            .fold(0, usize::saturating_add);
+        self.backlog_msgs.saturating_add(in_inboxes)
+    }
+
     /// Drops everything not yet sent (node shutdown).
     pub(crate) fn discard(&mut self) {
         self.open.iter_mut().for_each(Vec::clear);
         self.backlog.iter_mut().for_each(VecDeque::clear);
         self.pending = 0;
+        self.backlog_msgs = 0;
     }
 }
 
@@ -334,7 +377,7 @@ mod tests {
 
     fn outbox(cap: usize) -> (Outbox<u32, u8>, Rx, Arc<AtomicUsize>) {
         let (tx, rx) = bounded(cap);
-        let wakes: Arc<[Wake]> = vec![Wake::new().unwrap()].into();
+        let wakes: Arc<[Wake]> = vec![Wake::new(1).unwrap()].into();
         let out = Outbox::new(ShardId(0), vec![tx], wakes, Arc::new(ShardCounters::default()));
         (out, rx, Arc::new(AtomicUsize::new(1)))
     }
@@ -358,8 +401,12 @@ mod tests {
         out.push_mesh(ShardId(0), 3);
         assert!(out.flush());
         assert_eq!(out.counters.mesh_full_retries.load(Ordering::Relaxed), 2);
+        assert_eq!(out.unconsumed(), 3, "one in the inbox, two in the backlog");
         assert_eq!(kinds(&rx), ["mesh[1]"]);
         assert!(!out.flush(), "backlogged batches were merged into one");
+        assert_eq!(out.unconsumed(), 3, "all in the inbox, none handled");
+        out.wakes[0].in_flight[0].fetch_sub(3, Ordering::Relaxed);
+        assert_eq!(out.unconsumed(), 0);
         assert_eq!(kinds(&rx), ["mesh[2, 3]"]);
         assert_eq!(out.counters.mesh_sent.load(Ordering::Relaxed), 3);
     }

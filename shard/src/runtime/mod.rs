@@ -10,6 +10,7 @@ use crate::{ConnId, ShardId};
 
 mod driver;
 mod epoll;
+mod gate;
 mod mesh;
 mod node;
 mod slab;

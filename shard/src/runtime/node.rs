@@ -20,6 +20,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::driver::{self, Ctx};
 use super::epoll::EpollLoop;
+use super::gate::Gate;
 use super::mesh::{Inbound, Inbox, Outbox, Wake, Waker};
 use super::uring::{UringLoop, UringParams};
 use super::{sys, Core};
@@ -96,6 +97,10 @@ pub struct RuntimeConfig {
     /// How long a shard keeps polling for more work, without sleeping, after its last event (zero: it
     /// sleeps at once). See [`Ctx::idle_poll`].
     pub idle_poll: Duration,
+    /// Cross-shard messages of a shard that their targets have not handled yet (in its backlog for full
+    /// inboxes, or in the inboxes) at which it stops reading its sockets, resuming at half: bounds what a
+    /// stalled shard makes its peers hold. 0: unbounded.
+    pub mesh_backlog_limit: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -119,6 +124,9 @@ impl Default for RuntimeConfig {
             uring_buffer_size: 16 * 1024,
             uring_entries: 1024,
             idle_poll: Duration::ZERO,
+            // A few times what a 1024-batch inbox takes in one busy iteration; messages share their
+            // payloads, so this is megabytes, not gigabytes, per stalled peer.
+            mesh_backlog_limit: 64 * 1024,
         }
     }
 }
@@ -138,6 +146,12 @@ pub(crate) struct ShardCounters {
     pub(crate) open_sockets: AtomicU64,
     /// The most bytes the runtime ever held for one paused connection (io_uring's stash).
     pub(crate) stash_bytes_max: AtomicU64,
+    /// The most mesh messages produced and not yet handled by their targets, seen after a flush.
+    pub(crate) mesh_backlog_max: AtomicU64,
+    /// Times the read gate closed, and reads it held (see `gate.rs`); whether it is closed now.
+    pub(crate) read_gate_closings: AtomicU64,
+    pub(crate) read_gate_held: AtomicU64,
+    pub(crate) read_gate_closed: AtomicBool,
 }
 
 /// A snapshot of one shard's counters.
@@ -163,6 +177,15 @@ pub struct ShardStats {
     /// took effect, delivered after `ResumeRead`). Always 0 on epoll. For tests and diagnostics.
     #[doc(hidden)]
     pub stash_bytes_max: u64,
+    /// The most cross-shard messages of this shard not yet handled by their targets at once (in its
+    /// backlog for full inboxes, or in the inboxes), seen after a flush.
+    pub mesh_backlog_max: u64,
+    /// Times the shard stopped reading its sockets because that count reached
+    /// `RuntimeConfig::mesh_backlog_limit`, and reads it held back when it did.
+    pub read_gate_closings: u64,
+    pub read_gate_held: u64,
+    /// Whether the shard is not reading its sockets right now (backlog over the limit).
+    pub read_gate_closed: bool,
 }
 
 impl ShardCounters {
@@ -180,6 +203,10 @@ impl ShardCounters {
             handoffs: get(&self.handoffs),
             open_sockets: get(&self.open_sockets),
             stash_bytes_max: get(&self.stash_bytes_max),
+            mesh_backlog_max: get(&self.mesh_backlog_max),
+            read_gate_closings: get(&self.read_gate_closings),
+            read_gate_held: get(&self.read_gate_held),
+            read_gate_closed: self.read_gate_closed.load(Ordering::Relaxed),
         }
     }
 }
@@ -440,7 +467,7 @@ where
     if !matches!(decide.recv(), Ok(Decision::Go)) {
         return Ok(Exit::NotStarted);
     }
-    let mut core = make_core(ctx.id, shards);
+    let mut core = Gate::new(make_core(ctx.id, shards), ctx.mesh_backlog_limit);
     core.set_waker(Waker::new(wakes, me));
     let res = match chosen.expect("backend chosen") {
         Chosen::Uring(mut lp) => driver::run(&ctx, &mut core, &mut *lp, &inbox, &mut outbox),
@@ -502,7 +529,7 @@ where
         addrs.push(actual);
     }
 
-    let wakes: Arc<[Wake]> = (0..shards).map(|_| Wake::new()).collect::<io::Result<Vec<_>>>()?.into();
+    let wakes: Arc<[Wake]> = (0..shards).map(|_| Wake::new(shards)).collect::<io::Result<Vec<_>>>()?.into();
     let (senders, receivers): (Vec<InboxTx<C>>, Vec<_>) =
         (0..shards).map(|_| bounded(cfg.mesh_capacity.max(1))).unzip();
     let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
@@ -545,6 +572,7 @@ where
             close_linger: cfg.close_linger,
             shutdown_grace: cfg.shutdown_grace,
             idle_poll: cfg.idle_poll,
+            mesh_backlog_limit: cfg.mesh_backlog_limit,
         });
         let (dtx, drx) = bounded(2);
         deciders.push(dtx);

@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 pub mod pause;
+pub mod stall;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};

@@ -4,6 +4,7 @@ mod driver;
 mod durable;
 mod interleave;
 mod memory;
+mod pacing;
 mod protocol;
 mod qos0;
 mod random;
