@@ -113,10 +113,11 @@ impl Client {
 
 #[test]
 fn a_stalled_subscriber_does_not_stall_the_others() {
-    let broker = Broker::start(&["--max-queued", "100"]);
+    // 4 MiB of queued bytes per session: the QoS 0 subscriber is held up to a quarter of it.
+    let broker = Broker::start(&["--max-queued", "100", "--max-queued-bytes", "4194304"]);
     // Neither stalled client reads from here on. QoS 1: the in-flight window fills, then the bounded queue
-    // drops its oldest. QoS 0: the socket buffers fill, the runtime reports backpressure and the core
-    // drops further messages for that client alone.
+    // drops its oldest. QoS 0: the socket buffers fill, the runtime reports backpressure, the core holds
+    // up to 1 MiB more for that client and then drops further messages for it alone.
     let mut stalled = Client::connect(broker.port, "stalled");
     stalled.subscribe("load/#", QoS::AtLeastOnce);
     let mut stalled0 = Client::connect(broker.port, "stalled0");

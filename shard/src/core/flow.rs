@@ -50,8 +50,9 @@ pub(super) fn queue_bytes_cap(cfg: &super::Config, online: bool) -> usize {
 /// messages to it are dropped: a quarter of `max_queued_bytes` (16 MiB by default), at least 64 KiB. Its
 /// publishers are paused at the first such message, but what they sent before the pause took effect
 /// (a read per publisher, a mesh round trip) still arrives; dropping it would lose a quarter of a flat-out
-/// fan-in that pausing alone handles (measured, 50 publishers flat out on 2 shards: 36% lost with no
-/// hold, 12% with 4 MiB, 4-7% with 16 MiB). The bound is what one slow QoS 0 subscriber can cost.
+/// fan-in that pausing alone handles (`scripts/fanin-loss`, 50 publishers flat out on 2 shards, with the
+/// mesh backlog bound: 39-43% lost with no hold, 6-11% with 4 MiB, 0.1-0.9% with 16 MiB). The bound is
+/// what one slow QoS 0 subscriber can cost.
 pub(super) fn qos0_blocked_budget(cfg: &super::Config) -> usize {
     (cfg.max_queued_bytes / 4).max(64 << 10)
 }
