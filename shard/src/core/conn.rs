@@ -13,7 +13,7 @@ use shardmq_wire::{
     QoS, ReasonCode,
 };
 
-use super::{encode_into, Flow, Handoff, Msg, MsgProps, Origin, ProtocolError, SessionKey, Shard, Timer};
+use super::{encode_into, Handoff, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer};
 use crate::runtime::IoCmd;
 use crate::ConnId;
 
@@ -44,7 +44,7 @@ pub(super) struct Conn {
     tx_queued: bool,
     /// The socket is not draining; see `Core::handle_backpressure`.
     pub blocked: bool,
-    /// QoS 0 bytes added while `blocked` (reset when it drains); bounded by `flow::qos0_blocked_budget`.
+    /// QoS 0 bytes added while `blocked` (reset when it drains); bounded by `backpressure::qos0_blocked_budget`.
     pub blocked_bytes: u32,
     /// 0 disables keep alive.
     pub keepalive_ms: u32,
@@ -248,12 +248,12 @@ impl Shard {
             match decode(rest, protocol, self.cfg.max_packet_size) {
                 Ok(None) => break,
                 Ok(Some((pkt, n))) => {
-                    let flow = match pkt {
+                    let step = match pkt {
                         Packet::Connect(c) if protocol.is_none() => self.on_connect(id, &c, rest, now),
                         pkt => self.on_packet(id, pkt, now),
                     };
                     pos += n;
-                    if let Flow::Stop = flow {
+                    if let ReadStep::Stop = step {
                         return (pos, true);
                     }
                     if self.conns.get(&id).is_some_and(|c| c.paused) {
@@ -306,19 +306,19 @@ impl Shard {
                 let text = err.to_string();
                 let properties = Properties { reason_string: Some(&text), ..Properties::default() };
                 let ack = ConnAck { session_present: false, reason, properties };
-                conn.send(&Packet::ConnAck(ack), &mut self.io);
+                conn.send(&Packet::ConnAck(ack), &mut self.out.io);
             }
         }
         self.close_conn(id, None, now);
     }
 
     /// A packet from a client whose CONNECT has been handled.
-    fn on_packet(&mut self, id: ConnId, pkt: Packet<'_>, now: Instant) -> Flow {
-        let Some(conn) = self.conns.get(&id) else { return Flow::Stop };
+    fn on_packet(&mut self, id: ConnId, pkt: Packet<'_>, now: Instant) -> ReadStep {
+        let Some(conn) = self.conns.get(&id) else { return ReadStep::Stop };
         let Some(key) = conn.session() else {
             // Bytes after a CONNECT that is being refused or handed off never get here; anything else
             // before CONNECT is a protocol error that decode() already reports as NotConnect.
-            return Flow::Stop;
+            return ReadStep::Stop;
         };
         let result = match pkt {
             Packet::Connect(_) => Err(ProtocolError::SecondConnect),
@@ -353,7 +353,7 @@ impl Shard {
             }
             Packet::PingReq => {
                 if let Some(c) = self.conns.get_mut(&id) {
-                    c.send(&Packet::PingResp, &mut self.io);
+                    c.send(&Packet::PingResp, &mut self.out.io);
                 }
                 Ok(())
             }
@@ -364,12 +364,12 @@ impl Shard {
             }
         };
         match result {
-            Ok(()) => Flow::Continue,
+            Ok(()) => ReadStep::Continue,
             Err(e) => {
                 self.counters.protocol_errors += 1;
                 tracing::debug!(conn = id.0, error = %e, "closing connection on protocol error");
                 self.close_conn(id, Some(e), now);
-                Flow::Stop
+                ReadStep::Stop
             }
         }
     }
@@ -405,8 +405,8 @@ impl Shard {
         let token = if p.qos != QoS::AtMostOnce { self.begin_ack() } else { None };
         if p.qos == QoS::ExactlyOnce {
             let pid = pid.ok_or(ProtocolError::Violation("QoS 2 without packet id"))?;
-            let s = self.sessions.get_mut(&key).ok_or(ProtocolError::Violation("no session"))?;
-            if s.flows().holds_inbound_qos2(pid.0) {
+            let s = self.sessions.map.get_mut(&key).ok_or(ProtocolError::Violation("no session"))?;
+            if s.qos().holds_inbound_qos2(pid.0) {
                 // A resent QoS 2 PUBLISH before PUBREL: already routed once (exactly-once delivery).
                 route = false;
             } else {
@@ -419,10 +419,10 @@ impl Shard {
                 } else {
                     (self.cfg.max_inflight as usize).max(V311_INBOUND_QOS2_MAX)
                 };
-                if s.flows().inbound_qos2.len() >= limit {
+                if s.qos().inbound_qos2.len() >= limit {
                     return Err(ProtocolError::ReceiveMaximumExceeded);
                 }
-                s.flows_mut().add_inbound_qos2(pid.0);
+                s.qos_mut().add_inbound_qos2(pid.0);
                 // A failure is remembered by the store and refuses the PUBREC.
                 let _ = self.persist_inbound_qos2(key, pid.0, true);
             }
@@ -454,8 +454,8 @@ impl Shard {
     }
 
     fn on_pubrel(&mut self, id: ConnId, key: SessionKey, pid: PacketId, now: Instant) {
-        let found = self.sessions.get_mut(&key).is_some_and(|s| {
-            let found = s.flows_opt_mut().is_some_and(|f| f.remove_inbound_qos2(pid.0));
+        let found = self.sessions.map.get_mut(&key).is_some_and(|s| {
+            let found = s.qos_opt_mut().is_some_and(|f| f.remove_inbound_qos2(pid.0));
             s.trim();
             found
         });
@@ -472,12 +472,12 @@ impl Shard {
         self.send_durable(id, out, now);
     }
 
-    fn on_disconnect(&mut self, id: ConnId, key: SessionKey, d: Disconnect<'_>, now: Instant) -> Flow {
-        if let Some(s) = self.sessions.get_mut(&key) {
+    fn on_disconnect(&mut self, id: ConnId, key: SessionKey, d: Disconnect<'_>, now: Instant) -> ReadStep {
+        if let Some(s) = self.sessions.map.get_mut(&key) {
             if let Some(exp) = d.properties.session_expiry_interval_s {
                 if s.expiry_s == 0 && exp != 0 {
                     self.close_conn(id, Some(ProtocolError::SessionExpiryAfterZero), now);
-                    return Flow::Stop;
+                    return ReadStep::Stop;
                 }
                 s.expiry_s = exp.min(self.cfg.max_session_expiry_s);
             }
@@ -486,9 +486,9 @@ impl Shard {
                 s.will = None;
             }
         }
-        self.io.push_back(IoCmd::Close(id));
+        self.out.io.push_back(IoCmd::Close(id));
         self.conn_gone(id, true, now);
-        Flow::Stop
+        ReadStep::Stop
     }
 
     /// Closes a connection from the server side. MQTT 5 clients past CONNECT are told why.
@@ -499,9 +499,9 @@ impl Shard {
             let text = e.to_string();
             let properties = Properties { reason_string: Some(&text), ..Properties::default() };
             let d = Disconnect { reason: e.reason_code(), properties };
-            conn.send(&Packet::Disconnect(d), &mut self.io);
+            conn.send(&Packet::Disconnect(d), &mut self.out.io);
         }
-        self.io.push_back(IoCmd::Close(id));
+        self.out.io.push_back(IoCmd::Close(id));
         // A server-side close is abnormal: the will is published (MQTT §3.1.2.5), except at shutdown,
         // where sessions end with the process.
         let will = !matches!(why, Some(ProtocolError::ShuttingDown));
@@ -512,14 +512,14 @@ impl Shard {
     pub(super) fn conn_gone(&mut self, id: ConnId, publish_will: bool, now: Instant) {
         let Some(mut conn) = self.conns.remove(&id) else { return };
         if conn.paused {
-            self.paused_conns.remove(&id);
+            self.pauses.paused_conns.remove(&id);
         }
         let last = conn.take_out();
         if !last.is_empty() {
-            self.closing.insert(id, last);
+            self.out.closing.insert(id, last);
         }
         if let Some(key) = conn.session() {
-            super::dec(&self.node.connections);
+            super::dec(&self.shared.connections);
             self.session_detached(key, id, publish_will, now);
             // A congested subscriber that leaves no longer holds anyone back.
             self.decongested(now);
@@ -530,7 +530,7 @@ impl Shard {
     pub(super) fn handoff(&mut self, id: ConnId, to: crate::ShardId, bytes: &[u8]) {
         self.counters.handoffs += 1;
         self.conns.remove(&id);
-        self.io.push_back(IoCmd::Handoff { conn: id, to, state: Handoff { bytes: bytes.to_vec() } });
+        self.out.io.push_back(IoCmd::Handoff { conn: id, to, state: Handoff { bytes: bytes.to_vec() } });
     }
 
     pub(super) fn arm_keepalive(&mut self, id: ConnId) {

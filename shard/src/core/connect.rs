@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 use shardmq_wire::{topic, ConnAck, Connect, Packet, Properties, Protocol, ReasonCode};
 
 use super::session::{Session, WillState};
-use super::{owner_of, Flow, Msg, MsgProps, Origin, ProtocolError, SessionKey, Shard, Timer};
+use super::{owner_of, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer};
 use crate::ConnId;
 
 impl Shard {
     /// The first CONNECT of a connection. `raw` holds it and every byte after it.
-    pub(super) fn on_connect(&mut self, id: ConnId, c: &Connect<'_>, raw: &[u8], now: Instant) -> Flow {
+    pub(super) fn on_connect(&mut self, id: ConnId, c: &Connect<'_>, raw: &[u8], now: Instant) -> ReadStep {
         if c.client_id.is_empty() {
             if !c.clean_start && !c.protocol.is_v5() {
                 // 3.1.1 §3.1.3.1: a zero-length id requires Clean Session.
@@ -24,7 +24,7 @@ impl Shard {
         let owner = owner_of(c.client_id, self.shards);
         if owner != self.id {
             self.handoff(id, owner, raw);
-            return Flow::Stop;
+            return ReadStep::Stop;
         }
         self.accept_connect(id, c, None, now)
     }
@@ -34,23 +34,25 @@ impl Shard {
     /// assigned before.
     fn assign_client_id(&mut self) -> Arc<str> {
         loop {
-            self.assigned_ids += 1;
-            let id = format!("shardmq-{}-{:x}", self.id.0, self.assigned_ids);
-            if owner_of(&id, self.shards) == self.id && self.by_client.get(&id, &self.sessions).is_none() {
+            self.sessions.assigned_ids += 1;
+            let id = format!("shardmq-{}-{:x}", self.id.0, self.sessions.assigned_ids);
+            if owner_of(&id, self.shards) == self.id
+                && self.sessions.by_client.get(&id, &self.sessions.map).is_none()
+            {
                 return id.into();
             }
         }
     }
 
-    fn refuse(&mut self, id: ConnId, protocol: Protocol, reason: ReasonCode, now: Instant) -> Flow {
+    fn refuse(&mut self, id: ConnId, protocol: Protocol, reason: ReasonCode, now: Instant) -> ReadStep {
         self.counters.connects_refused += 1;
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.protocol = Some(protocol);
             let ack = ConnAck { session_present: false, reason, properties: Properties::default() };
-            conn.send(&Packet::ConnAck(ack), &mut self.io);
+            conn.send(&Packet::ConnAck(ack), &mut self.out.io);
         }
         self.close_conn(id, None, now);
-        Flow::Stop
+        ReadStep::Stop
     }
 
     fn accept_connect(
@@ -59,7 +61,7 @@ impl Shard {
         c: &Connect<'_>,
         assigned: Option<Arc<str>>,
         now: Instant,
-    ) -> Flow {
+    ) -> ReadStep {
         let v5 = c.protocol.is_v5();
         if self.shutting_down {
             return self.refuse(id, c.protocol, ReasonCode::SERVER_UNAVAILABLE, now);
@@ -72,8 +74,8 @@ impl Shard {
                 return self.refuse(id, c.protocol, ReasonCode::TOPIC_NAME_INVALID, now);
             }
         }
-        if super::inc(&self.node.connections) >= self.cfg.max_connections {
-            super::dec(&self.node.connections);
+        if super::inc(&self.shared.connections) >= self.cfg.max_connections {
+            super::dec(&self.shared.connections);
             let reason = if v5 { ReasonCode::QUOTA_EXCEEDED } else { ReasonCode::SERVER_UNAVAILABLE };
             return self.refuse(id, c.protocol, reason, now);
         }
@@ -83,17 +85,17 @@ impl Shard {
         // Timers fire once per loop iteration, but a read is stamped when it is dispatched, and handed-off
         // connections are served before the first timer pass after a restart: a session can be past its
         // expiry or will delay here with its timer not yet run. That happened then, not at this CONNECT.
-        if let Some(key) = self.by_client.get(&client_id, &self.sessions) {
+        if let Some(key) = self.sessions.by_client.get(&client_id, &self.sessions.map) {
             self.settle_offline(key, now);
         }
         // Takeover: the old connection is closed as if it had dropped (its will applies).
-        if let Some(key) = self.by_client.get(&client_id, &self.sessions) {
-            if let Some(old) = self.sessions.get(&key).and_then(|s| s.conn) {
+        if let Some(key) = self.sessions.by_client.get(&client_id, &self.sessions.map) {
+            if let Some(old) = self.sessions.map.get(&key).and_then(|s| s.conn) {
                 self.close_conn(old, Some(ProtocolError::SessionTakenOver), now);
             }
         }
         let mut session_present = false;
-        if let Some(key) = self.by_client.get(&client_id, &self.sessions) {
+        if let Some(key) = self.sessions.by_client.get(&client_id, &self.sessions.map) {
             if c.clean_start {
                 self.end_session(key, now);
             } else {
@@ -108,13 +110,13 @@ impl Shard {
             u32::MAX
         };
         let expiry_s = requested_expiry.min(self.cfg.max_session_expiry_s);
-        let key = match self.by_client.get(&client_id, &self.sessions) {
+        let key = match self.sessions.by_client.get(&client_id, &self.sessions.map) {
             Some(k) => k,
             None => {
-                let k = SessionKey(self.next_session);
-                self.next_session += 1;
-                self.sessions.insert(k, Box::new(Session::new(client_id.clone())));
-                self.by_client.insert(k, &self.sessions);
+                let k = SessionKey(self.sessions.next_key);
+                self.sessions.next_key += 1;
+                self.sessions.map.insert(k, Box::new(Session::new(client_id.clone())));
+                self.sessions.by_client.insert(k, &self.sessions.map);
                 k
             }
         };
@@ -132,7 +134,7 @@ impl Shard {
         });
         let receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight).max(1);
         {
-            let s = self.sessions.get_mut(&key).expect("session inserted above");
+            let s = self.sessions.map.get_mut(&key).expect("session inserted above");
             s.conn = Some(id);
             s.protocol = c.protocol;
             s.expiry_s = expiry_s;
@@ -170,13 +172,13 @@ impl Shard {
                 c.properties.topic_alias_maximum.unwrap_or(0).min(self.cfg.max_outbound_alias);
         }
         let ack = ConnAck { session_present, reason: ReasonCode::SUCCESS, properties: props };
-        conn.send(&Packet::ConnAck(ack), &mut self.io);
+        conn.send(&Packet::ConnAck(ack), &mut self.out.io);
         // Not a reason to refuse the client: the session works from memory, and the next change that
         // must be durable (a subscription, a publish) is refused if the log still fails.
         let _ = self.persist_session(key);
         self.arm_keepalive(id);
         self.resume(key, now);
-        Flow::Continue
+        ReadStep::Continue
     }
 
     /// The session's connection went away.
@@ -187,7 +189,7 @@ impl Shard {
         publish_will: bool,
         now: Instant,
     ) {
-        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
         if s.conn != Some(conn) {
             return;
         }
@@ -204,7 +206,7 @@ impl Shard {
                 self.arm(at, Timer::Will(key));
             }
         }
-        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
         match s.expiry_s {
             0 => self.end_session(key, now),
             u32::MAX => {
@@ -223,7 +225,7 @@ impl Shard {
     /// passed, end the session when its expiry has (which publishes a will still pending). Also run for a
     /// CONNECT that may arrive before those timers (see `accept_connect`).
     pub(super) fn settle_offline(&mut self, key: SessionKey, now: Instant) {
-        let Some(s) = self.sessions.get(&key).filter(|s| s.conn.is_none()) else { return };
+        let Some(s) = self.sessions.map.get(&key).filter(|s| s.conn.is_none()) else { return };
         let (will_due, expired) = (s.will_due(now), s.expired(now));
         if will_due {
             self.publish_will(key, now);
@@ -235,7 +237,7 @@ impl Shard {
 
     /// Publishes the session's will (once) and forgets it.
     pub(super) fn publish_will(&mut self, key: SessionKey, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
         let Some(w) = s.will.take() else { return };
         let stored = s.stored_ver != 0;
         if stored {
@@ -256,17 +258,17 @@ impl Shard {
 
     /// Ends a session: its pending will goes out, its subscriptions and queued messages are dropped.
     pub(super) fn end_session(&mut self, key: SessionKey, now: Instant) {
-        if self.sessions.get(&key).is_some_and(|s| s.will.is_some()) {
+        if self.sessions.map.get(&key).is_some_and(|s| s.will.is_some()) {
             self.publish_will(key, now);
         }
-        if let Some(s) = self.sessions.get_mut(&key) {
+        if let Some(s) = self.sessions.map.get_mut(&key) {
             s.expiry_s = 0;
             let _ = self.persist_session(key);
         }
-        let Some(s) = self.sessions.remove(&key) else { return };
+        let Some(s) = self.sessions.map.remove(&key) else { return };
         // Retained messages it was still owed go with it (a later session may get the same key).
-        self.retained_owed.remove(&key);
-        self.by_client.remove(&s.client_id, key);
+        self.retained.owed.remove(&key);
+        self.sessions.by_client.remove(&s.client_id, key);
         for filter in s.subs {
             self.remove_subscription(key, &filter, now);
         }

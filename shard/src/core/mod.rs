@@ -16,11 +16,11 @@
 //! - retained messages are replicated to every shard, serialised through an owner shard per topic
 //!   ([`owner_of`] on the topic), so replicas apply the same sequence for a topic and converge.
 
+mod backpressure;
 mod clients;
 mod conn;
 mod connect;
 mod error;
-mod flow;
 mod interest_gen;
 mod msg;
 mod persist;
@@ -67,7 +67,7 @@ pub struct Config {
     /// messages in flight to a client.
     pub max_inflight: u16,
     /// Messages queued per offline session beyond the in-flight window; the oldest is dropped (and counted)
-    /// first. Online sessions pause their publishers at half of this (see `flow`) and hold up to
+    /// first. Online sessions pause their publishers at half of this (see `backpressure`) and hold up to
     /// 16 × this before dropping.
     pub max_queued: usize,
     /// Bytes (topic + payload) queued per offline session beyond the in-flight window, applied like
@@ -154,7 +154,7 @@ pub struct Counters {
     pub dropped_too_large: u64,
     pub handoffs: u64,
     pub mesh_out: u64,
-    /// Times a publisher was paused because everything it published met congestion (see `flow`).
+    /// Times a publisher was paused because everything it published met congestion (see `backpressure`).
     pub publisher_pauses: u64,
 }
 
@@ -222,7 +222,7 @@ const TIMER_COMPACT_MIN: usize = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Connect(ConnId),
-    /// Ends a publisher pause that no clearing event ended (see `flow`).
+    /// Ends a publisher pause that no clearing event ended (see `backpressure`).
     Unpause(ConnId),
     KeepAlive(ConnId),
     Will(SessionKey),
@@ -242,68 +242,117 @@ struct PendingSubAck {
     acks_missing: usize,
 }
 
-pub struct Shard {
-    id: ShardId,
-    shards: u16,
-    cfg: Arc<Config>,
-    node: Arc<NodeShared>,
-    /// Boxed values: the maps run at 45–90% load, and empty buckets would otherwise cost as much as
-    /// a live connection or session.
-    conns: HashMap<ConnId, Box<Conn>>,
-    sessions: HashMap<SessionKey, Box<Session>>,
-    by_client: clients::ClientIndex,
+/// The retained messages this shard holds (a replica of the node's), and what is still owed of them.
+struct RetainedState {
+    tree: RetainedTree<Arc<Msg>>,
+    /// Expiry deadlines of retained messages with a Message Expiry Interval, by topic, so that each is
+    /// evicted when it expires (the same instant on every replica, as the message carries it) rather
+    /// than kept until a subscriber looks. Entries of messages since replaced or cleared are stale, and
+    /// dropped when the heap doubles (as the timer heap).
+    expiry: BinaryHeap<Reverse<(Instant, Box<str>)>>,
+    /// Heap size at which `expiry` is compacted next. Invariant: at least [`TIMER_COMPACT_MIN`].
+    expiry_compact_at: usize,
     /// Retained messages still owed to sessions after their SUBACK, by topic, sent in batches as flow
     /// control allows (`route::pump_retained`). Kept here rather than in `Session`: only sessions that
     /// just subscribed to filters with many retained matches have an entry.
-    retained_owed: HashMap<SessionKey, VecDeque<route::OwedRetained>>,
-    next_session: u64,
+    owed: HashMap<SessionKey, VecDeque<route::OwedRetained>>,
+}
+
+/// The shard's timers.
+#[derive(Debug)]
+struct TimerHeap {
+    /// Entries are never removed when what they guard changes (a reconnect, a closed connection): a
+    /// stale one is harmless when it fires (`fire` re-checks the state), and `arm` compacts the heap to
+    /// the live entries (see `timer_live`) once it doubles, so its size follows live state, not history.
+    heap: BinaryHeap<Reverse<(Instant, Timer)>>,
+    /// Heap size at which `arm` compacts next. Invariant: at least [`TIMER_COMPACT_MIN`].
+    compact_at: usize,
+}
+
+/// The sessions of the client ids this shard owns.
+struct SessionTable {
+    /// Boxed values: the map runs at 45–90% load, and empty buckets would otherwise cost as much as a
+    /// live session.
+    map: HashMap<SessionKey, Box<Session>>,
+    by_client: clients::ClientIndex,
+    next_key: u64,
+    /// Client ids assigned to clients that sent none (a counter that restarts with the process).
+    assigned_ids: u64,
+}
+
+/// What the core hands the runtime and the other shards, until they take it.
+struct Outputs {
+    io: VecDeque<IoCmd<Handoff>>,
+    mesh: VecDeque<(ShardId, Mesh)>,
+    /// Final bytes of connections closed by the core (a DISCONNECT or refusing CONNACK), until the
+    /// runtime takes them with `take_transmit` before closing the socket.
+    closing: HashMap<ConnId, Vec<u8>>,
+}
+
+/// Who has interest in what, inside the node, and the state of publishes and SUBACKs on their way
+/// through it (see `route`).
+struct Routing {
     /// Local subscriptions, keyed by the filter without any `$share/group/` prefix.
     subs: TopicTrie<SubRef>,
     /// Every shard's subscriber counts (this one's included) per filter and group.
     interest: TopicTrie<Interest>,
     /// The interest generation of each shard that `interest` reflects.
-    seen_interest: SeenGens,
-    retained: RetainedTree<Arc<Msg>>,
-    /// Expiry deadlines of retained messages with a Message Expiry Interval, by topic, so that each is
-    /// evicted when it expires (the same instant on every replica, as the message carries it) rather
-    /// than kept until a subscriber looks. Entries of messages since replaced or cleared are stale, and
-    /// dropped when the heap doubles (as `timers`).
-    retained_expiry: BinaryHeap<Reverse<(Instant, Box<str>)>>,
-    /// Heap size at which `retained_expiry` is compacted next. Invariant: at least [`TIMER_COMPACT_MIN`].
-    retained_expiry_compact_at: usize,
-    /// Round-robin position per shared group when choosing a shard for a publish from here.
-    shared_rr: HashMap<SharedKey, u64>,
-    /// Round-robin position per shared group when choosing a member on this shard.
-    member_rr: HashMap<SharedKey, u64>,
-    /// Final bytes of connections closed by the core (a DISCONNECT or refusing CONNACK), until the
-    /// runtime takes them with `take_transmit` before closing the socket.
-    closing: HashMap<ConnId, Vec<u8>>,
+    seen: SeenGens,
+    rr: RoundRobin,
+    scratch: Scratch,
+    /// SUBACKs waiting for the other shards to acknowledge new interest, by token.
     pending_subacks: HashMap<u64, PendingSubAck>,
-    next_token: u64,
-    /// Entries are never removed when what they guard changes (a reconnect, a closed connection): a
-    /// stale one is harmless when it fires (`fire` re-checks the state), and `arm` compacts the heap to
-    /// the live entries (see `timer_live`) once it doubles, so its size follows live state, not history.
-    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
-    /// Heap size at which `arm` compacts next. Invariant: at least [`TIMER_COMPACT_MIN`].
-    timers_compact_at: usize,
-    io: VecDeque<IoCmd<Handoff>>,
-    mesh_out: VecDeque<(ShardId, Mesh)>,
-    counters: Counters,
-    /// Reused per publish by routing (no allocation per message); empty between uses.
-    scratch_shards: Vec<bool>,
+}
+
+/// Round-robin positions of shared groups.
+#[derive(Debug, Default)]
+struct RoundRobin {
+    /// Per group, when choosing a shard for a publish from here.
+    shared: HashMap<SharedKey, u64>,
+    /// Per group, when choosing a member on this shard.
+    member: HashMap<SharedKey, u64>,
+}
+
+/// Buffers routing reuses per publish (no allocation per message); empty between uses.
+#[derive(Debug, Default)]
+struct Scratch {
+    shards: Vec<bool>,
     /// Per shard: a matching subscription there belongs to a persistent session (see `persist`).
-    scratch_durable: Vec<bool>,
-    scratch_shared: Vec<(SharedKey, ShardId, u32, bool)>,
-    scratch_hits: Vec<(SessionKey, shardmq_wire::QoS, bool, u32)>,
-    scratch_members: Vec<u32>,
-    shutting_down: bool,
-    assigned_ids: u64,
-    /// Publishers (anywhere) this shard reported as facing congestion here; see `flow`.
+    durable: Vec<bool>,
+    shared: Vec<(SharedKey, ShardId, u32, bool)>,
+    hits: Vec<(SessionKey, shardmq_wire::QoS, bool, u32)>,
+    members: Vec<u32>,
+}
+
+/// Publisher backpressure state (see `backpressure`).
+#[derive(Debug, Default)]
+struct PauseState {
+    /// Publishers (anywhere) this shard reported as facing congestion here.
     throttling: ahash::HashSet<Origin>,
     /// Local connections paused by flow control.
     paused_conns: ahash::HashSet<ConnId>,
     /// Connections resumed during the current call whose buffered bytes still need handling.
     to_resume: Vec<ConnId>,
+}
+
+pub struct Shard {
+    id: ShardId,
+    shards: u16,
+    cfg: Arc<Config>,
+    /// What every shard of the node shares (atomics only).
+    shared: Arc<NodeShared>,
+    /// Boxed values: the maps run at 45–90% load, and empty buckets would otherwise cost as much as
+    /// a live connection or session.
+    conns: HashMap<ConnId, Box<Conn>>,
+    sessions: SessionTable,
+    routing: Routing,
+    retained: RetainedState,
+    next_token: u64,
+    timers: TimerHeap,
+    out: Outputs,
+    counters: Counters,
+    shutting_down: bool,
+    pauses: PauseState,
     /// The shard's log; `None` runs in memory only.
     store: Option<Box<persist::Store>>,
     /// Set while routing a publish whose acknowledgement waits for the shards it reaches.
@@ -311,44 +360,40 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(id: ShardId, shards: u16, cfg: Arc<Config>, node: Arc<NodeShared>) -> Shard {
+    pub fn new(id: ShardId, shards: u16, cfg: Arc<Config>, shared: Arc<NodeShared>) -> Shard {
         debug_assert!(id.0 < shards.max(1));
         Shard {
             id,
             shards: shards.max(1),
             cfg,
-            node,
+            shared,
             conns: HashMap::new(),
-            sessions: HashMap::new(),
-            by_client: clients::ClientIndex::new(),
-            retained_owed: HashMap::new(),
-            next_session: 1,
-            subs: TopicTrie::new(),
-            interest: TopicTrie::new(),
-            seen_interest: SeenGens::new(shards),
-            retained: RetainedTree::new(),
-            retained_expiry: BinaryHeap::new(),
-            retained_expiry_compact_at: TIMER_COMPACT_MIN,
-            shared_rr: HashMap::new(),
-            member_rr: HashMap::new(),
-            closing: HashMap::new(),
-            pending_subacks: HashMap::new(),
+            sessions: SessionTable {
+                map: HashMap::new(),
+                by_client: clients::ClientIndex::new(),
+                next_key: 1,
+                assigned_ids: 0,
+            },
+            routing: Routing {
+                subs: TopicTrie::new(),
+                interest: TopicTrie::new(),
+                seen: SeenGens::new(shards),
+                rr: RoundRobin::default(),
+                scratch: Scratch::default(),
+                pending_subacks: HashMap::new(),
+            },
+            retained: RetainedState {
+                tree: RetainedTree::new(),
+                expiry: BinaryHeap::new(),
+                expiry_compact_at: TIMER_COMPACT_MIN,
+                owed: HashMap::new(),
+            },
             next_token: 1,
-            timers: BinaryHeap::new(),
-            timers_compact_at: TIMER_COMPACT_MIN,
-            io: VecDeque::new(),
-            mesh_out: VecDeque::new(),
+            timers: TimerHeap { heap: BinaryHeap::new(), compact_at: TIMER_COMPACT_MIN },
+            out: Outputs { io: VecDeque::new(), mesh: VecDeque::new(), closing: HashMap::new() },
             counters: Counters::default(),
-            scratch_shards: Vec::new(),
-            scratch_durable: Vec::new(),
-            scratch_shared: Vec::new(),
-            scratch_hits: Vec::new(),
-            scratch_members: Vec::new(),
             shutting_down: false,
-            assigned_ids: 0,
-            throttling: Default::default(),
-            paused_conns: Default::default(),
-            to_resume: Vec::new(),
+            pauses: PauseState::default(),
             store: None,
             ack_ctx: None,
         }
@@ -364,47 +409,47 @@ impl Shard {
         self.conns.len()
     }
     pub fn session_count(&self) -> usize {
-        self.sessions.len()
+        self.sessions.map.len()
     }
     pub fn retained_count(&self) -> usize {
-        self.retained.len()
+        self.retained.tree.len()
     }
 
     /// Entries in the timer heap, live or stale.
     #[cfg(test)]
     pub(crate) fn timer_count(&self) -> usize {
-        self.timers.len()
+        self.timers.heap.len()
     }
 
     /// Messages queued (beyond the in-flight window) for the session of `client_id`. For tests.
     #[cfg(test)]
     pub(crate) fn queued_for(&self, client_id: &str) -> usize {
-        let key = self.by_client.get(client_id, &self.sessions);
-        key.and_then(|k| self.sessions.get(&k)).map_or(0, |s| s.flows().queue.len())
+        let key = self.sessions.by_client.get(client_id, &self.sessions.map);
+        key.and_then(|k| self.sessions.map.get(&k)).map_or(0, |s| s.qos().queue.len())
     }
 
     /// Retained messages owed to the session of `client_id` and not sent yet. For tests.
     #[cfg(test)]
     pub(crate) fn retained_owed_for(&self, client_id: &str) -> usize {
-        let key = self.by_client.get(client_id, &self.sessions);
-        key.and_then(|k| self.retained_owed.get(&k)).map_or(0, VecDeque::len)
+        let key = self.sessions.by_client.get(client_id, &self.sessions.map);
+        key.and_then(|k| self.retained.owed.get(&k)).map_or(0, VecDeque::len)
     }
 
     /// Entries in the retained-expiry index, live or stale.
     #[cfg(test)]
     pub(crate) fn retained_expiry_count(&self) -> usize {
-        self.retained_expiry.len()
+        self.retained.expiry.len()
     }
 
     /// Entries of `shared_rr` and `member_rr`.
     #[cfg(test)]
     pub(crate) fn round_robin_counts(&self) -> (usize, usize) {
-        (self.shared_rr.len(), self.member_rr.len())
+        (self.routing.rr.shared.len(), self.routing.rr.member.len())
     }
 
     fn arm(&mut self, at: Instant, t: Timer) {
-        self.timers.push(Reverse((at, t)));
-        if self.timers.len() > self.timers_compact_at {
+        self.timers.heap.push(Reverse((at, t)));
+        if self.timers.heap.len() > self.timers.compact_at {
             self.compact_timers();
         }
     }
@@ -412,13 +457,13 @@ impl Shard {
     /// Drops stale and duplicate timer entries. Runs when the heap doubled since the last compaction, so
     /// its O(n log n) is amortised to O(log n) per `arm`.
     fn compact_timers(&mut self) {
-        let mut v = std::mem::take(&mut self.timers).into_vec();
+        let mut v = std::mem::take(&mut self.timers.heap).into_vec();
         v.retain(|Reverse((at, t))| self.timer_live(*at, *t));
         v.sort_unstable();
         v.dedup();
-        self.timers = BinaryHeap::from(v);
-        self.timers_compact_at = (self.timers.len() * 2).max(TIMER_COMPACT_MIN);
-        debug_assert!(self.timers_compact_at >= TIMER_COMPACT_MIN);
+        self.timers.heap = BinaryHeap::from(v);
+        self.timers.compact_at = (self.timers.heap.len() * 2).max(TIMER_COMPACT_MIN);
+        debug_assert!(self.timers.compact_at >= TIMER_COMPACT_MIN);
     }
 
     /// Whether firing the entry could still do anything. Session timers are live only at the deadline
@@ -429,16 +474,16 @@ impl Shard {
             Timer::Connect(c) => self.conns.get(&c).is_some_and(|c| !c.is_active()),
             Timer::Unpause(c) => self.conns.get(&c).is_some_and(|c| c.paused),
             Timer::KeepAlive(c) => self.conns.get(&c).is_some_and(|c| c.keepalive_deadline().is_some()),
-            Timer::Will(k) => self.sessions.get(&k).is_some_and(|s| s.will_at() == Some(at)),
-            Timer::Expiry(k) => self.sessions.get(&k).is_some_and(|s| s.expires_at == Some(at)),
-            Timer::Retained(k) => self.retained_owed.contains_key(&k),
+            Timer::Will(k) => self.sessions.map.get(&k).is_some_and(|s| s.will_at() == Some(at)),
+            Timer::Expiry(k) => self.sessions.map.get(&k).is_some_and(|s| s.expires_at == Some(at)),
+            Timer::Retained(k) => self.retained.owed.contains_key(&k),
         }
     }
 
     fn send_mesh(&mut self, to: ShardId, m: Mesh) {
         debug_assert_ne!(to, self.id, "a shard never sends mesh messages to itself");
         self.counters.mesh_out += 1;
-        self.mesh_out.push_back((to, m));
+        self.out.mesh.push_back((to, m));
     }
 
     fn other_shards(&self) -> impl Iterator<Item = ShardId> + 'static {
@@ -477,7 +522,7 @@ impl Core for Shard {
 
     fn handle_accept(&mut self, conn: ConnId, now: Instant) {
         if self.shutting_down {
-            self.io.push_back(IoCmd::Close(conn));
+            self.out.io.push_back(IoCmd::Close(conn));
             return;
         }
         self.conns.insert(conn, Box::new(Conn::new(conn, now)));
@@ -499,7 +544,7 @@ impl Core for Shard {
     fn handle_closed(&mut self, conn: ConnId, now: Instant) {
         self.conn_gone(conn, true, now);
         // The socket is gone: nothing will take its last bytes.
-        self.closing.remove(&conn);
+        self.out.closing.remove(&conn);
     }
 
     fn handle_backpressure(&mut self, conn: ConnId, blocked: bool, now: Instant) {
@@ -542,7 +587,7 @@ impl Core for Shard {
                 for d in deltas {
                     self.apply_interest(from, d);
                 }
-                self.seen_interest.applied(from, generation);
+                self.routing.seen.applied(from, generation);
                 if grew {
                     self.interest_grew(now);
                 }
@@ -557,11 +602,11 @@ impl Core for Shard {
     }
 
     fn handle_timeout(&mut self, now: Instant) {
-        while let Some(Reverse((at, _))) = self.timers.peek() {
+        while let Some(Reverse((at, _))) = self.timers.heap.peek() {
             if *at > now {
                 break;
             }
-            let Some(Reverse((_, t))) = self.timers.pop() else { break };
+            let Some(Reverse((_, t))) = self.timers.heap.pop() else { break };
             self.fire(t, now);
         }
         self.evict_expired_retained(now);
@@ -604,12 +649,12 @@ impl Core for Shard {
     fn take_transmit(&mut self, conn: ConnId) -> Vec<u8> {
         match self.conns.get_mut(&conn) {
             Some(c) => c.take_out(),
-            None => self.closing.remove(&conn).unwrap_or_default(),
+            None => self.out.closing.remove(&conn).unwrap_or_default(),
         }
     }
 
     fn poll_io(&mut self) -> Option<IoCmd<Handoff>> {
-        self.io.pop_front()
+        self.out.io.pop_front()
     }
 
     fn set_waker(&mut self, waker: crate::runtime::Waker) {
@@ -617,12 +662,12 @@ impl Core for Shard {
     }
 
     fn poll_mesh(&mut self) -> Option<(ShardId, Mesh)> {
-        self.mesh_out.pop_front()
+        self.out.mesh.pop_front()
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        let retained = self.retained_expiry.peek().map(|Reverse((at, _))| *at);
-        let timer = match (self.timers.peek().map(|Reverse((at, _))| *at), retained) {
+        let retained = self.retained.expiry.peek().map(|Reverse((at, _))| *at);
+        let timer = match (self.timers.heap.peek().map(|Reverse((at, _))| *at), retained) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -636,7 +681,7 @@ impl Core for Shard {
 type IoQueue = VecDeque<IoCmd<Handoff>>;
 
 /// Why a packet loop stopped early.
-enum Flow {
+enum ReadStep {
     Continue,
     /// The connection was closed or handed off: stop reading its bytes.
     Stop,

@@ -9,7 +9,7 @@ use shardmq_wire::{
     topic, Packet, Properties, QoS, ReasonCode, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe,
 };
 
-use super::flow::{shard_bit, Tally, Verdict};
+use super::backpressure::{shard_bit, Tally, Verdict};
 use super::{owner_of, Delivery, Mesh, Msg, PendingSubAck, ProtocolError, SessionKey, Shard, Timer};
 use crate::{ConnId, ShardId};
 
@@ -96,15 +96,15 @@ impl Shard {
         }
         let n = self.shards as usize;
         // Scratch buffers live in the shard so that routing a publish allocates nothing in the common case.
-        let mut normal = std::mem::take(&mut self.scratch_shards);
+        let mut normal = std::mem::take(&mut self.routing.scratch.shards);
         normal.clear();
         normal.resize(n, false);
-        let mut durable = std::mem::take(&mut self.scratch_durable);
+        let mut durable = std::mem::take(&mut self.routing.scratch.durable);
         durable.clear();
         durable.resize(n, false);
-        let mut shared = std::mem::take(&mut self.scratch_shared);
+        let mut shared = std::mem::take(&mut self.routing.scratch.shared);
         shared.clear();
-        self.interest.for_each_match(&msg.topic, |i| match i.key.0 {
+        self.routing.interest.for_each_match(&msg.topic, |i| match i.key.0 {
             None => {
                 normal[i.shard.index()] = true;
                 durable[i.shard.index()] |= i.durable > 0;
@@ -114,7 +114,7 @@ impl Shard {
         // Shards that added interest this one has not heard of yet get the message too, and match it
         // against their own index: a subscription processed there before this publish is not missed. The
         // new subscriber may be persistent, so a QoS 1/2 acknowledgement waits for that shard's answer.
-        self.seen_interest.for_each_behind(&self.node.interest, |s| {
+        self.routing.seen.for_each_behind(&self.shared.interest, |s| {
             normal[s.index()] = true;
             durable[s.index()] = true;
         });
@@ -132,7 +132,7 @@ impl Shard {
                     j += 1;
                 }
                 // Weighted round robin over shards by member count spreads messages evenly over members.
-                let rr = self.shared_rr.entry(key.clone()).or_insert(0);
+                let rr = self.routing.rr.shared.entry(key.clone()).or_insert(0);
                 let mut pick = *rr % total.max(1);
                 *rr = rr.wrapping_add(1);
                 for (_, shard, members, persistent) in &shared[i..j] {
@@ -147,7 +147,7 @@ impl Shard {
             }
             shared.clear();
         }
-        self.scratch_shared = shared;
+        self.routing.scratch.shared = shared;
         let mut targets = 0u64;
         for (s, &to_all) in normal.iter().enumerate() {
             let shard_groups = groups.get_mut(s).map(std::mem::take).unwrap_or_default();
@@ -178,8 +178,8 @@ impl Shard {
                 self.send_mesh(shard, m);
             }
         }
-        self.scratch_shards = normal;
-        self.scratch_durable = durable;
+        self.routing.scratch.shards = normal;
+        self.routing.scratch.durable = durable;
         if targets == u64::MAX {
             0
         } else {
@@ -200,9 +200,9 @@ impl Shard {
         let mut tally = Tally::default();
         if normal {
             let me = self.id;
-            let mut hits = std::mem::take(&mut self.scratch_hits);
+            let mut hits = std::mem::take(&mut self.routing.scratch.hits);
             hits.clear();
-            self.subs.for_each_match(&msg.topic, |s| {
+            self.routing.subs.for_each_match(&msg.topic, |s| {
                 if s.group.is_some() {
                     return;
                 }
@@ -221,7 +221,7 @@ impl Shard {
                 tally.add(verdict);
             }
             hits.clear();
-            self.scratch_hits = hits;
+            self.routing.scratch.hits = hits;
         }
         for key in groups {
             let verdict = self.deliver_shared(msg, key, rerouted, now);
@@ -233,17 +233,17 @@ impl Shard {
     /// One member of a shared group on this shard: round robin, preferring connected members with room.
     fn deliver_shared(&mut self, msg: &Arc<Msg>, key: &SharedKey, rerouted: bool, now: Instant) -> Verdict {
         // Indices of the group's members in the trie's list, in a buffer reused across messages.
-        let mut members = std::mem::take(&mut self.scratch_members);
+        let mut members = std::mem::take(&mut self.routing.scratch.members);
         members.clear();
-        let list: &[SubRef] = self.subs.get(&key.1).unwrap_or(&[]);
+        let list: &[SubRef] = self.routing.subs.get(&key.1).unwrap_or(&[]);
         members.extend(list.iter().enumerate().filter(|(_, s)| s.group == key.0).map(|(i, _)| i as u32));
         if members.is_empty() {
-            self.scratch_members = members;
+            self.routing.scratch.members = members;
             // The last member here left after the sender chose this shard (its announcement is still on
             // the way). A QoS 1/2 message goes once more to a shard that has members; a second miss means
             // the group is empty node-wide as far as this shard knows.
             let me = self.id;
-            let other = self.interest.get(&key.1).and_then(|list| {
+            let other = self.routing.interest.get(&key.1).and_then(|list| {
                 list.iter().find(|i| i.key == *key && i.shard != me && i.members > 0).map(|i| i.shard)
             });
             match other {
@@ -264,11 +264,12 @@ impl Shard {
             }
             return Verdict::Ignored;
         }
-        let rr = self.member_rr.entry(key.clone()).or_insert(0);
+        let rr = self.routing.rr.member.entry(key.clone()).or_insert(0);
         let start = *rr as usize;
         *rr = rr.wrapping_add(1);
         let online = |s: &SubRef| {
             self.sessions
+                .map
                 .get(&s.session)
                 .and_then(|x| x.conn)
                 .and_then(|c| self.conns.get(&c))
@@ -284,7 +285,7 @@ impl Shard {
             sub_id_list(chosen.sub_id),
         );
         let session = chosen.session;
-        self.scratch_members = members;
+        self.routing.scratch.members = members;
         self.deliver(session, d, now)
     }
 
@@ -311,7 +312,7 @@ impl Shard {
                 continue;
             }
             let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
-            let Some(sess) = self.sessions.get_mut(&key) else { return Ok(()) };
+            let Some(sess) = self.sessions.map.get_mut(&key) else { return Ok(()) };
             let stored = sess.stored_ver != 0;
             let existed = sess.subs.contains(filter);
             if !existed && sess.subs.len() >= self.cfg.max_subscriptions {
@@ -323,14 +324,16 @@ impl Shard {
                 sess.subs.insert((*filter).into());
             }
             if existed {
-                if let Some(list) = self.subs.get_mut(inner) {
+                if let Some(list) = self.routing.subs.get_mut(inner) {
                     if let Some(r) = list.iter_mut().find(|r| r.session == key && r.group == group) {
                         r.opts = *opts;
                         r.sub_id = sub_id;
                     }
                 }
             } else {
-                self.subs.insert(inner, SubRef { session: key, opts: *opts, sub_id, group: group.clone() });
+                self.routing
+                    .subs
+                    .insert(inner, SubRef { session: key, opts: *opts, sub_id, group: group.clone() });
                 if let Some(d) = self.count_interest((group.clone(), inner.into()), 1, stored as i32) {
                     deltas.push(d);
                 }
@@ -361,17 +364,18 @@ impl Shard {
             let token = self.next_token;
             self.next_token += 1;
             self.announce(deltas, Some(token));
-            self.pending_subacks
+            self.routing
+                .pending_subacks
                 .insert(token, PendingSubAck { acks_missing: self.shards as usize - 1, ..pending });
         }
         Ok(())
     }
 
     pub(super) fn interest_acked(&mut self, token: u64, now: Instant) {
-        let Some(p) = self.pending_subacks.get_mut(&token) else { return };
+        let Some(p) = self.routing.pending_subacks.get_mut(&token) else { return };
         p.acks_missing -= 1;
         if p.acks_missing == 0 {
-            let p = self.pending_subacks.remove(&token).expect("present above");
+            let p = self.routing.pending_subacks.remove(&token).expect("present above");
             self.complete_suback(p, now);
         }
     }
@@ -382,22 +386,22 @@ impl Shard {
         if conn.session() != Some(p.session) {
             return;
         }
-        conn.send_raw(&p.packet, &mut self.io);
+        conn.send_raw(&p.packet, &mut self.out.io);
         if p.retained.is_empty() {
             return;
         }
         // Not delivered in one go: a `#` over 50,000 retained messages would queue them all at once.
         // Only their topics are kept, and `pump_retained` sends them as the window and socket allow.
-        let owed = self.retained_owed.entry(p.session).or_default();
+        let owed = self.retained.owed.entry(p.session).or_default();
         for r in p.retained {
-            self.retained.for_each_match(&r.filter, |topic, m| {
+            self.retained.tree.for_each_match(&r.filter, |topic, m| {
                 if !m.is_expired(now) {
                     owed.push_back(OwedRetained { topic: topic.into(), qos: r.opts.qos, sub_id: r.sub_id });
                 }
             });
         }
         if owed.is_empty() {
-            self.retained_owed.remove(&p.session);
+            self.retained.owed.remove(&p.session);
             return;
         }
         self.pump_retained(p.session, now);
@@ -411,40 +415,40 @@ impl Shard {
     /// dropped as a live QoS 0 publish to it would be. An offline session keeps what it is owed until it
     /// resumes; an ended one loses it.
     pub(super) fn pump_retained(&mut self, key: SessionKey, now: Instant) {
-        if self.retained_owed.is_empty() {
+        if self.retained.owed.is_empty() {
             return;
         }
         for _ in 0..RETAINED_BATCH {
-            let Some(s) = self.sessions.get(&key) else {
-                self.retained_owed.remove(&key);
+            let Some(s) = self.sessions.map.get(&key) else {
+                self.retained.owed.remove(&key);
                 return;
             };
             let Some(conn) = s.conn.and_then(|c| self.conns.get(&c)) else { return };
-            if conn.blocked || s.flows().queue.len() >= RETAINED_BATCH {
+            if conn.blocked || s.qos().queue.len() >= RETAINED_BATCH {
                 return;
             }
-            let Some(owed) = self.retained_owed.get_mut(&key) else { return };
+            let Some(owed) = self.retained.owed.get_mut(&key) else { return };
             let Some(item) = owed.pop_front() else {
-                self.retained_owed.remove(&key);
+                self.retained.owed.remove(&key);
                 return;
             };
-            let Some(m) = self.retained.get(&item.topic).filter(|m| !m.is_expired(now)).cloned() else {
+            let Some(m) = self.retained.tree.get(&item.topic).filter(|m| !m.is_expired(now)).cloned() else {
                 continue;
             };
             let qos = item.qos.min(m.qos);
             let _ = self.deliver(key, Delivery::new(m, qos, true, sub_id_list(item.sub_id)), now);
         }
-        if self.retained_owed.get(&key).is_some_and(|o| !o.is_empty()) {
+        if self.retained.owed.get(&key).is_some_and(|o| !o.is_empty()) {
             self.arm(now, Timer::Retained(key));
         } else {
-            self.retained_owed.remove(&key);
+            self.retained.owed.remove(&key);
         }
     }
 
     pub(super) fn on_unsubscribe(&mut self, id: ConnId, key: SessionKey, u: Unsubscribe<'_>, now: Instant) {
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
-            let existed = self.sessions.get_mut(&key).is_some_and(|s| s.subs.remove(filter));
+            let existed = self.sessions.map.get_mut(&key).is_some_and(|s| s.subs.remove(filter));
             if existed {
                 self.remove_subscription(key, filter, now);
                 reasons.push(ReasonCode::SUCCESS);
@@ -466,10 +470,10 @@ impl Shard {
     /// Removes a session's subscription (full filter) from the trie and announces the changed count.
     pub(super) fn remove_subscription(&mut self, key: SessionKey, filter: &str, now: Instant) {
         // A session that ends is no longer stored by the time its subscriptions go (see `end_session`).
-        let stored = self.sessions.get(&key).is_some_and(|s| s.stored_ver != 0);
+        let stored = self.sessions.map.get(&key).is_some_and(|s| s.stored_ver != 0);
         let (group, inner) = split_shared(filter);
         let group: Option<Arc<str>> = group.map(Into::into);
-        let (removed, _) = self.subs.remove(inner, |r| r.session == key && r.group == group);
+        let (removed, _) = self.routing.subs.remove(inner, |r| r.session == key && r.group == group);
         if removed.is_some() {
             // A congested subscriber that leaves no longer holds publishers back.
             self.decongested(now);
@@ -484,11 +488,11 @@ impl Shard {
     /// here anyway (see `interest_gen`).
     pub(super) fn announce(&mut self, deltas: Vec<InterestDelta>, token: Option<u64>) {
         let generation = if deltas.iter().any(|d| d.members > 0) {
-            let g = self.node.interest.bump(self.id);
-            self.seen_interest.applied(self.id, g);
+            let g = self.shared.interest.bump(self.id);
+            self.routing.seen.applied(self.id, g);
             g
         } else {
-            self.node.interest.get(self.id)
+            self.shared.interest.get(self.id)
         };
         for to in self.other_shards() {
             self.send_mesh(to, Mesh::Interest { deltas: deltas.clone(), token, generation });
@@ -508,6 +512,7 @@ impl Shard {
         // below): a separate map of it would cost another ~90 bytes per filter.
         let me = self.id;
         let before = self
+            .routing
             .interest
             .get(&key.1)
             .and_then(|l| l.iter().find(|i| i.shard == me && i.key == key))
@@ -517,7 +522,7 @@ impl Shard {
         let after = LocalCount { members, durable: add(before.durable, durable).min(members) };
         if after.members == 0 {
             // No member here to choose among: a later member starts a fresh rotation.
-            self.member_rr.remove(&key);
+            self.routing.rr.member.remove(&key);
         }
         let flipped = |a: u32, b: u32| (a == 0) != (b == 0);
         let announce = key.0.is_some()
@@ -531,15 +536,15 @@ impl Shard {
     pub(super) fn apply_interest(&mut self, from: ShardId, d: InterestDelta) {
         let filter = d.key.1.clone();
         if d.members == 0 {
-            self.interest.remove(&filter, |i| i.shard == from && i.key == d.key);
+            self.routing.interest.remove(&filter, |i| i.shard == from && i.key == d.key);
             // The group has no member on any shard this one knows of: forget its rotation.
-            let left = self.interest.get(&filter).is_some_and(|l| l.iter().any(|i| i.key == d.key));
+            let left = self.routing.interest.get(&filter).is_some_and(|l| l.iter().any(|i| i.key == d.key));
             if d.key.0.is_some() && !left {
-                self.shared_rr.remove(&d.key);
+                self.routing.rr.shared.remove(&d.key);
             }
             return;
         }
-        if let Some(list) = self.interest.get_mut(&filter) {
+        if let Some(list) = self.routing.interest.get_mut(&filter) {
             if let Some(i) = list.iter_mut().find(|i| i.shard == from && i.key == d.key) {
                 i.members = d.members;
                 i.durable = d.durable;
@@ -547,7 +552,7 @@ impl Shard {
             }
         }
         let i = Interest { shard: from, key: d.key, members: d.members, durable: d.durable };
-        self.interest.insert(&filter, i);
+        self.routing.interest.insert(&filter, i);
     }
 
     /// A retained update published on this shard or forwarded to it: the topic's owner applies it and fans
@@ -569,15 +574,15 @@ impl Shard {
 
     pub(super) fn apply_retained(&mut self, msg: Arc<Msg>) {
         if msg.payload.is_empty() {
-            self.retained.remove(&msg.topic);
+            self.retained.tree.remove(&msg.topic);
         } else {
             let topic = msg.topic.clone();
             let expires_at = msg.expires_at;
             // Inserted first: compaction keeps only entries of messages held.
-            self.retained.insert(&topic, msg);
+            self.retained.tree.insert(&topic, msg);
             if let Some(at) = expires_at {
-                self.retained_expiry.push(std::cmp::Reverse((at, topic)));
-                if self.retained_expiry.len() > self.retained_expiry_compact_at {
+                self.retained.expiry.push(std::cmp::Reverse((at, topic)));
+                if self.retained.expiry.len() > self.retained.expiry_compact_at {
                     self.compact_retained_expiry();
                 }
             }
@@ -591,29 +596,29 @@ impl Shard {
     /// compaction drops a record whose message is no longer held.
     pub(super) fn evict_expired_retained(&mut self, now: Instant) {
         for _ in 0..RETAINED_EVICT_BATCH {
-            match self.retained_expiry.peek() {
+            match self.retained.expiry.peek() {
                 Some(std::cmp::Reverse((at, _))) if *at <= now => {}
                 _ => return,
             }
-            let Some(std::cmp::Reverse((_, topic))) = self.retained_expiry.pop() else { return };
+            let Some(std::cmp::Reverse((_, topic))) = self.retained.expiry.pop() else { return };
             // The topic may hold a newer message by now: evict only what has expired.
-            if self.retained.get(&topic).is_some_and(|m| m.is_expired(now)) {
-                self.retained.remove(&topic);
+            if self.retained.tree.get(&topic).is_some_and(|m| m.is_expired(now)) {
+                self.retained.tree.remove(&topic);
             }
         }
     }
 
     /// Drops entries of `retained_expiry` whose message was replaced or cleared (and duplicates).
     fn compact_retained_expiry(&mut self) {
-        let mut v = std::mem::take(&mut self.retained_expiry).into_vec();
-        let retained = &self.retained;
+        let mut v = std::mem::take(&mut self.retained.expiry).into_vec();
+        let retained = &self.retained.tree;
         v.retain(|std::cmp::Reverse((at, topic))| {
             retained.get(topic).is_some_and(|m| m.expires_at == Some(*at))
         });
         v.sort_unstable();
         v.dedup();
-        self.retained_expiry = std::collections::BinaryHeap::from(v);
-        self.retained_expiry_compact_at = (self.retained_expiry.len() * 2).max(super::TIMER_COMPACT_MIN);
+        self.retained.expiry = std::collections::BinaryHeap::from(v);
+        self.retained.expiry_compact_at = (self.retained.expiry.len() * 2).max(super::TIMER_COMPACT_MIN);
     }
 }
 

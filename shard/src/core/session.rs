@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use shardmq_wire::{Ack, Packet, PacketId, Protocol, Publish, QoS, ReasonCode};
 
+use super::backpressure::Verdict;
 use super::conn::Conn;
-use super::flow::Verdict;
 use super::{Delivery, MsgProps, SessionKey, Shard};
 
 #[derive(Debug)]
@@ -36,7 +36,7 @@ pub(super) struct InFlight {
 
 /// A session's QoS 1/2 bookkeeping.
 #[derive(Debug, Default)]
-pub(super) struct Flows {
+pub(super) struct QosState {
     /// QoS 1/2 messages sent and not yet completed, in send order.
     /// Invariant: `inflight.len() <= send_quota` except right after a resume with a smaller quota or a
     /// restart (released QoS 2 messages come back in flight).
@@ -58,7 +58,7 @@ fn queued_size(d: &Delivery) -> usize {
     d.msg.topic.len() + d.msg.payload.len()
 }
 
-impl Flows {
+impl QosState {
     pub fn queued_bytes(&self) -> usize {
         debug_assert_eq!(self.queue.is_empty(), self.queued_bytes == 0);
         self.queued_bytes
@@ -110,8 +110,8 @@ impl Flows {
 }
 
 /// What a session without QoS 1/2 state reads.
-static NO_FLOWS: Flows =
-    Flows { inflight: VecDeque::new(), queue: VecDeque::new(), inbound_qos2: Vec::new(), queued_bytes: 0 };
+static NO_QOS: QosState =
+    QosState { inflight: VecDeque::new(), queue: VecDeque::new(), inbound_qos2: Vec::new(), queued_bytes: 0 };
 
 /// A session's filters, unordered and unique. Most sessions hold a few, kept in a Vec (24 bytes when
 /// empty, where a hash set costs 64) and scanned; past [`Subs::SMALL`] they move to a hash set, so that
@@ -235,7 +235,7 @@ pub(super) struct Session {
     pub stored_ver: u64,
     pub(super) next_pid: u16,
     /// QoS 1/2 state, allocated on first use and freed when empty: an idle client pays one pointer.
-    flows: Option<Box<Flows>>,
+    qos: Option<Box<QosState>>,
     /// The client's Receive Maximum, capped by ours.
     pub send_quota: u16,
     /// Flow control (see `flow`): shards the last message this session published went to, and shards
@@ -256,29 +256,29 @@ impl Session {
             will: None,
             stored_ver: 0,
             next_pid: 1,
-            flows: None,
+            qos: None,
             send_quota: 1,
             last_targets: 0,
             congested_by: 0,
         }
     }
 
-    pub fn flows(&self) -> &Flows {
-        self.flows.as_deref().unwrap_or(&NO_FLOWS)
+    pub fn qos(&self) -> &QosState {
+        self.qos.as_deref().unwrap_or(&NO_QOS)
     }
 
-    pub fn flows_mut(&mut self) -> &mut Flows {
-        self.flows.get_or_insert_with(Default::default)
+    pub fn qos_mut(&mut self) -> &mut QosState {
+        self.qos.get_or_insert_with(Default::default)
     }
 
-    pub fn flows_opt_mut(&mut self) -> Option<&mut Flows> {
-        self.flows.as_deref_mut()
+    pub fn qos_opt_mut(&mut self) -> Option<&mut QosState> {
+        self.qos.as_deref_mut()
     }
 
     /// Frees the QoS 1/2 state once nothing is in flight, queued or awaiting PUBREL.
     pub fn trim(&mut self) {
-        if self.flows.as_deref().is_some_and(Flows::is_empty) {
-            self.flows = None;
+        if self.qos.as_deref().is_some_and(QosState::is_empty) {
+            self.qos = None;
         }
     }
 
@@ -300,12 +300,12 @@ impl Session {
     /// window below 65,535 ids together: coming round again, an id can still be held only by a message
     /// in flight that the client never acknowledged (while later ones were), and that id is skipped.
     fn alloc_pid(&mut self) -> u16 {
-        let f = self.flows();
+        let f = self.qos();
         debug_assert!(f.inflight.len() + f.queue.len() < u16::MAX as usize, "every packet id is taken");
         loop {
             let pid = self.next_pid;
             self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
-            if !self.flows().inflight.iter().any(|x| x.d.pid == pid) {
+            if !self.qos().inflight.iter().any(|x| x.d.pid == pid) {
                 return pid;
             }
         }
@@ -314,19 +314,19 @@ impl Session {
     /// The `mid` of the message queued or sent last (the queue only fills while it is not empty or the
     /// window is full, so its back is newer than anything in flight).
     fn newest_mid(&self) -> Option<u64> {
-        let f = self.flows();
+        let f = self.qos();
         f.queue.back().or(f.inflight.back().map(|x| &x.d)).map(|d| d.mid)
     }
 
     /// Whether the session holds the message stored as `mid` (for log compaction). `mid`s ascend along
     /// the window then the queue.
     pub fn holds(&self, mid: u64) -> bool {
-        let f = self.flows();
+        let f = self.qos();
         f.inflight.iter().any(|x| x.d.mid == mid) || f.queue.binary_search_by_key(&mid, |d| d.mid).is_ok()
     }
 
     fn has_room(&self) -> bool {
-        self.flows().inflight.len() < self.send_quota as usize
+        self.qos().inflight.len() < self.send_quota as usize
     }
 }
 
@@ -377,14 +377,14 @@ impl Shard {
         }
         let high_water = self.queue_high_water();
         let bytes_high_water = self.queue_bytes_high_water();
-        let Some(s) = self.sessions.get_mut(&key) else { return Verdict::Ignored };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return Verdict::Ignored };
         let conn = s.conn.and_then(|c| self.conns.get_mut(&c));
         if d.qos == QoS::AtMostOnce {
-            let budget = super::flow::qos0_blocked_budget(&self.cfg);
+            let budget = super::backpressure::qos0_blocked_budget(&self.cfg);
             return match conn {
                 Some(conn) if !conn.blocked || (conn.blocked_bytes as usize) < budget => {
                     let before = conn.out_len();
-                    if write_publish(conn, &d, false, now, &mut self.io) {
+                    if write_publish(conn, &d, false, now, &mut self.out.io) {
                         self.counters.deliveries += 1;
                         if conn.blocked {
                             // Held as output behind what the socket has not taken yet, while flow control
@@ -411,16 +411,16 @@ impl Shard {
             };
         }
         match conn {
-            Some(conn) if !conn.blocked && s.flows().queue.is_empty() && s.has_room() => {
+            Some(conn) if !conn.blocked && s.qos().queue.is_empty() && s.has_room() => {
                 d.pid = s.alloc_pid();
-                if write_publish(conn, &d, false, now, &mut self.io) {
+                if write_publish(conn, &d, false, now, &mut self.out.io) {
                     self.counters.deliveries += 1;
                     if s.stored_ver != 0 {
                         if let Some(st) = self.store.as_deref_mut() {
                             d.mid = st.note_delivery(key, &d, s.newest_mid());
                         }
                     }
-                    s.flows_mut().inflight.push_back(InFlight { d, released: false });
+                    s.qos_mut().inflight.push_back(InFlight { d, released: false });
                     Verdict::Accepted
                 } else {
                     self.counters.dropped_too_large += 1;
@@ -430,8 +430,8 @@ impl Shard {
             conn => {
                 let online = conn.is_some();
                 let blocked = conn.is_some_and(|c| c.blocked);
-                let cap = super::flow::queue_cap(&self.cfg, online);
-                let bytes_cap = super::flow::queue_bytes_cap(&self.cfg, online);
+                let cap = super::backpressure::queue_cap(&self.cfg, online);
+                let bytes_cap = super::backpressure::queue_bytes_cap(&self.cfg, online);
                 let size = queued_size(&d);
                 let stored = s.stored_ver != 0;
                 if self.cfg.max_queued > 0 {
@@ -442,7 +442,7 @@ impl Shard {
                         }
                     }
                 }
-                let flows = s.flows_mut();
+                let flows = s.qos_mut();
                 // An offline session's queue is bounded by `max_queued` and `max_queued_bytes`; an online
                 // one's only overflows when far more arrives than flow control lets through (all counted).
                 // The newest message is kept even if it alone exceeds the byte bound.
@@ -488,14 +488,14 @@ impl Shard {
     pub(super) fn pump(&mut self, key: SessionKey, now: Instant) {
         let low_water = self.queue_high_water() / 2;
         let bytes_low_water = self.queue_bytes_high_water() / 2;
-        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
         let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
         while !conn.blocked && s.has_room() {
-            let Some(d) = s.flows_mut().pop_queued() else { break };
+            let Some(d) = s.qos_mut().pop_queued() else { break };
             let sent = if d.msg.is_expired(now) {
                 self.counters.dropped_expired += 1;
                 false
-            } else if write_publish(conn, &d, false, now, &mut self.io) {
+            } else if write_publish(conn, &d, false, now, &mut self.out.io) {
                 self.counters.deliveries += 1;
                 true
             } else {
@@ -503,13 +503,13 @@ impl Shard {
                 false
             };
             if sent {
-                s.flows_mut().inflight.push_back(InFlight { d, released: false });
+                s.qos_mut().inflight.push_back(InFlight { d, released: false });
             } else if let (Some(st), true) = (self.store.as_deref_mut(), d.mid != 0) {
                 st.done(key, d.mid);
             }
         }
         s.trim();
-        let f = s.flows();
+        let f = s.qos();
         if !conn.blocked && f.queue.len() <= low_water && f.queued_bytes() <= bytes_low_water {
             self.decongested(now);
         }
@@ -518,25 +518,27 @@ impl Shard {
 
     /// A client resumed its session: resend everything unacknowledged, in order, then the queue.
     pub(super) fn resume(&mut self, key: SessionKey, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
         let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
-        for f in s.flows().inflight.iter() {
+        for f in s.qos().inflight.iter() {
             if f.released {
-                conn.send(&Packet::PubRel(Ack::new(PacketId(f.d.pid), ReasonCode::SUCCESS)), &mut self.io);
+                conn.send(
+                    &Packet::PubRel(Ack::new(PacketId(f.d.pid), ReasonCode::SUCCESS)),
+                    &mut self.out.io,
+                );
             } else {
                 // MQTT 5 §4.4: unacknowledged PUBLISHes are resent with DUP; expiry does not apply to them.
-                write_publish(conn, &f.d, true, now, &mut self.io);
+                write_publish(conn, &f.d, true, now, &mut self.out.io);
             }
         }
         self.pump(key, now);
     }
 
     pub(super) fn on_puback(&mut self, key: SessionKey, pid: PacketId, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&key) else { return };
-        if let Some(i) =
-            s.flows().inflight.iter().position(|f| f.d.pid == pid.0 && f.d.qos == QoS::AtLeastOnce)
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
+        if let Some(i) = s.qos().inflight.iter().position(|f| f.d.pid == pid.0 && f.d.qos == QoS::AtLeastOnce)
         {
-            if let Some(f) = s.flows_mut().inflight.remove(i) {
+            if let Some(f) = s.qos_mut().inflight.remove(i) {
                 self.forget(key, f);
             }
             self.pump(key, now);
@@ -544,20 +546,20 @@ impl Shard {
     }
 
     pub(super) fn on_pubrec(&mut self, id: crate::ConnId, key: SessionKey, a: &Ack<'_>, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
         let pos =
-            s.flows().inflight.iter().position(|f| f.d.pid == a.packet_id.0 && f.d.qos == QoS::ExactlyOnce);
+            s.qos().inflight.iter().position(|f| f.d.pid == a.packet_id.0 && f.d.qos == QoS::ExactlyOnce);
         let reason = match pos {
             Some(i) if a.reason.is_error() => {
                 // The receiver refused the message: the exchange ends here (MQTT 5 §4.3.3).
-                if let Some(f) = s.flows_mut().inflight.remove(i) {
+                if let Some(f) = s.qos_mut().inflight.remove(i) {
                     self.forget(key, f);
                 }
                 self.pump(key, now);
                 return;
             }
             Some(i) => {
-                let f = &mut s.flows_mut().inflight[i];
+                let f = &mut s.qos_mut().inflight[i];
                 let first = !f.released;
                 f.released = true;
                 let mid = f.d.mid;
@@ -580,9 +582,9 @@ impl Shard {
     }
 
     pub(super) fn on_pubcomp(&mut self, key: SessionKey, pid: PacketId, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&key) else { return };
-        if let Some(i) = s.flows().inflight.iter().position(|f| f.d.pid == pid.0 && f.released) {
-            if let Some(f) = s.flows_mut().inflight.remove(i) {
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
+        if let Some(i) = s.qos().inflight.iter().position(|f| f.d.pid == pid.0 && f.released) {
+            if let Some(f) = s.qos_mut().inflight.remove(i) {
                 self.forget(key, f);
             }
             self.pump(key, now);

@@ -115,7 +115,7 @@ impl Shard {
             }
             _ => {
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.send_raw(&bytes, &mut self.io);
+                    c.send_raw(&bytes, &mut self.out.io);
                 }
             }
         }
@@ -124,7 +124,7 @@ impl Shard {
     /// Whether the session of `conn` is in the log (what it acknowledges must be durable first).
     fn session_stored(&self, conn: ConnId) -> bool {
         let key = self.conns.get(&conn).and_then(|c| c.session());
-        key.and_then(|k| self.sessions.get(&k)).is_some_and(|s| s.stored_ver != 0)
+        key.and_then(|k| self.sessions.map.get(&k)).is_some_and(|s| s.stored_ver != 0)
     }
 
     fn hold(&mut self, conn: ConnId, h: Held, now: Instant) {
@@ -182,21 +182,21 @@ impl Shard {
             // connection closes unacknowledged and the client retries after reconnecting.
             HeldAck::Publish { .. } if refused && !v5 => self.storage_failed(conn, now),
             HeldAck::Bytes(_) | HeldAck::SubAck(_) if refused => self.storage_failed(conn, now),
-            HeldAck::Bytes(b) => c.send_raw(&b, &mut self.io),
+            HeldAck::Bytes(b) => c.send_raw(&b, &mut self.out.io),
             HeldAck::SubAck(p) => self.complete_suback_now(*p, now),
             HeldAck::Publish { pid, qos, reason } => {
                 let reason = if refused { ReasonCode::QUOTA_EXCEEDED } else { reason };
                 let ack = Ack::new(PacketId(pid), reason);
                 match qos {
-                    QoS::AtLeastOnce => c.send(&Packet::PubAck(ack), &mut self.io),
-                    QoS::ExactlyOnce => c.send(&Packet::PubRec(ack), &mut self.io),
+                    QoS::AtLeastOnce => c.send(&Packet::PubAck(ack), &mut self.out.io),
+                    QoS::ExactlyOnce => c.send(&Packet::PubRec(ack), &mut self.out.io),
                     QoS::AtMostOnce => {}
                 }
                 if refused && qos == QoS::ExactlyOnce {
                     // An error PUBREC ends the exchange: the packet id is free again.
                     if let Some(key) = c.session() {
-                        if let Some(s) = self.sessions.get_mut(&key) {
-                            s.flows_mut().remove_inbound_qos2(pid);
+                        if let Some(s) = self.sessions.map.get_mut(&key) {
+                            s.qos_mut().remove_inbound_qos2(pid);
                             s.trim();
                         }
                         self.persist_inbound_qos2(key, pid, false);

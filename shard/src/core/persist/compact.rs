@@ -26,8 +26,8 @@ impl Shard {
         }
         let budget = st.compact_budget.min(COMPACT_STEP_BYTES);
         let clock = st.clock;
-        let sessions = &self.sessions;
-        let retained = &self.retained;
+        let sessions = &self.sessions.map;
+        let retained = &self.retained.tree;
         let mut kept = 0u64;
         let res = st.log.compact_with(budget as usize, &mut |_, t, payload| {
             let k = live(sessions, retained, &clock, t, payload);
@@ -135,11 +135,11 @@ fn live_record(
         }
         records::RELEASED => {
             let (Ok(sid), Ok(mid)) = (d.u64(), d.u64()) else { return true };
-            stored(sid).is_some_and(|s| s.flows().inflight.iter().any(|f| f.d.mid == mid && f.released))
+            stored(sid).is_some_and(|s| s.qos().inflight.iter().any(|f| f.d.mid == mid && f.released))
         }
         records::INBOUND_QOS2 => {
             let (Ok(sid), Ok(pid)) = (d.u64(), d.u16()) else { return true };
-            stored(sid).is_some_and(|s| s.flows().holds_inbound_qos2(pid))
+            stored(sid).is_some_and(|s| s.qos().holds_inbound_qos2(pid))
         }
         records::RETAIN => {
             let Ok(topic) = d.str() else { return true };

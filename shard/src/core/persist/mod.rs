@@ -19,7 +19,7 @@
 
 mod acks;
 mod compact;
-mod node;
+mod datadir;
 mod records;
 mod replay;
 
@@ -33,7 +33,7 @@ use shardmq_wire::QoS;
 
 pub(super) use self::acks::AckCtx;
 use self::acks::Held;
-pub use self::node::{inspect_node, open_node, read_meta, BootError, Meta, ShardReport, StorageConfig};
+pub use self::datadir::{inspect_node, open_node, read_meta, BootError, Meta, ShardReport, StorageConfig};
 use self::records::Enc;
 pub use self::records::{type_name, WallClock};
 pub use self::replay::{Recovered, RecoveredSession, Replay, StoredSession};
@@ -301,7 +301,7 @@ impl Shard {
     pub fn restore(&mut self, boot: Boot, now: Instant) {
         let Boot { store, recovered, interest, retained } = boot;
         let clock = store.clock;
-        self.next_session = self.next_session.max(recovered.next_sid);
+        self.sessions.next_key = self.sessions.next_key.max(recovered.next_sid);
         self.store = Some(Box::new(store));
         // A message that expired while the node was down (or was evicted before it stopped) stays gone.
         for m in retained.iter().filter(|m| !m.is_expired(now)) {
@@ -351,28 +351,28 @@ impl Shard {
         }
         if !rs.messages.is_empty() {
             let queued = rs.messages.iter().filter(|(_, released)| !released).count();
-            s.flows_mut().queue.reserve_exact(queued);
+            s.qos_mut().queue.reserve_exact(queued);
         }
         for (d, released) in rs.messages {
             if released {
-                s.flows_mut().inflight.push_back(InFlight { d, released: true });
+                s.qos_mut().inflight.push_back(InFlight { d, released: true });
             } else {
-                s.flows_mut().push_queued(d);
+                s.qos_mut().push_queued(d);
             }
         }
         let mut inbound = rs.inbound_qos2;
         inbound.sort_unstable();
         inbound.dedup();
-        s.flows_mut().inbound_qos2 = inbound;
+        s.qos_mut().inbound_qos2 = inbound;
         s.trim();
         let subs = st.subs;
         s.subs = subs.iter().map(|(f, _, _)| f.clone()).collect();
-        self.sessions.insert(key, Box::new(s));
-        self.by_client.insert(key, &self.sessions);
+        self.sessions.map.insert(key, Box::new(s));
+        self.sessions.by_client.insert(key, &self.sessions.map);
         for (filter, opts, sub_id) in subs {
             let (group, inner) = split_shared(&filter);
             let group: Option<Arc<str>> = group.map(Into::into);
-            self.subs.insert(inner, SubRef { session: key, opts, sub_id, group: group.clone() });
+            self.routing.subs.insert(inner, SubRef { session: key, opts, sub_id, group: group.clone() });
             // Other shards learn these counts from the boot summary, not from announcements.
             let _ = self.count_interest((group, inner.into()), 1, 1);
         }
@@ -381,7 +381,7 @@ impl Shard {
     /// Writes the session's current record (or its end, once it is no longer persistent). Returns
     /// false if the log refused it.
     pub(super) fn persist_session(&mut self, key: SessionKey) -> bool {
-        if !self.sessions.contains_key(&key) {
+        if !self.sessions.map.contains_key(&key) {
             return true;
         }
         let Some(st) = self.store.as_deref_mut() else { return true };
@@ -396,7 +396,7 @@ impl Shard {
 
     fn persist_session_inner(&mut self, key: SessionKey) -> bool {
         let Some(st) = self.store.as_deref_mut() else { return true };
-        let Some(s) = self.sessions.get_mut(&key) else { return true };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return true };
         if s.expiry_s == 0 {
             if s.stored_ver != 0 {
                 s.stored_ver = 0;
@@ -433,6 +433,7 @@ impl Shard {
         for filter in s.subs.iter() {
             let (group, inner) = split_shared(filter);
             let sub = self
+                .routing
                 .subs
                 .get(inner)
                 .and_then(|l| l.iter().find(|r| r.session == key && r.group.as_deref() == group));
@@ -449,10 +450,10 @@ impl Shard {
         if newly {
             self.recount_durable(key, 1);
             let Some(st) = self.store.as_deref_mut() else { return true };
-            let Some(s) = self.sessions.get_mut(&key) else { return true };
+            let Some(s) = self.sessions.map.get_mut(&key) else { return true };
             // It holds messages from while it was not persistent (a takeover by a persistent CONNECT,
             // or stored, ended and stored again): all are stored now, with ids above the session's end.
-            if let Some(f) = s.flows_opt_mut() {
+            if let Some(f) = s.qos_opt_mut() {
                 for d in f.inflight.iter_mut().map(|x| &mut x.d).chain(f.queue.iter_mut()) {
                     if d.qos != QoS::AtMostOnce {
                         // Flushed after each: every entry has its own record, whatever it shares.
@@ -474,7 +475,7 @@ impl Shard {
     /// A session became persistent (`+1`) or stopped being (`-1`): its subscriptions' persistent counts
     /// change, and other shards learn it (a publish to persistent subscribers waits for their shard).
     fn recount_durable(&mut self, key: SessionKey, change: i32) {
-        let Some(s) = self.sessions.get(&key) else { return };
+        let Some(s) = self.sessions.map.get(&key) else { return };
         let mut deltas = Vec::new();
         for filter in s.subs.clone() {
             let (group, inner) = split_shared(&filter);
@@ -487,7 +488,7 @@ impl Shard {
     }
 
     pub(super) fn persist_inbound_qos2(&mut self, key: SessionKey, pid: u16, pending: bool) -> bool {
-        let stored = self.sessions.get(&key).is_some_and(|s| s.stored_ver != 0);
+        let stored = self.sessions.map.get(&key).is_some_and(|s| s.stored_ver != 0);
         match self.store.as_deref_mut() {
             Some(st) if stored => st.inbound_qos2(key, pid, pending),
             _ => true,

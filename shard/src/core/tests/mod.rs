@@ -564,7 +564,7 @@ fn a_pause_ends_by_itself_if_no_clearing_event_comes() {
         sim.publish(p, "t", &[0], QoS::AtLeastOnce, false, i + 1);
     }
     assert!(sim.clients[p].paused);
-    sim.advance(super::flow::MAX_PAUSE + Duration::from_millis(1));
+    sim.advance(super::backpressure::MAX_PAUSE + Duration::from_millis(1));
     // Resumed, read the waiting publishes, and paused again (the subscriber still does not read).
     assert!(sim.shards[0].counters().publisher_pauses >= 2);
 }

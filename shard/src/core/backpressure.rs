@@ -110,10 +110,10 @@ impl Shard {
     /// This shard's verdict on a message from `origin`: report a change of congestion to the origin.
     pub(super) fn report_congestion(&mut self, origin: Origin, tally: Tally, now: Instant) {
         if tally.all_congested() {
-            if self.throttling.insert(origin) {
+            if self.pauses.throttling.insert(origin) {
                 self.congestion_changed(origin, true, now);
             }
-        } else if tally.accepted > 0 && self.throttling.remove(&origin) {
+        } else if tally.accepted > 0 && self.pauses.throttling.remove(&origin) {
             self.congestion_changed(origin, false, now);
         }
     }
@@ -129,10 +129,10 @@ impl Shard {
     /// Something on this shard stopped being congested: every publisher it throttles may go again (those
     /// still facing congestion are throttled again by their next message).
     pub(super) fn decongested(&mut self, now: Instant) {
-        if self.throttling.is_empty() {
+        if self.pauses.throttling.is_empty() {
             return;
         }
-        let origins: Vec<Origin> = self.throttling.drain().collect();
+        let origins: Vec<Origin> = self.pauses.throttling.drain().collect();
         for o in origins {
             self.congestion_changed(o, false, now);
         }
@@ -140,7 +140,7 @@ impl Shard {
 
     /// `from` reports (or stops reporting) congestion for a publishing session of this shard.
     pub(super) fn set_congested(&mut self, key: SessionKey, from: ShardId, congested: bool, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
         if congested {
             s.congested_by |= shard_bit(from);
         } else {
@@ -151,14 +151,14 @@ impl Shard {
 
     /// Records where a publisher's message went (a bit per target shard).
     pub(super) fn note_targets(&mut self, key: SessionKey, targets: u64, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
         s.last_targets = targets;
         self.evaluate_pause(key, now);
     }
 
     /// Pauses or resumes the publisher's connection to match its congestion state.
     fn evaluate_pause(&mut self, key: SessionKey, now: Instant) {
-        let Some(s) = self.sessions.get(&key) else { return };
+        let Some(s) = self.sessions.map.get(&key) else { return };
         let should_pause = s.last_targets != 0 && s.last_targets & !s.congested_by == 0;
         let Some(conn) = s.conn.and_then(|c| self.conns.get_mut(&c)) else { return };
         if conn.paused == should_pause {
@@ -167,16 +167,16 @@ impl Shard {
         conn.paused = should_pause;
         let id = conn.id;
         if should_pause {
-            self.paused_conns.insert(id);
+            self.pauses.paused_conns.insert(id);
             self.counters.publisher_pauses += 1;
-            self.io.push_back(IoCmd::PauseRead(id));
+            self.out.io.push_back(IoCmd::PauseRead(id));
             self.arm(now + MAX_PAUSE, Timer::Unpause(id));
         } else {
-            self.paused_conns.remove(&id);
-            self.io.push_back(IoCmd::ResumeRead(id));
+            self.pauses.paused_conns.remove(&id);
+            self.out.io.push_back(IoCmd::ResumeRead(id));
             // Bytes read before the pause took effect wait in the connection's buffer; they are handled
             // outside the current call stack (see `run_deferred`).
-            self.to_resume.push(id);
+            self.pauses.to_resume.push(id);
         }
     }
 
@@ -188,11 +188,16 @@ impl Shard {
 
     /// New interest elsewhere may give a paused publisher an uncongested subscriber: re-evaluate them all.
     pub(super) fn interest_grew(&mut self, now: Instant) {
-        if self.paused_conns.is_empty() {
+        if self.pauses.paused_conns.is_empty() {
             return;
         }
-        let paused: Vec<SessionKey> =
-            self.paused_conns.iter().filter_map(|c| self.conns.get(c)).filter_map(|c| c.session()).collect();
+        let paused: Vec<SessionKey> = self
+            .pauses
+            .paused_conns
+            .iter()
+            .filter_map(|c| self.conns.get(c))
+            .filter_map(|c| c.session())
+            .collect();
         for key in paused {
             self.note_targets(key, 0, now);
         }
@@ -201,7 +206,7 @@ impl Shard {
     /// Handles bytes that resumed connections buffered while paused. Runs at the end of every entry point
     /// so that it never nests inside another connection's read loop.
     pub(super) fn run_deferred(&mut self, now: Instant) {
-        while let Some(id) = self.to_resume.pop() {
+        while let Some(id) = self.pauses.to_resume.pop() {
             if self.conns.get(&id).is_some_and(|c| !c.paused && c.has_buffered()) {
                 self.read(id, &[], now);
             }
