@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use shardmq_runtime::{self as runtime, BackendChoice, Node, RuntimeConfig, ShardFailure};
 use shardmq_shard::core::{open_node, Boot, Config, NodeShared, Shard, StorageConfig, WallClock};
-use shardmq_shard::runtime::{self, BackendChoice, Node, RuntimeConfig, ShardFailure};
 use shardmq_storage::FsyncPolicy;
 
 #[global_allocator]
@@ -354,7 +354,7 @@ fn wait_for(set: &libc::sigset_t, timeout: Duration) -> Option<&'static str> {
 mod tests {
     use std::time::Instant;
 
-    use shardmq_shard::runtime::{Core, IoCmd};
+    use shardmq_runtime::{Core, IoCmd};
     use shardmq_shard::{ConnId, ShardId};
 
     use super::*;

@@ -16,8 +16,8 @@ use libfuzzer_sys::fuzz_target;
 mod core {
     pub use shardmq_shard::core::*;
 }
-mod runtime {
-    pub use shardmq_shard::runtime::*;
+mod io {
+    pub use shardmq_shard::io::*;
 }
 use shardmq_shard::{ConnId, ShardId};
 

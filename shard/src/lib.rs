@@ -1,4 +1,4 @@
-//! `shardmq-shard`: one MQTT shard per CPU core.
+//! `shardmq-shard`: the sans-I/O core of one MQTT shard per CPU core.
 //!
 //! What it does:
 //! - [`core`]: the sans-I/O MQTT session core of one shard: connections, sessions, QoS flows, wills,
@@ -9,18 +9,19 @@
 //! - [`placement`]: the specified, stable hash that decides which shard owns a client id or retained
 //!   topic (recorded in the data directory, since the logs depend on it);
 //! - [`trie`] and [`retained`]: the per-shard subscription index and retained-message tree;
-//! - [`runtime`]: the only code that touches sockets: a pinned thread per shard, io_uring with an epoll
-//!   fallback, bounded cross-core channels.
+//! - [`io`]: the interface a runtime drives a core through ([`io::Core`], [`io::IoCmd`]).
 //!
-//! What it does not do: the log's file format, flushing and compaction mechanics (that is
+//! What it does not do: sockets, rings and clocks (that is `shardmq-runtime`, which depends on this crate;
+//! this one has no dependency that could reach a socket, so the compiler keeps the boundary), the log's
+//! file format, flushing and compaction mechanics (that is
 //! `shardmq-storage`; the core only decides what to write and what is still live), clustering across
 //! nodes, or command-line parsing (that is the `broker` crate).
 
 pub mod core;
 mod ids;
+pub mod io;
 pub mod placement;
 pub mod retained;
-pub mod runtime;
 pub mod trie;
 
 pub use ids::{ConnId, ShardId};

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use shardmq_shard::core::{owner_of, Config, NodeShared, Shard};
-use shardmq_shard::runtime::{Core, IoCmd};
+use shardmq_shard::io::{Core, IoCmd};
 use shardmq_shard::{ConnId, ShardId};
 use shardmq_wire::{encode, Connect, Packet, PacketId, Properties, Protocol, QoS, SubOptions, Subscribe};
 

@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use super::{Mesh, Origin, SessionKey, Shard, Timer};
-use crate::runtime::IoCmd;
+use crate::io::IoCmd;
 use crate::{ConnId, ShardId};
 
 /// Upper bound of one pause; the publisher is re-evaluated on its next message.

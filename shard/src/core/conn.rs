@@ -14,7 +14,7 @@ use shardmq_wire::{
 };
 
 use super::{encode_into, Handoff, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer};
-use crate::runtime::IoCmd;
+use crate::io::IoCmd;
 use crate::ConnId;
 
 /// Topic alias tables of one MQTT 5 connection, allocated on first use.

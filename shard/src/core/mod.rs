@@ -50,9 +50,9 @@ pub use self::persist::{
 use self::route::{Interest, SubRef};
 pub use self::route::{InterestDelta, SharedKey};
 use self::session::Session;
+use crate::io::{Core, IoCmd};
 pub use crate::placement::owner_of;
 use crate::retained::RetainedTree;
-use crate::runtime::{Core, IoCmd};
 use crate::trie::TopicTrie;
 use crate::{ConnId, ShardId};
 
@@ -657,8 +657,8 @@ impl Core for Shard {
         self.out.io.pop_front()
     }
 
-    fn set_waker(&mut self, waker: crate::runtime::Waker) {
-        self.start_background_flush(waker);
+    fn set_waker(&mut self, wake: crate::io::WakeFn) {
+        self.start_background_flush(wake);
     }
 
     fn poll_mesh(&mut self) -> Option<(ShardId, Mesh)> {

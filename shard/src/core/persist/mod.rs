@@ -9,7 +9,7 @@
 //! The rule that makes it crash-safe: a response that acknowledges a change (PUBACK, PUBREC, PUBREL,
 //! PUBCOMP, SUBACK, UNSUBACK) leaves only once the log is durable past the records of that change, on
 //! this shard and on every shard the publish reached. Records are appended as the core works (a `memcpy`
-//! into the mapped segment); [`Core::handle_commit`](crate::runtime::Core::handle_commit), called by the
+//! into the mapped segment); [`Core::handle_commit`](crate::io::Core::handle_commit), called by the
 //! runtime once per event-loop iteration, commits them as one group and releases what was held. A
 //! publish that reached other shards carries a token; each of them answers [`Mesh::Stored`] once its own
 //! records are durable, and the PUBACK waits for every answer. Acknowledgements of one connection leave in
@@ -513,9 +513,9 @@ impl Shard {
 
     /// Moves the log's flushes and segment creation off the loop (see `shardmq_storage::Log::
     /// start_background_flush`): `waker` brings the loop round to `handle_commit` when a flush lands.
-    pub(super) fn start_background_flush(&mut self, waker: crate::runtime::Waker) {
+    pub(super) fn start_background_flush(&mut self, wake: crate::io::WakeFn) {
         let Some(st) = self.store.as_deref_mut() else { return };
-        if let Err(e) = st.log.start_background_flush(Box::new(move || waker.wake())) {
+        if let Err(e) = st.log.start_background_flush(wake) {
             // Still correct, only slower: flushes stay on the loop.
             tracing::warn!(shard = self.id.0, error = %e, "no flusher thread; flushing on the shard's loop");
         }

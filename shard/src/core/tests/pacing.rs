@@ -7,7 +7,7 @@ use std::time::Duration;
 use shardmq_wire::{Ack, Packet, PacketId, QoS, ReasonCode};
 
 use super::sim::*;
-use crate::runtime::Core;
+use crate::io::Core;
 
 /// 50,000 retained messages, a subscriber to `#` with Receive Maximum 10 that acknowledges a window at a
 /// time: the core never queues more than a batch beyond the window, and every retained message arrives

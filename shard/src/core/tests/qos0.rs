@@ -5,7 +5,7 @@ use shardmq_wire::{Packet, QoS};
 
 use super::sim::*;
 use crate::core::*;
-use crate::runtime::Core;
+use crate::io::Core;
 
 /// Marks the subscriber's socket as not draining (the runtime's backpressure report), or draining again.
 fn set_blocked(sim: &mut Sim, c: C, blocked: bool) {

@@ -13,7 +13,7 @@ use shardmq_wire::{
 };
 
 use crate::core::*;
-use crate::runtime::{Core, IoCmd};
+use crate::io::{Core, IoCmd};
 use crate::{ConnId, ShardId};
 
 pub(super) struct Client {

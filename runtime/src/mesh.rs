@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::node::ShardCounters;
 use super::sys;
-use crate::ShardId;
+use shardmq_shard::ShardId;
 
 /// A socket moving between shards, with the core's state for it and the bytes that must come first.
 pub(crate) struct Adopt<H> {

@@ -1,24 +1,15 @@
-//! The socket runtime: one pinned thread per shard, each with its own `SO_REUSEPORT` listener and its own
-//! event loop (io_uring, or epoll when io_uring cannot be set up), driving one sans-I/O [`Core`].
+//! The interface between a sans-I/O core and the runtime that drives it ([`Core`], [`IoCmd`]).
 //!
-//! This is the only module that touches sockets, rings, file descriptors and clocks. Everything protocol-shaped
-//! lives behind the [`Core`] trait, so the runtime can be tested with a trivial core and the core without sockets.
+//! It lives here, with the core, so that the runtime depends on the core's crate and never the other way
+//! round: the core cannot reach a socket, a ring or a clock, because its crate has no way to (the
+//! compiler keeps the boundary). The runtime is the `shardmq-runtime` crate.
 
 use std::time::Instant;
 
 use crate::{ConnId, ShardId};
 
-mod driver;
-mod epoll;
-mod gate;
-mod mesh;
-mod node;
-mod slab;
-mod sys;
-mod uring;
-
-pub use self::mesh::Waker;
-pub use self::node::{start, Backend, BackendChoice, Node, RuntimeConfig, ShardFailure, ShardStats};
+/// Wakes a shard's loop from another thread (see [`Core::set_waker`]).
+pub type WakeFn = Box<dyn Fn() + Send + Sync>;
 
 /// What a core asks its runtime to do with a connection. Returned by [`Core::poll_io`].
 #[derive(Debug)]
@@ -87,8 +78,8 @@ pub trait Core {
     fn poll_mesh(&mut self) -> Option<(ShardId, Self::Mesh)>;
     /// The earliest instant at which `handle_timeout` must be called.
     fn poll_timeout(&self) -> Option<Instant>;
-    /// Called once before the loop starts with a handle that wakes this shard's loop from any thread: a core
-    /// may give it to work it runs off the loop (its log's flusher), whose completion the loop must see
-    /// in its next iteration (`handle_commit`).
-    fn set_waker(&mut self, _waker: Waker) {}
+    /// Called once before the loop starts with a function that wakes this shard's loop from any thread: a
+    /// core may give it to work it runs off the loop (its log's flusher), whose completion the loop must
+    /// see in its next iteration (`handle_commit`).
+    fn set_waker(&mut self, _wake: WakeFn) {}
 }

@@ -26,7 +26,7 @@ use super::driver::{drain_io, Ctx, EventLoop, Io};
 use super::mesh::{Adopt, Outbox};
 use super::slab::{pack, unpack, Slab, RESERVED_GEN};
 use super::{sys, Core};
-use crate::{ConnId, ShardId};
+use shardmq_shard::{ConnId, ShardId};
 
 /// Reads per connection per wakeup before moving on to others (each up to the shared buffer's size).
 const READS_PER_WAKEUP: usize = 16;

@@ -24,7 +24,7 @@ use super::gate::Gate;
 use super::mesh::{Inbound, Inbox, Outbox, Wake, Waker};
 use super::uring::{UringLoop, UringParams};
 use super::{sys, Core};
-use crate::ShardId;
+use shardmq_shard::ShardId;
 
 /// Which backend to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -468,7 +468,8 @@ where
         return Ok(Exit::NotStarted);
     }
     let mut core = Gate::new(make_core(ctx.id, shards), ctx.mesh_backlog_limit);
-    core.set_waker(Waker::new(wakes, me));
+    let waker = Waker::new(wakes, me);
+    core.set_waker(Box::new(move || waker.wake()));
     let res = match chosen.expect("backend chosen") {
         Chosen::Uring(mut lp) => driver::run(&ctx, &mut core, &mut *lp, &inbox, &mut outbox),
         Chosen::Epoll(mut lp) => driver::run(&ctx, &mut core, &mut *lp, &inbox, &mut outbox),

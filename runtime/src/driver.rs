@@ -16,7 +16,7 @@ use super::gate::Gate;
 use super::mesh::{Inbound, Inbox, Outbox};
 use super::node::ShardCounters;
 use super::{Core, IoCmd};
-use crate::{ConnId, ShardId};
+use shardmq_shard::{ConnId, ShardId};
 
 /// Everything a shard's loop needs besides its backend and core.
 pub(crate) struct Ctx {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardmq_shard::runtime::{Core, IoCmd};
+use shardmq_runtime::{Core, IoCmd};
 use shardmq_shard::{ConnId, ShardId};
 
 #[derive(Default)]

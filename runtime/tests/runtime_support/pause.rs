@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shardmq_shard::runtime::{Core, IoCmd};
+use shardmq_runtime::{Core, IoCmd};
 use shardmq_shard::{ConnId, ShardId};
 
 #[derive(Clone, Copy, Debug)]

@@ -7,7 +7,7 @@
 //!
 //! The table knows nothing about sockets; each backend stores its own small per-connection value in it.
 
-use crate::ConnId;
+use shardmq_shard::ConnId;
 
 /// A generation no connection ever has: backends use it for their own event tokens (listeners, eventfd).
 pub(crate) const RESERVED_GEN: u32 = u32::MAX;

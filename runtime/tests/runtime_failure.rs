@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime_support::*;
-use shardmq_shard::runtime::{self, BackendChoice};
+use shardmq_runtime::{self as runtime, BackendChoice};
 use shardmq_shard::ShardId;
 
 fn panicking_shard_stops_the_node(b: BackendChoice) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runtime_support::*;
-use shardmq_shard::runtime::{self, Backend, BackendChoice, RuntimeConfig};
+use shardmq_runtime::{self as runtime, Backend, BackendChoice, RuntimeConfig};
 
 fn shard_threads() -> HashSet<u32> {
     std::fs::read_dir("/proc/self/task")

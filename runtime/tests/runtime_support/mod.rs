@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardmq_shard::runtime::{BackendChoice, Core, IoCmd, RuntimeConfig};
+use shardmq_runtime::{BackendChoice, Core, IoCmd, RuntimeConfig};
 use shardmq_shard::{ConnId, ShardId};
 
 /// What the cores of one node observed, summed over shards.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use runtime_support::pause::{PauseCore, PauseCtl, PauseMode};
 use runtime_support::stall::{StallCore, StallCtl, Unstall};
 use runtime_support::*;
-use shardmq_shard::runtime::{self, Backend, BackendChoice, Node, RuntimeConfig};
+use shardmq_runtime::{self as runtime, Backend, BackendChoice, Node, RuntimeConfig};
 
 fn start(cfg: RuntimeConfig, core: CoreCfg) -> (Node, Arc<Obs>) {
     let obs = Arc::new(Obs::default());

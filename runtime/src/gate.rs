@@ -31,8 +31,8 @@ use std::time::Instant;
 
 use ahash::{HashMap, HashSet};
 
-use super::{Core, IoCmd, Waker};
-use crate::{ConnId, ShardId};
+use super::{Core, IoCmd, WakeFn};
+use shardmq_shard::{ConnId, ShardId};
 
 pub(crate) struct Gate<C: Core> {
     inner: C,
@@ -252,8 +252,8 @@ impl<C: Core> Core for Gate<C> {
         self.inner.poll_timeout()
     }
 
-    fn set_waker(&mut self, waker: Waker) {
-        self.inner.set_waker(waker);
+    fn set_waker(&mut self, wake: WakeFn) {
+        self.inner.set_waker(wake);
     }
 }
 

@@ -42,7 +42,7 @@ use super::driver::{drain_io, Ctx, EventLoop, Io};
 use super::mesh::{Adopt, Outbox};
 use super::slab::{pack, unpack, Slab};
 use super::{sys, Core};
-use crate::{ConnId, ShardId};
+use shardmq_shard::{ConnId, ShardId};
 
 /// Ring sizing, from `RuntimeConfig`.
 #[derive(Debug, Clone, Copy)]
