@@ -57,7 +57,7 @@ HEADER_LEN = 32
 FRAME_OVERHEAD = 9
 SEAL_MARK = 0xFFFFFFFF
 RECORD_TYPE_NAMES = {"session", "session_end", "message", "done", "released", "inbound_qos2",
-                     "inbound_qos2_done", "retain", "retain_delete"}
+                     "inbound_qos2_done", "retain", "retain_delete", "subscription"}
 
 
 def _crc32c_table():

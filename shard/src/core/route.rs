@@ -300,6 +300,7 @@ impl Shard {
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         let mut deltas = Vec::new();
+        let mut changed: Vec<&str> = Vec::with_capacity(s.filters.len());
         for (filter, opts) in &s.filters {
             let shared = topic::parse_shared(filter);
             let inner = shared.as_ref().map_or(*filter, |sh| sh.filter);
@@ -343,13 +344,14 @@ impl Shard {
             if send_retained {
                 retained.push(RetainedRequest { filter: inner.into(), opts: *opts, sub_id });
             }
+            changed.push(filter);
             reasons.push(match opts.qos {
                 QoS::AtMostOnce => ReasonCode::GRANTED_QOS_0,
                 QoS::AtLeastOnce => ReasonCode::GRANTED_QOS_1,
                 QoS::ExactlyOnce => ReasonCode::GRANTED_QOS_2,
             });
         }
-        if !self.persist_session(key) {
+        if !changed.is_empty() && !self.persist_subscriptions(key, &changed) {
             self.storage_failed(id, now);
             return Ok(());
         }
@@ -447,16 +449,18 @@ impl Shard {
 
     pub(super) fn on_unsubscribe(&mut self, id: ConnId, key: SessionKey, u: Unsubscribe<'_>, now: Instant) {
         let mut reasons = Vec::with_capacity(u.filters.len());
+        let mut removed: Vec<&str> = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
             let existed = self.sessions.map.get_mut(&key).is_some_and(|s| s.subs.remove(filter));
             if existed {
                 self.remove_subscription(key, filter, now);
+                removed.push(filter);
                 reasons.push(ReasonCode::SUCCESS);
             } else {
                 reasons.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
             }
         }
-        if !self.persist_session(key) {
+        if !removed.is_empty() && !self.persist_subscriptions(key, &removed) {
             self.storage_failed(id, now);
             return;
         }

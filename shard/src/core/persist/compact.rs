@@ -133,6 +133,11 @@ fn live_record(
             let (Ok(ver), Ok(sid)) = (d.u64(), d.u64()) else { return true };
             stored(sid).is_some_and(|s| s.stored_ver == ver)
         }
+        // Live while the session record it builds on is the latest: a rewrite includes it.
+        records::SUB => {
+            let (Ok(sid), Ok(base)) = (d.u64(), d.u64()) else { return true };
+            stored(sid).is_some_and(|s| s.stored_ver == base)
+        }
         records::RELEASED => {
             let (Ok(sid), Ok(mid)) = (d.u64(), d.u64()) else { return true };
             stored(sid).is_some_and(|s| s.qos().inflight.iter().any(|f| f.d.mid == mid && f.released))

@@ -86,6 +86,15 @@ pub struct Store {
     /// without this a log of live data would be copied round and round.
     fresh: u64,
     mostly_live: bool,
+    /// SUB records written per stored session since its latest SESSION record; past
+    /// [`sub_deltas_max`] the whole record is written again (and they are dead for compaction).
+    sub_deltas: HashMap<SessionKey, u32>,
+}
+
+/// How many SUB records a session's SESSION record may have on top before it is rewritten: as many as it
+/// has subscriptions (so rewriting stays amortised O(1) per change), at least 32.
+fn sub_deltas_max(subscriptions: usize) -> u32 {
+    subscriptions.max(32).min(u32::MAX as usize) as u32
 }
 
 struct Batch {
@@ -127,6 +136,12 @@ impl Store {
             pass_kept: 0,
             fresh: 0,
             mostly_live: false,
+            sub_deltas: r
+                .sessions
+                .iter()
+                .filter(|s| s.sub_deltas > 0)
+                .map(|s| (SessionKey(s.session.sid), s.sub_deltas))
+                .collect(),
         }
     }
 
@@ -378,6 +393,50 @@ impl Shard {
         }
     }
 
+    /// Records changed subscriptions of a session: one SUB record per filter on top of its stored record
+    /// when it is stored (the whole record when it is not yet, or when too many SUB records have piled
+    /// up). `filters` are full filters; each is added (with its current options) if the session has it,
+    /// removed otherwise. Returns false if the log refused a record.
+    pub(super) fn persist_subscriptions(&mut self, key: SessionKey, filters: &[&str]) -> bool {
+        let Some(st) = self.store.as_deref_mut() else { return true };
+        let Some(s) = self.sessions.map.get(&key) else { return true };
+        let base = s.stored_ver;
+        let n = st.sub_deltas.get(&key).copied().unwrap_or(0);
+        if base == 0 || s.expiry_s == 0 || n as usize + filters.len() > sub_deltas_max(s.subs.len()) as usize
+        {
+            return self.persist_session(key);
+        }
+        let outer_failed = std::mem::take(&mut st.failed);
+        let mut ok = true;
+        for filter in filters {
+            let (group, inner) = split_shared(filter);
+            let sub = s.subs.contains(filter).then(|| {
+                self.routing
+                    .subs
+                    .get(inner)
+                    .and_then(|l| l.iter().find(|r| r.session == key && r.group.as_deref() == group))
+                    .map_or((Default::default(), 0), |r| (r.opts, r.sub_id))
+            });
+            let seq = st.seq();
+            let mut e = Enc::default();
+            e.u64(key.0).u64(base).u64(seq).str(filter);
+            match sub {
+                Some((opts, sub_id)) => {
+                    e.u8(1);
+                    records::put_sub_options(&mut e, opts);
+                    e.u32(sub_id);
+                }
+                None => {
+                    e.u8(0);
+                }
+            }
+            ok &= st.append(records::SUB, &e.0);
+        }
+        *st.sub_deltas.entry(key).or_default() += filters.len() as u32;
+        st.failed |= outer_failed;
+        ok
+    }
+
     /// Writes the session's current record (or its end, once it is no longer persistent). Returns
     /// false if the log refused it.
     pub(super) fn persist_session(&mut self, key: SessionKey) -> bool {
@@ -397,6 +456,7 @@ impl Shard {
     fn persist_session_inner(&mut self, key: SessionKey) -> bool {
         let Some(st) = self.store.as_deref_mut() else { return true };
         let Some(s) = self.sessions.map.get_mut(&key) else { return true };
+        st.sub_deltas.remove(&key);
         if s.expiry_s == 0 {
             if s.stored_ver != 0 {
                 s.stored_ver = 0;
@@ -509,6 +569,15 @@ impl Shard {
             (true, _) => Some(st.compact_at),
             (false, f) => f,
         }
+    }
+
+    /// How far the shard's log has been written: (segment, offset). For tests.
+    #[cfg(test)]
+    pub(crate) fn log_written(&self) -> Option<(u64, u64)> {
+        self.store.as_deref().map(|st| {
+            let l = st.log.written_lsn();
+            (l.segment, l.offset)
+        })
     }
 
     /// Moves the log's flushes and segment creation off the loop (see `shardmq_storage::Log::

@@ -29,6 +29,9 @@ pub const INBOUND_QOS2_DONE: RecordType = RecordType(7);
 pub const RETAIN: RecordType = RecordType(8);
 /// A retained message was cleared.
 pub const RETAIN_DELETE: RecordType = RecordType(9);
+/// One subscription of a stored session added, changed or removed, on top of the session's latest
+/// SESSION record (its `base` version): O(1) log bytes per SUBSCRIBE instead of the whole record.
+pub const SUB: RecordType = RecordType(10);
 
 /// Names for `shardmq inspect`.
 pub fn type_name(t: RecordType) -> &'static str {
@@ -42,6 +45,7 @@ pub fn type_name(t: RecordType) -> &'static str {
         INBOUND_QOS2_DONE => "inbound_qos2_done",
         RETAIN => "retain",
         RETAIN_DELETE => "retain_delete",
+        SUB => "subscription",
         _ => "unknown",
     }
 }

@@ -43,6 +43,8 @@ pub struct RecoveredSession {
     pub session: StoredSession,
     pub messages: Vec<(Delivery, bool)>,
     pub inbound_qos2: Vec<u16>,
+    /// SUB records applied on top of its SESSION record (they stay live until it is rewritten).
+    pub sub_deltas: u32,
 }
 
 /// The durable state of one shard.
@@ -84,9 +86,13 @@ pub struct Replay {
     released: HashSet<(u64, u64)>,
     inbound: HashMap<u64, Vec<u16>>,
     retained: HashMap<Box<str>, Option<Arc<Msg>>>,
+    /// SUB records by session: (sequence, base version, filter, options and identifier; `None`: removed).
+    sub_changes: HashMap<u64, Vec<SubChange>>,
     max_sid: u64,
     max_seq: u64,
 }
+
+type SubChange = (u64, u64, Box<str>, Option<(SubOptions, u32)>);
 
 impl Replay {
     pub fn new(clock: WallClock) -> Replay {
@@ -100,6 +106,7 @@ impl Replay {
             released: HashSet::new(),
             inbound: HashMap::new(),
             retained: HashMap::new(),
+            sub_changes: HashMap::new(),
             max_sid: 0,
             max_seq: 0,
         }
@@ -118,6 +125,18 @@ impl Replay {
                 if after_end && self.sessions.get(&s.sid).is_none_or(|old| old.ver < s.ver) {
                     self.sessions.insert(s.sid, s);
                 }
+            }
+            records::SUB => {
+                let (sid, base, seq) = (id(&mut d)?, id(&mut d)?, id(&mut d)?);
+                let filter: Box<str> = d.str()?.into();
+                let change = match d.u8()? {
+                    0 => None,
+                    1 => Some((records::get_sub_options(&mut d)?, d.u32()?)),
+                    op => return Err(format!("subscription change {op}")),
+                };
+                self.max_sid = self.max_sid.max(sid);
+                self.max_seq = self.max_seq.max(seq);
+                self.sub_changes.entry(sid).or_default().push((seq, base, filter, change));
             }
             records::SESSION_END => {
                 let (sid, seq) = (id(&mut d)?, id(&mut d)?);
@@ -203,7 +222,19 @@ impl Replay {
         let mut keys: Vec<(u64, u64)> = self.entries.keys().copied().collect();
         keys.sort_unstable();
         for sid in sids {
-            let session = self.sessions.remove(&sid).expect("listed above");
+            let mut session = self.sessions.remove(&sid).expect("listed above");
+            // Changes on top of the session's latest record, in the order they were made; those on top
+            // of an older record are in this one already.
+            let mut changes = self.sub_changes.remove(&sid).unwrap_or_default();
+            changes.retain(|(seq, base, _, _)| *base == session.ver && *seq > session.ver);
+            changes.sort_unstable_by_key(|c| c.0);
+            let sub_deltas = changes.len() as u32;
+            for (_, _, filter, change) in changes {
+                session.subs.retain(|(f, _, _)| *f != filter);
+                if let Some((opts, sub_id)) = change {
+                    session.subs.push((filter, opts, sub_id));
+                }
+            }
             let end = self.ended.get(&sid).copied().unwrap_or(0);
             let from = keys.partition_point(|k| *k < (sid, end));
             let to = keys.partition_point(|k| k.0 <= sid);
@@ -220,7 +251,7 @@ impl Replay {
                 messages.push((d, released));
             }
             let inbound_qos2 = self.inbound.remove(&sid).unwrap_or_default();
-            out.sessions.push(RecoveredSession { session, messages, inbound_qos2 });
+            out.sessions.push(RecoveredSession { session, messages, inbound_qos2, sub_deltas });
         }
         out.retained = self.retained.into_values().flatten().collect();
         out
@@ -331,8 +362,13 @@ mod tests {
         q2.u64(3).u16(9);
         let mut del = Enc::default();
         del.str("a/b");
+        let mut sub = Enc::default();
+        sub.u64(3).u64(5).u64(6).str("a/+").u8(1);
+        records::put_sub_options(&mut sub, SubOptions::default());
+        sub.u32(4);
         vec![
             (records::SESSION, s.0),
+            (records::SUB, sub.0),
             (records::SESSION_END, pair(3, 8)),
             (records::MESSAGE, m.0),
             (records::DONE, pair(3, 7)),

@@ -9,6 +9,7 @@ mod protocol;
 mod qos0;
 mod random;
 mod sim;
+mod subrecords;
 mod visibility;
 
 use std::time::Duration;
