@@ -19,6 +19,8 @@
 use std::collections::{HashMap, HashSet};
 
 use shardmq_wire::topic;
+
+use crate::bytes::{ReadError, Reader};
 use xorf::{BinaryFuse8, Filter};
 
 /// The key of a topic (or of an exact filter, which is a topic) in the summary: XXH3-64, seed 0.
@@ -107,7 +109,7 @@ impl Snapshot {
 
     /// Decodes a peer's snapshot, refusing anything that could make a lookup read out of bounds.
     pub fn decode(b: &[u8]) -> Result<Snapshot, SnapshotError> {
-        let mut r = Reader { b, pos: 0 };
+        let mut r = Reader::new(b);
         let generation = r.u64()?;
         let exact = match r.u8()? {
             0 => None,
@@ -160,40 +162,19 @@ impl Snapshot {
             }
             shared.push((s.into(), r.u32()?));
         }
-        if r.pos != b.len() {
-            return Err(SnapshotError::Trailing(b.len() - r.pos));
+        if !r.is_done() {
+            return Err(SnapshotError::Trailing(b.len() - r.pos()));
         }
         Ok(Snapshot { generation, exact, exact_plain, wildcards, shared })
     }
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|e| *e <= self.b.len())
-            .ok_or(SnapshotError::Truncated(self.pos))?;
-        let s = &self.b[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, SnapshotError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, SnapshotError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
-    }
-    fn u32(&mut self) -> Result<u32, SnapshotError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
-    }
-    fn u64(&mut self) -> Result<u64, SnapshotError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+impl From<ReadError> for SnapshotError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Short { at } => SnapshotError::Truncated(at),
+            ReadError::VarintTooLong => SnapshotError::Truncated(0),
+        }
     }
 }
 

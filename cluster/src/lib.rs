@@ -22,6 +22,7 @@
 //! What it does not do yet: drive links over sockets (connect, backoff, timers), retained snapshots for joining nodes, or anything the broker binary drives (no flags are
 //! wired to it yet). Those build on this (issue "Cluster, one zone").
 
+mod bytes;
 pub mod frame;
 mod identity;
 pub mod interest;

@@ -15,6 +15,7 @@
 
 use ring::hmac;
 
+use crate::bytes::{ReadError, Reader};
 use crate::NodeIdentity;
 
 pub const LINK_MAGIC: [u8; 4] = *b"SMQL";
@@ -107,47 +108,22 @@ fn varint_len(mut v: u64) -> usize {
     n
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
+impl From<ReadError> for LinkError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Short { .. } => LinkError::Malformed("short"),
+            ReadError::VarintTooLong => LinkError::Malformed("varint too long"),
+        }
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], LinkError> {
-        let end =
-            self.pos.checked_add(n).filter(|e| *e <= self.b.len()).ok_or(LinkError::Malformed("short"))?;
-        let s = &self.b[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, LinkError> {
-        Ok(self.take(1)?[0])
-    }
-    fn varint(&mut self) -> Result<u64, LinkError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.u8()?;
-            v |= ((b & 0x7f) as u64) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(LinkError::Malformed("varint too long"))
-    }
-    fn bytes(&mut self) -> Result<&'a [u8], LinkError> {
-        let n = self.varint()?;
-        self.take(usize::try_from(n).map_err(|_| LinkError::Malformed("length"))?)
-    }
-    fn str(&mut self) -> Result<&'a str, LinkError> {
-        std::str::from_utf8(self.bytes()?).map_err(|_| LinkError::Malformed("not UTF-8"))
-    }
-    fn done(&self) -> Result<(), LinkError> {
-        if self.pos == self.b.len() {
-            Ok(())
-        } else {
-            Err(LinkError::Malformed("trailing bytes"))
-        }
-    }
+fn bytes<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], LinkError> {
+    let n = r.varint()?;
+    Ok(r.take(usize::try_from(n).map_err(|_| LinkError::Malformed("length"))?)?)
+}
+
+fn str<'a>(r: &mut Reader<'a>) -> Result<&'a str, LinkError> {
+    std::str::from_utf8(bytes(r)?).map_err(|_| LinkError::Malformed("not UTF-8"))
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -240,10 +216,10 @@ fn put_identity(out: &mut Vec<u8>, id: &NodeIdentity) {
 }
 
 fn read_identity(r: &mut Reader<'_>) -> Result<NodeIdentity, LinkError> {
-    let name = r.str()?;
-    let addr = r.str()?.parse().map_err(|_| LinkError::Malformed("node address"))?;
-    let zone = r.str()?;
-    let region = r.str()?;
+    let name = str(r)?;
+    let addr = str(r)?.parse().map_err(|_| LinkError::Malformed("node address"))?;
+    let zone = str(r)?;
+    let region = str(r)?;
     let incarnation = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
     if name.is_empty() {
         return Err(LinkError::Malformed("empty node name"));
@@ -254,11 +230,11 @@ fn read_identity(r: &mut Reader<'_>) -> Result<NodeIdentity, LinkError> {
 /// Decodes the frame at the start of `buf`: `Ok(None)` until it is complete, else the frame and the
 /// bytes it took. Never panics, whatever the bytes.
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
-    let mut r = Reader { b: buf, pos: 0 };
+    let mut r = Reader::new(buf);
     let len = match r.varint() {
         Ok(l) => l,
         Err(_) if buf.len() < 10 => return Ok(None),
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     let len = usize::try_from(len).map_err(|_| LinkError::TooLong(usize::MAX))?;
     if len > MAX_FRAME {
@@ -267,9 +243,9 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
     if len == 0 {
         return Err(LinkError::Malformed("empty frame"));
     }
-    let start = r.pos;
+    let start = r.pos();
     let Some(end) = start.checked_add(len).filter(|e| *e <= buf.len()) else { return Ok(None) };
-    let mut f = Reader { b: &buf[start..end], pos: 0 };
+    let mut f = Reader::new(&buf[start..end]);
     let frame = match f.u8()? {
         T_HELLO => {
             if f.take(4)? != LINK_MAGIC {
@@ -280,8 +256,8 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
             let nonce: [u8; 16] = f.take(16)?.try_into().expect("16 bytes");
             Frame::Hello { version, identity, nonce }
         }
-        T_PROOF => Frame::Proof { tag: f.bytes()?.to_vec() },
-        T_REFUSE => Frame::Refuse { reason: f.str()? },
+        T_PROOF => Frame::Proof { tag: bytes(&mut f)?.to_vec() },
+        T_REFUSE => Frame::Refuse { reason: str(&mut f)? },
         T_FORWARD => {
             let flags = f.u8()?;
             if flags & !(0x03 | F_RETAIN | F_PROPS | F_TOKEN) != 0 || flags & 0x03 == 3 {
@@ -314,7 +290,9 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
         T_RECEIVED => Frame::Received { seq: f.varint()? },
         t => return Err(LinkError::UnknownType(t)),
     };
-    f.done()?;
+    if !f.is_done() {
+        return Err(LinkError::Malformed("trailing bytes"));
+    }
     Ok(Some((frame, end)))
 }
 
