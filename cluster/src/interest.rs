@@ -229,10 +229,12 @@ impl LocalInterest {
         (self.generation, std::mem::take(&mut self.pending))
     }
 
-    /// The whole interest as a new generation. Deltas not yet taken are part of it (and dropped).
+    /// The whole interest as a new generation, for a peer that comes up. Take the deltas first: they
+    /// carry the previous generation and the other peers still need them (a peer that gets this snapshot
+    /// ignores them as older than it).
     pub fn snapshot(&mut self) -> Snapshot {
+        debug_assert!(self.pending.is_empty(), "take_deltas before a snapshot: other peers need them");
         self.generation += 1;
-        self.pending.clear();
         let shared: Vec<(Box<str>, u32)> = self.shared().map(|(f, n)| (f.into(), n)).collect();
         let (wild, exact): (Vec<&Box<str>>, Vec<&Box<str>>) =
             self.counts.keys().filter(|f| topic::parse_shared(f).is_none()).partition(|f| is_wildcard(f));
@@ -457,6 +459,7 @@ mod tests {
             l.add(f);
         }
         let mut p = PeerInterest::default();
+        let _ = l.take_deltas(); // a fresh peer gets it all from the snapshot
         p.apply_snapshot(l.snapshot());
         for t in ["s/1", "s/2", "w/q/t", "all", "all/x/y"] {
             assert!(p.may_match(t), "{t}");
@@ -527,6 +530,7 @@ mod tests {
         }
         l.add("dev/+/cmd");
         l.add("all/#");
+        let _ = l.take_deltas(); // a fresh peer gets it all from the snapshot
         let s = l.snapshot();
         let mut b = Vec::new();
         s.encode(&mut b);
@@ -548,6 +552,7 @@ mod tests {
         l.add("a/b");
         l.add("c/d");
         let mut b = Vec::new();
+        let _ = l.take_deltas(); // a fresh peer gets it all from the snapshot
         l.snapshot().encode(&mut b);
         // segment_count_length (bytes 21..25) pushed past the fingerprints.
         let mut bad = b.clone();
@@ -582,6 +587,7 @@ mod tests {
                 *live.entry(f.clone()).or_default() += 1;
             }
             let mut p = PeerInterest::default();
+            let _ = l.take_deltas(); // a fresh peer gets it all from the snapshot
             p.apply_snapshot(l.snapshot());
             let check = |p: &PeerInterest, live: &HashMap<String, u32>| -> Result<(), TestCaseError> {
                 for t in &topics {

@@ -123,7 +123,6 @@ impl ZoneRouter {
             return self.pending_filters.get(filter).copied();
         }
         if self.peers.is_empty() {
-            self.broadcast(generation, deltas, None);
             return None;
         }
         let token = self.next_token;
