@@ -268,3 +268,49 @@ mod tests {
         assert_eq!(props(&[0x80], PacketType::Publish), Err(Truncated("property length")));
     }
 }
+
+/// Decodes a whole PUBLISH property block written by [`crate::encode_publish_properties`]: every
+/// property a PUBLISH may carry is checked as in a received packet, and trailing bytes are refused.
+pub fn decode_publish_properties(block: &[u8]) -> Result<Properties<'_>> {
+    let mut r = Reader::new(block);
+    let p = properties(&mut r, PacketType::Publish, false)?;
+    r.finish()?;
+    Ok(p)
+}
+
+#[cfg(test)]
+mod publish_block_tests {
+    use crate::{decode_publish_properties, encode_publish_properties, DecodeError, Properties};
+
+    #[test]
+    fn publish_properties_round_trip() {
+        let p = Properties {
+            payload_format_indicator: Some(1),
+            message_expiry_interval_s: Some(30),
+            content_type: Some("text/plain"),
+            response_topic: Some("r/t"),
+            correlation_data: Some(b"c"),
+            user_properties: vec![("k", "v"), ("k", "w")],
+            ..Properties::default()
+        };
+        let mut out = Vec::new();
+        encode_publish_properties(&p, &mut out).unwrap();
+        assert_eq!(decode_publish_properties(&out).unwrap(), p);
+        let mut empty = Vec::new();
+        encode_publish_properties(&Properties::default(), &mut empty).unwrap();
+        assert_eq!(empty, [0]);
+        assert_eq!(decode_publish_properties(&empty).unwrap(), Properties::default());
+    }
+
+    #[test]
+    fn publish_properties_refuse_bad_blocks() {
+        // Session Expiry Interval (0x11) is not a PUBLISH property; a trailing byte; a short block.
+        assert!(matches!(
+            decode_publish_properties(&[5, 0x11, 0, 0, 0, 1]),
+            Err(DecodeError::PropertyNotAllowed(0x11))
+        ));
+        assert!(decode_publish_properties(&[0, 0]).is_err());
+        assert!(decode_publish_properties(&[3, 0x01]).is_err());
+        assert!(decode_publish_properties(&[]).is_err());
+    }
+}

@@ -465,3 +465,10 @@ mod tests {
         assert_eq!(enc(&p, Protocol::V31)[0], 0x39);
     }
 }
+
+/// Appends a PUBLISH property block (length, then the properties) for `p`: what a cluster link carries
+/// with a forwarded message, so the receiving node decodes it with [`crate::decode_publish_properties`].
+pub fn encode_publish_properties(p: &Properties<'_>, out: &mut Vec<u8>) -> Result<()> {
+    let start = out.len();
+    properties(out, p).inspect_err(|_| out.truncate(start))
+}

@@ -24,7 +24,8 @@ mod reason;
 pub mod topic;
 
 pub use decode::{decode, frame, peek_protocol, Frame};
-pub use encode::{encode, encoded_len};
+pub use decode_props::decode_publish_properties;
+pub use encode::{encode, encode_publish_properties, encoded_len};
 pub use error::{DecodeError, EncodeError, Fault};
 pub use packet::*;
 pub use properties::{Properties, PropertyId};

@@ -90,6 +90,11 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Aliases the server may use towards a client (bounded by the client's Topic Alias Maximum).
     pub max_outbound_alias: u16,
+    /// The node is part of a cluster: mesh endpoint `ShardId(shards)` is its cluster gateway, which
+    /// takes part in the mesh like a shard without connections or sessions (it is never an owner of
+    /// anything): it hears every interest announcement and retained update, announces the zone's
+    /// shared-group members as its own, and gets the publishes the peers may want (see `route`).
+    pub cluster_gateway: bool,
 }
 
 impl Default for Config {
@@ -113,6 +118,7 @@ impl Default for Config {
             // make a shard keep (each filter: a trie entry, an interest entry, its share of the session
             // record rewritten on every SUBSCRIBE) to well under a megabyte.
             max_subscriptions: 1000,
+            cluster_gateway: false,
         }
     }
 }
@@ -200,6 +206,13 @@ pub enum Mesh {
     },
     InterestAck {
         token: u64,
+    },
+    /// From the cluster gateway: every publish routed from here on goes to the gateway too (`on`: some
+    /// peer has interest, which only the gateway can match), or no longer. `token` asks for an
+    /// [`Mesh::InterestAck`] once applied, so the peer's SUBACK waits for it.
+    ForwardAll {
+        on: bool,
+        token: Option<u64>,
     },
     /// Every subscriber on the sending shard of the last message from `session` (a session of the
     /// receiving shard) is congested (`true`), or no longer (`false`).
@@ -302,6 +315,8 @@ struct Routing {
     scratch: Scratch,
     /// SUBACKs waiting for the other shards to acknowledge new interest, by token.
     pending_subacks: HashMap<u64, PendingSubAck>,
+    /// The cluster gateway asked for every publish (see [`Mesh::ForwardAll`]).
+    forward_all: bool,
 }
 
 /// Round-robin positions of shared groups.
@@ -381,6 +396,7 @@ impl Shard {
                 rr: RoundRobin::default(),
                 scratch: Scratch::default(),
                 pending_subacks: HashMap::new(),
+                forward_all: false,
             },
             retained: RetainedState {
                 tree: RetainedTree::new(),
@@ -486,9 +502,20 @@ impl Shard {
         self.out.mesh.push_back((to, m));
     }
 
+    /// Every other mesh endpoint: the other shards and the cluster gateway, if any.
     fn other_shards(&self) -> impl Iterator<Item = ShardId> + 'static {
         let me = self.id;
-        (0..self.shards).map(ShardId).filter(move |s| *s != me)
+        (0..self.mesh_size()).map(ShardId).filter(move |s| *s != me)
+    }
+
+    /// The cluster gateway's mesh id, when the node is clustered.
+    fn gateway(&self) -> Option<ShardId> {
+        self.cfg.cluster_gateway.then_some(ShardId(self.shards))
+    }
+
+    /// Shards plus the gateway: the endpoints interest announcements and retained updates go to.
+    fn mesh_size(&self) -> u16 {
+        self.shards + self.cfg.cluster_gateway as u16
     }
 
     fn fire(&mut self, t: Timer, now: Instant) {
@@ -596,6 +623,13 @@ impl Core for Shard {
                 }
             }
             Mesh::InterestAck { token } => self.interest_acked(token, now),
+            Mesh::ForwardAll { on, token } => {
+                debug_assert_eq!(Some(from), self.gateway(), "only the gateway asks for every publish");
+                self.routing.forward_all = on && self.gateway() == Some(from);
+                if let Some(token) = token {
+                    self.send_mesh(from, Mesh::InterestAck { token });
+                }
+            }
             Mesh::Congestion { session, congested } => self.set_congested(session, from, congested, now),
         }
         self.run_deferred(now);

@@ -94,7 +94,7 @@ impl Shard {
         if msg.retain {
             self.own_retained(msg.clone());
         }
-        let n = self.shards as usize;
+        let n = self.mesh_size() as usize;
         // Scratch buffers live in the shard so that routing a publish allocates nothing in the common case.
         let mut normal = std::mem::take(&mut self.routing.scratch.shards);
         normal.clear();
@@ -118,6 +118,13 @@ impl Shard {
             normal[s.index()] = true;
             durable[s.index()] = true;
         });
+        // Peers' interest is matched by the cluster gateway (its summaries are not filters a shard could
+        // hold): it gets every publish while some peer has interest, and asks its peers to store what
+        // needs storing before it answers.
+        if let Some(gw) = self.gateway().filter(|_| self.routing.forward_all) {
+            normal[gw.index()] = true;
+            durable[gw.index()] = msg.qos != shardmq_wire::QoS::AtMostOnce;
+        }
         let mut groups: Vec<Vec<SharedKey>> = Vec::new();
         if !shared.is_empty() {
             groups.resize(n, Vec::new());
@@ -360,7 +367,7 @@ impl Shard {
         let protocol = self.conns.get(&id).and_then(|c| c.protocol).unwrap_or(shardmq_wire::Protocol::V311);
         super::encode_into(&mut packet, &Packet::SubAck(ack), protocol);
         let pending = PendingSubAck { conn: id, session: key, packet, retained, acks_missing: 0 };
-        if deltas.is_empty() || self.shards == 1 {
+        if deltas.is_empty() || self.mesh_size() == 1 {
             self.complete_suback(pending, now);
         } else {
             let token = self.next_token;
@@ -368,7 +375,7 @@ impl Shard {
             self.announce(deltas, Some(token));
             self.routing
                 .pending_subacks
-                .insert(token, PendingSubAck { acks_missing: self.shards as usize - 1, ..pending });
+                .insert(token, PendingSubAck { acks_missing: self.mesh_size() as usize - 1, ..pending });
         }
         Ok(())
     }

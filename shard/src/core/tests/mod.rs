@@ -2,6 +2,7 @@
 
 mod driver;
 mod durable;
+mod gateway;
 mod interleave;
 mod memory;
 mod pacing;

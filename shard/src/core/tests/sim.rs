@@ -44,6 +44,9 @@ pub(super) struct Sim {
     cfg: Arc<Config>,
     /// The data directory of a durable node (`None`: in memory).
     pub(super) data: Option<(tempfile::TempDir, StorageConfig)>,
+    /// What the shards sent to the cluster gateway (mesh id `n`, with `Config::cluster_gateway`): the
+    /// test plays the gateway.
+    pub(super) to_gateway: VecDeque<(ShardId, Mesh)>,
 }
 
 pub(super) type C = usize;
@@ -75,6 +78,7 @@ impl Sim {
             seed,
             cfg,
             data: None,
+            to_gateway: VecDeque::new(),
         }
     }
 
@@ -294,7 +298,11 @@ impl Sim {
                     }
                     while let Some((to, m)) = self.shards[s].poll_mesh() {
                         progressed = true;
-                        self.mesh[s * n + to.index()].push_back(m);
+                        if to.index() == n {
+                            self.to_gateway.push_back((ShardId(s as u16), m));
+                        } else {
+                            self.mesh[s * n + to.index()].push_back(m);
+                        }
                     }
                     // A step that moved something may have more to move (a resumed read fed it input); one
                     // that did not leaves the shard idle until new input.
@@ -308,6 +316,13 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// A message from the cluster gateway to `shard`, handled at once; then the node runs.
+    pub(super) fn from_gateway(&mut self, shard: u16, m: Mesh) {
+        let gw = ShardId(self.shards.len() as u16);
+        self.shards[shard as usize].handle_mesh(gw, m, self.now);
+        self.run();
     }
 
     /// Carries out one I/O command; returns the shard it gave input to, if any.

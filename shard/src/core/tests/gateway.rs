@@ -1,0 +1,158 @@
+//! The shards' side of the cluster gateway (mesh id `shards`, with `Config::cluster_gateway`): the test
+//! plays the gateway and checks what the shards send it and do with what it sends.
+
+use std::sync::Arc;
+
+use shardmq_wire::{Packet, QoS, SubOptions};
+
+use super::sim::*;
+use crate::core::*;
+use crate::ShardId;
+
+fn clustered(n: u16) -> Sim {
+    let mut sim = Sim::with(n, Config { cluster_gateway: true, ..Config::default() });
+    for s in 0..n {
+        sim.from_gateway(s, Mesh::ForwardAll { on: true, token: Some(0) });
+    }
+    let acks: Vec<_> = sim.to_gateway.drain(..).collect();
+    assert_eq!(acks.len(), n as usize);
+    assert!(acks.iter().all(|(_, m)| matches!(m, Mesh::InterestAck { token: 0 })), "{acks:?}");
+    sim
+}
+
+fn gateway_delivers(sim: &mut Sim) -> Vec<(ShardId, Arc<Msg>, bool, Vec<SharedKey>)> {
+    let mut out = Vec::new();
+    let mut rest = std::collections::VecDeque::new();
+    while let Some((from, m)) = sim.to_gateway.pop_front() {
+        match m {
+            Mesh::Deliver { msg, normal, groups, .. } => out.push((from, msg, normal, groups)),
+            other => rest.push_back((from, other)),
+        }
+    }
+    sim.to_gateway = rest;
+    out
+}
+
+#[test]
+fn every_publish_goes_to_the_gateway_once_it_asks_and_not_after() {
+    let mut sim = clustered(2);
+    let (p, _) = sim.connect(1, V5, &id_on(1, 2, "pub"), true);
+    sim.publish(p, "a/b", b"1", QoS::AtMostOnce, false, 0);
+    let d = gateway_delivers(&mut sim);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!((d[0].0, &*d[0].1.topic, &*d[0].1.payload, d[0].2), (ShardId(1), "a/b", &b"1"[..], true));
+    for s in 0..2 {
+        sim.from_gateway(s, Mesh::ForwardAll { on: false, token: None });
+    }
+    sim.publish(p, "a/b", b"2", QoS::AtMostOnce, false, 0);
+    assert!(gateway_delivers(&mut sim).is_empty());
+}
+
+#[test]
+fn a_suback_waits_for_the_gateway_and_a_message_from_it_reaches_the_subscriber() {
+    let mut sim = clustered(2);
+    let (s, _) = sim.connect(0, V5, &id_on(0, 2, "sub"), true);
+    sim.subscribe_opts(s, "x/#", SubOptions { qos: QoS::AtLeastOnce, ..Default::default() }, None);
+    assert!(!sim.has_packet(s), "the SUBACK left before the gateway acknowledged");
+    let (from, m) = sim.to_gateway.pop_front().expect("the gateway hears the new interest");
+    let Mesh::Interest { deltas, token: Some(token), .. } = m else { panic!("{m:?}") };
+    assert_eq!(from, ShardId(0));
+    assert_eq!((deltas.len(), &*deltas[0].key.1, deltas[0].members), (1, "x/#", 1));
+    sim.from_gateway(0, Mesh::InterestAck { token });
+    sim.pop(s, |p| assert!(matches!(p, Packet::SubAck(_)), "{p:?}"));
+    // A peer's message, delivered by the gateway: no origin, never sent back to the gateway.
+    let msg = Arc::new(Msg {
+        topic: "x/y".into(),
+        payload: b"remote".to_vec().into(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        expires_at: None,
+        props: None,
+        origin: None,
+    });
+    sim.from_gateway(0, Mesh::Deliver { msg, normal: true, groups: Vec::new(), rerouted: false, ack: None });
+    let (topic, payload, qos, ..) = sim.pop_publish(s);
+    assert_eq!((topic.as_str(), payload.as_slice(), qos), ("x/y", &b"remote"[..], QoS::AtLeastOnce));
+    assert!(gateway_delivers(&mut sim).is_empty());
+}
+
+#[test]
+fn retained_updates_reach_the_gateway_and_its_own_come_back_as_the_same_message() {
+    let mut sim = clustered(3);
+    let (p, _) = sim.connect(2, V5, &id_on(2, 3, "pub"), true);
+    sim.publish(p, "r/1", b"v", QoS::AtMostOnce, true, 0);
+    let retains: Vec<_> = sim
+        .to_gateway
+        .drain(..)
+        .filter_map(|(_, m)| match m {
+            Mesh::Retain { msg, apply: true, .. } => Some(msg),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retains.len(), 1, "exactly the owner's fan-out reaches the gateway");
+    assert_eq!(&*retains[0].payload, b"v");
+    // A peer's update, handed to the topic's owner: stored, given to every shard, and echoed to the
+    // gateway with the very same message (how the gateway tells it from a local update).
+    let remote = Arc::new(Msg {
+        topic: "r/2".into(),
+        payload: b"w".to_vec().into(),
+        qos: QoS::AtMostOnce,
+        retain: true,
+        expires_at: None,
+        props: None,
+        origin: None,
+    });
+    let owner = owner_of("r/2", 3);
+    sim.from_gateway(owner.0, Mesh::Retain { msg: remote.clone(), apply: false, ack: None });
+    let echoes: Vec<_> = sim
+        .to_gateway
+        .drain(..)
+        .filter_map(|(_, m)| match m {
+            Mesh::Retain { msg, apply: true, .. } => Some(msg),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(echoes.len(), 1);
+    assert!(Arc::ptr_eq(&echoes[0], &remote));
+    let (s, _) = sim.connect(0, V5, &id_on(0, 3, "late"), true);
+    sim.subscribe_opts(s, "r/#", SubOptions::default(), None);
+    let (_, Some(Mesh::Interest { token: Some(t), .. })) =
+        sim.to_gateway.pop_front().map(|(f, m)| (f, Some(m))).unwrap_or((ShardId(0), None))
+    else {
+        panic!("no interest announcement")
+    };
+    sim.from_gateway(0, Mesh::InterestAck { token: t });
+    sim.pop(s, |p| assert!(matches!(p, Packet::SubAck(_)), "{p:?}"));
+    let mut got: Vec<Vec<u8>> = (0..2).map(|_| sim.pop_publish(s).1).collect();
+    got.sort();
+    assert_eq!(got, [b"v".to_vec(), b"w".to_vec()]);
+}
+
+#[test]
+fn shared_groups_weigh_the_zones_remote_members_against_the_local_ones() {
+    let mut sim = clustered(1);
+    let (m, _) = sim.connect(0, V5, "member", true);
+    sim.subscribe_opts(m, "$share/g/t", SubOptions::default(), None);
+    // Even on a one-shard node the SUBACK waits for the gateway (the only other mesh endpoint).
+    while let Some((_, msg)) = sim.to_gateway.pop_front() {
+        if let Mesh::Interest { token: Some(t), .. } = msg {
+            sim.from_gateway(0, Mesh::InterestAck { token: t });
+        }
+    }
+    sim.pop(m, |p| assert!(matches!(p, Packet::SubAck(_)), "{p:?}"));
+    let key: SharedKey = (Some("g".into()), "t".into());
+    let delta = InterestDelta { key: key.clone(), members: 3, durable: 3 };
+    sim.from_gateway(0, Mesh::Interest { deltas: vec![delta], token: None, generation: 0 });
+    let (p, _) = sim.connect(0, V5, "pub", true);
+    for i in 0..8u8 {
+        sim.publish(p, "t", &[i], QoS::AtMostOnce, false, 0);
+    }
+    let to_gw = gateway_delivers(&mut sim);
+    let remote = to_gw.iter().filter(|(_, _, _, g)| g.contains(&key)).count();
+    let mut local = 0;
+    while sim.has_packet(m) {
+        sim.pop_publish(m);
+        local += 1;
+    }
+    assert_eq!((remote, local), (6, 2), "3 remote members to 1 local one");
+}
