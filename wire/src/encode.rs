@@ -342,6 +342,13 @@ fn property_list<S: Sink>(s: &mut S, p: &Properties<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Appends a PUBLISH property block (length, then the properties) for `p`: what a cluster link carries
+/// with a forwarded message, so the receiving node decodes it with [`crate::decode_publish_properties`].
+pub fn encode_publish_properties(p: &Properties<'_>, out: &mut Vec<u8>) -> Result<()> {
+    let start = out.len();
+    properties(out, p).inspect_err(|_| out.truncate(start))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,11 +471,4 @@ mod tests {
         assert_eq!(enc(&p, Protocol::V311)[0], 0x31);
         assert_eq!(enc(&p, Protocol::V31)[0], 0x39);
     }
-}
-
-/// Appends a PUBLISH property block (length, then the properties) for `p`: what a cluster link carries
-/// with a forwarded message, so the receiving node decodes it with [`crate::decode_publish_properties`].
-pub fn encode_publish_properties(p: &Properties<'_>, out: &mut Vec<u8>) -> Result<()> {
-    let start = out.len();
-    properties(out, p).inspect_err(|_| out.truncate(start))
 }

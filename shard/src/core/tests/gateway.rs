@@ -12,7 +12,7 @@ use crate::ShardId;
 fn clustered(n: u16) -> Sim {
     let mut sim = Sim::with(n, Config { cluster_gateway: true, ..Config::default() });
     for s in 0..n {
-        sim.from_gateway(s, Mesh::ForwardAll { on: true, token: Some(0) });
+        sim.gateway_sends(s, Mesh::ForwardAll { on: true, token: Some(0) });
     }
     let acks: Vec<_> = sim.to_gateway.drain(..).collect();
     assert_eq!(acks.len(), n as usize);
@@ -42,7 +42,7 @@ fn every_publish_goes_to_the_gateway_once_it_asks_and_not_after() {
     assert_eq!(d.len(), 1, "{d:?}");
     assert_eq!((d[0].0, &*d[0].1.topic, &*d[0].1.payload, d[0].2), (ShardId(1), "a/b", &b"1"[..], true));
     for s in 0..2 {
-        sim.from_gateway(s, Mesh::ForwardAll { on: false, token: None });
+        sim.gateway_sends(s, Mesh::ForwardAll { on: false, token: None });
     }
     sim.publish(p, "a/b", b"2", QoS::AtMostOnce, false, 0);
     assert!(gateway_delivers(&mut sim).is_empty());
@@ -58,7 +58,7 @@ fn a_suback_waits_for_the_gateway_and_a_message_from_it_reaches_the_subscriber()
     let Mesh::Interest { deltas, token: Some(token), .. } = m else { panic!("{m:?}") };
     assert_eq!(from, ShardId(0));
     assert_eq!((deltas.len(), &*deltas[0].key.1, deltas[0].members), (1, "x/#", 1));
-    sim.from_gateway(0, Mesh::InterestAck { token });
+    sim.gateway_sends(0, Mesh::InterestAck { token });
     sim.pop(s, |p| assert!(matches!(p, Packet::SubAck(_)), "{p:?}"));
     // A peer's message, delivered by the gateway: no origin, never sent back to the gateway.
     let msg = Arc::new(Msg {
@@ -70,7 +70,7 @@ fn a_suback_waits_for_the_gateway_and_a_message_from_it_reaches_the_subscriber()
         props: None,
         origin: None,
     });
-    sim.from_gateway(0, Mesh::Deliver { msg, normal: true, groups: Vec::new(), rerouted: false, ack: None });
+    sim.gateway_sends(0, Mesh::Deliver { msg, normal: true, groups: Vec::new(), rerouted: false, ack: None });
     let (topic, payload, qos, ..) = sim.pop_publish(s);
     assert_eq!((topic.as_str(), payload.as_slice(), qos), ("x/y", &b"remote"[..], QoS::AtLeastOnce));
     assert!(gateway_delivers(&mut sim).is_empty());
@@ -103,7 +103,7 @@ fn retained_updates_reach_the_gateway_and_its_own_come_back_as_the_same_message(
         origin: None,
     });
     let owner = owner_of("r/2", 3);
-    sim.from_gateway(owner.0, Mesh::Retain { msg: remote.clone(), apply: false, ack: None });
+    sim.gateway_sends(owner.0, Mesh::Retain { msg: remote.clone(), apply: false, ack: None });
     let echoes: Vec<_> = sim
         .to_gateway
         .drain(..)
@@ -121,7 +121,7 @@ fn retained_updates_reach_the_gateway_and_its_own_come_back_as_the_same_message(
     else {
         panic!("no interest announcement")
     };
-    sim.from_gateway(0, Mesh::InterestAck { token: t });
+    sim.gateway_sends(0, Mesh::InterestAck { token: t });
     sim.pop(s, |p| assert!(matches!(p, Packet::SubAck(_)), "{p:?}"));
     let mut got: Vec<Vec<u8>> = (0..2).map(|_| sim.pop_publish(s).1).collect();
     got.sort();
@@ -136,13 +136,13 @@ fn shared_groups_weigh_the_zones_remote_members_against_the_local_ones() {
     // Even on a one-shard node the SUBACK waits for the gateway (the only other mesh endpoint).
     while let Some((_, msg)) = sim.to_gateway.pop_front() {
         if let Mesh::Interest { token: Some(t), .. } = msg {
-            sim.from_gateway(0, Mesh::InterestAck { token: t });
+            sim.gateway_sends(0, Mesh::InterestAck { token: t });
         }
     }
     sim.pop(m, |p| assert!(matches!(p, Packet::SubAck(_)), "{p:?}"));
     let key: SharedKey = (Some("g".into()), "t".into());
     let delta = InterestDelta { key: key.clone(), members: 3, durable: 3 };
-    sim.from_gateway(0, Mesh::Interest { deltas: vec![delta], token: None, generation: 0 });
+    sim.gateway_sends(0, Mesh::Interest { deltas: vec![delta], token: None, generation: 0 });
     let (p, _) = sim.connect(0, V5, "pub", true);
     for i in 0..8u8 {
         sim.publish(p, "t", &[i], QoS::AtMostOnce, false, 0);

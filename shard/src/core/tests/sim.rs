@@ -319,7 +319,7 @@ impl Sim {
     }
 
     /// A message from the cluster gateway to `shard`, handled at once; then the node runs.
-    pub(super) fn from_gateway(&mut self, shard: u16, m: Mesh) {
+    pub(super) fn gateway_sends(&mut self, shard: u16, m: Mesh) {
         let gw = ShardId(self.shards.len() as u16);
         self.shards[shard as usize].handle_mesh(gw, m, self.now);
         self.run();
