@@ -154,7 +154,15 @@ pub(crate) fn drain_io<C: Core, I: Io<C>>(
             IoCmd::Handoff { conn, to, state } => {
                 if stopping || to.index() >= out.shards() {
                     if !stopping {
-                        tracing::warn!(?conn, to = to.0, "handoff to a shard that does not exist; closing");
+                        if to.index() < out.targets() {
+                            out.misaddressed_handoff(to);
+                        } else {
+                            tracing::warn!(
+                                ?conn,
+                                to = to.0,
+                                "handoff to a shard that does not exist; closing"
+                            );
+                        }
                     }
                     io.close(core, conn, Vec::new(), now);
                 } else {
@@ -170,10 +178,11 @@ pub(crate) fn drain_io<C: Core, I: Io<C>>(
 /// Moves the core's cross-core messages into the outbox (sent by `Outbox::flush`).
 fn drain_mesh<C: Core>(core: &mut C, out: &mut Outbox<C::Mesh, C::Handoff>) {
     while let Some((to, msg)) = core.poll_mesh() {
-        if to.index() < out.shards() {
+        // Shards and endpoints alike.
+        if to.index() < out.targets() {
             out.push_mesh(to, msg);
         } else {
-            tracing::warn!(to = to.0, "mesh message to a shard that does not exist; dropped");
+            tracing::warn!(to = to.0, "mesh message to a mesh member that does not exist; dropped");
         }
     }
 }

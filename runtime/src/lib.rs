@@ -4,10 +4,14 @@
 //! This is the only crate that touches sockets, rings, file descriptors and clocks. Everything protocol-shaped
 //! lives behind the [`Core`] trait (defined with the core, in `shardmq_shard::io`, which does not depend on
 //! this crate), so the runtime can be tested with a trivial core and the core without sockets.
+//!
+//! Threads that are not shards but must talk to them (the cluster gateway) join the shards' mesh as
+//! [`MeshEndpoint`]s ([`start_with_endpoints`]).
 
 pub use shardmq_shard::io::{Core, IoCmd, WakeFn};
 
 mod driver;
+mod endpoint;
 mod epoll;
 mod gate;
 mod mesh;
@@ -16,5 +20,8 @@ mod slab;
 mod sys;
 mod uring;
 
+pub use self::endpoint::{EndpointStats, MeshEndpoint};
 pub use self::mesh::Waker;
-pub use self::node::{start, Backend, BackendChoice, Node, RuntimeConfig, ShardFailure, ShardStats};
+pub use self::node::{
+    start, start_with_endpoints, Backend, BackendChoice, Node, RuntimeConfig, ShardFailure, ShardStats,
+};

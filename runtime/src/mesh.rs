@@ -1,11 +1,18 @@
-//! Cross-core plumbing: one bounded inbox per shard, the per-target batching and backlog on the sending side,
-//! and the eventfd wakeup of a sleeping shard.
+//! Cross-core plumbing: one bounded inbox per mesh member, the per-target batching and backlog on the sending
+//! side, and the eventfd wakeup of a sleeping member.
 //!
-//! What it guarantees: messages from one shard to another arrive in the order they were produced (mesh
+//! Mesh members are the shards (ids `0..shards`) and the extra endpoints (ids `shards..shards+endpoints`,
+//! see [`MeshEndpoint`](super::endpoint::MeshEndpoint)): threads that are not shards (the cluster gateway,
+//! with its own event loop over its own sockets) but exchange the same messages with the shards. Both use the
+//! same inbox, outbox, wake and in-flight accounting; an endpoint has no sockets, so socket handoffs only
+//! ever go to shards.
+//!
+//! What it guarantees: messages from one member to another arrive in the order they were produced (mesh
 //! messages and socket handoffs share one FIFO per target), and nothing is dropped while the target runs: a
 //! full inbox hands the item back, it stays in a per-target backlog and is retried on the next loop
-//! iteration. What it does not do: deliver to a shard that already exited (items for it are dropped, which
-//! only happens during node shutdown), or bound what a shard produces by itself. An inbox is bounded in
+//! iteration. What it does not do: deliver to a shard that already exited or an endpoint that was dropped
+//! (items for it are dropped, which for shards only happens during node shutdown), or bound what a member
+//! produces by itself. An inbox is bounded in
 //! batches, not messages, and the backlog not at all; so the outbox counts every message it produced that
 //! its target has not consumed yet, backlog and inbox together ([`Outbox::unconsumed`]: the sender adds
 //! what an inbox accepted, the receiver subtracts what it handled), and the driver's read gate (`gate.rs`)
@@ -102,23 +109,56 @@ impl std::fmt::Debug for Waker {
 pub(crate) struct Wake {
     fd: OwnedFd,
     /// Set by the owner right before it blocks; a sender that clears it owes the owner an eventfd signal.
+    /// An endpoint keeps it set whenever it is not inside `recv` (its owner may block any time after).
     sleeping: AtomicBool,
-    /// Bit `i` set: shard `i` found this inbox full and wants a wakeup once it is drained (shards 0..64;
+    /// Bit `i` set: member `i` found this inbox full and wants a wakeup once it is drained (ids 0..64;
     /// others rely on the backlog retry timer).
     drain_waiters: AtomicU64,
-    /// By sender shard: mesh messages its outbox handed to this inbox that this shard has not handled yet.
+    /// By sender id: mesh messages its outbox handed to this inbox that this member has not handled yet.
     in_flight: Box<[AtomicUsize]>,
+    /// This wake belongs to an endpoint, not a shard: drain notifications always signal its eventfd (see
+    /// [`Inbox::notify_drained`]).
+    endpoint: bool,
+    /// The endpoint was dropped: nobody will ever consume its inbox, so what senders put there no longer
+    /// counts against their read gates ([`Outbox::unconsumed`]). Never set for shards.
+    gone: AtomicBool,
 }
 
 impl Wake {
-    /// `shards`: how many shards may send to this one.
-    pub(crate) fn new(shards: usize) -> std::io::Result<Self> {
+    /// `members`: how many mesh members (shards and endpoints) may send to this one.
+    pub(crate) fn new(members: usize) -> std::io::Result<Self> {
         Ok(Wake {
             fd: sys::eventfd()?,
             sleeping: AtomicBool::new(false),
             drain_waiters: AtomicU64::new(0),
-            in_flight: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
+            in_flight: (0..members).map(|_| AtomicUsize::new(0)).collect(),
+            endpoint: false,
+            gone: AtomicBool::new(false),
         })
+    }
+
+    /// The wake of an endpoint: asleep from the start, since its owner waits on the eventfd before it ever
+    /// calls `recv`, and the first message must signal it.
+    pub(crate) fn new_endpoint(members: usize) -> std::io::Result<Self> {
+        let w = Wake { endpoint: true, ..Wake::new(members)? };
+        w.prepare_sleep();
+        Ok(w)
+    }
+
+    pub(crate) fn is_endpoint(&self) -> bool {
+        self.endpoint
+    }
+
+    /// The endpoint owning this wake was dropped (see `gone`).
+    pub(crate) fn set_gone(&self) {
+        debug_assert!(self.endpoint, "only endpoints go away while the node runs");
+        self.gone.store(true, Ordering::Release);
+    }
+
+    /// Signals the eventfd without touching `sleeping`: makes the owner call `recv` again (an endpoint that
+    /// stopped draining early, or one waiting for room in another inbox).
+    pub(crate) fn signal(&self) {
+        sys::eventfd_signal(self.fd());
     }
 
     pub(crate) fn fd(&self) -> std::os::fd::RawFd {
@@ -155,6 +195,7 @@ impl Wake {
 /// The receiving side of a shard: its inbox and who waits for it to drain.
 pub(crate) struct Inbox<M, H> {
     pub(crate) rx: Receiver<Inbound<M, H>>,
+    /// The owner's id: its wake is `wakes[me]`.
     me: usize,
     wakes: Arc<[Wake]>,
 }
@@ -172,6 +213,10 @@ impl<M, H> Inbox<M, H> {
         &self.wakes[self.me]
     }
 
+    pub(crate) fn id(&self) -> ShardId {
+        ShardId(self.me as u16)
+    }
+
     /// `msgs` messages from `from`'s batch were handled: they no longer count against its gate.
     pub(crate) fn consumed(&self, from: ShardId, msgs: usize) {
         if let Some(n) = self.wakes[self.me].in_flight.get(from.index()) {
@@ -179,14 +224,19 @@ impl<M, H> Inbox<M, H> {
         }
     }
 
-    /// Tells the shards that found this inbox full that there is room again.
+    /// Tells the members that found this inbox full that there is room again.
     pub(crate) fn notify_drained(&self) {
         let mut waiters = self.wakes[self.me].drain_waiters.swap(0, Ordering::AcqRel);
         while waiters != 0 {
             let i = waiters.trailing_zeros() as usize;
             waiters &= waiters - 1;
-            if let Some(w) = self.wakes.get(i) {
-                w.wake();
+            match self.wakes.get(i) {
+                // An endpoint may be inside `recv` (not "sleeping") and block right after in its owner's
+                // loop: a plain `wake` would be skipped then, so it is always signalled. Rare (only after a
+                // full inbox), so the extra syscall does not matter.
+                Some(w) if w.endpoint => w.signal(),
+                Some(w) => w.wake(),
+                None => {}
             }
         }
     }
@@ -201,10 +251,13 @@ enum Queued<M, H> {
     Reserved(u64),
 }
 
-/// The sending side of a shard: builds one batch per target per loop iteration, keeps what did not fit.
+/// The sending side of a mesh member: builds one batch per target per loop iteration, keeps what did not fit.
 pub(crate) struct Outbox<M, H> {
     me: ShardId,
+    /// One per mesh member, shards first: ids `0..shards` are shards, the rest endpoints.
     senders: Vec<Sender<Inbound<M, H>>>,
+    /// Targets that can take a socket. Invariant: `shards <= senders.len()`.
+    shards: usize,
     wakes: Arc<[Wake]>,
     counters: Arc<ShardCounters>,
     /// Mesh messages produced this iteration, per target; sealed into `backlog` by `flush`.
@@ -218,16 +271,20 @@ pub(crate) struct Outbox<M, H> {
 }
 
 impl<M, H> Outbox<M, H> {
+    /// `senders`: every mesh member's inbox, the `shards` shards first.
     pub(crate) fn new(
         me: ShardId,
         senders: Vec<Sender<Inbound<M, H>>>,
+        shards: usize,
         wakes: Arc<[Wake]>,
         counters: Arc<ShardCounters>,
     ) -> Self {
         let n = senders.len();
+        debug_assert!(shards <= n && n <= wakes.len());
         Outbox {
             me,
             senders,
+            shards,
             wakes,
             counters,
             open: (0..n).map(|_| Vec::new()).collect(),
@@ -238,17 +295,33 @@ impl<M, H> Outbox<M, H> {
         }
     }
 
+    /// Shards: the targets a socket may be handed to.
     pub(crate) fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// Shards and endpoints: the targets of mesh messages.
+    pub(crate) fn targets(&self) -> usize {
         self.senders.len()
     }
 
+    /// The caller checked `to < targets()`.
     pub(crate) fn push_mesh(&mut self, to: ShardId, msg: M) {
         self.open[to.index()].push(msg);
+    }
+
+    /// A handoff to an endpoint (which has no sockets) was asked for: a bug of the caller's core, counted;
+    /// the caller closes the socket instead.
+    pub(crate) fn misaddressed_handoff(&self, to: ShardId) {
+        debug_assert!(to.index() < self.shards, "handoff of a socket to mesh endpoint {}", to.0);
+        self.counters.misaddressed_handoffs.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(to = to.0, "handoff to a mesh endpoint, which cannot take sockets; closing");
     }
 
     /// Queues a socket for `to`, after every mesh message already produced for it (order is per target).
     pub(crate) fn push_adopt(&mut self, to: ShardId, adopt: Adopt<H>) {
         let t = to.index();
+        debug_assert!(t < self.shards, "sockets only go to shards");
         self.seal(t);
         self.backlog[t].push_back(Queued::Item(Inbound::Adopt { from: self.me, adopt }));
         self.pending += 1;
@@ -257,6 +330,7 @@ impl<M, H> Outbox<M, H> {
     /// Holds the place of a socket that will be ready later; see [`Outbox::fill`].
     pub(crate) fn reserve(&mut self, to: ShardId) -> u64 {
         let t = to.index();
+        debug_assert!(t < self.shards, "sockets only go to shards");
         self.seal(t);
         self.next_ticket += 1;
         self.backlog[t].push_back(Queued::Reserved(self.next_ticket));
@@ -348,12 +422,15 @@ impl<M, H> Outbox<M, H> {
         self.pending > 0
     }
 
-    /// Mesh messages this shard produced that their targets have not handled yet: those no inbox accepted
-    /// (after a `flush`: the backlog) plus those waiting in the target inboxes.
+    /// Mesh messages this member produced that their targets have not handled yet: those no inbox accepted
+    /// (after a `flush`: the backlog) plus those waiting in the target inboxes (except a dropped endpoint's,
+    /// which nobody will consume).
     pub(crate) fn unconsumed(&self) -> usize {
         let me = self.me.index();
         let in_inboxes: usize = (0..self.senders.len())
-            .filter_map(|t| self.wakes.get(t)?.in_flight.get(me))
+            .filter_map(|t| self.wakes.get(t))
+            .filter(|w| !w.gone.load(Ordering::Acquire))
+            .filter_map(|w| w.in_flight.get(me))
             .map(|n| n.load(Ordering::Relaxed))
             .fold(0, usize::saturating_add);
         self.backlog_msgs.saturating_add(in_inboxes)
@@ -378,7 +455,7 @@ mod tests {
     fn outbox(cap: usize) -> (Outbox<u32, u8>, Rx, Arc<AtomicUsize>) {
         let (tx, rx) = bounded(cap);
         let wakes: Arc<[Wake]> = vec![Wake::new(1).unwrap()].into();
-        let out = Outbox::new(ShardId(0), vec![tx], wakes, Arc::new(ShardCounters::default()));
+        let out = Outbox::new(ShardId(0), vec![tx], 1, wakes, Arc::new(ShardCounters::default()));
         (out, rx, Arc::new(AtomicUsize::new(1)))
     }
 

@@ -6,6 +6,11 @@
 //! the starter picks the backend (epoll if any shard failed under `Auto`); (2) shards that must switch
 //! build epoll and report again; then all are told to go. Listeners are bound by the starter before any
 //! thread runs, so `local_addrs` is exact and no connection is lost in between (it waits in the backlog).
+//!
+//! Besides its shards a node may have mesh endpoints ([`start_with_endpoints`]): mesh members with ids after
+//! the shards' that are driven by a thread of the owner's, not by the node (the cluster gateway, which has
+//! its own sockets and event loop but talks to the shards through the mesh). The node sizes the mesh for
+//! them and wakes them at shutdown; it neither runs nor joins them.
 
 use std::fmt;
 use std::io;
@@ -19,6 +24,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::driver::{self, Ctx};
+use super::endpoint::MeshEndpoint;
 use super::epoll::EpollLoop;
 use super::gate::Gate;
 use super::mesh::{Inbound, Inbox, Outbox, Wake, Waker};
@@ -101,6 +107,9 @@ pub struct RuntimeConfig {
     /// inboxes, or in the inboxes) at which it stops reading its sockets, resuming at half: bounds what a
     /// stalled shard makes its peers hold. 0: unbounded.
     pub mesh_backlog_limit: usize,
+    /// Extra mesh members that are not shards, with ids `shards..shards + endpoints` (see
+    /// [`start_with_endpoints`]; [`start`] requires 0).
+    pub endpoints: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -127,6 +136,7 @@ impl Default for RuntimeConfig {
             // A few times what a 1024-batch inbox takes in one busy iteration; messages share their
             // payloads, so this is megabytes, not gigabytes, per stalled peer.
             mesh_backlog_limit: 64 * 1024,
+            endpoints: 0,
         }
     }
 }
@@ -142,6 +152,8 @@ pub(crate) struct ShardCounters {
     pub(crate) mesh_sent: AtomicU64,
     pub(crate) mesh_full_retries: AtomicU64,
     pub(crate) handoffs: AtomicU64,
+    /// Handoffs the core addressed to a mesh endpoint (a bug): the socket was closed instead.
+    pub(crate) misaddressed_handoffs: AtomicU64,
     /// Sockets this shard holds; moves with handoffs (source decrements, target increments).
     pub(crate) open_sockets: AtomicU64,
     /// The most bytes the runtime ever held for one paused connection (io_uring's stash).
@@ -172,6 +184,9 @@ pub struct ShardStats {
     pub mesh_full_retries: u64,
     /// Sockets handed to another shard.
     pub handoffs: u64,
+    /// Handoffs the core addressed to a mesh endpoint, which cannot take sockets (a bug of the core): the
+    /// socket was closed instead.
+    pub misaddressed_handoffs: u64,
     pub open_sockets: u64,
     /// The most input bytes the runtime held at once for one paused connection (read before the pause
     /// took effect, delivered after `ResumeRead`). Always 0 on epoll. For tests and diagnostics.
@@ -201,6 +216,7 @@ impl ShardCounters {
             mesh_sent: get(&self.mesh_sent),
             mesh_full_retries: get(&self.mesh_full_retries),
             handoffs: get(&self.handoffs),
+            misaddressed_handoffs: get(&self.misaddressed_handoffs),
             open_sockets: get(&self.open_sockets),
             stash_bytes_max: get(&self.stash_bytes_max),
             mesh_backlog_max: get(&self.mesh_backlog_max),
@@ -249,8 +265,9 @@ impl Node {
         self.backend
     }
 
-    /// Asks every shard to call `handle_shutdown`, flush for at most `shutdown_grace`, close and exit.
-    /// Returns at once; [`Node::join`] waits.
+    /// Asks every shard to call `handle_shutdown`, flush for at most `shutdown_grace`, close and exit, and
+    /// wakes every mesh endpoint (its eventfd becomes readable and `shutting_down` true) so that its thread
+    /// can exit too. Returns at once; [`Node::join`] waits for the shards (endpoints are their owner's).
     pub fn shutdown(&self) {
         signal_shutdown(&self.shutdown, &self.wakes);
     }
@@ -282,6 +299,7 @@ impl Drop for Node {
     }
 }
 
+/// Shutdown and the failure path alike: every mesh member is woken, shards and endpoints.
 fn signal_shutdown(flag: &AtomicBool, wakes: &[Wake]) {
     flag.store(true, Ordering::Release);
     for w in wakes {
@@ -501,8 +519,30 @@ fn wait_for_port(addr: SocketAddr) {
 }
 
 /// Starts a node: binds the listeners, starts one thread per shard (each builds its core with
-/// `make_core(shard, shards)`) and returns once every shard runs.
+/// `make_core(shard, shards)`) and returns once every shard runs. `cfg.endpoints` must be 0: use
+/// [`start_with_endpoints`] for a node with mesh endpoints.
 pub fn start<C, F>(cfg: RuntimeConfig, make_core: F) -> io::Result<Node>
+where
+    C: Core,
+    F: Fn(ShardId, usize) -> C + Send + Sync + 'static,
+{
+    if cfg.endpoints != 0 {
+        // Refused rather than ignored: ids nobody would ever drain would close the senders' read gates.
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "endpoints need start_with_endpoints"));
+    }
+    let (node, endpoints) = start_with_endpoints(cfg, make_core)?;
+    debug_assert!(endpoints.is_empty());
+    Ok(node)
+}
+
+/// [`start`], plus `cfg.endpoints` mesh endpoints, returned in id order (`ShardId(shards + i)`), for
+/// threads of the caller's to drive (see [`MeshEndpoint`]). Cores are still built with
+/// `make_core(shard, shards)`: the number of shards; a core that talks to endpoints learns their ids from
+/// its own configuration.
+pub fn start_with_endpoints<C, F>(
+    cfg: RuntimeConfig,
+    make_core: F,
+) -> io::Result<(Node, Vec<MeshEndpoint<C::Mesh>>)>
 where
     C: Core,
     F: Fn(ShardId, usize) -> C + Send + Sync + 'static,
@@ -510,6 +550,11 @@ where
     let shards = cfg.shards;
     if shards == 0 || shards > u16::MAX as usize {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "shards must be in 1..=65535"));
+    }
+    // Every member's id must fit a `ShardId`.
+    let members = shards.saturating_add(cfg.endpoints);
+    if members > u16::MAX as usize {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "shards + endpoints must be at most 65535"));
     }
     if cfg.listen.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listen address"));
@@ -530,9 +575,13 @@ where
         addrs.push(actual);
     }
 
-    let wakes: Arc<[Wake]> = (0..shards).map(|_| Wake::new(shards)).collect::<io::Result<Vec<_>>>()?.into();
-    let (senders, receivers): (Vec<InboxTx<C>>, Vec<_>) =
-        (0..shards).map(|_| bounded(cfg.mesh_capacity.max(1))).unzip();
+    let wakes: Arc<[Wake]> = (0..members)
+        .map(|i| if i < shards { Wake::new(members) } else { Wake::new_endpoint(members) })
+        .collect::<io::Result<Vec<_>>>()?
+        .into();
+    let (senders, mut receivers): (Vec<InboxTx<C>>, Vec<_>) =
+        (0..members).map(|_| bounded(cfg.mesh_capacity.max(1))).unzip();
+    let endpoint_receivers = receivers.split_off(shards);
     let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
     let shutdown = Arc::new(AtomicBool::new(false));
     let failure = Arc::new(OnceLock::new());
@@ -582,7 +631,7 @@ where
             shards,
             listeners: lst,
             inbox: Inbox::new(rx, id, wakes.clone()),
-            outbox: Outbox::new(id, senders.clone(), wakes.clone(), counters[i].clone()),
+            outbox: Outbox::new(id, senders.clone(), shards, wakes.clone(), counters[i].clone()),
             try_uring: choice != BackendChoice::Epoll,
             pin_cpu: pin.then(|| cpus[i]),
             read_buffer_size: cfg.read_buffer_size,
@@ -598,8 +647,18 @@ where
             .spawn(move || shard_thread::<C, F>(boot, mk))?;
         threads.push(t);
     }
-    drop(senders);
     node_guard.threads = threads;
+    let endpoints: Vec<MeshEndpoint<C::Mesh>> = endpoint_receivers
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| {
+            let id = ShardId((shards + i) as u16);
+            let counters = Arc::new(ShardCounters::default());
+            let outbox = Outbox::new(id, senders.clone(), shards, wakes.clone(), counters.clone());
+            MeshEndpoint::new(shards, Inbox::new(rx, id, wakes.clone()), outbox, counters, shutdown.clone())
+        })
+        .collect();
+    drop(senders);
 
     let abort = |deciders: &[Sender<Decision>], e: io::Error| {
         for d in deciders {
@@ -645,7 +704,9 @@ where
     for d in &deciders {
         let _ = d.send(Decision::Go);
     }
-    tracing::info!(backend = %backend, shards, addrs = ?node_guard.addrs, "shardmq runtime started");
+    let endpoints_n = endpoints.len();
+    let addrs = &node_guard.addrs;
+    tracing::info!(backend = %backend, shards, endpoints = endpoints_n, ?addrs, "shardmq runtime started");
     node_guard.backend = backend;
-    Ok(node_guard)
+    Ok((node_guard, endpoints))
 }
