@@ -31,6 +31,8 @@ mod membership;
 pub mod retained;
 pub mod router;
 pub mod session;
+pub mod zone;
 
 pub use identity::{NodeIdentity, NodeName};
 pub use membership::{Membership, MembershipConfig, MembershipCounters, MembershipEvent};
+pub use zone::{LinkCmd, LinkId, SendError, Zone, ZoneConfig, ZoneCounters, ZoneEvent};
