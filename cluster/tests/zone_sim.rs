@@ -604,3 +604,18 @@ fn a_node_with_another_secret_never_comes_up_and_is_refused_on_both_sides() {
         assert!(net.zone(0).counters().membership.refused_secret > 0);
     }
 }
+
+#[test]
+fn a_seed_replays_exactly() {
+    let run = |seed| {
+        let mut net = Net::new(seed, 4);
+        net.loss = 50;
+        net.run(Duration::from_secs(2));
+        net.crash(2, false);
+        net.run(Duration::from_secs(2));
+        format!("{:?}", net.events)
+    };
+    for seed in seeds() {
+        assert_eq!(run(seed), run(seed), "seed {seed}");
+    }
+}
