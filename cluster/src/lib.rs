@@ -12,15 +12,23 @@
 //! - [`router`]: the zone's interest routing: snapshots to peers that come up, deltas after, the peers a
 //!   publish goes to, one node per shared-group message by member count across the zone, and SUBACKs
 //!   that wait until every peer up has the new interest (or is down, or timed out);
-//! - [`link`]: the link protocol's frames (a forwarded PUBLISH in at most 16 bytes of framing) and the
+//! - [`link`]: the link protocol's frames (a forwarded PUBLISH in at most 16 bytes of framing, with the
+//!   shared groups a peer delivers for; interest announcements; replicated retained updates) and the
 //!   handshake that opens a link (version, identities, a proof of the cluster secret over both nonces);
 //! - [`session`]: the part of a link that outlives its connection: numbered frames kept within a byte
 //!   budget until acknowledged, resent exactly once after a reconnect, a resync when the peer restarted;
+//! - [`zone`]: one node's transport, [`Zone`]: membership for discovery, one TCP link per peer (the smaller
+//!   name dials, with backoff), handshake and session resume before a peer is up, heartbeats, a peer down
+//!   as soon as its link is lost or silent (never on gossip alone), `--join` retries; the socket side
+//!   only moves bytes and reports connects and closes (`tests/zone_sim.rs` runs whole zones over
+//!   simulated datagrams and streams);
 //! - [`retained`]: retained replicas, last writer wins by (hybrid logical clock, node name), with
 //!   tombstones, converging in any delivery order.
 //!
-//! What it does not do yet: drive links over sockets (connect, backoff, timers), retained snapshots for joining nodes, or anything the broker binary drives (no flags are
-//! wired to it yet). Those build on this (issue "Cluster, one zone").
+//! What it does not do: touch sockets, clocks or the OS's randomness (the caller seeds [`Zone::new`]), TLS
+//! on links, retained snapshots for joining nodes, links between zones or regions, or anything of the
+//! broker itself (the gateway that turns publishes, subscriptions and retained messages into frames,
+//! and the socket thread, live in the broker and build on this; issue "Cluster, one zone").
 
 mod bytes;
 pub mod frame;
@@ -31,6 +39,8 @@ mod membership;
 pub mod retained;
 pub mod router;
 pub mod session;
+pub mod zone;
 
 pub use identity::{NodeIdentity, NodeName};
 pub use membership::{Membership, MembershipConfig, MembershipCounters, MembershipEvent};
+pub use zone::{LinkCmd, LinkId, SendError, Zone, ZoneConfig, ZoneCounters, ZoneEvent};

@@ -11,7 +11,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::interest::{Delta, LocalInterest, PeerInterest, Snapshot};
+use shardmq_wire::topic;
+
+use crate::bytes::{ReadError, Reader};
+use crate::interest::{Delta, LocalInterest, PeerInterest, Snapshot, SnapshotError};
 use crate::NodeName;
 
 /// What goes to a peer over its link.
@@ -27,6 +30,128 @@ pub enum Announce {
     Ack {
         token: u64,
     },
+}
+
+/// Why an announcement from a peer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnnounceError {
+    #[error("announcement truncated at byte {0}")]
+    Truncated(usize),
+    #[error("unknown announcement kind {0}")]
+    UnknownKind(u8),
+    #[error("unknown interest delta kind {0}")]
+    UnknownDelta(u8),
+    #[error("announcement: a filter is not valid UTF-8 or not a valid filter")]
+    BadFilter,
+    #[error("announcement: {0} bytes left over")]
+    Trailing(usize),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+impl From<ReadError> for AnnounceError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Short { at } => AnnounceError::Truncated(at),
+            ReadError::VarintTooLong => AnnounceError::Truncated(0),
+        }
+    }
+}
+
+const A_SNAPSHOT: u8 = 1;
+const A_DELTAS: u8 = 2;
+const A_ACK: u8 = 3;
+const D_ADD: u8 = 1;
+const D_REMOVE: u8 = 2;
+const D_MEMBERS: u8 = 3;
+const HAS_TOKEN: u8 = 1;
+
+/// Announcement layout (what a [`crate::link::Frame::Interest`] carries; integers little-endian):
+/// `kind u8 | body`. Snapshot: the [`Snapshot`] encoding. Deltas: `generation u64 | has_token u8 |
+/// [token u64] | count u32 | count × (kind u8 | filter u16-length UTF-8 | [members u32 for Members])`.
+/// Ack: `token u64`. Filters are MQTT strings (at most 65,535 bytes), like the snapshot's.
+impl Announce {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Announce::Snapshot(s) => {
+                out.push(A_SNAPSHOT);
+                s.encode(out);
+            }
+            Announce::Deltas { generation, deltas, token } => {
+                out.push(A_DELTAS);
+                out.extend_from_slice(&generation.to_le_bytes());
+                match token {
+                    Some(t) => {
+                        out.push(HAS_TOKEN);
+                        out.extend_from_slice(&t.to_le_bytes());
+                    }
+                    None => out.push(0),
+                }
+                out.extend_from_slice(&(deltas.len() as u32).to_le_bytes());
+                for d in deltas {
+                    let (kind, f, members) = match d {
+                        Delta::Add(f) => (D_ADD, f, None),
+                        Delta::Remove(f) => (D_REMOVE, f, None),
+                        Delta::Members { filter, count } => (D_MEMBERS, filter, Some(*count)),
+                    };
+                    debug_assert!(f.len() <= u16::MAX as usize, "filters are MQTT strings");
+                    out.push(kind);
+                    out.extend_from_slice(&(f.len() as u16).to_le_bytes());
+                    out.extend_from_slice(f.as_bytes());
+                    if let Some(m) = members {
+                        out.extend_from_slice(&m.to_le_bytes());
+                    }
+                }
+            }
+            Announce::Ack { token } => {
+                out.push(A_ACK);
+                out.extend_from_slice(&token.to_le_bytes());
+            }
+        }
+    }
+
+    /// Decodes a peer's announcement; refuses invalid filters (a shared one where a plain one belongs and
+    /// the reverse) so that nothing invalid reaches the interest tables. Never panics.
+    pub fn decode(b: &[u8]) -> Result<Announce, AnnounceError> {
+        let mut r = Reader::new(b);
+        let a = match r.u8()? {
+            A_SNAPSHOT => return Ok(Announce::Snapshot(Snapshot::decode(&b[1..])?)),
+            A_DELTAS => {
+                let generation = r.u64()?;
+                let token = match r.u8()? {
+                    0 => None,
+                    _ => Some(r.u64()?),
+                };
+                let n = r.u32()? as usize;
+                // Each delta takes at least 3 bytes: a lying count cannot reserve much.
+                let mut deltas = Vec::with_capacity(n.min(b.len() / 3));
+                for _ in 0..n {
+                    let kind = r.u8()?;
+                    let len = r.u16()? as usize;
+                    let f = std::str::from_utf8(r.take(len)?).map_err(|_| AnnounceError::BadFilter)?;
+                    let shared = topic::parse_shared(f).is_some();
+                    let d = match kind {
+                        D_ADD | D_REMOVE if shared || !topic::valid_topic_filter(f) => {
+                            return Err(AnnounceError::BadFilter)
+                        }
+                        D_ADD => Delta::Add(f.into()),
+                        D_REMOVE => Delta::Remove(f.into()),
+                        D_MEMBERS if !shared => return Err(AnnounceError::BadFilter),
+                        D_MEMBERS => Delta::Members { filter: f.into(), count: r.u32()? },
+                        k => return Err(AnnounceError::UnknownDelta(k)),
+                    };
+                    deltas.push(d);
+                }
+                Announce::Deltas { generation, deltas, token }
+            }
+            A_ACK => Announce::Ack { token: r.u64()? },
+            k => return Err(AnnounceError::UnknownKind(k)),
+        };
+        if !r.is_done() {
+            return Err(AnnounceError::Trailing(b.len() - r.pos()));
+        }
+        Ok(a)
+    }
 }
 
 /// The node that gets a shared group's message.
@@ -267,6 +392,60 @@ impl ZoneRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn announcements_round_trip() {
+        let mut local = LocalInterest::default();
+        for f in ["a/b", "a/+", "$share/g/x/#", "c"] {
+            local.add(f);
+        }
+        let _ = local.take_deltas();
+        let snap = local.snapshot();
+        let deltas = vec![
+            Delta::Add("x/y".into()),
+            Delta::Remove("x/#".into()),
+            Delta::Members { filter: "$share/g/x".into(), count: 3 },
+        ];
+        let cases = vec![
+            Announce::Deltas { generation: 7, deltas: deltas.clone(), token: Some(9) },
+            Announce::Deltas { generation: 0, deltas: Vec::new(), token: None },
+            Announce::Ack { token: u64::MAX },
+        ];
+        for a in cases {
+            let mut out = Vec::new();
+            a.encode(&mut out);
+            let back = Announce::decode(&out).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{a:?}"));
+            for cut in 0..out.len() {
+                assert!(Announce::decode(&out[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+        let mut out = Vec::new();
+        Announce::Snapshot(snap.clone()).encode(&mut out);
+        let Ok(Announce::Snapshot(back)) = Announce::decode(&out) else { panic!("a snapshot") };
+        let mut peer = PeerInterest::default();
+        peer.apply_snapshot(back);
+        assert!(peer.may_match("a/b") && peer.may_match("a/z") && peer.may_match("c"));
+        assert_eq!(peer.members("$share/g/x/#"), 1);
+        // A shared filter where a plain one belongs is refused.
+        let mut out = Vec::new();
+        Announce::Deltas { generation: 1, deltas: vec![Delta::Add("$share/g/x".into())], token: None }
+            .encode(&mut out);
+        assert_eq!(Announce::decode(&out).unwrap_err(), AnnounceError::BadFilter);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_announcements_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Announce::decode(&b);
+            for kind in [A_SNAPSHOT, A_DELTAS, A_ACK] {
+                let mut v = vec![kind];
+                v.extend_from_slice(&b);
+                let _ = Announce::decode(&v);
+            }
+        }
+    }
 
     /// A few routers wired by per-pair FIFO links, with a seeded choice of which link delivers next.
     struct Zone {

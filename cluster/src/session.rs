@@ -116,6 +116,11 @@ impl LinkSession {
         self.acked_received = self.acked_received.max(received);
     }
 
+    /// The peer life this session talks to (`None` before the first link opened).
+    pub fn peer(&self) -> Option<&NodeIdentity> {
+        self.peer.as_ref()
+    }
+
     /// What this side received so far: sent in the handshake so that the peer resumes after it.
     pub fn received(&self) -> u64 {
         self.received
