@@ -1,6 +1,7 @@
 //! `shardmq`: the broker binary. Parses flags, sets up logging, starts one shard per core and waits for
 //! SIGINT/SIGTERM to shut down gracefully. All protocol work lives in `shardmq-shard`.
 
+mod cluster;
 mod inspect;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -101,6 +102,27 @@ struct Args {
     /// size of each log segment file in bytes, allocated up front; default 64 MiB
     #[argh(option, default = "64 << 20")]
     segment_bytes: u64,
+    /// this node's name in the cluster, unique in it; default the host name
+    #[argh(option)]
+    node_name: Option<String>,
+    /// address of the cluster port: TCP links from peers and UDP gossip, both on it (port 0 picks a
+    /// free port, shown in the startup line); no flag: a single node, not clustered
+    #[argh(option)]
+    cluster_listen: Option<String>,
+    /// cluster port of a member to join (repeatable; any live member will do; retried until one
+    /// answers)
+    #[argh(option)]
+    join: Vec<String>,
+    /// the zone this node belongs to (a label in its identity); default "default"
+    #[argh(option, default = "String::from(\"default\")")]
+    zone: String,
+    /// the region this node belongs to (a label in its identity); default "default"
+    #[argh(option, default = "String::from(\"default\")")]
+    region: String,
+    /// file holding the cluster secret (at least 16 bytes; a trailing newline is ignored): every gossip
+    /// packet and link is authenticated with it, and a node without it or with another cannot join
+    #[argh(option)]
+    cluster_secret_file: Option<PathBuf>,
     /// log level or filter (error, warn, info, debug, trace, or a tracing filter); default info
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
@@ -160,7 +182,7 @@ fn main() -> Result<ExitCode> {
             );
         }
     }
-    let cfg = Arc::new(Config {
+    let mut cfg = Config {
         max_connections: args.max_connections,
         max_packet_size: args.max_packet_size,
         max_inflight: args.max_inflight.max(1),
@@ -173,7 +195,7 @@ fn main() -> Result<ExitCode> {
         max_session_expiry_s: args.max_session_expiry,
         max_subscriptions: args.max_subscriptions,
         ..Config::default()
-    });
+    };
     let node_state = Arc::new(NodeShared::new(rt.shards.min(u16::MAX as usize) as u16));
     let shards = rt.shards;
     if shards > u16::MAX as usize {
@@ -197,9 +219,28 @@ fn main() -> Result<ExitCode> {
         boots.into_iter().map(|b| Mutex::new(Some(b))).collect()
     };
 
+    let cluster_args = cluster::ClusterArgs {
+        node_name: args.node_name.clone(),
+        listen: args.cluster_listen.clone(),
+        join: args.join.clone(),
+        zone: args.zone.clone(),
+        region: args.region.clone(),
+        secret_file: args.cluster_secret_file.clone(),
+    };
+    let cluster = cluster_args.setup(shards as u16, !args.in_memory)?;
+    let cluster_line = cluster.as_ref().map(|c| {
+        let id = c.gateway.identity();
+        format!(" cluster={} node={} zone={} region={}", id.addr, id.name, id.zone, id.region)
+    });
+    if cluster.is_some() {
+        rt.endpoints = 1;
+    }
+    cfg.cluster_gateway = cluster.is_some();
+    let cfg = Arc::new(cfg);
+
     // Block the shutdown signals before any thread starts so that only `sigwait` below sees them.
     let signals = block_shutdown_signals()?;
-    let node = runtime::start(rt, move |id, n| {
+    let (node, mut endpoints) = runtime::start_with_endpoints(rt, move |id, n| {
         let mut shard = Shard::new(id, n as u16, cfg.clone(), node_state.clone());
         // Each shard takes its own boot state once, on its own thread, before its loop starts.
         let boot = boots.get(id.index()).and_then(|b| b.lock().ok()?.take());
@@ -212,6 +253,16 @@ fn main() -> Result<ExitCode> {
         shard
     })
     .context("starting the shards")?;
+    let cluster_thread = match cluster {
+        Some(c) => {
+            let endpoint = endpoints.pop().context("the runtime made no cluster endpoint")?;
+            Some(
+                runtime::cluster::spawn(c.sockets, c.gateway, endpoint)
+                    .context("starting the cluster thread")?,
+            )
+        }
+        None => None,
+    };
     let addrs: Vec<String> = node.local_addrs().iter().map(ToString::to_string).collect();
     let storage = if args.in_memory {
         "in-memory".to_string()
@@ -219,16 +270,17 @@ fn main() -> Result<ExitCode> {
         format!("{} fsync={fsync}", data_dir.display())
     };
     println!(
-        "shardmq {} listening on {} cores={} runtime={}{} max_connections={} data={}",
+        "shardmq {} listening on {} cores={} runtime={}{} max_connections={} data={}{}",
         env!("CARGO_PKG_VERSION"),
         addrs.join(","),
         shards,
         node.backend(),
         if args.idle_poll_us > 0 { format!(" idle_poll_us={}", args.idle_poll_us) } else { String::new() },
         args.max_connections,
-        storage
+        storage,
+        cluster_line.unwrap_or_default()
     );
-    let sig = match wait_for_end(&node, &signals) {
+    let sig = match wait_for_end(&node, cluster_thread.as_ref(), &signals) {
         End::Signal(sig) => sig,
         End::Failed(failure) => {
             tracing::error!(shard = failure.shard.index(), cause = %failure.cause, "a shard failed; stopping");
@@ -236,9 +288,27 @@ fn main() -> Result<ExitCode> {
             let _ = node.join();
             return Ok(ExitCode::FAILURE);
         }
+        End::ClusterFailed => {
+            let cause = match cluster_thread.map(|t| t.join()) {
+                Some(Ok(Err(e))) => e.to_string(),
+                Some(Err(_)) => "panicked".to_string(),
+                _ => "ended".to_string(),
+            };
+            tracing::error!(%cause, "the cluster thread failed; stopping");
+            node.shutdown();
+            let _ = node.join();
+            return Ok(ExitCode::FAILURE);
+        }
     };
     tracing::info!(signal = sig, "shutting down");
     node.shutdown();
+    if let Some(t) = cluster_thread {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the cluster thread failed while stopping"),
+            Err(_) => tracing::warn!("the cluster thread panicked while stopping"),
+        }
+    }
     node.join().context("joining the shards")?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -321,14 +391,25 @@ fn block_shutdown_signals() -> Result<libc::sigset_t> {
 enum End {
     Signal(&'static str),
     Failed(ShardFailure),
+    /// The cluster thread ended on its own (its loop failed or panicked).
+    ClusterFailed,
 }
 
-/// Waits for a shutdown signal or a shard failure. A shard that died has already stopped the others;
-/// waiting for a signal alone would leave a process without listeners that no supervisor restarts.
-fn wait_for_end(node: &Node, signals: &libc::sigset_t) -> End {
+/// Waits for a shutdown signal, a shard failure or the end of the cluster thread. A shard that died has
+/// already stopped the others; waiting for a signal alone would leave a process without listeners that no
+/// supervisor restarts. A node whose cluster thread died would serve its own clients but silently not the
+/// zone's: it stops too.
+fn wait_for_end(
+    node: &Node,
+    cluster: Option<&std::thread::JoinHandle<std::io::Result<()>>>,
+    signals: &libc::sigset_t,
+) -> End {
     loop {
         if let Some(failure) = node.failure() {
             return End::Failed(failure);
+        }
+        if cluster.is_some_and(|t| t.is_finished()) {
+            return End::ClusterFailed;
         }
         if let Some(sig) = wait_for(signals, FAILURE_CHECK) {
             return End::Signal(sig);
@@ -413,7 +494,7 @@ mod tests {
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let waiter = std::thread::spawn(move || {
-            let end = wait_for_end(&node, &none);
+            let end = wait_for_end(&node, None, &none);
             let _ = tx.send(end);
             node
         });
@@ -425,6 +506,7 @@ mod tests {
                 assert!(f.cause.contains("doomed shard"), "{f}");
             }
             End::Signal(s) => panic!("no signal was sent, got {s}"),
+            End::ClusterFailed => panic!("there is no cluster thread"),
         }
         assert!(waiter.join().expect("waiter").join().is_err(), "join hid the panic");
     }

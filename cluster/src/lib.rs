@@ -32,6 +32,7 @@
 
 mod bytes;
 pub mod frame;
+pub mod gateway;
 mod identity;
 pub mod interest;
 pub mod link;

@@ -383,6 +383,40 @@ impl ZoneRouter {
         self.shared_rr.retain(|f, _| local.count(f) > 0 || peers.values().any(|p| p.members(f) > 0));
     }
 
+    /// Every shared subscription (`$share/group/filter`) with members on some peer, and their number in
+    /// all peers together.
+    pub fn peer_shared(&self) -> HashMap<Box<str>, u32> {
+        let mut out: HashMap<Box<str>, u32> = HashMap::new();
+        for p in self.peers.values() {
+            for (f, m) in p.shared() {
+                *out.entry(f.into()).or_default() += m;
+            }
+        }
+        out
+    }
+
+    /// The peer that gets a shared group's message the node itself does not deliver: weighted round
+    /// robin over the peers by their member counts. `None` when no peer has a member.
+    pub fn pick_peer(&mut self, shared_filter: &str) -> Option<NodeName> {
+        let mut peers: Vec<(&NodeName, u32)> =
+            self.peers.iter().map(|(n, p)| (n, p.members(shared_filter))).filter(|(_, m)| *m > 0).collect();
+        peers.sort_unstable();
+        let total: u64 = peers.iter().map(|(_, m)| *m as u64).sum();
+        if total == 0 {
+            return None;
+        }
+        let rr = self.shared_rr.entry(shared_filter.into()).or_insert(0);
+        let mut pick = *rr % total;
+        *rr = rr.wrapping_add(1);
+        for (n, m) in peers {
+            if pick < m as u64 {
+                return Some(n.clone());
+            }
+            pick -= m as u64;
+        }
+        None
+    }
+
     /// The peers a publish to `topic` goes to: every one whose interest may match (never one fewer).
     pub fn route<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a NodeName> + 'a {
         self.peers.iter().filter(move |(_, p)| p.may_match(topic)).map(|(n, _)| n)

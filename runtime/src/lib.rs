@@ -10,6 +10,7 @@
 
 pub use shardmq_shard::io::{Core, IoCmd, WakeFn};
 
+pub mod cluster;
 mod driver;
 mod endpoint;
 mod epoll;

@@ -288,6 +288,51 @@ pub(crate) fn would_block(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EAGAIN)
 }
 
+/// Starts a nonblocking TCP connect (`TCP_NODELAY` set): the socket becomes writable when it completes,
+/// and [`take_socket_error`] then says whether it succeeded. Never blocks, whatever the peer does.
+pub(crate) fn connect_nonblocking(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let ty = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: plain socket creation; the fd is owned right below.
+    let raw = cvt(unsafe { libc::socket(family, ty, 0) })?;
+    // SAFETY: socket returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    prepare_client(raw);
+    let (storage, len) = to_sockaddr(&addr);
+    // SAFETY: storage/len describe a valid socket address.
+    let rc = unsafe { libc::connect(raw, &storage as *const _ as *const libc::sockaddr, len) };
+    if rc == 0 {
+        return Ok(fd);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINPROGRESS) {
+        Ok(fd)
+    } else {
+        Err(e)
+    }
+}
+
+/// The pending error of a socket (`SO_ERROR`): how a nonblocking connect ended.
+pub(crate) fn take_socket_error(fd: RawFd) -> io::Result<()> {
+    let mut err: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: err/len describe a writable c_int.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut err as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    })?;
+    if err == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(err))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

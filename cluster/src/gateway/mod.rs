@@ -1,0 +1,397 @@
+//! The cluster gateway of a node, sans I/O: where the node's shards meet its zone.
+//!
+//! The gateway is a mesh endpoint beside the shards (`ShardId(shards)`): shards send it what they send each
+//! other (interest announcements, retained updates, publishes), and it answers like a shard would. On the
+//! other side it drives the [`Zone`] (membership and links) and speaks the link protocol with the peers:
+//! - **interest**: it adds up the shards' announcements into node-level interest for the [`ZoneRouter`]
+//!   (a plain filter counts once per node, a shared group by its members), and answers a shard's
+//!   announcement only once every peer up acknowledged what it added, so a SUBACK leaves only after the
+//!   whole zone would route to it ([`interest`]);
+//! - **publishes**: shards send it every publish while it asks for them ([`Mesh::ForwardAll`]); it
+//!   forwards each once to every peer whose interest may match, and to the one node chosen for each shared
+//!   group. A publish from a peer is delivered to the shards with matching interest, never forwarded again
+//!   ([`forward`]);
+//! - **durability**: a QoS 1/2 publish whose acknowledgement waits (the node has a log) waits for every
+//!   peer it went to to confirm it stored it; a peer that goes down or does not answer in time is not waited
+//!   for (counted and logged: its subscribers did not get the message, and will not);
+//! - **retained messages**: replicated to every peer, last writer wins by (hybrid logical clock, node
+//!   name); a peer that comes up gets the whole replica ([`retained`]).
+//!
+//! What it does not do: sockets and clocks (the runtime's cluster thread drives it), sessions across nodes
+//! (a client id is unique per node only; next issue), or remembering retained messages restored from the
+//! log before the node joined (peers learn them when they are published again).
+
+mod forward;
+mod interest;
+mod retained;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardmq_shard::core::{Mesh, Msg};
+use shardmq_shard::ShardId;
+
+use crate::link::{self, Frame};
+use crate::router::{Announce, ZoneRouter};
+use crate::zone::{Zone, ZoneEvent};
+use crate::{NodeIdentity, NodeName};
+
+use self::forward::{ForwardAcks, InjectAcks};
+use self::interest::{InterestWaits, NodeView};
+use self::retained::RetainedSync;
+
+/// How long a publish's acknowledgement waits for a peer's answer before going without it.
+pub const STORED_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a SUBACK waits for the peers to acknowledge new interest.
+pub const INTEREST_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// This endpoint's mesh id: the number of shards.
+    pub shards: u16,
+    /// The node has a log: shards answer durability requests, so forwarded QoS 1/2 messages are
+    /// confirmed to the publishing peer only once stored here.
+    pub persistent: bool,
+    /// The wall clock (ms since the Unix epoch) at `now` of [`Gateway::new`]: retained stamps are taken
+    /// from it plus the monotonic time since.
+    pub wall_ms_at_start: u64,
+}
+
+/// What the gateway counted, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayCounters {
+    /// Messages forwarded to peers (one per peer).
+    pub forwarded: u64,
+    /// Bytes of forward frames, and of their topic, payload and properties: the difference is framing.
+    pub forward_frame_bytes: u64,
+    pub forward_content_bytes: u64,
+    /// Forwards not sent: the peer's link went down in between, or its backlog was full.
+    pub dropped_not_connected: u64,
+    pub dropped_backlog_full: u64,
+    /// Messages received from peers, and those no local subscription matched (the peer's summary said
+    /// "maybe": a false positive).
+    pub received: u64,
+    pub false_positives: u64,
+    /// Shared-group messages from a peer for a group with no member here any more.
+    pub dropped_no_member: u64,
+    /// Frames from peers that did not decode, or carried an invalid topic or properties.
+    pub malformed: u64,
+    /// Durability answers given up on: the peer went down or did not answer in time.
+    pub stored_unconfirmed: u64,
+    /// Retained updates sent to and applied from peers.
+    pub retained_out: u64,
+    pub retained_in: u64,
+}
+
+pub struct Gateway {
+    id: ShardId,
+    cfg: GatewayConfig,
+    started: Instant,
+    zone: Zone,
+    router: ZoneRouter,
+    /// The shards' interest (what a message from a peer is delivered by) and node-level counts.
+    view: NodeView,
+    waits: InterestWaits,
+    fwd: ForwardAcks,
+    inject: InjectAcks,
+    retained: RetainedSync,
+    /// Shards that have not yet acknowledged [`Mesh::ForwardAll`]; peers are served once it is 0.
+    unready: usize,
+    out: VecDeque<(ShardId, Mesh)>,
+    counters: GatewayCounters,
+}
+
+impl Gateway {
+    pub fn new(cfg: GatewayConfig, zone: Zone, now: Instant) -> Gateway {
+        let id = ShardId(cfg.shards);
+        let mut g = Gateway {
+            id,
+            started: now,
+            zone,
+            router: ZoneRouter::new(INTEREST_ACK_TIMEOUT),
+            view: NodeView::default(),
+            waits: InterestWaits::default(),
+            fwd: ForwardAcks::default(),
+            inject: InjectAcks::default(),
+            retained: RetainedSync::default(),
+            unready: cfg.shards as usize,
+            out: VecDeque::new(),
+            counters: GatewayCounters::default(),
+            cfg,
+        };
+        // Every publish comes here from now on; the peers are served once every shard applied that, so
+        // that no publish routed after a peer's SUBACK can miss the gateway.
+        for s in 0..g.cfg.shards {
+            g.out.push_back((ShardId(s), Mesh::ForwardAll { on: true, token: Some(0) }));
+        }
+        g
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    pub fn identity(&self) -> &NodeIdentity {
+        self.zone.identity()
+    }
+
+    /// The zone, for the socket side (datagrams, link bytes, link commands). Call [`Gateway::drive`]
+    /// after feeding it.
+    pub fn zone_mut(&mut self) -> &mut Zone {
+        &mut self.zone
+    }
+
+    pub fn counters(&self) -> GatewayCounters {
+        self.counters
+    }
+
+    pub fn router(&self) -> &ZoneRouter {
+        &self.router
+    }
+
+    fn wall_ms(&self, now: Instant) -> u64 {
+        self.cfg.wall_ms_at_start + now.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    /// A message from a shard.
+    pub fn handle_mesh(&mut self, from: ShardId, m: Mesh, now: Instant) {
+        match m {
+            Mesh::Interest { deltas, token, .. } => {
+                let tokens = self.view.apply_local(from, deltas, &mut self.router, now);
+                self.flush_announcements();
+                if let Some(token) = token {
+                    if let Some(done) = self.waits.wait(from, token, tokens) {
+                        self.out.push_back(done);
+                    }
+                }
+                self.complete_interest();
+            }
+            Mesh::InterestAck { token } => {
+                // The only token the gateway asks shards for: their answer to `ForwardAll`.
+                if token == 0 && self.unready > 0 {
+                    self.unready -= 1;
+                    if self.unready == 0 {
+                        tracing::debug!("every shard forwards publishes to the cluster gateway");
+                    }
+                }
+            }
+            Mesh::Deliver { msg, normal, groups, ack, .. } => {
+                self.forward(&msg, normal, &groups, ack, now);
+            }
+            Mesh::Retain { msg, apply, .. } => {
+                // Only the owner shard's fan-out (`apply`) reaches the gateway.
+                if apply {
+                    self.local_retained(msg, now);
+                }
+            }
+            Mesh::Stored { token, ok, forwarded, rerouted } => {
+                if let Some((peer, t, ok)) = self.inject.answer(token, ok, forwarded, rerouted) {
+                    self.send_frame(&peer, &Frame::Stored { token: t, ok });
+                }
+            }
+            Mesh::ForwardAll { .. } | Mesh::Congestion { .. } => {}
+        }
+        self.drive(now);
+    }
+
+    /// Handles what the zone produced (peers up and down, frames) and the router's completions. The
+    /// socket side calls it after every batch of zone input.
+    pub fn drive(&mut self, now: Instant) {
+        if self.unready > 0 {
+            return;
+        }
+        while let Some(ev) = self.zone.poll_event() {
+            match ev {
+                ZoneEvent::MemberUp(id) => {
+                    tracing::info!(node = %id.name, addr = %id.addr, zone = %id.zone, "cluster member up")
+                }
+                ZoneEvent::MemberDown(id) => {
+                    tracing::info!(node = %id.name, addr = %id.addr, "cluster member down")
+                }
+                ZoneEvent::PeerUp { peer } => self.peer_up(peer, now),
+                ZoneEvent::PeerDown { peer, reason } => self.peer_down(peer, reason),
+                ZoneEvent::Frame { from, frame } => self.handle_frame(&from, &frame, now),
+                ZoneEvent::Refused { addr, reason } => {
+                    tracing::warn!(?addr, %reason, "cluster link refused")
+                }
+            }
+        }
+        self.flush_announcements();
+        self.complete_interest();
+    }
+
+    fn peer_up(&mut self, peer: NodeIdentity, now: Instant) {
+        tracing::info!(node = %peer.name, addr = %peer.addr, "cluster peer linked");
+        self.router.peer_up(peer.name.clone());
+        self.flush_announcements();
+        self.send_retained_snapshot(&peer.name, now);
+        self.sync_remote_shared();
+    }
+
+    fn peer_down(&mut self, peer: NodeIdentity, reason: &str) {
+        tracing::warn!(node = %peer.name, addr = %peer.addr, reason, "cluster peer unlinked");
+        self.router.peer_down(&peer.name);
+        let given_up = self.fwd.peer_down(&peer.name, &mut self.out);
+        self.counters.stored_unconfirmed += given_up;
+        self.inject.peer_down(&peer.name);
+        self.sync_remote_shared();
+    }
+
+    fn handle_frame(&mut self, from: &NodeName, bytes: &[u8], now: Instant) {
+        let frame = match link::decode(bytes) {
+            Ok(Some((f, _))) => f,
+            Ok(None) | Err(_) => {
+                self.counters.malformed += 1;
+                tracing::warn!(node = %from, "undecodable frame from a cluster peer; ignored");
+                return;
+            }
+        };
+        match frame {
+            Frame::Forward(f) => self.receive_forward(from, f, now),
+            Frame::Stored { token, ok } => {
+                if let Some((to, m)) = self.fwd.answer(token, from, ok) {
+                    self.out.push_back((to, m));
+                }
+            }
+            Frame::Interest(body) => match Announce::decode(body) {
+                Ok(a) => {
+                    self.router.handle(from, a);
+                    self.flush_announcements();
+                    self.sync_remote_shared();
+                }
+                Err(e) => {
+                    self.counters.malformed += 1;
+                    tracing::warn!(node = %from, error = %e, "bad interest announcement from a cluster peer");
+                }
+            },
+            Frame::Retained(r) => self.receive_retained(from, r, now),
+            _ => {
+                self.counters.malformed += 1;
+                tracing::warn!(node = %from, "unexpected frame from a cluster peer; ignored");
+            }
+        }
+    }
+
+    /// Sends what the router wants the peers to hear (snapshots, deltas, acknowledgements).
+    fn flush_announcements(&mut self) {
+        while let Some((peer, a)) = self.router.poll_announce() {
+            let mut body = Vec::new();
+            a.encode(&mut body);
+            self.send_frame(&peer, &Frame::Interest(&body));
+        }
+    }
+
+    /// Answers the shards' interest announcements whose peers all acknowledged.
+    fn complete_interest(&mut self) {
+        while let Some(t) = self.router.poll_completed() {
+            self.waits.router_done(t, &mut self.out);
+        }
+    }
+
+    fn send_frame(&mut self, peer: &NodeName, f: &Frame<'_>) -> bool {
+        let mut buf = Vec::new();
+        link::encode(f, &mut buf);
+        self.send_bytes(peer, buf)
+    }
+
+    fn send_bytes(&mut self, peer: &NodeName, buf: Vec<u8>) -> bool {
+        match self.zone.send(peer, buf) {
+            Ok(()) => true,
+            Err(crate::zone::SendError::NotConnected) => {
+                self.counters.dropped_not_connected += 1;
+                false
+            }
+            Err(crate::zone::SendError::Full) => {
+                self.counters.dropped_backlog_full += 1;
+                false
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.router.handle_timeout(now);
+        self.complete_interest();
+        let late = self.fwd.expire(now, &mut self.out);
+        if late > 0 {
+            self.counters.stored_unconfirmed += late;
+            tracing::warn!(
+                late,
+                "peers did not confirm storing forwarded messages in time; acknowledged anyway"
+            );
+        }
+        self.drive(now);
+    }
+
+    /// The earliest deadline of the gateway's own timers (the zone's are its own: see `Zone::poll_timeout`).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [self.router.poll_timeout(), self.fwd.next_deadline()].into_iter().flatten().min()
+    }
+
+    pub fn poll_mesh(&mut self) -> Option<(ShardId, Mesh)> {
+        self.out.pop_front()
+    }
+
+    /// Messages the gateway keeps (retained replica), for stats.
+    pub fn retained_len(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Tells the shards the zone's shared-group members outside this node, where they changed.
+    fn sync_remote_shared(&mut self) {
+        self.view.sync_remote_shared(&self.router, self.cfg.shards, &mut self.out);
+    }
+
+    fn owner_shard(&self, topic: &str) -> ShardId {
+        shardmq_shard::core::owner_of(topic, self.cfg.shards)
+    }
+}
+
+/// A message's properties as a link frame carries them: the PUBLISH property block without the expiry
+/// (empty when there are none), and the expiry's remaining seconds apart.
+fn frame_properties(msg: &Msg, now: Instant) -> (Vec<u8>, Option<u32>) {
+    let mut p = msg.wire_properties(now);
+    let expiry_s = p.message_expiry_interval_s.take();
+    let mut block = Vec::new();
+    if !p.is_empty() {
+        // Properties a shard accepted from a client always encode; an impossible failure sends none.
+        let _ = shardmq_wire::encode_publish_properties(&p, &mut block);
+    }
+    (block, expiry_s)
+}
+
+/// Rebuilds a message from a peer's frame fields; `None` if the topic or properties are invalid.
+fn msg_from_frame(
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    retain: bool,
+    properties: &[u8],
+    expiry_s: Option<u32>,
+    now: Instant,
+) -> Option<Msg> {
+    if !shardmq_wire::topic::valid_topic_name(topic) {
+        return None;
+    }
+    let qos = shardmq_wire::QoS::from_u8(qos)?;
+    let props = if properties.is_empty() {
+        None
+    } else {
+        let p = shardmq_wire::decode_publish_properties(properties).ok()?;
+        shardmq_shard::core::MsgProps::from_wire(&p)
+    };
+    Some(Msg {
+        topic: topic.into(),
+        payload: payload.into(),
+        qos,
+        retain,
+        expires_at: expiry_s.map(|s| now + Duration::from_secs(s as u64)),
+        props,
+        origin: None,
+    })
+}
+
+/// Shards of a node get a shared `Arc` of a message.
+fn shared(m: Msg) -> Arc<Msg> {
+    Arc::new(m)
+}

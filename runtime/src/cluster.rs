@@ -1,0 +1,408 @@
+//! The cluster thread: the sockets of a node's cluster gateway (one UDP socket for gossip, a TCP listener
+//! for links from peers and the links this node dials, all on the cluster port) and its mesh endpoint,
+//! driven by one epoll loop that feeds the sans-I/O [`Gateway`] and writes what it hands out.
+//!
+//! Why a thread of its own rather than a shard: the gateway matches every publish against the peers'
+//! summaries and encodes forwards; on a shard, that work would delay the shard's own clients, and a shard
+//! would need a second kind of socket in both backends. The thread costs one mesh hop per forwarded
+//! publish (see the issue note for what it measured).
+//!
+//! What it does not do: anything protocol-shaped (that is the gateway and the zone, in `shardmq-cluster`).
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use shardmq_cluster::gateway::Gateway;
+use shardmq_cluster::{LinkCmd, LinkId};
+use shardmq_shard::core::Mesh;
+
+use crate::endpoint::MeshEndpoint;
+use crate::sys;
+
+/// The cluster port's sockets, bound before the node starts (the actual port is part of its identity).
+pub struct ClusterSockets {
+    udp: UdpSocket,
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl ClusterSockets {
+    /// Binds TCP first (port 0 resolves there), then UDP on the same port.
+    pub fn bind(addr: SocketAddr) -> io::Result<ClusterSockets> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let udp = UdpSocket::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        udp.set_nonblocking(true)?;
+        Ok(ClusterSockets { udp, listener, addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Mesh messages the gateway may leave unconsumed in the shards' inboxes before it stops reading links.
+const ENDPOINT_BACKLOG_LIMIT: usize = 64 * 1024;
+/// Bytes read from one link per loop iteration at most (the others get their turn).
+const READ_BUDGET: usize = 256 * 1024;
+
+const TOKEN_UDP: u64 = u64::MAX;
+const TOKEN_LISTENER: u64 = u64::MAX - 1;
+const TOKEN_WAKE: u64 = u64::MAX - 2;
+
+struct Link {
+    stream: TcpStream,
+    /// Bytes taken from the zone, not yet written.
+    out: Vec<u8>,
+    written: usize,
+    connecting: bool,
+    /// The interest registered with epoll (EPOLLOUT only while there is something to write).
+    events: u32,
+}
+
+/// Starts the cluster thread. It ends when the node shuts down (after telling the zone it leaves) or
+/// when its loop fails; the join handle tells which.
+pub fn spawn(
+    sockets: ClusterSockets,
+    gateway: Gateway,
+    endpoint: MeshEndpoint<Mesh>,
+) -> io::Result<JoinHandle<io::Result<()>>> {
+    std::thread::Builder::new().name("cluster".into()).spawn(move || {
+        let mut lp = Loop::new(sockets, gateway, endpoint)?;
+        lp.run()
+    })
+}
+
+struct Loop {
+    ep: OwnedFd,
+    sockets: ClusterSockets,
+    gateway: Gateway,
+    endpoint: MeshEndpoint<Mesh>,
+    links: HashMap<LinkId, Link>,
+    /// Reading links is paused while the shards have too much of the gateway's output unconsumed.
+    reads_paused: bool,
+}
+
+fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: `ev` lives across the call; fds are open.
+    if unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Loop {
+    fn new(sockets: ClusterSockets, gateway: Gateway, endpoint: MeshEndpoint<Mesh>) -> io::Result<Loop> {
+        // SAFETY: plain epoll creation; owned right below.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nothing else owns.
+        let ep = unsafe { OwnedFd::from_raw_fd(raw) };
+        let e = ep.as_raw_fd();
+        let rd = libc::EPOLLIN as u32;
+        epoll_ctl(e, libc::EPOLL_CTL_ADD, sockets.udp.as_raw_fd(), rd, TOKEN_UDP)?;
+        epoll_ctl(e, libc::EPOLL_CTL_ADD, sockets.listener.as_raw_fd(), rd, TOKEN_LISTENER)?;
+        epoll_ctl(e, libc::EPOLL_CTL_ADD, endpoint.wake_fd(), rd, TOKEN_WAKE)?;
+        tracing::info!(addr = %sockets.addr, node = %gateway.identity().name, "cluster listening (TCP links, UDP gossip)");
+        Ok(Loop { ep, sockets, gateway, endpoint, links: HashMap::new(), reads_paused: false })
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let mut events: Vec<libc::epoll_event> = Vec::with_capacity(256);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let now = Instant::now();
+            if self.endpoint.shutting_down() {
+                self.leave(now);
+                return Ok(());
+            }
+            let deadline = [self.gateway.zone_mut().poll_timeout(), self.gateway.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            let mut ms =
+                deadline.map_or(1000, |d| d.saturating_duration_since(now).as_millis().min(1000) as i32);
+            if deadline.is_some_and(|d| d > now) && ms == 0 {
+                ms = 1;
+            }
+            if self.endpoint.backlog() > 0 {
+                ms = ms.min(1);
+            }
+            // SAFETY: `events` has room for its capacity; the kernel writes at most that many.
+            let n = unsafe {
+                libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), events.capacity() as i32, ms)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            // SAFETY: epoll_wait initialised the first `n` entries.
+            unsafe { events.set_len(n as usize) };
+            let now = Instant::now();
+            for ev in events.drain(..) {
+                let (token, flags) = (ev.u64, ev.events);
+                match token {
+                    TOKEN_UDP => self.read_datagrams(&mut buf, now),
+                    TOKEN_LISTENER => self.accept(now),
+                    TOKEN_WAKE => {}
+                    t => self.link_ready(LinkId(t), flags, &mut buf, now),
+                }
+            }
+            // The mesh is drained every iteration: a wakeup may have been consumed by an earlier recv.
+            let gw = &mut self.gateway;
+            self.endpoint.recv(|from, m| gw.handle_mesh(from, m, now));
+            let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                self.gateway.zone_mut().handle_timeout(now);
+                self.gateway.handle_timeout(now);
+            }
+            self.gateway.drive(now);
+            self.flush_output(now);
+        }
+    }
+
+    fn read_datagrams(&mut self, buf: &mut [u8], now: Instant) {
+        for _ in 0..256 {
+            match self.sockets.udp.recv_from(buf) {
+                Ok((n, from)) => self.gateway.zone_mut().handle_datagram(from, &buf[..n], now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // ICMP errors from a peer that went away surface here; they are not fatal.
+                    tracing::debug!(error = %e, "cluster UDP receive failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            match self.sockets.listener.accept() {
+                Ok((stream, peer)) => {
+                    if let Err(e) = stream.set_nonblocking(true).and_then(|()| stream.set_nodelay(true)) {
+                        tracing::warn!(%peer, error = %e, "cluster link not set up");
+                        continue;
+                    }
+                    let id = self.gateway.zone_mut().next_link_id();
+                    if self.register(id, stream, false).is_ok() {
+                        self.gateway.zone_mut().handle_accepted(id, now);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn register(&mut self, id: LinkId, stream: TcpStream, connecting: bool) -> io::Result<()> {
+        let events =
+            if connecting { libc::EPOLLOUT as u32 } else { libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32 };
+        epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_ADD, stream.as_raw_fd(), events, id.0)?;
+        self.links.insert(id, Link { stream, out: Vec::new(), written: 0, connecting, events });
+        Ok(())
+    }
+
+    fn link_ready(&mut self, id: LinkId, flags: u32, buf: &mut [u8], now: Instant) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        if link.connecting {
+            link.connecting = false;
+            match sys::take_socket_error(link.stream.as_raw_fd()) {
+                Ok(()) => {
+                    self.gateway.zone_mut().handle_connected(id, now);
+                    self.set_events(id);
+                }
+                Err(e) => {
+                    tracing::debug!(link = id.0, error = %e, "cluster connect failed");
+                    self.close(id, now);
+                }
+            }
+            return;
+        }
+        if flags & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
+            && !self.reads_paused
+        {
+            let mut read = 0;
+            while read < READ_BUDGET {
+                let Some(link) = self.links.get_mut(&id) else { return };
+                match link.stream.read(buf) {
+                    Ok(0) => {
+                        self.close(id, now);
+                        return;
+                    }
+                    Ok(n) => {
+                        read += n;
+                        self.gateway.zone_mut().handle_link_bytes(id, &buf[..n], now);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        self.close(id, now);
+                        return;
+                    }
+                }
+            }
+        }
+        if flags & libc::EPOLLOUT as u32 != 0 {
+            self.write(id, now);
+        }
+    }
+
+    /// Writes what `id` has pending; closes it on a write error.
+    fn write(&mut self, id: LinkId, now: Instant) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        while link.written < link.out.len() {
+            match link.stream.write(&link.out[link.written..]) {
+                Ok(0) => break,
+                Ok(n) => link.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.close(id, now);
+                    return;
+                }
+            }
+        }
+        if link.written == link.out.len() {
+            link.out.clear();
+            link.written = 0;
+        }
+        self.set_events(id);
+    }
+
+    fn set_events(&mut self, id: LinkId) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        let mut want = libc::EPOLLRDHUP as u32;
+        if !self.reads_paused {
+            want |= libc::EPOLLIN as u32;
+        }
+        if link.connecting || link.written < link.out.len() {
+            want |= libc::EPOLLOUT as u32;
+        }
+        if want != link.events {
+            link.events = want;
+            let _ = epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_MOD, link.stream.as_raw_fd(), want, id.0);
+        }
+    }
+
+    fn close(&mut self, id: LinkId, now: Instant) {
+        if let Some(link) = self.links.remove(&id) {
+            let _ = epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_DEL, link.stream.as_raw_fd(), 0, 0);
+            self.gateway.zone_mut().handle_link_closed(id, now);
+        }
+    }
+
+    fn connect(&mut self, id: LinkId, addr: SocketAddr, now: Instant) {
+        match sys::connect_nonblocking(addr) {
+            Ok(fd) => {
+                let stream = TcpStream::from(fd);
+                if self.register(id, stream, true).is_err() {
+                    self.gateway.zone_mut().handle_link_closed(id, now);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "cluster connect failed");
+                self.gateway.zone_mut().handle_link_closed(id, now);
+            }
+        }
+    }
+
+    /// Everything the gateway and zone produced: datagrams, link commands and bytes, mesh messages.
+    fn flush_output(&mut self, now: Instant) {
+        // Closing a link or failing a connect produces more zone output: loop until it settles.
+        for _ in 0..16 {
+            let mut progressed = false;
+            while let Some((to, bytes)) = self.gateway.zone_mut().poll_datagram() {
+                progressed = true;
+                if let Err(e) = self.sockets.udp.send_to(&bytes, to) {
+                    tracing::debug!(%to, error = %e, "cluster gossip send failed");
+                }
+            }
+            while let Some(cmd) = self.gateway.zone_mut().poll_link() {
+                progressed = true;
+                match cmd {
+                    LinkCmd::Connect { link, addr } => self.connect(link, addr, now),
+                    LinkCmd::Close { link } => {
+                        let last = self.gateway.zone_mut().take_link_transmit(link);
+                        if let Some(l) = self.links.remove(&link) {
+                            let _ = epoll_ctl(
+                                self.ep.as_raw_fd(),
+                                libc::EPOLL_CTL_DEL,
+                                l.stream.as_raw_fd(),
+                                0,
+                                0,
+                            );
+                            // Best effort: what the zone queued last (a Refuse) goes before the FIN.
+                            let mut s = l.stream;
+                            if !l.connecting {
+                                let _ = s.write(&l.out[l.written..]);
+                                let _ = s.write(&last);
+                            }
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
+                }
+            }
+            let ids: Vec<LinkId> = self.links.keys().copied().collect();
+            for id in ids {
+                let Some(link) = self.links.get_mut(&id) else { continue };
+                // The zone keeps what the socket has not taken (its backlog is the bound).
+                if link.connecting || link.written < link.out.len() {
+                    continue;
+                }
+                let bytes = self.gateway.zone_mut().take_link_transmit(id);
+                if bytes.is_empty() {
+                    continue;
+                }
+                progressed = true;
+                let link = self.links.get_mut(&id).expect("checked");
+                link.out = bytes;
+                link.written = 0;
+                self.write(id, now);
+            }
+            self.gateway.drive(now);
+            if !progressed {
+                break;
+            }
+        }
+        while let Some((to, m)) = self.gateway.poll_mesh() {
+            self.endpoint.send(to, m);
+        }
+        self.endpoint.flush();
+        let pause = self.endpoint.backlog() > ENDPOINT_BACKLOG_LIMIT;
+        if pause != self.reads_paused {
+            self.reads_paused = pause;
+            let ids: Vec<LinkId> = self.links.keys().copied().collect();
+            for id in ids {
+                self.set_events(id);
+            }
+        }
+    }
+
+    /// Leaves the zone (peers learn it at once instead of by probing) and writes what that produced.
+    fn leave(&mut self, now: Instant) {
+        self.gateway.zone_mut().leave(now);
+        let deadline = now + Duration::from_millis(200);
+        self.flush_output(now);
+        while Instant::now() < deadline && self.links.values().any(|l| l.written < l.out.len()) {
+            std::thread::sleep(Duration::from_millis(5));
+            let ids: Vec<LinkId> = self.links.keys().copied().collect();
+            for id in ids {
+                self.write(id, Instant::now());
+            }
+        }
+    }
+}
