@@ -394,6 +394,28 @@ impl Loop {
 
     /// Leaves the zone (peers learn it at once instead of by probing) and writes what that produced.
     fn leave(&mut self, now: Instant) {
+        // Operators (and `scripts/bench`) read what crossed the links here, until metrics exist.
+        let g = self.gateway.counters();
+        let z = self.gateway.zone_mut().counters();
+        tracing::info!(
+            forwarded = g.forwarded,
+            forward_frame_bytes = g.forward_frame_bytes,
+            forward_content_bytes = g.forward_content_bytes,
+            received = g.received,
+            false_positives = g.false_positives,
+            dropped_not_connected = g.dropped_not_connected,
+            dropped_backlog_full = g.dropped_backlog_full,
+            dropped_no_member = g.dropped_no_member,
+            stored_unconfirmed = g.stored_unconfirmed,
+            malformed = g.malformed,
+            retained_out = g.retained_out,
+            retained_in = g.retained_in,
+            link_bytes_out = z.bytes_out,
+            link_bytes_in = z.bytes_in,
+            links_opened = z.links_opened,
+            links_refused = z.links_refused,
+            "cluster counters at shutdown"
+        );
         self.gateway.zone_mut().leave(now);
         let deadline = now + Duration::from_millis(200);
         self.flush_output(now);
