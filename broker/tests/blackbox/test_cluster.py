@@ -248,3 +248,25 @@ def test_mosquitto_clients_on_different_nodes(zone):
                         "-m", "m%d" % i], check=True, timeout=10)
     out, err = sub.communicate(timeout=15)
     assert out.decode().split("\n")[:3] == ["cli/0 m0", "cli/1 m1", "cli/2 m2"], err
+
+
+def test_retained_messages_restored_from_a_nodes_log_reach_the_zone_it_joins(broker, clients, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("a-cluster-secret-of-some-length\n")
+    common = ["--cluster-listen", "127.0.0.1:0", "--cluster-secret-file", str(secret)]
+    n1 = broker("--node-name", "n1", *common)
+    n1.name = "n1"
+    clients(n1, "pub").publish("kept/a", b"from-the-log", qos=1, retain=True)
+    n1.restart()
+    n2 = broker("--node-name", "n2", "--in-memory", "--join", cluster_addr(n1), *common)
+    n2.name = "n2"
+    wait_linked([n1, n2])
+    deadline = time.monotonic() + 5
+    while True:
+        s = clients(n2, "s-%f" % time.monotonic())
+        s.subscribe("kept/#", qos=1)
+        got = [(m.topic, m.payload) for m in s.drain(0.3)]
+        s.stop()
+        if got or time.monotonic() > deadline:
+            break
+    assert got == [("kept/a", b"from-the-log")]

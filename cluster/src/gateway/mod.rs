@@ -190,7 +190,8 @@ impl Gateway {
                     self.send_frame(&peer, &Frame::Stored { token: t, ok });
                 }
             }
-            Mesh::ForwardAll { .. } | Mesh::Congestion { .. } => {}
+            Mesh::RetainedHeld { msgs } => self.held_retained(msgs, now),
+            Mesh::ForwardAll { .. } | Mesh::Congestion { .. } | Mesh::Peers { .. } => {}
         }
         self.drive(now);
     }
@@ -224,6 +225,7 @@ impl Gateway {
     fn peer_up(&mut self, peer: NodeIdentity, now: Instant) {
         tracing::info!(node = %peer.name, addr = %peer.addr, "cluster peer linked");
         self.router.peer_up(peer.name.clone());
+        self.tell_peers();
         self.flush_announcements();
         self.send_retained_snapshot(&peer.name, now);
         self.sync_remote_shared();
@@ -232,6 +234,7 @@ impl Gateway {
     fn peer_down(&mut self, peer: NodeIdentity, reason: &str) {
         tracing::warn!(node = %peer.name, addr = %peer.addr, reason, "cluster peer unlinked");
         self.router.peer_down(&peer.name);
+        self.tell_peers();
         let given_up = self.fwd.peer_down(&peer.name, &mut self.out);
         self.counters.stored_unconfirmed += given_up;
         self.inject.peer_down(&peer.name);
@@ -270,6 +273,16 @@ impl Gateway {
                 self.counters.malformed += 1;
                 tracing::warn!(node = %from, "unexpected frame from a cluster peer; ignored");
             }
+        }
+    }
+
+    /// Tells the shards which nodes this one is linked with now.
+    fn tell_peers(&mut self) {
+        let mut up: Vec<Arc<str>> = self.zone.peers_up().map(|p| p.name.0.clone()).collect();
+        up.sort_unstable();
+        up.dedup();
+        for s in 0..self.cfg.shards {
+            self.out.push_back((ShardId(s), Mesh::Peers { up: up.clone() }));
         }
     }
 

@@ -71,6 +71,24 @@ impl Gateway {
         }
     }
 
+    /// The retained messages a shard held when the gateway started (restored from its log): stamped as
+    /// older than any update (stamp 0; the node name breaks ties), so whatever the zone did meanwhile, an
+    /// update or a deletion, wins over them; what nobody else has is kept and replicated.
+    pub(super) fn held_retained(&mut self, msgs: Vec<Arc<Msg>>, now: Instant) {
+        let node = self.zone.identity().name.clone();
+        let peers: Vec<NodeName> = self.zone.peers_up().map(|p| p.name.clone()).collect();
+        for msg in msgs {
+            let topic: Arc<str> = Arc::from(&*msg.topic);
+            let u =
+                RetainedUpdate { topic, stamp: HlcStamp::default(), node: node.clone(), message: Some(msg) };
+            if self.retained.replica.apply(u.clone()) {
+                for p in &peers {
+                    self.send_update(p, &u, now);
+                }
+            }
+        }
+    }
+
     fn send_update(&mut self, peer: &NodeName, u: &RetainedUpdate<Arc<Msg>>, now: Instant) {
         let (props, expiry_s) = match &u.message {
             Some(m) if m.is_expired(now) => return,

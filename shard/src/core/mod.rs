@@ -209,10 +209,21 @@ pub enum Mesh {
     },
     /// From the cluster gateway: every publish routed from here on goes to the gateway too (`on`: some
     /// peer has interest, which only the gateway can match), or no longer. `token` asks for an
-    /// [`Mesh::InterestAck`] once applied, so the peer's SUBACK waits for it.
+    /// [`Mesh::InterestAck`] once applied, so the peer's SUBACK waits for it. The first `on` is also
+    /// answered with [`Mesh::RetainedHeld`].
     ForwardAll {
         on: bool,
         token: Option<u64>,
+    },
+    /// To the cluster gateway: the retained messages this shard owns as the gateway starts (restored from
+    /// the log, or published before). They predate every update the zone may have made meanwhile.
+    RetainedHeld {
+        msgs: Vec<Arc<Msg>>,
+    },
+    /// From the cluster gateway: the names of the nodes this node has a link with (sorted), on every
+    /// change. Shards keep it for what the cluster asks of them (session ownership, next).
+    Peers {
+        up: Vec<Arc<str>>,
     },
     /// Every subscriber on the sending shard of the last message from `session` (a session of the
     /// receiving shard) is congested (`true`), or no longer (`false`).
@@ -317,6 +328,8 @@ struct Routing {
     pending_subacks: HashMap<u64, PendingSubAck>,
     /// The cluster gateway asked for every publish (see [`Mesh::ForwardAll`]).
     forward_all: bool,
+    /// The zone's other nodes this node is linked with, as the gateway last told (see [`Mesh::Peers`]).
+    peers: Vec<Arc<str>>,
 }
 
 /// Round-robin positions of shared groups.
@@ -397,6 +410,7 @@ impl Shard {
                 scratch: Scratch::default(),
                 pending_subacks: HashMap::new(),
                 forward_all: false,
+                peers: Vec::new(),
             },
             retained: RetainedState {
                 tree: RetainedTree::new(),
@@ -429,6 +443,24 @@ impl Shard {
     }
     pub fn retained_count(&self) -> usize {
         self.retained.tree.len()
+    }
+
+    /// The zone's other nodes this node is linked with (sorted names; empty when not clustered).
+    pub fn cluster_peers(&self) -> &[Arc<str>] {
+        &self.routing.peers
+    }
+
+    /// The retained messages whose topic this shard owns (it stores them), unexpired or not.
+    fn owned_retained(&mut self) -> Vec<Arc<Msg>> {
+        let (me, n) = (self.id, self.shards);
+        let mut out = Vec::new();
+        self.retained.tree.retain(|topic, m| {
+            if owner_of(topic, n) == me {
+                out.push(m.clone());
+            }
+            true
+        });
+        out
     }
 
     /// Entries in the timer heap, live or stale.
@@ -625,11 +657,19 @@ impl Core for Shard {
             Mesh::InterestAck { token } => self.interest_acked(token, now),
             Mesh::ForwardAll { on, token } => {
                 debug_assert_eq!(Some(from), self.gateway(), "only the gateway asks for every publish");
+                let first = on && !self.routing.forward_all;
                 self.routing.forward_all = on && self.gateway() == Some(from);
                 if let Some(token) = token {
                     self.send_mesh(from, Mesh::InterestAck { token });
                 }
+                if first && self.routing.forward_all {
+                    let msgs = self.owned_retained();
+                    self.send_mesh(from, Mesh::RetainedHeld { msgs });
+                }
             }
+            Mesh::Peers { up } => self.routing.peers = up,
+            // Only the gateway is sent these.
+            Mesh::RetainedHeld { .. } => {}
             Mesh::Congestion { session, congested } => self.set_congested(session, from, congested, now),
         }
         self.run_deferred(now);

@@ -15,8 +15,12 @@ fn clustered(n: u16) -> Sim {
         sim.gateway_sends(s, Mesh::ForwardAll { on: true, token: Some(0) });
     }
     let acks: Vec<_> = sim.to_gateway.drain(..).collect();
-    assert_eq!(acks.len(), n as usize);
-    assert!(acks.iter().all(|(_, m)| matches!(m, Mesh::InterestAck { token: 0 })), "{acks:?}");
+    // Each shard acknowledges, then tells what retained messages it holds (none here).
+    assert_eq!(acks.len(), 2 * n as usize);
+    for pair in acks.chunks(2) {
+        assert!(matches!(pair[0].1, Mesh::InterestAck { token: 0 }), "{acks:?}");
+        assert!(matches!(&pair[1].1, Mesh::RetainedHeld { msgs } if msgs.is_empty()), "{acks:?}");
+    }
     sim
 }
 
@@ -155,4 +159,41 @@ fn shared_groups_weigh_the_zones_remote_members_against_the_local_ones() {
         local += 1;
     }
     assert_eq!((remote, local), (6, 2), "3 remote members to 1 local one");
+}
+
+#[test]
+fn a_shard_tells_the_gateway_the_retained_messages_it_owns_when_the_gateway_starts() {
+    let cfg = Config { cluster_gateway: true, ..Config::default() };
+    let mut sim = Sim::with(2, cfg);
+    let (p, _) = sim.connect(0, V5, &id_on(0, 2, "pub"), true);
+    let topics: Vec<String> = (0..20).map(|i| format!("held/{i}")).collect();
+    for t in &topics {
+        sim.publish(p, t, b"v", QoS::AtMostOnce, true, 0);
+    }
+    sim.to_gateway.clear();
+    for s in 0..2 {
+        sim.gateway_sends(s, Mesh::ForwardAll { on: true, token: None });
+    }
+    let mut held: Vec<(ShardId, String)> = Vec::new();
+    for (from, m) in sim.to_gateway.drain(..) {
+        if let Mesh::RetainedHeld { msgs } = m {
+            held.extend(msgs.iter().map(|m| (from, m.topic.to_string())));
+        }
+    }
+    held.sort();
+    let mut want: Vec<(ShardId, String)> = topics.iter().map(|t| (owner_of(t, 2), t.clone())).collect();
+    want.sort();
+    assert_eq!(held, want, "each retained message once, from its owner");
+    // Asked again (already forwarding), a shard does not repeat them.
+    sim.gateway_sends(0, Mesh::ForwardAll { on: true, token: None });
+    assert!(sim.to_gateway.iter().all(|(_, m)| !matches!(m, Mesh::RetainedHeld { .. })));
+}
+
+#[test]
+fn shards_keep_the_peers_the_gateway_announces() {
+    let mut sim = clustered(2);
+    let up: Vec<Arc<str>> = vec!["n2".into(), "n3".into()];
+    sim.gateway_sends(1, Mesh::Peers { up: up.clone() });
+    assert_eq!(sim.shards[1].cluster_peers(), &up[..]);
+    assert!(sim.shards[0].cluster_peers().is_empty());
 }
