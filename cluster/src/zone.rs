@@ -724,6 +724,14 @@ impl Zone {
         }
     }
 
+    /// Some peer up holds more than half its backlog budget of frames not yet acknowledged: a slow or
+    /// stalled peer. The socket side then stops taking publishes from the shards (they pause their
+    /// publishers, as for a slow shard) until it drains, instead of filling the budget and dropping.
+    pub fn congested(&self) -> bool {
+        let half = self.cfg.link_budget_bytes / 2;
+        self.peers.values().any(|p| p.up.is_some() && p.session.backlog_bytes() > half)
+    }
+
     pub fn counters(&self) -> ZoneCounters {
         ZoneCounters {
             membership: self.membership.counters(),
@@ -921,6 +929,24 @@ mod tests {
         b.handle_timeout(now + b.cfg.heartbeat);
         pump(&mut a, la, &mut b, lb, now);
         assert!(a.send(&name_b, forward(&[0; 30])).is_ok());
+    }
+
+    #[test]
+    fn a_peer_holding_over_half_the_budget_is_congested_until_it_acknowledges() {
+        let now = Instant::now();
+        let (mut a, mut b) = (zone("a", 1, now), zone("b", 2, now));
+        let name_b = b.me.name.clone();
+        let (la, lb) = connect(&mut a, &mut b, now);
+        pump(&mut a, la, &mut b, lb, now);
+        assert!(!a.congested());
+        a.send(&name_b, forward(&[0; 30])).unwrap();
+        assert!(!a.congested(), "under half of the 100-byte budget");
+        a.send(&name_b, forward(&[0; 30])).unwrap();
+        assert!(a.congested(), "over half of it, nothing acknowledged");
+        pump(&mut a, la, &mut b, lb, now);
+        b.handle_timeout(now + b.cfg.heartbeat);
+        pump(&mut a, la, &mut b, lb, now);
+        assert!(!a.congested(), "acknowledged: drained");
     }
 
     #[test]

@@ -86,6 +86,10 @@ struct Loop {
     links: HashMap<LinkId, Link>,
     /// Reading links is paused while the shards have too much of the gateway's output unconsumed.
     reads_paused: bool,
+    /// The shards' messages are left waiting while a peer is congested (see `Zone::congested`).
+    mesh_paused: bool,
+    /// Times that happened (logged once, and in the counters at shutdown).
+    congested_pauses: u64,
 }
 
 fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -112,7 +116,16 @@ impl Loop {
         epoll_ctl(e, libc::EPOLL_CTL_ADD, sockets.listener.as_raw_fd(), rd, TOKEN_LISTENER)?;
         epoll_ctl(e, libc::EPOLL_CTL_ADD, endpoint.wake_fd(), rd, TOKEN_WAKE)?;
         tracing::info!(addr = %sockets.addr, node = %gateway.identity().name, "cluster listening (TCP links, UDP gossip)");
-        Ok(Loop { ep, sockets, gateway, endpoint, links: HashMap::new(), reads_paused: false })
+        Ok(Loop {
+            ep,
+            sockets,
+            gateway,
+            endpoint,
+            links: HashMap::new(),
+            reads_paused: false,
+            mesh_paused: false,
+            congested_pauses: 0,
+        })
     }
 
     fn run(&mut self) -> io::Result<()> {
@@ -159,9 +172,27 @@ impl Loop {
                     t => self.link_ready(LinkId(t), flags, &mut buf, now),
                 }
             }
-            // The mesh is drained every iteration: a wakeup may have been consumed by an earlier recv.
-            let gw = &mut self.gateway;
-            self.endpoint.recv(|from, m| gw.handle_mesh(from, m, now));
+            // The mesh is drained every iteration (a wakeup may have been consumed by an earlier recv),
+            // unless a peer is congested: then the shards' messages wait in their outboxes, which makes
+            // them stop reading their publishers (the mesh's read gate), and the links keep draining.
+            let congested = self.gateway.zone_mut().congested();
+            if congested != self.mesh_paused {
+                self.mesh_paused = congested;
+                // The eventfd stays readable while its messages wait: not watched meanwhile, or the loop
+                // would spin. Link writes (EPOLLOUT) and peers' acknowledgements wake the loop instead.
+                let ev = if congested { 0 } else { libc::EPOLLIN as u32 };
+                epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_MOD, self.endpoint.wake_fd(), ev, TOKEN_WAKE)?;
+                if congested {
+                    self.congested_pauses += 1;
+                    if self.congested_pauses == 1 {
+                        tracing::warn!("a cluster peer is slow: publishers paused until its link drains");
+                    }
+                }
+            }
+            if !self.mesh_paused {
+                let gw = &mut self.gateway;
+                self.endpoint.recv(|from, m| gw.handle_mesh(from, m, now));
+            }
             let now = Instant::now();
             if deadline.is_some_and(|d| d <= now) {
                 self.gateway.zone_mut().handle_timeout(now);
@@ -414,6 +445,7 @@ impl Loop {
             link_bytes_in = z.bytes_in,
             links_opened = z.links_opened,
             links_refused = z.links_refused,
+            congested_pauses = self.congested_pauses,
             "cluster counters at shutdown"
         );
         self.gateway.zone_mut().leave(now);
