@@ -20,6 +20,8 @@ const TOKEN_LIMIT: u32 = 1 << 28;
 /// A shard's publish forwarded to peers whose answers its acknowledgement waits for.
 struct Waiting {
     reply: (ShardId, u64),
+    /// The shard's Deliver was passed on by another shard: the answer says so (see `Mesh::Stored`).
+    rerouted: bool,
     peers: Vec<NodeName>,
     ok: bool,
     deadline: Instant,
@@ -55,7 +57,7 @@ impl ForwardAcks {
             return None;
         }
         let w = self.pending.remove(&token)?;
-        Some(stored(w.reply, w.ok))
+        Some(stored(w.reply, w.ok, w.rerouted))
     }
 
     /// A peer went down: nothing more is awaited from it. Returns how many answers were given up.
@@ -73,7 +75,7 @@ impl ForwardAcks {
         done.sort_unstable();
         for t in done {
             if let Some(w) = self.pending.remove(&t) {
-                out.push_back(stored(w.reply, w.ok));
+                out.push_back(stored(w.reply, w.ok, w.rerouted));
             }
         }
         given_up
@@ -88,7 +90,7 @@ impl ForwardAcks {
         for t in late {
             if let Some(w) = self.pending.remove(&t) {
                 given_up += w.peers.len() as u64;
-                out.push_back(stored(w.reply, w.ok));
+                out.push_back(stored(w.reply, w.ok, w.rerouted));
             }
         }
         given_up
@@ -102,8 +104,8 @@ impl ForwardAcks {
 /// The answer a shard waits for: its publish is as durable as it will get. A peer that went down
 /// meanwhile counts as answered (its subscribers are not reachable; refusing the publish would only make
 /// the publisher send it again to everyone else).
-fn stored(reply: (ShardId, u64), ok: bool) -> (ShardId, Mesh) {
-    (reply.0, Mesh::Stored { token: reply.1, ok, forwarded: 0, rerouted: false })
+fn stored(reply: (ShardId, u64), ok: bool, rerouted: bool) -> (ShardId, Mesh) {
+    (reply.0, Mesh::Stored { token: reply.1, ok, forwarded: 0, rerouted })
 }
 
 /// A peer's forward delivered to shards with a durability request: answered once they all answered.
@@ -156,12 +158,14 @@ impl InjectAcks {
 
 impl Gateway {
     /// A shard's publish: once to every peer whose interest may match, and to the peer chosen for each
-    /// shared group the shard left to the zone.
+    /// shared group the shard left to the zone. `rerouted`: a shard passed this Deliver on (its group had
+    /// no member left there); the answer carries it, as the publisher's shard counts such answers apart.
     pub(super) fn forward(
         &mut self,
         msg: &Arc<Msg>,
         normal: bool,
         groups: &[SharedKey],
+        rerouted: bool,
         ack: AckRequest,
         now: Instant,
     ) {
@@ -210,10 +214,10 @@ impl Gateway {
         let Some(reply) = want_ack else { return };
         match token {
             Some(t) if !sent_to.is_empty() => {
-                let w = Waiting { reply, peers: sent_to, ok: true, deadline: now + STORED_TIMEOUT };
+                let w = Waiting { reply, rerouted, peers: sent_to, ok: true, deadline: now + STORED_TIMEOUT };
                 self.fwd.pending.insert(t, w);
             }
-            _ => self.out.push_back(stored(reply, true)),
+            _ => self.out.push_back(stored(reply, true, rerouted)),
         }
     }
 

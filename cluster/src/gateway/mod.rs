@@ -176,8 +176,8 @@ impl Gateway {
                     }
                 }
             }
-            Mesh::Deliver { msg, normal, groups, ack, .. } => {
-                self.forward(&msg, normal, &groups, ack, now);
+            Mesh::Deliver { msg, normal, groups, rerouted, ack } => {
+                self.forward(&msg, normal, &groups, rerouted, ack, now);
             }
             Mesh::Retain { msg, apply, .. } => {
                 // Only the owner shard's fan-out (`apply`) reaches the gateway.
@@ -407,4 +407,82 @@ fn msg_from_frame(
 /// Shards of a node get a shared `Arc` of a message.
 fn shared(m: Msg) -> Arc<Msg> {
     Arc::new(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ZoneConfig;
+    use shardmq_shard::core::SharedKey;
+    use shardmq_wire::QoS;
+
+    fn ready_gateway(shards: u16, now: Instant) -> Gateway {
+        let id = NodeIdentity::new("n1", ([127, 0, 0, 1], 7001).into(), "z", "r", 1);
+        let zone = Zone::new(ZoneConfig::new(id), 1, now);
+        let cfg = GatewayConfig { shards, persistent: true, wall_ms_at_start: 1_800_000_000_000 };
+        let mut g = Gateway::new(cfg, zone, now);
+        let asks: Vec<_> = std::iter::from_fn(|| g.poll_mesh()).collect();
+        assert_eq!(asks.len(), shards as usize, "ForwardAll to every shard");
+        for s in 0..shards {
+            g.handle_mesh(ShardId(s), Mesh::InterestAck { token: 0 }, now);
+        }
+        g
+    }
+
+    fn msg(topic: &str, qos: QoS) -> Arc<Msg> {
+        Arc::new(Msg {
+            topic: topic.into(),
+            payload: b"p".to_vec().into(),
+            qos,
+            retain: false,
+            expires_at: None,
+            props: None,
+            origin: None,
+        })
+    }
+
+    #[test]
+    fn a_publish_no_peer_wants_is_answered_at_once_and_a_rerouted_one_says_so() {
+        let now = Instant::now();
+        let mut g = ready_gateway(2, now);
+        let key: SharedKey = (Some("g".into()), "t".into());
+        for rerouted in [false, true] {
+            let d = Mesh::Deliver {
+                msg: msg("t", QoS::AtLeastOnce),
+                normal: !rerouted,
+                groups: vec![key.clone()],
+                rerouted,
+                ack: Some((ShardId(1), 7)),
+            };
+            g.handle_mesh(ShardId(1), d, now);
+            let out: Vec<_> = std::iter::from_fn(|| g.poll_mesh()).collect();
+            assert!(
+                matches!(
+                    out.as_slice(),
+                    [(ShardId(1), Mesh::Stored { token: 7, ok: true, forwarded: 0, rerouted: r })] if *r == rerouted
+                ),
+                "{out:?}"
+            );
+        }
+        // A QoS 0 publish asks for no answer.
+        let d = Mesh::Deliver {
+            msg: msg("t", QoS::AtMostOnce),
+            normal: true,
+            groups: Vec::new(),
+            rerouted: false,
+            ack: Some((ShardId(0), 8)),
+        };
+        g.handle_mesh(ShardId(0), d, now);
+        assert!(g.poll_mesh().is_none());
+    }
+
+    #[test]
+    fn interest_without_peers_is_acknowledged_at_once() {
+        let now = Instant::now();
+        let mut g = ready_gateway(2, now);
+        let d = shardmq_shard::core::InterestDelta { key: (None, "a/#".into()), members: 1, durable: 0 };
+        g.handle_mesh(ShardId(0), Mesh::Interest { deltas: vec![d], token: Some(3), generation: 1 }, now);
+        let out: Vec<_> = std::iter::from_fn(|| g.poll_mesh()).collect();
+        assert!(matches!(out.as_slice(), [(ShardId(0), Mesh::InterestAck { token: 3 })]), "{out:?}");
+    }
 }
