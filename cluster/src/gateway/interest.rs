@@ -40,6 +40,9 @@ pub(super) struct NodeView {
     rr: HashMap<SharedKey, u64>,
     /// The zone's members of each shared group outside this node, as last announced to the shards.
     remote_shared: HashMap<SharedKey, u32>,
+    /// Plain filters whose node-level announcement the peers have not all acknowledged yet: the
+    /// router token a later shard's subscribers to the filter wait for too.
+    unacked: HashMap<String, u64>,
 }
 
 impl NodeView {
@@ -68,7 +71,15 @@ impl NodeView {
                     router.unsubscribe(&full);
                 }
             } else if node_before == 0 && node_after > 0 {
-                tokens.extend(router.subscribe(&full, now));
+                let t = router.subscribe(&full, now);
+                if let Some(t) = t {
+                    self.unacked.insert(full, t);
+                }
+                tokens.extend(t);
+            } else if node_after > node_before {
+                // Another shard's subscribers made the node's interest already, and the peers may not
+                // have acknowledged it yet: this shard's SUBACK must not overtake that one's.
+                tokens.extend(self.unacked.get(&full).copied());
             } else if node_before > 0 && node_after == 0 {
                 router.unsubscribe(&full);
             }
@@ -76,6 +87,11 @@ impl NodeView {
         tokens.sort_unstable();
         tokens.dedup();
         tokens
+    }
+
+    /// Router token `t` completed: its filter's announcement is acknowledged (or given up on).
+    pub fn announced(&mut self, t: u64) {
+        self.unacked.retain(|_, x| *x != t);
     }
 
     /// Plain filters: how many shards have subscribers; shared groups: how many members in the node.

@@ -298,6 +298,7 @@ impl Gateway {
     /// Answers the shards' interest announcements whose peers all acknowledged.
     fn complete_interest(&mut self) {
         while let Some(t) = self.router.poll_completed() {
+            self.view.announced(t);
             self.waits.router_done(t, &mut self.out);
         }
     }
