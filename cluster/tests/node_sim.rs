@@ -331,13 +331,6 @@ struct Sub {
     sent: Duration,
 }
 
-/// The shard sends the SUBACK of a second subscriber to a filter it already has subscribers for at
-/// once, even while the announcement of the first one still waits for the cluster gateway (and so for
-/// the peers): a publish from a peer right after that SUBACK misses the subscriber (shard bug, see
-/// `a_second_subscriber_on_one_shard_waits_for_the_zone_too`). While it stands, the random scenarios do
-/// not count on such a subscriber until the earlier one's SUBACK came; set to false once it is fixed.
-const SHARD_SUBACK_OVERTAKES: bool = true;
-
 struct Sim {
     seed: u64,
     wire: Wire,
@@ -638,21 +631,6 @@ impl Sim {
         pid
     }
 
-    /// `s` got its SUBACK while an earlier subscription to its filter on its shard still waits for
-    /// its own (see [`SHARD_SUBACK_OVERTAKES`]).
-    fn overtook(&self, s: &Sub) -> bool {
-        let cl = &self.hosts.clients[s.client];
-        let at = cl.subacks[&s.pid];
-        self.subs.iter().any(|o| {
-            let ol = &self.hosts.clients[o.client];
-            o.client != s.client
-                && o.filter == s.filter
-                && (ol.node, ol.life, ol.shard) == (cl.node, cl.life, cl.shard)
-                && o.sent <= at
-                && !ol.subacks.contains_key(&o.pid)
-        })
-    }
-
     fn subacked(&self, c: C) -> bool {
         self.subs.iter().any(|s| s.client == c && self.hosts.clients[c].subacks.contains_key(&s.pid))
     }
@@ -670,7 +648,6 @@ impl Sim {
                     && matches(&s.filter, topic)
                     && !self.hosts.clients[s.client].closed
                     && self.hosts.clients[s.client].subacks.contains_key(&s.pid)
-                    && !(SHARD_SUBACK_OVERTAKES && self.overtook(s))
             })
             .map(|s| s.client)
             .collect();
@@ -881,10 +858,7 @@ fn second_subscriber(seed: u64, same_shard: bool) {
     }
     assert!(sim.subacked(b), "seed {seed}: no SUBACK");
     sim.publish(p, "f/x", QoS::AtLeastOnce);
-    // Whatever the random scenarios excuse (`SHARD_SUBACK_OVERTAKES`), here b must get it.
-    if !sim.pubs[0].must.contains(&b) {
-        sim.pubs[0].must.push(b);
-    }
+    assert!(sim.pubs[0].must.contains(&b), "seed {seed}: b got its SUBACK, so it must get the message");
     sim.run(Duration::from_secs(2));
     assert!(sim.subacked(a), "seed {seed}: no SUBACK");
     sim.check_deliveries(|_, _| true);
@@ -900,12 +874,10 @@ fn a_second_shards_subscriber_waits_for_the_zone_like_the_first() {
     }
 }
 
-/// The same on one shard: the shard sends the second SUBACK without waiting for anything (it has
-/// announced the filter already), so it overtakes the zone. A shard bug (shard/src/core/route.rs,
-/// `subscribe`: `deltas.is_empty()` completes the SUBACK at once while an earlier SUBACK for the
-/// filter is still pending); the gateway never hears of the second subscriber.
+/// Regression, the same on one shard: the shard sent the second SUBACK without waiting for anything (it
+/// had announced the filter already), so it overtook the zone; the gateway never hears of the second
+/// subscriber. The shard now holds it for the first one's announcement (`shard/src/core/suback_wait.rs`).
 #[test]
-#[ignore = "shard bug: a second subscriber's SUBACK on one shard does not wait for the pending announcement"]
 fn a_second_subscriber_on_one_shard_waits_for_the_zone_too() {
     for seed in seeds() {
         second_subscriber(seed, true);

@@ -26,6 +26,7 @@ mod msg;
 mod persist;
 mod route;
 mod session;
+mod suback_wait;
 #[cfg(test)]
 mod tests;
 
@@ -263,7 +264,6 @@ struct PendingSubAck {
     packet: Vec<u8>,
     /// Filters whose retained messages go out right after the SUBACK.
     retained: Vec<route::RetainedRequest>,
-    acks_missing: usize,
 }
 
 /// The retained messages this shard holds (a replica of the node's), and what is still owed of them.
@@ -325,7 +325,7 @@ struct Routing {
     rr: RoundRobin,
     scratch: Scratch,
     /// SUBACKs waiting for the other shards to acknowledge new interest, by token.
-    pending_subacks: HashMap<u64, PendingSubAck>,
+    pending_subacks: suback_wait::SubAckWaits,
     /// The cluster gateway asked for every publish (see [`Mesh::ForwardAll`]).
     forward_all: bool,
     /// The zone's other nodes this node is linked with, as the gateway last told (see [`Mesh::Peers`]).
@@ -408,7 +408,7 @@ impl Shard {
                 seen: SeenGens::new(shards),
                 rr: RoundRobin::default(),
                 scratch: Scratch::default(),
-                pending_subacks: HashMap::new(),
+                pending_subacks: suback_wait::SubAckWaits::default(),
                 forward_all: false,
                 peers: Vec::new(),
             },

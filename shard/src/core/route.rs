@@ -308,6 +308,8 @@ impl Shard {
         let mut retained = Vec::new();
         let mut deltas = Vec::new();
         let mut changed: Vec<&str> = Vec::with_capacity(s.filters.len());
+        // Unacknowledged announcements of interest this SUBSCRIBE relies on (see `suback_wait`).
+        let mut waits = Vec::new();
         for (filter, opts) in &s.filters {
             let shared = topic::parse_shared(filter);
             let inner = shared.as_ref().map_or(*filter, |sh| sh.filter);
@@ -346,6 +348,7 @@ impl Shard {
                     deltas.push(d);
                 }
             }
+            waits.extend(self.routing.pending_subacks.pending(&(group.clone(), Arc::from(inner))));
             let send_retained =
                 group.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed));
             if send_retained {
@@ -366,25 +369,23 @@ impl Shard {
         let mut packet = Vec::new();
         let protocol = self.conns.get(&id).and_then(|c| c.protocol).unwrap_or(shardmq_wire::Protocol::V311);
         super::encode_into(&mut packet, &Packet::SubAck(ack), protocol);
-        let pending = PendingSubAck { conn: id, session: key, packet, retained, acks_missing: 0 };
-        if deltas.is_empty() || self.mesh_size() == 1 {
-            self.complete_suback(pending, now);
-        } else {
+        let pending = PendingSubAck { conn: id, session: key, packet, retained };
+        if !deltas.is_empty() && self.mesh_size() > 1 {
             let token = self.next_token;
             self.next_token += 1;
+            let keys = deltas.iter().map(|d| d.key.clone()).collect();
             self.announce(deltas, Some(token));
-            self.routing
-                .pending_subacks
-                .insert(token, PendingSubAck { acks_missing: self.mesh_size() as usize - 1, ..pending });
+            self.routing.pending_subacks.announced(token, self.mesh_size() as usize - 1, keys);
+            waits.push(token);
+        }
+        if let Some(p) = self.routing.pending_subacks.wait(pending, waits) {
+            self.complete_suback(p, now);
         }
         Ok(())
     }
 
     pub(super) fn interest_acked(&mut self, token: u64, now: Instant) {
-        let Some(p) = self.routing.pending_subacks.get_mut(&token) else { return };
-        p.acks_missing -= 1;
-        if p.acks_missing == 0 {
-            let p = self.routing.pending_subacks.remove(&token).expect("present above");
+        for p in self.routing.pending_subacks.acked(token) {
             self.complete_suback(p, now);
         }
     }
