@@ -328,7 +328,6 @@ struct Sub {
     client: C,
     filter: String,
     pid: u16,
-    sent: Duration,
 }
 
 struct Sim {
@@ -626,8 +625,7 @@ impl Sim {
             properties: Properties::default(),
         };
         self.send(c, &Packet::Subscribe(s));
-        let sent = self.elapsed();
-        self.subs.push(Sub { client: c, filter: filter.to_string(), pid, sent });
+        self.subs.push(Sub { client: c, filter: filter.to_string(), pid });
         pid
     }
 
