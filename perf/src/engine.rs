@@ -34,7 +34,11 @@ pub struct PubSpec {
 
 pub struct Plan {
     pub scenario: String,
+    /// Where publishers connect, and subscribers too unless `sub_addrs` names others.
     pub addr: SocketAddrV4,
+    /// Where subscribers connect instead, round-robin (subscriber i to `sub_addrs[i % len]`): the nodes of
+    /// a cluster or bridged brokers, so that every message crosses between brokers. Empty: `addr`.
+    pub sub_addrs: Vec<SocketAddrV4>,
     pub protocol: Protocol,
     pub qos: QoS,
     /// Payload size in bytes (at least the 16-byte header).
@@ -50,6 +54,9 @@ pub struct Plan {
     /// Most QoS 1/2 messages in flight per publisher; further capped by the broker's Receive Maximum.
     pub window: u16,
     pub broker_pid: Option<u32>,
+    /// Further broker processes sampled like `broker_pid` (the other nodes of a cluster): CPU per message
+    /// on every node a message passes through.
+    pub peer_pids: Vec<u32>,
     /// Print a line per second to stderr.
     pub progress: bool,
     /// End the run once this many messages arrived (the `sub` smoke test).
@@ -82,6 +89,9 @@ pub struct RunReport {
     pub per_subscriber_max: u64,
     /// CPU from just before the first publish to the end of the drain, per message delivered in that time.
     pub broker: Option<BrokerUsage>,
+    /// The same for each of `peer_pids`, in order; per message delivered, like `broker`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<BrokerUsage>,
     /// The host's own noise over the window (see [`crate::host`]).
     pub host: HostNoise,
     pub errors: Vec<String>,
@@ -90,12 +100,28 @@ pub struct RunReport {
 /// What is sampled beside the clients over the measurement window.
 pub(crate) struct Probes {
     broker: Option<BrokerProbe>,
+    peers: Vec<BrokerProbe>,
     host: HostProbe,
 }
 
 impl Probes {
     pub(crate) fn start(plan: &Plan) -> Self {
-        Probes { broker: plan.broker_pid.map(BrokerProbe::start), host: HostProbe::start() }
+        Probes {
+            broker: plan.broker_pid.map(BrokerProbe::start),
+            peers: plan.peer_pids.iter().map(|&p| BrokerProbe::start(p)).collect(),
+            host: HostProbe::start(),
+        }
+    }
+}
+
+impl Plan {
+    /// The address subscriber `i` connects to.
+    pub fn sub_addr(&self, i: usize) -> SocketAddrV4 {
+        if self.sub_addrs.is_empty() {
+            self.addr
+        } else {
+            self.sub_addrs[i % self.sub_addrs.len()]
+        }
     }
 }
 
@@ -143,7 +169,7 @@ pub fn run(plan: &Plan) -> Result<RunReport> {
     let tag = format!("smq{}", std::process::id());
     let mut subs = Vec::new();
     for (i, filter) in plan.subscribers.iter().enumerate() {
-        let mut cl = Client::connect(plan.addr, &format!("{tag}-s{i}"), plan.protocol)?;
+        let mut cl = Client::connect(plan.sub_addr(i), &format!("{tag}-s{i}"), plan.protocol)?;
         cl.subscribe(filter, plan.qos)?;
         subs.push(cl);
     }
@@ -235,6 +261,7 @@ pub(crate) fn report(
         per_subscriber_max: counts.iter().copied().max().unwrap_or(0),
         per_subscriber: counts,
         broker: probes.broker.map(|p| p.finish(delivered)),
+        peers: probes.peers.iter().map(|p| p.finish(delivered)).collect(),
         host: probes.host.finish(),
         errors,
     }
@@ -494,5 +521,42 @@ fn ack_reader(
             freed.notify_all();
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn plan(sub_ports: &[u16]) -> Plan {
+        let at = |p| SocketAddrV4::new(Ipv4Addr::LOCALHOST, p);
+        Plan {
+            scenario: "t".into(),
+            addr: at(1000),
+            sub_addrs: sub_ports.iter().map(|&p| at(p)).collect(),
+            protocol: Protocol::V5,
+            qos: QoS::AtMostOnce,
+            payload: 16,
+            duration: Duration::from_secs(1),
+            publishers: Vec::new(),
+            subscribers: Vec::new(),
+            copies_per_msg: 1,
+            each_receiver: false,
+            window: 1,
+            broker_pid: None,
+            peer_pids: Vec::new(),
+            progress: false,
+            stop_after_delivered: None,
+        }
+    }
+
+    #[test]
+    fn subscribers_connect_round_robin_to_sub_addrs_else_to_addr() {
+        let p = plan(&[]);
+        assert_eq!((p.sub_addr(0).port(), p.sub_addr(7).port()), (1000, 1000));
+        let p = plan(&[2000, 3000, 1000]);
+        let ports: Vec<u16> = (0..5).map(|i| p.sub_addr(i).port()).collect();
+        assert_eq!(ports, [2000, 3000, 1000, 2000, 3000]);
     }
 }

@@ -8,6 +8,9 @@
 //!   ([`engine`]), reporting throughput, end-to-end latency percentiles (send timestamp in the payload,
 //!   [`payload`]) and, at QoS 1/2, every acknowledged message that never arrived; `pairs` and `fanout` run on a
 //!   few epoll threads ([`pairs`]) so that scheduling hundreds of client threads does not swamp the latency;
+//! - `suback`: SUBSCRIBE-to-SUBACK latency for new filters, one at a time ([`suback`]);
+//! - subscribers may connect to other brokers than publishers (`--sub-port`): cluster nodes or bridged
+//!   brokers, so that every message crosses between them;
 //! - optionally samples the broker's CPU time and memory from /proc ([`procfs`]), and always the host's
 //!   own noise: stolen CPU time and how late a sleeping thread wakes ([`host`]).
 //!
@@ -25,3 +28,4 @@ pub mod pairs;
 pub mod payload;
 pub mod procfs;
 pub mod stats;
+pub mod suback;

@@ -29,6 +29,7 @@ enum Cmd {
     Shared(SharedCmd),
     Pub(PubCmd),
     Sub(SubCmd),
+    Suback(SubackCmd),
 }
 
 /// Options every subcommand takes.
@@ -38,6 +39,8 @@ struct Common {
     protocol: u8,
     json: bool,
     broker_pid: Option<u32>,
+    sub_ports: Vec<u16>,
+    peer_pids: Vec<u32>,
 }
 
 /// Declares a subcommand's arguments with the options every subcommand shares (argh has no flatten),
@@ -65,6 +68,13 @@ macro_rules! subcommand {
             /// broker process id, to sample its CPU time and memory
             #[argh(option)]
             broker_pid: Option<u32>,
+            /// port subscribers connect to instead of --port, on the same host; repeat it to spread
+            /// them round-robin (another node of a cluster, a bridged broker)
+            #[argh(option)]
+            sub_port: Vec<u16>,
+            /// process id of another broker (a cluster's other nodes), sampled like --broker-pid; repeatable
+            #[argh(option)]
+            peer_pid: Vec<u32>,
             $($(#[$fmeta])* $field: $fty $(<$farg>)?,)*
         }
 
@@ -76,6 +86,8 @@ macro_rules! subcommand {
                     protocol: self.protocol,
                     json: self.json,
                     broker_pid: self.broker_pid,
+                    sub_ports: self.sub_port.clone(),
+                    peer_pids: self.peer_pid.clone(),
                 }
             }
         }
@@ -254,6 +266,19 @@ subcommand! {
     }
 }
 
+subcommand! {
+    /// SUBSCRIBE-to-SUBACK latency: N new filters subscribed one at a time over one connection
+    #[argh(subcommand, name = "suback")]
+    struct SubackCmd {
+        /// subscriptions (default 500)
+        #[argh(option, default = "500")]
+        count: u64,
+        /// quality of service asked for: 0, 1 or 2 (default 0)
+        #[argh(option, default = "0")]
+        qos: u8,
+    }
+}
+
 fn qos(v: u8) -> Result<QoS> {
     QoS::from_u8(v).ok_or_else(|| anyhow::anyhow!("--qos must be 0, 1 or 2"))
 }
@@ -269,6 +294,7 @@ fn base_plan(c: &Common, scenario: &str, q: u8, payload: usize, duration_s: f64)
     Ok(Plan {
         scenario: scenario.into(),
         addr: resolve(&c.host, c.port)?,
+        sub_addrs: c.sub_ports.iter().map(|&p| resolve(&c.host, p)).collect::<Result<_>>()?,
         protocol: protocol_from(c.protocol)?,
         qos: qos(q)?,
         payload,
@@ -279,6 +305,7 @@ fn base_plan(c: &Common, scenario: &str, q: u8, payload: usize, duration_s: f64)
         each_receiver: false,
         window: 64,
         broker_pid: c.broker_pid,
+        peer_pids: c.peer_pids.clone(),
         progress: true,
         stop_after_delivered: None,
     })
@@ -294,6 +321,7 @@ fn main() -> Result<()> {
     let mut epoll_threads = None;
     let (common, plan) = match args.cmd {
         Cmd::Conn(a) => return run_conn(a),
+        Cmd::Suback(a) => return run_suback(a),
         Cmd::Fanin(a) => {
             let mut p = base_plan(&a.common(), "fanin", a.qos, a.payload, a.duration_s)?;
             let each = a.rate.map(|r| r / a.publishers.max(1) as f64);
@@ -381,6 +409,26 @@ fn run_conn(a: ConnCmd) -> Result<()> {
     Ok(())
 }
 
+fn run_suback(a: SubackCmd) -> Result<()> {
+    let c = a.common();
+    let r = shardmq_perf::suback::run(
+        resolve(&c.host, c.port)?,
+        protocol_from(c.protocol)?,
+        qos(a.qos)?,
+        a.count,
+    )?;
+    if c.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let l = &r.latency_us;
+        println!(
+            "suback: {} new filters, SUBSCRIBE to SUBACK us p50 {} p90 {} p99 {} max {} (mean {:.0})",
+            r.subscribes, l.p50_us, l.p90_us, l.p99_us, l.max_us, l.mean_us
+        );
+    }
+    Ok(())
+}
+
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "-".into(), |v| v.to_string())
 }
@@ -409,6 +457,14 @@ fn print_run(r: &RunReport) {
             opt(b.cpu_us_per_msg.map(|v| format!("{v:.2}"))),
             opt(b.rss_before_kb),
             opt(b.rss_after_kb)
+        );
+    }
+    for b in &r.peers {
+        println!(
+            "  peer pid {}: cpu {} s, {} us/msg",
+            b.pid,
+            opt(b.cpu_s.map(|v| format!("{v:.2}"))),
+            opt(b.cpu_us_per_msg.map(|v| format!("{v:.2}")))
         );
     }
     let w = &r.host.wake_late_us;

@@ -524,7 +524,7 @@ pub fn run(plan: &Plan, threads: usize) -> Result<RunReport> {
     let mut pubs: Vec<Vec<Handoff>> = (0..threads).map(|_| Vec::new()).collect();
     let mut subs: Vec<Vec<Handoff>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, filter) in plan.subscribers.iter().enumerate() {
-        let mut cl = Client::connect(plan.addr, &format!("{tag}-s{i}"), plan.protocol)?;
+        let mut cl = Client::connect(plan.sub_addr(i), &format!("{tag}-s{i}"), plan.protocol)?;
         cl.subscribe(filter, plan.qos)?;
         let rm = cl.server_receive_max;
         let (sock, left) = cl.into_parts();

@@ -4,7 +4,7 @@
 
 use shardmq_perf::conn::{self, ConnPlan};
 use shardmq_perf::engine::{self, Plan, PubSpec};
-use shardmq_perf::pairs;
+use shardmq_perf::{pairs, suback};
 use shardmq_wire::{Protocol, QoS};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -73,6 +73,7 @@ fn plan(addr: SocketAddrV4, scenario: &str) -> Plan {
     Plan {
         scenario: scenario.into(),
         addr,
+        sub_addrs: Vec::new(),
         protocol: Protocol::V5,
         qos: QoS::AtLeastOnce,
         payload: 32,
@@ -83,6 +84,7 @@ fn plan(addr: SocketAddrV4, scenario: &str) -> Plan {
         each_receiver: false,
         window: 16,
         broker_pid: None,
+        peer_pids: Vec::new(),
         progress: false,
         stop_after_delivered: None,
     }
@@ -141,6 +143,9 @@ fn engines_against_mosquitto() {
     assert!(r.per_subscriber_min > 100, "{r:?}");
     assert!(r.delivered <= r.sent * 5 && r.delivered >= r.acked * 5, "{r:?}");
     assert_eq!(r.latency_us.count, r.delivered);
+
+    let s = suback::run(b.addr, Protocol::V5, QoS::AtLeastOnce, 20).unwrap();
+    assert_eq!((s.subscribes, s.latency_us.count), (20, 20), "{s:?}");
 
     let c = conn::run(&ConnPlan {
         addr: b.addr,
