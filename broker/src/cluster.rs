@@ -27,8 +27,11 @@ pub struct ClusterSetup {
 }
 
 /// Per-peer link backlog: what a slow or unreachable-but-not-yet-down peer may hold of this node's
-/// forwards before further ones are dropped (and counted).
-const LINK_BUDGET_BYTES: usize = 64 << 20;
+/// forwards (unacknowledged: in the sockets' buffers or not yet handled by the peer). Past half of it the
+/// node pauses its publishers; past all of it forwards are dropped (and counted). Small, because what is
+/// in flight when a subscriber over there congests must fit in its queue's headroom; a LAN needs far
+/// less (bandwidth × round trip).
+const LINK_BUDGET_BYTES: usize = 1 << 20;
 
 impl ClusterArgs {
     /// `None` when the node is not clustered. `shards` and `persistent` describe the node.

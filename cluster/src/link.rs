@@ -3,8 +3,10 @@
 //!
 //! Every frame is `length varint | type u8 | body`, the length counting type and body. The hot frame,
 //! [`Frame::Forward`] (a PUBLISH passed to a peer whose interest may match), costs at most 16 bytes on top
-//! of its topic, payload and properties: length (≤ 4), type, flags, topic length (≤ 2), payload length
-//! (≤ 4) and an optional acknowledgement token (≤ 4 for tokens below 2^28). The link sequence is implicit:
+//! of its topic, payload and properties: length (≤ 4), type, flags, topic length (≤ 2), the publisher's
+//! origin (shard and session key: 2 to 4 bytes for up to 128 shards and 2^21 sessions per shard), an
+//! optional acknowledgement token (≤ 4 for tokens below 2^28); the payload's length is what the frame's
+//! leaves. The link sequence is implicit:
 //! frames of one direction are numbered from 1 in the order sent (TCP keeps it), and [`Frame::Received`]
 //! reports how far the receiver got, which is what a reconnect resumes from.
 //!
@@ -24,7 +26,7 @@ use crate::NodeIdentity;
 
 pub const LINK_MAGIC: [u8; 4] = *b"SMQL";
 /// Bumped with any incompatible change of the frames below.
-pub const LINK_VERSION: u16 = 2;
+pub const LINK_VERSION: u16 = 3;
 /// A frame longer than this is refused (a forwarded PUBLISH is at most the broker's maximum packet size,
 /// 256 MiB by the protocol; snapshots are sent in parts below it).
 pub const MAX_FRAME: usize = 300 << 20;
@@ -37,6 +39,7 @@ const T_STORED: u8 = 5;
 const T_RECEIVED: u8 = 6;
 const T_INTEREST: u8 = 7;
 const T_RETAINED: u8 = 8;
+const T_CONGESTION: u8 = 9;
 
 /// A PUBLISH forwarded to a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +60,17 @@ pub struct Forward<'a> {
     pub groups: Vec<&'a str>,
     /// The message expiry interval left, in seconds (MQTT 5), when the publisher set one.
     pub expiry_s: Option<u32>,
+    /// The publishing session on the sending node (its shard and session key), when it has one: the
+    /// receiver reports congestion for it ([`Frame::Congestion`]) so that the sender pauses that
+    /// publisher, as shards do for each other.
+    pub origin: Option<OriginRef>,
+}
+
+/// A publishing session of the sending node: the shard that owns it and its key there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OriginRef {
+    pub shard: u16,
+    pub session: u64,
 }
 
 /// A retained update replicated to a peer: last writer wins by (`stamp`, `node`), see
@@ -104,6 +118,12 @@ pub enum Frame<'a> {
     /// An encoded [`crate::router::Announce`] (interest snapshot, deltas or acknowledgement).
     Interest(&'a [u8]),
     Retained(Retained<'a>),
+    /// Every subscriber on the receiving node of the last message from `origin` (a publisher of the node
+    /// this frame goes to) is congested (`true`), or no longer (`false`).
+    Congestion {
+        origin: OriginRef,
+        congested: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -214,6 +234,12 @@ pub fn encode(f: &Frame<'_>, out: &mut Vec<u8>) {
             body.extend_from_slice(b);
             T_INTEREST
         }
+        Frame::Congestion { origin, congested } => {
+            put_varint(&mut body, origin.shard as u64);
+            put_varint(&mut body, origin.session);
+            body.push(*congested as u8);
+            T_CONGESTION
+        }
         Frame::Retained(r) => {
             let mut flags = r.qos & 0x03;
             if r.clear {
@@ -261,8 +287,9 @@ fn encode_forward(fw: &Forward<'_>, out: &mut Vec<u8>) {
     if fw.expiry_s.is_some() {
         flags |= F_EXPIRY;
     }
-    // Type and flags, then the lengths.
-    let mut header = 2 + varint_len(fw.topic.len() as u64) + varint_len(fw.payload.len() as u64);
+    // Type and flags, then the lengths (the payload's is what the frame's leaves), then the origin.
+    let origin = |o: &OriginRef| varint_len(o.shard as u64 + 1) + varint_len(o.session);
+    let mut header = 2 + varint_len(fw.topic.len() as u64) + fw.origin.as_ref().map_or(1, origin);
     if let Some(t) = fw.ack_token {
         header += varint_len(t as u64);
     }
@@ -281,7 +308,14 @@ fn encode_forward(fw: &Forward<'_>, out: &mut Vec<u8>) {
     out.push(T_FORWARD);
     out.push(flags);
     put_varint(out, fw.topic.len() as u64);
-    put_varint(out, fw.payload.len() as u64);
+    // The origin's shard plus one (0: no origin, and no session follows).
+    match fw.origin {
+        Some(o) => {
+            put_varint(out, o.shard as u64 + 1);
+            put_varint(out, o.session);
+        }
+        None => out.push(0),
+    }
     if let Some(t) = fw.ack_token {
         put_varint(out, t as u64);
     }
@@ -359,7 +393,13 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
                 return Err(LinkError::Malformed("forward flags"));
             }
             let topic_len = f.varint()? as usize;
-            let payload_len = f.varint()? as usize;
+            let origin = match f.varint()? {
+                0 => None,
+                s => Some(OriginRef {
+                    shard: u16::try_from(s - 1).map_err(|_| LinkError::Malformed("origin shard"))?,
+                    session: f.varint()?,
+                }),
+            };
             let ack_token = if flags & F_TOKEN != 0 {
                 Some(u32::try_from(f.varint()?).map_err(|_| LinkError::Malformed("token"))?)
             } else {
@@ -377,7 +417,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
             }
             let topic = std::str::from_utf8(f.take(topic_len)?).map_err(|_| LinkError::Malformed("topic"))?;
             let properties = f.take(props_len)?;
-            let payload = f.take(payload_len)?;
+            let payload = f.take(end - start - f.pos())?;
             Frame::Forward(Forward {
                 qos: flags & 0x03,
                 retain: flags & F_RETAIN != 0,
@@ -388,7 +428,18 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
                 normal: flags & F_NOT_NORMAL == 0,
                 groups,
                 expiry_s,
+                origin,
             })
+        }
+        T_CONGESTION => {
+            let shard = u16::try_from(f.varint()?).map_err(|_| LinkError::Malformed("origin shard"))?;
+            let session = f.varint()?;
+            let congested = match f.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(LinkError::Malformed("congestion flag")),
+            };
+            Frame::Congestion { origin: OriginRef { shard, session }, congested }
         }
         T_STORED => {
             let token = u32::try_from(f.varint()?).map_err(|_| LinkError::Malformed("token"))?;
@@ -556,6 +607,7 @@ fn owned(f: Frame<'_>) -> OwnedHandshakeFrame {
         Frame::Received { .. } => OwnedHandshakeFrame::Other("Received"),
         Frame::Interest(_) => OwnedHandshakeFrame::Other("Interest"),
         Frame::Retained(_) => OwnedHandshakeFrame::Other("Retained"),
+        Frame::Congestion { .. } => OwnedHandshakeFrame::Other("Congestion"),
     }
 }
 
@@ -619,9 +671,14 @@ mod tests {
 
     #[test]
     fn a_forward_costs_at_most_16_bytes_of_framing() {
-        for (topic_len, payload_len, token) in
-            [(10, 64, None), (100, 1000, Some(5)), (1000, 100_000, Some(1 << 27))]
-        {
+        // Up to 128 shards and 2^21 sessions per shard, the origin takes at most 4 bytes.
+        let far = Some(OriginRef { shard: 100, session: (1 << 21) - 1 });
+        for (topic_len, payload_len, token, origin) in [
+            (10, 64, None, None),
+            (10, 64, None, Some(OriginRef { shard: 0, session: 1 })),
+            (100, 1000, Some(5), Some(OriginRef { shard: 3, session: 500 })),
+            (1000, 100_000, Some(1 << 27), far),
+        ] {
             let topic = "t".repeat(topic_len);
             let payload = vec![7u8; payload_len];
             let fw = Forward {
@@ -634,6 +691,7 @@ mod tests {
                 normal: true,
                 groups: Vec::new(),
                 expiry_s: None,
+                origin,
             };
             let mut out = Vec::new();
             encode(&Frame::Forward(fw.clone()), &mut out);
@@ -659,6 +717,7 @@ mod tests {
                 normal: true,
                 groups: Vec::new(),
                 expiry_s: None,
+                origin: Some(OriginRef { shard: 2, session: u64::MAX }),
             }),
             Frame::Forward(Forward {
                 qos: 1,
@@ -670,7 +729,10 @@ mod tests {
                 normal: false,
                 groups: vec!["$share/g1/a/+", "$share/g2/#"],
                 expiry_s: Some(3600),
+                origin: None,
             }),
+            Frame::Congestion { origin: OriginRef { shard: 65535, session: 7 }, congested: true },
+            Frame::Congestion { origin: OriginRef { shard: 0, session: 0 }, congested: false },
             Frame::Stored { token: 77, ok: false },
             Frame::Received { seq: 1 << 40 },
             Frame::Interest(b"\x02\x01"),
@@ -720,6 +782,7 @@ mod tests {
             normal: true,
             groups: vec!["$share/g/t"],
             expiry_s: Some(10),
+            origin: None,
         };
         let mut out = Vec::new();
         encode(&Frame::Forward(fw.clone()), &mut out);
@@ -732,7 +795,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&b);
             // The same bytes behind each frame type, with a valid length, reach every decoder.
-            for ty in 1..=9u8 {
+            for ty in 1..=10u8 {
                 let mut framed = Vec::new();
                 put_varint(&mut framed, b.len() as u64 + 1);
                 framed.push(ty);

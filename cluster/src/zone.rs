@@ -724,6 +724,23 @@ impl Zone {
         }
     }
 
+    /// Whether a frame of `len` bytes fits the peer's backlog budget now (`Err(NotConnected)`: the peer
+    /// is not up), so that a caller can hold it rather than have [`Zone::send`] refuse it.
+    pub fn fits(&self, peer: &NodeName, len: usize) -> Result<bool, SendError> {
+        let p = self.peers.get(peer).filter(|p| p.up.is_some()).ok_or(SendError::NotConnected)?;
+        let backlog = p.session.backlog_bytes();
+        Ok(backlog == 0 || backlog + len <= self.cfg.link_budget_bytes)
+    }
+
+    /// The socket side stopped reading the links for a while (its shards have too much of the links'
+    /// traffic still to take): what the peers sent waits in the kernel, heartbeats included, so silence
+    /// now says nothing about them. Counts every link as heard from, so that none times out for it.
+    pub fn reading_paused(&mut self, now: Instant) {
+        for l in self.links.values_mut() {
+            l.last_rx = l.last_rx.max(now);
+        }
+    }
+
     /// Some peer up holds more than half its backlog budget of frames not yet acknowledged: a slow or
     /// stalled peer. The socket side then stops taking publishes from the shards (they pause their
     /// publishers, as for a slow shard) until it drains, instead of filling the budget and dropping.
@@ -891,6 +908,7 @@ mod tests {
             normal: true,
             groups: Vec::new(),
             expiry_s: None,
+            origin: None,
         };
         let mut out = Vec::new();
         link::encode(&Frame::Forward(fw), &mut out);

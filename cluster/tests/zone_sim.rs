@@ -176,6 +176,7 @@ impl Net {
             normal: true,
             groups: Vec::new(),
             expiry_s: None,
+            origin: None,
         };
         link::encode(&Frame::Forward(fw), &mut frame);
         let ok = self.zone(from).send(&name(to), frame).is_ok();

@@ -9,7 +9,7 @@
 //!
 //! What it does not do: anything protocol-shaped (that is the gateway and the zone, in `shardmq-cluster`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use shardmq_cluster::gateway::Gateway;
 use shardmq_cluster::{LinkCmd, LinkId};
 use shardmq_shard::core::Mesh;
+use shardmq_shard::ShardId;
 
 use crate::endpoint::MeshEndpoint;
 use crate::sys;
@@ -47,9 +48,18 @@ impl ClusterSockets {
 }
 
 /// Mesh messages the gateway may leave unconsumed in the shards' inboxes before it stops reading links.
-const ENDPOINT_BACKLOG_LIMIT: usize = 64 * 1024;
+/// What waits beyond it stays in the link (the peer's backlog, which pauses its publishers): kept well
+/// below a subscriber queue's headroom, so that what is already on its way when a subscriber congests
+/// fits there.
+const ENDPOINT_BACKLOG_LIMIT: usize = 2 * 1024;
 /// Bytes read from one link per loop iteration at most (the others get their turn).
 const READ_BUDGET: usize = 256 * 1024;
+
+/// Mesh messages handled per loop iteration at most (one drain of the endpoint may bring far more).
+const MESH_PER_ITERATION: usize = 4096;
+
+/// An iteration that took longer (a flood on a slow host) has left the peers' heartbeats unread.
+const BUSY_ITERATION: Duration = Duration::from_millis(200);
 
 const TOKEN_UDP: u64 = u64::MAX;
 const TOKEN_LISTENER: u64 = u64::MAX - 1;
@@ -88,6 +98,8 @@ struct Loop {
     reads_paused: bool,
     /// The shards' messages are left waiting while a peer is congested (see `Zone::congested`).
     mesh_paused: bool,
+    /// Messages taken from the endpoint, handled [`MESH_PER_ITERATION`] at a time.
+    inbox: VecDeque<(ShardId, Mesh)>,
     /// Times that happened (logged once, and in the counters at shutdown).
     congested_pauses: u64,
 }
@@ -124,6 +136,7 @@ impl Loop {
             links: HashMap::new(),
             reads_paused: false,
             mesh_paused: false,
+            inbox: VecDeque::new(),
             congested_pauses: 0,
         })
     }
@@ -149,10 +162,14 @@ impl Loop {
             if self.endpoint.backlog() > 0 {
                 ms = ms.min(1);
             }
+            if !self.inbox.is_empty() && !self.mesh_paused {
+                ms = 0;
+            }
             // SAFETY: `events` has room for its capacity; the kernel writes at most that many.
             let n = unsafe {
                 libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), events.capacity() as i32, ms)
             };
+            let woke = Instant::now();
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -175,7 +192,7 @@ impl Loop {
             // The mesh is drained every iteration (a wakeup may have been consumed by an earlier recv),
             // unless a peer is congested: then the shards' messages wait in their outboxes, which makes
             // them stop reading their publishers (the mesh's read gate), and the links keep draining.
-            let congested = self.gateway.zone_mut().congested();
+            let congested = self.gateway.congested();
             if congested != self.mesh_paused {
                 self.mesh_paused = congested;
                 // The eventfd stays readable while its messages wait: not watched meanwhile, or the loop
@@ -190,10 +207,27 @@ impl Loop {
                 }
             }
             if !self.mesh_paused {
-                let gw = &mut self.gateway;
-                self.endpoint.recv(|from, m| gw.handle_mesh(from, m, now));
+                if self.inbox.is_empty() {
+                    let inbox = &mut self.inbox;
+                    self.endpoint.recv(|from, m| inbox.push_back((from, m)));
+                }
+                // A bounded slice per iteration, so that the links are served (heartbeats written, bytes
+                // read) between slices however large a drain was; and it stops as soon as a peer's link
+                // is congested, the rest waiting here.
+                for _ in 0..MESH_PER_ITERATION {
+                    let Some((from, m)) = self.inbox.pop_front() else { break };
+                    self.gateway.handle_mesh(from, m, now);
+                    if self.gateway.congested() {
+                        break;
+                    }
+                }
             }
             let now = Instant::now();
+            // Links not read meanwhile say nothing about their peers: while reads are paused, or when
+            // this iteration's work took long enough for heartbeats to wait in the kernel unread.
+            if self.reads_paused || now.duration_since(woke) > BUSY_ITERATION {
+                self.gateway.zone_mut().reading_paused(now);
+            }
             if deadline.is_some_and(|d| d <= now) {
                 self.gateway.zone_mut().handle_timeout(now);
                 self.gateway.handle_timeout(now);
@@ -441,6 +475,8 @@ impl Loop {
             malformed = g.malformed,
             retained_out = g.retained_out,
             retained_in = g.retained_in,
+            congestion_out = g.congestion_out,
+            congestion_in = g.congestion_in,
             link_bytes_out = z.bytes_out,
             link_bytes_in = z.bytes_in,
             links_opened = z.links_opened,

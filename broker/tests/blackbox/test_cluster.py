@@ -4,6 +4,7 @@ order, shared groups across the zone, retained messages across nodes and for a
 node that joins later, kill -9 of a node and its rejoin, and a node with the
 wrong cluster secret that cannot join."""
 
+import json
 import os
 import re
 import shutil
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import IS_MOSQUITTO, shardmq_has_flag
+from conftest import IS_MOSQUITTO, SHARDMQ_BIN, shardmq_has_flag
 from mqtt_client import V311, V5
 
 pytestmark = [
@@ -270,3 +271,26 @@ def test_retained_messages_restored_from_a_nodes_log_reach_the_zone_it_joins(bro
         if got or time.monotonic() > deadline:
             break
     assert got == [("kept/a", b"from-the-log")]
+
+
+BENCH = os.path.join(os.path.dirname(SHARDMQ_BIN), "shardmq-bench")
+
+
+@pytest.mark.skipif(not os.path.exists(BENCH), reason="needs shardmq-bench next to the broker binary")
+def test_a_cross_node_qos1_flood_is_paced_not_dropped(broker, tmp_path):
+    """50 publishers flat out at QoS 1 on one node, their subscriber on another: the publishers are paused
+    (a congested subscriber's node tells theirs, a full link pauses them), nothing acknowledged is lost."""
+    n1 = broker("--cores", "1", "--in-memory", "--node-name", "n1", "--cluster-listen", "127.0.0.1:0")
+    n1.name = "n1"
+    n2 = broker("--cores", "1", "--in-memory", "--node-name", "n2", "--cluster-listen", "127.0.0.1:0",
+                "--join", cluster_addr(n1))
+    n2.name = "n2"
+    wait_linked([n1, n2])
+    out = subprocess.run([BENCH, "fanin", "--port", str(n1.port), "--sub-port", str(n2.port), "--publishers", "50",
+                          "--qos", "1", "--duration-s", "3", "--protocol", "3", "--json"],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()
+    r = json.loads(out.stdout)
+    assert r["sent"] > 1000 and r["acked"] == r["sent"], r
+    assert (r["lost"], r["duplicates"]) == (0, 0), r
+    assert linked_peers(n1) == {"n2"}, "the link broke under load\n" + n1.log()

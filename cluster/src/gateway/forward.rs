@@ -5,13 +5,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use shardmq_shard::core::{AckRequest, Mesh, Msg, SharedKey};
+use shardmq_shard::core::{AckRequest, Mesh, Msg, Origin, SharedKey};
 use shardmq_shard::ShardId;
 use shardmq_wire::QoS;
 
 use super::interest::full_filter;
 use super::{frame_properties, msg_from_frame, shared, Gateway, STORED_TIMEOUT};
-use crate::link::{self, Forward, Frame};
+use crate::link::{self, Forward, Frame, OriginRef};
 use crate::NodeName;
 
 /// Tokens on the wire stay below 2^28 so that they take at most 4 bytes of a forward's framing.
@@ -188,6 +188,11 @@ impl Gateway {
         let (properties, expiry_s) =
             if targets.is_empty() { (Vec::new(), None) } else { frame_properties(msg, now) };
         let mut sent_to = Vec::new();
+        let mut peer_mask = 0u64;
+        // A message a peer sent here and a shard passed back (its group's member left) names this
+        // gateway as origin: meaningless to the next peer.
+        let origin = msg.origin.filter(|o| o.shard != self.id);
+        let origin_ref = origin.map(|o| OriginRef { shard: o.shard.0, session: o.session.0 });
         for (peer, normal, groups) in targets {
             let f = Forward {
                 qos: msg.qos as u8,
@@ -199,6 +204,7 @@ impl Gateway {
                 normal,
                 groups: groups.iter().map(String::as_str).collect(),
                 expiry_s,
+                origin: origin_ref,
             };
             let mut buf = Vec::new();
             link::encode(&Frame::Forward(f), &mut buf);
@@ -208,7 +214,15 @@ impl Gateway {
                 self.counters.forwarded += 1;
                 self.counters.forward_frame_bytes += len as u64;
                 self.counters.forward_content_bytes += content as u64;
+                if let Some(slot) = self.congestion.slot(&peer) {
+                    peer_mask |= 1 << slot;
+                }
                 sent_to.push(peer);
+            }
+        }
+        if let Some(o) = origin {
+            if let Some(c) = self.congestion.forwarded(o, peer_mask) {
+                self.out.push_back((o.shard, Mesh::Congestion { session: o.session, congested: c }));
             }
         }
         let Some(reply) = want_ack else { return };
@@ -236,7 +250,12 @@ impl Gateway {
                 Some((Some(Arc::from(sh.group)), Arc::from(sh.filter)))
             })
             .collect();
-        let msg = msg_from_frame(f.topic, f.payload, f.qos, f.retain, f.properties, f.expiry_s, now);
+        let mut msg = msg_from_frame(f.topic, f.payload, f.qos, f.retain, f.properties, f.expiry_s, now);
+        // Shards report congestion for the remote publisher to this gateway, which tells its node.
+        let key = f.origin.and_then(|o| self.congestion.pack(from, o));
+        if let (Some(m), Some(k)) = (msg.as_mut(), key) {
+            m.origin = Some(Origin { shard: self.id, session: k });
+        }
         let (Some(msg), Some(groups)) = (msg, groups) else {
             self.counters.malformed += 1;
             tracing::warn!(node = %from, "invalid forwarded message from a cluster peer; refused");
@@ -252,6 +271,14 @@ impl Gateway {
             }
             answer(self, true);
             return;
+        }
+        if let Some(k) = key {
+            let shards =
+                targets.iter().fold(0u64, |m, (s, _, _)| m | 1u64.checked_shl(s.0 as u32).unwrap_or(0));
+            if let Some((peer, origin, c)) = self.congestion.delivered(k, shards) {
+                self.counters.congestion_out += 1;
+                self.send_frame(&peer, &Frame::Congestion { origin, congested: c });
+            }
         }
         let msg = shared(msg);
         let local = match f.ack_token {

@@ -21,15 +21,16 @@
 //! (a client id is unique per node only; next issue), or remembering retained messages restored from the
 //! log before the node joined (peers learn them when they are published again).
 
+mod congestion;
 mod forward;
 mod interest;
 mod retained;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardmq_shard::core::{Mesh, Msg};
+use shardmq_shard::core::{Mesh, Msg, Origin, SessionKey};
 use shardmq_shard::ShardId;
 
 use crate::link::{self, Frame};
@@ -37,6 +38,7 @@ use crate::router::{Announce, ZoneRouter};
 use crate::zone::{Zone, ZoneEvent};
 use crate::{NodeIdentity, NodeName};
 
+use self::congestion::Congestion;
 use self::forward::{ForwardAcks, InjectAcks};
 use self::interest::{InterestWaits, NodeView};
 use self::retained::RetainedSync;
@@ -82,6 +84,9 @@ pub struct GatewayCounters {
     /// Retained updates sent to and applied from peers.
     pub retained_out: u64,
     pub retained_in: u64,
+    /// Congestion reports sent to peers for their publishers, and received for this node's.
+    pub congestion_out: u64,
+    pub congestion_in: u64,
 }
 
 pub struct Gateway {
@@ -96,6 +101,10 @@ pub struct Gateway {
     fwd: ForwardAcks,
     inject: InjectAcks,
     retained: RetainedSync,
+    congestion: Congestion,
+    /// Frames for peers whose link budget is full, in order, until it drains. Bounded by what one drain
+    /// of the inbox brings: the socket side takes nothing more from the shards meanwhile (`congested`).
+    held: BTreeMap<NodeName, VecDeque<Vec<u8>>>,
     /// Shards that have not yet acknowledged [`Mesh::ForwardAll`]; peers are served once it is 0.
     unready: usize,
     out: VecDeque<(ShardId, Mesh)>,
@@ -115,6 +124,8 @@ impl Gateway {
             fwd: ForwardAcks::default(),
             inject: InjectAcks::default(),
             retained: RetainedSync::default(),
+            congestion: Congestion::default(),
+            held: BTreeMap::new(),
             unready: cfg.shards as usize,
             out: VecDeque::new(),
             counters: GatewayCounters::default(),
@@ -191,7 +202,13 @@ impl Gateway {
                 }
             }
             Mesh::RetainedHeld { msgs } => self.held_retained(msgs, now),
-            Mesh::ForwardAll { .. } | Mesh::Congestion { .. } | Mesh::Peers { .. } => {}
+            Mesh::Congestion { session, congested } => {
+                if let Some((peer, origin, c)) = self.congestion.shard_reports(session, from, congested) {
+                    self.counters.congestion_out += 1;
+                    self.send_frame(&peer, &Frame::Congestion { origin, congested: c });
+                }
+            }
+            Mesh::ForwardAll { .. } | Mesh::Peers { .. } => {}
         }
         self.drive(now);
     }
@@ -202,6 +219,7 @@ impl Gateway {
         if self.unready > 0 {
             return;
         }
+        self.release_held();
         while let Some(ev) = self.zone.poll_event() {
             match ev {
                 ZoneEvent::MemberUp(id) => {
@@ -238,6 +256,12 @@ impl Gateway {
         let given_up = self.fwd.peer_down(&peer.name, &mut self.out);
         self.counters.stored_unconfirmed += given_up;
         self.inject.peer_down(&peer.name);
+        if let Some(q) = self.held.remove(&peer.name) {
+            self.counters.dropped_not_connected += q.len() as u64;
+        }
+        for (o, c) in self.congestion.peer_down(&peer.name) {
+            self.out.push_back((o.shard, Mesh::Congestion { session: o.session, congested: c }));
+        }
         self.sync_remote_shared();
     }
 
@@ -269,6 +293,17 @@ impl Gateway {
                 }
             },
             Frame::Retained(r) => self.receive_retained(from, r, now),
+            Frame::Congestion { origin, congested } => {
+                if origin.shard >= self.cfg.shards {
+                    self.counters.malformed += 1;
+                    return;
+                }
+                self.counters.congestion_in += 1;
+                let o = Origin { shard: ShardId(origin.shard), session: SessionKey(origin.session) };
+                if let Some(c) = self.congestion.peer_reports(from, o, congested) {
+                    self.out.push_back((o.shard, Mesh::Congestion { session: o.session, congested: c }));
+                }
+            }
             _ => {
                 self.counters.malformed += 1;
                 tracing::warn!(node = %from, "unexpected frame from a cluster peer; ignored");
@@ -309,7 +344,18 @@ impl Gateway {
         self.send_bytes(peer, buf)
     }
 
+    /// Sends a frame, or holds it behind the others held for that peer when the link's budget is full:
+    /// the gateway takes what one drain of its inbox brings before it sees the congestion (see
+    /// `held`), and frames keep their order. `false`: not sent and not held (counted).
     fn send_bytes(&mut self, peer: &NodeName, buf: Vec<u8>) -> bool {
+        if let Some(q) = self.held.get_mut(peer) {
+            q.push_back(buf);
+            return true;
+        }
+        if let Ok(false) = self.zone.fits(peer, buf.len()) {
+            self.held.entry(peer.clone()).or_default().push_back(buf);
+            return true;
+        }
         match self.zone.send(peer, buf) {
             Ok(()) => true,
             Err(crate::zone::SendError::NotConnected) => {
@@ -321,6 +367,39 @@ impl Gateway {
                 false
             }
         }
+    }
+
+    /// Moves held frames to their links as their budgets allow, in order.
+    fn release_held(&mut self) {
+        let peers: Vec<NodeName> = self.held.keys().cloned().collect();
+        for peer in peers {
+            let Some(mut q) = self.held.remove(&peer) else { continue };
+            while let Some(f) = q.front() {
+                match self.zone.fits(&peer, f.len()) {
+                    Ok(true) => {
+                        let f = q.pop_front().expect("checked");
+                        if self.zone.send(&peer, f).is_err() {
+                            self.counters.dropped_backlog_full += 1;
+                        }
+                    }
+                    Ok(false) => break,
+                    Err(_) => {
+                        // Down meanwhile: what was held for it is lost with the link.
+                        self.counters.dropped_not_connected += q.len() as u64;
+                        q.clear();
+                    }
+                }
+            }
+            if !q.is_empty() {
+                self.held.insert(peer, q);
+            }
+        }
+    }
+
+    /// A peer's link is over half its budget, or frames wait for room: the socket side stops taking the
+    /// shards' messages (their publishers pause) until it drains.
+    pub fn congested(&self) -> bool {
+        !self.held.is_empty() || self.zone.congested()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {

@@ -705,6 +705,7 @@ impl Core for Shard {
             dropped_too_large = c.dropped_too_large,
             dropped_no_member = c.dropped_no_member,
             handoffs = c.handoffs,
+            publisher_pauses = c.publisher_pauses,
             storage_errors = self.storage_errors(),
             "shard counters at shutdown"
         );
