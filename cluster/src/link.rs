@@ -477,6 +477,32 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
     Ok(Some((frame, end)))
 }
 
+/// The whole frames of `buf`, back to back (as [`crate::ZoneEvent::Frames`] carries them), in order; an
+/// error ends the iteration.
+pub fn frames(buf: &[u8]) -> impl Iterator<Item = Result<Frame<'_>, LinkError>> + '_ {
+    let mut at = 0;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || at >= buf.len() {
+            return None;
+        }
+        match decode(&buf[at..]) {
+            Ok(Some((f, n))) => {
+                at += n;
+                Some(Ok(f))
+            }
+            Ok(None) => {
+                failed = true;
+                Some(Err(LinkError::Malformed("incomplete frame")))
+            }
+            Err(e) => {
+                failed = true;
+                Some(Err(e))
+            }
+        }
+    })
+}
+
 /// What one side of a link opening does next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum HandshakeStep {

@@ -115,11 +115,11 @@ pub enum ZoneEvent {
         peer: NodeIdentity,
         reason: &'static str,
     },
-    /// An application frame from `from`: one whole encoded link frame, in the order sent, exactly once
-    /// per life of the two nodes.
-    Frame {
+    /// Application frames from `from`: one or more whole encoded link frames back to back, in the order
+    /// sent, each exactly once per life of the two nodes.
+    Frames {
         from: NodeName,
-        frame: Vec<u8>,
+        frames: Vec<u8>,
     },
     /// A link handshake was refused (wrong secret or version), by either side.
     Refused {
@@ -440,20 +440,22 @@ impl Zone {
     fn read_frames(&mut self, link: LinkId, now: Instant) {
         let Some(l) = self.links.get_mut(&link) else { return };
         let buf = std::mem::take(&mut l.inbuf);
+        let (peer, mut resuming) = match &l.state {
+            State::Resuming { peer } => (peer.clone(), true),
+            State::Open { peer } => (peer.clone(), false),
+            _ => return,
+        };
         let mut at = 0;
+        // Consecutive application frames go out as one event (one allocation, not one per frame).
+        let mut batch: Vec<u8> = Vec::new();
         loop {
-            let Some(l) = self.links.get_mut(&link) else { return };
-            let peer = match &l.state {
-                State::Resuming { peer } | State::Open { peer } => peer.clone(),
-                _ => return,
-            };
-            let resuming = matches!(l.state, State::Resuming { .. });
             let (frame, used) = match link::decode(&buf[at..]) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(peer = %peer.name, error = %e, "malformed link frame; closing the link");
                     self.counters.links_malformed += 1;
+                    self.emit_frames(&peer.name, &mut batch);
                     self.close(link, "malformed frame", true, now);
                     return;
                 }
@@ -468,7 +470,9 @@ impl Zone {
                         Resume::Resync { dropped } => self.counters.dropped_resync += dropped as u64,
                     }
                     p.up = Some(link);
+                    let Some(l) = self.links.get_mut(&link) else { return };
                     l.state = State::Open { peer: peer.clone() };
+                    resuming = false;
                     self.counters.links_opened += 1;
                     tracing::info!(peer = ?peer, link = link.0, "peer up");
                     self.events.push_back(ZoneEvent::PeerUp { peer: peer.clone() });
@@ -480,10 +484,12 @@ impl Zone {
                 }
                 Frame::Refuse { reason } => {
                     let reason = format!("peer refused the link: {reason}");
+                    self.emit_frames(&peer.name, &mut batch);
                     self.refused(link, reason, now);
                     return;
                 }
                 Frame::Hello { .. } | Frame::Proof { .. } => {
+                    self.emit_frames(&peer.name, &mut batch);
                     self.protocol_error(link, &peer, "handshake frame on an open link", now);
                     return;
                 }
@@ -494,11 +500,11 @@ impl Zone {
                 _ => {
                     p.session.handle_frame();
                     self.counters.frames_in += 1;
-                    self.events
-                        .push_back(ZoneEvent::Frame { from: peer.name.clone(), frame: bytes.to_vec() });
+                    batch.extend_from_slice(bytes);
                 }
             }
         }
+        self.emit_frames(&peer.name, &mut batch);
         if let Some(l) = self.links.get_mut(&link) {
             l.inbuf = buf[at..].to_vec();
             if let State::Open { peer } = &l.state {
@@ -507,6 +513,13 @@ impl Zone {
                     self.send_received(link, &name, seq, now);
                 }
             }
+        }
+    }
+
+    /// Hands the application frames collected so far to the node, as one event.
+    fn emit_frames(&mut self, from: &NodeName, batch: &mut Vec<u8>) {
+        if !batch.is_empty() {
+            self.events.push_back(ZoneEvent::Frames { from: from.clone(), frames: std::mem::take(batch) });
         }
     }
 
@@ -618,7 +631,11 @@ impl Zone {
     pub fn take_link_transmit(&mut self, link: LinkId) -> Vec<u8> {
         self.writable.remove(&link);
         let out = match self.links.get_mut(&link) {
-            Some(l) => std::mem::take(&mut l.out),
+            // The next batch starts with the room this one needed: no chain of reallocations per batch.
+            Some(l) => {
+                let room = l.out.capacity().min(1 << 20);
+                std::mem::replace(&mut l.out, Vec::with_capacity(room))
+            }
             None => self.closing.remove(&link).map(|(b, _)| b).unwrap_or_default(),
         };
         self.counters.bytes_out += out.len() as u64;
@@ -942,7 +959,13 @@ mod tests {
         assert_eq!((c.send_not_connected, c.send_full), (1, 2));
         // Delivered once, and the acknowledgement (a heartbeat) frees the budget.
         pump(&mut a, la, &mut b, lb, now);
-        let frames = events(&mut b).into_iter().filter(|e| matches!(e, ZoneEvent::Frame { .. })).count();
+        let frames: usize = events(&mut b)
+            .into_iter()
+            .map(|e| match e {
+                ZoneEvent::Frames { frames, .. } => link::frames(&frames).count(),
+                _ => 0,
+            })
+            .sum();
         assert_eq!(frames, sent);
         b.handle_timeout(now + b.cfg.heartbeat);
         pump(&mut a, la, &mut b, lb, now);

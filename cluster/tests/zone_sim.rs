@@ -189,13 +189,13 @@ impl Net {
         self.hosts.events[slot]
             .iter()
             .filter_map(|(_, e)| match e {
-                ZoneEvent::Frame { from: f, frame } if *f == name(from) => match link::decode(frame) {
-                    Ok(Some((Frame::Forward(fw), _))) => {
-                        Some(u64::from_le_bytes(fw.payload.try_into().unwrap()))
-                    }
-                    other => panic!("unexpected frame {other:?}"),
-                },
+                ZoneEvent::Frames { from: f, frames } if *f == name(from) => Some(frames),
                 _ => None,
+            })
+            .flat_map(|frames| link::frames(frames))
+            .map(|f| match f {
+                Ok(Frame::Forward(fw)) => u64::from_le_bytes(fw.payload.try_into().unwrap()),
+                other => panic!("unexpected frame {other:?}"),
             })
             .collect()
     }

@@ -15,7 +15,9 @@
 //! Peers are told apart by a slot (0..64, for bit masks); beyond 64 peers a publisher is never paused for
 //! the extra ones. Entries are pruned when their maps grow large: a pruned publisher starts afresh.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use ahash::HashMap;
 
 use shardmq_shard::core::{Origin, SessionKey};
 use shardmq_shard::ShardId;

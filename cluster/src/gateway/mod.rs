@@ -230,7 +230,18 @@ impl Gateway {
                 }
                 ZoneEvent::PeerUp { peer } => self.peer_up(peer, now),
                 ZoneEvent::PeerDown { peer, reason } => self.peer_down(peer, reason),
-                ZoneEvent::Frame { from, frame } => self.handle_frame(&from, &frame, now),
+                ZoneEvent::Frames { from, frames } => {
+                    for f in link::frames(&frames) {
+                        match f {
+                            Ok(f) => self.handle_frame(&from, f, now),
+                            Err(_) => {
+                                self.counters.malformed += 1;
+                                tracing::warn!(node = %from, "undecodable frame from a cluster peer; ignored");
+                                break;
+                            }
+                        }
+                    }
+                }
                 ZoneEvent::Refused { addr, reason } => {
                     tracing::warn!(?addr, %reason, "cluster link refused")
                 }
@@ -265,15 +276,7 @@ impl Gateway {
         self.sync_remote_shared();
     }
 
-    fn handle_frame(&mut self, from: &NodeName, bytes: &[u8], now: Instant) {
-        let frame = match link::decode(bytes) {
-            Ok(Some((f, _))) => f,
-            Ok(None) | Err(_) => {
-                self.counters.malformed += 1;
-                tracing::warn!(node = %from, "undecodable frame from a cluster peer; ignored");
-                return;
-            }
-        };
+    fn handle_frame(&mut self, from: &NodeName, frame: Frame<'_>, now: Instant) {
         match frame {
             Frame::Forward(f) => self.receive_forward(from, f, now),
             Frame::Stored { token, ok } => {
@@ -443,6 +446,10 @@ impl Gateway {
 /// A message's properties as a link frame carries them: the PUBLISH property block without the expiry
 /// (empty when there are none), and the expiry's remaining seconds apart.
 fn frame_properties(msg: &Msg, now: Instant) -> (Vec<u8>, Option<u32>) {
+    if msg.props.is_none() {
+        // The common case, without building a (large) property set per message.
+        return (Vec::new(), msg.expiry_interval_s(now));
+    }
     let mut p = msg.wire_properties(now);
     let expiry_s = p.message_expiry_interval_s.take();
     let mut block = Vec::new();

@@ -67,13 +67,18 @@ impl Msg {
     }
 
     /// Properties for a PUBLISH carrying this message, borrowing from it.
-    pub fn wire_properties(&self, now: Instant) -> Properties<'_> {
-        let mut p = Properties::default();
-        if let Some(at) = self.expires_at {
-            // Round up so a message with a few ms left is not announced as already expired (0 s).
+    /// The Message Expiry Interval left, in seconds, if it has one. Rounded up so that a message with a
+    /// few ms left is not announced as already expired (0 s).
+    pub fn expiry_interval_s(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|at| {
             let left_ms = at.saturating_duration_since(now).as_millis() as u64;
-            p.message_expiry_interval_s = Some(left_ms.div_ceil(1000).min(u32::MAX as u64) as u32);
-        }
+            left_ms.div_ceil(1000).min(u32::MAX as u64) as u32
+        })
+    }
+
+    pub fn wire_properties(&self, now: Instant) -> Properties<'_> {
+        let mut p =
+            Properties { message_expiry_interval_s: self.expiry_interval_s(now), ..Properties::default() };
         if let Some(m) = &self.props {
             p.payload_format_indicator = m.payload_format_indicator;
             p.content_type = m.content_type.as_deref();
