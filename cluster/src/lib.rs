@@ -23,12 +23,18 @@
 //!   only moves bytes and reports connects and closes (`tests/zone_sim.rs` runs whole zones over
 //!   simulated datagrams and streams);
 //! - [`retained`]: retained replicas, last writer wins by (hybrid logical clock, node name), with
-//!   tombstones, converging in any delivery order.
+//!   tombstones, converging in any delivery order;
+//! - [`gateway`]: the node's cluster gateway, a mesh endpoint beside its shards: node-level interest to
+//!   the router, publishes forwarded to the peers that may want them and delivered from them, durability
+//!   answers across nodes, retained replication, publisher backpressure across nodes (`tests/node_sim.rs`
+//!   runs whole nodes, real shard cores included);
+//! - [`registry`]: the session registry's rules (owners of a client id by rendezvous hashing, the
+//!   registrations an owner keeps, how two registrations of one id resolve): the base of sessions across
+//!   nodes, not driven by anything yet.
 //!
-//! What it does not do: touch sockets, clocks or the OS's randomness (the caller seeds [`Zone::new`]), TLS
-//! on links, retained snapshots for joining nodes, links between zones or regions, or anything of the
-//! broker itself (the gateway that turns publishes, subscriptions and retained messages into frames,
-//! and the socket thread, live in the broker and build on this; issue "Cluster, one zone").
+//! What it does not do: touch sockets, clocks or the OS's randomness (the caller seeds [`Zone::new`]; the
+//! socket side is the runtime's cluster thread), TLS on links, links between zones or regions, or
+//! sessions across nodes (a client id is unique per node only; issue "Cluster sessions").
 
 mod bytes;
 pub mod frame;
@@ -37,6 +43,7 @@ mod identity;
 pub mod interest;
 pub mod link;
 mod membership;
+pub mod registry;
 pub mod retained;
 pub mod router;
 pub mod session;

@@ -1,0 +1,380 @@
+//! The session registry of a zone, sans I/O: which node owns the registration of a client id, and the
+//! registrations an owner keeps (issue "Cluster sessions"; this is its data, the protocol comes next).
+//!
+//! **Ownership by rendezvous hashing.** The owner of a client id is the member with the highest weight
+//! [`weight`]`(node, client)` among the members up in the zone; the one with the second highest keeps a
+//! replica, so that a registration (and the will it carries) survives the loss of one node. A member
+//! joining or leaving moves only the ids whose top two changed (about 2/N of them), and every node
+//! computes the same owners from the same view, without coordination. The hash is specified and stable
+//! ([`REGISTRY_HASH`]: XXH3-64 with seed 0 over the node name, a 0xFF byte, which UTF-8 never contains,
+//! and the client id), the same on every build and CPU, so it can be named in the cluster protocol.
+//!
+//! **Registrations.** A registration says which node holds a client's session and with what epoch; the
+//! epoch grows with every registration of that id (the owner's compare-and-swap: the newest connection
+//! wins), and a holder with an older epoch may no longer deliver for the session (fencing). Two
+//! registrations of one id made apart (a partition, or owners that changed meanwhile) are resolved
+//! deterministically when they meet ([`RegistryTable::merge`]): by epoch, then by hybrid logical clock
+//! (last writer wins between concurrent ones), then by node name. This is the seed design's "vector
+//! clocks + last writer wins" kept per client id, without clocks keyed by node (a restarted node comes
+//! back under a new identity, so per-node vectors would grow without bound).
+//!
+//! What it does not do: messages between nodes, timers, session hand-over or wills (the gateway and the
+//! shards will drive those); it is the table and the rules every node applies alike.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::retained::HlcStamp;
+use crate::NodeName;
+
+/// Names the hash of [`weight`] in the cluster protocol: a node with another rule must not join.
+pub const REGISTRY_HASH: &str = "hrw-xxh3-64-seed0";
+
+/// The rendezvous weight of `node` for `client`.
+pub fn weight(node: &NodeName, client: &str) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::with_seed(0);
+    h.update(node.0.as_bytes());
+    h.update(&[0xFF]);
+    h.update(client.as_bytes());
+    h.digest()
+}
+
+/// The owner of a client id's registration and the node that keeps its replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owners {
+    pub primary: NodeName,
+    pub replica: Option<NodeName>,
+}
+
+impl Owners {
+    pub fn contains(&self, node: &NodeName) -> bool {
+        self.primary == *node || self.replica.as_ref() == Some(node)
+    }
+}
+
+/// The two members with the highest weights for `client` (ties, which take a 64-bit collision, go to the
+/// greater name). `None` without members.
+pub fn owners<'a>(client: &str, members: impl IntoIterator<Item = &'a NodeName>) -> Option<Owners> {
+    let mut top: Option<(u64, &NodeName)> = None;
+    let mut second: Option<(u64, &NodeName)> = None;
+    for m in members {
+        let w = (weight(m, client), m);
+        if top.is_none_or(|t| w > t) {
+            second = top;
+            top = Some(w);
+        } else if second.is_none_or(|s| w > s) && top.is_none_or(|t| t.1 != m) {
+            second = Some(w);
+        }
+    }
+    let (_, primary) = top?;
+    Some(Owners { primary: primary.clone(), replica: second.map(|(_, n)| n.clone()) })
+}
+
+/// Where a client's session lives, as its owner records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub client: Arc<str>,
+    /// The node that holds the session (its client connected there last).
+    pub holder: NodeName,
+    /// Grows with every registration of this id. Invariant: ≥ 1.
+    pub epoch: u64,
+    /// When the holder registered it, on its hybrid logical clock.
+    pub stamp: HlcStamp,
+    /// The client is connected at the holder (an offline persistent session stays registered).
+    pub connected: bool,
+}
+
+impl Registration {
+    /// The order that decides between two registrations of one id: the greater wins.
+    fn version(&self) -> (u64, HlcStamp, &NodeName) {
+        (self.epoch, self.stamp, &self.holder)
+    }
+}
+
+/// The answer to a registration: the epoch the new connection holds, and the registration it replaced
+/// when another node held the session (that node must end its connection and hand the session over).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub epoch: u64,
+    pub previous: Option<Registration>,
+}
+
+/// What merging a registration from elsewhere did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Merged {
+    /// New to this table, or the same registration again.
+    Recorded,
+    /// It won over the registration this table had, held by another node: that one is superseded (its
+    /// connection must end and its session go to the winner).
+    Replaced { loser: Registration },
+    /// The table's registration wins; the incoming one, held by another node, is superseded.
+    Rejected { winner: Registration },
+}
+
+/// The registrations a node keeps: those it owns or replicates.
+#[derive(Debug, Default)]
+pub struct RegistryTable {
+    entries: HashMap<Arc<str>, Registration>,
+}
+
+impl RegistryTable {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, client: &str) -> Option<&Registration> {
+        self.entries.get(client)
+    }
+
+    /// A client connected at `holder`: compare-and-swap on the epoch, the newest connection wins.
+    pub fn register(&mut self, client: &str, holder: &NodeName, stamp: HlcStamp) -> Registered {
+        let prev = self.entries.get(client).cloned();
+        let epoch = prev.as_ref().map_or(1, |p| p.epoch + 1);
+        let r = Registration { client: client.into(), holder: holder.clone(), epoch, stamp, connected: true };
+        self.entries.insert(r.client.clone(), r);
+        Registered { epoch, previous: prev.filter(|p| p.holder != *holder) }
+    }
+
+    /// A registration made elsewhere (a replica's copy, a holder re-registering with a new owner, the
+    /// other side of a healed partition). Converges whatever the order merges come in.
+    pub fn merge(&mut self, r: Registration) -> Merged {
+        debug_assert!(r.epoch >= 1);
+        let Some(cur) = self.entries.get(&r.client) else {
+            self.entries.insert(r.client.clone(), r);
+            return Merged::Recorded;
+        };
+        if cur.version() == r.version() {
+            // The same registration; only whether its client is connected can have changed, and a
+            // disconnect is final for an epoch.
+            let connected = cur.connected && r.connected;
+            self.entries.get_mut(&r.client).expect("present").connected = connected;
+            return Merged::Recorded;
+        }
+        if r.version() > cur.version() {
+            let loser = self.entries.insert(r.client.clone(), r.clone()).expect("present");
+            if loser.holder == r.holder {
+                Merged::Recorded
+            } else {
+                Merged::Replaced { loser }
+            }
+        } else if cur.holder == r.holder {
+            Merged::Recorded
+        } else {
+            Merged::Rejected { winner: cur.clone() }
+        }
+    }
+
+    /// The client of epoch `epoch` disconnected; its session stays where it is (if it persists).
+    /// Ignored for another epoch: a newer connection elsewhere already took it.
+    pub fn disconnected(&mut self, client: &str, epoch: u64) {
+        if let Some(r) = self.entries.get_mut(client).filter(|r| r.epoch == epoch) {
+            r.connected = false;
+        }
+    }
+
+    /// The session of epoch `epoch` ended (clean session gone, expired): the registration goes. Ignored
+    /// for another epoch.
+    pub fn ended(&mut self, client: &str, epoch: u64) {
+        if self.entries.get(client).is_some_and(|r| r.epoch == epoch) {
+            self.entries.remove(client);
+        }
+    }
+
+    /// The registrations of sessions `node` held: what its loss leaves without a live holder (their
+    /// wills are due; their clients will register elsewhere).
+    pub fn held_by<'a>(&'a self, node: &'a NodeName) -> impl Iterator<Item = &'a Registration> + 'a {
+        self.entries.values().filter(move |r| r.holder == *node)
+    }
+
+    /// After a membership change from `before` to `after`: the registrations this node (`me`) keeps whose
+    /// owners changed, with their new owners (the caller sends them there; merging is idempotent), and
+    /// drops those it no longer owns nor replicates. Sorted by client id.
+    pub fn rebalance<'a>(
+        &mut self,
+        me: &NodeName,
+        before: impl IntoIterator<Item = &'a NodeName> + Clone,
+        after: impl IntoIterator<Item = &'a NodeName> + Clone,
+    ) -> Vec<(Owners, Registration)> {
+        let mut out = Vec::new();
+        self.entries.retain(|client, r| {
+            let Some(now) = owners(client, after.clone()) else { return true };
+            if owners(client, before.clone()).as_ref() != Some(&now) {
+                out.push((now.clone(), r.clone()));
+            }
+            now.contains(me)
+        });
+        out.sort_by(|a, b| a.1.client.cmp(&b.1.client));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn n(s: &str) -> NodeName {
+        NodeName(s.into())
+    }
+
+    fn nodes(k: usize) -> Vec<NodeName> {
+        (0..k).map(|i| n(&format!("node-{i}"))).collect()
+    }
+
+    #[test]
+    fn the_weight_is_pinned() {
+        // The protocol names this hash: its values must never change with a build or a dependency.
+        assert_eq!(weight(&n("a"), "c"), xxhash_rust::xxh3::xxh3_64_with_seed(b"a\xffc", 0));
+        assert_ne!(weight(&n("ab"), "c"), weight(&n("a"), "bc"), "the separator keeps (ab, c) from (a, bc)");
+    }
+
+    #[test]
+    fn owners_are_the_two_heaviest_and_every_node_agrees() {
+        let ms = nodes(5);
+        for i in 0..200 {
+            let client = format!("client-{i}");
+            let o = owners(&client, &ms).unwrap();
+            let mut by_weight: Vec<&NodeName> = ms.iter().collect();
+            by_weight.sort_by_key(|m| std::cmp::Reverse((weight(m, &client), (*m).clone())));
+            assert_eq!(&o.primary, by_weight[0]);
+            assert_eq!(o.replica.as_ref(), Some(by_weight[1]));
+            let mut shuffled = ms.clone();
+            shuffled.reverse();
+            assert_eq!(owners(&client, &shuffled).unwrap(), o, "the order of the view does not matter");
+        }
+        assert_eq!(owners("x", &[n("only")]).unwrap(), Owners { primary: n("only"), replica: None });
+        assert!(owners("x", &[]).is_none());
+    }
+
+    #[test]
+    fn a_member_leaving_or_joining_moves_only_its_share() {
+        let ms = nodes(10);
+        let ids: Vec<String> = (0..10_000).map(|i| format!("dev-{i}")).collect();
+        let before: Vec<Owners> = ids.iter().map(|c| owners(c, &ms).unwrap()).collect();
+        let gone = n("node-3");
+        let left: Vec<NodeName> = ms.iter().filter(|m| **m != gone).cloned().collect();
+        let mut moved = 0;
+        for (c, b) in ids.iter().zip(&before) {
+            let a = owners(c, &left).unwrap();
+            if a.primary != b.primary {
+                moved += 1;
+                assert_eq!(b.primary, gone, "only the leaver's ids change owner");
+                assert_eq!(Some(&a.primary), b.replica.as_ref(), "its replica takes over");
+            }
+        }
+        assert!((800..1200).contains(&moved), "about 1/10 moved: {moved}");
+        let mut joined = ms.clone();
+        joined.push(n("node-new"));
+        let moved =
+            ids.iter().zip(&before).filter(|(c, b)| owners(c, &joined).unwrap().primary != b.primary).count();
+        assert!((700..1100).contains(&moved), "about 1/11 moved to the newcomer: {moved}");
+    }
+
+    #[test]
+    fn the_newest_registration_wins_and_names_the_one_it_replaced() {
+        let mut t = RegistryTable::default();
+        let (a, b) = (n("a"), n("b"));
+        let r1 = t.register("c", &a, HlcStamp(10));
+        assert_eq!(r1, Registered { epoch: 1, previous: None });
+        let r2 = t.register("c", &a, HlcStamp(11));
+        assert_eq!(r2, Registered { epoch: 2, previous: None }, "a reconnect on the same node");
+        let r3 = t.register("c", &b, HlcStamp(12));
+        assert_eq!(r3.epoch, 3);
+        assert_eq!(r3.previous.map(|p| (p.holder, p.epoch)), Some((a.clone(), 2)));
+        t.disconnected("c", 2);
+        assert!(t.get("c").unwrap().connected, "an older epoch's disconnect changes nothing");
+        t.disconnected("c", 3);
+        assert!(!t.get("c").unwrap().connected);
+        t.ended("c", 2);
+        assert!(t.get("c").is_some());
+        t.ended("c", 3);
+        assert!(t.get("c").is_none());
+    }
+
+    #[test]
+    fn partition_sides_resolve_by_epoch_then_clock_then_name() {
+        let reg = |holder: &str, epoch, stamp| Registration {
+            client: "c".into(),
+            holder: n(holder),
+            epoch,
+            stamp: HlcStamp(stamp),
+            connected: true,
+        };
+        let mut t = RegistryTable::default();
+        assert_eq!(t.merge(reg("a", 5, 100)), Merged::Recorded);
+        assert_eq!(t.merge(reg("b", 4, 900)), Merged::Rejected { winner: reg("a", 5, 100) });
+        assert_eq!(t.merge(reg("b", 5, 101)), Merged::Replaced { loser: reg("a", 5, 100) });
+        assert_eq!(
+            t.merge(reg("a", 5, 101)),
+            Merged::Rejected { winner: reg("b", 5, 101) },
+            "names break ties"
+        );
+        assert_eq!(t.merge(reg("b", 5, 101)), Merged::Recorded, "the same registration again");
+    }
+
+    #[test]
+    fn rebalance_hands_over_what_moved_and_keeps_what_it_still_owns() {
+        let ms = nodes(4);
+        let me = ms[0].clone();
+        let mut t = RegistryTable::default();
+        let mine: Vec<String> =
+            (0..400).map(|i| format!("k{i}")).filter(|c| owners(c, &ms).unwrap().contains(&me)).collect();
+        for c in &mine {
+            t.register(c, &me, HlcStamp(1));
+        }
+        let mut grown = ms.clone();
+        grown.push(n("node-9"));
+        let out = t.rebalance(&me, &ms, &grown);
+        for (o, r) in &out {
+            assert_eq!(o, &owners(&r.client, &grown).unwrap());
+            assert_ne!(Some(o), owners(&r.client, &ms).as_ref(), "only what moved is handed over");
+        }
+        for c in &mine {
+            let o = owners(c, &grown).unwrap();
+            assert_eq!(t.get(c).is_some(), o.contains(&me), "{c}");
+        }
+        assert!(!out.is_empty() && out.len() < mine.len());
+    }
+
+    proptest! {
+        #[test]
+        fn merging_converges_in_any_order(
+            regs in proptest::collection::vec((0u8..3, 1u64..4, 0u64..4), 1..8),
+            seed in any::<u64>(),
+        ) {
+            let all: Vec<Registration> = regs
+                .iter()
+                .map(|(h, e, s)| Registration {
+                    client: "c".into(),
+                    holder: n(&format!("h{h}")),
+                    epoch: *e,
+                    stamp: HlcStamp(*s),
+                    connected: true,
+                })
+                .collect();
+            let mut forward = RegistryTable::default();
+            for r in &all {
+                forward.merge(r.clone());
+            }
+            let mut order: Vec<usize> = (0..all.len()).collect();
+            let mut x = seed | 1;
+            for i in (1..order.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                order.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let mut shuffled = RegistryTable::default();
+            for i in order {
+                shuffled.merge(all[i].clone());
+            }
+            let max = all.iter().max_by(|a, b| a.version().cmp(&b.version())).unwrap();
+            prop_assert_eq!(forward.get("c").map(Registration::version), Some(max.version()));
+            prop_assert_eq!(shuffled.get("c").map(Registration::version), Some(max.version()));
+        }
+    }
+}
