@@ -416,12 +416,23 @@ impl Gateway {
                 "peers did not confirm storing forwarded messages in time; acknowledged anyway"
             );
         }
+        if now >= self.retained.next_prune_at(self.started) {
+            let wall = self.wall_ms(now);
+            self.retained.prune(wall, now);
+        }
         self.drive(now);
     }
 
     /// The earliest deadline of the gateway's own timers (the zone's are its own: see `Zone::poll_timeout`).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.router.poll_timeout(), self.fwd.next_deadline()].into_iter().flatten().min()
+        [
+            self.router.poll_timeout(),
+            self.fwd.next_deadline(),
+            Some(self.retained.next_prune_at(self.started)),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn poll_mesh(&mut self) -> Option<(ShardId, Mesh)> {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use shardmq_shard::core::{Mesh, Msg};
 
@@ -21,11 +21,30 @@ pub(super) struct RetainedSync {
     /// same `Arc`): that echo is not a new local update. Several per topic when updates follow each
     /// other faster than the owner echoes them (each echo must be recognised, not only the last).
     injected: HashMap<Arc<str>, Vec<Arc<Msg>>>,
+    /// When tombstones were last pruned (`None`: not yet).
+    pruned_at: Option<Instant>,
 }
+
+/// How long a deletion is remembered (as a tombstone that wins over older copies of the message): far
+/// longer than any replication delay in a zone, while a node away for longer than this and coming back
+/// with the deleted message brings it back. Pruned every [`PRUNE_EVERY`].
+pub(super) const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 impl RetainedSync {
     pub fn len(&self) -> usize {
         self.replica.len()
+    }
+
+    pub fn next_prune_at(&self, started: Instant) -> Instant {
+        self.pruned_at.unwrap_or(started) + PRUNE_EVERY
+    }
+
+    /// Forgets deletions older than [`TOMBSTONE_TTL`] (`wall_ms`: now, on the wall clock).
+    pub fn prune(&mut self, wall_ms: u64, now: Instant) {
+        let horizon = wall_ms.saturating_sub(TOMBSTONE_TTL.as_millis() as u64);
+        self.replica.prune(HlcStamp::new(horizon, 0));
+        self.pruned_at = Some(now);
     }
 }
 
@@ -135,5 +154,30 @@ impl Gateway {
         self.retained.injected.entry(topic).or_default().push(msg.clone());
         let owner = self.owner_shard(&msg.topic);
         self.out.push_back((owner, Mesh::Retain { msg, apply: false, ack: None }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deletions_are_remembered_for_the_tombstone_ttl_then_forgotten() {
+        let mut r = RetainedSync::default();
+        let now = Instant::now();
+        let deleted_at_ms = 1_800_000_000_000;
+        let u = RetainedUpdate {
+            topic: Arc::from("t"),
+            stamp: HlcStamp::new(deleted_at_ms, 0),
+            node: NodeName("n1".into()),
+            message: None,
+        };
+        assert!(r.replica.apply(u));
+        let ttl = TOMBSTONE_TTL.as_millis() as u64;
+        r.prune(deleted_at_ms + ttl - 1, now);
+        assert_eq!(r.replica.entries().count(), 1, "still within the TTL");
+        assert_eq!(r.next_prune_at(now), now + PRUNE_EVERY);
+        r.prune(deleted_at_ms + ttl + 1, now);
+        assert_eq!(r.replica.entries().count(), 0);
     }
 }
