@@ -762,8 +762,13 @@ impl Zone {
     /// stalled peer. The socket side then stops taking publishes from the shards (they pause their
     /// publishers, as for a slow shard) until it drains, instead of filling the budget and dropping.
     pub fn congested(&self) -> bool {
+        self.peers.keys().any(|n| self.peer_congested(n))
+    }
+
+    /// The peer is up and holds more than half its backlog budget (see [`Zone::congested`]).
+    pub fn peer_congested(&self, peer: &NodeName) -> bool {
         let half = self.cfg.link_budget_bytes / 2;
-        self.peers.values().any(|p| p.up.is_some() && p.session.backlog_bytes() > half)
+        self.peers.get(peer).is_some_and(|p| p.up.is_some() && p.session.backlog_bytes() > half)
     }
 
     pub fn counters(&self) -> ZoneCounters {

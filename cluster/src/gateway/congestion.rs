@@ -43,13 +43,14 @@ struct Track {
 }
 
 impl Track {
-    fn all_congested(&self) -> bool {
-        self.last != 0 && self.last & !self.congested == 0
-    }
-
     /// Re-evaluates; the new state when it changed.
     fn changed(&mut self) -> Option<bool> {
-        let now = self.all_congested();
+        self.changed_with(0)
+    }
+
+    /// Re-evaluates with the targets in `also` counted as congested too.
+    fn changed_with(&mut self, also: u64) -> Option<bool> {
+        let now = self.last != 0 && self.last & !(self.congested | also) == 0;
         (now != self.reported).then(|| {
             self.reported = now;
             now
@@ -79,6 +80,8 @@ pub(super) struct Congestion {
     inbound: HashMap<u64, Track>,
     /// Local publishers.
     outbound: HashMap<Origin, Track>,
+    /// Peers (slot bits) whose link holds over half its budget: congested for every local publisher.
+    links: u64,
 }
 
 impl Congestion {
@@ -146,7 +149,30 @@ impl Congestion {
         prune(&mut self.outbound);
         let t = self.outbound.entry(origin).or_default();
         t.last = peers;
-        t.changed()
+        t.changed_with(self.links)
+    }
+
+    /// The peers whose links are congested now (slot bits). Returns the reports due to local
+    /// publishers' shards: a publisher whose last message went only to congested peers is reported,
+    /// as if those peers had reported every subscriber of it congested.
+    pub fn links_congested(&mut self, mask: u64) -> Vec<(Origin, bool)> {
+        if mask == self.links {
+            return Vec::new();
+        }
+        self.links = mask;
+        let mut out = Vec::new();
+        for (o, t) in self.outbound.iter_mut() {
+            if let Some(c) = t.changed_with(mask) {
+                out.push((*o, c));
+            }
+        }
+        out.sort_unstable_by_key(|(o, _)| (o.shard, o.session));
+        out
+    }
+
+    /// The slot bit of a peer already seen (0 otherwise).
+    pub fn bit_of(&self, peer: &NodeName) -> u64 {
+        self.slots.get(peer).map_or(0, |s| bit(*s as usize))
     }
 
     /// A peer reports congestion (or its end) for a local publisher. Returns a report for its shard.
@@ -158,7 +184,7 @@ impl Congestion {
         } else {
             t.congested &= !b;
         }
-        t.changed()
+        t.changed_with(self.links)
     }
 
     /// The peer went down: its reports no longer hold, nor do its publishers' entries here. Returns the
@@ -166,11 +192,12 @@ impl Congestion {
     pub fn peer_down(&mut self, peer: &NodeName) -> Vec<(Origin, bool)> {
         let Some(&slot) = self.slots.get(peer) else { return Vec::new() };
         let b = bit(slot as usize);
+        self.links &= !b;
         let mut out = Vec::new();
         for (o, t) in self.outbound.iter_mut() {
             t.congested &= !b;
             t.last &= !b;
-            if let Some(c) = t.changed() {
+            if let Some(c) = t.changed_with(self.links) {
                 out.push((*o, c));
             }
         }
@@ -215,6 +242,21 @@ mod tests {
         // b's bits go from both masks: a, the one target left, is still congested, so nothing changes.
         assert!(c.peer_down(&b).is_empty());
         assert_eq!(c.peer_reports(&a, o, false), Some(false));
+    }
+
+    #[test]
+    fn a_congested_link_reports_the_publishers_that_reach_only_congested_peers() {
+        let mut c = Congestion::default();
+        let (a, b) = (name("a"), name("b"));
+        let (ba, bb) = (bit(c.slot(&a).unwrap() as usize), bit(c.slot(&b).unwrap() as usize));
+        let only_a = Origin { shard: ShardId(0), session: SessionKey(1) };
+        let both = Origin { shard: ShardId(0), session: SessionKey(2) };
+        assert_eq!(c.forwarded(only_a, ba), None);
+        assert_eq!(c.forwarded(both, ba | bb), None);
+        assert_eq!(c.links_congested(ba), vec![(only_a, true)], "b still takes `both`'s messages");
+        assert_eq!(c.forwarded(both, ba), Some(true), "its next message went to a alone");
+        assert_eq!(c.links_congested(0), vec![(only_a, false), (both, false)]);
+        assert_eq!(c.links_congested(0), vec![], "no change, no report");
     }
 
     #[test]

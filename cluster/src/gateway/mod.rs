@@ -45,6 +45,8 @@ use self::retained::RetainedSync;
 
 /// How long a publish's acknowledgement waits for a peer's answer before going without it.
 pub const STORED_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames held for full links (all peers together) before the node stops taking its shards' messages.
+pub const HELD_LIMIT: usize = 4 << 20;
 /// How long a SUBACK waits for the peers to acknowledge new interest.
 pub const INTEREST_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -89,6 +91,14 @@ pub struct GatewayCounters {
     pub congestion_in: u64,
 }
 
+/// Frames for peers whose link budget is full, in order, until it drains.
+#[derive(Default)]
+struct HeldFrames {
+    by_peer: BTreeMap<NodeName, VecDeque<Vec<u8>>>,
+    /// Invariant: the bytes in `by_peer`.
+    bytes: usize,
+}
+
 pub struct Gateway {
     id: ShardId,
     cfg: GatewayConfig,
@@ -102,9 +112,9 @@ pub struct Gateway {
     inject: InjectAcks,
     retained: RetainedSync,
     congestion: Congestion,
-    /// Frames for peers whose link budget is full, in order, until it drains. Bounded by what one drain
-    /// of the inbox brings: the socket side takes nothing more from the shards meanwhile (`congested`).
-    held: BTreeMap<NodeName, VecDeque<Vec<u8>>>,
+    /// Frames for peers whose link budget is full. Bounded: past [`HELD_LIMIT`] the socket side takes
+    /// nothing more from the shards (`congested`).
+    held: HeldFrames,
     /// Shards that have not yet acknowledged [`Mesh::ForwardAll`]; peers are served once it is 0.
     unready: usize,
     out: VecDeque<(ShardId, Mesh)>,
@@ -125,7 +135,7 @@ impl Gateway {
             inject: InjectAcks::default(),
             retained: RetainedSync::default(),
             congestion: Congestion::default(),
-            held: BTreeMap::new(),
+            held: HeldFrames::default(),
             unready: cfg.shards as usize,
             out: VecDeque::new(),
             counters: GatewayCounters::default(),
@@ -249,6 +259,7 @@ impl Gateway {
         }
         self.flush_announcements();
         self.complete_interest();
+        self.sync_link_congestion();
     }
 
     fn peer_up(&mut self, peer: NodeIdentity, now: Instant) {
@@ -267,8 +278,9 @@ impl Gateway {
         let given_up = self.fwd.peer_down(&peer.name, &mut self.out);
         self.counters.stored_unconfirmed += given_up;
         self.inject.peer_down(&peer.name);
-        if let Some(q) = self.held.remove(&peer.name) {
+        if let Some(q) = self.held.by_peer.remove(&peer.name) {
             self.counters.dropped_not_connected += q.len() as u64;
+            self.held.bytes -= q.iter().map(Vec::len).sum::<usize>();
         }
         for (o, c) in self.congestion.peer_down(&peer.name) {
             self.out.push_back((o.shard, Mesh::Congestion { session: o.session, congested: c }));
@@ -351,12 +363,14 @@ impl Gateway {
     /// the gateway takes what one drain of its inbox brings before it sees the congestion (see
     /// `held`), and frames keep their order. `false`: not sent and not held (counted).
     fn send_bytes(&mut self, peer: &NodeName, buf: Vec<u8>) -> bool {
-        if let Some(q) = self.held.get_mut(peer) {
+        if let Some(q) = self.held.by_peer.get_mut(peer) {
+            self.held.bytes += buf.len();
             q.push_back(buf);
             return true;
         }
         if let Ok(false) = self.zone.fits(peer, buf.len()) {
-            self.held.entry(peer.clone()).or_default().push_back(buf);
+            self.held.bytes += buf.len();
+            self.held.by_peer.entry(peer.clone()).or_default().push_back(buf);
             return true;
         }
         match self.zone.send(peer, buf) {
@@ -374,13 +388,14 @@ impl Gateway {
 
     /// Moves held frames to their links as their budgets allow, in order.
     fn release_held(&mut self) {
-        let peers: Vec<NodeName> = self.held.keys().cloned().collect();
+        let peers: Vec<NodeName> = self.held.by_peer.keys().cloned().collect();
         for peer in peers {
-            let Some(mut q) = self.held.remove(&peer) else { continue };
+            let Some(mut q) = self.held.by_peer.remove(&peer) else { continue };
             while let Some(f) = q.front() {
                 match self.zone.fits(&peer, f.len()) {
                     Ok(true) => {
                         let f = q.pop_front().expect("checked");
+                        self.held.bytes -= f.len();
                         if self.zone.send(&peer, f).is_err() {
                             self.counters.dropped_backlog_full += 1;
                         }
@@ -389,20 +404,39 @@ impl Gateway {
                     Err(_) => {
                         // Down meanwhile: what was held for it is lost with the link.
                         self.counters.dropped_not_connected += q.len() as u64;
+                        self.held.bytes -= q.iter().map(Vec::len).sum::<usize>();
                         q.clear();
                     }
                 }
             }
             if !q.is_empty() {
-                self.held.insert(peer, q);
+                self.held.by_peer.insert(peer, q);
             }
         }
     }
 
-    /// A peer's link is over half its budget, or frames wait for room: the socket side stops taking the
-    /// shards' messages (their publishers pause) until it drains.
+    /// Frames held for full links passed [`HELD_LIMIT`]: the socket side stops taking the shards'
+    /// messages (the shards' read gate then pauses all their publishers) until they drain. Before that,
+    /// only the publishers whose messages go to congested links alone are paused (`sync_link_congestion`).
     pub fn congested(&self) -> bool {
-        !self.held.is_empty() || self.zone.congested()
+        self.held.bytes > HELD_LIMIT
+    }
+
+    /// Tells the shards which publishers reach only peers whose links are congested (over half their
+    /// budget, or with frames held): their shards pause them as for congested subscribers.
+    fn sync_link_congestion(&mut self) {
+        let mut mask = 0u64;
+        for p in self.zone.peers_up() {
+            if self.zone.peer_congested(&p.name) {
+                mask |= self.congestion.bit_of(&p.name);
+            }
+        }
+        for name in self.held.by_peer.keys() {
+            mask |= self.congestion.bit_of(name);
+        }
+        for (o, c) in self.congestion.links_congested(mask) {
+            self.out.push_back((o.shard, Mesh::Congestion { session: o.session, congested: c }));
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
