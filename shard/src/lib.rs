@@ -17,6 +17,7 @@
 //! `shardmq-storage`; the core only decides what to write and what is still live), clustering across
 //! nodes, or command-line parsing (that is the `broker` crate).
 
+pub mod auth;
 pub mod core;
 mod ids;
 pub mod io;

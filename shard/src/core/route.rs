@@ -321,6 +321,12 @@ impl Shard {
                 reasons.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             }
+            if self.cfg.acl_on() && !self.sessions.acls.get(&key).is_some_and(|a| a.can_subscribe(inner)) {
+                // 3.1.1 clients read it as 0x80 Failure (the encoder maps it).
+                self.counters.denied_by_acl += 1;
+                reasons.push(ReasonCode::NOT_AUTHORIZED);
+                continue;
+            }
             let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());
             let Some(sess) = self.sessions.map.get_mut(&key) else { return Ok(()) };
             let stored = sess.stored_ver != 0;
