@@ -9,11 +9,14 @@ use super::sim::*;
 use crate::auth::{passwd::PasswordHash, Acl, Auth, PasswordFile};
 use crate::core::*;
 
-const ACL: &str = "user alice\ntopic read a/#\ntopic deny a/secret\nuser bob\ntopic write a/#\n";
+const ACL: &str =
+    "user alice\ntopic read a/#\ntopic deny a/secret\nuser bob\ntopic write a/#\nuser dan\ntopic read a/#\n";
 
 fn cfg() -> Config {
     let line = |u: &str, pw: &[u8]| format!("{u}:{}\n", PasswordHash::pbkdf2(pw, [3; 12], 101).encode());
-    let passwords = PasswordFile::parse(&(line("alice", b"a-pw") + &line("bob", b"b-pw"))).unwrap();
+    let passwords =
+        PasswordFile::parse(&(line("alice", b"a-pw") + &line("bob", b"b-pw") + &line("dan", b"d-pw")))
+            .unwrap();
     let auth =
         Auth { passwords: Some(passwords), acl: Some(Acl::parse(ACL).unwrap()), allow_anonymous: false };
     Config { auth: Some(Arc::new(auth)), ..Config::default() }
@@ -89,4 +92,19 @@ fn a_restored_session_gets_nothing_until_its_client_is_back() {
     assert_eq!(reason, ReasonCode::SUCCESS);
     sim.publish(bob, "a/after", b"x", QoS::AtLeastOnce, false, 2);
     assert_eq!(topics(&mut sim, alice), ["a/after"]);
+}
+
+#[test]
+fn a_shared_group_member_that_may_not_read_is_passed_over() {
+    let mut sim = Sim::with(1, cfg());
+    let (alice, _) = login(&mut sim, 0, "alice-1", "alice", b"a-pw");
+    let (dan, _) = login(&mut sim, 0, "dan-1", "dan", b"d-pw");
+    sim.subscribe(alice, "$share/g/a/#", QoS::AtLeastOnce);
+    sim.subscribe(dan, "$share/g/a/#", QoS::AtLeastOnce);
+    let (bob, _) = login(&mut sim, 0, "bob-1", "bob", b"b-pw");
+    for _ in 0..4 {
+        sim.publish(bob, "a/secret", b"x", QoS::AtMostOnce, false, 0);
+    }
+    assert_eq!(topics(&mut sim, dan).len(), 4, "every message reaches the member allowed to read it");
+    assert!(topics(&mut sim, alice).is_empty());
 }
