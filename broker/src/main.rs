@@ -3,6 +3,7 @@
 
 mod cluster;
 mod inspect;
+mod passwd;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use shardmq_runtime::{self as runtime, BackendChoice, Node, RuntimeConfig, ShardFailure};
+use shardmq_shard::auth::Auth;
 use shardmq_shard::core::{open_node, Boot, Config, NodeShared, Shard, StorageConfig, WallClock};
 use shardmq_storage::FsyncPolicy;
 
@@ -24,8 +26,8 @@ const MAX_IDLE_POLL_US: u64 = 10_000;
 /// shardmq: a thread-per-core MQTT 3.1.1 and 5.0 broker.
 #[derive(argh::FromArgs, Debug)]
 struct Args {
-    /// address to listen on for MQTT over TCP (repeatable; default 0.0.0.0:1883; port 0 picks a free port,
-    /// shown in the startup line)
+    /// address to listen on for MQTT over TCP (repeatable; default 0.0.0.0:1883, which needs
+    /// --password-file or --allow-anonymous; port 0 picks a free port, shown in the startup line)
     #[argh(option)]
     listen: Vec<String>,
     /// number of shards (one thread pinned per core); default: every core the process may use
@@ -123,6 +125,19 @@ struct Args {
     /// packet and link is authenticated with it, and a node without it or with another cannot join
     #[argh(option)]
     cluster_secret_file: Option<PathBuf>,
+    /// password file in Mosquitto's format (`user:$7$...`, as made by mosquitto_passwd or `shardmq passwd`):
+    /// clients must give a listed user name and its password; anonymous clients are refused unless
+    /// --allow-anonymous
+    #[argh(option)]
+    password_file: Option<PathBuf>,
+    /// ACL file in Mosquitto's format (user sections, topic and pattern rules with %c/%u) checked on
+    /// SUBSCRIBE, PUBLISH and every delivery
+    #[argh(option)]
+    acl_file: Option<PathBuf>,
+    /// accept clients without a user name; without a password file it is required unless every
+    /// --listen address is a loopback address
+    #[argh(switch)]
+    allow_anonymous: bool,
     /// log level or filter (error, warn, info, debug, trace, or a tracing filter); default info
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
@@ -134,6 +149,7 @@ struct Args {
 #[argh(subcommand)]
 enum Command {
     Inspect(inspect::Inspect),
+    Passwd(passwd::Passwd),
 }
 
 /// How often `main` looks at the node for a failed shard while it waits for a signal.
@@ -146,12 +162,18 @@ fn main() -> Result<ExitCode> {
         .with_writer(std::io::stderr)
         .with_ansi(colour_logs())
         .init();
-    if let Some(Command::Inspect(i)) = &args.cmd {
-        std::process::exit(inspect::run(i, wall_clock())?);
+    match &args.cmd {
+        Some(Command::Inspect(i)) => std::process::exit(inspect::run(i, wall_clock())?),
+        Some(Command::Passwd(p)) => {
+            passwd::run(p)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
     }
 
     let listen =
         resolve(if args.listen.is_empty() { vec!["0.0.0.0:1883".into()] } else { args.listen.clone() })?;
+    let auth = auth_setup(&args, &listen)?;
     let mut rt = RuntimeConfig { listen, pin_threads: !args.no_pin, ..RuntimeConfig::default() };
     if let Some(n) = args.cores {
         if n == 0 {
@@ -194,6 +216,7 @@ fn main() -> Result<ExitCode> {
         max_topic_alias: args.max_topic_alias,
         max_session_expiry_s: args.max_session_expiry,
         max_subscriptions: args.max_subscriptions,
+        auth,
         ..Config::default()
     };
     let node_state = Arc::new(NodeShared::new(rt.shards.min(u16::MAX as usize) as u16));
@@ -349,6 +372,29 @@ static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
 fn wall_clock() -> WallClock {
     let base_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     WallClock { base: Instant::now(), base_unix_ms }
+}
+
+/// Secure by default, as Mosquitto 2: without a password file, anonymous clients are accepted only when
+/// asked for or when no listener can be reached from another host. `None`: no checks at all.
+fn auth_setup(args: &Args, listen: &[SocketAddr]) -> Result<Option<Arc<Auth>>> {
+    if args.password_file.is_none() && !args.allow_anonymous {
+        if let Some(open) = listen.iter().find(|a| !a.ip().is_loopback()) {
+            bail!(
+                "refusing to start: --listen {open} is not a loopback address and anonymous clients would be \
+                 accepted; give --password-file FILE (see `shardmq passwd`) to require passwords, or \
+                 --allow-anonymous to accept anyone"
+            );
+        }
+    }
+    if args.password_file.is_none() && args.acl_file.is_none() {
+        return Ok(None);
+    }
+    // Without a password file user names are taken as given (for the ACL), as Mosquitto does; anonymous
+    // clients are accepted there by the rule above (loopback or --allow-anonymous).
+    let allow_anonymous = args.allow_anonymous || args.password_file.is_none();
+    let auth = Auth::load(args.password_file.as_deref(), args.acl_file.as_deref(), allow_anonymous)?;
+    tracing::info!(?auth, "authentication");
+    Ok(Some(Arc::new(auth)))
 }
 
 fn resolve(listen: Vec<String>) -> Result<Vec<SocketAddr>> {

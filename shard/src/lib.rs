@@ -6,6 +6,8 @@
 //!   messages out; with a log (`core::persist`, on `shardmq-storage`), it records persistent sessions,
 //!   their messages and retained messages, holds acknowledgements until their records are durable, and
 //!   rebuilds itself from the logs of every shard at boot;
+//! - [`auth`]: Mosquitto-format password files and ACLs, parsed once and checked by the shard that owns
+//!   the connection (rules compiled per client at CONNECT);
 //! - [`placement`]: the specified, stable hash that decides which shard owns a client id or retained
 //!   topic (recorded in the data directory, since the logs depend on it);
 //! - [`trie`] and [`retained`]: the per-shard subscription index and retained-message tree;
@@ -17,6 +19,7 @@
 //! `shardmq-storage`; the core only decides what to write and what is still live), clustering across
 //! nodes, or command-line parsing (that is the `broker` crate).
 
+pub mod auth;
 pub mod core;
 mod ids;
 pub mod io;

@@ -399,11 +399,18 @@ impl Shard {
             return Err(ProtocolError::TopicName("wildcard in topic name"));
         }
         let too_deep = topic::levels(&topic) > self.cfg.max_topic_levels;
+        let denied = !self.may_publish(key, &topic);
+        if denied {
+            self.counters.denied_by_acl += 1;
+        }
         let pid = p.packet_id;
-        let mut route = !too_deep;
+        let mut route = !too_deep && !denied;
         // With a log, the acknowledgement waits until the message is durable wherever it went.
         let token = if p.qos != QoS::AtMostOnce { self.begin_ack() } else { None };
-        if p.qos == QoS::ExactlyOnce {
+        // A v5 PUBREC with 0x87 ends the exchange (no PUBREL follows), so no QoS 2 state is kept for it;
+        // a 3.1.1 client is acknowledged as if the message went through (Mosquitto's behaviour: 3.1.1
+        // has no way to say no), so its PUBREL must find the id.
+        if p.qos == QoS::ExactlyOnce && !(denied && v5) {
             let pid = pid.ok_or(ProtocolError::Violation("QoS 2 without packet id"))?;
             let s = self.sessions.map.get_mut(&key).ok_or(ProtocolError::Violation("no session"))?;
             if s.qos().holds_inbound_qos2(pid.0) {
@@ -445,12 +452,26 @@ impl Shard {
             let targets = self.route(msg, now);
             self.note_targets(key, targets, now);
         }
-        let reason = if too_deep { ReasonCode::TOPIC_NAME_INVALID } else { ReasonCode::SUCCESS };
+        let reason = if too_deep {
+            ReasonCode::TOPIC_NAME_INVALID
+        } else if denied && v5 {
+            ReasonCode::NOT_AUTHORIZED
+        } else {
+            ReasonCode::SUCCESS
+        };
         match pid {
             Some(pid) if p.qos != QoS::AtMostOnce => self.ack_publish(id, pid, p.qos, reason, token, now),
             _ => self.ack_ctx = None,
         }
         Ok(())
+    }
+
+    /// The ACL check of a PUBLISH (always allowed without an ACL file).
+    fn may_publish(&self, key: SessionKey, topic_name: &str) -> bool {
+        if !self.cfg.acl_on() {
+            return true;
+        }
+        self.sessions.acls.get(&key).is_some_and(|a| a.can_publish(topic_name))
     }
 
     fn on_pubrel(&mut self, id: ConnId, key: SessionKey, pid: PacketId, now: Instant) {

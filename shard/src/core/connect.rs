@@ -8,6 +8,7 @@ use shardmq_wire::{topic, ConnAck, Connect, Packet, Properties, Protocol, Reason
 
 use super::session::{Session, WillState};
 use super::{owner_of, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer};
+use crate::auth::Refusal;
 use crate::ConnId;
 
 impl Shard {
@@ -68,6 +69,29 @@ impl Shard {
         }
         if v5 && c.properties.authentication_method.is_some() {
             return self.refuse(id, c.protocol, ProtocolError::AuthNotSupported.reason_code(), now);
+        }
+        // Checked by the owner shard only (a handed-off CONNECT arrives here whole): one check per
+        // CONNECT, and the ACL ends up where the session lives.
+        let mut acl = None;
+        if let Some(auth) = self.cfg.auth.clone() {
+            if let Err(refusal) = auth.authenticate(c.username, c.password) {
+                self.counters.auth_refused += 1;
+                let reason = match refusal {
+                    Refusal::Anonymous => ReasonCode::NOT_AUTHORIZED,
+                    Refusal::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                };
+                tracing::debug!(conn = id.0, user = c.username, ?refusal, "CONNECT refused");
+                return self.refuse(id, c.protocol, reason, now);
+            }
+            let client_id = assigned.as_deref().unwrap_or(c.client_id);
+            acl = auth.client_acl(client_id, c.username);
+            // A will the client could not publish itself is refused up front, as Mosquitto does.
+            if let (Some(a), Some(w)) = (&acl, &c.will) {
+                if !a.can_publish(w.topic) {
+                    self.counters.auth_refused += 1;
+                    return self.refuse(id, c.protocol, ReasonCode::NOT_AUTHORIZED, now);
+                }
+            }
         }
         if let Some(w) = &c.will {
             if !topic::valid_topic_name(w.topic) || topic::levels(w.topic) > self.cfg.max_topic_levels {
@@ -145,6 +169,10 @@ impl Shard {
             s.last_targets = 0;
             s.congested_by = 0;
         }
+        match acl {
+            Some(a) => self.sessions.acls.insert(key, a),
+            None => self.sessions.acls.remove(&key),
+        };
 
         let mut keepalive_s = c.keep_alive_s;
         let mut props = Properties::default();
@@ -266,6 +294,7 @@ impl Shard {
             let _ = self.persist_session(key);
         }
         let Some(s) = self.sessions.map.remove(&key) else { return };
+        self.sessions.acls.remove(&key);
         // Retained messages it was still owed go with it (a later session may get the same key).
         self.retained.owed.remove(&key);
         self.sessions.by_client.remove(&s.client_id, key);

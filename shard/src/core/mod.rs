@@ -96,6 +96,16 @@ pub struct Config {
     /// anything): it hears every interest announcement and retained update, announces the zone's
     /// shared-group members as its own, and gets the publishes the peers may want (see `route`).
     pub cluster_gateway: bool,
+    /// Password file, ACL and whether anonymous clients are accepted; `None`: anyone may connect and do
+    /// anything (the broker decides when that is allowed, see `--allow-anonymous`).
+    pub auth: Option<Arc<crate::auth::Auth>>,
+}
+
+impl Config {
+    /// Whether ACL checks apply: without an ACL file they are skipped entirely.
+    pub(crate) fn acl_on(&self) -> bool {
+        self.auth.as_ref().is_some_and(|a| a.acl.is_some())
+    }
 }
 
 impl Default for Config {
@@ -120,6 +130,7 @@ impl Default for Config {
             // record rewritten on every SUBSCRIBE) to well under a megabyte.
             max_subscriptions: 1000,
             cluster_gateway: false,
+            auth: None,
         }
     }
 }
@@ -159,6 +170,10 @@ pub struct Counters {
     pub dropped_no_member: u64,
     /// Messages not sent because they exceeded the client's Maximum Packet Size.
     pub dropped_too_large: u64,
+    /// CONNECTs refused for their credentials (or for having none).
+    pub auth_refused: u64,
+    /// Publishes and deliveries the ACL did not allow.
+    pub denied_by_acl: u64,
     pub handoffs: u64,
     pub mesh_out: u64,
     /// Times a publisher was paused because everything it published met congestion (see `backpressure`).
@@ -302,6 +317,11 @@ struct SessionTable {
     next_key: u64,
     /// Client ids assigned to clients that sent none (a counter that restarts with the process).
     assigned_ids: u64,
+    /// With an ACL file: the rules of each session's client as of its last CONNECT. Beside the sessions
+    /// rather than in them, so that a node without an ACL pays nothing per session. A session restored
+    /// from the log whose client has not connected since has none, and is delivered nothing: the user
+    /// name it authenticated with is not stored.
+    acls: HashMap<SessionKey, Box<crate::auth::ClientAcl>>,
 }
 
 /// What the core hands the runtime and the other shards, until they take it.
@@ -401,6 +421,7 @@ impl Shard {
                 by_client: clients::ClientIndex::new(),
                 next_key: 1,
                 assigned_ids: 0,
+                acls: HashMap::new(),
             },
             routing: Routing {
                 subs: TopicTrie::new(),
@@ -702,6 +723,8 @@ impl Core for Shard {
             dropped_queue_full = c.dropped_queue_full,
             dropped_queue_bytes = c.dropped_queue_bytes,
             dropped_expired = c.dropped_expired,
+            auth_refused = c.auth_refused,
+            denied_by_acl = c.denied_by_acl,
             dropped_too_large = c.dropped_too_large,
             dropped_no_member = c.dropped_no_member,
             handoffs = c.handoffs,

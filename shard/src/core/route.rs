@@ -243,7 +243,14 @@ impl Shard {
         let mut members = std::mem::take(&mut self.routing.scratch.members);
         members.clear();
         let list: &[SubRef] = self.routing.subs.get(&key.1).unwrap_or(&[]);
-        members.extend(list.iter().enumerate().filter(|(_, s)| s.group == key.0).map(|(i, _)| i as u32));
+        // Only members allowed to read the topic: a denied one would otherwise take the message from the
+        // group (with no ACL file every member is).
+        let acl_on = self.cfg.acl_on();
+        let acls = &self.sessions.acls;
+        let may_read = |s: &SubRef| !acl_on || acls.get(&s.session).is_some_and(|a| a.can_read(&msg.topic));
+        members.extend(
+            list.iter().enumerate().filter(|(_, s)| s.group == key.0 && may_read(s)).map(|(i, _)| i as u32),
+        );
         if members.is_empty() {
             self.routing.scratch.members = members;
             // The last member here left after the sender chose this shard (its announcement is still on
@@ -319,6 +326,12 @@ impl Shard {
             }
             if !topic::valid_topic_filter(filter) || topic::levels(inner) > self.cfg.max_topic_levels {
                 reasons.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
+            if self.cfg.acl_on() && !self.sessions.acls.get(&key).is_some_and(|a| a.can_subscribe(inner)) {
+                // 3.1.1 clients read it as 0x80 Failure (the encoder maps it).
+                self.counters.denied_by_acl += 1;
+                reasons.push(ReasonCode::NOT_AUTHORIZED);
                 continue;
             }
             let group: Option<Arc<str>> = shared.as_ref().map(|sh| sh.group.into());

@@ -377,6 +377,10 @@ impl Shard {
         }
         let high_water = self.queue_high_water();
         let bytes_high_water = self.queue_bytes_high_water();
+        if self.cfg.acl_on() && !self.sessions.acls.get(&key).is_some_and(|a| a.can_read(&d.msg.topic)) {
+            self.counters.denied_by_acl += 1;
+            return Verdict::Ignored;
+        }
         let Some(s) = self.sessions.map.get_mut(&key) else { return Verdict::Ignored };
         let conn = s.conn.and_then(|c| self.conns.get_mut(&c));
         if d.qos == QoS::AtMostOnce {

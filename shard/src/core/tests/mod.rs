@@ -1,5 +1,6 @@
 //! Deterministic harness tests of the core (see `sim` for the harness).
 
+mod auth;
 mod driver;
 mod durable;
 mod gateway;
