@@ -45,6 +45,9 @@ pub struct Acl {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ClientAcl {
     rules: Box<[Rule]>,
+    /// The user name the rules were made for: stored with a persistent session, so that the same rules
+    /// are rebuilt when it is restored from the log.
+    username: Option<Box<str>>,
 }
 
 impl Acl {
@@ -126,11 +129,15 @@ impl Acl {
         }
         // Deny rules decide first.
         rules.sort_by_key(|r| r.access != DENY);
-        ClientAcl { rules: rules.into() }
+        ClientAcl { rules: rules.into(), username: username.map(Into::into) }
     }
 }
 
 impl ClientAcl {
+    pub fn username(&self) -> Option<&str> {
+        self.username.as_deref()
+    }
+
     pub fn can_publish(&self, topic_name: &str) -> bool {
         self.check(WRITE, |rule| topic::matches(rule, topic_name))
     }

@@ -344,6 +344,13 @@ impl Shard {
         s.expiry_s = st.expiry_s.min(cap);
         s.stored_ver = st.ver;
         s.will = st.will;
+        // The rights its client had, rebuilt under today's ACL; without a record of them (an older
+        // record) it gets nothing until its client authenticates again.
+        if let (Some(user), Some(auth)) = (&st.user, self.cfg.auth.as_deref()) {
+            if let Some(acl) = auth.client_acl(&client_id, user.as_deref()) {
+                self.sessions.acls.insert(key, acl);
+            }
+        }
         // A session that was connected when the broker stopped lost its connection then: its expiry
         // and will delay start now. A stored deadline (0: none) is kept.
         let due = |unix_ms: u64, after_s: u32| match unix_ms {
@@ -502,6 +509,12 @@ impl Shard {
             records::put_sub_options(&mut e, opts);
             e.u32(sub_id);
         }
+        // The rights' user name (see `StoredSession::user`): 0 none recorded, 1 anonymous, 2 a name.
+        match self.sessions.acls.get(&key).map(|a| a.username()) {
+            None => e.u8(0),
+            Some(None) => e.u8(1),
+            Some(Some(u)) => e.u8(2).str(u),
+        };
         if !st.append(records::SESSION, &e.0) {
             return false;
         }

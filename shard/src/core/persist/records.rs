@@ -169,6 +169,11 @@ impl<'a> Dec<'a> {
         Ok(n)
     }
     /// Bytes consumed so far.
+    /// Bytes not read yet (a record may end before fields later builds added).
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
     pub fn pos(&self) -> usize {
         self.pos
     }

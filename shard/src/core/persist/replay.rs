@@ -34,6 +34,9 @@ pub struct StoredSession {
     pub will_at_unix_ms: u64,
     /// Full filters (with any `$share/group/` prefix), options, subscription identifier (0: none).
     pub subs: Vec<(Box<str>, SubOptions, u32)>,
+    /// Under an ACL, the user name its client authenticated with (`Some(None)`: anonymous), so that the
+    /// session gets the same rights when restored; `None` when not recorded (no ACL, older records).
+    pub user: Option<Option<Box<str>>>,
 }
 
 /// What a session had: its record, its messages (in `mid` order, with whether a QoS 2 one was already
@@ -306,6 +309,17 @@ fn decode_session(d: &mut Dec<'_>) -> DecResult<StoredSession> {
         let sub_id = d.u32()?;
         subs.push((filter, opts, sub_id));
     }
+    // Added after the first format: a record may end before it.
+    let user = if d.remaining() == 0 {
+        None
+    } else {
+        match d.u8()? {
+            0 => None,
+            1 => Some(None),
+            2 => Some(Some(d.str()?.into())),
+            x => return Err(format!("session user flag {x}")),
+        }
+    };
     Ok(StoredSession {
         ver,
         sid,
@@ -316,6 +330,7 @@ fn decode_session(d: &mut Dec<'_>) -> DecResult<StoredSession> {
         will,
         will_at_unix_ms,
         subs,
+        user,
     })
 }
 

@@ -78,20 +78,22 @@ fn deliveries_across_shards_follow_the_readers_rules() {
 }
 
 #[test]
-fn a_restored_session_gets_nothing_until_its_client_is_back() {
+fn a_restored_session_keeps_its_rights() {
     let mut sim = Sim::durable(1, cfg());
     let (alice, _) = login(&mut sim, 0, "alice-1", "alice", b"a-pw");
     sim.subscribe(alice, "a/#", QoS::AtLeastOnce);
+    sim.subscribe(alice, "b/#", QoS::AtLeastOnce);
     sim.drop_conn(alice);
     sim.crash_and_restart();
-    // The user name the session authenticated with is not stored: until its client connects again,
-    // nothing may be delivered to it.
+    // The user name its rights were made for is stored with the session: while its client is away,
+    // it is queued what alice may read, and only that.
     let (bob, _) = login(&mut sim, 0, "bob-1", "bob", b"b-pw");
     sim.publish(bob, "a/before", b"x", QoS::AtLeastOnce, false, 1);
+    sim.publish(bob, "b/not-for-alice", b"x", QoS::AtLeastOnce, false, 2);
     let (alice, reason) = login(&mut sim, 0, "alice-1", "alice", b"a-pw");
     assert_eq!(reason, ReasonCode::SUCCESS);
-    sim.publish(bob, "a/after", b"x", QoS::AtLeastOnce, false, 2);
-    assert_eq!(topics(&mut sim, alice), ["a/after"]);
+    sim.publish(bob, "a/after", b"x", QoS::AtLeastOnce, false, 3);
+    assert_eq!(topics(&mut sim, alice), ["a/before", "a/after"]);
 }
 
 #[test]
