@@ -2,6 +2,7 @@
 //! SIGINT/SIGTERM to shut down gracefully. All protocol work lives in `shardmq-shard`.
 
 mod cluster;
+mod config;
 mod inspect;
 mod passwd;
 
@@ -138,6 +139,12 @@ struct Args {
     /// --listen address is a loopback address
     #[argh(switch)]
     allow_anonymous: bool,
+    /// a TOML file setting any of these flags by name (`max-connections = 5000`, `listen = ["a", "b"]`,
+    /// `in-memory = true`); flags on the command line win; check one with `shardmq check-config FILE`
+    // Read by `config::expand` before parsing (the field documents it in --help and accepts it).
+    #[argh(option)]
+    #[allow(dead_code)]
+    config: Option<PathBuf>,
     /// log level or filter (error, warn, info, debug, trace, or a tracing filter); default info
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
@@ -150,13 +157,61 @@ struct Args {
 enum Command {
     Inspect(inspect::Inspect),
     Passwd(passwd::Passwd),
+    CheckConfig(CheckConfig),
+}
+
+/// Check a config file (`--config`): print the settings it makes, or why it is refused.
+#[derive(argh::FromArgs, Debug)]
+#[argh(subcommand, name = "check-config")]
+struct CheckConfig {
+    /// the TOML file
+    #[argh(positional)]
+    file: PathBuf,
 }
 
 /// How often `main` looks at the node for a failed shard while it waits for a signal.
 const FAILURE_CHECK: Duration = Duration::from_millis(200);
 
+/// The command line, with the settings of a `--config` file in front of it, parsed.
+fn parse_args(argv: Vec<String>) -> Result<Args> {
+    let (argv, _) = config::expand::<Args>(argv)?;
+    let name = argv.first().map_or("shardmq", |s| s.rsplit('/').next().unwrap_or(s));
+    let rest: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
+    match <Args as argh::FromArgs>::from_args(&[name], &rest) {
+        Ok(a) => Ok(a),
+        Err(e) if e.status.is_ok() => {
+            // --help.
+            println!("{}", e.output);
+            std::process::exit(0)
+        }
+        Err(e) => bail!("{}", e.output.trim_end()),
+    }
+}
+
+/// `shardmq check-config FILE`: what the file sets, as flags, once the whole parses.
+fn check_config(file: &std::path::Path) -> Result<()> {
+    let argv = vec!["shardmq".to_string(), "--config".to_string(), file.display().to_string()];
+    let (expanded, _) = config::expand::<Args>(argv.clone())?;
+    parse_args(argv)?;
+    println!("{}: ok", file.display());
+    let mut it = expanded.iter().skip(1).peekable();
+    while let Some(flag) = it.next() {
+        match it.peek() {
+            Some(v) if !v.starts_with("--") => println!("  {flag} {}", it.next().expect("peeked")),
+            _ => println!("  {flag}"),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<ExitCode> {
-    let args: Args = argh::from_env();
+    let args = match parse_args(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)
@@ -167,6 +222,15 @@ fn main() -> Result<ExitCode> {
         Some(Command::Passwd(p)) => {
             passwd::run(p)?;
             return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::CheckConfig(c)) => {
+            return Ok(match check_config(&c.file) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            });
         }
         None => {}
     }
