@@ -161,7 +161,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((f.max_connections, f.listen), (7, vec!["c:3".to_string()]));
-        assert_eq!(parse("in-memory = false\n", &[]).unwrap().in_memory, false);
+        assert!(!parse("in-memory = false\n", &[]).unwrap().in_memory);
     }
 
     #[test]
