@@ -238,6 +238,7 @@ fn main() -> Result<ExitCode> {
     let listen =
         resolve(if args.listen.is_empty() { vec!["0.0.0.0:1883".into()] } else { args.listen.clone() })?;
     let auth = auth_setup(&args, &listen)?;
+    let listen_addrs = listen.clone();
     let mut rt = RuntimeConfig { listen, pin_threads: !args.no_pin, ..RuntimeConfig::default() };
     if let Some(n) = args.cores {
         if n == 0 {
@@ -283,7 +284,9 @@ fn main() -> Result<ExitCode> {
         auth,
         ..Config::default()
     };
-    let node_state = Arc::new(NodeShared::new(rt.shards.min(u16::MAX as usize) as u16));
+    let node_state =
+        Arc::new(NodeShared::with_auth(rt.shards.min(u16::MAX as usize) as u16, cfg.auth.clone()));
+    let reload_state = node_state.clone();
     let shards = rt.shards;
     if shards > u16::MAX as usize {
         bail!("--cores must be at most {}", u16::MAX);
@@ -367,7 +370,17 @@ fn main() -> Result<ExitCode> {
         storage,
         cluster_line.unwrap_or_default()
     );
-    let sig = match wait_for_end(&node, cluster_thread.as_ref(), &signals) {
+    // SIGHUP: the password file and the ACL are read again; connections stay.
+    let reload = || match auth_setup(&args, &listen_addrs) {
+        Ok(auth) => {
+            reload_state.auth.replace(auth);
+            tracing::info!("password file and ACL reloaded");
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "reload refused; the previous files stay in force")
+        }
+    };
+    let sig = match wait_for_end(&node, cluster_thread.as_ref(), &signals, reload) {
         End::Signal(sig) => sig,
         End::Failed(failure) => {
             tracing::error!(shard = failure.shard.index(), cause = %failure.cause, "a shard failed; stopping");
@@ -488,6 +501,7 @@ fn block_shutdown_signals() -> Result<libc::sigset_t> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if rc != 0 {
             bail!("pthread_sigmask failed: {}", std::io::Error::from_raw_os_error(rc));
@@ -509,10 +523,12 @@ enum End {
 /// already stopped the others; waiting for a signal alone would leave a process without listeners that no
 /// supervisor restarts. A node whose cluster thread died would serve its own clients but silently not the
 /// zone's: it stops too.
+/// SIGHUP (asking for a reload) calls `reload` and keeps waiting.
 fn wait_for_end(
     node: &Node,
     cluster: Option<&std::thread::JoinHandle<std::io::Result<()>>>,
     signals: &libc::sigset_t,
+    reload: impl Fn(),
 ) -> End {
     loop {
         if let Some(failure) = node.failure() {
@@ -521,8 +537,10 @@ fn wait_for_end(
         if cluster.is_some_and(|t| t.is_finished()) {
             return End::ClusterFailed;
         }
-        if let Some(sig) = wait_for(signals, FAILURE_CHECK) {
-            return End::Signal(sig);
+        match wait_for(signals, FAILURE_CHECK) {
+            Some("SIGHUP") => reload(),
+            Some(sig) => return End::Signal(sig),
+            None => {}
         }
     }
 }
@@ -537,6 +555,7 @@ fn wait_for(set: &libc::sigset_t, timeout: Duration) -> Option<&'static str> {
     match sig {
         libc::SIGINT => Some("SIGINT"),
         libc::SIGTERM => Some("SIGTERM"),
+        libc::SIGHUP => Some("SIGHUP"),
         _ => None,
     }
 }
@@ -604,7 +623,7 @@ mod tests {
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let waiter = std::thread::spawn(move || {
-            let end = wait_for_end(&node, None, &none);
+            let end = wait_for_end(&node, None, &none, || {});
             let _ = tx.send(end);
             node
         });

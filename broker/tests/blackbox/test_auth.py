@@ -5,6 +5,7 @@ Debian's mosquitto_passwd where the point is that its files work unchanged."""
 import getpass
 import os
 import shutil
+import signal
 import subprocess
 import time
 import types
@@ -288,3 +289,41 @@ def test_shardmq_passwd_files_work_with_mosquitto(broker, clients, tmp_path):
     finally:
         m.terminate()
         m.wait(5)
+
+
+def wait_log(b, text, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in b.stderr():
+            return
+        time.sleep(0.05)
+    raise AssertionError("no %r in the log\n%s" % (text, b.log()))
+
+
+@needs_passwd
+def test_sighup_reloads_the_password_file_and_acl_without_dropping_connections(broker, clients, tmp_path):
+    path = passwd_file(tmp_path, {"u": "old-pw"})
+    acl = tmp_path / "acl"
+    acl.write_text("user u\ntopic readwrite t/#\n")
+    b = broker("--password-file", path, "--acl-file", str(acl))
+    listener = clients(b, "listener", version=5, username="u", password="old-pw")
+    assert listener.subscribe("t/#", qos=1) == [1]
+    # The operator changes u's password and rights, then asks for a reload.
+    subprocess.run([MOSQUITTO_PASSWD, "-b", path, "u", "new-pw"], check=True, capture_output=True, timeout=10)
+    acl.write_text("user u\ntopic readwrite other/#\n")
+    b.proc.send_signal(signal.SIGHUP)
+    wait_log(b, "password file and ACL reloaded")
+    _, reason = connack(clients, b, 5, client_id="late-old", username="u", password=b"old-pw")
+    assert reason == 0x86, "the old password no longer works"
+    pub = clients(b, "pub", version=5, username="u", password="new-pw")
+    pub.publish("t/1", b"x", qos=1)
+    pub.publish("other/1", b"y", qos=1)
+    listener.expect_none(0.5)
+    assert not listener.disconnected.is_set(), "connections stay across a reload"
+    # A file that does not parse keeps the previous version in force.
+    acl.write_text("frobnicate x\n")
+    b.proc.send_signal(signal.SIGHUP)
+    wait_log(b, "reload refused")
+    assert pub.publish("other/2", b"z", qos=1) == 0
+    _, reason = connack(clients, b, 5, client_id="late-new", username="u", password=b"new-pw")
+    assert reason == 0

@@ -9,6 +9,8 @@ pub mod base64;
 pub mod passwd;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub use acl::{Acl, ClientAcl};
 pub use passwd::{PasswordFile, PasswordHash};
@@ -48,6 +50,35 @@ pub struct Auth {
     pub acl: Option<Acl>,
     /// Clients without a user name are accepted.
     pub allow_anonymous: bool,
+}
+
+/// The node's current [`Auth`], replaced when the operator asks for its files to be read again
+/// (SIGHUP). Shards compare the generation (one atomic load per event) and take the new settings under
+/// the lock only when it changed: the lock is never on the data path.
+#[derive(Debug, Default)]
+pub struct AuthSlot {
+    generation: AtomicU64,
+    current: Mutex<Option<Arc<Auth>>>,
+}
+
+impl AuthSlot {
+    pub fn new(auth: Option<Arc<Auth>>) -> AuthSlot {
+        AuthSlot { generation: AtomicU64::new(0), current: Mutex::new(auth) }
+    }
+
+    /// Installs new settings; every shard takes them before its next event.
+    pub fn replace(&self, auth: Option<Arc<Auth>>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = auth;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn current(&self) -> Option<Arc<Auth>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// Why a CONNECT was refused.

@@ -73,7 +73,7 @@ impl Shard {
         // Checked by the owner shard only (a handed-off CONNECT arrives here whole): one check per
         // CONNECT, and the ACL ends up where the session lives.
         let mut acl = None;
-        if let Some(auth) = self.cfg.auth.clone() {
+        if let Some(auth) = self.sessions.auth.clone() {
             if let Err(refusal) = auth.authenticate(c.username, c.password) {
                 self.counters.auth_refused += 1;
                 let reason = match refusal {

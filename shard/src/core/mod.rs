@@ -142,11 +142,22 @@ pub struct NodeShared {
     pub connections: AtomicUsize,
     /// How much interest each shard has added (see `interest_gen`).
     interest: InterestGens,
+    /// The password file's and ACL's current contents (replaced on reload); starts as `Config::auth`.
+    pub auth: crate::auth::AuthSlot,
 }
 
 impl NodeShared {
     pub fn new(shards: u16) -> NodeShared {
-        NodeShared { connections: AtomicUsize::new(0), interest: InterestGens::new(shards) }
+        NodeShared {
+            connections: AtomicUsize::new(0),
+            interest: InterestGens::new(shards),
+            auth: crate::auth::AuthSlot::default(),
+        }
+    }
+
+    /// With the auth settings the node starts with (`Config::auth`).
+    pub fn with_auth(shards: u16, auth: Option<Arc<crate::auth::Auth>>) -> NodeShared {
+        NodeShared { auth: crate::auth::AuthSlot::new(auth), ..NodeShared::new(shards) }
     }
 }
 
@@ -317,11 +328,13 @@ struct SessionTable {
     next_key: u64,
     /// Client ids assigned to clients that sent none (a counter that restarts with the process).
     assigned_ids: u64,
-    /// With an ACL file: the rules of each session's client as of its last CONNECT. Beside the sessions
-    /// rather than in them, so that a node without an ACL pays nothing per session. A session restored
-    /// from the log whose client has not connected since has none, and is delivered nothing: the user
-    /// name it authenticated with is not stored.
+    /// With an ACL file: the rules of each session's client as of its last CONNECT (rebuilt on reload,
+    /// and for a session restored from the log from the user name stored with it). Beside the sessions
+    /// rather than in them, so that a node without an ACL pays nothing per session.
     acls: HashMap<SessionKey, Box<crate::auth::ClientAcl>>,
+    /// The password file and ACL in force here, and the generation of `NodeShared::auth` it is.
+    auth: Option<Arc<crate::auth::Auth>>,
+    auth_generation: u64,
 }
 
 /// What the core hands the runtime and the other shards, until they take it.
@@ -410,6 +423,7 @@ pub struct Shard {
 impl Shard {
     pub fn new(id: ShardId, shards: u16, cfg: Arc<Config>, shared: Arc<NodeShared>) -> Shard {
         debug_assert!(id.0 < shards.max(1));
+        let auth = cfg.auth.clone();
         Shard {
             id,
             shards: shards.max(1),
@@ -422,6 +436,8 @@ impl Shard {
                 next_key: 1,
                 assigned_ids: 0,
                 acls: HashMap::new(),
+                auth: auth.clone(),
+                auth_generation: 0,
             },
             routing: Routing {
                 subs: TopicTrie::new(),
@@ -464,6 +480,24 @@ impl Shard {
     }
     pub fn retained_count(&self) -> usize {
         self.retained.tree.len()
+    }
+
+    /// Takes the node's reloaded password file and ACL, if they changed since this shard last looked
+    /// (one atomic load otherwise), and rebuilds the rules of every session's client under the new ACL.
+    fn refresh_auth(&mut self) {
+        let generation = self.shared.auth.generation();
+        if generation == self.sessions.auth_generation {
+            return;
+        }
+        self.sessions.auth_generation = generation;
+        let Some(auth) = self.shared.auth.current() else { return };
+        for (key, acl) in self.sessions.acls.iter_mut() {
+            let Some(s) = self.sessions.map.get(key) else { continue };
+            if let Some(new) = auth.client_acl(&s.client_id, acl.username()) {
+                *acl = new;
+            }
+        }
+        self.sessions.auth = Some(auth);
     }
 
     /// The zone's other nodes this node is linked with (sorted names; empty when not clustered).
@@ -610,6 +644,7 @@ impl Core for Shard {
     }
 
     fn handle_adopt(&mut self, conn: ConnId, state: Handoff, now: Instant) {
+        self.refresh_auth();
         self.handle_accept(conn, now);
         if self.conns.contains_key(&conn) {
             self.handle_read(conn, &state.bytes, now);
@@ -617,6 +652,7 @@ impl Core for Shard {
     }
 
     fn handle_read(&mut self, conn: ConnId, data: &[u8], now: Instant) {
+        self.refresh_auth();
         self.read(conn, data, now);
         self.run_deferred(now);
     }
@@ -641,6 +677,7 @@ impl Core for Shard {
     }
 
     fn handle_mesh(&mut self, from: ShardId, msg: Mesh, now: Instant) {
+        self.refresh_auth();
         match msg {
             Mesh::Deliver { msg, normal, groups, rerouted, ack } => {
                 self.begin_remote_ack(ack);
@@ -697,6 +734,7 @@ impl Core for Shard {
     }
 
     fn handle_timeout(&mut self, now: Instant) {
+        self.refresh_auth();
         while let Some(Reverse((at, _))) = self.timers.heap.peek() {
             if *at > now {
                 break;

@@ -346,7 +346,7 @@ impl Shard {
         s.will = st.will;
         // The rights its client had, rebuilt under today's ACL; without a record of them (an older
         // record) it gets nothing until its client authenticates again.
-        if let (Some(user), Some(auth)) = (&st.user, self.cfg.auth.as_deref()) {
+        if let (Some(user), Some(auth)) = (&st.user, self.sessions.auth.as_deref()) {
             if let Some(acl) = auth.client_acl(&client_id, user.as_deref()) {
                 self.sessions.acls.insert(key, acl);
             }

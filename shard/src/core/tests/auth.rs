@@ -110,3 +110,26 @@ fn a_shared_group_member_that_may_not_read_is_passed_over() {
     assert_eq!(topics(&mut sim, dan).len(), 4, "every message reaches the member allowed to read it");
     assert!(topics(&mut sim, alice).is_empty());
 }
+
+#[test]
+fn a_reload_applies_new_passwords_to_new_logins_and_new_rules_to_every_session() {
+    let mut sim = Sim::with(2, cfg());
+    let (alice, _) = login(&mut sim, 0, "alice-1", "alice", b"a-pw");
+    sim.subscribe(alice, "a/#", QoS::AtLeastOnce);
+    let (bob, _) = login(&mut sim, 1, "bob-1", "bob", b"b-pw");
+    sim.publish(bob, "a/1", b"x", QoS::AtMostOnce, false, 0);
+    assert_eq!(topics(&mut sim, alice), ["a/1"]);
+    // The operator edits the files (bob's password changes, alice may no longer read a/#) and reloads.
+    let line = |u: &str, pw: &[u8]| format!("{u}:{}\n", PasswordHash::pbkdf2(pw, [5; 12], 101).encode());
+    let passwords = PasswordFile::parse(&(line("alice", b"a-pw") + &line("bob", b"new-pw"))).unwrap();
+    let acl = Acl::parse("user alice\ntopic read b/#\nuser bob\ntopic write a/#\n").unwrap();
+    let auth = Auth { passwords: Some(passwords), acl: Some(acl), allow_anonymous: false };
+    sim.node.auth.replace(Some(Arc::new(auth)));
+    // Connections stay; the new rules apply to them from their next event on.
+    sim.publish(bob, "a/2", b"x", QoS::AtMostOnce, false, 0);
+    assert!(topics(&mut sim, alice).is_empty(), "alice may no longer read a/#");
+    let (_, reason) = login(&mut sim, 1, "bob-2", "bob", b"b-pw");
+    assert_eq!(reason, ReasonCode::BAD_USER_NAME_OR_PASSWORD, "the old password no longer works");
+    let (_, reason) = login(&mut sim, 1, "bob-3", "bob", b"new-pw");
+    assert_eq!(reason, ReasonCode::SUCCESS);
+}

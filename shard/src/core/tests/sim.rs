@@ -47,6 +47,8 @@ pub(super) struct Sim {
     /// What the shards sent to the cluster gateway (mesh id `n`, with `Config::cluster_gateway`): the
     /// test plays the gateway.
     pub(super) to_gateway: VecDeque<(ShardId, Mesh)>,
+    /// What the shards of the current boot share (reloads go through it).
+    pub(super) node: Arc<NodeShared>,
 }
 
 pub(super) type C = usize;
@@ -79,6 +81,7 @@ impl Sim {
             cfg,
             data: None,
             to_gateway: VecDeque::new(),
+            node,
         }
     }
 
@@ -106,6 +109,7 @@ impl Sim {
         let (_, sc) = self.data.as_ref().expect("a durable sim");
         let clock = WallClock { base: self.now, base_unix_ms: 1_800_000_000_000 + self.elapsed_ms() };
         let boots = open_node(sc, n, clock).expect("the data directory opens");
+        self.node = node.clone();
         self.shards = boots
             .into_iter()
             .enumerate()
