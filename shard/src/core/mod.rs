@@ -22,11 +22,13 @@ mod conn;
 mod connect;
 mod error;
 mod interest_gen;
+pub mod metrics;
 mod msg;
 mod persist;
 mod route;
 mod session;
 mod suback_wait;
+mod sys;
 #[cfg(test)]
 mod tests;
 
@@ -91,6 +93,8 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Aliases the server may use towards a client (bounded by the client's Topic Alias Maximum).
     pub max_outbound_alias: u16,
+    /// Seconds between `$SYS` publications (shard 0 publishes them); 0: none.
+    pub sys_interval_s: u32,
     /// The node is part of a cluster: mesh endpoint `ShardId(shards)` is its cluster gateway, which
     /// takes part in the mesh like a shard without connections or sessions (it is never an owner of
     /// anything): it hears every interest announcement and retained update, announces the zone's
@@ -119,6 +123,7 @@ impl Default for Config {
             // make a shard keep (each filter: a trie entry, an interest entry, its share of the session
             // record rewritten on every SUBSCRIBE) to well under a megabyte.
             max_subscriptions: 1000,
+            sys_interval_s: 0,
             cluster_gateway: false,
         }
     }
@@ -131,11 +136,17 @@ pub struct NodeShared {
     pub connections: AtomicUsize,
     /// How much interest each shard has added (see `interest_gen`).
     interest: InterestGens,
+    /// Each shard's published counters, by shard index (see `metrics`).
+    pub metrics: Box<[metrics::ShardMetrics]>,
 }
 
 impl NodeShared {
     pub fn new(shards: u16) -> NodeShared {
-        NodeShared { connections: AtomicUsize::new(0), interest: InterestGens::new(shards) }
+        NodeShared {
+            connections: AtomicUsize::new(0),
+            interest: InterestGens::new(shards),
+            metrics: (0..shards).map(|_| metrics::ShardMetrics::default()).collect(),
+        }
     }
 }
 
@@ -144,9 +155,13 @@ impl NodeShared {
 pub struct Counters {
     pub connects: u64,
     pub connects_refused: u64,
+    /// Refusals by reason (see `metrics::refusal_index`).
+    pub refused: [u64; 4],
     pub protocol_errors: u64,
     pub publishes_in: u64,
+    pub publishes_in_qos: [u64; 3],
     pub deliveries: u64,
+    pub deliveries_qos: [u64; 3],
     /// QoS 0 messages dropped because the client was offline or not reading.
     pub dropped_qos0: u64,
     /// Queued messages dropped (oldest first) because a session's queue was full.
@@ -254,6 +269,8 @@ enum Timer {
     Expiry(SessionKey),
     /// Sends the next batch of retained messages owed after a SUBACK (see `route::pump_retained`).
     Retained(SessionKey),
+    /// Publishes the `$SYS` topics (shard 0 only; see `sys`).
+    Sys,
 }
 
 /// A SUBACK waiting for every other shard to acknowledge new interest.
@@ -385,6 +402,10 @@ pub struct Shard {
     store: Option<Box<persist::Store>>,
     /// Set while routing a publish whose acknowledgement waits for the shards it reaches.
     ack_ctx: Option<persist::AckCtx>,
+    /// When the counters may next be published, and whether a change waits for it (see `metrics`).
+    metrics_at: Option<Instant>,
+    metrics_pending: bool,
+    sys: sys::SysState,
 }
 
 impl Shard {
@@ -426,6 +447,9 @@ impl Shard {
             pauses: PauseState::default(),
             store: None,
             ack_ctx: None,
+            metrics_at: None,
+            metrics_pending: false,
+            sys: sys::SysState::default(),
         }
     }
 
@@ -525,6 +549,7 @@ impl Shard {
             Timer::Will(k) => self.sessions.map.get(&k).is_some_and(|s| s.will_at() == Some(at)),
             Timer::Expiry(k) => self.sessions.map.get(&k).is_some_and(|s| s.expires_at == Some(at)),
             Timer::Retained(k) => self.retained.owed.contains_key(&k),
+            Timer::Sys => true,
         }
     }
 
@@ -571,6 +596,7 @@ impl Shard {
             }
             Timer::Will(k) | Timer::Expiry(k) => self.settle_offline(k, now),
             Timer::Retained(k) => self.pump_retained(k, now),
+            Timer::Sys => self.publish_sys(now),
         }
     }
 }
@@ -746,10 +772,7 @@ impl Core for Shard {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        match (timer, self.store_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [timer, self.store_deadline(), self.metrics_deadline()].into_iter().flatten().min()
     }
 }
 

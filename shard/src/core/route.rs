@@ -576,9 +576,19 @@ impl Shard {
             self.send_mesh(owner, Mesh::Retain { msg, apply: false, ack });
             return;
         }
-        // A failure is remembered by the store: the publish waiting for it is refused.
-        let _ = self.persist_retained(&msg);
+        // `$SYS` topics hold this node's own values (see `sys`): not stored (they would be stale after a
+        // restart, and are rewritten every interval anyway), nor replicated to the zone through the
+        // gateway (every node publishes its own).
+        let node_local = msg.topic.starts_with("$SYS/");
+        if !node_local {
+            // A failure is remembered by the store: the publish waiting for it is refused.
+            let _ = self.persist_retained(&msg);
+        }
+        let gateway = self.gateway();
         for to in self.other_shards() {
+            if node_local && Some(to) == gateway {
+                continue;
+            }
             self.send_mesh(to, Mesh::Retain { msg: msg.clone(), apply: true, ack: None });
         }
         self.apply_retained(msg);
