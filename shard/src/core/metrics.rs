@@ -39,7 +39,7 @@ use Kind::{Counter as C, Gauge as G};
 
 /// Every series a shard publishes, in slot order ([`Shard::metric_values`] fills them in that order).
 pub const SERIES: [Series; 25] = [
-    s("shardmq_connections", "", G, "MQTT connections open on the shard (CONNECT done or not)."),
+    s("shardmq_connections_open", "", G, "MQTT connections open on the shard (CONNECT done or not)."),
     s("shardmq_connections_total", "", C, "CONNECTs accepted."),
     s("shardmq_connections_refused_total", "reason=\"unavailable\"", C, "CONNECTs refused, by reason."),
     s("shardmq_connections_refused_total", "reason=\"client_id\"", C, "CONNECTs refused, by reason."),

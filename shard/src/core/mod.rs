@@ -474,12 +474,13 @@ impl Shard {
         &self.routing.peers
     }
 
-    /// The retained messages whose topic this shard owns (it stores them), unexpired or not.
+    /// The retained messages whose topic this shard owns (it stores them), unexpired or not; `$SYS` ones
+    /// are the node's own (see `sys`).
     fn owned_retained(&mut self) -> Vec<Arc<Msg>> {
         let (me, n) = (self.id, self.shards);
         let mut out = Vec::new();
         self.retained.tree.retain(|topic, m| {
-            if owner_of(topic, n) == me {
+            if owner_of(topic, n) == me && !sys::node_local(topic) {
                 out.push(m.clone());
             }
             true
@@ -715,7 +716,8 @@ impl Core for Shard {
 
     fn handle_shutdown(&mut self, now: Instant) {
         self.shutting_down = true;
-        // Operators read drops here until $SYS topics exist: every drop the policies allow is counted.
+        // The same counters as the metrics endpoint, for a node run without one: every drop the policies
+        // allow is counted.
         let c = &self.counters;
         tracing::info!(
             shard = self.id.0,

@@ -13,6 +13,12 @@ use super::{Msg, Shard, Timer};
 /// Load averages over 1, 5 and 15 minutes, like Mosquitto's `load/.../1min` topics.
 const LOAD_WINDOWS_S: [(f64, &str); 3] = [(60.0, "1min"), (300.0, "5min"), (900.0, "15min")];
 
+/// Whether a topic is the node's own: `$SYS` (every node publishes its own values there), neither stored
+/// nor sent to the cluster's other nodes.
+pub(super) fn node_local(topic: &str) -> bool {
+    topic.starts_with("$SYS/")
+}
+
 #[derive(Debug, Default)]
 pub(super) struct SysState {
     started: Option<Instant>,
