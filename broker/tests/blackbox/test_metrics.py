@@ -213,3 +213,33 @@ def test_promtool_accepts_the_rules():
     out = subprocess.run(["promtool", "check", "rules", os.path.join(MONITORING, "shardmq.rules.yml")],
                          capture_output=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not shardmq_has_flag("--cluster-listen"), reason="needs shardmq with --cluster-listen")
+def test_cluster_series_count_links_and_forwards(broker, clients):
+    n1 = broker("--metrics-listen", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0", "--node-name", "n1",
+                "--zone", "z", "--region", "r")
+    m = re.search(r"cluster=(\S+:\d+)", n1.stdout())
+    assert m, n1.stdout()
+    n2 = broker("--metrics-listen", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0", "--node-name", "n2",
+                "--zone", "z", "--region", "r", "--join", m.group(1))
+    deadline = time.monotonic() + 15
+    while not all(total(scrape(n)[0], "shardmq_cluster_links_up") == 1 for n in (n1, n2)):
+        assert time.monotonic() < deadline, "the nodes did not link\n" + scrape(n1)[1]
+        time.sleep(0.1)
+    sub = clients(n2, "sub")
+    assert sub.subscribe("c/#", qos=1) == [1]
+    pub = clients(n1, "pub")
+    for _ in range(5):
+        pub.publish("c/x", b"v", qos=1)
+    assert len(sub.expect(5)) == 5
+    deadline = time.monotonic() + 5
+    while True:
+        f1, f2 = scrape(n1)[0], scrape(n2)[0]
+        if total(f2, "shardmq_cluster_received_total") >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert total(f1, "shardmq_cluster_forwarded_total") >= 5, scrape(n1)[1]
+    assert total(f2, "shardmq_cluster_received_total") >= 5, scrape(n2)[1]
+    assert {s.labels["node"] for s in samples(f2, "shardmq_cluster_received_total")} == {"n2"}
+    assert total(f1, "shardmq_cluster_dropped_total") == 0
