@@ -18,6 +18,7 @@ use shardmq_runtime::cluster::{ClusterMetrics, CLUSTER_SERIES};
 use shardmq_runtime::StatsReader;
 use shardmq_shard::core::metrics::{Kind, SERIES};
 use shardmq_shard::core::NodeShared;
+use shardmq_storage::FLUSH_BUCKETS_US;
 
 /// A GET with the headers any scraper sends fits many times over.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -145,6 +146,7 @@ pub fn render(src: &Sources) -> String {
             let _ = writeln!(out, "{}{{{l},shard=\"{shard}\"{extra}}} {}", s.name, v[i]);
         }
     }
+    flush_histogram(&mut out, src);
     let rt = src.runtime.stats();
     type Get = fn(&shardmq_runtime::ShardStats) -> u64;
     let runtime: [(&str, bool, &str, Get); 9] = [
@@ -194,6 +196,29 @@ pub fn render(src: &Sources) -> String {
     out
 }
 
+/// `shardmq_log_flush_seconds`: per shard, cumulative buckets as the text format wants them.
+fn flush_histogram(out: &mut String, src: &Sources) {
+    let l = &src.labels;
+    let name = "shardmq_log_flush_seconds";
+    let _ = writeln!(out, "# HELP {name} Time a log flush (fdatasync of the shard's records) took.");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (shard, m) in src.shared.metrics.iter().enumerate() {
+        let h = m.load_flush();
+        let n = FLUSH_BUCKETS_US.len();
+        let mut cumulative = 0;
+        for (i, bound) in FLUSH_BUCKETS_US.iter().enumerate() {
+            cumulative += h[i];
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{{l},shard=\"{shard}\",le=\"{le}\"}} {cumulative}");
+        }
+        // The +Inf bucket is the count, read in the same load: never below the finite buckets.
+        let count = cumulative + h[n];
+        let _ = writeln!(out, "{name}_bucket{{{l},shard=\"{shard}\",le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{l},shard=\"{shard}\"}} {}", h[n + 2] as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{{{l},shard=\"{shard}\"}} {count}");
+    }
+}
+
 fn header(out: &mut String, name: &str, help: &str, counter: bool) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {}", if counter { "counter" } else { "gauge" });
@@ -239,11 +264,21 @@ mod tests {
                 continue;
             }
             let name = line.split('{').next().unwrap();
-            assert!(typed.contains(name), "no TYPE before {line}");
+            let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s));
+            assert!(
+                typed.contains(name) || family.is_some_and(|f| typed.contains(f)),
+                "no TYPE before {line}"
+            );
             assert!(line.contains(r#"node="n\"1",zone="z",region="r""#), "{line}");
         }
         assert!(text.contains("shardmq_messages_dropped_total{"), "{text}");
         assert!(text.contains("shard=\"1\""), "two shards: {text}");
         assert!(text.contains("shardmq_cluster_forwarded_total{"), "{text}");
+        assert!(
+            text.contains(
+                r#"shardmq_log_flush_seconds_bucket{node="n\"1",zone="z",region="r",shard="0",le="+Inf"} 0"#
+            ),
+            "{text}"
+        );
     }
 }

@@ -113,6 +113,18 @@ def test_metrics_parse_and_count_traffic(broker, clients):
         for s in f.samples:
             assert (s.labels["node"], s.labels["zone"], s.labels["region"]) == ("alpha", "z1", "r1"), s
     assert "shardmq_cluster_links_up" not in fams, "not clustered: no cluster series"
+    assert fams["shardmq_log_flush_seconds"].type == "histogram"
+    assert total(fams, "shardmq_log_bytes_written_total") == 0, "nothing durable yet: clean sessions only"
+    # A retained message is stored, and its PUBACK waits for the flush (--fsync always).
+    pub.publish("m/retained", b"r", qos=1, retain=True)
+    deadline = time.monotonic() + 5
+    while total(fams, "shardmq_log_flush_seconds_count") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        fams, text = scrape(b)
+    assert total(fams, "shardmq_log_flush_seconds_count") > 0, text
+    assert total(fams, "shardmq_log_bytes_written_total") > 0, text
+    inf = total(fams, "shardmq_log_flush_seconds_bucket", le="+Inf")
+    assert inf == total(fams, "shardmq_log_flush_seconds_count")
 
 
 def test_refusals_are_counted_by_reason(broker, clients):

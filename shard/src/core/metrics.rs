@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use shardmq_storage::FLUSH_BUCKETS_US;
 use shardmq_wire::QoS;
 
 use super::Shard;
@@ -38,7 +39,7 @@ const fn s(name: &'static str, labels: &'static str, kind: Kind, help: &'static 
 use Kind::{Counter as C, Gauge as G};
 
 /// Every series a shard publishes, in slot order ([`Shard::metric_values`] fills them in that order).
-pub const SERIES: [Series; 25] = [
+pub const SERIES: [Series; 26] = [
     s("shardmq_connections_open", "", G, "MQTT connections open on the shard (CONNECT done or not)."),
     s("shardmq_connections_total", "", C, "CONNECTs accepted."),
     s("shardmq_connections_refused_total", "reason=\"unavailable\"", C, "CONNECTs refused, by reason."),
@@ -64,7 +65,12 @@ pub const SERIES: [Series; 25] = [
     s("shardmq_mesh_messages_out_total", "", C, "Messages sent to other shards or the cluster gateway."),
     s("shardmq_publisher_pauses_total", "", C, "Publishers paused by flow control."),
     s("shardmq_storage_errors_total", "", C, "Log writes or flushes that failed."),
+    s("shardmq_log_bytes_written_total", "", C, "Bytes of records appended to the shard's log."),
 ];
+
+/// Flush-latency histogram slots: one per bucket of `FLUSH_BUCKETS_US` and the rest (not cumulative),
+/// then the count and the sum in microseconds.
+pub const FLUSH_SLOTS: usize = FLUSH_BUCKETS_US.len() + 3;
 
 /// Slot indexes the `$SYS` publisher reads.
 pub(super) mod slot {
@@ -79,9 +85,15 @@ pub(super) mod slot {
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
     values: [AtomicU64; SERIES.len()],
+    flush: [AtomicU64; FLUSH_SLOTS],
 }
 
 impl ShardMetrics {
+    /// The last published flush-latency histogram (see [`FLUSH_SLOTS`]).
+    pub fn load_flush(&self) -> [u64; FLUSH_SLOTS] {
+        std::array::from_fn(|i| self.flush[i].load(Ordering::Relaxed))
+    }
+
     /// The last published values, in [`SERIES`] order.
     pub fn load(&self) -> [u64; SERIES.len()] {
         std::array::from_fn(|i| self.values[i].load(Ordering::Relaxed))
@@ -137,6 +149,7 @@ impl Shard {
             c.mesh_out,
             c.publisher_pauses,
             self.storage_errors(),
+            self.log_stats().bytes_appended,
         ]
     }
 
@@ -152,6 +165,11 @@ impl Shard {
         self.metrics_at = Some(now + PUBLISH_EVERY);
         let Some(slot) = self.shared.metrics.get(self.id.index()) else { return };
         for (a, v) in slot.values.iter().zip(self.metric_values()) {
+            a.store(v, Ordering::Relaxed);
+        }
+        let log = self.log_stats();
+        let flush = log.flush_buckets.iter().copied().chain([log.flushes, log.flush_us_sum]);
+        for (a, v) in slot.flush.iter().zip(flush) {
             a.store(v, Ordering::Relaxed);
         }
     }
