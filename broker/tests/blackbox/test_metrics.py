@@ -179,6 +179,9 @@ def test_sys_topics_with_mosquitto_sub(broker, clients):
     out = subprocess.run([SUB] + hp + ["-t", "$SYS/broker/uptime", "-C", "1", "-W", "5"],
                          capture_output=True, timeout=10)
     assert re.fullmatch(r"\d+ seconds\n", out.stdout.decode()), out
+    out = subprocess.run([SUB] + hp + ["-t", "$SYS/broker/bytes/received", "-C", "1", "-W", "5"],
+                         capture_output=True, timeout=10)
+    assert int(out.stdout.decode()) > 0, out
     # `#` does not match $SYS topics (MQTT 4.7.2).
     s = clients(b, "hash")
     s.subscribe("#", qos=0)

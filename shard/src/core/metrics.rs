@@ -86,6 +86,8 @@ pub(super) mod slot {
 pub struct ShardMetrics {
     values: [AtomicU64; SERIES.len()],
     flush: [AtomicU64; FLUSH_SLOTS],
+    /// MQTT bytes in and out as the core counts them, for `$SYS` (the endpoint exports the runtime's).
+    pub(super) bytes: [AtomicU64; 2],
 }
 
 impl ShardMetrics {
@@ -167,6 +169,8 @@ impl Shard {
         for (a, v) in slot.values.iter().zip(self.metric_values()) {
             a.store(v, Ordering::Relaxed);
         }
+        slot.bytes[0].store(self.counters.bytes_in, Ordering::Relaxed);
+        slot.bytes[1].store(self.counters.bytes_out, Ordering::Relaxed);
         let log = self.log_stats();
         let flush = log.flush_buckets.iter().copied().chain([log.flushes, log.flush_us_sum]);
         for (a, v) in slot.flush.iter().zip(flush) {

@@ -178,6 +178,10 @@ pub struct Counters {
     pub mesh_out: u64,
     /// Times a publisher was paused because everything it published met congestion (see `backpressure`).
     pub publisher_pauses: u64,
+    /// MQTT bytes received from and handed out for clients (the runtime counts what the sockets moved;
+    /// these feed `$SYS/broker/bytes/...`, which the shards publish).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 /// Who asks for a durability answer: the publishing shard and its token (see `persist`).
@@ -618,11 +622,14 @@ impl Core for Shard {
     fn handle_adopt(&mut self, conn: ConnId, state: Handoff, now: Instant) {
         self.handle_accept(conn, now);
         if self.conns.contains_key(&conn) {
-            self.handle_read(conn, &state.bytes, now);
+            // Not `handle_read`: these bytes were counted by the shard that received them.
+            self.read(conn, &state.bytes, now);
+            self.run_deferred(now);
         }
     }
 
     fn handle_read(&mut self, conn: ConnId, data: &[u8], now: Instant) {
+        self.counters.bytes_in += data.len() as u64;
         self.read(conn, data, now);
         self.run_deferred(now);
     }
@@ -750,10 +757,12 @@ impl Core for Shard {
     }
 
     fn take_transmit(&mut self, conn: ConnId) -> Vec<u8> {
-        match self.conns.get_mut(&conn) {
+        let out = match self.conns.get_mut(&conn) {
             Some(c) => c.take_out(),
             None => self.out.closing.remove(&conn).unwrap_or_default(),
-        }
+        };
+        self.counters.bytes_out += out.len() as u64;
+        out
     }
 
     fn poll_io(&mut self) -> Option<IoCmd<Handoff>> {

@@ -47,7 +47,7 @@ impl Shard {
         // This shard's own values may be up to `PUBLISH_EVERY` behind: publish them first.
         self.metrics_at = None;
         self.publish_metrics(now);
-        let (mut total, mut received, mut sent, mut subs) = (0, 0, 0, 0);
+        let (mut total, mut received, mut sent, mut subs, mut bytes_in, mut bytes_out) = (0, 0, 0, 0, 0, 0);
         for m in self.shared.metrics.iter() {
             let v = m.load();
             // Mosquitto's clients/total: every client the broker knows, connected or not (sessions).
@@ -55,6 +55,8 @@ impl Shard {
             received += v[slot::RECEIVED].iter().sum::<u64>();
             sent += v[slot::SENT].iter().sum::<u64>();
             subs += v[slot::SUBSCRIPTIONS];
+            bytes_in += m.bytes[0].load(std::sync::atomic::Ordering::Relaxed);
+            bytes_out += m.bytes[1].load(std::sync::atomic::Ordering::Relaxed);
         }
         if let Some((at, r0, s0)) = self.sys.last {
             let dt = now.saturating_duration_since(at).as_secs_f64();
@@ -79,6 +81,8 @@ impl Shard {
             ("messages/sent".into(), sent.to_string()),
             ("subscriptions/count".into(), subs.to_string()),
             ("retained messages/count".into(), self.retained.tree.len().to_string()),
+            ("bytes/received".into(), bytes_in.to_string()),
+            ("bytes/sent".into(), bytes_out.to_string()),
         ];
         for (i, (_, name)) in LOAD_WINDOWS_S.iter().enumerate() {
             topics.push((

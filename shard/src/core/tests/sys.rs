@@ -42,6 +42,11 @@ fn sys_topics_carry_node_wide_values_and_are_refreshed() {
     assert_eq!(sys_value(&mut sim, 0, "messages/received"), "4");
     assert_eq!(sys_value(&mut sim, 1, "uptime"), "5 seconds");
     assert_eq!(sys_value(&mut sim, 1, "clients/connected"), "2");
+    // Four PUBLISH packets of 5 bytes (QoS 0, topic "x", payload "1") and more: CONNECTs and SUBSCRIBEs.
+    let received: u64 = sys_value(&mut sim, 0, "bytes/received").parse().expect("a number");
+    assert!(received > 4 * 5, "{received}");
+    let sent: u64 = sys_value(&mut sim, 0, "bytes/sent").parse().expect("a number");
+    assert!(sent > 0, "{sent}");
     let load: f64 = sys_value(&mut sim, 0, "load/messages/received/1min").parse().expect("a number");
     assert!(load > 0.0, "{load}");
 }
