@@ -114,7 +114,7 @@ fn read_secret(path: &PathBuf) -> Result<Vec<u8>> {
     Ok(s)
 }
 
-fn host_name() -> Option<String> {
+pub(crate) fn host_name() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer and its length are valid; gethostname NUL-terminates within it on success.
     if unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) } != 0 {

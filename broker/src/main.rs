@@ -4,6 +4,7 @@
 mod cluster;
 mod config;
 mod inspect;
+mod metrics;
 mod passwd;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -145,6 +146,14 @@ struct Args {
     #[argh(option)]
     #[allow(dead_code)]
     config: Option<PathBuf>,
+    /// address to serve Prometheus metrics on (GET /metrics, and /healthz answering "ok"); no flag:
+    /// not served
+    #[argh(option)]
+    metrics_listen: Option<String>,
+    /// seconds between publications of the $SYS/broker/... topics (retained, as Mosquitto names them);
+    /// 0: none; default 10
+    #[argh(option, default = "10")]
+    sys_interval: u32,
     /// log level or filter (error, warn, info, debug, trace, or a tracing filter); default info
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
@@ -282,6 +291,7 @@ fn main() -> Result<ExitCode> {
         max_session_expiry_s: args.max_session_expiry,
         max_subscriptions: args.max_subscriptions,
         auth,
+        sys_interval_s: args.sys_interval,
         ..Config::default()
     };
     let node_state =
@@ -318,6 +328,18 @@ fn main() -> Result<ExitCode> {
         secret_file: args.cluster_secret_file.clone(),
     };
     let cluster = cluster_args.setup(shards as u16, !args.in_memory)?;
+    // Labels of every metric: the cluster identity, or this host with the default zone and region.
+    let metric_labels = match &cluster {
+        Some(c) => {
+            let id = c.gateway.identity();
+            metrics::node_labels(&id.name.to_string(), &id.zone, &id.region)
+        }
+        None => {
+            let name = args.node_name.clone().or_else(cluster::host_name).unwrap_or_else(|| "shardmq".into());
+            metrics::node_labels(&name, &args.zone, &args.region)
+        }
+    };
+    let cluster_metrics = cluster.as_ref().map(|_| Arc::new(runtime::cluster::ClusterMetrics::default()));
     let cluster_line = cluster.as_ref().map(|c| {
         let id = c.gateway.identity();
         format!(" cluster={} node={} zone={} region={}", id.addr, id.name, id.zone, id.region)
@@ -330,6 +352,8 @@ fn main() -> Result<ExitCode> {
 
     // Block the shutdown signals before any thread starts so that only `sigwait` below sees them.
     let signals = block_shutdown_signals()?;
+    let shared_for_metrics = node_state.clone();
+    let started = Instant::now();
     let (node, mut endpoints) = runtime::start_with_endpoints(rt, move |id, n| {
         let mut shard = Shard::new(id, n as u16, cfg.clone(), node_state.clone());
         // Each shard takes its own boot state once, on its own thread, before its loop starts.
@@ -340,6 +364,7 @@ fn main() -> Result<ExitCode> {
             // SAFETY: mi_collect only walks this thread's own heap.
             unsafe { libmimalloc_sys::mi_collect(true) };
         }
+        shard.start_sys(Instant::now());
         shard
     })
     .context("starting the shards")?;
@@ -347,11 +372,30 @@ fn main() -> Result<ExitCode> {
         Some(c) => {
             let endpoint = endpoints.pop().context("the runtime made no cluster endpoint")?;
             Some(
-                runtime::cluster::spawn(c.sockets, c.gateway, endpoint)
-                    .context("starting the cluster thread")?,
+                runtime::cluster::spawn(
+                    c.sockets,
+                    c.gateway,
+                    endpoint,
+                    cluster_metrics.clone().unwrap_or_default(),
+                )
+                .context("starting the cluster thread")?,
             )
         }
         None => None,
+    };
+    let metrics_line = match &args.metrics_listen {
+        Some(a) => {
+            let addr = resolve(vec![a.clone()]).context("--metrics-listen")?[0];
+            let src = metrics::Sources {
+                shared: shared_for_metrics,
+                runtime: node.stats_reader(),
+                cluster: cluster_metrics,
+                labels: metric_labels,
+                started,
+            };
+            format!(" metrics={}", metrics::spawn(addr, src)?)
+        }
+        None => String::new(),
     };
     let addrs: Vec<String> = node.local_addrs().iter().map(ToString::to_string).collect();
     let storage = if args.in_memory {
@@ -360,7 +404,7 @@ fn main() -> Result<ExitCode> {
         format!("{} fsync={fsync}", data_dir.display())
     };
     println!(
-        "shardmq {} listening on {} cores={} runtime={}{} max_connections={} data={}{}",
+        "shardmq {} listening on {} cores={} runtime={}{} max_connections={} data={}{}{}",
         env!("CARGO_PKG_VERSION"),
         addrs.join(","),
         shards,
@@ -368,7 +412,8 @@ fn main() -> Result<ExitCode> {
         if args.idle_poll_us > 0 { format!(" idle_poll_us={}", args.idle_poll_us) } else { String::new() },
         args.max_connections,
         storage,
-        cluster_line.unwrap_or_default()
+        cluster_line.unwrap_or_default(),
+        metrics_line
     );
     // SIGHUP: the password file and the ACL are read again; connections stay.
     let reload = || match auth_setup(&args, &listen_addrs) {

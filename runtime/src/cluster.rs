@@ -75,16 +75,61 @@ struct Link {
     events: u32,
 }
 
+/// The cluster series the metrics endpoint exports: name, extra labels, counter (else gauge), help.
+pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 12] = [
+    ("shardmq_cluster_links_up", "", false, "Peers this node has a link with."),
+    ("shardmq_cluster_links_opened_total", "", true, "Links that completed their handshake."),
+    ("shardmq_cluster_links_refused_total", "", true, "Link handshakes refused, by either side."),
+    ("shardmq_cluster_forwarded_total", "", true, "Messages forwarded to peers (one per peer)."),
+    ("shardmq_cluster_received_total", "", true, "Messages received from peers."),
+    (
+        "shardmq_cluster_dropped_total",
+        "reason=\"not_connected\"",
+        true,
+        "Forwards or received messages dropped, by reason.",
+    ),
+    (
+        "shardmq_cluster_dropped_total",
+        "reason=\"backlog_full\"",
+        true,
+        "Forwards or received messages dropped, by reason.",
+    ),
+    (
+        "shardmq_cluster_dropped_total",
+        "reason=\"no_member\"",
+        true,
+        "Forwards or received messages dropped, by reason.",
+    ),
+    ("shardmq_cluster_malformed_total", "", true, "Frames from peers that did not decode."),
+    ("shardmq_cluster_stored_unconfirmed_total", "", true, "Durability answers given up on."),
+    ("shardmq_cluster_link_bytes_received_total", "", true, "Bytes read from cluster links."),
+    ("shardmq_cluster_link_bytes_sent_total", "", true, "Bytes written to cluster links."),
+];
+
+/// The cluster thread's counters, published with relaxed stores once per loop iteration (at least once
+/// a second) for the metrics thread, which only loads them.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    values: [std::sync::atomic::AtomicU64; CLUSTER_SERIES.len()],
+}
+
+impl ClusterMetrics {
+    pub fn load(&self) -> [u64; CLUSTER_SERIES.len()] {
+        std::array::from_fn(|i| self.values[i].load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// Starts the cluster thread. It ends when the node shuts down (after telling the zone it leaves) or
 /// when its loop fails; the join handle tells which.
 pub fn spawn(
     sockets: ClusterSockets,
     gateway: Gateway,
     endpoint: MeshEndpoint<Mesh>,
+    metrics: std::sync::Arc<ClusterMetrics>,
 ) -> io::Result<JoinHandle<io::Result<()>>> {
     std::thread::Builder::new().name("cluster".into()).spawn(move || {
         let mut lp = Loop::new(sockets, gateway, endpoint)?;
-        lp.run()
+        lp.run(&metrics)
     })
 }
 
@@ -141,10 +186,35 @@ impl Loop {
         })
     }
 
-    fn run(&mut self) -> io::Result<()> {
+    fn publish_metrics(&mut self, m: &ClusterMetrics) {
+        let g = self.gateway.counters();
+        let z = self.gateway.zone_mut();
+        let up = z.peers_up().count() as u64;
+        let z = z.counters();
+        let values = [
+            up,
+            z.links_opened,
+            z.links_refused,
+            g.forwarded,
+            g.received,
+            g.dropped_not_connected,
+            g.dropped_backlog_full,
+            g.dropped_no_member,
+            g.malformed,
+            g.stored_unconfirmed,
+            z.bytes_in,
+            z.bytes_out,
+        ];
+        for (a, v) in m.values.iter().zip(values) {
+            a.store(v, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn run(&mut self, metrics: &ClusterMetrics) -> io::Result<()> {
         let mut events: Vec<libc::epoll_event> = Vec::with_capacity(256);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
+            self.publish_metrics(metrics);
             let now = Instant::now();
             if self.endpoint.shutting_down() {
                 self.leave(now);

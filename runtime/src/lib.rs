@@ -25,4 +25,5 @@ pub use self::endpoint::{EndpointStats, MeshEndpoint};
 pub use self::mesh::Waker;
 pub use self::node::{
     start, start_with_endpoints, Backend, BackendChoice, Node, RuntimeConfig, ShardFailure, ShardStats,
+    StatsReader,
 };

@@ -285,7 +285,24 @@ impl Node {
     }
 
     pub fn stats(&self) -> Vec<ShardStats> {
-        self.counters.iter().enumerate().map(|(i, c)| c.snapshot(ShardId(i as u16))).collect()
+        self.stats_reader().stats()
+    }
+
+    /// A handle that reads the same counters from another thread (the metrics endpoint), without the
+    /// node: loads of atomics only.
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader(self.counters.clone())
+    }
+}
+
+/// Reads the shards' runtime counters; see [`Node::stats_reader`].
+/// `Default`: reads no shard (for tests of readers).
+#[derive(Clone, Default)]
+pub struct StatsReader(Vec<Arc<ShardCounters>>);
+
+impl StatsReader {
+    pub fn stats(&self) -> Vec<ShardStats> {
+        self.0.iter().enumerate().map(|(i, c)| c.snapshot(ShardId(i as u16))).collect()
     }
 }
 

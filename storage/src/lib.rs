@@ -71,7 +71,7 @@ pub use error::{Fault, StorageError};
 pub use flusher::WakeFn;
 pub use format::{FORMAT_VERSION, RECORD_OVERHEAD};
 pub use inspect::{inspect, inspect_records, InspectProblem, InspectReport, SegmentReport};
-pub use log::{Log, SegmentInfo};
+pub use log::{Log, LogStats, SegmentInfo, FLUSH_BUCKETS_US};
 pub use recovery::{Cut, Records, Recovery, RecoveryReport};
 
 /// When [`Log::commit`] flushes; see the crate documentation for what each one guarantees.

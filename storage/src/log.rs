@@ -60,6 +60,31 @@ impl Active {
     }
 }
 
+/// Upper bounds (µs) of the flush-latency buckets of [`LogStats`]; a last bucket takes the rest.
+pub const FLUSH_BUCKETS_US: [u64; 12] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000];
+
+/// What a log wrote and how long its flushes took, for metrics (plain integers: the owner copies them).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogStats {
+    /// Bytes of records appended (headers included), relocated ones too.
+    pub bytes_appended: u64,
+    pub flushes: u64,
+    pub flush_us_sum: u64,
+    /// Flushes per latency bucket ([`FLUSH_BUCKETS_US`], then the rest); not cumulative.
+    pub flush_buckets: [u64; FLUSH_BUCKETS_US.len() + 1],
+}
+
+impl LogStats {
+    fn record_flush(&mut self, took: std::time::Duration) {
+        let us = took.as_micros().min(u64::MAX as u128) as u64;
+        self.flushes += 1;
+        self.flush_us_sum = self.flush_us_sum.saturating_add(us);
+        let i = FLUSH_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(FLUSH_BUCKETS_US.len());
+        self.flush_buckets[i] += 1;
+    }
+}
+
 /// The durable log of one shard. See the crate documentation.
 pub struct Log {
     dir: PathBuf,
@@ -84,6 +109,9 @@ pub struct Log {
     pub(crate) compact: Option<CompactCursor>,
     /// Set by [`Log::start_background_flush`]: flushes and segment creation run on a thread of their own.
     background: Option<Background>,
+    stats: LogStats,
+    /// When the background flush in flight was handed over, for its latency.
+    flush_started: Option<Instant>,
 }
 
 /// The state of a log's flusher thread and of what it is doing.
@@ -219,6 +247,8 @@ impl Log {
             durable: Lsn::default(),
             dir_sync_pending: false,
             last_flush: Instant::now(),
+            stats: LogStats::default(),
+            flush_started: None,
             background: None,
             poisoned: None,
             compact: None,
@@ -249,6 +279,7 @@ impl Log {
         format::write_record(&mut a.map[off..off + need], rtype.0, payload);
         a.write += need;
         a.check();
+        self.stats.bytes_appended += need as u64;
         Ok(Lsn { segment: a.id, offset: off as u64 })
     }
 
@@ -375,6 +406,9 @@ impl Log {
         let dir = std::mem::take(&mut self.dir_sync_pending).then(|| self.dir.clone());
         bg.flusher.submit(Job::Flush { file, path, dir, upto, end });
         bg.flush_in_flight = true;
+        // The flusher's own clock would be more exact; this includes the hand-over, which the writer
+        // waits for too.
+        self.flush_started = Some(Instant::now());
     }
 
     /// Starts creating the next segment once the active one is half full, so that a roll only renames it.
@@ -416,6 +450,9 @@ impl Log {
         match done {
             Done::Flushed { upto, end } => {
                 bg.flush_in_flight = false;
+                if let Some(t) = self.flush_started.take() {
+                    self.stats.record_flush(t.elapsed());
+                }
                 // The active segment did not change meanwhile (a roll waits for the flush).
                 debug_assert!(self.active.as_ref().is_none_or(|a| end <= a.written_end()));
                 self.flushed = self.flushed.max(end);
@@ -524,10 +561,13 @@ impl Log {
     pub(crate) fn flush_all(&mut self) -> Result<(), StorageError> {
         self.check_poisoned()?;
         self.wait_background()?;
+        let started = Instant::now();
+        let mut flushed_any = false;
         if let Some(a) = &self.active {
             let end = a.written_end();
             debug_assert!(self.flushed <= end, "flushed never passes what was written");
             if end > self.flushed {
+                flushed_any = true;
                 if let Err(e) = a.map.flush_range(self.flushed, end - self.flushed) {
                     let err = StorageError::io(&a.path, e);
                     return Err(self.poison(err));
@@ -540,9 +580,18 @@ impl Log {
                 return Err(self.poison(e));
             }
             self.dir_sync_pending = false;
+            flushed_any = true;
+        }
+        if flushed_any {
+            self.stats.record_flush(started.elapsed());
         }
         self.durable = self.written_lsn();
         Ok(())
+    }
+
+    /// Bytes appended and flush latencies so far.
+    pub fn stats(&self) -> LogStats {
+        self.stats
     }
 
     fn poison(&mut self, err: StorageError) -> StorageError {

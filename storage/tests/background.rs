@@ -107,3 +107,22 @@ fn interval_policy_flushes_in_the_background_when_the_interval_is_due() {
     std::thread::sleep(at.saturating_duration_since(Instant::now()));
     commit_until_durable(&mut log, &woken, lsn);
 }
+
+#[test]
+fn stats_count_appended_bytes_and_time_every_flush_inline_or_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(cfg(dir.path(), 1 << 20, FsyncPolicy::Always)).unwrap();
+    log.append(T, b"12345").unwrap();
+    assert_eq!(log.stats().bytes_appended, (shardmq_storage::RECORD_OVERHEAD + 5) as u64);
+    log.flush().unwrap();
+    assert_eq!(log.stats().flushes, 1, "an inline flush is timed");
+    log.flush().unwrap();
+    assert_eq!(log.stats().flushes, 1, "nothing to flush: not a flush");
+    let woken = with_flusher(&mut log);
+    let lsn = log.append(T, b"6").unwrap();
+    commit_until_durable(&mut log, &woken, lsn);
+    let s = log.stats();
+    assert_eq!(s.flushes, 2, "the background flush is timed too");
+    assert_eq!(s.flush_buckets.iter().sum::<u64>(), 2);
+    assert!(s.flush_us_sum > 0 || s.flush_buckets[0] == 2);
+}

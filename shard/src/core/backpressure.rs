@@ -211,5 +211,6 @@ impl Shard {
                 self.read(id, &[], now);
             }
         }
+        self.publish_metrics(now);
     }
 }

@@ -382,6 +382,7 @@ impl Shard {
         now: Instant,
     ) -> Result<(), ProtocolError> {
         self.counters.publishes_in += 1;
+        self.counters.publishes_in_qos[super::metrics::qos_index(p.qos)] += 1;
         let max_alias = self.cfg.max_topic_alias;
         let conn = self.conns.get_mut(&id).ok_or(ProtocolError::Violation("connection gone"))?;
         let v5 = conn.is_v5();

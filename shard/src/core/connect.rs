@@ -47,6 +47,7 @@ impl Shard {
 
     fn refuse(&mut self, id: ConnId, protocol: Protocol, reason: ReasonCode, now: Instant) -> ReadStep {
         self.counters.connects_refused += 1;
+        self.counters.refused[super::metrics::refusal_index(reason)] += 1;
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.protocol = Some(protocol);
             let ack = ConnAck { session_present: false, reason, properties: Properties::default() };

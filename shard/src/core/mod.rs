@@ -22,11 +22,13 @@ mod conn;
 mod connect;
 mod error;
 mod interest_gen;
+pub mod metrics;
 mod msg;
 mod persist;
 mod route;
 mod session;
 mod suback_wait;
+mod sys;
 #[cfg(test)]
 mod tests;
 
@@ -91,6 +93,8 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Aliases the server may use towards a client (bounded by the client's Topic Alias Maximum).
     pub max_outbound_alias: u16,
+    /// Seconds between `$SYS` publications (shard 0 publishes them); 0: none.
+    pub sys_interval_s: u32,
     /// The node is part of a cluster: mesh endpoint `ShardId(shards)` is its cluster gateway, which
     /// takes part in the mesh like a shard without connections or sessions (it is never an owner of
     /// anything): it hears every interest announcement and retained update, announces the zone's
@@ -129,6 +133,7 @@ impl Default for Config {
             // make a shard keep (each filter: a trie entry, an interest entry, its share of the session
             // record rewritten on every SUBSCRIBE) to well under a megabyte.
             max_subscriptions: 1000,
+            sys_interval_s: 0,
             cluster_gateway: false,
             auth: None,
         }
@@ -144,6 +149,8 @@ pub struct NodeShared {
     interest: InterestGens,
     /// The password file's and ACL's current contents (replaced on reload); starts as `Config::auth`.
     pub auth: crate::auth::AuthSlot,
+    /// Each shard's published counters, by shard index (see `metrics`).
+    pub metrics: Box<[metrics::ShardMetrics]>,
 }
 
 impl NodeShared {
@@ -152,6 +159,7 @@ impl NodeShared {
             connections: AtomicUsize::new(0),
             interest: InterestGens::new(shards),
             auth: crate::auth::AuthSlot::default(),
+            metrics: (0..shards).map(|_| metrics::ShardMetrics::default()).collect(),
         }
     }
 
@@ -166,9 +174,13 @@ impl NodeShared {
 pub struct Counters {
     pub connects: u64,
     pub connects_refused: u64,
+    /// Refusals by reason (see `metrics::refusal_index`).
+    pub refused: [u64; 4],
     pub protocol_errors: u64,
     pub publishes_in: u64,
+    pub publishes_in_qos: [u64; 3],
     pub deliveries: u64,
+    pub deliveries_qos: [u64; 3],
     /// QoS 0 messages dropped because the client was offline or not reading.
     pub dropped_qos0: u64,
     /// Queued messages dropped (oldest first) because a session's queue was full.
@@ -189,6 +201,10 @@ pub struct Counters {
     pub mesh_out: u64,
     /// Times a publisher was paused because everything it published met congestion (see `backpressure`).
     pub publisher_pauses: u64,
+    /// MQTT bytes received from and handed out for clients (the runtime counts what the sockets moved;
+    /// these feed `$SYS/broker/bytes/...`, which the shards publish).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 /// Who asks for a durability answer: the publishing shard and its token (see `persist`).
@@ -280,6 +296,8 @@ enum Timer {
     Expiry(SessionKey),
     /// Sends the next batch of retained messages owed after a SUBACK (see `route::pump_retained`).
     Retained(SessionKey),
+    /// Publishes the `$SYS` topics (shard 0 only; see `sys`).
+    Sys,
 }
 
 /// A SUBACK waiting for every other shard to acknowledge new interest.
@@ -418,6 +436,10 @@ pub struct Shard {
     store: Option<Box<persist::Store>>,
     /// Set while routing a publish whose acknowledgement waits for the shards it reaches.
     ack_ctx: Option<persist::AckCtx>,
+    /// When the counters may next be published, and whether a change waits for it (see `metrics`).
+    metrics_at: Option<Instant>,
+    metrics_pending: bool,
+    sys: sys::SysState,
 }
 
 impl Shard {
@@ -463,6 +485,9 @@ impl Shard {
             pauses: PauseState::default(),
             store: None,
             ack_ctx: None,
+            metrics_at: None,
+            metrics_pending: false,
+            sys: sys::SysState::default(),
         }
     }
 
@@ -505,12 +530,13 @@ impl Shard {
         &self.routing.peers
     }
 
-    /// The retained messages whose topic this shard owns (it stores them), unexpired or not.
+    /// The retained messages whose topic this shard owns (it stores them), unexpired or not; `$SYS` ones
+    /// are the node's own (see `sys`).
     fn owned_retained(&mut self) -> Vec<Arc<Msg>> {
         let (me, n) = (self.id, self.shards);
         let mut out = Vec::new();
         self.retained.tree.retain(|topic, m| {
-            if owner_of(topic, n) == me {
+            if owner_of(topic, n) == me && !sys::node_local(topic) {
                 out.push(m.clone());
             }
             true
@@ -580,6 +606,7 @@ impl Shard {
             Timer::Will(k) => self.sessions.map.get(&k).is_some_and(|s| s.will_at() == Some(at)),
             Timer::Expiry(k) => self.sessions.map.get(&k).is_some_and(|s| s.expires_at == Some(at)),
             Timer::Retained(k) => self.retained.owed.contains_key(&k),
+            Timer::Sys => true,
         }
     }
 
@@ -626,6 +653,7 @@ impl Shard {
             }
             Timer::Will(k) | Timer::Expiry(k) => self.settle_offline(k, now),
             Timer::Retained(k) => self.pump_retained(k, now),
+            Timer::Sys => self.publish_sys(now),
         }
     }
 }
@@ -647,12 +675,15 @@ impl Core for Shard {
         self.refresh_auth();
         self.handle_accept(conn, now);
         if self.conns.contains_key(&conn) {
-            self.handle_read(conn, &state.bytes, now);
+            // Not `handle_read`: these bytes were counted by the shard that received them.
+            self.read(conn, &state.bytes, now);
+            self.run_deferred(now);
         }
     }
 
     fn handle_read(&mut self, conn: ConnId, data: &[u8], now: Instant) {
         self.refresh_auth();
+        self.counters.bytes_in += data.len() as u64;
         self.read(conn, data, now);
         self.run_deferred(now);
     }
@@ -748,7 +779,8 @@ impl Core for Shard {
 
     fn handle_shutdown(&mut self, now: Instant) {
         self.shutting_down = true;
-        // Operators read drops here until $SYS topics exist: every drop the policies allow is counted.
+        // The same counters as the metrics endpoint, for a node run without one: every drop the policies
+        // allow is counted.
         let c = &self.counters;
         tracing::info!(
             shard = self.id.0,
@@ -783,10 +815,12 @@ impl Core for Shard {
     }
 
     fn take_transmit(&mut self, conn: ConnId) -> Vec<u8> {
-        match self.conns.get_mut(&conn) {
+        let out = match self.conns.get_mut(&conn) {
             Some(c) => c.take_out(),
             None => self.out.closing.remove(&conn).unwrap_or_default(),
-        }
+        };
+        self.counters.bytes_out += out.len() as u64;
+        out
     }
 
     fn poll_io(&mut self) -> Option<IoCmd<Handoff>> {
@@ -807,10 +841,7 @@ impl Core for Shard {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        match (timer, self.store_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [timer, self.store_deadline(), self.metrics_deadline()].into_iter().flatten().min()
     }
 }
 

@@ -121,7 +121,10 @@ impl Shard {
         // Peers' interest is matched by the cluster gateway (its summaries are not filters a shard could
         // hold): it gets every publish while some peer has interest, and asks its peers to store what
         // needs storing before it answers.
-        if let Some(gw) = self.gateway().filter(|_| self.routing.forward_all) {
+        // `$SYS` topics are this node's own (see `sys`): peers have theirs.
+        if let Some(gw) =
+            self.gateway().filter(|_| self.routing.forward_all && !super::sys::node_local(&msg.topic))
+        {
             normal[gw.index()] = true;
             durable[gw.index()] = msg.qos != shardmq_wire::QoS::AtMostOnce;
         }
@@ -589,9 +592,19 @@ impl Shard {
             self.send_mesh(owner, Mesh::Retain { msg, apply: false, ack });
             return;
         }
-        // A failure is remembered by the store: the publish waiting for it is refused.
-        let _ = self.persist_retained(&msg);
+        // `$SYS` topics hold this node's own values (see `sys`): not stored (they would be stale after a
+        // restart, and are rewritten every interval anyway), nor replicated to the zone through the
+        // gateway (every node publishes its own).
+        let node_local = super::sys::node_local(&msg.topic);
+        if !node_local {
+            // A failure is remembered by the store: the publish waiting for it is refused.
+            let _ = self.persist_retained(&msg);
+        }
+        let gateway = self.gateway();
         for to in self.other_shards() {
+            if node_local && Some(to) == gateway {
+                continue;
+            }
             self.send_mesh(to, Mesh::Retain { msg: msg.clone(), apply: true, ack: None });
         }
         self.apply_retained(msg);

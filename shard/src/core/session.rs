@@ -389,7 +389,7 @@ impl Shard {
                 Some(conn) if !conn.blocked || (conn.blocked_bytes as usize) < budget => {
                     let before = conn.out_len();
                     if write_publish(conn, &d, false, now, &mut self.out.io) {
-                        self.counters.deliveries += 1;
+                        self.counters.delivered(d.qos);
                         if conn.blocked {
                             // Held as output behind what the socket has not taken yet, while flow control
                             // pauses the publishers (the verdict), instead of being dropped.
@@ -418,7 +418,7 @@ impl Shard {
             Some(conn) if !conn.blocked && s.qos().queue.is_empty() && s.has_room() => {
                 d.pid = s.alloc_pid();
                 if write_publish(conn, &d, false, now, &mut self.out.io) {
-                    self.counters.deliveries += 1;
+                    self.counters.delivered(d.qos);
                     if s.stored_ver != 0 {
                         if let Some(st) = self.store.as_deref_mut() {
                             d.mid = st.note_delivery(key, &d, s.newest_mid());
@@ -500,7 +500,7 @@ impl Shard {
                 self.counters.dropped_expired += 1;
                 false
             } else if write_publish(conn, &d, false, now, &mut self.out.io) {
-                self.counters.deliveries += 1;
+                self.counters.delivered(d.qos);
                 true
             } else {
                 self.counters.dropped_too_large += 1;

@@ -161,6 +161,10 @@ impl Store {
         self.errors
     }
 
+    pub fn log_stats(&self) -> shardmq_storage::LogStats {
+        self.log.stats()
+    }
+
     /// Appends an encoded record after the pending MESSAGE record (session records: rare, built by the
     /// caller).
     fn append(&mut self, t: RecordType, payload: &[u8]) -> bool {
@@ -614,5 +618,10 @@ impl Shard {
 
     pub fn storage_errors(&self) -> u64 {
         self.store.as_deref().map_or(0, Store::errors)
+    }
+
+    /// The log's bytes and flush latencies; all zero in memory.
+    pub fn log_stats(&self) -> shardmq_storage::LogStats {
+        self.store.as_deref().map(Store::log_stats).unwrap_or_default()
     }
 }

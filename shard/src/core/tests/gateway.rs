@@ -197,3 +197,22 @@ fn shards_keep_the_peers_the_gateway_announces() {
     assert_eq!(sim.shards[1].cluster_peers(), &up[..]);
     assert!(sim.shards[0].cluster_peers().is_empty());
 }
+
+#[test]
+fn sys_topics_stay_on_their_node() {
+    let mut sim = clustered(2);
+    let (p, _) = sim.connect(1, V5, &id_on(1, 2, "pub"), true);
+    sim.publish(p, "$SYS/broker/x", b"1", QoS::AtMostOnce, true, 0);
+    sim.publish(p, "a/b", b"2", QoS::AtMostOnce, true, 0);
+    let topics: Vec<String> = sim
+        .to_gateway
+        .drain(..)
+        .filter_map(|(_, m)| match m {
+            Mesh::Retain { msg, .. } | Mesh::Deliver { msg, .. } => Some(msg.topic.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert!(topics.iter().all(|t| t == "a/b"), "{topics:?}");
+    assert!(!topics.is_empty(), "the other topic does reach the gateway");
+    assert_eq!(sim.shards[0].retained_count(), 2, "$SYS is still replicated inside the node");
+}

@@ -12,6 +12,7 @@ mod qos0;
 mod random;
 mod sim;
 mod subrecords;
+mod sys;
 mod visibility;
 
 use std::time::Duration;
