@@ -57,6 +57,19 @@ def wait_linked(nodes, timeout=15.0):
     raise AssertionError("the zone did not form within %.0fs\n%s" % (timeout, "\n".join(n.log() for n in nodes)))
 
 
+def retained_on(clients, node, filter, timeout=5.0):
+    """The retained messages a new subscriber to `filter` on `node` gets, (topic, payload) each; asked
+    again until some arrive (replication takes a moment) or the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = clients(node, "r-%f" % time.monotonic())
+        s.subscribe(filter, qos=1)
+        got = [(m.topic, m.payload) for m in s.drain(0.3)]
+        s.stop()
+        if got or time.monotonic() > deadline:
+            return got
+
+
 @pytest.fixture
 def zone(broker, tmp_path):
     """Factory: zone(3) starts three clustered nodes n1..n3 (n2, n3 join n1) and waits until they are
@@ -181,15 +194,7 @@ def test_retained_messages_reach_subscribers_on_every_node_and_a_node_that_joins
                 "--cluster-secret-file", str(tmp_path / "secret"))
     n4.name = "n4"
     wait_linked([n1, n2, n3, n4])
-    deadline = time.monotonic() + 5
-    while True:
-        s = clients(n4, "s4-%f" % time.monotonic())
-        s.subscribe("status/#", qos=1)
-        got = [(m.topic, m.payload) for m in s.drain(0.3)]
-        s.stop()
-        if got or time.monotonic() > deadline:
-            break
-    assert got == [("status/n1", b"replaced")]
+    assert retained_on(clients, n4, "status/#") == [("status/n1", b"replaced")]
 
 
 def test_a_killed_node_is_left_out_and_rejoins_after_a_restart(zone, clients):
@@ -262,15 +267,7 @@ def test_retained_messages_restored_from_a_nodes_log_reach_the_zone_it_joins(bro
     n2 = broker("--node-name", "n2", "--in-memory", "--join", cluster_addr(n1), *common)
     n2.name = "n2"
     wait_linked([n1, n2])
-    deadline = time.monotonic() + 5
-    while True:
-        s = clients(n2, "s-%f" % time.monotonic())
-        s.subscribe("kept/#", qos=1)
-        got = [(m.topic, m.payload) for m in s.drain(0.3)]
-        s.stop()
-        if got or time.monotonic() > deadline:
-            break
-    assert got == [("kept/a", b"from-the-log")]
+    assert retained_on(clients, n2, "kept/#") == [("kept/a", b"from-the-log")]
 
 
 BENCH = os.path.join(os.path.dirname(SHARDMQ_BIN), "shardmq-bench")

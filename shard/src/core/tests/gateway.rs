@@ -80,19 +80,23 @@ fn a_suback_waits_for_the_gateway_and_a_message_from_it_reaches_the_subscriber()
     assert!(gateway_delivers(&mut sim).is_empty());
 }
 
-#[test]
-fn retained_updates_reach_the_gateway_and_its_own_come_back_as_the_same_message() {
-    let mut sim = clustered(3);
-    let (p, _) = sim.connect(2, V5, &id_on(2, 3, "pub"), true);
-    sim.publish(p, "r/1", b"v", QoS::AtMostOnce, true, 0);
-    let retains: Vec<_> = sim
-        .to_gateway
+/// The retained updates the shards fanned out to the gateway (everything else it was sent is dropped).
+fn retained_fanout(sim: &mut Sim) -> Vec<Arc<Msg>> {
+    sim.to_gateway
         .drain(..)
         .filter_map(|(_, m)| match m {
             Mesh::Retain { msg, apply: true, .. } => Some(msg),
             _ => None,
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn retained_updates_reach_the_gateway_and_its_own_come_back_as_the_same_message() {
+    let mut sim = clustered(3);
+    let (p, _) = sim.connect(2, V5, &id_on(2, 3, "pub"), true);
+    sim.publish(p, "r/1", b"v", QoS::AtMostOnce, true, 0);
+    let retains = retained_fanout(&mut sim);
     assert_eq!(retains.len(), 1, "exactly the owner's fan-out reaches the gateway");
     assert_eq!(&*retains[0].payload, b"v");
     // A peer's update, handed to the topic's owner: stored, given to every shard, and echoed to the
@@ -108,14 +112,7 @@ fn retained_updates_reach_the_gateway_and_its_own_come_back_as_the_same_message(
     });
     let owner = owner_of("r/2", 3);
     sim.gateway_sends(owner.0, Mesh::Retain { msg: remote.clone(), apply: false, ack: None });
-    let echoes: Vec<_> = sim
-        .to_gateway
-        .drain(..)
-        .filter_map(|(_, m)| match m {
-            Mesh::Retain { msg, apply: true, .. } => Some(msg),
-            _ => None,
-        })
-        .collect();
+    let echoes = retained_fanout(&mut sim);
     assert_eq!(echoes.len(), 1);
     assert!(Arc::ptr_eq(&echoes[0], &remote));
     let (s, _) = sim.connect(0, V5, &id_on(0, 3, "late"), true);
