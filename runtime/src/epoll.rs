@@ -173,9 +173,13 @@ impl EpollLoop {
                         continue;
                     }
                     sys::prepare_client(fd.as_raw_fd());
+                    let peer = sys::peer_addr(fd.as_raw_fd()).ok();
                     let Some(id) = self.register_conn(fd, None) else { continue };
                     let now = Instant::now();
                     core.handle_accept(id, now);
+                    if let Some(p) = peer {
+                        core.handle_peer_addr(id, p.ip());
+                    }
                     drain_io(core, self, out, now, false);
                 }
                 Err(e) if sys::would_block(&e) => return,

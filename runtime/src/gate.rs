@@ -151,6 +151,10 @@ impl<C: Core> Core for Gate<C> {
         self.inner.handle_accept(conn, now);
     }
 
+    fn handle_peer_addr(&mut self, conn: ConnId, peer: std::net::IpAddr) {
+        self.inner.handle_peer_addr(conn, peer);
+    }
+
     fn handle_adopt(&mut self, conn: ConnId, state: Self::Handoff, now: Instant) {
         self.inner.handle_adopt(conn, state, now);
     }

@@ -171,6 +171,16 @@ pub(crate) fn accept(listener: RawFd, nonblocking: bool) -> io::Result<OwnedFd> 
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// The address of a connected socket's peer.
+pub(crate) fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: zeroed sockaddr_storage is valid; the kernel writes at most `len` bytes into it.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: storage/len describe a writable buffer of the right size.
+    cvt(unsafe { libc::getpeername(fd, &mut storage as *mut _ as *mut libc::sockaddr, &mut len) })?;
+    from_sockaddr(&storage)
+}
+
 /// Nonblocking `send` that never raises `SIGPIPE` (a peer reset must become an error, not kill the process).
 pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     loop {

@@ -568,10 +568,14 @@ impl<H> UringLoop<H> {
                 drop(fd);
             } else {
                 sys::prepare_client(res);
+                let peer = sys::peer_addr(res).ok();
                 let id = self.conns.insert(UConn { fd, flags: 0, out: None });
                 self.arm_recv(id);
                 let now = Instant::now();
                 core.handle_accept(id, now);
+                if let Some(p) = peer {
+                    core.handle_peer_addr(id, p.ip());
+                }
                 drain_io(core, self, out, now, stopping);
             }
         } else if res != -libc::ECANCELED {

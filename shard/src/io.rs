@@ -50,6 +50,9 @@ pub trait Core {
 
     /// A new connection was accepted on this shard's listener.
     fn handle_accept(&mut self, conn: ConnId, now: Instant);
+    /// The peer address of a connection just accepted (called right after `handle_accept`, when the
+    /// runtime could learn it): what a core needs to slow down password guessing from one address.
+    fn handle_peer_addr(&mut self, _conn: ConnId, _peer: std::net::IpAddr) {}
     /// A connection moved here from another shard.
     fn handle_adopt(&mut self, conn: ConnId, state: Self::Handoff, now: Instant);
     /// Bytes read from `conn`. The slice is the runtime's (shared) buffer: the core copies only what it must

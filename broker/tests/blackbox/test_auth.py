@@ -327,3 +327,18 @@ def test_sighup_reloads_the_password_file_and_acl_without_dropping_connections(b
     assert pub.publish("other/2", b"z", qos=1) == 0
     _, reason = connack(clients, b, 5, client_id="late-new", username="u", password=b"new-pw")
     assert reason == 0
+
+
+@needs_passwd
+@VERSIONS
+def test_too_many_failed_logins_from_one_address_are_refused_for_a_while(broker, clients, tmp_path, version):
+    path = passwd_file(tmp_path, {"u": "right"})
+    b = broker("--password-file", path)
+    # The same client id: every attempt is checked by the same shard (the one that owns it).
+    for i in range(10):
+        _, reason = connack(clients, b, version, client_id="guess", username="u", password=b"wrong-%d" % i)
+        assert reason == BAD_CREDENTIALS[version], (i, reason)
+    # Banned now, even with the right password (MQTT 5 0x8A Banned, 3.1.1 5 Not authorized).
+    _, reason = connack(clients, b, version, client_id="guess", username="u", password=b"right")
+    assert reason == {5: 0x8A, 4: 5}[version]
+    assert "too many failed logins" in b.stderr()

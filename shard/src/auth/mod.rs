@@ -6,6 +6,7 @@
 
 pub mod acl;
 pub mod base64;
+pub mod guard;
 pub mod passwd;
 
 use std::path::{Path, PathBuf};

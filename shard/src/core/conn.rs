@@ -533,6 +533,7 @@ impl Shard {
     /// The connection is gone (closed by either side): detach it from its session.
     pub(super) fn conn_gone(&mut self, id: ConnId, publish_will: bool, now: Instant) {
         let Some(mut conn) = self.conns.remove(&id) else { return };
+        self.sessions.logins.take(id);
         if conn.paused {
             self.pauses.paused_conns.remove(&id);
         }
@@ -552,7 +553,12 @@ impl Shard {
     pub(super) fn handoff(&mut self, id: ConnId, to: crate::ShardId, bytes: &[u8]) {
         self.counters.handoffs += 1;
         self.conns.remove(&id);
-        self.out.io.push_back(IoCmd::Handoff { conn: id, to, state: Handoff { bytes: bytes.to_vec() } });
+        let peer = self.sessions.logins.take(id);
+        self.out.io.push_back(IoCmd::Handoff {
+            conn: id,
+            to,
+            state: Handoff { bytes: bytes.to_vec(), peer },
+        });
     }
 
     pub(super) fn arm_keepalive(&mut self, id: ConnId) {

@@ -74,9 +74,20 @@ impl Shard {
         // Checked by the owner shard only (a handed-off CONNECT arrives here whole): one check per
         // CONNECT, and the ACL ends up where the session lives.
         let mut acl = None;
+        let peer = self.sessions.logins.take(id);
         if let Some(auth) = self.sessions.auth.clone() {
+            if peer.is_some_and(|ip| self.sessions.logins.banned(ip, now)) {
+                self.counters.auth_refused += 1;
+                self.counters.logins_banned += 1;
+                return self.refuse(id, c.protocol, ReasonCode::BANNED, now);
+            }
             if let Err(refusal) = auth.authenticate(c.username, c.password) {
                 self.counters.auth_refused += 1;
+                if let (Refusal::BadCredentials, Some(ip)) = (refusal, peer) {
+                    if let Some(ban) = self.sessions.logins.failed(ip, now) {
+                        tracing::warn!(%ip, ban_s = ban.as_secs(), "too many failed logins from one address; refused for a while");
+                    }
+                }
                 let reason = match refusal {
                     Refusal::Anonymous => ReasonCode::NOT_AUTHORIZED,
                     Refusal::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,

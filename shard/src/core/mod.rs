@@ -195,6 +195,8 @@ pub struct Counters {
     pub dropped_too_large: u64,
     /// CONNECTs refused for their credentials (or for having none).
     pub auth_refused: u64,
+    /// CONNECTs refused because their address failed to log in too often (included in `auth_refused`).
+    pub logins_banned: u64,
     /// Publishes and deliveries the ACL did not allow.
     pub denied_by_acl: u64,
     pub handoffs: u64,
@@ -281,6 +283,8 @@ pub enum Mesh {
 #[derive(Debug)]
 pub struct Handoff {
     pub bytes: Vec<u8>,
+    /// The client's address, for the owner's login checks (see `auth::guard`).
+    pub peer: Option<std::net::IpAddr>,
 }
 
 /// The timer heap is never compacted below this size: compacting a small heap saves nothing.
@@ -353,6 +357,8 @@ struct SessionTable {
     /// The password file and ACL in force here, and the generation of `NodeShared::auth` it is.
     auth: Option<Arc<crate::auth::Auth>>,
     auth_generation: u64,
+    /// Peer addresses until login, and failed logins per address (see `auth::guard`).
+    logins: crate::auth::guard::Logins,
 }
 
 /// What the core hands the runtime and the other shards, until they take it.
@@ -460,6 +466,7 @@ impl Shard {
                 acls: HashMap::new(),
                 auth: auth.clone(),
                 auth_generation: 0,
+                logins: crate::auth::guard::Logins::default(),
             },
             routing: Routing {
                 subs: TopicTrie::new(),
@@ -671,9 +678,18 @@ impl Core for Shard {
         self.arm(now + Duration::from_millis(self.cfg.connect_timeout_ms), Timer::Connect(conn));
     }
 
+    fn handle_peer_addr(&mut self, conn: ConnId, peer: std::net::IpAddr) {
+        if self.conns.contains_key(&conn) {
+            self.sessions.logins.connected(conn, peer);
+        }
+    }
+
     fn handle_adopt(&mut self, conn: ConnId, state: Handoff, now: Instant) {
         self.refresh_auth();
         self.handle_accept(conn, now);
+        if let Some(peer) = state.peer {
+            self.handle_peer_addr(conn, peer);
+        }
         if self.conns.contains_key(&conn) {
             // Not `handle_read`: these bytes were counted by the shard that received them.
             self.read(conn, &state.bytes, now);
