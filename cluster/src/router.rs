@@ -221,6 +221,8 @@ impl ZoneRouter {
     /// A peer is down: nothing more is forwarded to it, and no SUBACK waits for it.
     pub fn peer_down(&mut self, peer: &NodeName) {
         self.peers.remove(peer);
+        // What was still to be told to it is moot: it gets a whole snapshot when it is up again.
+        self.out.retain(|(p, _)| p != peer);
         self.prune_shared_rr();
         let done: Vec<u64> = self
             .pending

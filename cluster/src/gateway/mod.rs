@@ -263,6 +263,12 @@ impl Gateway {
     }
 
     fn peer_up(&mut self, peer: NodeIdentity, now: Instant) {
+        // Zone events are handled after the fact: a link replaced meanwhile (two nodes dialling each
+        // other at once) has its own PeerDown and PeerUp queued behind this one. Snapshots now would only
+        // be refused; the later PeerUp sends them.
+        if !self.zone.peers_up().any(|p| *p == peer) {
+            return;
+        }
         tracing::info!(node = %peer.name, addr = %peer.addr, "cluster peer linked");
         self.router.peer_up(peer.name.clone());
         self.tell_peers();
