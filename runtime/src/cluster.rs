@@ -491,22 +491,28 @@ impl Loop {
                     }
                 }
             }
-            let ids: Vec<LinkId> = self.links.keys().copied().collect();
-            for id in ids {
-                let Some(link) = self.links.get_mut(&id) else { continue };
-                // The zone keeps what the socket has not taken (its backlog is the bound).
-                if link.connecting || link.written < link.out.len() {
-                    continue;
-                }
+            // Only the links the zone has bytes for. Those bytes are frames it keeps until acknowledged
+            // (within the link's budget), so appending them behind what the socket has not taken yet
+            // holds no more than that budget.
+            while let Some(id) = self.gateway.zone_mut().poll_writable() {
                 let bytes = self.gateway.zone_mut().take_link_transmit(id);
+                let Some(link) = self.links.get_mut(&id) else { continue };
                 if bytes.is_empty() {
                     continue;
                 }
                 progressed = true;
-                let link = self.links.get_mut(&id).expect("checked");
-                link.out = bytes;
+                if link.written == link.out.len() {
+                    link.out = bytes;
+                } else {
+                    link.out.drain(..link.written);
+                    link.out.extend_from_slice(&bytes);
+                }
                 link.written = 0;
-                self.write(id, now);
+                if link.connecting {
+                    self.set_events(id);
+                } else {
+                    self.write(id, now);
+                }
             }
             self.gateway.drive(now);
             if !progressed {
