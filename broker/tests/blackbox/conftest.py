@@ -355,6 +355,23 @@ class Broker:
         return "".join(self._history) + self._generation_log(tail)
 
 
+@pytest.fixture(autouse=True)
+def _drop_log_segments(tmp_path):
+    """After each test (and after its brokers have stopped: autouse fixtures
+    are torn down last), delete the log segments under the test's tmp dir.
+    Each is preallocated (64 MiB by default, and one more is prepared ahead),
+    so a full run would otherwise leave gigabytes behind and can fill the
+    disk of the machine it runs on."""
+    yield
+    for root, _dirs, files in os.walk(str(tmp_path)):
+        for name in files:
+            if name.endswith(".seg") or name.endswith(".seg.tmp"):
+                try:
+                    os.unlink(os.path.join(root, name))
+                except OSError:
+                    pass
+
+
 @pytest.fixture
 def broker(tmp_path):
     """Factory: broker(*extra_args) starts a broker on 127.0.0.1 (random port)
