@@ -4,10 +4,10 @@
 mod cluster;
 mod config;
 mod inspect;
+mod listeners;
 mod metrics;
 mod passwd;
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ use shardmq_runtime::{self as runtime, BackendChoice, Node, RuntimeConfig, Shard
 use shardmq_shard::auth::Auth;
 use shardmq_shard::core::{open_node, Boot, Config, NodeShared, Shard, StorageConfig, WallClock};
 use shardmq_storage::FsyncPolicy;
+use shardmq_transport::Transport;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -32,6 +33,32 @@ struct Args {
     /// --password-file or --allow-anonymous; port 0 picks a free port, shown in the startup line)
     #[argh(option)]
     listen: Vec<String>,
+    /// address to listen on for MQTT over TLS (repeatable; e.g. 0.0.0.0:8883); needs --tls-cert and
+    /// --tls-key
+    #[argh(option)]
+    tls_listen: Vec<String>,
+    /// PEM file with the server certificate, then its chain (TLS 1.3 and 1.2); re-read on SIGHUP
+    #[argh(option)]
+    tls_cert: Option<PathBuf>,
+    /// PEM file with the server certificate's private key (PKCS#8, PKCS#1 or SEC1); re-read on SIGHUP
+    #[argh(option)]
+    tls_key: Option<PathBuf>,
+    /// PEM file with the CAs that sign client certificates: TLS clients must present one (mutual TLS)
+    #[argh(option)]
+    tls_client_ca: Option<PathBuf>,
+    /// use the subject CN of a client's certificate as its user name (for the ACL), in place of the
+    /// CONNECT's user name and password; needs --tls-client-ca
+    #[argh(switch)]
+    tls_cn_as_username: bool,
+    /// address to listen on for MQTT over WebSocket (repeatable; subprotocol mqtt, binary frames)
+    #[argh(option)]
+    ws_listen: Vec<String>,
+    /// address to listen on for MQTT over WebSocket over TLS (repeatable; uses the --tls-* files)
+    #[argh(option)]
+    wss_listen: Vec<String>,
+    /// the only HTTP path WebSocket clients may upgrade on (e.g. /mqtt); default: any path
+    #[argh(option)]
+    ws_path: Option<String>,
     /// number of shards (one thread pinned per core); default: every core the process may use
     #[argh(option)]
     cores: Option<usize>,
@@ -222,7 +249,9 @@ fn main() -> Result<ExitCode> {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(log_filter(&args.log_level)).context("--log-level")?,
+        )
         .with_writer(std::io::stderr)
         .with_ansi(colour_logs())
         .init();
@@ -244,11 +273,27 @@ fn main() -> Result<ExitCode> {
         None => {}
     }
 
-    let listen =
-        resolve(if args.listen.is_empty() { vec!["0.0.0.0:1883".into()] } else { args.listen.clone() })?;
-    let auth = auth_setup(&args, &listen)?;
-    let listen_addrs = listen.clone();
-    let mut rt = RuntimeConfig { listen, pin_threads: !args.no_pin, ..RuntimeConfig::default() };
+    let listeners = listeners::ListenerArgs {
+        listen: args.listen.clone(),
+        tls_listen: args.tls_listen.clone(),
+        ws_listen: args.ws_listen.clone(),
+        wss_listen: args.wss_listen.clone(),
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        tls_client_ca: args.tls_client_ca.clone(),
+        tls_cn_as_username: args.tls_cn_as_username,
+        ws_path: args.ws_path.clone(),
+        max_packet_size: args.max_packet_size,
+    }
+    .setup()?;
+    let auth = auth_setup(&args, &listeners)?;
+    let transport = listeners.transport.clone();
+    let transport_counters = transport.counters.clone();
+    let mut rt = RuntimeConfig {
+        listen: listeners.addrs.clone(),
+        pin_threads: !args.no_pin,
+        ..RuntimeConfig::default()
+    };
     if let Some(n) = args.cores {
         if n == 0 {
             bail!("--cores must be at least 1");
@@ -365,7 +410,7 @@ fn main() -> Result<ExitCode> {
             unsafe { libmimalloc_sys::mi_collect(true) };
         }
         shard.start_sys(Instant::now());
-        shard
+        Transport::new(shard, transport.clone())
     })
     .context("starting the shards")?;
     let cluster_thread = match cluster {
@@ -385,11 +430,12 @@ fn main() -> Result<ExitCode> {
     };
     let metrics_line = match &args.metrics_listen {
         Some(a) => {
-            let addr = resolve(vec![a.clone()]).context("--metrics-listen")?[0];
+            let addr = listeners::resolve("--metrics-listen", std::slice::from_ref(a))?[0];
             let src = metrics::Sources {
                 shared: shared_for_metrics,
                 runtime: node.stats_reader(),
                 cluster: cluster_metrics,
+                transport: transport_counters,
                 labels: metric_labels,
                 started,
             };
@@ -404,9 +450,10 @@ fn main() -> Result<ExitCode> {
         format!("{} fsync={fsync}", data_dir.display())
     };
     println!(
-        "shardmq {} listening on {} cores={} runtime={}{} max_connections={} data={}{}{}",
+        "shardmq {} listening on {}{} cores={} runtime={}{} max_connections={} data={}{}{}",
         env!("CARGO_PKG_VERSION"),
         addrs.join(","),
+        listeners.describe(node.local_addrs()),
         shards,
         node.backend(),
         if args.idle_poll_us > 0 { format!(" idle_poll_us={}", args.idle_poll_us) } else { String::new() },
@@ -415,14 +462,25 @@ fn main() -> Result<ExitCode> {
         cluster_line.unwrap_or_default(),
         metrics_line
     );
-    // SIGHUP: the password file and the ACL are read again; connections stay.
-    let reload = || match auth_setup(&args, &listen_addrs) {
-        Ok(auth) => {
-            reload_state.auth.replace(auth);
-            tracing::info!("password file and ACL reloaded");
+    // SIGHUP: the password file, the ACL and the TLS files are read again; connections stay.
+    let reload = || {
+        match auth_setup(&args, &listeners) {
+            Ok(auth) => {
+                reload_state.auth.replace(auth);
+                tracing::info!("password file and ACL reloaded");
+            }
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "password file or ACL reload refused; the previous ones stay in force"
+            ),
         }
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "reload refused; the previous files stay in force")
+        match listeners.reload_tls() {
+            Ok(true) => tracing::info!("TLS certificate, key and client CAs reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "TLS reload refused; the previous certificate and key stay in force"
+            ),
         }
     };
     let sig = match wait_for_end(&node, cluster_thread.as_ref(), &signals, reload) {
@@ -457,6 +515,17 @@ fn main() -> Result<ExitCode> {
     node.join().context("joining the shards")?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// rustls warns, once per handshake, about what clients commonly do (an IP address as SNI, which
+/// mosquitto_pub sends): at `info` that would flood the log of a busy TLS listener. Its errors still
+/// show; a filter that names rustls is taken as given.
+fn log_filter(level: &str) -> String {
+    if level.contains("rustls") {
+        level.to_string()
+    } else {
+        format!("{level},rustls=error")
+    }
 }
 
 /// Colour codes only for a person at a terminal: under a supervisor or in a file they are noise. `NO_COLOR`
@@ -498,11 +567,19 @@ fn wall_clock() -> WallClock {
 
 /// Secure by default, as Mosquitto 2: without a password file, anonymous clients are accepted only when
 /// asked for or when no listener can be reached from another host. `None`: no checks at all.
-fn auth_setup(args: &Args, listen: &[SocketAddr]) -> Result<Option<Arc<Auth>>> {
+///
+/// A TLS listener that requires client certificates (`--tls-client-ca`) counts as closed: only clients
+/// with a certificate the operator's CA signed get in.
+fn auth_setup(args: &Args, listeners: &listeners::Listeners) -> Result<Option<Arc<Auth>>> {
     if args.password_file.is_none() && !args.allow_anonymous {
-        if let Some(open) = listen.iter().find(|a| !a.ip().is_loopback()) {
+        let open = listeners
+            .addrs
+            .iter()
+            .enumerate()
+            .find(|(i, a)| !a.ip().is_loopback() && !listeners.authenticated(*i));
+        if let Some((_, open)) = open {
             bail!(
-                "refusing to start: --listen {open} is not a loopback address and anonymous clients would be \
+                "refusing to start: listener {open} is not a loopback address and anonymous clients would be \
                  accepted; give --password-file FILE (see `shardmq passwd`) to require passwords, or \
                  --allow-anonymous to accept anyone"
             );
@@ -517,19 +594,6 @@ fn auth_setup(args: &Args, listen: &[SocketAddr]) -> Result<Option<Arc<Auth>>> {
     let auth = Auth::load(args.password_file.as_deref(), args.acl_file.as_deref(), allow_anonymous)?;
     tracing::info!(?auth, "authentication");
     Ok(Some(Arc::new(auth)))
-}
-
-fn resolve(listen: Vec<String>) -> Result<Vec<SocketAddr>> {
-    let mut out = Vec::new();
-    for l in listen {
-        let addr = l
-            .to_socket_addrs()
-            .with_context(|| format!("--listen {l:?}"))?
-            .next()
-            .with_context(|| format!("--listen {l:?} resolves to no address"))?;
-        out.push(addr);
-    }
-    Ok(out)
 }
 
 fn nofile_limit() -> Option<u64> {
@@ -649,7 +713,7 @@ mod tests {
     #[test]
     fn a_failed_shard_ends_the_wait_for_signals() {
         let cfg = RuntimeConfig {
-            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            listen: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 0))],
             shards: 2,
             pin_threads: false,
             backend: BackendChoice::Epoll,

@@ -19,6 +19,7 @@ use shardmq_runtime::StatsReader;
 use shardmq_shard::core::metrics::{Kind, SERIES};
 use shardmq_shard::core::NodeShared;
 use shardmq_storage::FLUSH_BUCKETS_US;
+use shardmq_transport::TransportCounters;
 
 /// A GET with the headers any scraper sends fits many times over.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -30,6 +31,7 @@ pub struct Sources {
     pub shared: Arc<NodeShared>,
     pub runtime: StatsReader,
     pub cluster: Option<Arc<ClusterMetrics>>,
+    pub transport: Arc<TransportCounters>,
     /// `node="..",zone="..",region=".."`, escaped.
     pub labels: String,
     pub started: Instant,
@@ -181,6 +183,30 @@ pub fn render(src: &Sources) -> String {
     let _ = writeln!(out, "shardmq_uptime_seconds{{{l}}} {}", src.started.elapsed().as_secs());
     header(&mut out, "shardmq_build_info", "The broker's version (value 1).", false);
     let _ = writeln!(out, "shardmq_build_info{{{l},version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let t = &src.transport;
+    let transport: [(&str, &str, &std::sync::atomic::AtomicU64); 5] = [
+        ("shardmq_tls_handshakes_total", "TLS handshakes completed.", &t.tls_handshakes),
+        (
+            "shardmq_tls_failures_total",
+            "TLS connections ended by a failed handshake or a bad record.",
+            &t.tls_failures,
+        ),
+        ("shardmq_ws_upgrades_total", "WebSocket upgrades accepted.", &t.ws_upgrades),
+        (
+            "shardmq_ws_refused_total",
+            "WebSocket upgrades refused (path, subprotocol, version).",
+            &t.ws_refused,
+        ),
+        (
+            "shardmq_ws_protocol_errors_total",
+            "WebSocket connections closed for a text, oversized or malformed frame.",
+            &t.ws_protocol_errors,
+        ),
+    ];
+    for (name, help, v) in transport {
+        header(&mut out, name, help, true);
+        let _ = writeln!(out, "{name}{{{l}}} {}", v.load(std::sync::atomic::Ordering::Relaxed));
+    }
     if let Some(c) = &src.cluster {
         let v = c.load();
         let mut last = "";
@@ -233,6 +259,7 @@ mod tests {
             shared: Arc::new(NodeShared::new(2)),
             runtime: StatsReader::default(),
             cluster: Some(Arc::new(ClusterMetrics::default())),
+            transport: Default::default(),
             labels: node_labels("n\"1", "z", "r"),
             started: Instant::now(),
         }

@@ -26,6 +26,7 @@ use super::driver::{drain_io, Ctx, EventLoop, Io};
 use super::mesh::{Adopt, Outbox};
 use super::slab::{pack, unpack, Slab, RESERVED_GEN};
 use super::{sys, Core};
+use shardmq_shard::io::Accepted;
 use shardmq_shard::{ConnId, ShardId};
 
 /// Reads per connection per wakeup before moving on to others (each up to the shared buffer's size).
@@ -177,9 +178,7 @@ impl EpollLoop {
                     let Some(id) = self.register_conn(fd, None) else { continue };
                     let now = Instant::now();
                     core.handle_accept(id, now);
-                    if let Some(p) = peer {
-                        core.handle_peer_addr(id, p.ip());
-                    }
+                    core.handle_accepted(id, Accepted { listener: li as u16, peer: peer.map(|p| p.ip()) });
                     drain_io(core, self, out, now, false);
                 }
                 Err(e) if sys::would_block(&e) => return,

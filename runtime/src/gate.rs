@@ -151,8 +151,12 @@ impl<C: Core> Core for Gate<C> {
         self.inner.handle_accept(conn, now);
     }
 
-    fn handle_peer_addr(&mut self, conn: ConnId, peer: std::net::IpAddr) {
-        self.inner.handle_peer_addr(conn, peer);
+    fn handle_accepted(&mut self, conn: ConnId, from: shardmq_shard::io::Accepted) {
+        self.inner.handle_accepted(conn, from);
+    }
+
+    fn handle_peer_identity(&mut self, conn: ConnId, name: &str) {
+        self.inner.handle_peer_identity(conn, name);
     }
 
     fn handle_adopt(&mut self, conn: ConnId, state: Self::Handoff, now: Instant) {

@@ -42,6 +42,7 @@ use super::driver::{drain_io, Ctx, EventLoop, Io};
 use super::mesh::{Adopt, Outbox};
 use super::slab::{pack, unpack, Slab};
 use super::{sys, Core};
+use shardmq_shard::io::Accepted;
 use shardmq_shard::{ConnId, ShardId};
 
 /// Ring sizing, from `RuntimeConfig`.
@@ -573,9 +574,7 @@ impl<H> UringLoop<H> {
                 self.arm_recv(id);
                 let now = Instant::now();
                 core.handle_accept(id, now);
-                if let Some(p) = peer {
-                    core.handle_peer_addr(id, p.ip());
-                }
+                core.handle_accepted(id, Accepted { listener: i as u16, peer: peer.map(|p| p.ip()) });
                 drain_io(core, self, out, now, stopping);
             }
         } else if res != -libc::ECANCELED {

@@ -8,6 +8,15 @@ use std::time::Instant;
 
 use crate::{ConnId, ShardId};
 
+/// Where an accepted connection came from (see [`Core::handle_accepted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The listener's index in the runtime's list of listen addresses.
+    pub listener: u16,
+    /// The peer's address, when the runtime could learn it.
+    pub peer: Option<std::net::IpAddr>,
+}
+
 /// Wakes a shard's loop from another thread (see [`Core::set_waker`]).
 pub type WakeFn = Box<dyn Fn() + Send + Sync>;
 
@@ -50,9 +59,13 @@ pub trait Core {
 
     /// A new connection was accepted on this shard's listener.
     fn handle_accept(&mut self, conn: ConnId, now: Instant);
-    /// The peer address of a connection just accepted (called right after `handle_accept`, when the
-    /// runtime could learn it): what a core needs to slow down password guessing from one address.
-    fn handle_peer_addr(&mut self, _conn: ConnId, _peer: std::net::IpAddr) {}
+    /// Where a connection just accepted came from (called right after `handle_accept`): the listener
+    /// (what its transport is) and the peer's address (what a core needs to slow down password guessing
+    /// from one address).
+    fn handle_accepted(&mut self, _conn: ConnId, _from: Accepted) {}
+    /// The name a connection's transport proved (a TLS client certificate's subject CN, on a node that
+    /// uses it as the user name), before the connection's first bytes are delivered.
+    fn handle_peer_identity(&mut self, _conn: ConnId, _name: &str) {}
     /// A connection moved here from another shard.
     fn handle_adopt(&mut self, conn: ConnId, state: Self::Handoff, now: Instant);
     /// Bytes read from `conn`. The slice is the runtime's (shared) buffer: the core copies only what it must

@@ -27,22 +27,43 @@ struct Failures {
     next_ban: Duration,
 }
 
-/// The peer addresses of connections that have not logged in yet, and the failures per address.
+/// What is known of a connection's peer before it logs in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub ip: Option<IpAddr>,
+    /// The name its transport proved (a TLS client certificate's subject CN), when the node uses it as
+    /// the user name (`--tls-cn-as-username`).
+    pub identity: Option<Box<str>>,
+}
+
+/// The peers of connections that have not logged in yet, and the failures per address.
 #[derive(Debug, Default)]
 pub struct Logins {
     /// Only until CONNECT: an established connection does not pay for its address.
-    peers: HashMap<ConnId, IpAddr>,
+    peers: HashMap<ConnId, Peer>,
     by_ip: HashMap<IpAddr, Failures>,
 }
 
 impl Logins {
-    pub fn connected(&mut self, conn: ConnId, peer: IpAddr) {
-        self.peers.insert(conn, peer);
+    pub fn connected(&mut self, conn: ConnId, ip: IpAddr) {
+        self.peers.entry(conn).or_default().ip = Some(ip);
     }
 
-    /// The connection's address, forgotten here (CONNECT, handoff or close).
-    pub fn take(&mut self, conn: ConnId) -> Option<IpAddr> {
-        self.peers.remove(&conn)
+    /// The connection's transport proved `name` (see [`Peer::identity`]).
+    pub fn identified(&mut self, conn: ConnId, name: &str) {
+        self.peers.entry(conn).or_default().identity = Some(name.into());
+    }
+
+    /// Sets what a handed-off connection brought along.
+    pub fn restore(&mut self, conn: ConnId, peer: Peer) {
+        if peer != Peer::default() {
+            self.peers.insert(conn, peer);
+        }
+    }
+
+    /// What is known of the connection's peer, forgotten here (CONNECT, handoff or close).
+    pub fn take(&mut self, conn: ConnId) -> Peer {
+        self.peers.remove(&conn).unwrap_or_default()
     }
 
     /// Whether logins from `ip` are refused now.
@@ -119,7 +140,10 @@ mod tests {
     fn an_address_is_kept_only_until_login() {
         let mut l = Logins::default();
         l.connected(ConnId(1), "::1".parse().unwrap());
-        assert_eq!(l.take(ConnId(1)), Some("::1".parse().unwrap()));
-        assert_eq!(l.take(ConnId(1)), None);
+        l.identified(ConnId(1), "alice");
+        let p = l.take(ConnId(1));
+        assert_eq!(p.ip, Some("::1".parse().unwrap()));
+        assert_eq!(p.identity.as_deref(), Some("alice"));
+        assert_eq!(l.take(ConnId(1)), Peer::default());
     }
 }

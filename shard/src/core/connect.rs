@@ -76,14 +76,20 @@ impl Shard {
         let mut acl = None;
         let peer = self.sessions.logins.take(id);
         if let Some(auth) = self.sessions.auth.clone() {
-            if peer.is_some_and(|ip| self.sessions.logins.banned(ip, now)) {
+            if peer.ip.is_some_and(|ip| self.sessions.logins.banned(ip, now)) {
                 self.counters.auth_refused += 1;
                 self.counters.logins_banned += 1;
                 return self.refuse(id, c.protocol, ReasonCode::BANNED, now);
             }
-            if let Err(refusal) = auth.authenticate(c.username, c.password) {
+            // A client certificate's name, where the node uses it as the user name, replaces the
+            // CONNECT's and stands for the password (the certificate was verified in the handshake), as
+            // Mosquitto's `use_identity_as_username` does.
+            let username = peer.identity.as_deref().or(c.username);
+            let checked =
+                if peer.identity.is_some() { Ok(()) } else { auth.authenticate(c.username, c.password) };
+            if let Err(refusal) = checked {
                 self.counters.auth_refused += 1;
-                if let (Refusal::BadCredentials, Some(ip)) = (refusal, peer) {
+                if let (Refusal::BadCredentials, Some(ip)) = (refusal, peer.ip) {
                     if let Some(ban) = self.sessions.logins.failed(ip, now) {
                         tracing::warn!(%ip, ban_s = ban.as_secs(), "too many failed logins from one address; refused for a while");
                     }
@@ -96,7 +102,7 @@ impl Shard {
                 return self.refuse(id, c.protocol, reason, now);
             }
             let client_id = assigned.as_deref().unwrap_or(c.client_id);
-            acl = auth.client_acl(client_id, c.username);
+            acl = auth.client_acl(client_id, username);
             // A will the client could not publish itself is refused up front, as Mosquitto does.
             if let (Some(a), Some(w)) = (&acl, &c.will) {
                 if !a.can_publish(w.topic) {

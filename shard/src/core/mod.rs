@@ -283,8 +283,8 @@ pub enum Mesh {
 #[derive(Debug)]
 pub struct Handoff {
     pub bytes: Vec<u8>,
-    /// The client's address, for the owner's login checks (see `auth::guard`).
-    pub peer: Option<std::net::IpAddr>,
+    /// The client's address and proven identity, for the owner's login checks (see `auth::guard`).
+    pub peer: crate::auth::guard::Peer,
 }
 
 /// The timer heap is never compacted below this size: compacting a small heap saves nothing.
@@ -678,17 +678,23 @@ impl Core for Shard {
         self.arm(now + Duration::from_millis(self.cfg.connect_timeout_ms), Timer::Connect(conn));
     }
 
-    fn handle_peer_addr(&mut self, conn: ConnId, peer: std::net::IpAddr) {
-        if self.conns.contains_key(&conn) {
-            self.sessions.logins.connected(conn, peer);
+    fn handle_accepted(&mut self, conn: ConnId, from: crate::io::Accepted) {
+        if let (true, Some(ip)) = (self.conns.contains_key(&conn), from.peer) {
+            self.sessions.logins.connected(conn, ip);
+        }
+    }
+
+    fn handle_peer_identity(&mut self, conn: ConnId, name: &str) {
+        if self.conns.get(&conn).is_some_and(|c| !c.is_active()) {
+            self.sessions.logins.identified(conn, name);
         }
     }
 
     fn handle_adopt(&mut self, conn: ConnId, state: Handoff, now: Instant) {
         self.refresh_auth();
         self.handle_accept(conn, now);
-        if let Some(peer) = state.peer {
-            self.handle_peer_addr(conn, peer);
+        if self.conns.contains_key(&conn) {
+            self.sessions.logins.restore(conn, state.peer);
         }
         if self.conns.contains_key(&conn) {
             // Not `handle_read`: these bytes were counted by the shard that received them.

@@ -133,3 +133,42 @@ fn a_reload_applies_new_passwords_to_new_logins_and_new_rules_to_every_session()
     let (_, reason) = login(&mut sim, 1, "bob-3", "bob", b"new-pw");
     assert_eq!(reason, ReasonCode::SUCCESS);
 }
+
+#[test]
+fn a_certificate_name_stands_for_the_user_name_and_password_also_after_a_handoff() {
+    let mut sim = Sim::with(3, cfg());
+    // Client ids owned by each shard, all connecting through shard 0: the name travels with a handoff.
+    for id in ["c0", "c1", "c2", "c3", "c4"] {
+        let c = sim.open(0, V5);
+        let conn = sim.clients[c].conn;
+        crate::io::Core::handle_peer_identity(&mut sim.shards[0], conn, "alice");
+        let connect = shardmq_wire::Connect {
+            protocol: V5,
+            clean_start: true,
+            keep_alive_s: 0,
+            client_id: id,
+            will: None,
+            // Neither is checked: the certificate was.
+            username: Some("bob"),
+            password: Some(b"wrong"),
+            properties: Default::default(),
+        };
+        sim.send(c, &Packet::Connect(connect));
+        let reason = sim.pop(c, |p| match p {
+            Packet::ConnAck(a) => a.reason,
+            other => panic!("expected CONNACK, got {other:?}"),
+        });
+        assert_eq!(reason, ReasonCode::SUCCESS, "{id}");
+        // Alice's rules apply, not bob's: she may read a/#, not write it.
+        sim.subscribe_opts(c, "a/#", shardmq_wire::SubOptions::default(), None);
+        sim.pop(c, |p| match p {
+            Packet::SubAck(s) => assert_eq!(s.reasons, [ReasonCode::SUCCESS], "{id}"),
+            other => panic!("expected SUBACK, got {other:?}"),
+        });
+        sim.publish(c, "a/x", b"x", QoS::AtLeastOnce, false, 1);
+        sim.pop(c, |p| match p {
+            Packet::PubAck(a) => assert_eq!(a.reason, ReasonCode::NOT_AUTHORIZED, "{id}"),
+            other => panic!("expected PUBACK, got {other:?}"),
+        });
+    }
+}

@@ -1,0 +1,118 @@
+"""Test PKI for the TLS / WSS black-box tests, made with the `openssl` CLI.
+
+The `pki` fixture (session scope) generates once per run, into a tmp dir:
+
+  ca         CA 1 (self-signed)
+  server     server cert for localhost / 127.0.0.1 (SAN), signed by CA 1
+  alice      client cert, CN=alice, signed by CA 1
+  ca2        CA 2, unrelated to CA 1
+  mallory    client cert, CN=mallory, signed by CA 2
+  server2    server cert for localhost / 127.0.0.1, signed by CA 2 (reload test)
+
+Each entry is a `Cert` with .cert and .key paths (CAs: .cert only matters for
+trust; .key is there too).  `pki.path(name)` gives a path for extra files.
+
+Import it in a test module with `from certs import pki  # noqa: F401`.
+"""
+
+import os
+import shutil
+import ssl
+import subprocess
+
+import pytest
+
+OPENSSL = shutil.which("openssl")
+
+
+class Cert:
+    def __init__(self, cert, key):
+        self.cert = cert
+        self.key = key
+
+    def __repr__(self):
+        return "<Cert %s>" % self.cert
+
+
+class PKI:
+    def __init__(self, root):
+        self.root = root
+
+    def path(self, name):
+        return os.path.join(self.root, name)
+
+    # ------------------------------------------------------------ helpers
+    def _run(self, *args, stdin=None):
+        p = subprocess.run([OPENSSL] + list(args), capture_output=True, timeout=60, cwd=self.root,
+                           input=stdin)
+        if p.returncode != 0:
+            raise RuntimeError("openssl %s failed: %s" % (" ".join(args), p.stderr.decode(errors="replace")))
+        return p
+
+    def _key(self, name):
+        key = self.path(name + ".key")
+        # EC P-256: fast to make; written as PKCS#8 ("BEGIN PRIVATE KEY").
+        self._run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key)
+        return key
+
+    def _make_ca(self, name, cn):
+        key = self._key(name)
+        cert = self.path(name + ".crt")
+        ext = self.path(name + ".ext")
+        with open(ext, "w") as f:
+            f.write("[v3]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+                    "subjectKeyIdentifier=hash\n")
+        self._run("req", "-x509", "-new", "-key", key, "-out", cert, "-days", "30", "-subj", "/CN=" + cn,
+                  "-config", ext, "-extensions", "v3", "-sha256")
+        return Cert(cert, key)
+
+    def _make_leaf(self, name, cn, ca, server):
+        key = self._key(name)
+        csr = self.path(name + ".csr")
+        cert = self.path(name + ".crt")
+        ext = self.path(name + ".ext")
+        with open(ext, "w") as f:
+            f.write("basicConstraints=critical,CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                    "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+            if server:
+                f.write("extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+            else:
+                f.write("extendedKeyUsage=clientAuth\n")
+        self._run("req", "-new", "-key", key, "-out", csr, "-subj", "/O=shardmq tests/CN=" + cn)
+        self._run("x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key, "-CAcreateserial",
+                  "-out", cert, "-days", "30", "-sha256", "-extfile", ext)
+        return Cert(cert, key)
+
+    def generate(self):
+        self.ca = self._make_ca("ca", "shardmq test CA 1")
+        self.server = self._make_leaf("server", "localhost", self.ca, server=True)
+        self.alice = self._make_leaf("alice", "alice", self.ca, server=False)
+        self.ca2 = self._make_ca("ca2", "shardmq test CA 2")
+        self.mallory = self._make_leaf("mallory", "mallory", self.ca2, server=False)
+        self.server2 = self._make_leaf("server2", "localhost", self.ca2, server=True)
+        return self
+
+    # ------------------------------------------------------------ client side
+    def client_context(self, cafile=None, cert=None, tls_max=None, tls_min=None):
+        """An ssl.SSLContext that trusts `cafile` (default CA 1), checks the host name, and
+        presents `cert` (a Cert) when given."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile or self.ca.cert)
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if cert is not None:
+            ctx.load_cert_chain(cert.cert, cert.key)
+        if tls_max is not None:
+            ctx.maximum_version = tls_max
+        if tls_min is not None:
+            ctx.minimum_version = tls_min
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    if not OPENSSL:
+        pytest.skip("openssl CLI not installed")
+    root = str(tmp_path_factory.mktemp("pki"))
+    return PKI(root).generate()
