@@ -116,3 +116,92 @@ def pki(tmp_path_factory):
         pytest.skip("openssl CLI not installed")
     root = str(tmp_path_factory.mktemp("pki"))
     return PKI(root).generate()
+
+
+# ---------------------------------------------------------------- shared helpers for test_tls / test_websocket
+
+import re  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+import urllib.request  # noqa: E402
+
+
+def listener(b, kind):
+    """(host, port) namespace of the first `kind` listener ("tls", "ws", "wss", "metrics") named in the
+    broker's start-up line (` tls=127.0.0.1:1234,... `)."""
+    m = re.search(r" %s=([^\s,]+):(\d+)" % re.escape(kind), b.stdout())
+    assert m, "no %s= listener in the start-up line\n%s" % (kind, b.stdout())
+    return types.SimpleNamespace(host=m.group(1), port=int(m.group(2)))
+
+
+def tcp_listener(b):
+    """(host, port) namespace of the first plain MQTT/TCP listener: the first address after
+    "listening on" that no tls=/ws=/wss= field claims.  (The fixture's b.port is not reliable with
+    several listeners: it is parsed greedily and ends up being the last address listed.)"""
+    out = b.stdout()
+    m = re.search(r"listening on (\S+)", out)
+    assert m, "no start-up line\n" + out
+    special = set()
+    for kind in ("tls", "ws", "wss"):
+        f = re.search(r" %s=(\S+)" % kind, out)
+        if f:
+            special.update(f.group(1).split(","))
+    for addr in m.group(1).split(","):
+        if addr not in special:
+            host, port = addr.rsplit(":", 1)
+            return types.SimpleNamespace(host=host, port=int(port))
+    raise AssertionError("no plain TCP listener in the start-up line\n" + out)
+
+
+def metric(b, name):
+    """Sum of the samples of counter `name` on the broker's /metrics (needs --metrics-listen)."""
+    m = listener(b, "metrics")
+    with urllib.request.urlopen("http://%s:%d/metrics" % (m.host, m.port), timeout=5) as r:
+        text = r.read().decode()
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, "no %s in /metrics:\n%s" % (name, text)
+    return total
+
+
+def wait_metric(b, name, pred, timeout=5.0):
+    """Polls `name` until pred(value) holds; returns the value (fails on timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = metric(b, name)
+        if pred(v):
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError("%s stayed at %r" % (name, v))
+        time.sleep(0.05)
+
+
+def paho(clients, server, client_id, version, ctx=None, transport="tcp", path=None, connect=True, **kw):
+    """A mqtt_client.Client (tracked by the `clients` fixture, so closed at the end) on `server`,
+    over TLS when `ctx` (an ssl.SSLContext) is given, over WebSocket with transport="websockets"."""
+    c = clients(server, client_id, version=version, connect=False, **kw)
+    c.c.transport = transport
+    if ctx is not None:
+        c.c.tls_set_context(ctx)
+    if path is not None:
+        c.c.ws_set_options(path=path)
+    if connect:
+        c.connect()
+    return c
+
+
+def client_hello(ctx, server_hostname="localhost"):
+    """The bytes of a real TLS ClientHello as `ctx` would send it."""
+    import ssl
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=server_hostname)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    data = out.read()
+    assert data and data[0] == 0x16, data[:8]
+    return data
