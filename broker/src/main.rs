@@ -224,11 +224,30 @@ fn parse_args(argv: Vec<String>) -> Result<Args> {
     }
 }
 
+fn listener_args(args: &Args) -> listeners::ListenerArgs {
+    listeners::ListenerArgs {
+        listen: args.listen.clone(),
+        tls_listen: args.tls_listen.clone(),
+        ws_listen: args.ws_listen.clone(),
+        wss_listen: args.wss_listen.clone(),
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        tls_client_ca: args.tls_client_ca.clone(),
+        tls_cn_as_username: args.tls_cn_as_username,
+        ws_path: args.ws_path.clone(),
+        max_packet_size: args.max_packet_size,
+    }
+}
+
 /// `shardmq check-config FILE`: what the file sets, as flags, once the whole parses.
 fn check_config(file: &std::path::Path) -> Result<()> {
     let argv = vec!["shardmq".to_string(), "--config".to_string(), file.display().to_string()];
     let (expanded, _) = config::expand::<Args>(argv.clone())?;
-    parse_args(argv)?;
+    let args = parse_args(argv)?;
+    // The files it names must load as they would at start-up: listeners (TLS certificate and key),
+    // password file and ACL.
+    let listeners = listener_args(&args).setup()?;
+    auth_setup(&args, &listeners)?;
     println!("{}: ok", file.display());
     let mut it = expanded.iter().skip(1).peekable();
     while let Some(flag) = it.next() {
@@ -273,19 +292,7 @@ fn main() -> Result<ExitCode> {
         None => {}
     }
 
-    let listeners = listeners::ListenerArgs {
-        listen: args.listen.clone(),
-        tls_listen: args.tls_listen.clone(),
-        ws_listen: args.ws_listen.clone(),
-        wss_listen: args.wss_listen.clone(),
-        tls_cert: args.tls_cert.clone(),
-        tls_key: args.tls_key.clone(),
-        tls_client_ca: args.tls_client_ca.clone(),
-        tls_cn_as_username: args.tls_cn_as_username,
-        ws_path: args.ws_path.clone(),
-        max_packet_size: args.max_packet_size,
-    }
-    .setup()?;
+    let listeners = listener_args(&args).setup()?;
     let auth = auth_setup(&args, &listeners)?;
     let transport = listeners.transport.clone();
     let transport_counters = transport.counters.clone();

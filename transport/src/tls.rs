@@ -27,8 +27,8 @@ pub struct TlsFiles {
 /// Why TLS settings could not be loaded. Every variant names the file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{}: {source}", file.display())]
-    Read { file: PathBuf, source: io::Error },
+    #[error("{}: {error}", file.display())]
+    Read { file: PathBuf, error: io::Error },
     #[error("{}: no PEM certificate in it", file.display())]
     NoCertificate { file: PathBuf },
     #[error("{}: not a PEM certificate file: {reason}", file.display())]
@@ -42,7 +42,7 @@ pub enum TlsError {
 }
 
 fn read(file: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(file).map_err(|source| TlsError::Read { file: file.to_path_buf(), source })
+    std::fs::read(file).map_err(|error| TlsError::Read { file: file.to_path_buf(), error })
 }
 
 fn certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

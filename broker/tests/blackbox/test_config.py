@@ -63,3 +63,19 @@ def test_a_broker_with_a_bad_config_file_does_not_start(tmp_path):
     assert p.returncode == 1 and "unknown setting \"no-such-flag\"" in p.stderr.decode(), p.stderr.decode()
     p = run("--listen", "127.0.0.1:0", "--in-memory", "--config", str(tmp_path / "missing.toml"))
     assert p.returncode == 1 and "missing.toml" in p.stderr.decode()
+
+
+def test_check_config_loads_the_files_it_names(tmp_path):
+    """A file that would stop the broker at start-up (TLS key, password file, ACL) fails the check too,
+    naming the file."""
+    for text, why in [
+        ('tls-listen = ["127.0.0.1:0"]\ntls-cert = "{d}/missing-cert.pem"\ntls-key = "{d}/missing-key.pem"\n',
+         "missing-cert.pem"),
+        ('listen = ["127.0.0.1:0"]\npassword-file = "{d}/missing-passwd"\n', "missing-passwd"),
+        ('listen = ["127.0.0.1:0"]\nacl-file = "{d}/missing-acl"\n', "missing-acl"),
+        ('listen = ["0.0.0.0:0"]\n', "--allow-anonymous"),
+    ]:
+        conf = tmp_path / "files.toml"
+        conf.write_text(text.format(d=tmp_path))
+        p = run("check-config", str(conf))
+        assert p.returncode == 1 and why in p.stderr.decode(), (text, p.stderr.decode())
