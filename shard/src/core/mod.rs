@@ -47,8 +47,8 @@ pub use self::interest_gen::InterestGens;
 use self::interest_gen::SeenGens;
 pub use self::msg::{Delivery, Msg, MsgProps, Origin, SessionKey};
 pub use self::persist::{
-    inspect_node, open_node, read_meta, type_name, Boot, BootError, Meta, Recovered, Replay, ShardReport,
-    StorageConfig, Store, StoredSession, WallClock,
+    inspect_node, open_node, read_meta, type_name, Boot, BootError, Exported, Meta, Recovered, Replay,
+    SessionTransfer, ShardReport, StorageConfig, Store, StoredSession, TransferError, WallClock,
 };
 use self::route::{Interest, SubRef};
 pub use self::route::{InterestDelta, SharedKey};
@@ -207,6 +207,9 @@ pub struct Counters {
     /// these feed `$SYS/broker/bytes/...`, which the shards publish).
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Sessions moved to another node, and moved here from one (see `persist::transfer`).
+    pub sessions_exported: u64,
+    pub sessions_imported: u64,
 }
 
 /// Who asks for a durability answer: the publishing shard and its token (see `persist`).

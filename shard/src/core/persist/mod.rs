@@ -22,6 +22,7 @@ mod compact;
 mod datadir;
 mod records;
 mod replay;
+mod transfer;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub use self::datadir::{inspect_node, open_node, read_meta, BootError, Meta, Sha
 use self::records::Enc;
 pub use self::records::{type_name, WallClock};
 pub use self::replay::{Recovered, RecoveredSession, Replay, StoredSession};
+pub use self::transfer::{Exported, SessionTransfer, TransferError};
 use super::msg::{Delivery, Msg};
 use super::route::{split_shared, InterestDelta, SubRef};
 use super::session::{InFlight, Session};
@@ -314,6 +316,13 @@ impl Store {
     }
 }
 
+/// Where a session being installed comes from (see [`Shard::install_session`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Arrival {
+    Boot,
+    Moved,
+}
+
 impl Shard {
     /// Installs the log and the state recovered from it (and from the other shards' logs). Call once,
     /// before the first event.
@@ -332,11 +341,20 @@ impl Shard {
             }
         }
         for rs in recovered.sessions {
-            self.restore_session(rs, &clock, now);
+            self.install_session(rs, &clock, now, Arrival::Boot);
         }
     }
 
-    fn restore_session(&mut self, rs: RecoveredSession, clock: &WallClock, now: Instant) {
+    /// Installs a session rebuilt from records. At boot its interest reaches the other shards through the
+    /// boot summary; a session moved here from another node announces its interest, and counts as
+    /// durable only once it is stored here (`persist_session` does both then).
+    pub(super) fn install_session(
+        &mut self,
+        rs: RecoveredSession,
+        clock: &WallClock,
+        now: Instant,
+        arrival: Arrival,
+    ) {
         let st = rs.session;
         let key = SessionKey(st.sid);
         let client_id: Arc<str> = st.client_id.into();
@@ -395,12 +413,21 @@ impl Shard {
         s.subs = subs.iter().map(|(f, _, _)| f.clone()).collect();
         self.sessions.map.insert(key, Box::new(s));
         self.sessions.by_client.insert(key, &self.sessions.map);
+        let mut deltas = Vec::new();
         for (filter, opts, sub_id) in subs {
             let (group, inner) = split_shared(&filter);
             let group: Option<Arc<str>> = group.map(Into::into);
             self.routing.subs.insert(inner, SubRef { session: key, opts, sub_id, group: group.clone() });
-            // Other shards learn these counts from the boot summary, not from announcements.
-            let _ = self.count_interest((group, inner.into()), 1, 1);
+            match arrival {
+                // Other shards learn these counts from the boot summary, not from announcements.
+                Arrival::Boot => {
+                    let _ = self.count_interest((group, inner.into()), 1, 1);
+                }
+                Arrival::Moved => deltas.extend(self.count_interest((group, inner.into()), 1, 0)),
+            }
+        }
+        if !deltas.is_empty() {
+            self.announce(deltas, None);
         }
     }
 
@@ -464,24 +491,10 @@ impl Shard {
         ok
     }
 
-    fn persist_session_inner(&mut self, key: SessionKey) -> bool {
-        let Some(st) = self.store.as_deref_mut() else { return true };
-        let Some(s) = self.sessions.map.get_mut(&key) else { return true };
-        st.sub_deltas.remove(&key);
-        if s.expiry_s == 0 {
-            if s.stored_ver != 0 {
-                s.stored_ver = 0;
-                let mut e = Enc::default();
-                let seq = st.seq();
-                e.u64(key.0).u64(seq);
-                let ok = st.append(records::SESSION_END, &e.0);
-                self.recount_durable(key, -1);
-                return ok;
-            }
-            return true;
-        }
-        let clock = st.clock;
-        let ver = st.seq();
+    /// The SESSION record of a session, as version `ver`: client id, protocol, expiry, will,
+    /// subscriptions with their options, and the user name its rights come from.
+    pub(super) fn session_record(&self, key: SessionKey, ver: u64, clock: &WallClock) -> Option<Vec<u8>> {
+        let s = self.sessions.map.get(&key)?;
         let mut e = Enc::default();
         e.u64(ver).u64(key.0).str(&s.client_id);
         records::put_protocol(&mut e, s.protocol);
@@ -519,7 +532,31 @@ impl Shard {
             Some(None) => e.u8(1),
             Some(Some(u)) => e.u8(2).str(u),
         };
-        if !st.append(records::SESSION, &e.0) {
+        Some(e.0)
+    }
+
+    fn persist_session_inner(&mut self, key: SessionKey) -> bool {
+        let Some(st) = self.store.as_deref_mut() else { return true };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return true };
+        st.sub_deltas.remove(&key);
+        if s.expiry_s == 0 {
+            if s.stored_ver != 0 {
+                s.stored_ver = 0;
+                let mut e = Enc::default();
+                let seq = st.seq();
+                e.u64(key.0).u64(seq);
+                let ok = st.append(records::SESSION_END, &e.0);
+                self.recount_durable(key, -1);
+                return ok;
+            }
+            return true;
+        }
+        let clock = st.clock;
+        let ver = st.seq();
+        let Some(payload) = self.session_record(key, ver, &clock) else { return true };
+        let Some(st) = self.store.as_deref_mut() else { return true };
+        let Some(s) = self.sessions.map.get_mut(&key) else { return true };
+        if !st.append(records::SESSION, &payload) {
             return false;
         }
         let newly = s.stored_ver == 0;

@@ -13,6 +13,7 @@ mod random;
 mod sim;
 mod subrecords;
 mod sys;
+mod transfer;
 mod visibility;
 
 use std::time::Duration;

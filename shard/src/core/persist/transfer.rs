@@ -1,0 +1,243 @@
+//! Moving a session to another node (issue "Cluster sessions"): the session leaves as the log records that
+//! would restore it (SESSION, one MESSAGE per queued or in-flight QoS 1/2 message with its packet id,
+//! RELEASED for QoS 2 messages past PUBREC, INBOUND_QOS2 for packet ids awaiting PUBREL) and arrives by
+//! replaying them, through the same code that restores sessions at boot. One encoding for the disk and the
+//! wire means one decoder, already fuzzed and bounds-checked, for both.
+//!
+//! Deadlines (session expiry, a pending will, message expiry) travel as Unix milliseconds, so both
+//! nodes' wall clocks are assumed to agree to within what those deadlines can tolerate (NTP).
+//!
+//! What it does not do: decide who owns a session (the registry) or carry the bytes (the gateway);
+//! QoS 0 messages queued for an offline session, and retained messages still owed after a SUBSCRIBE,
+//! are not moved (counted in [`Exported::dropped_qos0`]). The exporting side ends its copy at once: if the
+//! transfer is lost before the importer stores it, the session is lost (the registry's hand-over protocol
+//! is what must make that window safe).
+
+use std::time::Instant;
+
+use shardmq_storage::RecordType;
+use shardmq_wire::QoS;
+
+use super::records::{self, Dec, Enc, WallClock};
+use super::{Arrival, Replay};
+use crate::core::error::ProtocolError;
+use crate::core::{SessionKey, Shard};
+
+/// Format of [`SessionTransfer::encode`]; a node refuses another.
+const TRANSFER_VERSION: u8 = 1;
+
+/// A session on its way to another node: the records that restore it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionTransfer {
+    pub client_id: Box<str>,
+    records: Vec<(RecordType, Vec<u8>)>,
+}
+
+/// What [`Shard::export_session`] hands over.
+#[derive(Debug)]
+pub struct Exported {
+    pub transfer: SessionTransfer,
+    /// QoS 0 messages that were queued for it and are not moved.
+    pub dropped_qos0: usize,
+}
+
+/// Why a transfer was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    #[error("session transfer: {0}")]
+    Malformed(String),
+    #[error("session transfer: format {0}, this node reads {TRANSFER_VERSION}")]
+    Version(u8),
+    #[error("session transfer: the client id already has a session here")]
+    AlreadyHere,
+    #[error("session transfer: the log refused it")]
+    Storage,
+}
+
+/// Record types a transfer may carry.
+fn allowed(t: RecordType) -> bool {
+    matches!(t, records::SESSION | records::MESSAGE | records::RELEASED | records::INBOUND_QOS2)
+}
+
+impl SessionTransfer {
+    /// `[version u8][client id][count u32]([type u8][payload bytes])*`, in the records' own conventions.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.u8(TRANSFER_VERSION).str(&self.client_id).u32(self.records.len() as u32);
+        for (t, payload) in &self.records {
+            e.u8(t.0).bytes(payload);
+        }
+        e.0
+    }
+
+    /// Bounds-checked; a bad transfer is an error, never a panic. The records' contents are checked
+    /// when they are replayed ([`Shard::import_session`]).
+    pub fn decode(bytes: &[u8]) -> Result<SessionTransfer, TransferError> {
+        let bad = TransferError::Malformed;
+        let mut d = Dec::new(bytes);
+        let version = d.u8().map_err(bad)?;
+        if version != TRANSFER_VERSION {
+            return Err(TransferError::Version(version));
+        }
+        let client_id: Box<str> = d.str().map_err(bad)?.into();
+        // Each record takes at least its type and length.
+        let n = d.count(5).map_err(bad)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = RecordType(d.u8().map_err(bad)?);
+            if !allowed(t) {
+                return Err(bad(format!("record type {} in a transfer", t.0)));
+            }
+            out.push((t, d.bytes().map_err(bad)?.to_vec()));
+        }
+        d.end().map_err(bad)?;
+        Ok(SessionTransfer { client_id, records: out })
+    }
+
+    /// Records carried (the SESSION record and one per message or QoS 2 mark).
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+impl Shard {
+    /// Takes the session of `client_id` off this shard for another node: a connected client is
+    /// disconnected (MQTT 5: DISCONNECT 0x8E Session taken over), and the session, with its
+    /// subscriptions, queued and in-flight QoS 1/2 messages (same packet ids), QoS 2 state, will and
+    /// expiry, is returned as a transfer and ended here without publishing its will (the will moves with
+    /// it). `None` when there is no such session, or it ended as it went offline (expiry 0).
+    pub fn export_session(&mut self, client_id: &str, clock: &WallClock, now: Instant) -> Option<Exported> {
+        let key = self.sessions.by_client.get(client_id, &self.sessions.map)?;
+        if let Some(conn) = self.sessions.map.get(&key).and_then(|s| s.conn) {
+            self.close_conn(conn, Some(ProtocolError::SessionTakenOver), now);
+        }
+        // A will or expiry already due happens here, before the session leaves.
+        self.settle_offline(key, now);
+        let key = self.sessions.by_client.get(client_id, &self.sessions.map)?;
+        let session = self.session_record(key, 1, clock)?;
+        let mut recs = vec![(records::SESSION, session)];
+        let mut dropped_qos0 = 0;
+        let s = self.sessions.map.get(&key)?;
+        let q = s.qos();
+        let entries = q.inflight.iter().map(|x| (&x.d, x.released)).chain(q.queue.iter().map(|d| (d, false)));
+        for (mid, (d, released)) in (2u64..).zip(entries) {
+            if d.qos == QoS::AtMostOnce {
+                dropped_qos0 += 1;
+                continue;
+            }
+            let mut e = Enc::default();
+            e.u64(mid);
+            records::put_msg(&mut e, &d.msg, clock);
+            e.u32(1).u64(key.0).u16(d.pid).u8(d.qos as u8).u8(d.retain as u8).u32(d.sub_ids.len() as u32);
+            for id in d.sub_ids.iter() {
+                e.u32(*id);
+            }
+            recs.push((records::MESSAGE, e.0));
+            if released {
+                let mut e = Enc::default();
+                e.u64(key.0).u64(mid);
+                recs.push((records::RELEASED, e.0));
+            }
+        }
+        for pid in q.inbound_qos2.iter() {
+            let mut e = Enc::default();
+            e.u64(key.0).u16(*pid);
+            recs.push((records::INBOUND_QOS2, e.0));
+        }
+        // It goes on elsewhere: its will is not this node's to publish any more.
+        if let Some(s) = self.sessions.map.get_mut(&key) {
+            s.will = None;
+        }
+        self.end_session(key, now);
+        self.counters.sessions_exported += 1;
+        Some(Exported {
+            transfer: SessionTransfer { client_id: client_id.into(), records: recs },
+            dropped_qos0,
+        })
+    }
+
+    /// Installs a session moved here from another node (see [`Shard::export_session`]) under a new key,
+    /// offline: its client's CONNECT (clean start 0) resumes it with session present. Stored in this
+    /// shard's log before it returns, and its subscriptions announced to the other shards. Refused when
+    /// the client id already has a session here (the caller decides which one wins).
+    pub fn import_session(
+        &mut self,
+        t: &SessionTransfer,
+        clock: &WallClock,
+        now: Instant,
+    ) -> Result<SessionKey, TransferError> {
+        let bad = TransferError::Malformed;
+        if self.sessions.by_client.get(&t.client_id, &self.sessions.map).is_some() {
+            return Err(TransferError::AlreadyHere);
+        }
+        let mut replay = Replay::new(*clock);
+        for (ty, payload) in &t.records {
+            if !allowed(*ty) {
+                return Err(bad(format!("record type {} in a transfer", ty.0)));
+            }
+            replay.apply(*ty, payload).map_err(bad)?;
+        }
+        let mut recovered = replay.finish();
+        let mut rs = match (recovered.sessions.pop(), recovered.sessions.is_empty()) {
+            (Some(rs), true) => rs,
+            _ => return Err(bad("a transfer carries exactly one session".into())),
+        };
+        if *rs.session.client_id != *t.client_id {
+            return Err(bad("the session's client id is not the transfer's".into()));
+        }
+        // The exporter's ids mean nothing here: the session gets a key of this shard, and its records
+        // are written to this log as new ones.
+        let key = SessionKey(self.sessions.next_key);
+        self.sessions.next_key += 1;
+        rs.session.sid = key.0;
+        rs.session.ver = 0;
+        for (d, _) in rs.messages.iter_mut() {
+            d.mid = 0;
+        }
+        self.install_session(rs, clock, now, Arrival::Moved);
+        if !self.persist_session(key) {
+            // Not stored: it must not live here either, or a crash would lose what the exporter ended.
+            if let Some(s) = self.sessions.map.get_mut(&key) {
+                s.will = None;
+            }
+            self.end_session(key, now);
+            return Err(TransferError::Storage);
+        }
+        self.counters.sessions_imported += 1;
+        Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_refuses_what_it_cannot_trust() {
+        let t = SessionTransfer {
+            client_id: "c".into(),
+            records: vec![(records::SESSION, vec![1, 2, 3]), (records::INBOUND_QOS2, vec![])],
+        };
+        let bytes = t.encode();
+        assert_eq!(SessionTransfer::decode(&bytes).unwrap(), t);
+        for cut in 0..bytes.len() {
+            assert!(SessionTransfer::decode(&bytes[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut v = bytes.clone();
+        v[0] = 9;
+        assert_eq!(SessionTransfer::decode(&v), Err(TransferError::Version(9)));
+        let retain = SessionTransfer { client_id: "c".into(), records: vec![(records::RETAIN, vec![])] };
+        assert!(matches!(SessionTransfer::decode(&retain.encode()), Err(TransferError::Malformed(_))));
+        let mut trailing = bytes;
+        trailing.push(0);
+        assert!(SessionTransfer::decode(&trailing).is_err());
+        // A count far beyond what the bytes can hold is refused before anything is allocated for it.
+        let mut e = Enc::default();
+        e.u8(TRANSFER_VERSION).str("c").u32(u32::MAX);
+        assert!(SessionTransfer::decode(&e.0).is_err());
+    }
+}
