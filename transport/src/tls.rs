@@ -193,6 +193,9 @@ impl TlsLayer {
     pub(crate) fn decrypt(&mut self, mut data: &[u8], plain: &mut Vec<u8>) -> Result<(), TlsFailure> {
         while !data.is_empty() {
             match self.conn.read_tls(&mut data) {
+                // rustls always has room for more unless its buffer limit was hit (an error): a read
+                // that takes nothing would loop forever, so it ends the connection instead.
+                Ok(0) => return Err(TlsFailure("TLS: no room for more input".into())),
                 Ok(_) => {}
                 Err(e) => return Err(TlsFailure(e.to_string())),
             }
