@@ -408,6 +408,8 @@ fn main() -> Result<ExitCode> {
     let started = Instant::now();
     let (node, mut endpoints) = runtime::start_with_endpoints(rt, move |id, n| {
         let mut shard = Shard::new(id, n as u16, cfg.clone(), node_state.clone());
+        // Deadlines of sessions moved from other nodes travel as Unix time.
+        shard.set_wall_clock(wall_clock());
         // Each shard takes its own boot state once, on its own thread, before its loop starts.
         let boot = boots.get(id.index()).and_then(|b| b.lock().ok()?.take());
         if let Some(boot) = boot {

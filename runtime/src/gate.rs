@@ -155,7 +155,7 @@ impl<C: Core> Core for Gate<C> {
         self.inner.handle_accepted(conn, from);
     }
 
-    fn handle_peer_identity(&mut self, conn: ConnId, name: &str) {
+    fn handle_peer_identity(&mut self, conn: ConnId, name: Option<&str>) {
         self.inner.handle_peer_identity(conn, name);
     }
 

@@ -63,9 +63,11 @@ pub trait Core {
     /// (what its transport is) and the peer's address (what a core needs to slow down password guessing
     /// from one address).
     fn handle_accepted(&mut self, _conn: ConnId, _from: Accepted) {}
-    /// The name a connection's transport proved (a TLS client certificate's subject CN, on a node that
-    /// uses it as the user name), before the connection's first bytes are delivered.
-    fn handle_peer_identity(&mut self, _conn: ConnId, _name: &str) {}
+    /// On a node that takes the user name from the transport (a TLS client certificate's subject CN):
+    /// the name the connection's transport proved, or `None` when it proved none (a certificate without
+    /// a CN), before the connection's first bytes are delivered. A connection without a name must not
+    /// log in under the user name it claims.
+    fn handle_peer_identity(&mut self, _conn: ConnId, _name: Option<&str>) {}
     /// A connection moved here from another shard.
     fn handle_adopt(&mut self, conn: ConnId, state: Self::Handoff, now: Instant);
     /// Bytes read from `conn`. The slice is the runtime's (shared) buffer: the core copies only what it must

@@ -221,7 +221,7 @@ impl<C: Core> Transport<C> {
                     bump(&counters.tls_handshakes);
                     tracing::trace!(conn = conn.0, version = ?tls.protocol_version(), "TLS handshake done");
                     if self.config.cn_as_username {
-                        identity = tls.peer_common_name();
+                        identity = Some(tls.peer_common_name());
                     }
                 }
                 source = Source::Plain;
@@ -262,7 +262,7 @@ impl<C: Core> Transport<C> {
             }
         };
         if let Some(name) = identity {
-            self.inner.handle_peer_identity(conn, &name);
+            self.inner.handle_peer_identity(conn, name.as_deref());
         }
         let mqtt: &[u8] = match source {
             Source::Data => data,
@@ -329,7 +329,7 @@ impl<C: Core> Core for Transport<C> {
         self.inner.handle_accepted(conn, from);
     }
 
-    fn handle_peer_identity(&mut self, conn: ConnId, name: &str) {
+    fn handle_peer_identity(&mut self, conn: ConnId, name: Option<&str>) {
         self.inner.handle_peer_identity(conn, name);
     }
 

@@ -55,6 +55,19 @@ fn mutual_tls_hands_the_certificate_name_to_the_core_before_any_bytes() {
 }
 
 #[test]
+fn a_certificate_without_a_cn_is_reported_as_no_name() {
+    let mut t = transport(true, true);
+    let mut w = Wire::default();
+    let conn = ConnId(8);
+    accept(&mut t, conn, ListenerKind::Tls);
+    let mut c = tls_client(Some("nocn"));
+    c.writer().write_all(b"connect").unwrap();
+    assert_eq!(pump(&mut t, &mut w, conn, &mut c), b"ack:connect");
+    assert_eq!(t.inner().identities[&conn], "<none>", "the core hears that there is no name");
+    assert!(t.inner().identity_first[&conn]);
+}
+
+#[test]
 fn a_client_without_an_accepted_certificate_is_closed_and_the_core_told() {
     for cert in [None, Some("mallory")] {
         let mut t = transport(true, true);

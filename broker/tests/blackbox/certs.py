@@ -8,17 +8,30 @@ The `pki` fixture (session scope) generates once per run, into a tmp dir:
   ca2        CA 2, unrelated to CA 1
   mallory    client cert, CN=mallory, signed by CA 2
   server2    server cert for localhost / 127.0.0.1, signed by CA 2 (reload test)
+  nocn       client cert without a CN (subject O=..., OU=...), signed by CA 1
+  plus       client cert, CN=+ (an MQTT wildcard), signed by CA 1
+  server_chain       server cert from an intermediate CA under CA 1 (.cert: leaf + intermediate)
+  server_sec1        the server cert with its key as SEC1
+  server_rsa_pkcs1   an RSA server cert (CA 1) with a PKCS#1 key
 
 Each entry is a `Cert` with .cert and .key paths (CAs: .cert only matters for
 trust; .key is there too).  `pki.path(name)` gives a path for extra files.
 
 Import it in a test module with `from certs import pki  # noqa: F401`.
+
+Also here, shared by test_tls.py and test_websocket.py: the listener addresses from the start-up
+line (listener, tcp_listener), /metrics counters (metric, wait_metric), paho clients over TLS or
+WebSocket (paho), a raw ClientHello (client_hello) and start-up refusals (start_fails).
 """
 
 import os
+import re
 import shutil
 import ssl
 import subprocess
+import time
+import types
+import urllib.request
 
 import pytest
 
@@ -49,25 +62,35 @@ class PKI:
             raise RuntimeError("openssl %s failed: %s" % (" ".join(args), p.stderr.decode(errors="replace")))
         return p
 
-    def _key(self, name):
+    def _key(self, name, rsa=False):
         key = self.path(name + ".key")
-        # EC P-256: fast to make; written as PKCS#8 ("BEGIN PRIVATE KEY").
-        self._run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key)
+        # EC P-256 (fast to make) or RSA 2048; written as PKCS#8 ("BEGIN PRIVATE KEY").
+        if rsa:
+            self._run("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key)
+        else:
+            self._run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key)
         return key
 
-    def _make_ca(self, name, cn):
+    def _make_ca(self, name, cn, parent=None):
+        """A self-signed CA, or an intermediate CA signed by `parent`."""
         key = self._key(name)
         cert = self.path(name + ".crt")
         ext = self.path(name + ".ext")
         with open(ext, "w") as f:
             f.write("[v3]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
                     "subjectKeyIdentifier=hash\n")
-        self._run("req", "-x509", "-new", "-key", key, "-out", cert, "-days", "30", "-subj", "/CN=" + cn,
-                  "-config", ext, "-extensions", "v3", "-sha256")
+        if parent is None:
+            self._run("req", "-x509", "-new", "-key", key, "-out", cert, "-days", "30", "-subj", "/CN=" + cn,
+                      "-config", ext, "-extensions", "v3", "-sha256")
+        else:
+            csr = self.path(name + ".csr")
+            self._run("req", "-new", "-key", key, "-out", csr, "-subj", "/CN=" + cn)
+            self._run("x509", "-req", "-in", csr, "-CA", parent.cert, "-CAkey", parent.key, "-CAcreateserial",
+                      "-out", cert, "-days", "30", "-sha256", "-extfile", ext, "-extensions", "v3")
         return Cert(cert, key)
 
-    def _make_leaf(self, name, cn, ca, server):
-        key = self._key(name)
+    def _make_leaf(self, name, cn, ca, server, rsa=False):
+        key = self._key(name, rsa)
         csr = self.path(name + ".csr")
         cert = self.path(name + ".crt")
         ext = self.path(name + ".ext")
@@ -79,7 +102,9 @@ class PKI:
                 f.write("extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
             else:
                 f.write("extendedKeyUsage=clientAuth\n")
-        self._run("req", "-new", "-key", key, "-out", csr, "-subj", "/O=shardmq tests/CN=" + cn)
+        # In -subj, "+" joins attributes into one RDN: a CN holding it must escape it.
+        subj = "/O=shardmq tests" + ("/CN=" + cn.replace("+", "\\+") if cn is not None else "/OU=no common name")
+        self._run("req", "-new", "-key", key, "-out", csr, "-subj", subj)
         self._run("x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key, "-CAcreateserial",
                   "-out", cert, "-days", "30", "-sha256", "-extfile", ext)
         return Cert(cert, key)
@@ -91,6 +116,27 @@ class PKI:
         self.ca2 = self._make_ca("ca2", "shardmq test CA 2")
         self.mallory = self._make_leaf("mallory", "mallory", self.ca2, server=False)
         self.server2 = self._make_leaf("server2", "localhost", self.ca2, server=True)
+        # Odd client certificates from CA 1: no CN at all, and a CN holding an MQTT wildcard.
+        self.nocn = self._make_leaf("nocn", None, self.ca, server=False)
+        self.plus = self._make_leaf("plus", "+", self.ca, server=False)
+        # A server certificate from an intermediate CA (under CA 1): .cert is the chain (leaf, then
+        # the intermediate), .leaf_only the leaf alone.
+        inter = self._make_ca("inter", "shardmq test intermediate", parent=self.ca)
+        leaf = self._make_leaf("server-inter", "localhost", inter, server=True)
+        chain = self.path("server-inter-chain.crt")
+        with open(chain, "w") as f:
+            f.write(open(leaf.cert).read() + open(inter.cert).read())
+        self.server_chain = Cert(chain, leaf.key)
+        self.server_chain.leaf_only = leaf.cert
+        # The server's key in other encodings: SEC1 ("BEGIN EC PRIVATE KEY"), and an RSA server
+        # certificate with a PKCS#1 key ("BEGIN RSA PRIVATE KEY").
+        sec1 = self.path("server.sec1.key")
+        self._run("ec", "-in", self.server.key, "-out", sec1)
+        self.server_sec1 = Cert(self.server.cert, sec1)
+        rsa = self._make_leaf("server-rsa", "localhost", self.ca, server=True, rsa=True)
+        pkcs1 = self.path("server-rsa.pkcs1.key")
+        self._run("rsa", "-in", rsa.key, "-out", pkcs1, "-traditional")
+        self.server_rsa_pkcs1 = Cert(rsa.cert, pkcs1)
         return self
 
     # ------------------------------------------------------------ client side
@@ -119,12 +165,6 @@ def pki(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- shared helpers for test_tls / test_websocket
-
-import re  # noqa: E402
-import time  # noqa: E402
-import types  # noqa: E402
-import urllib.request  # noqa: E402
-
 
 def listener(b, kind):
     """(host, port) namespace of the first `kind` listener ("tls", "ws", "wss", "metrics") named in the
@@ -195,7 +235,6 @@ def paho(clients, server, client_id, version, ctx=None, transport="tcp", path=No
 
 def client_hello(ctx, server_hostname="localhost"):
     """The bytes of a real TLS ClientHello as `ctx` would send it."""
-    import ssl
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(inc, out, server_hostname=server_hostname)
     try:
@@ -205,3 +244,18 @@ def client_hello(ctx, server_hostname="localhost"):
     data = out.read()
     assert data and data[0] == 0x16, data[:8]
     return data
+
+
+def start_fails(tmp_path, *args):
+    """Runs the broker directly (not via the fixture) with `--listen 127.0.0.1:0` and `args`,
+    expecting it to refuse to start; returns its stderr."""
+    from conftest import SHARDMQ_BIN
+    env = dict(os.environ)
+    env.pop("RUST_BACKTRACE", None)  # keep stderr to the error itself
+    p = subprocess.run([SHARDMQ_BIN, "--in-memory", "--cores", "1", "--listen", "127.0.0.1:0"]
+                       + [str(a) for a in args],
+                       capture_output=True, timeout=20, cwd=str(tmp_path), stdin=subprocess.DEVNULL, env=env)
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode != 0, "the broker started: %s" % out
+    assert "listening on" not in out
+    return p.stderr.decode(errors="replace")

@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardmq_shard::core::{Mesh, Msg, Origin, SessionKey};
+use shardmq_shard::core::{Mesh, Msg, Origin, RegisterOutcome, SessionKey};
 use shardmq_shard::ShardId;
 
 use crate::link::{self, Frame};
@@ -89,6 +89,8 @@ pub struct GatewayCounters {
     /// Congestion reports sent to peers for their publishers, and received for this node's.
     pub congestion_out: u64,
     pub congestion_in: u64,
+    /// CONNECTs the shards registered with the gateway.
+    pub registrations_granted: u64,
 }
 
 /// Frames for peers whose link budget is full, in order, until it drains.
@@ -218,7 +220,14 @@ impl Gateway {
                     self.send_frame(&peer, &Frame::Congestion { origin, congested: c });
                 }
             }
-            Mesh::ForwardAll { .. } | Mesh::Peers { .. } => {}
+            Mesh::Register { token, .. } => {
+                // The zone has no session registry yet (issue "Cluster sessions"): every node holds
+                // the sessions of the clients connected to it, so each registration is granted here.
+                self.counters.registrations_granted += 1;
+                let outcome = RegisterOutcome::Granted { session: None };
+                self.out.push_back((from, Mesh::Registered { token, outcome }));
+            }
+            Mesh::ForwardAll { .. } | Mesh::Peers { .. } | Mesh::Registered { .. } => {}
         }
         self.drive(now);
     }

@@ -31,9 +31,18 @@ struct Failures {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Peer {
     pub ip: Option<IpAddr>,
-    /// The name its transport proved (a TLS client certificate's subject CN), when the node uses it as
-    /// the user name (`--tls-cn-as-username`).
-    pub identity: Option<Box<str>>,
+    /// Set when the node takes the user name from the transport (`--tls-cn-as-username`).
+    pub identity: Option<Identity>,
+}
+
+/// What the transport proved of a peer whose user name it supplies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A TLS client certificate's subject CN: the user name.
+    Name(Box<str>),
+    /// A certificate without a CN: no user name, and the client is refused rather than taken at the
+    /// name it claims.
+    Missing,
 }
 
 /// The peers of connections that have not logged in yet, and the failures per address.
@@ -49,9 +58,13 @@ impl Logins {
         self.peers.entry(conn).or_default().ip = Some(ip);
     }
 
-    /// The connection's transport proved `name` (see [`Peer::identity`]).
-    pub fn identified(&mut self, conn: ConnId, name: &str) {
-        self.peers.entry(conn).or_default().identity = Some(name.into());
+    /// The connection's transport proved `name`, or nothing (see [`Peer::identity`]).
+    pub fn identified(&mut self, conn: ConnId, name: Option<&str>) {
+        let identity = match name {
+            Some(n) => Identity::Name(n.into()),
+            None => Identity::Missing,
+        };
+        self.peers.entry(conn).or_default().identity = Some(identity);
     }
 
     /// Sets what a handed-off connection brought along.
@@ -140,10 +153,10 @@ mod tests {
     fn an_address_is_kept_only_until_login() {
         let mut l = Logins::default();
         l.connected(ConnId(1), "::1".parse().unwrap());
-        l.identified(ConnId(1), "alice");
+        l.identified(ConnId(1), Some("alice"));
         let p = l.take(ConnId(1));
         assert_eq!(p.ip, Some("::1".parse().unwrap()));
-        assert_eq!(p.identity.as_deref(), Some("alice"));
+        assert_eq!(p.identity, Some(Identity::Name("alice".into())));
         assert_eq!(l.take(ConnId(1)), Peer::default());
     }
 }

@@ -208,6 +208,10 @@ pub(super) const V311_INBOUND_QOS2_MAX: usize = 1024;
 impl Shard {
     /// Decodes and handles every complete packet in `rbuf ++ data`, keeping an incomplete tail.
     pub(super) fn read(&mut self, id: ConnId, data: &[u8], now: Instant) {
+        // Its CONNECT waits for the zone's registry (see `register`); what follows waits behind it.
+        if self.sessions.registrations.hold_more(id, data) {
+            return;
+        }
         let Some(conn) = self.conns.get_mut(&id) else { return };
         conn.last_rx = now;
         if conn.paused {
@@ -534,6 +538,7 @@ impl Shard {
     pub(super) fn conn_gone(&mut self, id: ConnId, publish_will: bool, now: Instant) {
         let Some(mut conn) = self.conns.remove(&id) else { return };
         self.sessions.logins.take(id);
+        self.sessions.registrations.forget(id);
         if conn.paused {
             self.pauses.paused_conns.remove(&id);
         }

@@ -8,6 +8,7 @@ use shardmq_wire::{topic, ConnAck, Connect, Packet, Properties, Protocol, Reason
 
 use super::session::{Session, WillState};
 use super::{owner_of, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer};
+use crate::auth::guard::Identity;
 use crate::auth::Refusal;
 use crate::ConnId;
 
@@ -20,14 +21,14 @@ impl Shard {
                 return self.refuse(id, c.protocol, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, now);
             }
             let assigned = self.assign_client_id();
-            return self.accept_connect(id, c, Some(assigned), now);
+            return self.accept_connect(id, c, Some(assigned), raw, now);
         }
         let owner = owner_of(c.client_id, self.shards);
         if owner != self.id {
             self.handoff(id, owner, raw);
             return ReadStep::Stop;
         }
-        self.accept_connect(id, c, None, now)
+        self.accept_connect(id, c, None, raw, now)
     }
 
     /// An id owned by this shard, so a client without one is never handed off, and used by no session
@@ -45,7 +46,13 @@ impl Shard {
         }
     }
 
-    fn refuse(&mut self, id: ConnId, protocol: Protocol, reason: ReasonCode, now: Instant) -> ReadStep {
+    pub(super) fn refuse(
+        &mut self,
+        id: ConnId,
+        protocol: Protocol,
+        reason: ReasonCode,
+        now: Instant,
+    ) -> ReadStep {
         self.counters.connects_refused += 1;
         self.counters.refused[super::metrics::refusal_index(reason)] += 1;
         if let Some(conn) = self.conns.get_mut(&id) {
@@ -62,6 +69,7 @@ impl Shard {
         id: ConnId,
         c: &Connect<'_>,
         assigned: Option<Arc<str>>,
+        raw: &[u8],
         now: Instant,
     ) -> ReadStep {
         let v5 = c.protocol.is_v5();
@@ -75,7 +83,23 @@ impl Shard {
         // CONNECT, and the ACL ends up where the session lives.
         let mut acl = None;
         let peer = self.sessions.logins.take(id);
-        if let Some(auth) = self.sessions.auth.clone() {
+        // The node takes user names from client certificates, and this one has none: it may not log in
+        // under the name it claims (Mosquitto's `use_identity_as_username` refuses it too).
+        let identity = match peer.identity {
+            Some(Identity::Missing) => {
+                self.counters.auth_refused += 1;
+                tracing::debug!(conn = id.0, "CONNECT refused: the client certificate has no CN");
+                return self.refuse(id, c.protocol, ReasonCode::NOT_AUTHORIZED, now);
+            }
+            Some(Identity::Name(n)) => Some(n),
+            None => None,
+        };
+        // A CONNECT run again once the zone registered it was checked the first time.
+        let approved = self.sessions.registrations.take_approved(id);
+        let registered = approved.is_some();
+        if let Some(a) = approved {
+            acl = a;
+        } else if let Some(auth) = self.sessions.auth.clone() {
             if peer.ip.is_some_and(|ip| self.sessions.logins.banned(ip, now)) {
                 self.counters.auth_refused += 1;
                 self.counters.logins_banned += 1;
@@ -84,9 +108,8 @@ impl Shard {
             // A client certificate's name, where the node uses it as the user name, replaces the
             // CONNECT's and stands for the password (the certificate was verified in the handshake), as
             // Mosquitto's `use_identity_as_username` does.
-            let username = peer.identity.as_deref().or(c.username);
-            let checked =
-                if peer.identity.is_some() { Ok(()) } else { auth.authenticate(c.username, c.password) };
+            let username = identity.as_deref().or(c.username);
+            let checked = if identity.is_some() { Ok(()) } else { auth.authenticate(c.username, c.password) };
             if let Err(refusal) = checked {
                 self.counters.auth_refused += 1;
                 if let (Refusal::BadCredentials, Some(ip)) = (refusal, peer.ip) {
@@ -115,6 +138,12 @@ impl Shard {
             if !topic::valid_topic_name(w.topic) || topic::levels(w.topic) > self.cfg.max_topic_levels {
                 return self.refuse(id, c.protocol, ReasonCode::TOPIC_NAME_INVALID, now);
             }
+        }
+        // In a zone, the registry learns that this node holds the session first (see `register`). Ids
+        // this node assigned are its own.
+        if self.cfg.cluster_gateway && !registered && assigned.is_none() {
+            self.hold_for_registration(id, c.client_id, c.clean_start, c.protocol, raw, acl);
+            return ReadStep::Stop;
         }
         if super::inc(&self.shared.connections) >= self.cfg.max_connections {
             super::dec(&self.shared.connections);

@@ -25,6 +25,7 @@ mod interest_gen;
 pub mod metrics;
 mod msg;
 mod persist;
+mod register;
 mod route;
 mod session;
 mod suback_wait;
@@ -50,6 +51,7 @@ pub use self::persist::{
     inspect_node, open_node, read_meta, type_name, Boot, BootError, Exported, Meta, Recovered, Replay,
     SessionTransfer, ShardReport, StorageConfig, Store, StoredSession, TransferError, WallClock,
 };
+pub use self::register::RegisterOutcome;
 use self::route::{Interest, SubRef};
 pub use self::route::{InterestDelta, SharedKey};
 use self::session::Session;
@@ -207,9 +209,15 @@ pub struct Counters {
     /// these feed `$SYS/broker/bytes/...`, which the shards publish).
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// Sessions moved to another node, and moved here from one (see `persist::transfer`).
+    /// Sessions moved to another node, and moved here from one (see `persist::transfer`); moved
+    /// sessions that could not be installed.
     pub sessions_exported: u64,
     pub sessions_imported: u64,
+    pub sessions_import_failed: u64,
+    /// CONNECTs held for the zone's registry, refused by it, and gone on without its answer.
+    pub registrations: u64,
+    pub registrations_refused: u64,
+    pub registrations_timed_out: u64,
 }
 
 /// Who asks for a durability answer: the publishing shard and its token (see `persist`).
@@ -278,6 +286,18 @@ pub enum Mesh {
     Congestion {
         session: SessionKey,
         congested: bool,
+    },
+    /// Shard to gateway: a CONNECT for `client` waits until the zone's registry records that this node
+    /// holds its session (see `register`).
+    Register {
+        token: u64,
+        client: Arc<str>,
+        clean_start: bool,
+    },
+    /// Gateway to shard: the answer to [`Mesh::Register`] `token`.
+    Registered {
+        token: u64,
+        outcome: RegisterOutcome,
     },
 }
 
@@ -362,6 +382,8 @@ struct SessionTable {
     auth_generation: u64,
     /// Peer addresses until login, and failed logins per address (see `auth::guard`).
     logins: crate::auth::guard::Logins,
+    /// CONNECTs waiting for the zone's registry (see `register`).
+    registrations: register::Registrations,
 }
 
 /// What the core hands the runtime and the other shards, until they take it.
@@ -470,6 +492,7 @@ impl Shard {
                 auth: auth.clone(),
                 auth_generation: 0,
                 logins: crate::auth::guard::Logins::default(),
+                registrations: register::Registrations::default(),
             },
             routing: Routing {
                 subs: TopicTrie::new(),
@@ -645,7 +668,9 @@ impl Shard {
     fn fire(&mut self, t: Timer, now: Instant) {
         match t {
             Timer::Connect(c) => {
-                if self.conns.get(&c).is_some_and(|c| !c.is_active()) {
+                if self.sessions.registrations.is_held(c) {
+                    self.registration_timed_out(c, now);
+                } else if self.conns.get(&c).is_some_and(|c| !c.is_active()) {
                     self.close_conn(c, Some(ProtocolError::ConnectTimeout), now);
                 }
             }
@@ -687,7 +712,7 @@ impl Core for Shard {
         }
     }
 
-    fn handle_peer_identity(&mut self, conn: ConnId, name: &str) {
+    fn handle_peer_identity(&mut self, conn: ConnId, name: Option<&str>) {
         if self.conns.get(&conn).is_some_and(|c| !c.is_active()) {
             self.sessions.logins.identified(conn, name);
         }
@@ -785,6 +810,9 @@ impl Core for Shard {
             // Only the gateway is sent these.
             Mesh::RetainedHeld { .. } => {}
             Mesh::Congestion { session, congested } => self.set_congested(session, from, congested, now),
+            Mesh::Registered { token, outcome } => self.registered(token, outcome, now),
+            // Only the gateway registers client ids.
+            Mesh::Register { .. } => {}
         }
         self.run_deferred(now);
     }

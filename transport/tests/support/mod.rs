@@ -37,8 +37,8 @@ impl Core for Recorder {
     fn handle_adopt(&mut self, conn: ConnId, state: Vec<u8>, now: Instant) {
         self.handle_read(conn, &state, now);
     }
-    fn handle_peer_identity(&mut self, conn: ConnId, name: &str) {
-        self.identities.insert(conn, name.to_string());
+    fn handle_peer_identity(&mut self, conn: ConnId, name: Option<&str>) {
+        self.identities.insert(conn, name.unwrap_or("<none>").to_string());
     }
     fn handle_read(&mut self, conn: ConnId, data: &[u8], _now: Instant) {
         self.identity_first.entry(conn).or_insert(self.identities.contains_key(&conn));

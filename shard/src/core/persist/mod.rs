@@ -57,7 +57,7 @@ const COMPACT_DEBT_CAP: u64 = 256 << 20;
 /// A shard's log plus what it needs to use it.
 pub struct Store {
     log: Log,
-    clock: WallClock,
+    pub(super) clock: WallClock,
     /// Session versions, `mid`s and session ends, in one sequence (see `replay`).
     next_seq: u64,
     /// The MESSAGE record being assembled: every persistent session of this shard a message goes to is

@@ -141,7 +141,7 @@ fn a_certificate_name_stands_for_the_user_name_and_password_also_after_a_handoff
     for id in ["c0", "c1", "c2", "c3", "c4"] {
         let c = sim.open(0, V5);
         let conn = sim.clients[c].conn;
-        crate::io::Core::handle_peer_identity(&mut sim.shards[0], conn, "alice");
+        crate::io::Core::handle_peer_identity(&mut sim.shards[0], conn, Some("alice"));
         let connect = shardmq_wire::Connect {
             protocol: V5,
             clean_start: true,
@@ -169,6 +169,31 @@ fn a_certificate_name_stands_for_the_user_name_and_password_also_after_a_handoff
         sim.pop(c, |p| match p {
             Packet::PubAck(a) => assert_eq!(a.reason, ReasonCode::NOT_AUTHORIZED, "{id}"),
             other => panic!("expected PUBACK, got {other:?}"),
+        });
+    }
+}
+
+#[test]
+fn a_certificate_without_a_name_may_not_log_in_under_the_name_it_claims() {
+    for cfg in [cfg(), Config::default()] {
+        let mut sim = Sim::with(2, cfg);
+        let c = sim.open(0, V5);
+        let conn = sim.clients[c].conn;
+        crate::io::Core::handle_peer_identity(&mut sim.shards[0], conn, None);
+        let connect = shardmq_wire::Connect {
+            protocol: V5,
+            clean_start: true,
+            keep_alive_s: 0,
+            client_id: "c1",
+            will: None,
+            username: Some("alice"),
+            password: Some(b"a-pw"),
+            properties: Default::default(),
+        };
+        sim.send(c, &Packet::Connect(connect));
+        sim.pop(c, |p| match p {
+            Packet::ConnAck(a) => assert_eq!(a.reason, ReasonCode::NOT_AUTHORIZED),
+            other => panic!("expected CONNACK, got {other:?}"),
         });
     }
 }

@@ -10,6 +10,7 @@ mod pacing;
 mod protocol;
 mod qos0;
 mod random;
+mod register;
 mod sim;
 mod subrecords;
 mod sys;

@@ -49,6 +49,9 @@ pub(super) struct Sim {
     pub(super) to_gateway: VecDeque<(ShardId, Mesh)>,
     /// What the shards of the current boot share (reloads go through it).
     pub(super) node: Arc<NodeShared>,
+    /// The test's gateway grants every registration at once (a zone without other nodes); when false,
+    /// `Mesh::Register` waits in `to_gateway` for the test to answer.
+    pub(super) auto_register: bool,
 }
 
 pub(super) type C = usize;
@@ -82,6 +85,7 @@ impl Sim {
             data: None,
             to_gateway: VecDeque::new(),
             node,
+            auto_register: true,
         }
     }
 
@@ -302,7 +306,13 @@ impl Sim {
                     }
                     while let Some((to, m)) = self.shards[s].poll_mesh() {
                         progressed = true;
-                        if to.index() == n {
+                        if let (true, true, Mesh::Register { token, .. }) =
+                            (to.index() == n, self.auto_register, &m)
+                        {
+                            let outcome = RegisterOutcome::Granted { session: None };
+                            let answer = Mesh::Registered { token: *token, outcome };
+                            self.shards[s].handle_mesh(to, answer, self.now);
+                        } else if to.index() == n {
                             self.to_gateway.push_back((ShardId(s as u16), m));
                         } else {
                             self.mesh[s * n + to.index()].push_back(m);

@@ -1,0 +1,184 @@
+//! CONNECTs held until the zone registers them (issue "Cluster sessions").
+//!
+//! In a zone a client id's session lives on the node its client connects to, so before a CONNECT is
+//! answered the zone's registry must record that this node now holds the session, and a node that held it
+//! must hand it over. On a clustered node the owner shard, once the credentials are checked, asks its
+//! gateway ([`Mesh::Register`]) and holds the CONNECT (its bytes and everything the client sent after
+//! them, with the connection's reading paused) until the answer ([`Mesh::Registered`]): granted, with
+//! the session moved from another node if there was one, or refused (a zone that prefers consistency
+//! and cannot reach the id's owner). Then the CONNECT runs again, its credentials not checked twice.
+//!
+//! Without an answer by the connection's CONNECT timeout the shard goes on alone, as a zone that prefers
+//! availability does during a partition (counted: `registrations_timed_out`); the registry reconciles
+//! when it can. Client ids the node assigns are not registered: they are this node's own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use shardmq_wire::{Protocol, ReasonCode};
+
+use super::persist::{SessionTransfer, WallClock};
+use super::{Mesh, Shard};
+use crate::auth::ClientAcl;
+use crate::io::IoCmd;
+use crate::ConnId;
+
+/// The gateway's answer to a [`Mesh::Register`].
+#[derive(Debug)]
+pub enum RegisterOutcome {
+    /// This node holds the session now; `session` is the client's session moved from the node that
+    /// held it, if one did and it was persistent.
+    Granted { session: Option<Box<SessionTransfer>> },
+    /// Not registered (the id's owner is unreachable and the zone prefers consistency): CONNACK
+    /// 0x88 Server unavailable (3.1.1: 3).
+    Refused,
+}
+
+/// A CONNECT waiting for its registration.
+#[derive(Debug)]
+struct Held {
+    token: u64,
+    /// The CONNECT and every byte after it.
+    bytes: Vec<u8>,
+    protocol: Protocol,
+    /// What the credentials check gave (`None`: no ACL).
+    acl: Option<Box<ClientAcl>>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Registrations {
+    held: HashMap<ConnId, Held>,
+    /// Connections whose CONNECT runs again now, registered, with the rights already checked.
+    approved: HashMap<ConnId, Option<Box<ClientAcl>>>,
+    next_token: u64,
+    /// Maps the Unix-time deadlines of moved sessions to this shard's clock (see [`Shard::set_wall_clock`]).
+    pub(super) clock: Option<WallClock>,
+}
+
+impl Registrations {
+    /// The rights of a connection whose registration was answered, if it was.
+    pub(super) fn take_approved(&mut self, conn: ConnId) -> Option<Option<Box<ClientAcl>>> {
+        self.approved.remove(&conn)
+    }
+
+    pub(super) fn is_held(&self, conn: ConnId) -> bool {
+        self.held.contains_key(&conn)
+    }
+
+    /// Bytes of a held connection that reached the shard before its pause took effect: kept, in order,
+    /// behind the CONNECT. `false` when the connection is not held.
+    pub(super) fn hold_more(&mut self, conn: ConnId, data: &[u8]) -> bool {
+        match self.held.get_mut(&conn) {
+            Some(h) => {
+                h.bytes.extend_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connection went away: nothing of it is kept.
+    pub(super) fn forget(&mut self, conn: ConnId) {
+        self.held.remove(&conn);
+        self.approved.remove(&conn);
+    }
+}
+
+impl Shard {
+    /// The wall clock at `now` on the monotonic clock the shard runs on: what turns the Unix-time
+    /// deadlines of a session moved from another node into this shard's instants. Set by the runtime's
+    /// owner (the broker) at start-up; a shard with a log uses its log's.
+    pub fn set_wall_clock(&mut self, clock: WallClock) {
+        self.sessions.registrations.clock = Some(clock);
+    }
+
+    pub(super) fn wall_clock(&self) -> Option<WallClock> {
+        self.store.as_deref().map(|s| s.clock).or(self.sessions.registrations.clock)
+    }
+
+    /// Holds a CONNECT whose credentials passed until the gateway registers its client id.
+    pub(super) fn hold_for_registration(
+        &mut self,
+        conn: ConnId,
+        client_id: &str,
+        clean_start: bool,
+        protocol: Protocol,
+        bytes: &[u8],
+        acl: Option<Box<ClientAcl>>,
+    ) {
+        let Some(gateway) = self.gateway() else { return };
+        let regs = &mut self.sessions.registrations;
+        regs.next_token += 1;
+        let token = regs.next_token;
+        regs.held.insert(conn, Held { token, bytes: bytes.to_vec(), protocol, acl });
+        self.out.io.push_back(IoCmd::PauseRead(conn));
+        self.counters.registrations += 1;
+        self.send_mesh(gateway, Mesh::Register { token, client: Arc::from(client_id), clean_start });
+    }
+
+    /// The gateway answered the registration `token`.
+    pub(super) fn registered(&mut self, token: u64, outcome: RegisterOutcome, now: Instant) {
+        let Some(conn) =
+            self.sessions.registrations.held.iter().find(|(_, h)| h.token == token).map(|(c, _)| *c)
+        else {
+            // Its connection is gone. A session moved here for it is installed all the same: it
+            // was ended where it was, and its client will look for it here.
+            if let RegisterOutcome::Granted { session: Some(t) } = outcome {
+                self.install_moved(&t, now);
+            }
+            return;
+        };
+        let held = self.sessions.registrations.held.remove(&conn).expect("found above");
+        match outcome {
+            RegisterOutcome::Refused => {
+                self.counters.registrations_refused += 1;
+                self.out.io.push_back(IoCmd::ResumeRead(conn));
+                // 3.1.1: return code 3, Server unavailable.
+                self.refuse(conn, held.protocol, ReasonCode::SERVER_UNAVAILABLE, now);
+            }
+            RegisterOutcome::Granted { session } => {
+                if let Some(t) = session {
+                    self.install_moved(&t, now);
+                }
+                self.run_registered(conn, held, now);
+            }
+        }
+    }
+
+    /// The CONNECT timeout passed while the registration was held: go on without it.
+    pub(super) fn registration_timed_out(&mut self, conn: ConnId, now: Instant) {
+        let Some(held) = self.sessions.registrations.held.remove(&conn) else { return };
+        self.counters.registrations_timed_out += 1;
+        tracing::warn!(conn = conn.0, "no answer from the cluster registry in time; the session stays local");
+        self.run_registered(conn, held, now);
+    }
+
+    fn run_registered(&mut self, conn: ConnId, held: Held, now: Instant) {
+        self.sessions.registrations.approved.insert(conn, held.acl);
+        self.out.io.push_back(IoCmd::ResumeRead(conn));
+        self.read(conn, &held.bytes, now);
+        // Whatever happened, the approval was for that CONNECT only.
+        self.sessions.registrations.approved.remove(&conn);
+    }
+
+    /// Installs a session moved here. A session this shard still has for the id is older than the
+    /// registry's (it would have been moved otherwise): the moved one replaces it.
+    fn install_moved(&mut self, t: &SessionTransfer, now: Instant) {
+        let Some(clock) = self.wall_clock() else {
+            tracing::error!(client = %t.client_id, "a moved session arrived but the shard has no wall clock; dropped");
+            self.counters.sessions_import_failed += 1;
+            return;
+        };
+        if let Some(old) = self.sessions.by_client.get(&t.client_id, &self.sessions.map) {
+            if let Some(s) = self.sessions.map.get_mut(&old) {
+                s.will = None;
+            }
+            self.end_session(old, now);
+        }
+        if let Err(e) = self.import_session(t, &clock, now) {
+            tracing::error!(client = %t.client_id, error = %e, "a moved session could not be installed");
+            self.counters.sessions_import_failed += 1;
+        }
+    }
+}

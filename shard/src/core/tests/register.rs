@@ -1,0 +1,190 @@
+//! CONNECTs held for the zone's registry (`register`): the test plays the cluster gateway.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardmq_wire::{Packet, PacketId, QoS, ReasonCode, SubOptions, Subscribe};
+
+use super::sim::*;
+use crate::auth::{passwd::PasswordHash, Auth, PasswordFile};
+use crate::core::*;
+
+fn clustered(n: u16) -> Sim {
+    let mut sim =
+        Sim::with(n, Config { cluster_gateway: true, connect_timeout_ms: 2000, ..Config::default() });
+    sim.auto_register = false;
+    for s in &mut sim.shards {
+        s.set_wall_clock(WallClock { base: sim.now, base_unix_ms: 1_900_000_000_000 });
+    }
+    sim
+}
+
+/// The registrations the gateway received: (shard, token, client id, clean start).
+fn registrations(sim: &mut Sim) -> Vec<(u16, u64, String, bool)> {
+    let mut out = Vec::new();
+    sim.to_gateway.retain(|(from, m)| match m {
+        Mesh::Register { token, client, clean_start } => {
+            out.push((from.0, *token, client.to_string(), *clean_start));
+            false
+        }
+        _ => true,
+    });
+    out
+}
+
+fn answer(sim: &mut Sim, shard: u16, token: u64, outcome: RegisterOutcome) {
+    sim.gateway_sends(shard, Mesh::Registered { token, outcome });
+}
+
+fn granted() -> RegisterOutcome {
+    RegisterOutcome::Granted { session: None }
+}
+
+#[test]
+fn connack_waits_for_the_registration_and_later_packets_wait_behind_it() {
+    let mut sim = clustered(2);
+    let id = id_on(1, 2, "held");
+    // CONNECT and a SUBSCRIBE in one write, through the shard that does not own the id.
+    let c = sim.open(0, V5);
+    let mut bytes = Vec::new();
+    let connect = shardmq_wire::Connect {
+        protocol: V5,
+        clean_start: false,
+        keep_alive_s: 0,
+        client_id: &id,
+        will: None,
+        username: None,
+        password: None,
+        properties: Default::default(),
+    };
+    shardmq_wire::encode(&Packet::Connect(connect), V5, &mut bytes).unwrap();
+    let sub = Subscribe {
+        packet_id: PacketId(1),
+        filters: vec![("r/#", SubOptions { qos: QoS::AtLeastOnce, ..Default::default() })],
+        properties: Default::default(),
+    };
+    shardmq_wire::encode(&Packet::Subscribe(sub), V5, &mut bytes).unwrap();
+    sim.send_bytes(c, &bytes);
+    assert!(!sim.has_packet(c), "no CONNACK before the registry answers");
+    let regs = registrations(&mut sim);
+    assert_eq!(regs.len(), 1);
+    let (shard, token, client, clean) = regs[0].clone();
+    assert_eq!((shard, client.as_str(), clean), (1, id.as_str(), false), "the owner shard registers");
+    answer(&mut sim, shard, token, granted());
+    assert!(!sim.pop_connack(c), "no session anywhere: not present");
+    // The SUBACK waits for the gateway to take the new interest, as on any clustered node.
+    let acks: Vec<(u16, u64)> = sim
+        .to_gateway
+        .drain(..)
+        .filter_map(|(from, m)| match m {
+            Mesh::Interest { token: Some(t), .. } => Some((from.0, t)),
+            _ => None,
+        })
+        .collect();
+    assert!(!acks.is_empty());
+    for (shard, token) in acks {
+        sim.gateway_sends(shard, Mesh::InterestAck { token });
+    }
+    sim.pop(c, |p| assert!(matches!(p, Packet::SubAck(_)), "the SUBSCRIBE after it, then: {p:?}"));
+    assert_eq!(sim.shards[1].counters().registrations, 1);
+}
+
+#[test]
+fn a_session_moved_from_another_node_arrives_with_the_grant() {
+    let mut other = Sim::new(1);
+    let (c, _) = other.connect(0, V5, "roamer", false);
+    other.subscribe(c, "m/#", QoS::AtLeastOnce);
+    other.drop_conn(c);
+    let (p, _) = other.connect(0, V5, "pub", true);
+    other.publish(p, "m/1", b"queued", QoS::AtLeastOnce, false, 1);
+    let clock = WallClock { base: other.now, base_unix_ms: 1_900_000_000_000 };
+    let now = other.now;
+    let moved = other.shards[0].export_session("roamer", &clock, now).unwrap().transfer;
+
+    for protocol in [V3, V5] {
+        let mut sim = clustered(2);
+        let c = sim.connect_with(0, protocol, |k| {
+            k.client_id = "roamer";
+            k.clean_start = false;
+            if protocol.is_v5() {
+                k.properties.session_expiry_interval_s = Some(3600);
+            }
+        });
+        let (shard, token, _, _) = registrations(&mut sim).pop().unwrap();
+        answer(&mut sim, shard, token, RegisterOutcome::Granted { session: Some(Box::new(moved.clone())) });
+        assert!(sim.pop_connack(c), "{protocol:?}: session present");
+        assert_eq!(sim.pop_publish(c).0, "m/1", "{protocol:?}");
+    }
+}
+
+#[test]
+fn a_refused_registration_refuses_the_connect() {
+    // 3.1.1's return code 3 decodes as 0x88 too.
+    for (protocol, code) in [(V5, ReasonCode::SERVER_UNAVAILABLE), (V3, ReasonCode::SERVER_UNAVAILABLE)] {
+        let mut sim = clustered(1);
+        let c = sim.connect_with(0, protocol, |k| k.client_id = "nope");
+        let (shard, token, _, _) = registrations(&mut sim).pop().unwrap();
+        answer(&mut sim, shard, token, RegisterOutcome::Refused);
+        sim.pop(c, |p| match p {
+            Packet::ConnAck(a) => assert_eq!(a.reason, code, "{protocol:?}"),
+            other => panic!("expected CONNACK, got {other:?}"),
+        });
+        assert_eq!(sim.shards[0].session_count(), 0);
+        assert_eq!(sim.shards[0].counters().registrations_refused, 1);
+    }
+}
+
+#[test]
+fn without_an_answer_the_connect_goes_on_at_its_timeout() {
+    let mut sim = clustered(1);
+    let c = sim.connect_with(0, V5, |k| k.client_id = "lonely");
+    assert_eq!(registrations(&mut sim).len(), 1);
+    sim.advance(Duration::from_millis(1999));
+    assert!(!sim.has_packet(c));
+    sim.advance(Duration::from_millis(2));
+    assert!(!sim.pop_connack(c));
+    assert_eq!(sim.shards[0].counters().registrations_timed_out, 1);
+    // A late answer finds nothing waiting and changes nothing.
+    answer(&mut sim, 0, 1, granted());
+    assert!(!sim.has_packet(c));
+}
+
+#[test]
+fn only_authenticated_clients_and_their_own_ids_are_registered() {
+    let line = format!("alice:{}\n", PasswordHash::pbkdf2(b"pw", [3; 12], 101).encode());
+    let auth =
+        Auth { passwords: Some(PasswordFile::parse(&line).unwrap()), acl: None, allow_anonymous: false };
+    let cfg = Config { cluster_gateway: true, auth: Some(Arc::new(auth)), ..Config::default() };
+    let mut sim = Sim::with(1, cfg);
+    sim.auto_register = false;
+    let c = sim.connect_with(0, V5, |k| {
+        k.client_id = "victim";
+        k.username = Some("alice");
+        k.password = Some(b"wrong");
+    });
+    sim.pop(c, |p| {
+        assert!(matches!(p, Packet::ConnAck(a) if a.reason == ReasonCode::BAD_USER_NAME_OR_PASSWORD))
+    });
+    assert!(
+        registrations(&mut sim).is_empty(),
+        "a client that failed to log in must not take a session over"
+    );
+    // An id the node assigns is its own: nothing to register.
+    let c = sim.connect_with(0, V5, |k| {
+        k.username = Some("alice");
+        k.password = Some(b"pw");
+    });
+    sim.pop_connack(c);
+    assert!(registrations(&mut sim).is_empty());
+}
+
+#[test]
+fn a_client_that_leaves_while_held_leaves_nothing_behind() {
+    let mut sim = clustered(1);
+    let c = sim.connect_with(0, V5, |k| k.client_id = "gone");
+    let (_, token, _, _) = registrations(&mut sim).pop().unwrap();
+    sim.drop_conn(c);
+    answer(&mut sim, 0, token, granted());
+    assert_eq!(sim.shards[0].session_count(), 0);
+    assert_eq!(sim.shards[0].connection_count(), 0);
+}
