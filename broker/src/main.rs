@@ -400,6 +400,10 @@ fn main() -> Result<ExitCode> {
         rt.endpoints = 1;
     }
     cfg.cluster_gateway = cluster.is_some();
+    if let Some(c) = &cluster {
+        // Ids this node assigns must not be another node's (a client may come back to any of them).
+        cfg.assigned_id_scope = c.gateway.identity().name.to_string().into();
+    }
     let cfg = Arc::new(cfg);
 
     // Block the shutdown signals before any thread starts so that only `sigwait` below sees them.

@@ -37,7 +37,12 @@ impl Shard {
     fn assign_client_id(&mut self) -> Arc<str> {
         loop {
             self.sessions.assigned_ids += 1;
-            let id = format!("shardmq-{}-{:x}", self.id.0, self.sessions.assigned_ids);
+            let scope = &self.cfg.assigned_id_scope;
+            let id = if scope.is_empty() {
+                format!("shardmq-{}-{:x}", self.id.0, self.sessions.assigned_ids)
+            } else {
+                format!("shardmq-{scope}-{}-{:x}", self.id.0, self.sessions.assigned_ids)
+            };
             if owner_of(&id, self.shards) == self.id
                 && self.sessions.by_client.get(&id, &self.sessions.map).is_none()
             {

@@ -102,6 +102,10 @@ pub struct Config {
     /// anything): it hears every interest announcement and retained update, announces the zone's
     /// shared-group members as its own, and gets the publishes the peers may want (see `route`).
     pub cluster_gateway: bool,
+    /// Put into the client ids the node assigns (`shardmq-<this>-<shard>-<n>`): in a zone, the node's
+    /// name, so that no two nodes assign the same id (a v5 client may come back with it to any node).
+    /// Empty on a single node (`shardmq-<shard>-<n>`).
+    pub assigned_id_scope: Arc<str>,
     /// Password file, ACL and whether anonymous clients are accepted; `None`: anyone may connect and do
     /// anything (the broker decides when that is allowed, see `--allow-anonymous`).
     pub auth: Option<Arc<crate::auth::Auth>>,
@@ -137,6 +141,7 @@ impl Default for Config {
             max_subscriptions: 1000,
             sys_interval_s: 0,
             cluster_gateway: false,
+            assigned_id_scope: Arc::from(""),
             auth: None,
         }
     }

@@ -8,6 +8,7 @@ use shardmq_wire::{Packet, PacketId, QoS, ReasonCode, SubOptions, Subscribe};
 use super::sim::*;
 use crate::auth::{passwd::PasswordHash, Auth, PasswordFile};
 use crate::core::*;
+use crate::ShardId;
 
 fn clustered(n: u16) -> Sim {
     let mut sim =
@@ -187,4 +188,17 @@ fn a_client_that_leaves_while_held_leaves_nothing_behind() {
     answer(&mut sim, 0, token, granted());
     assert_eq!(sim.shards[0].session_count(), 0);
     assert_eq!(sim.shards[0].connection_count(), 0);
+}
+
+#[test]
+fn ids_a_clustered_node_assigns_carry_its_name() {
+    let cfg = Config { cluster_gateway: true, assigned_id_scope: "node-a".into(), ..Config::default() };
+    let mut sim = Sim::with(2, cfg);
+    let c = sim.connect_with(1, V5, |k| k.clean_start = true);
+    let id = sim.pop(c, |p| match p {
+        Packet::ConnAck(a) => a.properties.assigned_client_identifier.unwrap().to_string(),
+        other => panic!("expected CONNACK, got {other:?}"),
+    });
+    assert!(id.starts_with("shardmq-node-a-"), "{id}");
+    assert_eq!(owner_of(&id, 2), ShardId(1), "still owned by the shard that assigned it");
 }
