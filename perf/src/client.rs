@@ -16,7 +16,7 @@ use shardmq_wire::{
 };
 use std::io::{self, Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -127,10 +127,44 @@ impl Writer {
         self.send_raw(&buf)
     }
 
-    /// Writes already-encoded packets; lets a publisher reuse its buffer.
+    /// Writes already-encoded packets; lets a publisher reuse its buffer. Fails when the broker took
+    /// nothing for [`HANDSHAKE_TIMEOUT`].
     pub fn send_raw(&self, bytes: &[u8]) -> Result<()> {
+        if self.write_until(bytes, |since| since.elapsed() > HANDSHAKE_TIMEOUT)? {
+            Ok(())
+        } else {
+            bail!("write: the broker took nothing for {} s", HANDSHAKE_TIMEOUT.as_secs())
+        }
+    }
+
+    /// [`Writer::send_raw`] that gives up, returning `false`, once `stop` is set while the broker takes
+    /// nothing: a publisher flooding a broker that stopped reading still ends with the run. What was
+    /// written of the packet by then stays written.
+    pub fn send_raw_unless(&self, bytes: &[u8], stop: &AtomicBool) -> Result<bool> {
+        self.write_until(bytes, |_| stop.load(Ordering::Relaxed))
+    }
+
+    /// Writes `bytes`, retrying after each write timeout of the socket until `give_up(last progress)`.
+    fn write_until(&self, bytes: &[u8], give_up: impl Fn(Instant) -> bool) -> Result<bool> {
         let mut s = self.stream.lock().map_err(|_| anyhow!("writer lock poisoned"))?;
-        s.write_all(bytes).context("write")
+        let mut off = 0;
+        let mut progress = Instant::now();
+        while off < bytes.len() {
+            match s.write(&bytes[off..]) {
+                Ok(0) => bail!("write: connection closed"),
+                Ok(n) => {
+                    off += n;
+                    progress = Instant::now();
+                }
+                Err(e) if crate::tls::timed_out(&e) => {
+                    if give_up(progress) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(e).context("write"),
+            }
+        }
+        Ok(true)
     }
 
     pub fn protocol(&self) -> Protocol {
@@ -141,8 +175,13 @@ impl Writer {
         self.send(&kind(Ack::new(id, ReasonCode::SUCCESS)))
     }
 
+    /// Sends DISCONNECT unless the broker takes nothing for a second (a broker still working through a
+    /// flood); errors are ignored.
     pub fn disconnect(&self) {
-        let _ = self.send(&Packet::Disconnect(Disconnect::default()));
+        let mut buf = Vec::with_capacity(4);
+        if encode(&Packet::Disconnect(Disconnect::default()), self.protocol, &mut buf).is_ok() {
+            let _ = self.write_until(&buf, |since| since.elapsed() > Duration::from_secs(1));
+        }
     }
 }
 

@@ -480,7 +480,10 @@ fn publish_loop(
         };
         payload::write_header(&mut body, Stamp { publisher: id, seq, sent_ns: now_ns() });
         encode_publish(&mut out, w.protocol(), &spec.topic, plan.qos, pid, &body)?;
-        w.send_raw(&out)?;
+        if !w.send_raw_unless(&out, &c.stop_pub)? {
+            // The run ended while the broker took nothing from this publisher.
+            break;
+        }
         seq += 1;
         c.sent.fetch_add(1, Relaxed);
     }
@@ -565,6 +568,34 @@ mod tests {
             stop_after_delivered: None,
             dial: Dial::default(),
         }
+    }
+
+    #[test]
+    fn a_publisher_ends_with_the_run_when_the_broker_stops_reading() {
+        use std::io::{Read, Write};
+        // A "broker" that acknowledges the CONNECT and then never reads again, for longer than the test
+        // may take.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let fake = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf);
+            s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap();
+            thread::sleep(Duration::from_secs(8));
+        });
+        let mut p = plan(&[]);
+        p.addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        p.protocol = Protocol::V311;
+        p.payload = 1024;
+        p.duration = Duration::from_millis(300);
+        p.copies_per_msg = 0;
+        p.publishers = vec![PubSpec { topic: "t".into(), rate: None, max_msgs: None }];
+        let t = Instant::now();
+        let r = run(&p).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(4), "took {:?}", t.elapsed());
+        assert!(r.sent > 0 && r.errors.is_empty(), "{r:?}");
+        drop(fake);
     }
 
     #[test]

@@ -86,7 +86,8 @@ pub fn load(ca: &Path, client: Option<(&Path, &Path)>, server_name: &str, resump
     Ok(Tls { config: Arc::new(config), server_name })
 }
 
-fn timed_out(e: &io::Error) -> bool {
+/// A socket timeout (or an interrupted call): try again.
+pub(crate) fn timed_out(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted)
 }
 
