@@ -1,18 +1,22 @@
 //! A minimal blocking MQTT client: CONNECT/CONNACK and SUBSCRIBE/SUBACK done synchronously, then a packet
 //! reader ([`Client::poll`]) and a cloneable, lock-protected writer ([`Writer`]) so that one thread can
-//! publish while another reads acknowledgements on the same connection.
+//! publish while another reads acknowledgements on the same connection (plain TCP only: over TLS the
+//! reader goes through the writer's lock, see [`crate::tls`]).
 //!
 //! It implements only what the benchmarks need: clean sessions, no will, no retained messages, no
-//! reconnects, no keep-alive pings (keep alive 0), no topic aliases.
+//! reconnects, no keep-alive pings (keep alive 0), no topic aliases; a user name and password and TLS
+//! when a [`Dial`] asks for them.
 
+use crate::tls::Tls;
 use anyhow::{anyhow, bail, Context, Result};
+use rustls::{ClientConnection, StreamOwned};
 use shardmq_wire::{
     decode, encode, Ack, ConnAck, Connect, Disconnect, Packet, PacketId, Properties, Protocol, Publish, QoS,
     ReasonCode, SubOptions, Subscribe,
 };
 use std::io::{self, Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,9 +34,29 @@ pub fn protocol_from(v: u8) -> Result<Protocol> {
     }
 }
 
+/// How every connection of a run is made: credentials for its CONNECT, and TLS or plain TCP.
+#[derive(Clone, Default)]
+pub struct Dial {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls: Option<Tls>,
+}
+
+impl Dial {
+    /// `(user name, password)` as the CONNECT carries them.
+    pub fn credentials(&self) -> (Option<&str>, Option<&[u8]>) {
+        (self.username.as_deref(), self.password.as_deref().map(str::as_bytes))
+    }
+}
+
 /// The CONNECT every benchmark client sends: clean start, keep alive 0 so no pings are needed, and the
-/// largest Receive Maximum so the broker's flow control, not ours, limits delivery.
-pub fn connect_packet(client_id: &str, protocol: Protocol) -> Packet<'_> {
+/// largest Receive Maximum so the broker's flow control, not ours, limits delivery; the user name and
+/// password of `credentials` (see [`Dial::credentials`]).
+pub fn connect_packet<'a>(
+    client_id: &'a str,
+    protocol: Protocol,
+    credentials: (Option<&'a str>, Option<&'a [u8]>),
+) -> Packet<'a> {
     let properties = if protocol.is_v5() {
         Properties { receive_maximum: Some(65535), ..Default::default() }
     } else {
@@ -44,16 +68,55 @@ pub fn connect_packet(client_id: &str, protocol: Protocol) -> Packet<'_> {
         keep_alive_s: 0,
         client_id,
         will: None,
-        username: None,
-        password: None,
+        username: credentials.0,
+        password: credentials.1,
         properties,
     })
+}
+
+/// A connection's byte stream: a TCP socket or a TLS session over one.
+pub enum Io {
+    Tcp(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Read for Io {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Io::Tcp(s) => s.read(buf),
+            Io::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Io {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Io::Tcp(s) => s.write(buf),
+            Io::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Io::Tcp(s) => s.flush(),
+            Io::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// A connection handed over to an event loop: the socket, its TLS session if any, and the bytes (plain
+/// text) already read past the handshake.
+pub struct Parts {
+    pub sock: TcpStream,
+    pub tls: Option<Box<ClientConnection>>,
+    pub left: Vec<u8>,
 }
 
 /// The write half: encodes under a lock so whole packets from different threads never interleave.
 #[derive(Clone)]
 pub struct Writer {
-    stream: Arc<Mutex<TcpStream>>,
+    stream: Arc<Mutex<Io>>,
     protocol: Protocol,
 }
 
@@ -64,10 +127,44 @@ impl Writer {
         self.send_raw(&buf)
     }
 
-    /// Writes already-encoded packets; lets a publisher reuse its buffer.
+    /// Writes already-encoded packets; lets a publisher reuse its buffer. Fails when the broker took
+    /// nothing for [`HANDSHAKE_TIMEOUT`].
     pub fn send_raw(&self, bytes: &[u8]) -> Result<()> {
+        if self.write_until(bytes, |since| since.elapsed() > HANDSHAKE_TIMEOUT)? {
+            Ok(())
+        } else {
+            bail!("write: the broker took nothing for {} s", HANDSHAKE_TIMEOUT.as_secs())
+        }
+    }
+
+    /// [`Writer::send_raw`] that gives up, returning `false`, once `stop` is set while the broker takes
+    /// nothing: a publisher flooding a broker that stopped reading still ends with the run. What was
+    /// written of the packet by then stays written.
+    pub fn send_raw_unless(&self, bytes: &[u8], stop: &AtomicBool) -> Result<bool> {
+        self.write_until(bytes, |_| stop.load(Ordering::Relaxed))
+    }
+
+    /// Writes `bytes`, retrying after each write timeout of the socket until `give_up(last progress)`.
+    fn write_until(&self, bytes: &[u8], give_up: impl Fn(Instant) -> bool) -> Result<bool> {
         let mut s = self.stream.lock().map_err(|_| anyhow!("writer lock poisoned"))?;
-        s.write_all(bytes).context("write")
+        let mut off = 0;
+        let mut progress = Instant::now();
+        while off < bytes.len() {
+            match s.write(&bytes[off..]) {
+                Ok(0) => bail!("write: connection closed"),
+                Ok(n) => {
+                    off += n;
+                    progress = Instant::now();
+                }
+                Err(e) if crate::tls::timed_out(&e) => {
+                    if give_up(progress) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(e).context("write"),
+            }
+        }
+        Ok(true)
     }
 
     pub fn protocol(&self) -> Protocol {
@@ -78,13 +175,19 @@ impl Writer {
         self.send(&kind(Ack::new(id, ReasonCode::SUCCESS)))
     }
 
+    /// Sends DISCONNECT unless the broker takes nothing for a second (a broker still working through a
+    /// flood); errors are ignored.
     pub fn disconnect(&self) {
-        let _ = self.send(&Packet::Disconnect(Disconnect::default()));
+        let mut buf = Vec::with_capacity(4);
+        if encode(&Packet::Disconnect(Disconnect::default()), self.protocol, &mut buf).is_ok() {
+            let _ = self.write_until(&buf, |since| since.elapsed() > Duration::from_secs(1));
+        }
     }
 }
 
 pub struct Client {
-    read: TcpStream,
+    /// The socket's read half; `None` over TLS, whose session is read through the writer's lock.
+    read: Option<TcpStream>,
     writer: Writer,
     buf: Vec<u8>,
     start: usize,
@@ -94,19 +197,26 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn connect(addr: SocketAddrV4, client_id: &str, protocol: Protocol) -> Result<Client> {
+    pub fn connect(addr: SocketAddrV4, client_id: &str, protocol: Protocol, dial: &Dial) -> Result<Client> {
         let index = CONN_INDEX.fetch_add(1, Ordering::Relaxed);
-        let read = crate::net::connect_blocking(addr, index).with_context(|| format!("connect {addr}"))?;
-        let write = read.try_clone()?;
+        let mut sock =
+            crate::net::connect_blocking(addr, index).with_context(|| format!("connect {addr}"))?;
+        let (read, io) = match &dial.tls {
+            None => (Some(sock.try_clone()?), Io::Tcp(sock)),
+            Some(tls) => {
+                let conn = crate::tls::handshake(tls, &mut sock, Instant::now() + HANDSHAKE_TIMEOUT)?;
+                (None, Io::Tls(Box::new(StreamOwned::new(conn, sock))))
+            }
+        };
         let mut c = Client {
             read,
-            writer: Writer { stream: Arc::new(Mutex::new(write)), protocol },
+            writer: Writer { stream: Arc::new(Mutex::new(io)), protocol },
             buf: vec![0; 64 * 1024],
             start: 0,
             end: 0,
             server_receive_max: 65535,
         };
-        c.writer.send(&connect_packet(client_id, protocol))?;
+        c.writer.send(&connect_packet(client_id, protocol, dial.credentials()))?;
         let ack = c.wait_for(|p| match p {
             Packet::ConnAck(ConnAck { reason, properties, .. }) => {
                 Some((*reason, properties.receive_maximum))
@@ -120,10 +230,34 @@ impl Client {
         Ok(c)
     }
 
-    /// The socket (the writer's clone is dropped) and any bytes already read past the handshake, for an
-    /// event loop to take over the connection.
-    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
-        (self.read, self.buf[self.start..self.end].to_vec())
+    /// The socket (the writer's clone is dropped), its TLS session and any bytes already read past the
+    /// handshake, for an event loop to take over the connection. Fails while a [`Writer`] of it lives.
+    pub fn into_parts(self) -> Result<Parts> {
+        let left = self.buf[self.start..self.end].to_vec();
+        let io = Arc::try_unwrap(self.writer.stream)
+            .map_err(|_| anyhow!("connection still shared with a writer"))?
+            .into_inner()
+            .map_err(|_| anyhow!("writer lock poisoned"))?;
+        Ok(match (io, self.read) {
+            (_, Some(sock)) => Parts { sock, tls: None, left },
+            (Io::Tls(s), None) => {
+                let s = *s;
+                Parts { sock: s.sock, tls: Some(Box::new(s.conn)), left }
+            }
+            (Io::Tcp(sock), None) => Parts { sock, tls: None, left },
+        })
+    }
+
+    /// DISCONNECT and, over TLS, close_notify; then the socket closes. Errors are ignored: the broker may
+    /// have gone.
+    pub fn close(self) {
+        self.writer.disconnect();
+        if let Ok(mut io) = self.writer.stream.lock() {
+            if let Io::Tls(s) = &mut *io {
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            }
+        }
     }
 
     pub fn writer(&self) -> Writer {
@@ -179,7 +313,15 @@ impl Client {
                     }
                 }
             }
-            match self.read.read(&mut self.buf[self.end..]) {
+            let got = match &mut self.read {
+                Some(s) => s.read(&mut self.buf[self.end..]),
+                // One thread per TLS connection (see the module docs): the lock is not contended.
+                None => match self.writer.stream.lock() {
+                    Ok(mut io) => io.read(&mut self.buf[self.end..]),
+                    Err(_) => bail!("connection lock poisoned"),
+                },
+            };
+            match got {
                 Ok(0) => bail!("connection closed by broker"),
                 Ok(n) => self.end += n,
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {

@@ -29,6 +29,15 @@ pub struct ConnPlan {
     pub timeout: Duration,
     pub broker_pid: Option<u32>,
     pub progress: bool,
+    /// User name and password for every CONNECT (this engine speaks plain TCP only).
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl ConnPlan {
+    fn credentials(&self) -> (Option<&str>, Option<&[u8]>) {
+        (self.username.as_deref(), self.password.as_deref().map(str::as_bytes))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -204,7 +213,11 @@ impl Worker<'_> {
                 }
                 let id = format!("smqc{}-{}-{slot}", std::process::id(), self.t);
                 let mut out = Vec::with_capacity(64);
-                let _ = encode(&connect_packet(&id, self.plan.protocol), self.plan.protocol, &mut out);
+                let _ = encode(
+                    &connect_packet(&id, self.plan.protocol, self.plan.credentials()),
+                    self.plan.protocol,
+                    &mut out,
+                );
                 // SAFETY: `out` is a valid buffer; a fresh socket's send buffer always fits ~40 bytes.
                 let n =
                     unsafe { libc::write(c.fd.as_raw_fd(), out.as_ptr() as *const libc::c_void, out.len()) };
@@ -431,6 +444,8 @@ mod tests {
             timeout: Duration::from_secs(2),
             broker_pid: None,
             progress: false,
+            username: None,
+            password: None,
         })
         .unwrap();
         assert_eq!(r.connected, 0);

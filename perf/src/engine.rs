@@ -8,7 +8,7 @@
 //! Pacing is open-loop on a fixed schedule: a publisher that falls behind sends the backlog at once rather
 //! than stretching the schedule, so a stalled broker shows up as latency, not as a silently lower rate.
 
-use crate::client::{encode_publish, Client, Writer};
+use crate::client::{encode_publish, Client, Dial, Writer};
 use crate::host::{HostNoise, HostProbe};
 use crate::payload::{self, now_ns, Stamp};
 use crate::procfs::{BrokerProbe, BrokerUsage};
@@ -61,6 +61,8 @@ pub struct Plan {
     pub progress: bool,
     /// End the run once this many messages arrived (the `sub` smoke test).
     pub stop_after_delivered: Option<u64>,
+    /// Credentials and TLS for every connection.
+    pub dial: Dial,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -106,11 +108,20 @@ pub(crate) struct Probes {
 
 impl Probes {
     pub(crate) fn start(plan: &Plan) -> Self {
+        Self::of(plan.broker_pid, &plan.peer_pids)
+    }
+
+    pub(crate) fn of(broker_pid: Option<u32>, peer_pids: &[u32]) -> Self {
         Probes {
-            broker: plan.broker_pid.map(BrokerProbe::start),
-            peers: plan.peer_pids.iter().map(|&p| BrokerProbe::start(p)).collect(),
+            broker: broker_pid.map(BrokerProbe::start),
+            peers: peer_pids.iter().map(|&p| BrokerProbe::start(p)).collect(),
             host: HostProbe::start(),
         }
+    }
+
+    /// The broker's usage per `count` (messages, or connections) and the host's noise.
+    pub(crate) fn finish(self, count: u64) -> (Option<BrokerUsage>, HostNoise) {
+        (self.broker.map(|p| p.finish(count)), self.host.finish())
     }
 }
 
@@ -165,17 +176,21 @@ struct Inflight {
 }
 
 pub fn run(plan: &Plan) -> Result<RunReport> {
+    if plan.dial.tls.is_some() && plan.qos != QoS::AtMostOnce && !plan.publishers.is_empty() {
+        // A QoS 1/2 publisher reads acknowledgements in a second thread; a TLS session cannot be split.
+        anyhow::bail!("over TLS this scenario runs at QoS 0 only (pairs and fanout run any QoS)");
+    }
     let c = Counters::default();
     let tag = format!("smq{}", std::process::id());
     let mut subs = Vec::new();
     for (i, filter) in plan.subscribers.iter().enumerate() {
-        let mut cl = Client::connect(plan.sub_addr(i), &format!("{tag}-s{i}"), plan.protocol)?;
+        let mut cl = Client::connect(plan.sub_addr(i), &format!("{tag}-s{i}"), plan.protocol, &plan.dial)?;
         cl.subscribe(filter, plan.qos)?;
         subs.push(cl);
     }
     let mut pubs = Vec::new();
     for i in 0..plan.publishers.len() {
-        pubs.push(Client::connect(plan.addr, &format!("{tag}-p{i}"), plan.protocol)?);
+        pubs.push(Client::connect(plan.addr, &format!("{tag}-p{i}"), plan.protocol, &plan.dial)?);
     }
     let hists: Vec<Mutex<Hists>> = subs.iter().map(|_| Hists::new()).collect();
     let probes = Probes::start(plan);
@@ -465,7 +480,10 @@ fn publish_loop(
         };
         payload::write_header(&mut body, Stamp { publisher: id, seq, sent_ns: now_ns() });
         encode_publish(&mut out, w.protocol(), &spec.topic, plan.qos, pid, &body)?;
-        w.send_raw(&out)?;
+        if !w.send_raw_unless(&out, &c.stop_pub)? {
+            // The run ended while the broker took nothing from this publisher.
+            break;
+        }
         seq += 1;
         c.sent.fetch_add(1, Relaxed);
     }
@@ -548,7 +566,36 @@ mod tests {
             peer_pids: Vec::new(),
             progress: false,
             stop_after_delivered: None,
+            dial: Dial::default(),
         }
+    }
+
+    #[test]
+    fn a_publisher_ends_with_the_run_when_the_broker_stops_reading() {
+        use std::io::{Read, Write};
+        // A "broker" that acknowledges the CONNECT and then never reads again, for longer than the test
+        // may take.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let fake = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf);
+            s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap();
+            thread::sleep(Duration::from_secs(8));
+        });
+        let mut p = plan(&[]);
+        p.addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        p.protocol = Protocol::V311;
+        p.payload = 1024;
+        p.duration = Duration::from_millis(300);
+        p.copies_per_msg = 0;
+        p.publishers = vec![PubSpec { topic: "t".into(), rate: None, max_msgs: None }];
+        let t = Instant::now();
+        let r = run(&p).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(4), "took {:?}", t.elapsed());
+        assert!(r.sent > 0 && r.errors.is_empty(), "{r:?}");
+        drop(fake);
     }
 
     #[test]

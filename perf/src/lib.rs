@@ -9,12 +9,17 @@
 //!   [`payload`]) and, at QoS 1/2, every acknowledged message that never arrived; `pairs` and `fanout` run on a
 //!   few epoll threads ([`pairs`]) so that scheduling hundreds of client threads does not swamp the latency;
 //! - `suback`: SUBSCRIBE-to-SUBACK latency for new filters, one at a time ([`suback`]);
+//! - `handshakes`: new connections per second, each a TCP connect, with `--tls-ca` a full TLS handshake,
+//!   CONNECT/CONNACK and DISCONNECT ([`tls`]);
+//! - every subcommand but `conn` over TLS (`--tls-ca`, and `--tls-cert`/`--tls-key` for a client
+//!   certificate), every one with a user name and password (`--username`, `--password`); over TLS,
+//!   `fanin`, `shared` and `pub` publish at QoS 0 only (see [`tls`]);
 //! - subscribers may connect to other brokers than publishers (`--sub-port`): cluster nodes or bridged
 //!   brokers, so that every message crosses between them;
 //! - optionally samples the broker's CPU time and memory from /proc ([`procfs`]), and always the host's
 //!   own noise: stolen CPU time and how late a sleeping thread wakes ([`host`]).
 //!
-//! What it does not do: TLS, WebSockets, authentication, persistent sessions, reconnects, retained
+//! What it does not do: WebSockets, enhanced (v5 AUTH) authentication, persistent sessions, reconnects, retained
 //! messages or wills; keep-alive is always 0. It only runs on Linux (epoll, /proc, CLOCK_MONOTONIC), and
 //! latency is only meaningful when publisher and subscriber share a host clock. Every run is bounded by a
 //! duration and counts.
@@ -29,3 +34,4 @@ pub mod payload;
 pub mod procfs;
 pub mod stats;
 pub mod suback;
+pub mod tls;

@@ -4,11 +4,12 @@
 
 use anyhow::{bail, Result};
 use argh::FromArgs;
-use shardmq_perf::client::protocol_from;
+use shardmq_perf::client::{protocol_from, Dial};
 use shardmq_perf::conn::{self, ConnPlan, ConnReport};
 use shardmq_perf::engine::{self, Plan, PubSpec, RunReport};
 use shardmq_perf::net::resolve;
 use shardmq_perf::pairs;
+use shardmq_perf::tls::{self, HandshakePlan, HandshakeReport};
 use shardmq_wire::QoS;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ enum Cmd {
     Pub(PubCmd),
     Sub(SubCmd),
     Suback(SubackCmd),
+    Handshakes(HandshakesCmd),
 }
 
 /// Options every subcommand takes.
@@ -41,6 +43,33 @@ struct Common {
     broker_pid: Option<u32>,
     sub_ports: Vec<u16>,
     peer_pids: Vec<u32>,
+    username: Option<String>,
+    password: Option<String>,
+    tls_ca: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    tls_server_name: String,
+}
+
+impl Common {
+    /// Credentials and TLS settings for every connection; `resumption: false` makes every TLS handshake
+    /// a full one.
+    fn dial(&self, resumption: bool) -> Result<Dial> {
+        let client = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((std::path::Path::new(c), std::path::Path::new(k))),
+            (None, None) => None,
+            _ => bail!("--tls-cert and --tls-key go together"),
+        };
+        let tls = match &self.tls_ca {
+            Some(ca) => Some(tls::load(ca.as_ref(), client, &self.tls_server_name, resumption)?),
+            None if client.is_some() => bail!("--tls-cert needs --tls-ca"),
+            None => None,
+        };
+        if self.password.is_some() && self.username.is_none() && self.protocol != 5 {
+            bail!("MQTT 3.1.1 has no password without a user name");
+        }
+        Ok(Dial { username: self.username.clone(), password: self.password.clone(), tls })
+    }
 }
 
 /// Declares a subcommand's arguments with the options every subcommand shares (argh has no flatten),
@@ -75,6 +104,24 @@ macro_rules! subcommand {
             /// process id of another broker (a cluster's other nodes), sampled like --broker-pid; repeatable
             #[argh(option)]
             peer_pid: Vec<u32>,
+            /// user name every CONNECT carries
+            #[argh(option)]
+            username: Option<String>,
+            /// password every CONNECT carries
+            #[argh(option)]
+            password: Option<String>,
+            /// connect over TLS, trusting the CA certificate(s) in this PEM file (not for `conn`)
+            #[argh(option)]
+            tls_ca: Option<String>,
+            /// client certificate chain (PEM) to present over TLS, with --tls-key
+            #[argh(option)]
+            tls_cert: Option<String>,
+            /// private key (PEM) of --tls-cert
+            #[argh(option)]
+            tls_key: Option<String>,
+            /// name the server certificate must carry (default localhost)
+            #[argh(option, default = "String::from(\"localhost\")")]
+            tls_server_name: String,
             $($(#[$fmeta])* $field: $fty $(<$farg>)?,)*
         }
 
@@ -88,6 +135,12 @@ macro_rules! subcommand {
                     broker_pid: self.broker_pid,
                     sub_ports: self.sub_port.clone(),
                     peer_pids: self.peer_pid.clone(),
+                    username: self.username.clone(),
+                    password: self.password.clone(),
+                    tls_ca: self.tls_ca.clone(),
+                    tls_cert: self.tls_cert.clone(),
+                    tls_key: self.tls_key.clone(),
+                    tls_server_name: self.tls_server_name.clone(),
                 }
             }
         }
@@ -279,6 +332,20 @@ subcommand! {
     }
 }
 
+subcommand! {
+    /// new connections per second, each opened, CONNECTed and closed: TCP connect, with --tls-ca a full
+    /// TLS handshake (no resumption), CONNECT/CONNACK, DISCONNECT
+    #[argh(subcommand, name = "handshakes")]
+    struct HandshakesCmd {
+        /// threads, each opening one connection at a time (default 4)
+        #[argh(option, default = "4")]
+        threads: usize,
+        /// seconds to run (default 10)
+        #[argh(option, default = "10.0")]
+        duration_s: f64,
+    }
+}
+
 fn qos(v: u8) -> Result<QoS> {
     QoS::from_u8(v).ok_or_else(|| anyhow::anyhow!("--qos must be 0, 1 or 2"))
 }
@@ -308,6 +375,7 @@ fn base_plan(c: &Common, scenario: &str, q: u8, payload: usize, duration_s: f64)
         peer_pids: c.peer_pids.clone(),
         progress: true,
         stop_after_delivered: None,
+        dial: c.dial(true)?,
     })
 }
 
@@ -322,6 +390,7 @@ fn main() -> Result<()> {
     let (common, plan) = match args.cmd {
         Cmd::Conn(a) => return run_conn(a),
         Cmd::Suback(a) => return run_suback(a),
+        Cmd::Handshakes(a) => return run_handshakes(a),
         Cmd::Fanin(a) => {
             let mut p = base_plan(&a.common(), "fanin", a.qos, a.payload, a.duration_s)?;
             let each = a.rate.map(|r| r / a.publishers.max(1) as f64);
@@ -396,7 +465,12 @@ fn run_conn(a: ConnCmd) -> Result<()> {
         timeout: secs(a.timeout_s, "--timeout-s")?,
         broker_pid: c.broker_pid,
         progress: true,
+        username: c.username.clone(),
+        password: c.password.clone(),
     };
+    if c.tls_ca.is_some() {
+        bail!("conn speaks plain TCP only; `handshakes` measures TLS connections");
+    }
     let report = conn::run(&plan)?;
     if c.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -414,6 +488,7 @@ fn run_suback(a: SubackCmd) -> Result<()> {
     let r = shardmq_perf::suback::run(
         resolve(&c.host, c.port)?,
         protocol_from(c.protocol)?,
+        &c.dial(true)?,
         qos(a.qos)?,
         a.count,
     )?;
@@ -427,6 +502,57 @@ fn run_suback(a: SubackCmd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn run_handshakes(a: HandshakesCmd) -> Result<()> {
+    let c = a.common();
+    let plan = HandshakePlan {
+        addr: resolve(&c.host, c.port)?,
+        protocol: protocol_from(c.protocol)?,
+        dial: c.dial(false)?,
+        threads: a.threads,
+        duration: secs(a.duration_s, "--duration-s")?,
+        broker_pid: c.broker_pid,
+        progress: true,
+    };
+    let r = tls::handshakes(&plan)?;
+    if c.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_handshakes(&r);
+    }
+    if r.connected == 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn print_handshakes(r: &HandshakeReport) {
+    println!(
+        "handshakes: MQTT level {}, {}, {} threads: {} connections in {:.2} s ({:.0}/s)",
+        r.protocol,
+        if r.tls { "TLS (full handshakes)" } else { "plain TCP" },
+        r.threads,
+        r.connected,
+        r.window_s,
+        r.connect_rate
+    );
+    let l = &r.connect_latency_us;
+    println!("  connect to CONNACK us p50 {} p99 {} max {}", l.p50_us, l.p99_us, l.max_us);
+    for (k, v) in &r.failures {
+        println!("  failed ({k}): {v}");
+    }
+    if let Some(b) = &r.broker {
+        println!(
+            "  broker pid {}: cpu {} s, {} us/connection",
+            b.pid,
+            opt(b.cpu_s.map(|v| format!("{v:.2}"))),
+            opt(b.cpu_us_per_msg.map(|v| format!("{v:.1}")))
+        );
+    }
+    for e in &r.errors {
+        println!("  error: {e}");
+    }
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {

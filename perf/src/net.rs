@@ -104,11 +104,12 @@ pub fn start_connect(src: Option<Ipv4Addr>, dst: SocketAddrV4, nonblocking: bool
     Ok(fd)
 }
 
-/// A blocking stream for the `index`-th connection, with a read timeout so reader loops can notice a stop
-/// request.
+/// A blocking stream for the `index`-th connection, with read and write timeouts so reader loops and a
+/// publisher stuck on a broker that stopped reading can notice a stop request.
 pub fn connect_blocking(dst: SocketAddrV4, index: u64) -> io::Result<TcpStream> {
     let s = TcpStream::from(start_connect(source_for(dst, index), dst, false)?);
     s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    s.set_write_timeout(Some(Duration::from_millis(100)))?;
     Ok(s)
 }
 

@@ -11,13 +11,18 @@
 //! sends its backlog at once. Publishers are spread evenly over one send period so that a hundred of them
 //! at the same rate do not all fire in the same microsecond. Latency, loss and duplicates are measured
 //! exactly as in the blocking engine, and the report is the same [`RunReport`].
+//!
+//! Over TLS each connection's session is driven sans I/O in its thread: bytes read from the socket go
+//! through [`ClientConnection::read_tls`] and come out as plain text; output is encrypted into the session
+//! and written from it as the socket takes it.
 
-use crate::client::{encode_publish, Client};
+use crate::client::{encode_publish, Client, Parts};
 use crate::conn::Epoll;
 use crate::engine::{self, Counters, Hists, Plan, Probes, RunReport};
 use crate::payload::{self, now_ns, Stamp};
 use crate::stats::{self, Received, SeqSet};
 use anyhow::{anyhow, bail, Result};
+use rustls::ClientConnection;
 use shardmq_wire::{decode, encode, Ack, Disconnect, Packet, PacketId, Protocol, QoS, ReasonCode};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -41,6 +46,8 @@ const MAX_WAIT_MS: i32 = 10;
 /// A non-blocking connection with an incremental read buffer and a pending-output buffer.
 struct Conn {
     sock: TcpStream,
+    /// The TLS session over `sock`, if any: `rbuf` and `wbuf` hold plain text.
+    tls: Option<Box<ClientConnection>>,
     rbuf: Vec<u8>,
     start: usize,
     end: usize,
@@ -52,13 +59,15 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(sock: TcpStream, left: Vec<u8>, ep: &Epoll, token: u64) -> Result<Conn> {
+    fn new(parts: Parts, ep: &Epoll, token: u64) -> Result<Conn> {
+        let Parts { sock, tls, left } = parts;
         sock.set_nonblocking(true)?;
         let mut rbuf = vec![0; (64 * 1024).max(left.len() * 2)];
         rbuf[..left.len()].copy_from_slice(&left);
         ep.ctl(libc::EPOLL_CTL_ADD, &sock, libc::EPOLLIN as u32, token)?;
-        Ok(Conn {
+        let mut c = Conn {
             sock,
+            tls,
             end: left.len(),
             rbuf,
             start: 0,
@@ -66,7 +75,29 @@ impl Conn {
             want_out: false,
             dead: false,
             token,
-        })
+        };
+        // Plain text the session decrypted during the handshake but nobody read yet: level-triggered epoll
+        // would not report it, the socket being empty.
+        c.take_plain()?;
+        c.flush(ep)?;
+        Ok(c)
+    }
+
+    /// Moves the plain text the TLS session holds into `rbuf`, growing it as needed (what one `read_tls`
+    /// brought in, so bounded).
+    fn take_plain(&mut self) -> Result<()> {
+        let Some(tls) = self.tls.as_mut() else { return Ok(()) };
+        loop {
+            if self.end == self.rbuf.len() {
+                self.rbuf.resize(self.rbuf.len() * 2, 0);
+            }
+            match tls.reader().read(&mut self.rbuf[self.end..]) {
+                Ok(0) => bail!("connection closed by broker (TLS close_notify)"),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Reads what the socket has, until it would block or the buffer is full (level-triggered epoll
@@ -78,6 +109,9 @@ impl Conn {
         if self.end == self.rbuf.len() {
             self.rbuf.resize(self.rbuf.len() * 2, 0);
         }
+        if self.tls.is_some() {
+            return self.fill_tls();
+        }
         while self.end < self.rbuf.len() {
             match self.sock.read(&mut self.rbuf[self.end..]) {
                 Ok(0) => bail!("connection closed by broker"),
@@ -86,6 +120,24 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+        Ok(())
+    }
+
+    /// [`Conn::fill`] over TLS: a bounded number of socket reads per call (level-triggered epoll reports
+    /// the rest), each decrypted and its plain text taken at once, so the session's buffer never fills.
+    fn fill_tls(&mut self) -> Result<()> {
+        for _ in 0..16 {
+            let Some(tls) = self.tls.as_mut() else { return Ok(()) };
+            match tls.read_tls(&mut self.sock) {
+                Ok(0) => bail!("connection closed by broker"),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+            tls.process_new_packets().map_err(|e| anyhow!("TLS: {e}"))?;
+            self.take_plain()?;
         }
         Ok(())
     }
@@ -106,6 +158,45 @@ impl Conn {
 
     /// Writes as much pending output as the socket takes and (un)registers EPOLLOUT for the rest.
     fn flush(&mut self, ep: &Epoll) -> Result<()> {
+        if self.tls.is_some() {
+            self.flush_tls()?;
+        } else {
+            self.flush_plain()?;
+        }
+        let want = !self.wbuf.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write());
+        if want != self.want_out {
+            let events = libc::EPOLLIN as u32 | if want { libc::EPOLLOUT as u32 } else { 0 };
+            ep.ctl(libc::EPOLL_CTL_MOD, &self.sock, events, self.token)?;
+            self.want_out = want;
+        }
+        Ok(())
+    }
+
+    /// Encrypts `wbuf` into the TLS session as far as its buffer limit allows and writes the records out
+    /// until the socket would block.
+    fn flush_tls(&mut self) -> Result<()> {
+        let Some(tls) = self.tls.as_mut() else { return Ok(()) };
+        let mut off = 0;
+        loop {
+            if off < self.wbuf.len() {
+                off += tls.writer().write(&self.wbuf[off..])?;
+            }
+            if !tls.wants_write() {
+                break;
+            }
+            match tls.write_tls(&mut self.sock) {
+                Ok(0) => bail!("write returned 0"),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.wbuf.drain(..off);
+        Ok(())
+    }
+
+    fn flush_plain(&mut self) -> Result<()> {
         let mut off = 0;
         while off < self.wbuf.len() {
             match self.sock.write(&self.wbuf[off..]) {
@@ -117,12 +208,6 @@ impl Conn {
             }
         }
         self.wbuf.drain(..off);
-        let want = !self.wbuf.is_empty();
-        if want != self.want_out {
-            let events = libc::EPOLLIN as u32 | if want { libc::EPOLLOUT as u32 } else { 0 };
-            ep.ctl(libc::EPOLL_CTL_MOD, &self.sock, events, self.token)?;
-            self.want_out = want;
-        }
         Ok(())
     }
 
@@ -255,8 +340,8 @@ struct Worker<'a> {
     pubs_stopped: bool,
 }
 
-/// A connection handed to a worker: plan index, socket, bytes read past the handshake, Receive Maximum.
-type Handoff = (usize, TcpStream, Vec<u8>, u16);
+/// A connection handed to a worker: plan index, the connection, Receive Maximum.
+type Handoff = (usize, Parts, u16);
 
 impl Worker<'_> {
     fn stop_pub(&mut self, k: usize) {
@@ -436,6 +521,12 @@ impl Worker<'_> {
             self.pubs.iter_mut().map(|p| &mut p.conn).chain(self.subs.iter_mut().map(|s| &mut s.conn));
         for conn in conns.filter(|c| !c.dead) {
             if encode(&disconnect, self.protocol, &mut conn.wbuf).is_ok() {
+                if let Some(tls) = conn.tls.as_mut() {
+                    // Behind the DISCONNECT once `wbuf` is encrypted: queue it after.
+                    let _ = tls.writer().write_all(&conn.wbuf);
+                    conn.wbuf.clear();
+                    tls.send_close_notify();
+                }
                 let _ = conn.flush(&self.ep);
             }
         }
@@ -480,10 +571,10 @@ fn worker(
         deadlines: BinaryHeap::new(),
         pubs_stopped: false,
     };
-    for (k, (i, sock, left, recv_max)) in pubs.into_iter().enumerate() {
+    for (k, (i, parts, recv_max)) in pubs.into_iter().enumerate() {
         let spec = &plan.publishers[i];
         let period_ns = spec.rate.map_or(0.0, |r| 1e9 / r);
-        let conn = Conn::new(sock, left, &w.ep, (k as u64) << 1)?;
+        let conn = Conn::new(parts, &w.ep, (k as u64) << 1)?;
         w.pubs.push(Pub {
             id: i as u32,
             conn,
@@ -504,8 +595,8 @@ fn worker(
             stopped: false,
         });
     }
-    for (k, (index, sock, left, _)) in subs.into_iter().enumerate() {
-        let conn = Conn::new(sock, left, &w.ep, ((k as u64) << 1) | 1)?;
+    for (k, (index, parts, _)) in subs.into_iter().enumerate() {
+        let conn = Conn::new(parts, &w.ep, ((k as u64) << 1) | 1)?;
         w.subs.push(Sub { index, conn, received: Received::new(), count: 0 });
     }
     w.run();
@@ -524,17 +615,15 @@ pub fn run(plan: &Plan, threads: usize) -> Result<RunReport> {
     let mut pubs: Vec<Vec<Handoff>> = (0..threads).map(|_| Vec::new()).collect();
     let mut subs: Vec<Vec<Handoff>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, filter) in plan.subscribers.iter().enumerate() {
-        let mut cl = Client::connect(plan.sub_addr(i), &format!("{tag}-s{i}"), plan.protocol)?;
+        let mut cl = Client::connect(plan.sub_addr(i), &format!("{tag}-s{i}"), plan.protocol, &plan.dial)?;
         cl.subscribe(filter, plan.qos)?;
         let rm = cl.server_receive_max;
-        let (sock, left) = cl.into_parts();
-        subs[i % threads].push((i, sock, left, rm));
+        subs[i % threads].push((i, cl.into_parts()?, rm));
     }
     for i in 0..plan.publishers.len() {
-        let cl = Client::connect(plan.addr, &format!("{tag}-p{i}"), plan.protocol)?;
+        let cl = Client::connect(plan.addr, &format!("{tag}-p{i}"), plan.protocol, &plan.dial)?;
         let rm = cl.server_receive_max;
-        let (sock, left) = cl.into_parts();
-        pubs[i % threads].push((i, sock, left, rm));
+        pubs[i % threads].push((i, cl.into_parts()?, rm));
     }
     let hists: Vec<Mutex<Hists>> = plan.subscribers.iter().map(|_| Hists::new()).collect();
     let probes = Probes::start(plan);

@@ -3,7 +3,7 @@
 //! acknowledges only once every peer knows the new interest pays a round trip to its peers here; a single
 //! node does not, which is what comparing the two shows.
 
-use crate::client::Client;
+use crate::client::{Client, Dial};
 use crate::stats::{self, LatencySummary};
 use anyhow::Result;
 use serde::Serialize;
@@ -21,9 +21,15 @@ pub struct SubackReport {
 }
 
 /// Subscribes `count` times to `bench/suback/<tag>/<i>`; fails on the first refused SUBACK.
-pub fn run(addr: SocketAddrV4, protocol: Protocol, qos: QoS, count: u64) -> Result<SubackReport> {
+pub fn run(
+    addr: SocketAddrV4,
+    protocol: Protocol,
+    dial: &Dial,
+    qos: QoS,
+    count: u64,
+) -> Result<SubackReport> {
     let tag = format!("smq{}", std::process::id());
-    let mut cl = Client::connect(addr, &format!("{tag}-suback"), protocol)?;
+    let mut cl = Client::connect(addr, &format!("{tag}-suback"), protocol, dial)?;
     let mut h = stats::new_histogram();
     for i in 0..count {
         let filter = format!("bench/suback/{tag}/{i}");

@@ -2,8 +2,10 @@
 //! our codec and our broker cannot hide. Skipped (with a message) where mosquitto is not installed, except
 //! under CI (the `CI` variable set), which installs it (.ci/run): there a missing mosquitto fails.
 
+use shardmq_perf::client::{Client, Dial};
 use shardmq_perf::conn::{self, ConnPlan};
 use shardmq_perf::engine::{self, Plan, PubSpec};
+use shardmq_perf::tls::{self, HandshakePlan};
 use shardmq_perf::{pairs, suback};
 use shardmq_wire::{Protocol, QoS};
 use std::io::Write;
@@ -35,6 +37,12 @@ impl Drop for TempDir {
 }
 
 fn start_mosquitto() -> Option<Broker> {
+    start_mosquitto_with(|_| "allow_anonymous true\n".into())
+}
+
+/// Mosquitto with one listener; `settings` writes what follows the `listener` line (it may put files in
+/// the directory it is given).
+fn start_mosquitto_with(settings: impl FnOnce(&std::path::Path) -> String) -> Option<Broker> {
     if !std::path::Path::new(MOSQUITTO).exists() {
         let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
         assert!(!ci, "{MOSQUITTO} is not installed, and CI is set: CI installs it, so its setup is broken");
@@ -51,7 +59,8 @@ fn start_mosquitto() -> Option<Broker> {
     let dir = std::env::temp_dir().join(format!("shardmq-perf-mosq-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n")).unwrap();
+    let rest = settings(&dir);
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{rest}")).unwrap();
     let child = Command::new(MOSQUITTO)
         .arg("-c")
         .arg(&conf)
@@ -87,6 +96,7 @@ fn plan(addr: SocketAddrV4, scenario: &str) -> Plan {
         peer_pids: Vec::new(),
         progress: false,
         stop_after_delivered: None,
+        dial: Dial::default(),
     }
 }
 
@@ -144,7 +154,7 @@ fn engines_against_mosquitto() {
     assert!(r.delivered <= r.sent * 5 && r.delivered >= r.acked * 5, "{r:?}");
     assert_eq!(r.latency_us.count, r.delivered);
 
-    let s = suback::run(b.addr, Protocol::V5, QoS::AtLeastOnce, 20).unwrap();
+    let s = suback::run(b.addr, Protocol::V5, &Dial::default(), QoS::AtLeastOnce, 20).unwrap();
     assert_eq!((s.subscribes, s.latency_us.count), (20, 20), "{s:?}");
 
     let c = conn::run(&ConnPlan {
@@ -157,9 +167,100 @@ fn engines_against_mosquitto() {
         timeout: Duration::from_secs(5),
         broker_pid: Some(b.child.id()),
         progress: false,
+        username: None,
+        password: None,
     })
     .unwrap();
     assert_eq!(c.connected, 200, "{c:?}");
     assert!(c.failures.is_empty(), "{c:?}");
     assert_eq!(c.dropped_during_hold, 0);
+}
+
+fn certs() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../transport/tests/certs")
+}
+
+/// The TLS and credential paths against a TLS listener with a password file and an ACL, the set-up
+/// `scripts/bench-tls` compares brokers with.
+#[test]
+fn tls_and_credentials_against_mosquitto() {
+    let d = certs();
+    let Some(b) = start_mosquitto_with(|dir| {
+        let pw = dir.join("passwd");
+        let ok = Command::new("mosquitto_passwd")
+            .arg("-c")
+            .arg("-b")
+            .arg(&pw)
+            .args(["bench", "s3cret"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mosquitto_passwd failed");
+        let acl = dir.join("acl");
+        std::fs::write(&acl, "user bench\ntopic readwrite bench/#\n").unwrap();
+        format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\npassword_file {}\nacl_file {}\nallow_anonymous false\n",
+            d.join("ca.pem").display(),
+            d.join("server.pem").display(),
+            d.join("server.key").display(),
+            pw.display(),
+            acl.display()
+        )
+    }) else {
+        return;
+    };
+    let tls = tls::load(&d.join("ca.pem"), None, "localhost", true).unwrap();
+    let dial = Dial { username: Some("bench".into()), password: Some("s3cret".into()), tls: Some(tls) };
+
+    // Wrong password: refused, and said so.
+    let bad = Dial { password: Some("nope".into()), ..dial.clone() };
+    let e = Client::connect(b.addr, "bad", Protocol::V5, &bad).err().expect("wrong password accepted");
+    assert!(format!("{e:#}").contains("CONNACK refused"), "{e:#}");
+    // Plain TCP to a TLS listener: the handshake never completes (bounded by the client's timeouts).
+    assert!(Client::connect(b.addr, "plain", Protocol::V5, &Dial { tls: None, ..dial.clone() }).is_err());
+
+    // Fan-in at QoS 0 on the blocking engine: one thread per connection, so TLS fits.
+    let mut fanin = plan(b.addr, "fanin");
+    fanin.qos = QoS::AtMostOnce;
+    fanin.dial = dial.clone();
+    fanin.publishers = (0..3)
+        .map(|i| PubSpec { topic: format!("bench/fanin/{i}"), rate: Some(1000.0), max_msgs: None })
+        .collect();
+    fanin.subscribers = vec!["bench/fanin/+".into()];
+    let r = engine::run(&fanin).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.delivered > 1000 && r.delivered <= r.sent, "{r:?}");
+    // At QoS 1 a publisher's acknowledgements would be read by a second thread: refused over TLS.
+    fanin.qos = QoS::AtLeastOnce;
+    assert!(engine::run(&fanin).is_err());
+
+    // Pairs at QoS 1 on the epoll engine, sans-I/O TLS, two threads for three pairs.
+    let mut pairs = plan(b.addr, "pairs");
+    pairs.dial = dial.clone();
+    pairs.publishers = (0..3)
+        .map(|i| PubSpec { topic: format!("bench/pairs/{i}"), rate: Some(200.0), max_msgs: None })
+        .collect();
+    pairs.subscribers = (0..3).map(|i| format!("bench/pairs/{i}")).collect();
+    let r = pairs::run(&pairs, 2).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.per_subscriber_min > 100, "{r:?}");
+    assert_eq!(r.lost, Some(0), "{r:?}");
+    assert_eq!(r.duplicates, 0, "{r:?}");
+
+    // Full handshakes, bounded by the duration.
+    let no_resume = tls::load(&d.join("ca.pem"), None, "localhost", false).unwrap();
+    let t = Instant::now();
+    let h = tls::handshakes(&HandshakePlan {
+        addr: b.addr,
+        protocol: Protocol::V311,
+        dial: Dial { tls: Some(no_resume), ..dial.clone() },
+        threads: 2,
+        duration: Duration::from_millis(500),
+        broker_pid: Some(b.child.id()),
+        progress: false,
+    })
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(15));
+    assert!(h.tls && h.connected > 5, "{h:?}");
+    assert!(h.failures.is_empty(), "{h:?}");
+    assert_eq!(h.connect_latency_us.count, h.connected);
 }
