@@ -213,7 +213,10 @@ class Broker:
             if not listen.is_set():
                 m = LISTEN_RE.search(line)
                 if m:
-                    self.host = m.group(1) if m.group(1) not in ("0.0.0.0", "[::]") else "127.0.0.1"
+                    # Several listeners are listed comma-separated: .host/.port are the last one's (the
+                    # TLS and WebSocket fields that follow name which address speaks what).
+                    host = m.group(1).rsplit(",", 1)[-1]
+                    self.host = host if host not in ("0.0.0.0", "[::]") else "127.0.0.1"
                     self.port = int(m.group(2))
                     listen.set()
         listen.set()
