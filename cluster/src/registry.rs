@@ -1,5 +1,6 @@
 //! The session registry of a zone, sans I/O: which node owns the registration of a client id, and the
-//! registrations an owner keeps (issue "Cluster sessions"; this is its data, the protocol comes next).
+//! registrations an owner keeps (issue "Cluster sessions"; this is its data and rules, the protocol that
+//! moves registrations between nodes is [`crate::registrar`]).
 //!
 //! **Ownership by rendezvous hashing.** The owner of a client id is the member with the highest weight
 //! [`weight`]`(node, client)` among the members up in the zone; the one with the second highest keeps a
@@ -18,8 +19,14 @@
 //! clocks + last writer wins" kept per client id, without clocks keyed by node (a restarted node comes
 //! back under a new identity, so per-node vectors would grow without bound).
 //!
-//! What it does not do: messages between nodes, timers, session hand-over or wills (the gateway and the
-//! shards will drive those); it is the table and the rules every node applies alike.
+//! **Wills.** A registration carries its client's will ([`WillInfo`]) while the client is connected, so
+//! that the owners can publish it when the holder node is lost. A will is only ever taken out of a
+//! registration (the client disconnected and its holder dealt with the will, or an owner published it after
+//! the holder's loss), never put back for the same epoch, so merging two copies of one registration keeps
+//! the will only if both still have it.
+//!
+//! What it does not do: messages between nodes, timers, session hand-over (the [`crate::registrar`], the
+//! gateway and the shards do those); it is the table and the rules every node applies alike.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -70,6 +77,19 @@ pub fn owners<'a>(client: &str, members: impl IntoIterator<Item = &'a NodeName>)
     Some(Owners { primary: primary.clone(), replica: second.map(|(_, n)| n.clone()) })
 }
 
+/// A client's will as its registration carries it: what the owners publish if the holder node is lost
+/// while the client is connected. Kept small (boxed in a registration) since most clients have none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WillInfo {
+    pub topic: Arc<str>,
+    pub payload: Arc<[u8]>,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    pub retain: bool,
+    /// The will delay interval (MQTT 5; 0 for 3.1.1): published this long after the loss.
+    pub delay_s: u32,
+}
+
 /// Where a client's session lives, as its owner records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
@@ -82,6 +102,9 @@ pub struct Registration {
     pub stamp: HlcStamp,
     /// The client is connected at the holder (an offline persistent session stays registered).
     pub connected: bool,
+    /// The client's will, while it is connected, or while its publication is due after the holder's
+    /// loss (`connected` false, will still there).
+    pub will: Option<Box<WillInfo>>,
 }
 
 impl Registration {
@@ -131,10 +154,23 @@ impl RegistryTable {
     }
 
     /// A client connected at `holder`: compare-and-swap on the epoch, the newest connection wins.
-    pub fn register(&mut self, client: &str, holder: &NodeName, stamp: HlcStamp) -> Registered {
+    pub fn register(
+        &mut self,
+        client: &str,
+        holder: &NodeName,
+        stamp: HlcStamp,
+        will: Option<Box<WillInfo>>,
+    ) -> Registered {
         let prev = self.entries.get(client).cloned();
         let epoch = prev.as_ref().map_or(1, |p| p.epoch + 1);
-        let r = Registration { client: client.into(), holder: holder.clone(), epoch, stamp, connected: true };
+        let r = Registration {
+            client: client.into(),
+            holder: holder.clone(),
+            epoch,
+            stamp,
+            connected: true,
+            will,
+        };
         self.entries.insert(r.client.clone(), r);
         Registered { epoch, previous: prev.filter(|p| p.holder != *holder) }
     }
@@ -148,10 +184,13 @@ impl RegistryTable {
             return Merged::Recorded;
         };
         if cur.version() == r.version() {
-            // The same registration; only whether its client is connected can have changed, and a
-            // disconnect is final for an epoch.
-            let connected = cur.connected && r.connected;
-            self.entries.get_mut(&r.client).expect("present").connected = connected;
+            // The same registration; only whether its client is connected and whether its will is still
+            // due can have changed, and both only ever go away for an epoch.
+            let cur = self.entries.get_mut(&r.client).expect("present");
+            cur.connected &= r.connected;
+            if r.will.is_none() {
+                cur.will = None;
+            }
             return Merged::Recorded;
         }
         if r.version() > cur.version() {
@@ -170,10 +209,33 @@ impl RegistryTable {
 
     /// The client of epoch `epoch` disconnected; its session stays where it is (if it persists).
     /// Ignored for another epoch: a newer connection elsewhere already took it.
+    /// The holder deals with the will of a client that disconnected, so the registration drops it.
     pub fn disconnected(&mut self, client: &str, epoch: u64) {
         if let Some(r) = self.entries.get_mut(client).filter(|r| r.epoch == epoch) {
             r.connected = false;
+            r.will = None;
         }
+    }
+
+    /// The holder of epoch `epoch` was lost with its client connected: the client counts as
+    /// disconnected, and its will (if any) stays, due for publication ([`RegistryTable::will_published`]
+    /// once done). Returns the registration when it has a will due.
+    pub fn holder_lost(&mut self, client: &str, epoch: u64) -> Option<&Registration> {
+        let r = self.entries.get_mut(client).filter(|r| r.epoch == epoch)?;
+        r.connected = false;
+        r.will.is_some().then_some(&*r)
+    }
+
+    /// The will of epoch `epoch` was published: it must not be again.
+    pub fn will_published(&mut self, client: &str, epoch: u64) {
+        if let Some(r) = self.entries.get_mut(client).filter(|r| r.epoch == epoch) {
+            r.will = None;
+        }
+    }
+
+    /// Every registration kept here.
+    pub fn iter(&self) -> impl Iterator<Item = &Registration> {
+        self.entries.values()
     }
 
     /// The session of epoch `epoch` ended (clean session gone, expired): the registration goes. Ignored
@@ -278,11 +340,11 @@ mod tests {
     fn the_newest_registration_wins_and_names_the_one_it_replaced() {
         let mut t = RegistryTable::default();
         let (a, b) = (n("a"), n("b"));
-        let r1 = t.register("c", &a, HlcStamp(10));
+        let r1 = t.register("c", &a, HlcStamp(10), None);
         assert_eq!(r1, Registered { epoch: 1, previous: None });
-        let r2 = t.register("c", &a, HlcStamp(11));
+        let r2 = t.register("c", &a, HlcStamp(11), None);
         assert_eq!(r2, Registered { epoch: 2, previous: None }, "a reconnect on the same node");
-        let r3 = t.register("c", &b, HlcStamp(12));
+        let r3 = t.register("c", &b, HlcStamp(12), None);
         assert_eq!(r3.epoch, 3);
         assert_eq!(r3.previous.map(|p| (p.holder, p.epoch)), Some((a.clone(), 2)));
         t.disconnected("c", 2);
@@ -296,6 +358,33 @@ mod tests {
     }
 
     #[test]
+    fn a_will_stays_while_connected_or_due_and_never_comes_back() {
+        let will = Some(Box::new(WillInfo {
+            topic: "gone".into(),
+            payload: Arc::from(&b"bye"[..]),
+            qos: 1,
+            retain: false,
+            delay_s: 5,
+        }));
+        let mut t = RegistryTable::default();
+        let e = t.register("c", &n("a"), HlcStamp(1), will.clone()).epoch;
+        let copy = t.get("c").unwrap().clone();
+        assert!(t.holder_lost("c", e + 1).is_none(), "another epoch is not lost");
+        assert!(t.holder_lost("c", e).is_some(), "due: the client was connected with a will");
+        assert!(!t.get("c").unwrap().connected);
+        assert_eq!(t.merge(copy.clone()), Merged::Recorded);
+        assert!(!t.get("c").unwrap().connected, "a stale connected copy does not reconnect it");
+        assert!(t.get("c").unwrap().will.is_some(), "still due");
+        t.will_published("c", e);
+        assert_eq!(t.merge(copy), Merged::Recorded);
+        assert!(t.get("c").unwrap().will.is_none(), "a copy that still has the will does not bring it back");
+        let e2 = t.register("c", &n("a"), HlcStamp(2), will).epoch;
+        t.disconnected("c", e2);
+        assert!(t.get("c").unwrap().will.is_none(), "a disconnect leaves the will to the holder");
+        assert!(t.holder_lost("c", e2).is_none());
+    }
+
+    #[test]
     fn partition_sides_resolve_by_epoch_then_clock_then_name() {
         let reg = |holder: &str, epoch, stamp| Registration {
             client: "c".into(),
@@ -303,6 +392,7 @@ mod tests {
             epoch,
             stamp: HlcStamp(stamp),
             connected: true,
+            will: None,
         };
         let mut t = RegistryTable::default();
         assert_eq!(t.merge(reg("a", 5, 100)), Merged::Recorded);
@@ -324,7 +414,7 @@ mod tests {
         let mine: Vec<String> =
             (0..400).map(|i| format!("k{i}")).filter(|c| owners(c, &ms).unwrap().contains(&me)).collect();
         for c in &mine {
-            t.register(c, &me, HlcStamp(1));
+            t.register(c, &me, HlcStamp(1), None);
         }
         let mut grown = ms.clone();
         grown.push(n("node-9"));
@@ -354,6 +444,7 @@ mod tests {
                     epoch: *e,
                     stamp: HlcStamp(*s),
                     connected: true,
+                    will: None,
                 })
                 .collect();
             let mut forward = RegistryTable::default();
