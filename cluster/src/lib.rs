@@ -43,6 +43,7 @@ mod identity;
 pub mod interest;
 pub mod link;
 mod membership;
+pub mod registrar;
 pub mod registry;
 pub mod retained;
 pub mod router;

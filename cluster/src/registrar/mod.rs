@@ -1,0 +1,768 @@
+//! The session registration protocol of a zone, sans I/O: one [`Registrar`] per node, driven by the
+//! node's gateway (connects and disconnects from its shards, membership changes and registry frames
+//! from its zone), answering with registry messages for peers and events for the shards (issue "Cluster
+//! sessions"; the rules it applies are [`crate::registry`]'s).
+//!
+//! **Registering.** A CONNECT on this node ([`Registrar::handle_connect`]) becomes a `Register` request
+//! to the client id's primary owner (rendezvous hashing over the members up, this node included; a
+//! request to itself is handled in place). The owner compare-and-swaps the registration (epoch + 1,
+//! holder = the requesting node), copies it to the replica, answers `Granted` and, when another node
+//! held the session, tells that node to end it (`EndSession`: the shard closes the connection with
+//! DISCONNECT 0x8E and hands the session over, or drops it when the new connection started clean). The
+//! owner handles requests one at a time, so two CONNECTs racing on two nodes end with the later one
+//! holding the session and the other told to end. A node stops delivering for an epoch that is no longer
+//! its current one ([`Registrar::is_current`], the fencing query).
+//!
+//! **Requests that get no answer.** A request whose owner goes down is sent again to the new owner
+//! once the membership changed. One that gets no answer in [`REQUEST_TIMEOUT`] (the owner is up but
+//! does not answer) is refused in [`PartitionMode::Consistent`] (the shard answers CONNACK 0x88, 3.1.1:
+//! 3), which also refuses at once when the id's owner over every member known (up or not) is down; in
+//! [`PartitionMode::Available`] (the default) the node grants it itself, provisionally, and re-registers
+//! it with the owner at the next membership change (where conflicts resolve as after a partition).
+//!
+//! **Membership changes.** On a peer up or down each node hands the registrations whose owners changed
+//! to their new owners (`Sync`; [`RegistryTable::rebalance`]) and re-registers the sessions it holds
+//! whose owners changed, so the registry is whole again after one round of messages. An owner merging a
+//! registration from elsewhere ([`RegistryTable::merge`]: epoch, then hybrid logical clock, then node
+//! name) tells the loser's holder to end its session. This is also what reconciles the sides of a healed
+//! partition, and a node that comes back with its log ([`Registrar::restore`]): its sessions that moved
+//! meanwhile are ended there, never resurrected.
+//!
+//! **Wills.** A registration carries the client's will while it is connected. When its holder goes
+//! down, the owners mark the client disconnected and the primary owner publishes the will
+//! ([`RegistrarEvent::PublishWill`]) once its delay has passed, unless a newer registration replaced it
+//! meanwhile; the replica publishes only if it has become the primary (the primary went down too). The
+//! publisher copies "published" to the replica, so a will is published once, except if the primary goes
+//! down within one link delay after publishing (the copy is lost with the link and the replica publishes
+//! again). The delay counts from when the publishing owner learnt of the loss or received the
+//! registration (a will may come late after owner changes, never early).
+//!
+//! What it does not do: sockets, clocks (`now` comes in) or randomness; moving the session itself (the
+//! shards do that on `EndSession`/`Granted`); publishing wills of clients that disconnected normally (the
+//! holder's shard does). Sessions held only by a node that is down are unreachable until it returns.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use crate::link::registry::{Previous, RegistryMsg, RequestId};
+use crate::registry::{owners, Merged, Owners, Registration, RegistryTable, WillInfo};
+use crate::retained::{Hlc, HlcStamp};
+use crate::NodeName;
+
+#[cfg(test)]
+mod tests;
+
+/// How long a request waits for its owner's answer before the node decides without it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a node does with a CONNECT whose owner does not answer (`--partition-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PartitionMode {
+    /// Grant it locally, provisionally, and reconcile when the owner is reachable again.
+    #[default]
+    Available,
+    /// Refuse it (CONNACK 0x88 Server unavailable), as VerneMQ does by default.
+    Consistent,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistrarConfig {
+    pub partition_mode: PartitionMode,
+    /// [`REQUEST_TIMEOUT`] unless a test wants another.
+    pub request_timeout: Duration,
+    /// The wall clock (ms since the Unix epoch) at `now` of [`Registrar::new`]: registration stamps are
+    /// taken from it plus the monotonic time since.
+    pub wall_ms_at_start: u64,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        RegistrarConfig {
+            partition_mode: PartitionMode::default(),
+            request_timeout: REQUEST_TIMEOUT,
+            wall_ms_at_start: 0,
+        }
+    }
+}
+
+/// What the shards must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrarEvent {
+    /// The connection of `request` holds the session with `epoch`: CONNACK it. `previous` held the
+    /// session on another node (which is told to end it and hand it over). `provisional`: granted here
+    /// because the owner did not answer (available mode), reconciled later.
+    Granted {
+        request: RequestId,
+        client: Arc<str>,
+        epoch: u64,
+        previous: Option<Previous>,
+        provisional: bool,
+    },
+    /// The owner could not be reached (consistent mode): CONNACK 0x88 Server unavailable (3.1.1: 3).
+    Refused { request: RequestId, client: Arc<str> },
+    /// This node's session of `client` with `epoch` is superseded by `successor`'s: close its connection
+    /// (DISCONNECT 0x8E Session taken over) and hand the session over, or drop it when `discard` (the
+    /// successor started clean). [`Registrar::is_current`] is false for it from now on.
+    EndSession { client: Arc<str>, epoch: u64, successor: NodeName, successor_epoch: u64, discard: bool },
+    /// Publish the will of `client`'s connection of `epoch`, lost with its node.
+    PublishWill { client: Arc<str>, epoch: u64, will: Box<WillInfo> },
+}
+
+/// What the registrar counted, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RegistrarCounters {
+    /// Connections of this node granted (provisional ones included) and refused.
+    pub granted: u64,
+    pub refused: u64,
+    pub provisional: u64,
+    /// Registrations this node, as owner, gave to a node while another held the session.
+    pub takeovers: u64,
+    /// Sessions this node re-registered with new owners after membership changes.
+    pub reregistrations: u64,
+    /// Registrations this node handed to new owners after membership changes.
+    pub handed_over: u64,
+    pub wills_published: u64,
+    /// Conflicting registrations from elsewhere this node resolved (partition heals, returning nodes).
+    pub conflicts_resolved: u64,
+    /// Sessions of this node ended because another node's registration superseded them.
+    pub sessions_ended: u64,
+}
+
+/// A session this node holds, as it registered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldSession {
+    pub client: Arc<str>,
+    pub epoch: u64,
+    pub stamp: HlcStamp,
+    pub connected: bool,
+}
+
+#[derive(Debug)]
+struct Held {
+    epoch: u64,
+    stamp: HlcStamp,
+    connected: bool,
+    /// The will while connected (and, after [`Registrar::restore`], until re-registered once).
+    will: Option<Box<WillInfo>>,
+    /// Not confirmed by an owner (granted provisionally, or restored from the log): re-registered at
+    /// the next membership change whether its owners changed or not.
+    unconfirmed: bool,
+}
+
+#[derive(Debug)]
+enum Op {
+    Register { clean_start: bool, stamp: HlcStamp, will: Option<Box<WillInfo>> },
+    Disconnect { epoch: u64, ended: bool },
+}
+
+#[derive(Debug)]
+struct Pending {
+    client: Arc<str>,
+    op: Op,
+    /// Where it was sent last.
+    owner: NodeName,
+    deadline: Instant,
+}
+
+pub struct Registrar {
+    me: NodeName,
+    cfg: RegistrarConfig,
+    started: Instant,
+    hlc: Hlc,
+    /// The peers up (this node is a member too, not listed).
+    up: BTreeSet<NodeName>,
+    /// Every member seen up, this node included, until removed: whom consistent mode expects.
+    known: BTreeSet<NodeName>,
+    /// The registrations this node owns or replicates.
+    table: RegistryTable,
+    held: BTreeMap<Arc<str>, Held>,
+    pending: BTreeMap<RequestId, Pending>,
+    next_request: u64,
+    /// Highest epoch an `EndSession` named for a client whose registration was still pending here: a
+    /// grant at or below it is ended as soon as it arrives.
+    superseded: BTreeMap<Arc<str>, (u64, NodeName, u64)>,
+    /// Wills due after their holder's loss: when, by (client, epoch).
+    wills: BTreeMap<(Arc<str>, u64), Instant>,
+    out: VecDeque<(NodeName, RegistryMsg)>,
+    /// Messages to this node itself (it owns the id), handled before a call returns.
+    local: VecDeque<RegistryMsg>,
+    events: VecDeque<RegistrarEvent>,
+    counters: RegistrarCounters,
+}
+
+impl Registrar {
+    pub fn new(me: NodeName, cfg: RegistrarConfig, now: Instant) -> Registrar {
+        Registrar {
+            known: BTreeSet::from([me.clone()]),
+            me,
+            cfg,
+            started: now,
+            hlc: Hlc::default(),
+            up: BTreeSet::new(),
+            table: RegistryTable::default(),
+            held: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_request: 1,
+            superseded: BTreeMap::new(),
+            wills: BTreeMap::new(),
+            out: VecDeque::new(),
+            local: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: RegistrarCounters::default(),
+        }
+    }
+
+    pub fn name(&self) -> &NodeName {
+        &self.me
+    }
+
+    pub fn counters(&self) -> RegistrarCounters {
+        self.counters
+    }
+
+    /// Whether this node's session of `client` with `epoch` is still the one it holds: deliver for it
+    /// only then.
+    pub fn is_current(&self, client: &str, epoch: u64) -> bool {
+        self.held.get(client).is_some_and(|h| h.epoch == epoch)
+    }
+
+    /// The sessions this node holds, by client id (what its log keeps).
+    pub fn held(&self) -> impl Iterator<Item = HeldSession> + '_ {
+        self.held.iter().map(|(c, h)| HeldSession {
+            client: c.clone(),
+            epoch: h.epoch,
+            stamp: h.stamp,
+            connected: h.connected,
+        })
+    }
+
+    /// The registration of `client` this node keeps as an owner or replica, if any.
+    pub fn registration(&self, client: &str) -> Option<&Registration> {
+        self.table.get(client)
+    }
+
+    /// The registrations this node keeps, in no particular order.
+    pub fn registrations(&self) -> impl Iterator<Item = &Registration> {
+        self.table.iter()
+    }
+
+    /// A session restored from this node's log after a restart, before any peer is up: offline, held
+    /// with the epoch it had, and re-registered with its owners as peers come up (ended then if it moved
+    /// meanwhile). `will`: the client was connected when the node stopped and had this will, which its
+    /// owners publish unless they did already.
+    pub fn restore(&mut self, client: &str, epoch: u64, stamp: HlcStamp, will: Option<Box<WillInfo>>) {
+        debug_assert!(epoch >= 1);
+        self.hlc.observe(stamp);
+        let h = Held { epoch, stamp, connected: false, will, unconfirmed: true };
+        self.held.insert(client.into(), h);
+    }
+
+    fn wall_ms(&self, now: Instant) -> u64 {
+        self.cfg.wall_ms_at_start + now.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    fn members(&self) -> impl Iterator<Item = &NodeName> + Clone {
+        self.up.iter().chain(std::iter::once(&self.me))
+    }
+
+    fn owners_of(&self, client: &str) -> Owners {
+        owners(client, self.members()).expect("this node is a member")
+    }
+
+    fn is_up(&self, node: &NodeName) -> bool {
+        *node == self.me || self.up.contains(node)
+    }
+
+    /// A client connected here: register it with its owner. The answer comes as an event
+    /// ([`RegistrarEvent::Granted`] or [`RegistrarEvent::Refused`]) naming the returned id.
+    pub fn handle_connect(
+        &mut self,
+        client: &str,
+        clean_start: bool,
+        will: Option<WillInfo>,
+        now: Instant,
+    ) -> RequestId {
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        let stamp = self.hlc.stamp(self.wall_ms(now));
+        let op = Op::Register { clean_start, stamp, will: will.map(Box::new) };
+        let p = Pending { client: client.into(), op, owner: self.me.clone(), deadline: now };
+        self.pending.insert(id, p);
+        self.send_request(id, now);
+        self.drain_local(now);
+        id
+    }
+
+    /// The client of `epoch` disconnected; `session_kept`: its session persists here (offline). Ignored
+    /// for an epoch this node no longer holds.
+    pub fn handle_disconnect(&mut self, client: &str, epoch: u64, session_kept: bool, now: Instant) {
+        if !self.is_current(client, epoch) {
+            return;
+        }
+        if session_kept {
+            let h = self.held.get_mut(client).expect("current");
+            h.connected = false;
+            h.will = None;
+        } else {
+            self.held.remove(client);
+        }
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        let op = Op::Disconnect { epoch, ended: !session_kept };
+        self.pending.insert(id, Pending { client: client.into(), op, owner: self.me.clone(), deadline: now });
+        self.send_request(id, now);
+        self.drain_local(now);
+    }
+
+    /// A peer's link is up (the gateway's `PeerUp`).
+    pub fn handle_peer_up(&mut self, node: &NodeName, now: Instant) {
+        if *node == self.me || self.up.contains(node) {
+            return;
+        }
+        let before: Vec<NodeName> = self.members().cloned().collect();
+        self.up.insert(node.clone());
+        self.known.insert(node.clone());
+        self.membership_changed(&before, now);
+    }
+
+    /// A peer's link is down (the gateway's `PeerDown`).
+    pub fn handle_peer_down(&mut self, node: &NodeName, now: Instant) {
+        if !self.up.contains(node) {
+            return;
+        }
+        let before: Vec<NodeName> = self.members().cloned().collect();
+        self.up.remove(node);
+        self.membership_changed(&before, now);
+    }
+
+    /// A member left the zone for good (an operator removed it): consistent mode stops expecting it.
+    pub fn handle_member_removed(&mut self, node: &NodeName) {
+        if *node != self.me {
+            self.known.remove(node);
+        }
+    }
+
+    /// A registry message from a peer (decoded from a [`crate::link::Frame::Registry`]).
+    pub fn handle_message(&mut self, from: &NodeName, m: RegistryMsg, now: Instant) {
+        self.on_message(from, m, now);
+        self.drain_local(now);
+    }
+
+    /// Timers: requests past their deadline, wills due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let late: Vec<RequestId> =
+            self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        for id in late {
+            let is_register = matches!(self.pending[&id].op, Op::Register { .. });
+            if !is_register {
+                // A disconnect is sent again until an owner confirms it.
+                self.send_request(id, now);
+            } else if self.cfg.partition_mode == PartitionMode::Consistent {
+                self.refuse(id);
+            } else {
+                self.grant_provisionally(id, now);
+            }
+        }
+        self.fire_wills(now);
+        self.drain_local(now);
+    }
+
+    /// When [`Registrar::handle_timeout`] wants to run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let requests = self.pending.values().map(|p| p.deadline);
+        // A will not due here (another node is its primary owner) waits for a membership change, not a
+        // timer.
+        let wills = self
+            .wills
+            .iter()
+            .filter(|((client, _), _)| self.owners_of(client).primary == self.me)
+            .map(|(_, due)| *due);
+        requests.chain(wills).min()
+    }
+
+    /// The next message for a peer, to send in a [`crate::link::Frame::Registry`]
+    /// ([`crate::link::registry::frame`]). Messages for a peer that is not up may be dropped: what they
+    /// said is repeated after the next membership change.
+    pub fn poll_transmit(&mut self) -> Option<(NodeName, RegistryMsg)> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<RegistrarEvent> {
+        self.events.pop_front()
+    }
+
+    fn send(&mut self, to: &NodeName, m: RegistryMsg) {
+        if *to == self.me {
+            self.local.push_back(m);
+        } else if self.up.contains(to) {
+            self.out.push_back((to.clone(), m));
+        }
+    }
+
+    fn drain_local(&mut self, now: Instant) {
+        while let Some(m) = self.local.pop_front() {
+            let me = self.me.clone();
+            self.on_message(&me, m, now);
+        }
+    }
+
+    /// Sends (again) request `id` to its client's primary owner, or refuses it in consistent mode when
+    /// the owner over every known member is down.
+    fn send_request(&mut self, id: RequestId, now: Instant) {
+        let p = self.pending.get(&id).expect("pending");
+        let client = p.client.clone();
+        if self.cfg.partition_mode == PartitionMode::Consistent && matches!(p.op, Op::Register { .. }) {
+            let expected = owners(&client, &self.known).expect("this node is known");
+            if !self.is_up(&expected.primary) {
+                return self.refuse(id);
+            }
+        }
+        let owner = self.owners_of(&client).primary;
+        let deadline = now + self.cfg.request_timeout;
+        let p = self.pending.get_mut(&id).expect("pending");
+        p.owner = owner.clone();
+        p.deadline = deadline;
+        let m = match &p.op {
+            Op::Register { clean_start, stamp, will } => RegistryMsg::Register {
+                request: id,
+                client,
+                clean_start: *clean_start,
+                stamp: *stamp,
+                will: will.clone(),
+            },
+            Op::Disconnect { epoch, ended } => {
+                RegistryMsg::Disconnect { request: id, client, epoch: *epoch, ended: *ended }
+            }
+        };
+        self.send(&owner, m);
+    }
+
+    fn refuse(&mut self, id: RequestId) {
+        let p = self.pending.remove(&id).expect("pending");
+        self.superseded.remove(&p.client);
+        self.counters.refused += 1;
+        self.events.push_back(RegistrarEvent::Refused { request: id, client: p.client });
+    }
+
+    /// Available mode, no answer from the owner: this node grants the connection an epoch above every
+    /// one it knows of, and tells the owner (conflicts resolve by the registry's rules).
+    fn grant_provisionally(&mut self, id: RequestId, now: Instant) {
+        let p = self.pending.remove(&id).expect("pending");
+        let Op::Register { stamp, will, .. } = p.op else { unreachable!("only registrations are granted") };
+        let known = self.table.get(&p.client).map_or(0, |r| r.epoch);
+        let held = self.held.get(&p.client).map_or(0, |h| h.epoch);
+        let floor = self.superseded.remove(&p.client).map_or(0, |s| s.2);
+        let epoch = known.max(held).max(floor) + 1;
+        self.counters.granted += 1;
+        self.counters.provisional += 1;
+        self.held.insert(p.client.clone(), Held { epoch, stamp, connected: true, will, unconfirmed: true });
+        self.events.push_back(RegistrarEvent::Granted {
+            request: id,
+            client: p.client.clone(),
+            epoch,
+            previous: None,
+            provisional: true,
+        });
+        self.reregister(&p.client);
+        self.drain_local(now);
+    }
+
+    /// Sends the session this node holds of `client` to its primary owner.
+    fn reregister(&mut self, client: &Arc<str>) {
+        let Some(h) = self.held.get_mut(client) else { return };
+        let r = Registration {
+            client: client.clone(),
+            holder: self.me.clone(),
+            epoch: h.epoch,
+            stamp: h.stamp,
+            connected: h.connected,
+            will: h.will.clone(),
+        };
+        h.unconfirmed = false;
+        if !h.connected {
+            // A restored session's will travels once; later copies must not bring it back anywhere.
+            h.will = None;
+        }
+        self.counters.reregistrations += 1;
+        let primary = self.owners_of(client).primary;
+        self.send(&primary, RegistryMsg::Sync(r));
+    }
+
+    fn on_message(&mut self, from: &NodeName, m: RegistryMsg, now: Instant) {
+        match m {
+            RegistryMsg::Register { request, client, clean_start, stamp, will } => {
+                self.hlc.observe(stamp);
+                let r = self.table.register(&client, from, stamp, will);
+                let previous =
+                    r.previous.as_ref().map(|p| Previous { holder: p.holder.clone(), epoch: p.epoch });
+                let granted =
+                    RegistryMsg::Granted { request, client: client.clone(), epoch: r.epoch, previous };
+                // The answer first: the requester must hold the epoch before any copy names it.
+                self.send(from, granted);
+                if let Some(prev) = r.previous {
+                    self.counters.takeovers += 1;
+                    self.end_session(&prev, from, r.epoch, clean_start);
+                }
+                self.copy_to_owners(&client);
+            }
+            RegistryMsg::Granted { request, client, epoch, previous } => {
+                self.granted(request, client, epoch, previous, now)
+            }
+            RegistryMsg::Disconnect { request, client, epoch, ended } => {
+                self.send(from, RegistryMsg::DisconnectAck { request });
+                if ended {
+                    if self.table.get(&client).is_some_and(|r| r.epoch == epoch) {
+                        self.table.ended(&client, epoch);
+                        self.forget_at_owners(&client, epoch);
+                    }
+                } else {
+                    self.table.disconnected(&client, epoch);
+                    self.copy_to_owners(&client);
+                }
+            }
+            RegistryMsg::DisconnectAck { request } => {
+                if self.pending.get(&request).is_some_and(|p| matches!(p.op, Op::Disconnect { .. })) {
+                    self.pending.remove(&request);
+                }
+            }
+            RegistryMsg::EndSession { client, epoch, successor, successor_epoch, discard } => {
+                self.session_superseded(client, epoch, successor, successor_epoch, discard)
+            }
+            RegistryMsg::Sync(r) => {
+                self.hlc.observe(r.stamp);
+                let client = r.client.clone();
+                let before = self.table.get(&client).cloned();
+                self.merge(r);
+                // Only a change is passed on: two nodes whose views of the owners differ for a moment
+                // would otherwise send one registration back and forth.
+                if self.table.get(&client) != before.as_ref() {
+                    self.copy_to_owners(&client);
+                }
+                self.note_loss(&client, now);
+            }
+            RegistryMsg::Replicate(r) => {
+                self.hlc.observe(r.stamp);
+                let client = r.client.clone();
+                // The primary dealt with conflicts; a copy is merged silently.
+                self.table.merge(r);
+                self.note_loss(&client, now);
+            }
+            RegistryMsg::Forget { client, epoch } => self.table.ended(&client, epoch),
+        }
+    }
+
+    fn granted(
+        &mut self,
+        request: RequestId,
+        client: Arc<str>,
+        epoch: u64,
+        previous: Option<Previous>,
+        now: Instant,
+    ) {
+        let answered = self.pending.get(&request).is_some_and(|p| matches!(p.op, Op::Register { .. }));
+        if !answered {
+            // A late answer (the request was re-sent, granted provisionally, or refused meanwhile): the
+            // owner registered this node for a connection it did not take. The session it holds, if
+            // any, is re-registered (same holder: the merge keeps one); if none, the owner is told to
+            // drop the registration.
+            if self.held.contains_key(&client) {
+                self.reregister(&client);
+            } else {
+                let id = RequestId(self.next_request);
+                self.next_request += 1;
+                let op = Op::Disconnect { epoch, ended: true };
+                self.pending.insert(id, Pending { client, op, owner: self.me.clone(), deadline: now });
+                self.send_request(id, now);
+            }
+            return;
+        }
+        let p = self.pending.remove(&request).expect("answered");
+        let Op::Register { stamp, will, .. } = p.op else { unreachable!("checked") };
+        self.counters.granted += 1;
+        if self.held.get(&client).is_none_or(|h| h.epoch < epoch) {
+            self.held
+                .insert(client.clone(), Held { epoch, stamp, connected: true, will, unconfirmed: false });
+        }
+        self.events.push_back(RegistrarEvent::Granted {
+            request,
+            client: client.clone(),
+            epoch,
+            previous,
+            provisional: false,
+        });
+        if let Some((until, successor, successor_epoch)) = self.superseded.remove(&client) {
+            if until >= epoch {
+                self.session_superseded(client, until, successor, successor_epoch, false);
+            }
+        }
+    }
+
+    /// An owner says this node's sessions of `client` up to `epoch` lost to `successor`'s.
+    fn session_superseded(
+        &mut self,
+        client: Arc<str>,
+        epoch: u64,
+        successor: NodeName,
+        successor_epoch: u64,
+        discard: bool,
+    ) {
+        // Epochs this node holds for one client only grow, so a newer one than the message names is
+        // a later connection the owner did not know of yet: it stays.
+        match self.held.get(&client) {
+            Some(h) if h.epoch <= epoch => {
+                let held_epoch = h.epoch;
+                self.held.remove(&client);
+                self.counters.sessions_ended += 1;
+                self.events.push_back(RegistrarEvent::EndSession {
+                    client,
+                    epoch: held_epoch,
+                    successor,
+                    successor_epoch,
+                    discard,
+                });
+            }
+            Some(_) => {}
+            None => {
+                let waiting =
+                    self.pending.values().any(|p| p.client == client && matches!(p.op, Op::Register { .. }));
+                if waiting {
+                    let e = self.superseded.entry(client).or_insert((0, successor.clone(), successor_epoch));
+                    if epoch >= e.0 {
+                        *e = (epoch, successor, successor_epoch);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells `loser`'s holder that its session lost to `winner`'s registration.
+    fn end_session(&mut self, loser: &Registration, winner: &NodeName, winner_epoch: u64, discard: bool) {
+        debug_assert!(loser.holder != *winner);
+        let m = RegistryMsg::EndSession {
+            client: loser.client.clone(),
+            epoch: loser.epoch,
+            successor: winner.clone(),
+            successor_epoch: winner_epoch,
+            discard,
+        };
+        let to = loser.holder.clone();
+        self.send(&to, m);
+    }
+
+    /// Merges a registration from elsewhere; the loser of a conflict is told to end its session.
+    fn merge(&mut self, r: Registration) {
+        match self.table.merge(r.clone()) {
+            Merged::Recorded => {}
+            Merged::Replaced { loser } => {
+                self.counters.conflicts_resolved += 1;
+                self.end_session(&loser, &r.holder, r.epoch, false);
+            }
+            Merged::Rejected { winner } => {
+                self.counters.conflicts_resolved += 1;
+                self.end_session(&r, &winner.holder, winner.epoch, false);
+            }
+        }
+    }
+
+    /// After a change of `client`'s registration here: the other owners get it, as a silent copy from
+    /// the primary, or to merge (conflicts included) from a node that is not the primary.
+    fn copy_to_owners(&mut self, client: &Arc<str>) {
+        let Some(r) = self.table.get(client).cloned() else { return };
+        let o = self.owners_of(client);
+        let primary = o.primary == self.me;
+        let me = self.me.clone();
+        for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
+            let m = if primary { RegistryMsg::Replicate(r.clone()) } else { RegistryMsg::Sync(r.clone()) };
+            self.send(&to, m);
+        }
+    }
+
+    /// `client`'s registration of `epoch` ended here: the other owners drop it too.
+    fn forget_at_owners(&mut self, client: &Arc<str>, epoch: u64) {
+        let o = self.owners_of(client);
+        let me = self.me.clone();
+        for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
+            self.send(&to, RegistryMsg::Forget { client: client.clone(), epoch });
+        }
+    }
+
+    /// A registration whose holder is down with its client connected: the client counts as
+    /// disconnected, and its will (if any) is due after its delay.
+    fn note_loss(&mut self, client: &Arc<str>, now: Instant) {
+        let Some(r) = self.table.get(client) else { return };
+        let (epoch, lost) = (r.epoch, r.connected && !self.is_up(&r.holder));
+        if lost {
+            self.table.holder_lost(client, epoch);
+        }
+        let r = self.table.get(client).expect("present");
+        if let Some(w) = r.will.as_ref().filter(|_| !r.connected) {
+            let due = now + Duration::from_secs(w.delay_s as u64);
+            self.wills.entry((client.clone(), epoch)).or_insert(due);
+        }
+    }
+
+    /// Publishes the wills due whose primary owner this node is; drops those no longer due (a newer
+    /// registration, or published by another owner).
+    fn fire_wills(&mut self, now: Instant) {
+        let keys: Vec<(Arc<str>, u64)> = self.wills.keys().cloned().collect();
+        for (client, epoch) in keys {
+            let due = self.wills[&(client.clone(), epoch)];
+            let still =
+                self.table.get(&client).is_some_and(|r| r.epoch == epoch && !r.connected && r.will.is_some());
+            if !still {
+                self.wills.remove(&(client, epoch));
+                continue;
+            }
+            if due > now || self.owners_of(&client).primary != self.me {
+                continue;
+            }
+            self.wills.remove(&(client.clone(), epoch));
+            let will = self.table.get(&client).and_then(|r| r.will.clone()).expect("checked");
+            self.table.will_published(&client, epoch);
+            self.counters.wills_published += 1;
+            self.events.push_back(RegistrarEvent::PublishWill { client: client.clone(), epoch, will });
+            self.copy_to_owners(&client);
+        }
+    }
+
+    /// After the members up changed from `before`: registrations and sessions whose owners changed go
+    /// to their new owners, requests to an owner that went down go to the new one, wills of clients
+    /// whose holder went down become due.
+    fn membership_changed(&mut self, before: &[NodeName], now: Instant) {
+        let after: Vec<NodeName> = self.members().cloned().collect();
+        let me = self.me.clone();
+        for (o, r) in self.table.rebalance(&me, before, &after) {
+            self.counters.handed_over += 1;
+            for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
+                self.send(&to, RegistryMsg::Sync(r.clone()));
+            }
+        }
+        let moved: Vec<Arc<str>> = self
+            .held
+            .iter()
+            .filter(|(c, h)| h.unconfirmed || owners(c, before) != owners(c, &after))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in moved {
+            self.reregister(&c);
+        }
+        let orphaned: Vec<RequestId> =
+            self.pending.iter().filter(|(_, p)| !self.is_up(&p.owner)).map(|(id, _)| *id).collect();
+        for id in orphaned {
+            self.send_request(id, now);
+        }
+        let mut lost: Vec<Arc<str>> = self
+            .table
+            .iter()
+            .filter(|r| r.connected && !self.is_up(&r.holder))
+            .map(|r| r.client.clone())
+            .collect();
+        lost.sort();
+        for c in lost {
+            self.note_loss(&c, now);
+        }
+        self.fire_wills(now);
+        self.drain_local(now);
+    }
+}
