@@ -134,10 +134,22 @@ pub enum Merged {
     Rejected { winner: Registration },
 }
 
+/// What is left of an ended registration for a while, so that a copy of it still in flight (or a
+/// later merge of an older one) does not bring it back, and new registrations of the id continue above
+/// its epoch.
+#[derive(Debug, Clone)]
+struct Tombstone {
+    /// Disconnected, without a will.
+    last: Registration,
+    /// When it ended, on the owner's clock: pruned after a horizon ([`RegistryTable::prune`]).
+    at: HlcStamp,
+}
+
 /// The registrations a node keeps: those it owns or replicates.
 #[derive(Debug, Default)]
 pub struct RegistryTable {
     entries: HashMap<Arc<str>, Registration>,
+    ended: HashMap<Arc<str>, Tombstone>,
 }
 
 impl RegistryTable {
@@ -162,7 +174,8 @@ impl RegistryTable {
         will: Option<Box<WillInfo>>,
     ) -> Registered {
         let prev = self.entries.get(client).cloned();
-        let epoch = prev.as_ref().map_or(1, |p| p.epoch + 1);
+        let floor = self.ended.remove(client).map_or(0, |t| t.last.epoch);
+        let epoch = prev.as_ref().map_or(floor, |p| p.epoch.max(floor)) + 1;
         let r = Registration {
             client: client.into(),
             holder: holder.clone(),
@@ -179,6 +192,19 @@ impl RegistryTable {
     /// other side of a healed partition). Converges whatever the order merges come in.
     pub fn merge(&mut self, r: Registration) -> Merged {
         debug_assert!(r.epoch >= 1);
+        if let Some(t) = self.ended.get(&r.client) {
+            // A copy of what ended here, or older: gone for good. Older from another holder (the other
+            // side of a partition) loses to the ended one like to a live one.
+            if r.version() == t.last.version()
+                || (r.version() < t.last.version() && r.holder == t.last.holder)
+            {
+                return Merged::Recorded;
+            }
+            if r.version() < t.last.version() {
+                return Merged::Rejected { winner: t.last.clone() };
+            }
+            self.ended.remove(&r.client);
+        }
         let Some(cur) = self.entries.get(&r.client) else {
             self.entries.insert(r.client.clone(), r);
             return Merged::Recorded;
@@ -238,12 +264,46 @@ impl RegistryTable {
         self.entries.values()
     }
 
-    /// The session of epoch `epoch` ended (clean session gone, expired): the registration goes. Ignored
-    /// for another epoch.
-    pub fn ended(&mut self, client: &str, epoch: u64) {
+    /// The session of epoch `epoch` ended (clean session gone, expired) at `at`: the registration goes,
+    /// leaving a tombstone until [`RegistryTable::prune`]. Ignored for another epoch.
+    pub fn ended(&mut self, client: &str, epoch: u64, at: HlcStamp) {
         if self.entries.get(client).is_some_and(|r| r.epoch == epoch) {
-            self.entries.remove(client);
+            let mut last = self.entries.remove(client).expect("present");
+            last.connected = false;
+            last.will = None;
+            self.ended.insert(last.client.clone(), Tombstone { last, at });
         }
+    }
+
+    /// A registration ended elsewhere (another owner's word): it goes, and any older one of its id with
+    /// it, leaving a tombstone. Ignored when this table has a newer one.
+    pub fn ended_elsewhere(&mut self, mut last: Registration, at: HlcStamp) {
+        if self.entries.get(&last.client).is_some_and(|r| r.version() > last.version()) {
+            return;
+        }
+        if self.ended.get(&last.client).is_some_and(|t| t.last.version() >= last.version()) {
+            return;
+        }
+        self.entries.remove(&last.client);
+        last.connected = false;
+        last.will = None;
+        self.ended.insert(last.client.clone(), Tombstone { last, at });
+    }
+
+    /// Whether `client` has a tombstone here (its last registration ended).
+    pub fn is_ended(&self, client: &str) -> bool {
+        self.ended.contains_key(client) && !self.entries.contains_key(client)
+    }
+
+    /// Drops the tombstones of registrations ended before `horizon`: by then no copy of them is in
+    /// flight (the horizon is chosen well past a link's delay and a membership change's round).
+    pub fn prune(&mut self, horizon: HlcStamp) {
+        self.ended.retain(|_, t| t.at >= horizon);
+    }
+
+    /// Tombstones kept (see [`RegistryTable::prune`]).
+    pub fn tombstones(&self) -> usize {
+        self.ended.len()
     }
 
     /// The registrations of sessions `node` held: what its loss leaves without a live holder (their
@@ -351,10 +411,19 @@ mod tests {
         assert!(t.get("c").unwrap().connected, "an older epoch's disconnect changes nothing");
         t.disconnected("c", 3);
         assert!(!t.get("c").unwrap().connected);
-        t.ended("c", 2);
+        t.ended("c", 2, HlcStamp(20));
         assert!(t.get("c").is_some());
-        t.ended("c", 3);
+        let copy = t.get("c").unwrap().clone();
+        t.ended("c", 3, HlcStamp(20));
         assert!(t.get("c").is_none());
+        assert_eq!(t.merge(copy), Merged::Recorded);
+        assert!(t.get("c").is_none(), "a copy still in flight does not bring it back");
+        assert_eq!(t.register("c", &a, HlcStamp(30), None).epoch, 4, "epochs go on above the ended one");
+        t.ended("c", 4, HlcStamp(40));
+        t.prune(HlcStamp(40));
+        assert_eq!(t.tombstones(), 1, "not before the horizon");
+        t.prune(HlcStamp(41));
+        assert_eq!(t.tombstones(), 0);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! - `EndSession` (5): `client | epoch | successor | successor epoch | discard u8`
 //! - `Sync` (6) and `Replicate` (7): a registration, `client | holder | epoch | stamp | flags (connected
 //!   0x01, will 0x02) | [will]`
-//! - `Forget` (8): `client | epoch`
+//! - `Forget` (8): the ended registration, as above
 //!
 //! A will is `flags (qos in 0x03, retain 0x04) | delay_s | topic | payload`. An epoch is at least 1.
 
@@ -75,11 +75,8 @@ pub enum RegistryMsg {
     Sync(Registration),
     /// The primary owner's copy to its replica, merged silently (the primary dealt with conflicts).
     Replicate(Registration),
-    /// The registration of `epoch` ended (its session is gone).
-    Forget {
-        client: Arc<str>,
-        epoch: u64,
-    },
+    /// This registration ended (its session is gone), and any older one of its id with it.
+    Forget(Registration),
 }
 
 const M_REGISTER: u8 = 1;
@@ -151,10 +148,9 @@ pub fn encode(m: &RegistryMsg, out: &mut Vec<u8>) {
             out.push(M_REPLICATE);
             put_registration(out, r);
         }
-        RegistryMsg::Forget { client, epoch } => {
+        RegistryMsg::Forget(r) => {
             out.push(M_FORGET);
-            put_bytes(out, client.as_bytes());
-            put_varint(out, *epoch);
+            put_registration(out, r);
         }
     }
 }
@@ -228,7 +224,7 @@ pub fn decode(body: &[u8]) -> Result<RegistryMsg, LinkError> {
         },
         M_SYNC => RegistryMsg::Sync(read_registration(&mut r)?),
         M_REPLICATE => RegistryMsg::Replicate(read_registration(&mut r)?),
-        M_FORGET => RegistryMsg::Forget { client: client(&mut r)?, epoch: epoch(&mut r)? },
+        M_FORGET => RegistryMsg::Forget(read_registration(&mut r)?),
         _ => return Err(LinkError::Malformed("registry message type")),
     };
     if !r.is_done() {
@@ -351,7 +347,7 @@ mod tests {
             },
             RegistryMsg::Sync(reg(Some(will()))),
             RegistryMsg::Replicate(Registration { connected: false, ..reg(None) }),
-            RegistryMsg::Forget { client: "dev-1".into(), epoch: 12 },
+            RegistryMsg::Forget(Registration { connected: false, epoch: 12, ..reg(None) }),
         ]
     }
 
@@ -381,7 +377,7 @@ mod tests {
             assert_eq!(decode(&longer), Err(LinkError::Malformed("trailing bytes")));
         }
         assert!(decode(&[0]).is_err(), "unknown type");
-        assert!(decode(&[M_FORGET, 1, b'c', 0]).is_err(), "epoch 0");
+        assert!(decode(&[M_FORGET, 1, b'c', 1, b'h', 0, 0, 0]).is_err(), "epoch 0");
         assert!(decode(&[
             M_DISCONNECT_ACK,
             0xFF,

@@ -56,6 +56,10 @@ mod tests;
 /// How long a request waits for its owner's answer before the node decides without it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long an ended registration's tombstone is kept (pruned when timers run): far longer than any
+/// copy of it can stay in flight.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+
 /// What a node does with a CONNECT whose owner does not answer (`--partition-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PartitionMode {
@@ -143,7 +147,7 @@ struct Held {
     epoch: u64,
     stamp: HlcStamp,
     connected: bool,
-    /// The will while connected (and, after [`Registrar::restore`], until re-registered once).
+    /// The will while connected.
     will: Option<Box<WillInfo>>,
     /// Not confirmed by an owner (granted provisionally, or restored from the log): re-registered at
     /// the next membership change whether its owners changed or not.
@@ -174,6 +178,9 @@ pub struct Registrar {
     up: BTreeSet<NodeName>,
     /// Every member seen up, this node included, until removed: whom consistent mode expects.
     known: BTreeSet<NodeName>,
+    /// Peers seen going down (and not up since), with this node's clock then: registrations they made
+    /// before are of connections lost with them.
+    lost: BTreeMap<NodeName, HlcStamp>,
     /// The registrations this node owns or replicates.
     table: RegistryTable,
     held: BTreeMap<Arc<str>, Held>,
@@ -200,6 +207,7 @@ impl Registrar {
             started: now,
             hlc: Hlc::default(),
             up: BTreeSet::new(),
+            lost: BTreeMap::new(),
             table: RegistryTable::default(),
             held: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -249,12 +257,12 @@ impl Registrar {
 
     /// A session restored from this node's log after a restart, before any peer is up: offline, held
     /// with the epoch it had, and re-registered with its owners as peers come up (ended then if it moved
-    /// meanwhile). `will`: the client was connected when the node stopped and had this will, which its
-    /// owners publish unless they did already.
-    pub fn restore(&mut self, client: &str, epoch: u64, stamp: HlcStamp, will: Option<Box<WillInfo>>) {
+    /// meanwhile). The will of a client that was connected when the node stopped is its owners' to
+    /// publish (they saw the node go down); a re-registration does not cancel it.
+    pub fn restore(&mut self, client: &str, epoch: u64, stamp: HlcStamp) {
         debug_assert!(epoch >= 1);
         self.hlc.observe(stamp);
-        let h = Held { epoch, stamp, connected: false, will, unconfirmed: true };
+        let h = Held { epoch, stamp, connected: false, will: None, unconfirmed: true };
         self.held.insert(client.into(), h);
     }
 
@@ -322,6 +330,7 @@ impl Registrar {
         }
         let before: Vec<NodeName> = self.members().cloned().collect();
         self.up.insert(node.clone());
+        self.lost.remove(node);
         self.known.insert(node.clone());
         self.membership_changed(&before, now);
     }
@@ -333,6 +342,8 @@ impl Registrar {
         }
         let before: Vec<NodeName> = self.members().cloned().collect();
         self.up.remove(node);
+        let at = self.hlc.stamp(self.wall_ms(now));
+        self.lost.insert(node.clone(), at);
         self.membership_changed(&before, now);
     }
 
@@ -365,6 +376,8 @@ impl Registrar {
             }
         }
         self.fire_wills(now);
+        let horizon = self.wall_ms(now).saturating_sub(TOMBSTONE_TTL.as_millis() as u64);
+        self.table.prune(HlcStamp::new(horizon, 0));
         self.drain_local(now);
     }
 
@@ -480,10 +493,6 @@ impl Registrar {
             will: h.will.clone(),
         };
         h.unconfirmed = false;
-        if !h.connected {
-            // A restored session's will travels once; later copies must not bring it back anywhere.
-            h.will = None;
-        }
         self.counters.reregistrations += 1;
         let primary = self.owners_of(client).primary;
         self.send(&primary, RegistryMsg::Sync(r));
@@ -512,9 +521,10 @@ impl Registrar {
             RegistryMsg::Disconnect { request, client, epoch, ended } => {
                 self.send(from, RegistryMsg::DisconnectAck { request });
                 if ended {
-                    if self.table.get(&client).is_some_and(|r| r.epoch == epoch) {
-                        self.table.ended(&client, epoch);
-                        self.forget_at_owners(&client, epoch);
+                    if let Some(r) = self.table.get(&client).filter(|r| r.epoch == epoch).cloned() {
+                        let at = self.hlc.stamp(self.wall_ms(now));
+                        self.table.ended(&client, epoch, at);
+                        self.forget_at_owners(r);
                     }
                 } else {
                     self.table.disconnected(&client, epoch);
@@ -529,11 +539,18 @@ impl Registrar {
             RegistryMsg::EndSession { client, epoch, successor, successor_epoch, discard } => {
                 self.session_superseded(client, epoch, successor, successor_epoch, discard)
             }
-            RegistryMsg::Sync(r) => {
+            RegistryMsg::Sync(mut r) => {
                 self.hlc.observe(r.stamp);
                 let client = r.client.clone();
+                if r.holder == *from && !r.connected {
+                    // A holder re-registering an offline session says nothing about its will: a
+                    // disconnect took it out (confirmed by an owner), or the node was lost with its
+                    // client connected and the will is the owners' to publish.
+                    let same = self.table.get(&client).filter(|c| (c.epoch, c.stamp) == (r.epoch, r.stamp));
+                    r.will = same.and_then(|c| c.will.clone());
+                }
                 let before = self.table.get(&client).cloned();
-                self.merge(r);
+                self.merge(from, r);
                 // Only a change is passed on: two nodes whose views of the owners differ for a moment
                 // would otherwise send one registration back and forth.
                 if self.table.get(&client) != before.as_ref() {
@@ -548,7 +565,11 @@ impl Registrar {
                 self.table.merge(r);
                 self.note_loss(&client, now);
             }
-            RegistryMsg::Forget { client, epoch } => self.table.ended(&client, epoch),
+            RegistryMsg::Forget(r) => {
+                self.hlc.observe(r.stamp);
+                let at = self.hlc.stamp(self.wall_ms(now));
+                self.table.ended_elsewhere(r, at);
+            }
         }
     }
 
@@ -650,8 +671,9 @@ impl Registrar {
         self.send(&to, m);
     }
 
-    /// Merges a registration from elsewhere; the loser of a conflict is told to end its session.
-    fn merge(&mut self, r: Registration) {
+    /// Merges a registration from `from`; the loser of a conflict is told to end its session, and the
+    /// sender of one that lost learns the winner (or that the winner ended), so its table converges too.
+    fn merge(&mut self, from: &NodeName, r: Registration) {
         match self.table.merge(r.clone()) {
             Merged::Recorded => {}
             Merged::Replaced { loser } => {
@@ -661,6 +683,14 @@ impl Registrar {
             Merged::Rejected { winner } => {
                 self.counters.conflicts_resolved += 1;
                 self.end_session(&r, &winner.holder, winner.epoch, false);
+                if *from != self.me {
+                    let m = if self.table.is_ended(&r.client) {
+                        RegistryMsg::Forget(winner)
+                    } else {
+                        RegistryMsg::Sync(winner)
+                    };
+                    self.send(from, m);
+                }
             }
         }
     }
@@ -678,20 +708,23 @@ impl Registrar {
         }
     }
 
-    /// `client`'s registration of `epoch` ended here: the other owners drop it too.
-    fn forget_at_owners(&mut self, client: &Arc<str>, epoch: u64) {
-        let o = self.owners_of(client);
+    /// Registration `r` ended here: the other owners drop it too.
+    fn forget_at_owners(&mut self, r: Registration) {
+        let o = self.owners_of(&r.client);
         let me = self.me.clone();
         for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
-            self.send(&to, RegistryMsg::Forget { client: client.clone(), epoch });
+            self.send(&to, RegistryMsg::Forget(r.clone()));
         }
     }
 
-    /// A registration whose holder is down with its client connected: the client counts as
-    /// disconnected, and its will (if any) is due after its delay.
+    /// A registration made before its holder went down, with its client connected: the client counts
+    /// as disconnected, and its will (if any) is due after its delay. (Not "whose holder is not up
+    /// here": a node that just started, or just healed, has not seen every peer come up yet, and a
+    /// connection made on the other side of a partition was not lost.)
     fn note_loss(&mut self, client: &Arc<str>, now: Instant) {
         let Some(r) = self.table.get(client) else { return };
-        let (epoch, lost) = (r.epoch, r.connected && !self.is_up(&r.holder));
+        let lost = self.lost.get(&r.holder).is_some_and(|at| r.stamp <= *at);
+        let (epoch, lost) = (r.epoch, r.connected && lost);
         if lost {
             self.table.holder_lost(client, epoch);
         }
@@ -732,6 +765,17 @@ impl Registrar {
     fn membership_changed(&mut self, before: &[NodeName], now: Instant) {
         let after: Vec<NodeName> = self.members().cloned().collect();
         let me = self.me.clone();
+        // Losses first, so that what moves to new owners says so.
+        let mut lost: Vec<Arc<str>> = self
+            .table
+            .iter()
+            .filter(|r| r.connected && !self.is_up(&r.holder))
+            .map(|r| r.client.clone())
+            .collect();
+        lost.sort();
+        for c in lost {
+            self.note_loss(&c, now);
+        }
         for (o, r) in self.table.rebalance(&me, before, &after) {
             self.counters.handed_over += 1;
             for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
@@ -751,16 +795,6 @@ impl Registrar {
             self.pending.iter().filter(|(_, p)| !self.is_up(&p.owner)).map(|(id, _)| *id).collect();
         for id in orphaned {
             self.send_request(id, now);
-        }
-        let mut lost: Vec<Arc<str>> = self
-            .table
-            .iter()
-            .filter(|r| r.connected && !self.is_up(&r.holder))
-            .map(|r| r.client.clone())
-            .collect();
-        lost.sort();
-        for c in lost {
-            self.note_loss(&c, now);
         }
         self.fire_wills(now);
         self.drain_local(now);

@@ -400,7 +400,7 @@ fn a_returning_node_drops_the_sessions_that_moved_meanwhile() {
     // Node 2 restarts with its log.
     let mut back = Registrar::new(n("n2"), RegistrarConfig::default(), at(z.t0, 30));
     for h in &log {
-        back.restore(&h.client, h.epoch, h.stamp, None);
+        back.restore(&h.client, h.epoch, h.stamp);
     }
     z.nodes[2] = back;
     for a in 0..3 {
