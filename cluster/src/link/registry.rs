@@ -10,6 +10,7 @@
 //! - `Sync` (6) and `Replicate` (7): a registration, `client | holder | epoch | stamp | flags (connected
 //!   0x01, will 0x02) | [will]`
 //! - `Forget` (8): the ended registration, as above
+//! - `Replicated` (9): `client | epoch`
 //!
 //! A will is `flags (qos in 0x03, retain 0x04) | delay_s | topic | payload`. An epoch is at least 1.
 
@@ -77,6 +78,11 @@ pub enum RegistryMsg {
     Replicate(Registration),
     /// This registration ended (its session is gone), and any older one of its id with it.
     Forget(Registration),
+    /// From the replica: it has the primary's copy of `client`'s registration of `epoch`.
+    Replicated {
+        client: Arc<str>,
+        epoch: u64,
+    },
 }
 
 const M_REGISTER: u8 = 1;
@@ -87,6 +93,7 @@ const M_END_SESSION: u8 = 5;
 const M_SYNC: u8 = 6;
 const M_REPLICATE: u8 = 7;
 const M_FORGET: u8 = 8;
+const M_REPLICATED: u8 = 9;
 
 const F_CLEAN: u8 = 0x01;
 const F_WILL: u8 = 0x02;
@@ -151,6 +158,11 @@ pub fn encode(m: &RegistryMsg, out: &mut Vec<u8>) {
         RegistryMsg::Forget(r) => {
             out.push(M_FORGET);
             put_registration(out, r);
+        }
+        RegistryMsg::Replicated { client, epoch } => {
+            out.push(M_REPLICATED);
+            put_bytes(out, client.as_bytes());
+            put_varint(out, *epoch);
         }
     }
 }
@@ -225,6 +237,7 @@ pub fn decode(body: &[u8]) -> Result<RegistryMsg, LinkError> {
         M_SYNC => RegistryMsg::Sync(read_registration(&mut r)?),
         M_REPLICATE => RegistryMsg::Replicate(read_registration(&mut r)?),
         M_FORGET => RegistryMsg::Forget(read_registration(&mut r)?),
+        M_REPLICATED => RegistryMsg::Replicated { client: client(&mut r)?, epoch: epoch(&mut r)? },
         _ => return Err(LinkError::Malformed("registry message type")),
     };
     if !r.is_done() {
@@ -348,6 +361,7 @@ mod tests {
             RegistryMsg::Sync(reg(Some(will()))),
             RegistryMsg::Replicate(Registration { connected: false, ..reg(None) }),
             RegistryMsg::Forget(Registration { connected: false, epoch: 12, ..reg(None) }),
+            RegistryMsg::Replicated { client: "dev-1".into(), epoch: 12 },
         ]
     }
 
@@ -378,6 +392,7 @@ mod tests {
         }
         assert!(decode(&[0]).is_err(), "unknown type");
         assert!(decode(&[M_FORGET, 1, b'c', 1, b'h', 0, 0, 0]).is_err(), "epoch 0");
+        assert!(decode(&[M_REPLICATED, 1, b'c', 0]).is_err(), "epoch 0");
         assert!(decode(&[
             M_DISCONNECT_ACK,
             0xFF,
@@ -418,7 +433,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn arbitrary_bodies_never_panic(b in proptest::collection::vec(any::<u8>(), 0..120), ty in 0u8..10) {
+        fn arbitrary_bodies_never_panic(b in proptest::collection::vec(any::<u8>(), 0..120), ty in 0u8..11) {
             let _ = decode(&b);
             let mut typed = vec![ty];
             typed.extend_from_slice(&b);

@@ -169,6 +169,9 @@ struct Pending {
     deadline: Instant,
 }
 
+/// Messages to send, and to whom.
+type Answers = Vec<(NodeName, RegistryMsg)>;
+
 pub struct Registrar {
     me: NodeName,
     cfg: RegistrarConfig,
@@ -189,6 +192,9 @@ pub struct Registrar {
     /// Highest epoch an `EndSession` named for a client whose registration was still pending here: a
     /// grant at or below it is ended as soon as it arrives.
     superseded: BTreeMap<Arc<str>, (u64, NodeName, u64)>,
+    /// Registrations this node granted as primary owner whose answers (`Granted`, `EndSession`) wait
+    /// for the replica's acknowledgement, by (client, epoch): the replica, the answers.
+    awaiting: BTreeMap<(Arc<str>, u64), (NodeName, Answers)>,
     /// Wills due after their holder's loss: when, by (client, epoch).
     wills: BTreeMap<(Arc<str>, u64), Instant>,
     out: VecDeque<(NodeName, RegistryMsg)>,
@@ -213,6 +219,7 @@ impl Registrar {
             pending: BTreeMap::new(),
             next_request: 1,
             superseded: BTreeMap::new(),
+            awaiting: BTreeMap::new(),
             wills: BTreeMap::new(),
             out: VecDeque::new(),
             local: VecDeque::new(),
@@ -342,6 +349,12 @@ impl Registrar {
         }
         let before: Vec<NodeName> = self.members().cloned().collect();
         self.up.remove(node);
+        // Registrations whose replica went: answered now (the new owners get them as they move).
+        let released: Vec<(Arc<str>, u64)> =
+            self.awaiting.iter().filter(|(_, (r, _))| r == node).map(|(k, _)| k.clone()).collect();
+        for k in released {
+            self.answer(&k);
+        }
         let at = self.hlc.stamp(self.wall_ms(now));
         self.lost.insert(node.clone(), at);
         self.membership_changed(&before, now);
@@ -507,13 +520,28 @@ impl Registrar {
                     r.previous.as_ref().map(|p| Previous { holder: p.holder.clone(), epoch: p.epoch });
                 let granted =
                     RegistryMsg::Granted { request, client: client.clone(), epoch: r.epoch, previous };
-                // The answer first: the requester must hold the epoch before any copy names it.
-                self.send(from, granted);
+                let mut answers = vec![(from.clone(), granted)];
                 if let Some(prev) = r.previous {
                     self.counters.takeovers += 1;
-                    self.end_session(&prev, from, r.epoch, clean_start);
+                    answers.push(end_message(&prev, from, r.epoch, clean_start));
                 }
-                self.copy_to_owners(&client);
+                let o = self.owners_of(&client);
+                match o.replica.filter(|rep| o.primary == self.me && *rep != self.me) {
+                    Some(replica) => {
+                        // Answered once the replica has it: a grant, and the takeover it makes, survive
+                        // this node's loss (the replica continues the epochs, and knows the will of a
+                        // connection that moved is no longer due).
+                        let copy = self.table.get(&client).expect("registered").clone();
+                        self.send(&replica, RegistryMsg::Replicate(copy));
+                        self.awaiting.insert((client, r.epoch), (replica, answers));
+                    }
+                    None => {
+                        self.copy_to_owners(&client);
+                        for (to, m) in answers {
+                            self.send(&to, m);
+                        }
+                    }
+                }
             }
             RegistryMsg::Granted { request, client, epoch, previous } => {
                 self.granted(request, client, epoch, previous, now)
@@ -543,11 +571,15 @@ impl Registrar {
                 self.hlc.observe(r.stamp);
                 let client = r.client.clone();
                 if r.holder == *from && !r.connected {
-                    // A holder re-registering an offline session says nothing about its will: a
-                    // disconnect took it out (confirmed by an owner), or the node was lost with its
-                    // client connected and the will is the owners' to publish.
+                    // A holder re-registering an offline session says nothing new about its
+                    // connection: its disconnect (a request of its own, sent until confirmed) takes the
+                    // will out; a loss with the client connected is the owners' to see, and its will
+                    // theirs to publish.
                     let same = self.table.get(&client).filter(|c| (c.epoch, c.stamp) == (r.epoch, r.stamp));
-                    r.will = same.and_then(|c| c.will.clone());
+                    if let Some(c) = same {
+                        r.connected = c.connected;
+                        r.will = c.will.clone();
+                    }
                 }
                 let before = self.table.get(&client).cloned();
                 self.merge(from, r);
@@ -560,10 +592,22 @@ impl Registrar {
             }
             RegistryMsg::Replicate(r) => {
                 self.hlc.observe(r.stamp);
-                let client = r.client.clone();
+                let (client, epoch) = (r.client.clone(), r.epoch);
                 // The primary dealt with conflicts; a copy is merged silently.
                 self.table.merge(r);
                 self.note_loss(&client, now);
+                self.send(from, RegistryMsg::Replicated { client, epoch });
+            }
+            RegistryMsg::Replicated { client, epoch } => {
+                let done: Vec<(Arc<str>, u64)> = self
+                    .awaiting
+                    .range((client.clone(), 0)..=(client.clone(), epoch))
+                    .filter(|(_, (replica, _))| replica == from)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in done {
+                    self.answer(&k);
+                }
             }
             RegistryMsg::Forget(r) => {
                 self.hlc.observe(r.stamp);
@@ -659,16 +703,16 @@ impl Registrar {
 
     /// Tells `loser`'s holder that its session lost to `winner`'s registration.
     fn end_session(&mut self, loser: &Registration, winner: &NodeName, winner_epoch: u64, discard: bool) {
-        debug_assert!(loser.holder != *winner);
-        let m = RegistryMsg::EndSession {
-            client: loser.client.clone(),
-            epoch: loser.epoch,
-            successor: winner.clone(),
-            successor_epoch: winner_epoch,
-            discard,
-        };
-        let to = loser.holder.clone();
+        let (to, m) = end_message(loser, winner, winner_epoch, discard);
         self.send(&to, m);
+    }
+
+    /// Sends the answers of a registration its replica now has (or that waits for no replica any more).
+    fn answer(&mut self, key: &(Arc<str>, u64)) {
+        let Some((_, answers)) = self.awaiting.remove(key) else { return };
+        for (to, m) in answers {
+            self.send(&to, m);
+        }
     }
 
     /// Merges a registration from `from`; the loser of a conflict is told to end its session, and the
@@ -799,4 +843,22 @@ impl Registrar {
         self.fire_wills(now);
         self.drain_local(now);
     }
+}
+
+/// The message telling `loser`'s holder that its session lost to `winner`'s registration.
+fn end_message(
+    loser: &Registration,
+    winner: &NodeName,
+    winner_epoch: u64,
+    discard: bool,
+) -> (NodeName, RegistryMsg) {
+    debug_assert!(loser.holder != *winner);
+    let m = RegistryMsg::EndSession {
+        client: loser.client.clone(),
+        epoch: loser.epoch,
+        successor: winner.clone(),
+        successor_epoch: winner_epoch,
+        discard,
+    };
+    (loser.holder.clone(), m)
 }
