@@ -132,6 +132,9 @@ pub enum Merged {
     Replaced { loser: Registration },
     /// The table's registration wins; the incoming one, held by another node, is superseded.
     Rejected { winner: Registration },
+    /// The incoming registration (or a newer one of the same holder) ended here: nothing changed, the
+    /// sender should forget it too.
+    Ended { last: Registration },
 }
 
 /// What is left of an ended registration for a while, so that a copy of it still in flight (or a
@@ -198,7 +201,7 @@ impl RegistryTable {
             if r.version() == t.last.version()
                 || (r.version() < t.last.version() && r.holder == t.last.holder)
             {
-                return Merged::Recorded;
+                return Merged::Ended { last: t.last.clone() };
             }
             if r.version() < t.last.version() {
                 return Merged::Rejected { winner: t.last.clone() };
@@ -276,18 +279,21 @@ impl RegistryTable {
     }
 
     /// A registration ended elsewhere (another owner's word): it goes, and any older one of its id with
-    /// it, leaving a tombstone. Ignored when this table has a newer one.
-    pub fn ended_elsewhere(&mut self, mut last: Registration, at: HlcStamp) {
+    /// it, leaving a tombstone. Ignored when this table has a newer one. Returns the older registration
+    /// it removed, if another node held it (superseded: its session must end).
+    pub fn ended_elsewhere(&mut self, mut last: Registration, at: HlcStamp) -> Option<Registration> {
         if self.entries.get(&last.client).is_some_and(|r| r.version() > last.version()) {
-            return;
+            return None;
         }
         if self.ended.get(&last.client).is_some_and(|t| t.last.version() >= last.version()) {
-            return;
+            return None;
         }
-        self.entries.remove(&last.client);
+        let removed = self.entries.remove(&last.client);
         last.connected = false;
         last.will = None;
+        let holder = last.holder.clone();
         self.ended.insert(last.client.clone(), Tombstone { last, at });
+        removed.filter(|r| r.holder != holder)
     }
 
     /// Whether `client` has a tombstone here (its last registration ended).
@@ -312,9 +318,11 @@ impl RegistryTable {
         self.entries.values().filter(move |r| r.holder == *node)
     }
 
-    /// After a membership change from `before` to `after`: the registrations this node (`me`) keeps whose
-    /// owners changed, with their new owners (the caller sends them there; merging is idempotent), and
-    /// drops those it no longer owns nor replicates. Sorted by client id.
+    /// After a membership change from `before` to `after`: the registrations this node (`me`) owned or
+    /// replicated whose owners changed, with their new owners (the caller sends them there; merging is
+    /// idempotent), and drops those it no longer owns nor replicates. A copy this node kept without
+    /// being an owner (one that reached it while views differed) is not handed on: it may be stale, and
+    /// the owners have their own. Sorted by client id.
     pub fn rebalance<'a>(
         &mut self,
         me: &NodeName,
@@ -324,8 +332,31 @@ impl RegistryTable {
         let mut out = Vec::new();
         self.entries.retain(|client, r| {
             let Some(now) = owners(client, after.clone()) else { return true };
-            if owners(client, before.clone()).as_ref() != Some(&now) {
+            let was = owners(client, before.clone());
+            if was.as_ref().is_some_and(|w| *w != now && w.contains(me)) {
                 out.push((now.clone(), r.clone()));
+            }
+            now.contains(me)
+        });
+        out.sort_by(|a, b| a.1.client.cmp(&b.1.client));
+        out
+    }
+
+    /// [`RegistryTable::rebalance`] for the tombstones: those this node kept as an owner whose owners
+    /// changed, as the registrations that ended (the new owners must continue the epochs above them),
+    /// and drops those it no longer owns nor replicates. Sorted by client id.
+    pub fn rebalance_ended<'a>(
+        &mut self,
+        me: &NodeName,
+        before: impl IntoIterator<Item = &'a NodeName> + Clone,
+        after: impl IntoIterator<Item = &'a NodeName> + Clone,
+    ) -> Vec<(Owners, Registration)> {
+        let mut out = Vec::new();
+        self.ended.retain(|client, t| {
+            let Some(now) = owners(client, after.clone()) else { return true };
+            let was = owners(client, before.clone());
+            if was.as_ref().is_some_and(|w| *w != now && w.contains(me)) {
+                out.push((now.clone(), t.last.clone()));
             }
             now.contains(me)
         });
@@ -416,7 +447,7 @@ mod tests {
         let copy = t.get("c").unwrap().clone();
         t.ended("c", 3, HlcStamp(20));
         assert!(t.get("c").is_none());
-        assert_eq!(t.merge(copy), Merged::Recorded);
+        assert!(matches!(t.merge(copy), Merged::Ended { last } if last.epoch == 3));
         assert!(t.get("c").is_none(), "a copy still in flight does not bring it back");
         assert_eq!(t.register("c", &a, HlcStamp(30), None).epoch, 4, "epochs go on above the ended one");
         t.ended("c", 4, HlcStamp(40));

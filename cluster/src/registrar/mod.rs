@@ -593,8 +593,16 @@ impl Registrar {
             RegistryMsg::Replicate(r) => {
                 self.hlc.observe(r.stamp);
                 let (client, epoch) = (r.client.clone(), r.epoch);
-                // The primary dealt with conflicts; a copy is merged silently.
-                self.table.merge(r);
+                // The primary dealt with conflicts; a copy is merged silently, unless it lost here
+                // (the primary learns what won, and ends the loser).
+                match self.table.merge(r) {
+                    Merged::Ended { last } => self.send(from, RegistryMsg::Forget(last)),
+                    Merged::Rejected { winner } if self.table.is_ended(&client) => {
+                        self.send(from, RegistryMsg::Forget(winner))
+                    }
+                    Merged::Rejected { winner } => self.send(from, RegistryMsg::Sync(winner)),
+                    Merged::Recorded | Merged::Replaced { .. } => {}
+                }
                 self.note_loss(&client, now);
                 self.send(from, RegistryMsg::Replicated { client, epoch });
             }
@@ -612,7 +620,11 @@ impl Registrar {
             RegistryMsg::Forget(r) => {
                 self.hlc.observe(r.stamp);
                 let at = self.hlc.stamp(self.wall_ms(now));
-                self.table.ended_elsewhere(r, at);
+                let (holder, epoch) = (r.holder.clone(), r.epoch);
+                if let Some(loser) = self.table.ended_elsewhere(r, at) {
+                    self.counters.conflicts_resolved += 1;
+                    self.end_session(&loser, &holder, epoch, false);
+                }
             }
         }
     }
@@ -672,32 +684,29 @@ impl Registrar {
         successor_epoch: u64,
         discard: bool,
     ) {
+        // A registration of this client still waiting for its grant may be the one the message names
+        // (the owner replaced it before answering): its grant is ended as soon as it arrives.
+        let waiting =
+            self.pending.values().any(|p| p.client == client && matches!(p.op, Op::Register { .. }));
+        if waiting {
+            let e = self.superseded.entry(client.clone()).or_insert((0, successor.clone(), successor_epoch));
+            if epoch >= e.0 {
+                *e = (epoch, successor.clone(), successor_epoch);
+            }
+        }
         // Epochs this node holds for one client only grow, so a newer one than the message names is
         // a later connection the owner did not know of yet: it stays.
-        match self.held.get(&client) {
-            Some(h) if h.epoch <= epoch => {
-                let held_epoch = h.epoch;
-                self.held.remove(&client);
-                self.counters.sessions_ended += 1;
-                self.events.push_back(RegistrarEvent::EndSession {
-                    client,
-                    epoch: held_epoch,
-                    successor,
-                    successor_epoch,
-                    discard,
-                });
-            }
-            Some(_) => {}
-            None => {
-                let waiting =
-                    self.pending.values().any(|p| p.client == client && matches!(p.op, Op::Register { .. }));
-                if waiting {
-                    let e = self.superseded.entry(client).or_insert((0, successor.clone(), successor_epoch));
-                    if epoch >= e.0 {
-                        *e = (epoch, successor, successor_epoch);
-                    }
-                }
-            }
+        if let Some(h) = self.held.get(&client).filter(|h| h.epoch <= epoch) {
+            let held_epoch = h.epoch;
+            self.held.remove(&client);
+            self.counters.sessions_ended += 1;
+            self.events.push_back(RegistrarEvent::EndSession {
+                client,
+                epoch: held_epoch,
+                successor,
+                successor_epoch,
+                discard,
+            });
         }
     }
 
@@ -720,6 +729,11 @@ impl Registrar {
     fn merge(&mut self, from: &NodeName, r: Registration) {
         match self.table.merge(r.clone()) {
             Merged::Recorded => {}
+            Merged::Ended { last } => {
+                if *from != self.me {
+                    self.send(from, RegistryMsg::Forget(last));
+                }
+            }
             Merged::Replaced { loser } => {
                 self.counters.conflicts_resolved += 1;
                 self.end_session(&loser, &r.holder, r.epoch, false);
@@ -824,6 +838,11 @@ impl Registrar {
             self.counters.handed_over += 1;
             for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
                 self.send(&to, RegistryMsg::Sync(r.clone()));
+            }
+        }
+        for (o, r) in self.table.rebalance_ended(&me, before, &after) {
+            for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
+                self.send(&to, RegistryMsg::Forget(r.clone()));
             }
         }
         let moved: Vec<Arc<str>> = self
