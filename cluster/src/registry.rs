@@ -168,16 +168,19 @@ impl RegistryTable {
         self.entries.get(client)
     }
 
-    /// A client connected at `holder`: compare-and-swap on the epoch, the newest connection wins.
+    /// A client connected at `holder`: compare-and-swap on the epoch, the newest connection wins. The
+    /// epoch is above every one this table knows of the id and above `known` (the highest the holder
+    /// knows of: an owner that just took the id over may not have its registration yet).
     pub fn register(
         &mut self,
         client: &str,
         holder: &NodeName,
         stamp: HlcStamp,
         will: Option<Box<WillInfo>>,
+        known: u64,
     ) -> Registered {
         let prev = self.entries.get(client).cloned();
-        let floor = self.ended.remove(client).map_or(0, |t| t.last.epoch);
+        let floor = self.ended.remove(client).map_or(0, |t| t.last.epoch).max(known);
         let epoch = prev.as_ref().map_or(floor, |p| p.epoch.max(floor)) + 1;
         let r = Registration {
             client: client.into(),
@@ -431,11 +434,11 @@ mod tests {
     fn the_newest_registration_wins_and_names_the_one_it_replaced() {
         let mut t = RegistryTable::default();
         let (a, b) = (n("a"), n("b"));
-        let r1 = t.register("c", &a, HlcStamp(10), None);
+        let r1 = t.register("c", &a, HlcStamp(10), None, 0);
         assert_eq!(r1, Registered { epoch: 1, previous: None });
-        let r2 = t.register("c", &a, HlcStamp(11), None);
+        let r2 = t.register("c", &a, HlcStamp(11), None, 0);
         assert_eq!(r2, Registered { epoch: 2, previous: None }, "a reconnect on the same node");
-        let r3 = t.register("c", &b, HlcStamp(12), None);
+        let r3 = t.register("c", &b, HlcStamp(12), None, 0);
         assert_eq!(r3.epoch, 3);
         assert_eq!(r3.previous.map(|p| (p.holder, p.epoch)), Some((a.clone(), 2)));
         t.disconnected("c", 2);
@@ -449,7 +452,7 @@ mod tests {
         assert!(t.get("c").is_none());
         assert!(matches!(t.merge(copy), Merged::Ended { last } if last.epoch == 3));
         assert!(t.get("c").is_none(), "a copy still in flight does not bring it back");
-        assert_eq!(t.register("c", &a, HlcStamp(30), None).epoch, 4, "epochs go on above the ended one");
+        assert_eq!(t.register("c", &a, HlcStamp(30), None, 0).epoch, 4, "epochs go on above the ended one");
         t.ended("c", 4, HlcStamp(40));
         t.prune(HlcStamp(40));
         assert_eq!(t.tombstones(), 1, "not before the horizon");
@@ -467,7 +470,7 @@ mod tests {
             delay_s: 5,
         }));
         let mut t = RegistryTable::default();
-        let e = t.register("c", &n("a"), HlcStamp(1), will.clone()).epoch;
+        let e = t.register("c", &n("a"), HlcStamp(1), will.clone(), 0).epoch;
         let copy = t.get("c").unwrap().clone();
         assert!(t.holder_lost("c", e + 1).is_none(), "another epoch is not lost");
         assert!(t.holder_lost("c", e).is_some(), "due: the client was connected with a will");
@@ -478,7 +481,8 @@ mod tests {
         t.will_published("c", e);
         assert_eq!(t.merge(copy), Merged::Recorded);
         assert!(t.get("c").unwrap().will.is_none(), "a copy that still has the will does not bring it back");
-        let e2 = t.register("c", &n("a"), HlcStamp(2), will).epoch;
+        let e2 = t.register("c", &n("a"), HlcStamp(2), will, 9).epoch;
+        assert_eq!(e2, 10, "above the epoch the holder knows of");
         t.disconnected("c", e2);
         assert!(t.get("c").unwrap().will.is_none(), "a disconnect leaves the will to the holder");
         assert!(t.holder_lost("c", e2).is_none());
@@ -514,7 +518,7 @@ mod tests {
         let mine: Vec<String> =
             (0..400).map(|i| format!("k{i}")).filter(|c| owners(c, &ms).unwrap().contains(&me)).collect();
         for c in &mine {
-            t.register(c, &me, HlcStamp(1), None);
+            t.register(c, &me, HlcStamp(1), None, 0);
         }
         let mut grown = ms.clone();
         grown.push(n("node-9"));

@@ -2,7 +2,8 @@
 //! [`super::Frame::Registry`] link frame: its body is one message, `type u8 | fields`, with the encoding
 //! conventions of the other frames (varints, length-prefixed strings, flag bytes).
 //!
-//! - `Register` (1): `request | client | flags (clean start 0x01, will 0x02) | stamp | [will]`
+//! - `Register` (1): `request | client | flags (clean start 0x01, will 0x02) | stamp | known epoch |
+//!   [will]`
 //! - `Granted` (2): `request | client | epoch | flags (previous 0x01) | [previous holder | previous epoch]`
 //! - `Disconnect` (3): `request | client | epoch | ended u8`
 //! - `DisconnectAck` (4): `request`
@@ -43,6 +44,8 @@ pub enum RegistryMsg {
         clean_start: bool,
         stamp: HlcStamp,
         will: Option<Box<WillInfo>>,
+        /// The highest epoch of `client` the sender knows of (0: none): the grant goes above it.
+        known: u64,
     },
     /// From the owner: the connection holds `epoch`; `previous` held the session elsewhere.
     Granted {
@@ -104,12 +107,13 @@ const W_RETAIN: u8 = 0x04;
 /// Appends the body of a `Registry` frame carrying `m` to `out`.
 pub fn encode(m: &RegistryMsg, out: &mut Vec<u8>) {
     match m {
-        RegistryMsg::Register { request, client, clean_start, stamp, will } => {
+        RegistryMsg::Register { request, client, clean_start, stamp, will, known } => {
             out.push(M_REGISTER);
             put_varint(out, request.0);
             put_bytes(out, client.as_bytes());
             out.push(if *clean_start { F_CLEAN } else { 0 } | if will.is_some() { F_WILL } else { 0 });
             put_varint(out, stamp.0);
+            put_varint(out, *known);
             if let Some(w) = will {
                 put_will(out, w);
             }
@@ -206,8 +210,9 @@ pub fn decode(body: &[u8]) -> Result<RegistryMsg, LinkError> {
                 return Err(LinkError::Malformed("register flags"));
             }
             let stamp = HlcStamp(r.varint()?);
+            let known = r.varint()?;
             let will = if flags & F_WILL != 0 { Some(read_will(&mut r)?) } else { None };
-            RegistryMsg::Register { request, client, clean_start: flags & F_CLEAN != 0, stamp, will }
+            RegistryMsg::Register { request, client, clean_start: flags & F_CLEAN != 0, stamp, will, known }
         }
         M_GRANTED => {
             let request = RequestId(r.varint()?);
@@ -333,6 +338,7 @@ mod tests {
                 clean_start: true,
                 stamp: HlcStamp(u64::MAX),
                 will: Some(will()),
+                known: 41,
             },
             RegistryMsg::Register {
                 request: RequestId(u64::MAX),
@@ -340,6 +346,7 @@ mod tests {
                 clean_start: false,
                 stamp: HlcStamp(0),
                 will: None,
+                known: 0,
             },
             RegistryMsg::Granted {
                 request: RequestId(2),

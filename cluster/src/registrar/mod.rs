@@ -451,6 +451,11 @@ impl Registrar {
         p.deadline = deadline;
         let m = match &p.op {
             Op::Register { clean_start, stamp, will } => RegistryMsg::Register {
+                known: self
+                    .table
+                    .get(&client)
+                    .map_or(0, |r| r.epoch)
+                    .max(self.held.get(&client).map_or(0, |h| h.epoch)),
                 request: id,
                 client,
                 clean_start: *clean_start,
@@ -513,9 +518,9 @@ impl Registrar {
 
     fn on_message(&mut self, from: &NodeName, m: RegistryMsg, now: Instant) {
         match m {
-            RegistryMsg::Register { request, client, clean_start, stamp, will } => {
+            RegistryMsg::Register { request, client, clean_start, stamp, will, known } => {
                 self.hlc.observe(stamp);
-                let r = self.table.register(&client, from, stamp, will);
+                let r = self.table.register(&client, from, stamp, will, known);
                 let previous =
                     r.previous.as_ref().map(|p| Previous { holder: p.holder.clone(), epoch: p.epoch });
                 let granted =
