@@ -12,6 +12,7 @@
 //!   0x01, will 0x02) | [will]`
 //! - `Forget` (8): the ended registration, as above
 //! - `Replicated` (9): `client | epoch`
+//! - `Held` (10): a registration, as `Sync`
 //!
 //! A will is `flags (qos in 0x03, retain 0x04) | delay_s | topic | payload`. An epoch is at least 1.
 
@@ -79,6 +80,10 @@ pub enum RegistryMsg {
     Sync(Registration),
     /// The primary owner's copy to its replica, merged silently (the primary dealt with conflicts).
     Replicate(Registration),
+    /// A holder re-registering a session restored from its log: like `Sync`, but it says nothing about
+    /// the connection the session had (the holder's previous life had it), so it changes neither
+    /// `connected` nor the will of the registration the owners have.
+    Held(Registration),
     /// This registration ended (its session is gone), and any older one of its id with it.
     Forget(Registration),
     /// From the replica: it has the primary's copy of `client`'s registration of `epoch`.
@@ -97,6 +102,7 @@ const M_SYNC: u8 = 6;
 const M_REPLICATE: u8 = 7;
 const M_FORGET: u8 = 8;
 const M_REPLICATED: u8 = 9;
+const M_HELD: u8 = 10;
 
 const F_CLEAN: u8 = 0x01;
 const F_WILL: u8 = 0x02;
@@ -157,6 +163,10 @@ pub fn encode(m: &RegistryMsg, out: &mut Vec<u8>) {
         }
         RegistryMsg::Replicate(r) => {
             out.push(M_REPLICATE);
+            put_registration(out, r);
+        }
+        RegistryMsg::Held(r) => {
+            out.push(M_HELD);
             put_registration(out, r);
         }
         RegistryMsg::Forget(r) => {
@@ -241,6 +251,7 @@ pub fn decode(body: &[u8]) -> Result<RegistryMsg, LinkError> {
         },
         M_SYNC => RegistryMsg::Sync(read_registration(&mut r)?),
         M_REPLICATE => RegistryMsg::Replicate(read_registration(&mut r)?),
+        M_HELD => RegistryMsg::Held(read_registration(&mut r)?),
         M_FORGET => RegistryMsg::Forget(read_registration(&mut r)?),
         M_REPLICATED => RegistryMsg::Replicated { client: client(&mut r)?, epoch: epoch(&mut r)? },
         _ => return Err(LinkError::Malformed("registry message type")),
@@ -369,6 +380,7 @@ mod tests {
             RegistryMsg::Replicate(Registration { connected: false, ..reg(None) }),
             RegistryMsg::Forget(Registration { connected: false, epoch: 12, ..reg(None) }),
             RegistryMsg::Replicated { client: "dev-1".into(), epoch: 12 },
+            RegistryMsg::Held(Registration { connected: false, ..reg(None) }),
         ]
     }
 
@@ -440,7 +452,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn arbitrary_bodies_never_panic(b in proptest::collection::vec(any::<u8>(), 0..120), ty in 0u8..11) {
+        fn arbitrary_bodies_never_panic(b in proptest::collection::vec(any::<u8>(), 0..120), ty in 0u8..12) {
             let _ = decode(&b);
             let mut typed = vec![ty];
             typed.extend_from_slice(&b);

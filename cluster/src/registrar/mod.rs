@@ -152,6 +152,8 @@ struct Held {
     /// Not confirmed by an owner (granted provisionally, or restored from the log): re-registered at
     /// the next membership change whether its owners changed or not.
     unconfirmed: bool,
+    /// Restored from the log ([`Registrar::restore`]): this life knows nothing of its last connection.
+    restored: bool,
 }
 
 #[derive(Debug)]
@@ -269,7 +271,7 @@ impl Registrar {
     pub fn restore(&mut self, client: &str, epoch: u64, stamp: HlcStamp) {
         debug_assert!(epoch >= 1);
         self.hlc.observe(stamp);
-        let h = Held { epoch, stamp, connected: false, will: None, unconfirmed: true };
+        let h = Held { epoch, stamp, connected: false, will: None, unconfirmed: true, restored: true };
         self.held.insert(client.into(), h);
     }
 
@@ -487,7 +489,10 @@ impl Registrar {
         let epoch = known.max(held).max(floor) + 1;
         self.counters.granted += 1;
         self.counters.provisional += 1;
-        self.held.insert(p.client.clone(), Held { epoch, stamp, connected: true, will, unconfirmed: true });
+        self.held.insert(
+            p.client.clone(),
+            Held { epoch, stamp, connected: true, will, unconfirmed: true, restored: false },
+        );
         self.events.push_back(RegistrarEvent::Granted {
             request: id,
             client: p.client.clone(),
@@ -511,9 +516,10 @@ impl Registrar {
             will: h.will.clone(),
         };
         h.unconfirmed = false;
+        let m = if h.restored { RegistryMsg::Held(r) } else { RegistryMsg::Sync(r) };
         self.counters.reregistrations += 1;
         let primary = self.owners_of(client).primary;
-        self.send(&primary, RegistryMsg::Sync(r));
+        self.send(&primary, m);
     }
 
     fn on_message(&mut self, from: &NodeName, m: RegistryMsg, now: Instant) {
@@ -572,20 +578,27 @@ impl Registrar {
             RegistryMsg::EndSession { client, epoch, successor, successor_epoch, discard } => {
                 self.session_superseded(client, epoch, successor, successor_epoch, discard)
             }
-            RegistryMsg::Sync(mut r) => {
+            RegistryMsg::Sync(r) | RegistryMsg::Replicate(r) | RegistryMsg::Held(r) if self.phantom(&r) => {
+                // A registration naming this node for a session it does not hold (it lost it in a
+                // restart, or ended it and the owners have not heard yet): gone.
+                self.hlc.observe(r.stamp);
+                let at = self.hlc.stamp(self.wall_ms(now));
+                self.table.ended_elsewhere(r.clone(), at);
+                self.send(from, RegistryMsg::Forget(r));
+            }
+            RegistryMsg::Held(mut r) => {
+                // A session restored from its holder's log says nothing about the connection it had:
+                // the owners saw the holder go, and its will is theirs to publish (or was).
+                let same = self.table.get(&r.client).filter(|c| (c.epoch, c.stamp) == (r.epoch, r.stamp));
+                if let Some(c) = same {
+                    r.connected = c.connected;
+                    r.will = c.will.clone();
+                }
+                self.on_message(from, RegistryMsg::Sync(r), now);
+            }
+            RegistryMsg::Sync(r) => {
                 self.hlc.observe(r.stamp);
                 let client = r.client.clone();
-                if r.holder == *from && !r.connected {
-                    // A holder re-registering an offline session says nothing new about its
-                    // connection: its disconnect (a request of its own, sent until confirmed) takes the
-                    // will out; a loss with the client connected is the owners' to see, and its will
-                    // theirs to publish.
-                    let same = self.table.get(&client).filter(|c| (c.epoch, c.stamp) == (r.epoch, r.stamp));
-                    if let Some(c) = same {
-                        r.connected = c.connected;
-                        r.will = c.will.clone();
-                    }
-                }
                 let before = self.table.get(&client).cloned();
                 self.merge(from, r);
                 // Only a change is passed on: two nodes whose views of the owners differ for a moment
@@ -634,6 +647,13 @@ impl Registrar {
         }
     }
 
+    /// Whether `r` names this node as the holder of a session it neither holds nor waits a grant for.
+    fn phantom(&self, r: &Registration) -> bool {
+        r.holder == self.me
+            && !self.held.contains_key(&r.client)
+            && !self.pending.values().any(|p| p.client == r.client && matches!(p.op, Op::Register { .. }))
+    }
+
     fn granted(
         &mut self,
         request: RequestId,
@@ -663,8 +683,10 @@ impl Registrar {
         let Op::Register { stamp, will, .. } = p.op else { unreachable!("checked") };
         self.counters.granted += 1;
         if self.held.get(&client).is_none_or(|h| h.epoch < epoch) {
-            self.held
-                .insert(client.clone(), Held { epoch, stamp, connected: true, will, unconfirmed: false });
+            self.held.insert(
+                client.clone(),
+                Held { epoch, stamp, connected: true, will, unconfirmed: false, restored: false },
+            );
         }
         self.events.push_back(RegistrarEvent::Granted {
             request,
