@@ -25,6 +25,10 @@
 //! the holder's loss), never put back for the same epoch, so merging two copies of one registration keeps
 //! the will only if both still have it.
 //!
+//! **Ended registrations** leave a tombstone for a while ([`RegistryTable::ended`], pruned by
+//! [`RegistryTable::prune`]): a copy still in flight does not bring them back, and the epochs of the id
+//! go on above them.
+//!
 //! What it does not do: messages between nodes, timers, session hand-over (the [`crate::registrar`], the
 //! gateway and the shards do those); it is the table and the rules every node applies alike.
 

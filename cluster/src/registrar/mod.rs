@@ -1,17 +1,19 @@
 //! The session registration protocol of a zone, sans I/O: one [`Registrar`] per node, driven by the
 //! node's gateway (connects and disconnects from its shards, membership changes and registry frames
-//! from its zone), answering with registry messages for peers and events for the shards (issue "Cluster
-//! sessions"; the rules it applies are [`crate::registry`]'s).
+//! from its zone), answering with registry messages for peers ([`crate::link::registry`]) and events
+//! for the shards (issue "Cluster sessions"; the rules it applies are [`crate::registry`]'s).
 //!
 //! **Registering.** A CONNECT on this node ([`Registrar::handle_connect`]) becomes a `Register` request
 //! to the client id's primary owner (rendezvous hashing over the members up, this node included; a
-//! request to itself is handled in place). The owner compare-and-swaps the registration (epoch + 1,
-//! holder = the requesting node), copies it to the replica, answers `Granted` and, when another node
-//! held the session, tells that node to end it (`EndSession`: the shard closes the connection with
-//! DISCONNECT 0x8E and hands the session over, or drops it when the new connection started clean). The
-//! owner handles requests one at a time, so two CONNECTs racing on two nodes end with the later one
-//! holding the session and the other told to end. A node stops delivering for an epoch that is no longer
-//! its current one ([`Registrar::is_current`], the fencing query).
+//! request to itself is handled in place). The owner compare-and-swaps the registration (an epoch above
+//! every one it and the requester know of, holder = the requesting node), copies it to the replica and,
+//! once the replica acknowledged the copy, answers `Granted` and, when another node held the session,
+//! tells that node to end it (`EndSession`: the shard closes the connection with DISCONNECT 0x8E and
+//! hands the session over, or drops it when the new connection started clean). Waiting for the replica
+//! makes a grant survive the owner's loss: the replica, primary then, continues the epochs. The owner
+//! handles requests one at a time, so two CONNECTs racing on two nodes end with the later one holding
+//! the session and the other told to end. A node stops delivering for an epoch that is no longer its
+//! current one ([`Registrar::is_current`], the fencing query).
 //!
 //! **Requests that get no answer.** A request whose owner goes down is sent again to the new owner
 //! once the membership changed. One that gets no answer in [`REQUEST_TIMEOUT`] (the owner is up but
@@ -20,26 +22,32 @@
 //! [`PartitionMode::Available`] (the default) the node grants it itself, provisionally, and re-registers
 //! it with the owner at the next membership change (where conflicts resolve as after a partition).
 //!
-//! **Membership changes.** On a peer up or down each node hands the registrations whose owners changed
-//! to their new owners (`Sync`; [`RegistryTable::rebalance`]) and re-registers the sessions it holds
-//! whose owners changed, so the registry is whole again after one round of messages. An owner merging a
-//! registration from elsewhere ([`RegistryTable::merge`]: epoch, then hybrid logical clock, then node
-//! name) tells the loser's holder to end its session. This is also what reconciles the sides of a healed
-//! partition, and a node that comes back with its log ([`Registrar::restore`]): its sessions that moved
-//! meanwhile are ended there, never resurrected.
+//! **Membership changes.** On a peer up or down each node hands the registrations it owned whose owners
+//! changed to their new owners (`Sync`; [`RegistryTable::rebalance`]), tombstones of ended ones
+//! included (`Forget`: epochs go on above them), and re-registers the sessions it holds whose owners
+//! changed, so the registry is whole again after one round of messages. A node merging a registration
+//! from elsewhere ([`RegistryTable::merge`]: epoch, then hybrid logical clock, then node name) tells the
+//! loser's holder to end its session, and the sender of a loser what won. This is also what reconciles
+//! the sides of a healed partition, and a node that comes back with its log ([`Registrar::restore`],
+//! re-registered with `Held`): its sessions that moved meanwhile are ended there, never resurrected,
+//! and registrations naming it for sessions it no longer has are forgotten.
 //!
 //! **Wills.** A registration carries the client's will while it is connected. When its holder goes
-//! down, the owners mark the client disconnected and the primary owner publishes the will
-//! ([`RegistrarEvent::PublishWill`]) once its delay has passed, unless a newer registration replaced it
-//! meanwhile; the replica publishes only if it has become the primary (the primary went down too). The
-//! publisher copies "published" to the replica, so a will is published once, except if the primary goes
-//! down within one link delay after publishing (the copy is lost with the link and the replica publishes
-//! again). The delay counts from when the publishing owner learnt of the loss or received the
-//! registration (a will may come late after owner changes, never early).
+//! down, the owners mark the registrations it made before as disconnected, and the primary owner
+//! publishes their wills ([`RegistrarEvent::PublishWill`]) once the delay has passed, unless a newer
+//! registration replaced them meanwhile; the replica publishes only if it has become the primary (the
+//! primary went down too). The publisher copies "published" to the replica. A will is so published
+//! once, with two windows of one link delay each where the owners cannot know better: the primary
+//! going down just after publishing (its copy is lost with the link; the replica publishes again), and
+//! a client's normal disconnect still on its way to the owners when its holder's link goes (the owners
+//! publish the will as for a lost connection). The delay counts from when the publishing owner learnt
+//! of the loss or received the registration (a will may come late after owner changes, never early).
 //!
 //! What it does not do: sockets, clocks (`now` comes in) or randomness; moving the session itself (the
 //! shards do that on `EndSession`/`Granted`); publishing wills of clients that disconnected normally (the
 //! holder's shard does). Sessions held only by a node that is down are unreachable until it returns.
+//! Tombstones are forgotten after [`TOMBSTONE_TTL`]: a copy of an ended registration older than that
+//! (a node partitioned away for longer) could come back as an offline registration.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -391,9 +399,13 @@ impl Registrar {
             }
         }
         self.fire_wills(now);
+        self.prune(now);
+        self.drain_local(now);
+    }
+
+    fn prune(&mut self, now: Instant) {
         let horizon = self.wall_ms(now).saturating_sub(TOMBSTONE_TTL.as_millis() as u64);
         self.table.prune(HlcStamp::new(horizon, 0));
-        self.drain_local(now);
     }
 
     /// When [`Registrar::handle_timeout`] wants to run next.
@@ -576,7 +588,7 @@ impl Registrar {
                 }
             }
             RegistryMsg::EndSession { client, epoch, successor, successor_epoch, discard } => {
-                self.session_superseded(client, epoch, successor, successor_epoch, discard)
+                self.session_superseded(client, epoch, successor, successor_epoch, discard, now)
             }
             RegistryMsg::Sync(r) | RegistryMsg::Replicate(r) | RegistryMsg::Held(r) if self.phantom(&r) => {
                 // A registration naming this node for a session it does not hold (it lost it in a
@@ -697,7 +709,7 @@ impl Registrar {
         });
         if let Some((until, successor, successor_epoch)) = self.superseded.remove(&client) {
             if until >= epoch {
-                self.session_superseded(client, until, successor, successor_epoch, false);
+                self.session_superseded(client, until, successor, successor_epoch, false, now);
             }
         }
     }
@@ -710,6 +722,7 @@ impl Registrar {
         successor: NodeName,
         successor_epoch: u64,
         discard: bool,
+        now: Instant,
     ) {
         // A registration of this client still waiting for its grant may be the one the message names
         // (the owner replaced it before answering): its grant is ended as soon as it arrives.
@@ -726,6 +739,14 @@ impl Registrar {
         if let Some(h) = self.held.get(&client).filter(|h| h.epoch <= epoch) {
             let held_epoch = h.epoch;
             self.held.remove(&client);
+            // As an owner too, this node's own registration of the session is over: whoever sent the
+            // end has the winner, and a copy here must not name this node as the holder any more.
+            let mine = self.table.get(&client).filter(|r| r.holder == self.me && r.epoch <= epoch).cloned();
+            if let Some(r) = mine {
+                let at = self.hlc.stamp(self.wall_ms(now));
+                self.table.ended(&client, r.epoch, at);
+                self.forget_at_owners(r);
+            }
             self.counters.sessions_ended += 1;
             self.events.push_back(RegistrarEvent::EndSession {
                 client,
@@ -850,6 +871,7 @@ impl Registrar {
     fn membership_changed(&mut self, before: &[NodeName], now: Instant) {
         let after: Vec<NodeName> = self.members().cloned().collect();
         let me = self.me.clone();
+        self.prune(now);
         // Losses first, so that what moves to new owners says so.
         let mut lost: Vec<Arc<str>> = self
             .table
