@@ -349,6 +349,18 @@ impl Registrar {
         self.up.insert(node.clone());
         self.lost.remove(node);
         self.known.insert(node.clone());
+        // What this node, as primary owner, says `node` holds: a node back from a restart forgets what
+        // it no longer has (and says so), one back from a partition keeps it.
+        let mut named: Vec<Registration> = self
+            .table
+            .iter()
+            .filter(|r| r.holder == *node && self.owners_of(&r.client).primary == self.me)
+            .cloned()
+            .collect();
+        named.sort_by(|a, b| a.client.cmp(&b.client));
+        for r in named {
+            self.send(node, RegistryMsg::Sync(r));
+        }
         self.membership_changed(&before, now);
     }
 
