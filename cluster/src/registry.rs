@@ -287,7 +287,7 @@ impl RegistryTable {
 
     /// A registration ended elsewhere (another owner's word): it goes, and any older one of its id with
     /// it, leaving a tombstone. Ignored when this table has a newer one. Returns the older registration
-    /// it removed, if another node held it (superseded: its session must end).
+    /// it removed, if any (held by another node, it is superseded: its session must end).
     pub fn ended_elsewhere(&mut self, mut last: Registration, at: HlcStamp) -> Option<Registration> {
         if self.entries.get(&last.client).is_some_and(|r| r.version() > last.version()) {
             return None;
@@ -298,9 +298,8 @@ impl RegistryTable {
         let removed = self.entries.remove(&last.client);
         last.connected = false;
         last.will = None;
-        let holder = last.holder.clone();
         self.ended.insert(last.client.clone(), Tombstone { last, at });
-        removed.filter(|r| r.holder != holder)
+        removed
     }
 
     /// Whether `client` has a tombstone here (its last registration ended).

@@ -662,10 +662,14 @@ impl Registrar {
             RegistryMsg::Forget(r) => {
                 self.hlc.observe(r.stamp);
                 let at = self.hlc.stamp(self.wall_ms(now));
-                let (holder, epoch) = (r.holder.clone(), r.epoch);
-                if let Some(loser) = self.table.ended_elsewhere(r, at) {
-                    self.counters.conflicts_resolved += 1;
-                    self.end_session(&loser, &holder, epoch, false);
+                let last = r.clone();
+                if let Some(removed) = self.table.ended_elsewhere(r, at) {
+                    if removed.holder != last.holder {
+                        self.counters.conflicts_resolved += 1;
+                        self.end_session(&removed, &last.holder, last.epoch, false);
+                    }
+                    // The other owners may have the registration this one removed.
+                    self.forget_at_owners(last);
                 }
             }
         }
