@@ -58,8 +58,12 @@ use crate::registry::{owners, Merged, Owners, Registration, RegistryTable, WillI
 use crate::retained::{Hlc, HlcStamp};
 use crate::NodeName;
 
+mod api;
 #[cfg(test)]
 mod tests;
+mod wills;
+
+pub use api::{HeldSession, PartitionMode, RegistrarConfig, RegistrarCounters, RegistrarEvent};
 
 /// How long a request waits for its owner's answer before the node decides without it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -67,88 +71,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an ended registration's tombstone is kept (pruned when timers run): far longer than any
 /// copy of it can stay in flight.
 pub const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
-
-/// What a node does with a CONNECT whose owner does not answer (`--partition-mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PartitionMode {
-    /// Grant it locally, provisionally, and reconcile when the owner is reachable again.
-    #[default]
-    Available,
-    /// Refuse it (CONNACK 0x88 Server unavailable), as VerneMQ does by default.
-    Consistent,
-}
-
-#[derive(Debug, Clone)]
-pub struct RegistrarConfig {
-    pub partition_mode: PartitionMode,
-    /// [`REQUEST_TIMEOUT`] unless a test wants another.
-    pub request_timeout: Duration,
-    /// The wall clock (ms since the Unix epoch) at `now` of [`Registrar::new`]: registration stamps are
-    /// taken from it plus the monotonic time since.
-    pub wall_ms_at_start: u64,
-}
-
-impl Default for RegistrarConfig {
-    fn default() -> Self {
-        RegistrarConfig {
-            partition_mode: PartitionMode::default(),
-            request_timeout: REQUEST_TIMEOUT,
-            wall_ms_at_start: 0,
-        }
-    }
-}
-
-/// What the shards must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RegistrarEvent {
-    /// The connection of `request` holds the session with `epoch`: CONNACK it. `previous` held the
-    /// session on another node (which is told to end it and hand it over). `provisional`: granted here
-    /// because the owner did not answer (available mode), reconciled later.
-    Granted {
-        request: RequestId,
-        client: Arc<str>,
-        epoch: u64,
-        previous: Option<Previous>,
-        provisional: bool,
-    },
-    /// The owner could not be reached (consistent mode): CONNACK 0x88 Server unavailable (3.1.1: 3).
-    Refused { request: RequestId, client: Arc<str> },
-    /// This node's session of `client` with `epoch` is superseded by `successor`'s: close its connection
-    /// (DISCONNECT 0x8E Session taken over) and hand the session over, or drop it when `discard` (the
-    /// successor started clean). [`Registrar::is_current`] is false for it from now on.
-    EndSession { client: Arc<str>, epoch: u64, successor: NodeName, successor_epoch: u64, discard: bool },
-    /// Publish the will of `client`'s connection of `epoch`, lost with its node.
-    PublishWill { client: Arc<str>, epoch: u64, will: Box<WillInfo> },
-}
-
-/// What the registrar counted, for logs and tests.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct RegistrarCounters {
-    /// Connections of this node granted (provisional ones included) and refused.
-    pub granted: u64,
-    pub refused: u64,
-    pub provisional: u64,
-    /// Registrations this node, as owner, gave to a node while another held the session.
-    pub takeovers: u64,
-    /// Sessions this node re-registered with new owners after membership changes.
-    pub reregistrations: u64,
-    /// Registrations this node handed to new owners after membership changes.
-    pub handed_over: u64,
-    pub wills_published: u64,
-    /// Conflicting registrations from elsewhere this node resolved (partition heals, returning nodes).
-    pub conflicts_resolved: u64,
-    /// Sessions of this node ended because another node's registration superseded them.
-    pub sessions_ended: u64,
-}
-
-/// A session this node holds, as it registered it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldSession {
-    pub client: Arc<str>,
-    pub epoch: u64,
-    pub stamp: HlcStamp,
-    pub connected: bool,
-}
 
 #[derive(Debug)]
 struct Held {
@@ -836,48 +758,6 @@ impl Registrar {
         let me = self.me.clone();
         for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
             self.send(&to, RegistryMsg::Forget(r.clone()));
-        }
-    }
-
-    /// A registration made before its holder went down, with its client connected: the client counts
-    /// as disconnected, and its will (if any) is due after its delay. (Not "whose holder is not up
-    /// here": a node that just started, or just healed, has not seen every peer come up yet, and a
-    /// connection made on the other side of a partition was not lost.)
-    fn note_loss(&mut self, client: &Arc<str>, now: Instant) {
-        let Some(r) = self.table.get(client) else { return };
-        let lost = self.lost.get(&r.holder).is_some_and(|at| r.stamp <= *at);
-        let (epoch, lost) = (r.epoch, r.connected && lost);
-        if lost {
-            self.table.holder_lost(client, epoch);
-        }
-        let r = self.table.get(client).expect("present");
-        if let Some(w) = r.will.as_ref().filter(|_| !r.connected) {
-            let due = now + Duration::from_secs(w.delay_s as u64);
-            self.wills.entry((client.clone(), epoch)).or_insert(due);
-        }
-    }
-
-    /// Publishes the wills due whose primary owner this node is; drops those no longer due (a newer
-    /// registration, or published by another owner).
-    fn fire_wills(&mut self, now: Instant) {
-        let keys: Vec<(Arc<str>, u64)> = self.wills.keys().cloned().collect();
-        for (client, epoch) in keys {
-            let due = self.wills[&(client.clone(), epoch)];
-            let still =
-                self.table.get(&client).is_some_and(|r| r.epoch == epoch && !r.connected && r.will.is_some());
-            if !still {
-                self.wills.remove(&(client, epoch));
-                continue;
-            }
-            if due > now || self.owners_of(&client).primary != self.me {
-                continue;
-            }
-            self.wills.remove(&(client.clone(), epoch));
-            let will = self.table.get(&client).and_then(|r| r.will.clone()).expect("checked");
-            self.table.will_published(&client, epoch);
-            self.counters.wills_published += 1;
-            self.events.push_back(RegistrarEvent::PublishWill { client: client.clone(), epoch, will });
-            self.copy_to_owners(&client);
         }
     }
 
