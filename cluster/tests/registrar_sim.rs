@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shardmq_cluster::link::{self, registry as frames, Frame};
-use shardmq_cluster::registrar::{Registrar, RegistrarConfig, RegistrarEvent, RequestId};
+use shardmq_cluster::registrar::{PartitionMode, Registrar, RegistrarConfig, RegistrarEvent, RequestId};
 use shardmq_cluster::registry::{owners, WillInfo};
 use shardmq_cluster::retained::HlcStamp;
 use shardmq_cluster::NodeName;
@@ -139,12 +139,21 @@ struct Sim {
     will_delay: BTreeMap<(Arc<str>, u64), u32>,
     /// `SHARDMQ_SIM_TRACE`: print every step.
     trace: bool,
+    mode: PartitionMode,
+    /// Every refused connect: (when, slot, client).
+    refused: Vec<(Duration, usize, Arc<str>)>,
 }
 
 impl Sim {
     fn new(seed: u64, n: usize, clients: usize) -> Sim {
+        Sim::with_mode(seed, n, clients, PartitionMode::Available)
+    }
+
+    fn with_mode(seed: u64, n: usize, clients: usize, mode: PartitionMode) -> Sim {
         let start = Instant::now();
         let mut sim = Sim {
+            mode,
+            refused: Vec::new(),
             seed,
             rng: Rng(seed),
             start,
@@ -192,6 +201,7 @@ impl Sim {
         }
         self.lives += 1;
         let cfg = RegistrarConfig {
+            partition_mode: self.mode,
             wall_ms_at_start: 1_700_000_000_000 + self.elapsed().as_millis() as u64,
             ..Default::default()
         };
@@ -416,8 +426,9 @@ impl Sim {
                     node.conns.insert(client.clone(), Conn { epoch, will, persistent });
                     self.grants.push((elapsed, client, slot, epoch, provisional));
                 }
-                RegistrarEvent::Refused { request, .. } => {
+                RegistrarEvent::Refused { request, client } => {
                     node.connecting.remove(&request);
+                    self.refused.push((elapsed, slot, client));
                 }
                 RegistrarEvent::EndSession { client, epoch, .. } => {
                     // The shard closes the connection (0x8E) and hands the session over.
@@ -793,6 +804,44 @@ fn partition_and_heal(seed: u64) {
     sim.check_settled();
 }
 
+/// Consistent mode: during a partition a connect is granted only on the side of its id's owner (over
+/// the whole zone), refused on the other (CONNACK 0x88), never granted provisionally; after the heal
+/// the zone settles like in available mode.
+fn consistent_partition(seed: u64) {
+    let n = nodes_for(seed);
+    let mut sim = Sim::with_mode(seed, n, 4, PartitionMode::Consistent);
+    sim.run_until(Duration::from_secs(1));
+    sim.workload(Duration::from_secs(1));
+    let groups: Vec<u8> = (0..n).map(|s| if s < n / 2 + (seed % 2) as usize { 0 } else { 1 }).collect();
+    sim.partition(&groups);
+    let split_at = sim.elapsed();
+    sim.workload(Duration::from_secs(4));
+    let healed_at = sim.elapsed();
+    let all: Vec<NodeName> = (0..n).map(name).collect();
+    let side_of_owner = |c: &str| groups[slot_of(&owners(c, &all).unwrap().primary)];
+    for (at, client, slot, epoch, provisional) in &sim.grants {
+        assert!(!provisional, "seed {seed}: a provisional grant in consistent mode");
+        if *at > split_at + IN_FLIGHT_WINDOW && *at < healed_at {
+            assert_eq!(
+                groups[*slot],
+                side_of_owner(client),
+                "seed {seed}: {client} {epoch} granted on node {slot}, away from its owner"
+            );
+        }
+    }
+    let refused_away = sim.refused.iter().filter(|(_, s, c)| groups[*s] != side_of_owner(c)).count();
+    assert!(refused_away > 0, "seed {seed}: nothing refused during the partition: {:?}", sim.refused);
+    sim.settle();
+    sim.check_settled();
+}
+
+#[test]
+fn consistent_mode_refuses_away_from_the_owner_during_a_partition() {
+    for seed in seeds(6) {
+        replayable(seed, consistent_partition);
+    }
+}
+
 #[test]
 fn takeover_races_end_with_one_session_per_id() {
     for seed in seeds(1) {
@@ -854,5 +903,6 @@ fn many_seeds() {
         replayable(seed, holder_dies);
         replayable(seed, joins_and_leaves);
         replayable(seed, partition_and_heal);
+        replayable(seed, consistent_partition);
     }
 }

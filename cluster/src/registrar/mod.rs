@@ -526,11 +526,17 @@ impl Registrar {
             }
             RegistryMsg::Sync(r) | RegistryMsg::Replicate(r) | RegistryMsg::Held(r) if self.phantom(&r) => {
                 // A registration naming this node for a session it does not hold (it lost it in a
-                // restart, or ended it and the owners have not heard yet): gone.
+                // restart, or ended it and the owners have not heard yet), or above the one it holds
+                // (granted for a connect it refused or granted itself meanwhile, the answer lost): gone.
+                // A session held here below it is superseded by it, as by a newer connect here: it
+                // ends too, so that no connection runs under a registration it does not have.
                 self.hlc.observe(r.stamp);
+                let me = self.me.clone();
+                self.session_superseded(r.client.clone(), r.epoch, me, r.epoch, false, now);
                 let at = self.hlc.stamp(self.wall_ms(now));
                 self.table.ended_elsewhere(r.clone(), at);
-                self.send(from, RegistryMsg::Forget(r));
+                self.send(from, RegistryMsg::Forget(r.clone()));
+                self.forget_at_owners(r);
             }
             RegistryMsg::Held(mut r) => {
                 // A session restored from its holder's log says nothing about the connection it had:
@@ -597,10 +603,11 @@ impl Registrar {
         }
     }
 
-    /// Whether `r` names this node as the holder of a session it neither holds nor waits a grant for.
+    /// Whether `r` names this node as the holder of a session it does not hold with that epoch or a
+    /// later one, nor waits a grant for.
     fn phantom(&self, r: &Registration) -> bool {
         r.holder == self.me
-            && !self.held.contains_key(&r.client)
+            && self.held.get(&r.client).is_none_or(|h| h.epoch < r.epoch)
             && !self.pending.values().any(|p| p.client == r.client && matches!(p.op, Op::Register { .. }))
     }
 
