@@ -417,3 +417,86 @@ fn a_returning_node_drops_the_sessions_that_moved_meanwhile() {
     assert_eq!(z.ended(2).len(), 1);
     assert_eq!(z.nodes[0].registration(&c).unwrap().holder, n("n1"));
 }
+
+/// Node `slot` restarts: a new registrar with `log` restored, linked with every other node again.
+fn restart(z: &mut Nodes, slot: usize, log: &[HeldSession], now: Instant) {
+    let name = z.nodes[slot].name().clone();
+    let mut back = Registrar::new(name.clone(), RegistrarConfig::default(), now);
+    for h in log {
+        back.restore(&h.client, h.epoch, h.stamp);
+    }
+    z.nodes[slot] = back;
+    z.events[slot].clear();
+    for other in 0..z.nodes.len() {
+        if other != slot {
+            let peer = z.nodes[other].name().clone();
+            z.nodes[slot].handle_peer_up(&peer, now);
+            z.nodes[other].handle_peer_up(&name, now);
+        }
+    }
+}
+
+#[test]
+fn a_holder_back_from_a_restart_within_the_will_delay_does_not_cancel_the_will() {
+    let mut z = Nodes::new(3, PartitionMode::Available);
+    let c = client_owned_by(&z.names(), 0, 1);
+    z.nodes[2].handle_connect(&c, false, Some(will(10)), at(z.t0, 1));
+    z.pump(at(z.t0, 1));
+    let log: Vec<HeldSession> = z.nodes[2].held().collect();
+    z.down(2, at(z.t0, 1_000));
+    z.pump_cut(at(z.t0, 1_000), &[2]);
+    let t = at(z.t0, 2_000);
+    restart(&mut z, 2, &log, t);
+    z.pump(at(z.t0, 2_000));
+    assert!(z.nodes[2].is_current(&c, 1), "its persistent session is still its own");
+    let r = z.nodes[0].registration(&c).unwrap();
+    assert!(!r.connected && r.will.is_some(), "the restored session said nothing of the will: {r:?}");
+    for i in 0..3 {
+        z.nodes[i].handle_timeout(at(z.t0, 11_000));
+    }
+    z.pump(at(z.t0, 11_000));
+    assert_eq!(z.wills(), vec![(0, 1)]);
+}
+
+#[test]
+fn a_node_back_without_a_session_has_its_registration_forgotten() {
+    let mut z = Nodes::new(3, PartitionMode::Available);
+    let c = client_owned_by(&z.names(), 0, 1);
+    z.nodes[2].handle_connect(&c, true, None, at(z.t0, 1));
+    z.pump(at(z.t0, 1));
+    z.down(2, at(z.t0, 1_000));
+    z.pump_cut(at(z.t0, 1_000), &[2]);
+    // A clean session is not in the log: the node comes back without it.
+    let t = at(z.t0, 2_000);
+    restart(&mut z, 2, &[], t);
+    z.pump(at(z.t0, 2_000));
+    assert!(z.nodes[0].registration(&c).is_none(), "{:?}", z.nodes[0].registration(&c));
+    assert!(z.nodes[1].registration(&c).is_none());
+    // The id registers anew above the forgotten epoch.
+    z.nodes[1].handle_connect(&c, false, None, at(z.t0, 3_000));
+    z.pump(at(z.t0, 3_000));
+    assert_eq!(z.granted(1), vec![(2, None, false)]);
+}
+
+#[test]
+fn an_ended_registrations_epochs_go_on_at_a_new_owner() {
+    let mut z = Nodes::new(3, PartitionMode::Available);
+    let names = z.names();
+    // An id owned by n0 and n1 while n2 is away, by n2 once it is back.
+    let c = (0..)
+        .map(|i| format!("c{i}"))
+        .find(|c| owners(c, &names).unwrap().primary == names[2] && owners(c, &names[..2]).is_some())
+        .unwrap();
+    z.down(2, at(z.t0, 1));
+    z.pump_cut(at(z.t0, 1), &[2]);
+    z.nodes[1].handle_connect(&c, true, None, at(z.t0, 2));
+    z.pump_cut(at(z.t0, 2), &[2]);
+    z.nodes[1].handle_disconnect(&c, 1, false, at(z.t0, 3));
+    z.pump_cut(at(z.t0, 3), &[2]);
+    let t = at(z.t0, 10);
+    restart(&mut z, 2, &[], t);
+    z.pump(at(z.t0, 10));
+    z.nodes[0].handle_connect(&c, false, None, at(z.t0, 20));
+    z.pump(at(z.t0, 20));
+    assert_eq!(z.granted(0), vec![(2, None, false)], "n2 took the id over with its tombstone");
+}
