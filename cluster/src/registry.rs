@@ -246,10 +246,15 @@ impl RegistryTable {
     /// The client of epoch `epoch` disconnected; its session stays where it is (if it persists).
     /// Ignored for another epoch: a newer connection elsewhere already took it.
     /// The holder deals with the will of a client that disconnected, so the registration drops it.
-    pub fn disconnected(&mut self, client: &str, epoch: u64) {
-        if let Some(r) = self.entries.get_mut(client).filter(|r| r.epoch == epoch) {
-            r.connected = false;
-            r.will = None;
+    /// Returns whether it changed anything.
+    pub fn disconnected(&mut self, client: &str, epoch: u64) -> bool {
+        match self.entries.get_mut(client).filter(|r| r.epoch == epoch) {
+            Some(r) if r.connected || r.will.is_some() => {
+                r.connected = false;
+                r.will = None;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -260,6 +265,20 @@ impl RegistryTable {
         let r = self.entries.get_mut(client).filter(|r| r.epoch == epoch)?;
         r.connected = false;
         r.will.is_some().then_some(&*r)
+    }
+
+    /// The word of the holder itself (or of the primary owner, to its replica) on whether the client of
+    /// the registration (`epoch`, `stamp`) is connected: unlike a merge, it may say connected again
+    /// (others took the connection for lost while they could not reach its holder). The will is left as
+    /// it is: it only ever goes. Returns whether it changed anything.
+    pub fn set_connected(&mut self, client: &str, epoch: u64, stamp: HlcStamp, connected: bool) -> bool {
+        match self.entries.get_mut(client).filter(|r| (r.epoch, r.stamp) == (epoch, stamp)) {
+            Some(r) if r.connected != connected => {
+                r.connected = connected;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The will of epoch `epoch` was published: it must not be again.

@@ -546,32 +546,32 @@ impl Registrar {
                     r.connected = c.connected;
                     r.will = c.will.clone();
                 }
-                self.on_message(from, RegistryMsg::Sync(r), now);
+                self.sync(from, r, false, now);
             }
             RegistryMsg::Sync(r) => {
-                self.hlc.observe(r.stamp);
-                let client = r.client.clone();
-                let before = self.table.get(&client).cloned();
-                self.merge(from, r);
-                // Only a change is passed on: two nodes whose views of the owners differ for a moment
-                // would otherwise send one registration back and forth.
-                if self.table.get(&client) != before.as_ref() {
-                    self.copy_to_owners(&client);
-                }
-                self.note_loss(&client, now);
+                // A running holder's word on its own session: connected, or disconnected with its will
+                // dealt with.
+                let word = r.holder == *from;
+                self.sync(from, r, word, now);
             }
             RegistryMsg::Replicate(r) => {
                 self.hlc.observe(r.stamp);
                 let (client, epoch) = (r.client.clone(), r.epoch);
                 // The primary dealt with conflicts; a copy is merged silently, unless it lost here
                 // (the primary learns what won, and ends the loser).
+                let word = (r.epoch, r.stamp, r.connected);
                 match self.table.merge(r) {
                     Merged::Ended { last } => self.send(from, RegistryMsg::Forget(last)),
                     Merged::Rejected { winner } if self.table.is_ended(&client) => {
                         self.send(from, RegistryMsg::Forget(winner))
                     }
                     Merged::Rejected { winner } => self.send(from, RegistryMsg::Sync(winner)),
-                    Merged::Recorded | Merged::Replaced { .. } => {}
+                    Merged::Recorded | Merged::Replaced { .. } => {
+                        self.table.set_connected(&client, word.0, word.1, word.2);
+                    }
+                }
+                if self.own_word(&client) {
+                    self.copy_to_owners(&client);
                 }
                 self.note_loss(&client, now);
                 self.send(from, RegistryMsg::Replicated { client, epoch });
@@ -600,6 +600,48 @@ impl Registrar {
                     self.forget_at_owners(last);
                 }
             }
+        }
+    }
+
+    /// A registration from elsewhere to merge (`Sync`, `Held`); `word`: its holder sent it and says
+    /// whether its client is connected.
+    fn sync(&mut self, from: &NodeName, r: Registration, word: bool, now: Instant) {
+        self.hlc.observe(r.stamp);
+        let client = r.client.clone();
+        let before = self.table.get(&client).cloned();
+        let said = (r.epoch, r.stamp, r.connected);
+        self.merge(from, r);
+        if word {
+            let (epoch, stamp, connected) = said;
+            if connected {
+                self.table.set_connected(&client, epoch, stamp, true);
+            } else if self.table.get(&client).is_some_and(|c| c.stamp == stamp) {
+                self.table.disconnected(&client, epoch);
+            }
+        }
+        self.own_word(&client);
+        // Only a change is passed on: two nodes whose views of the owners differ for a moment would
+        // otherwise send one registration back and forth.
+        if self.table.get(&client) != before.as_ref() {
+            self.copy_to_owners(&client);
+        }
+        self.note_loss(&client, now);
+    }
+
+    /// A registration here naming this node as the holder of the session it holds: whether the client is
+    /// connected is this node's to say. Returns whether that changed the registration.
+    fn own_word(&mut self, client: &Arc<str>) -> bool {
+        let Some(h) = self.held.get(client).filter(|h| !h.restored) else { return false };
+        let mine = self
+            .table
+            .get(client)
+            .is_some_and(|r| r.holder == self.me && (r.epoch, r.stamp) == (h.epoch, h.stamp));
+        if !mine {
+            false
+        } else if h.connected {
+            self.table.set_connected(client, h.epoch, h.stamp, true)
+        } else {
+            self.table.disconnected(client, h.epoch)
         }
     }
 
@@ -753,8 +795,16 @@ impl Registrar {
         let o = self.owners_of(client);
         let primary = o.primary == self.me;
         let me = self.me.clone();
+        // A registration of a session restored here goes as `Held`: this node's word on it is no word.
+        let restored = r.holder == me && self.held.get(client).is_some_and(|h| h.restored);
         for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
-            let m = if primary { RegistryMsg::Replicate(r.clone()) } else { RegistryMsg::Sync(r.clone()) };
+            let m = if primary {
+                RegistryMsg::Replicate(r.clone())
+            } else if restored {
+                RegistryMsg::Held(r.clone())
+            } else {
+                RegistryMsg::Sync(r.clone())
+            };
             self.send(&to, m);
         }
     }
