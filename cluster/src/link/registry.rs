@@ -76,7 +76,8 @@ pub enum RegistryMsg {
         discard: bool,
     },
     /// A registration for its owners to merge, conflicts reported to the loser: a holder re-registering,
-    /// an owner handing over what moved, the sides of a healed partition.
+    /// an owner handing over what moved, the sides of a healed partition. From the holder itself, it
+    /// is also its word on whether the client is connected.
     Sync(Registration),
     /// The primary owner's copy to its replica, merged silently (the primary dealt with conflicts).
     Replicate(Registration),

@@ -23,7 +23,7 @@ pub struct RegistrarConfig {
     pub partition_mode: PartitionMode,
     /// [`REQUEST_TIMEOUT`] unless a test wants another.
     pub request_timeout: Duration,
-    /// The wall clock (ms since the Unix epoch) at `now` of [`Registrar::new`]: registration stamps are
+    /// The wall clock (ms since the Unix epoch) at `now` of [`super::Registrar::new`]: registration stamps are
     /// taken from it plus the monotonic time since.
     pub wall_ms_at_start: u64,
 }
@@ -55,7 +55,7 @@ pub enum RegistrarEvent {
     Refused { request: RequestId, client: Arc<str> },
     /// This node's session of `client` with `epoch` is superseded by `successor`'s: close its connection
     /// (DISCONNECT 0x8E Session taken over) and hand the session over, or drop it when `discard` (the
-    /// successor started clean). [`Registrar::is_current`] is false for it from now on.
+    /// successor started clean). [`super::Registrar::is_current`] is false for it from now on.
     EndSession { client: Arc<str>, epoch: u64, successor: NodeName, successor_epoch: u64, discard: bool },
     /// Publish the will of `client`'s connection of `epoch`, lost with its node.
     PublishWill { client: Arc<str>, epoch: u64, will: Box<WillInfo> },

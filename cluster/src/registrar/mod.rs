@@ -30,17 +30,28 @@
 //! loser's holder to end its session, and the sender of a loser what won. This is also what reconciles
 //! the sides of a healed partition, and a node that comes back with its log ([`Registrar::restore`],
 //! re-registered with `Held`): its sessions that moved meanwhile are ended there, never resurrected,
-//! and registrations naming it for sessions it no longer has are forgotten.
+//! and registrations naming it for sessions it no longer has are forgotten (a primary owner shows a
+//! peer that comes up the registrations naming it). A registration naming a node above the session it
+//! holds (a grant whose answer was lost) is forgotten too, and supersedes that session.
+//!
+//! **Who says what.** Registrations only ever merge forward (epoch, clock, name), and a copy from
+//! elsewhere can only take a client for disconnected, never for connected again; but a running holder
+//! is the authority on its own session (its `Sync` says whether the client is connected, and a
+//! disconnect takes the will out), and the primary's copy is the authority for its replica.
 //!
 //! **Wills.** A registration carries the client's will while it is connected. When its holder goes
-//! down, the owners mark the registrations it made before as disconnected, and the primary owner
+//! down, the owners mark the registrations it made before (by hybrid logical clock, against when they
+//! saw it go) as disconnected, and the primary owner
 //! publishes their wills ([`RegistrarEvent::PublishWill`]) once the delay has passed, unless a newer
 //! registration replaced them meanwhile; the replica publishes only if it has become the primary (the
 //! primary went down too). The publisher copies "published" to the replica. A will is so published
 //! once, with two windows of one link delay each where the owners cannot know better: the primary
 //! going down just after publishing (its copy is lost with the link; the replica publishes again), and
 //! a client's normal disconnect still on its way to the owners when its holder's link goes (the owners
-//! publish the will as for a lost connection). The delay counts from when the publishing owner learnt
+//! publish the will as for a lost connection). A connection the holder made while its link with the
+//! owners was already gone but not yet seen gone can be taken for lost (and its will published) by
+//! owners that cannot reach it; its holder corrects "connected" when they meet again. The delay
+//! counts from when the publishing owner learnt
 //! of the loss or received the registration (a will may come late after owner changes, never early).
 //!
 //! What it does not do: sockets, clocks (`now` comes in) or randomness; moving the session itself (the
