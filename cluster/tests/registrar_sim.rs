@@ -423,7 +423,11 @@ impl Sim {
                     if let Some(w) = &will {
                         self.will_delay.insert((client.clone(), epoch), w.delay_s);
                     }
-                    node.conns.insert(client.clone(), Conn { epoch, will, persistent });
+                    // A later connect of the client here granted first keeps the connection (this one
+                    // is ended at once).
+                    if node.conns.get(&client).is_none_or(|c| c.epoch < epoch) {
+                        node.conns.insert(client.clone(), Conn { epoch, will, persistent });
+                    }
                     self.grants.push((elapsed, client, slot, epoch, provisional));
                 }
                 RegistrarEvent::Refused { request, client } => {

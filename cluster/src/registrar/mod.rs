@@ -692,7 +692,10 @@ impl Registrar {
         let p = self.pending.remove(&request).expect("answered");
         let Op::Register { stamp, will, .. } = p.op else { unreachable!("checked") };
         self.counters.granted += 1;
-        if self.held.get(&client).is_none_or(|h| h.epoch < epoch) {
+        // A later connect of the same client here may have been answered first (the owner's replica
+        // changed in between): this grant is then superseded by it as soon as it is given.
+        let newer = self.held.get(&client).map(|h| h.epoch).filter(|e| *e > epoch);
+        if newer.is_none() {
             self.held.insert(
                 client.clone(),
                 Held { epoch, stamp, connected: true, will, unconfirmed: false, restored: false },
@@ -705,6 +708,17 @@ impl Registrar {
             previous,
             provisional: false,
         });
+        if let Some(successor_epoch) = newer {
+            self.counters.sessions_ended += 1;
+            self.events.push_back(RegistrarEvent::EndSession {
+                client,
+                epoch,
+                successor: self.me.clone(),
+                successor_epoch,
+                discard: false,
+            });
+            return;
+        }
         if let Some((until, successor, successor_epoch)) = self.superseded.remove(&client) {
             if until >= epoch {
                 self.session_superseded(client, until, successor, successor_epoch, false, now);
