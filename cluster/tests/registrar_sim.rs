@@ -728,12 +728,13 @@ fn holder_dies(seed: u64) {
     sim.run_until(Duration::from_secs(2));
     sim.crash(holder);
     let crashed_at = sim.elapsed();
-    // Half the clients reconnect elsewhere, at once (after the others saw the crash) or later.
+    // Half the clients reconnect elsewhere, one after the other within 600 ms of the crash (some before
+    // the others saw it), so that each is granted before the shortest will delay (1 s) passes.
     let elsewhere: Vec<usize> = (0..n).filter(|s| *s != holder).collect();
     let mut reconnected = BTreeSet::new();
     for c in sim.clients.clone() {
         if sim.rng.below(2) == 0 {
-            let t = sim.elapsed() + Duration::from_millis(sim.rng.below(200));
+            let t = sim.elapsed() + Duration::from_millis(sim.rng.below(100));
             sim.run_until(t);
             let slot = sim.rng.pick(&elsewhere);
             sim.connect(slot, c.clone(), None, true);

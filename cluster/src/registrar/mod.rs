@@ -484,6 +484,7 @@ impl Registrar {
             RegistryMsg::Register { request, client, clean_start, stamp, will, known } => {
                 self.hlc.observe(stamp);
                 let r = self.table.register(&client, from, stamp, will, known);
+                debug_assert!(r.epoch > known, "a grant goes above every epoch its requester knows of");
                 let previous =
                     r.previous.as_ref().map(|p| Previous { holder: p.holder.clone(), epoch: p.epoch });
                 let granted =
