@@ -20,7 +20,8 @@
 //!
 //! A failure prints its seed: `SHARDMQ_SIM_SEED=<seed> cargo test -p shardmq-cluster --test
 //! registrar_sim` replays it exactly. `SHARDMQ_SIM_SEEDS=a..b` runs the ignored `many_seeds` over a
-//! range (what `scripts/sim` does); the plain tests run seeds 1..=24 of each scenario.
+//! range (what `scripts/sim` does); the plain tests run 64 seeds of each scenario
+//! (`scenario * 1000 + 1..=64`), a second or two.
 
 mod support;
 
@@ -657,7 +658,7 @@ fn seeds(scenario: u64) -> Vec<u64> {
     if let Ok(s) = std::env::var("SHARDMQ_SIM_SEED") {
         return vec![s.trim().parse().expect("SHARDMQ_SIM_SEED is a number")];
     }
-    (1..=24).map(|s| s + scenario * 1_000).collect()
+    (1..=64).map(|s| s + scenario * 1_000).collect()
 }
 
 /// Runs `f` for `seed`, saying how to replay it when it fails.

@@ -500,3 +500,32 @@ fn an_ended_registrations_epochs_go_on_at_a_new_owner() {
     z.pump(at(z.t0, 20));
     assert_eq!(z.granted(0), vec![(2, None, false)], "n2 took the id over with its tombstone");
 }
+
+#[test]
+fn a_join_moves_only_the_ids_whose_owners_changed() {
+    let mut z = Nodes::new(5, PartitionMode::Available);
+    // Node 4 is away while 400 clients connect on the other four.
+    z.down(4, at(z.t0, 1));
+    z.pump_cut(at(z.t0, 1), &[4]);
+    let clients: Vec<String> = (0..400).map(|i| format!("dev-{i}")).collect();
+    for (i, c) in clients.iter().enumerate() {
+        z.nodes[i % 4].handle_connect(c, false, None, at(z.t0, 2));
+    }
+    z.pump_cut(at(z.t0, 2), &[4]);
+    let four = &z.names()[..4];
+    let all = z.names();
+    let moved = clients.iter().filter(|c| owners(c, four) != owners(c, &all)).count();
+    let before: Vec<RegistrarCounters> = z.nodes.iter().map(|r| r.counters()).collect();
+    let t = at(z.t0, 3);
+    restart(&mut z, 4, &[], t);
+    z.pump(at(z.t0, 3));
+    let rereg: u64 = (0..4).map(|i| z.nodes[i].counters().reregistrations - before[i].reregistrations).sum();
+    assert_eq!(rereg as usize, moved, "each holder re-registers exactly the sessions whose owners changed");
+    assert!(moved < clients.len() * 3 / 5, "about 2/5 of the ids move to or from the newcomer: {moved}");
+    for c in &clients {
+        let o = owners(c, &all).unwrap();
+        let at_primary = z.nodes[z.idx(&o.primary).unwrap()].registration(c);
+        let at_replica = z.nodes[z.idx(o.replica.as_ref().unwrap()).unwrap()].registration(c);
+        assert!(at_primary.is_some() && at_primary == at_replica, "{c}: the registry is whole again");
+    }
+}
