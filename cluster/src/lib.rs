@@ -29,12 +29,22 @@
 //!   answers across nodes, retained replication, publisher backpressure across nodes (`tests/node_sim.rs`
 //!   runs whole nodes, real shard cores included);
 //! - [`registry`]: the session registry's rules (owners of a client id by rendezvous hashing, the
-//!   registrations an owner keeps, how two registrations of one id resolve): the base of sessions across
-//!   nodes, not driven by anything yet.
+//!   registrations an owner keeps with the client's will, how two registrations of one id resolve,
+//!   tombstones of ended ones);
+//! - [`registrar`]: the session registration protocol of a node, [`registrar::Registrar`]: connects
+//!   registered with the id's owners (compare-and-swap on the epoch, copied to the replica before the
+//!   answer), takeovers (`EndSession` to the previous holder) and fencing by epoch, requests re-sent when
+//!   their owner goes, refused or granted provisionally when it does not answer (`--partition-mode`),
+//!   registrations moved and sessions re-registered on membership changes, conflicts after partitions
+//!   or restarts ended on merge, wills of a lost node's clients published once by the owners after their
+//!   delay; its messages travel in [`link::Frame::Registry`] (`tests/registrar_sim.rs` runs 3 to 5
+//!   registrars over a simulated zone with crashes and partitions). Not wired into the gateway and the
+//!   shards yet.
 //!
 //! What it does not do: touch sockets, clocks or the OS's randomness (the caller seeds [`Zone::new`]; the
 //! socket side is the runtime's cluster thread), TLS on links, links between zones or regions, or
-//! sessions across nodes (a client id is unique per node only; issue "Cluster sessions").
+//! sessions across nodes in the running broker (a client id is unique per node only until the
+//! registrar is wired in; issue "Cluster sessions").
 
 mod bytes;
 pub mod frame;
@@ -43,6 +53,7 @@ mod identity;
 pub mod interest;
 pub mod link;
 mod membership;
+pub mod registrar;
 pub mod registry;
 pub mod retained;
 pub mod router;

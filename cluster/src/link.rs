@@ -11,22 +11,28 @@
 //! reports how far the receiver got, which is what a reconnect resumes from.
 //!
 //! Application frames (what the broker's gateway sends through [`crate::zone::Zone::send`]): `Forward`,
-//! `Stored`, [`Frame::Interest`] (an encoded [`crate::router::Announce`]) and [`Frame::Retained`] (a
-//! retained update replicated to peers). `Received` is the link's own control frame and is not numbered.
+//! `Stored`, [`Frame::Interest`] (an encoded [`crate::router::Announce`]), [`Frame::Retained`] (a
+//! retained update replicated to peers) and [`Frame::Registry`] (a session registry message, see
+//! [`registry`]). `Received` is the link's own control frame and is not numbered.
 //!
-//! Opening a link: each side sends [`Frame::Hello`] (magic, version, its identity, a fresh nonce); then
+//! Opening a link: each side sends [`Frame::Hello`] (magic, version, its identity, a fresh nonce, and
+//! the name of the registry's hash, [`crate::registry::REGISTRY_HASH`]: nodes that would compute
+//! different owners for a client id must not link); then
 //! each sends [`Frame::Proof`], an HMAC with the cluster secret over both nonces and both identities, or
 //! an empty proof when the cluster has no secret. A wrong magic, version or proof ends the link with
 //! [`Frame::Refuse`] carrying the reason, logged on both sides ([`Handshake`]).
 
+pub mod registry;
+
 use ring::hmac;
 
 use crate::bytes::{ReadError, Reader};
+use crate::registry::REGISTRY_HASH;
 use crate::NodeIdentity;
 
 pub const LINK_MAGIC: [u8; 4] = *b"SMQL";
 /// Bumped with any incompatible change of the frames below.
-pub const LINK_VERSION: u16 = 3;
+pub const LINK_VERSION: u16 = 4;
 /// A frame longer than this is refused (a forwarded PUBLISH is at most the broker's maximum packet size,
 /// 256 MiB by the protocol; snapshots are sent in parts below it).
 pub const MAX_FRAME: usize = 300 << 20;
@@ -40,6 +46,7 @@ const T_RECEIVED: u8 = 6;
 const T_INTEREST: u8 = 7;
 const T_RETAINED: u8 = 8;
 const T_CONGESTION: u8 = 9;
+const T_REGISTRY: u8 = 10;
 
 /// A PUBLISH forwarded to a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +104,9 @@ pub enum Frame<'a> {
         version: u16,
         identity: NodeIdentity,
         nonce: [u8; 16],
+        /// The session registry's hash ([`REGISTRY_HASH`]); empty from a peer too old to send one (its
+        /// version is refused first).
+        registry_hash: &'a str,
     },
     Proof {
         tag: Vec<u8>,
@@ -124,6 +134,8 @@ pub enum Frame<'a> {
         origin: OriginRef,
         congested: bool,
     },
+    /// The body of a session registry message ([`registry::RegistryMsg`], [`registry::decode`]).
+    Registry(&'a [u8]),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -138,6 +150,8 @@ pub enum LinkError {
     BadMagic,
     #[error("peer speaks link version {0}, this node {LINK_VERSION}")]
     Version(u16),
+    #[error("peer's session registry hash is {0:?}, this node's {REGISTRY_HASH:?}")]
+    RegistryHash(String),
     #[error("peer's proof does not match the cluster secret")]
     WrongSecret,
     #[error("peer refused the link: {0}")]
@@ -205,11 +219,12 @@ const R_EXPIRY: u8 = 0x08;
 pub fn encode(f: &Frame<'_>, out: &mut Vec<u8>) {
     let mut body = Vec::new();
     let ty = match f {
-        Frame::Hello { version, identity, nonce } => {
+        Frame::Hello { version, identity, nonce, registry_hash } => {
             body.extend_from_slice(&LINK_MAGIC);
             body.extend_from_slice(&version.to_le_bytes());
             put_identity(&mut body, identity);
             body.extend_from_slice(nonce);
+            put_bytes(&mut body, registry_hash.as_bytes());
             T_HELLO
         }
         Frame::Proof { tag } => {
@@ -233,6 +248,10 @@ pub fn encode(f: &Frame<'_>, out: &mut Vec<u8>) {
         Frame::Interest(b) => {
             body.extend_from_slice(b);
             T_INTEREST
+        }
+        Frame::Registry(b) => {
+            body.extend_from_slice(b);
+            T_REGISTRY
         }
         Frame::Congestion { origin, congested } => {
             put_varint(&mut body, origin.shard as u64);
@@ -383,7 +402,9 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
             let version = u16::from_le_bytes(f.take(2)?.try_into().expect("2 bytes"));
             let identity = read_identity(&mut f)?;
             let nonce: [u8; 16] = f.take(16)?.try_into().expect("16 bytes");
-            Frame::Hello { version, identity, nonce }
+            // Before version 4 a Hello ended here; such a peer is refused for its version.
+            let registry_hash = if f.is_done() { "" } else { str(&mut f)? };
+            Frame::Hello { version, identity, nonce, registry_hash }
         }
         T_PROOF => Frame::Proof { tag: bytes(&mut f)?.to_vec() },
         T_REFUSE => Frame::Refuse { reason: str(&mut f)? },
@@ -447,6 +468,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
         }
         T_RECEIVED => Frame::Received { seq: f.varint()? },
         T_INTEREST => Frame::Interest(f.take(len - 1)?),
+        T_REGISTRY => Frame::Registry(f.take(len - 1)?),
         T_RETAINED => {
             let flags = f.u8()?;
             if flags & !(0x03 | R_CLEAR | R_EXPIRY) != 0 || flags & 0x03 == 3 {
@@ -529,7 +551,15 @@ impl Handshake {
     /// randomness of its own, so simulations replay).
     pub fn new(me: NodeIdentity, secret: Option<&[u8]>, nonce: [u8; 16]) -> Handshake {
         let mut out = Vec::new();
-        encode(&Frame::Hello { version: LINK_VERSION, identity: me.clone(), nonce }, &mut out);
+        encode(
+            &Frame::Hello {
+                version: LINK_VERSION,
+                identity: me.clone(),
+                nonce,
+                registry_hash: REGISTRY_HASH,
+            },
+            &mut out,
+        );
         Handshake {
             me,
             secret: secret.map(|s| hmac::Key::new(hmac::HMAC_SHA256, s)),
@@ -582,9 +612,12 @@ impl Handshake {
                 (OwnedHandshakeFrame::Refuse(reason), _) => {
                     return HandshakeStep::Refused(LinkError::Refused(reason));
                 }
-                (OwnedHandshakeFrame::Hello { version, identity, nonce }, None) => {
+                (OwnedHandshakeFrame::Hello { version, identity, nonce, registry_hash }, None) => {
                     if version != LINK_VERSION {
                         return self.refuse(LinkError::Version(version));
+                    }
+                    if registry_hash != REGISTRY_HASH {
+                        return self.refuse(LinkError::RegistryHash(registry_hash));
                     }
                     let tag = self.proof(&self.me, &self.my_nonce, &identity, &nonce);
                     encode(&Frame::Proof { tag }, &mut self.out);
@@ -617,7 +650,7 @@ impl Handshake {
 }
 
 enum OwnedHandshakeFrame {
-    Hello { version: u16, identity: NodeIdentity, nonce: [u8; 16] },
+    Hello { version: u16, identity: NodeIdentity, nonce: [u8; 16], registry_hash: String },
     Proof(Vec<u8>),
     Refuse(String),
     Other(&'static str),
@@ -625,7 +658,9 @@ enum OwnedHandshakeFrame {
 
 fn owned(f: Frame<'_>) -> OwnedHandshakeFrame {
     match f {
-        Frame::Hello { version, identity, nonce } => OwnedHandshakeFrame::Hello { version, identity, nonce },
+        Frame::Hello { version, identity, nonce, registry_hash } => {
+            OwnedHandshakeFrame::Hello { version, identity, nonce, registry_hash: registry_hash.to_string() }
+        }
         Frame::Proof { tag } => OwnedHandshakeFrame::Proof(tag),
         Frame::Refuse { reason } => OwnedHandshakeFrame::Refuse(reason.to_string()),
         Frame::Forward(_) => OwnedHandshakeFrame::Other("Forward"),
@@ -634,6 +669,7 @@ fn owned(f: Frame<'_>) -> OwnedHandshakeFrame {
         Frame::Interest(_) => OwnedHandshakeFrame::Other("Interest"),
         Frame::Retained(_) => OwnedHandshakeFrame::Other("Retained"),
         Frame::Congestion { .. } => OwnedHandshakeFrame::Other("Congestion"),
+        Frame::Registry(_) => OwnedHandshakeFrame::Other("Registry"),
     }
 }
 
@@ -687,12 +723,34 @@ mod tests {
     fn another_version_is_refused_with_a_reason() {
         let mut a = Handshake::new(id("a", 1), None, [1; 16]);
         let mut hello = Vec::new();
-        encode(&Frame::Hello { version: 9, identity: id("b", 2), nonce: [0; 16] }, &mut hello);
+        encode(
+            &Frame::Hello { version: 9, identity: id("b", 2), nonce: [0; 16], registry_hash: REGISTRY_HASH },
+            &mut hello,
+        );
         let _ = a.take_transmit();
         assert_eq!(a.handle_bytes(&hello), HandshakeStep::Refused(LinkError::Version(9)));
         let out = a.take_transmit();
         let (f, _) = decode(&out).unwrap().unwrap();
         assert!(matches!(f, Frame::Refuse { reason } if reason.contains('9')));
+    }
+
+    #[test]
+    fn another_registry_hash_is_refused_with_a_reason() {
+        let mut a = Handshake::new(id("a", 1), None, [1; 16]);
+        let _ = a.take_transmit();
+        let mut hello = Vec::new();
+        let other = Frame::Hello {
+            version: LINK_VERSION,
+            identity: id("b", 2),
+            nonce: [0; 16],
+            registry_hash: "md5",
+        };
+        encode(&other, &mut hello);
+        assert_eq!(a.handle_bytes(&hello), HandshakeStep::Refused(LinkError::RegistryHash("md5".into())));
+        let out = a.take_transmit();
+        assert!(
+            matches!(decode(&out).unwrap().unwrap().0, Frame::Refuse { reason } if reason.contains("md5"))
+        );
     }
 
     #[test]
@@ -730,7 +788,8 @@ mod tests {
     #[test]
     fn frames_round_trip_and_incomplete_ones_wait() {
         let frames = vec![
-            Frame::Hello { version: LINK_VERSION, identity: id("n", 5), nonce: [3; 16] },
+            Frame::Hello { version: LINK_VERSION, identity: id("n", 5), nonce: [3; 16], registry_hash: "h" },
+            Frame::Registry(b"\x08\x01c\x01"),
             Frame::Proof { tag: vec![1, 2, 3] },
             Frame::Refuse { reason: "no" },
             Frame::Forward(Forward {
@@ -821,7 +880,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&b);
             // The same bytes behind each frame type, with a valid length, reach every decoder.
-            for ty in 1..=10u8 {
+            for ty in 1..=11u8 {
                 let mut framed = Vec::new();
                 put_varint(&mut framed, b.len() as u64 + 1);
                 framed.push(ty);

@@ -1,5 +1,6 @@
 //! The session registry of a zone, sans I/O: which node owns the registration of a client id, and the
-//! registrations an owner keeps (issue "Cluster sessions"; this is its data, the protocol comes next).
+//! registrations an owner keeps (issue "Cluster sessions"; this is its data and rules, the protocol that
+//! moves registrations between nodes is [`crate::registrar`]).
 //!
 //! **Ownership by rendezvous hashing.** The owner of a client id is the member with the highest weight
 //! [`weight`]`(node, client)` among the members up in the zone; the one with the second highest keeps a
@@ -18,8 +19,18 @@
 //! clocks + last writer wins" kept per client id, without clocks keyed by node (a restarted node comes
 //! back under a new identity, so per-node vectors would grow without bound).
 //!
-//! What it does not do: messages between nodes, timers, session hand-over or wills (the gateway and the
-//! shards will drive those); it is the table and the rules every node applies alike.
+//! **Wills.** A registration carries its client's will ([`WillInfo`]) while the client is connected, so
+//! that the owners can publish it when the holder node is lost. A will is only ever taken out of a
+//! registration (the client disconnected and its holder dealt with the will, or an owner published it after
+//! the holder's loss), never put back for the same epoch, so merging two copies of one registration keeps
+//! the will only if both still have it.
+//!
+//! **Ended registrations** leave a tombstone for a while ([`RegistryTable::ended`], pruned by
+//! [`RegistryTable::prune`]): a copy still in flight does not bring them back, and the epochs of the id
+//! go on above them.
+//!
+//! What it does not do: messages between nodes, timers, session hand-over (the [`crate::registrar`], the
+//! gateway and the shards do those); it is the table and the rules every node applies alike.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -70,6 +81,19 @@ pub fn owners<'a>(client: &str, members: impl IntoIterator<Item = &'a NodeName>)
     Some(Owners { primary: primary.clone(), replica: second.map(|(_, n)| n.clone()) })
 }
 
+/// A client's will as its registration carries it: what the owners publish if the holder node is lost
+/// while the client is connected. Kept small (boxed in a registration) since most clients have none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WillInfo {
+    pub topic: Arc<str>,
+    pub payload: Arc<[u8]>,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    pub retain: bool,
+    /// The will delay interval (MQTT 5; 0 for 3.1.1): published this long after the loss.
+    pub delay_s: u32,
+}
+
 /// Where a client's session lives, as its owner records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
@@ -82,6 +106,9 @@ pub struct Registration {
     pub stamp: HlcStamp,
     /// The client is connected at the holder (an offline persistent session stays registered).
     pub connected: bool,
+    /// The client's will, while it is connected, or while its publication is due after the holder's
+    /// loss (`connected` false, will still there).
+    pub will: Option<Box<WillInfo>>,
 }
 
 impl Registration {
@@ -109,12 +136,27 @@ pub enum Merged {
     Replaced { loser: Registration },
     /// The table's registration wins; the incoming one, held by another node, is superseded.
     Rejected { winner: Registration },
+    /// The incoming registration (or a newer one of the same holder) ended here: nothing changed, the
+    /// sender should forget it too.
+    Ended { last: Registration },
+}
+
+/// What is left of an ended registration for a while, so that a copy of it still in flight (or a
+/// later merge of an older one) does not bring it back, and new registrations of the id continue above
+/// its epoch.
+#[derive(Debug, Clone)]
+struct Tombstone {
+    /// Disconnected, without a will.
+    last: Registration,
+    /// When it ended, on the owner's clock: pruned after a horizon ([`RegistryTable::prune`]).
+    at: HlcStamp,
 }
 
 /// The registrations a node keeps: those it owns or replicates.
 #[derive(Debug, Default)]
 pub struct RegistryTable {
     entries: HashMap<Arc<str>, Registration>,
+    ended: HashMap<Arc<str>, Tombstone>,
 }
 
 impl RegistryTable {
@@ -130,11 +172,28 @@ impl RegistryTable {
         self.entries.get(client)
     }
 
-    /// A client connected at `holder`: compare-and-swap on the epoch, the newest connection wins.
-    pub fn register(&mut self, client: &str, holder: &NodeName, stamp: HlcStamp) -> Registered {
+    /// A client connected at `holder`: compare-and-swap on the epoch, the newest connection wins. The
+    /// epoch is above every one this table knows of the id and above `known` (the highest the holder
+    /// knows of: an owner that just took the id over may not have its registration yet).
+    pub fn register(
+        &mut self,
+        client: &str,
+        holder: &NodeName,
+        stamp: HlcStamp,
+        will: Option<Box<WillInfo>>,
+        known: u64,
+    ) -> Registered {
         let prev = self.entries.get(client).cloned();
-        let epoch = prev.as_ref().map_or(1, |p| p.epoch + 1);
-        let r = Registration { client: client.into(), holder: holder.clone(), epoch, stamp, connected: true };
+        let floor = self.ended.remove(client).map_or(0, |t| t.last.epoch).max(known);
+        let epoch = prev.as_ref().map_or(floor, |p| p.epoch.max(floor)) + 1;
+        let r = Registration {
+            client: client.into(),
+            holder: holder.clone(),
+            epoch,
+            stamp,
+            connected: true,
+            will,
+        };
         self.entries.insert(r.client.clone(), r);
         Registered { epoch, previous: prev.filter(|p| p.holder != *holder) }
     }
@@ -143,15 +202,31 @@ impl RegistryTable {
     /// other side of a healed partition). Converges whatever the order merges come in.
     pub fn merge(&mut self, r: Registration) -> Merged {
         debug_assert!(r.epoch >= 1);
+        if let Some(t) = self.ended.get(&r.client) {
+            // A copy of what ended here, or older: gone for good. Older from another holder (the other
+            // side of a partition) loses to the ended one like to a live one.
+            if r.version() == t.last.version()
+                || (r.version() < t.last.version() && r.holder == t.last.holder)
+            {
+                return Merged::Ended { last: t.last.clone() };
+            }
+            if r.version() < t.last.version() {
+                return Merged::Rejected { winner: t.last.clone() };
+            }
+            self.ended.remove(&r.client);
+        }
         let Some(cur) = self.entries.get(&r.client) else {
             self.entries.insert(r.client.clone(), r);
             return Merged::Recorded;
         };
         if cur.version() == r.version() {
-            // The same registration; only whether its client is connected can have changed, and a
-            // disconnect is final for an epoch.
-            let connected = cur.connected && r.connected;
-            self.entries.get_mut(&r.client).expect("present").connected = connected;
+            // The same registration; only whether its client is connected and whether its will is still
+            // due can have changed, and both only ever go away for an epoch.
+            let cur = self.entries.get_mut(&r.client).expect("present");
+            cur.connected &= r.connected;
+            if r.will.is_none() {
+                cur.will = None;
+            }
             return Merged::Recorded;
         }
         if r.version() > cur.version() {
@@ -170,18 +245,96 @@ impl RegistryTable {
 
     /// The client of epoch `epoch` disconnected; its session stays where it is (if it persists).
     /// Ignored for another epoch: a newer connection elsewhere already took it.
-    pub fn disconnected(&mut self, client: &str, epoch: u64) {
-        if let Some(r) = self.entries.get_mut(client).filter(|r| r.epoch == epoch) {
-            r.connected = false;
+    /// The holder deals with the will of a client that disconnected, so the registration drops it.
+    /// Returns whether it changed anything.
+    pub fn disconnected(&mut self, client: &str, epoch: u64) -> bool {
+        match self.entries.get_mut(client).filter(|r| r.epoch == epoch) {
+            Some(r) if r.connected || r.will.is_some() => {
+                r.connected = false;
+                r.will = None;
+                true
+            }
+            _ => false,
         }
     }
 
-    /// The session of epoch `epoch` ended (clean session gone, expired): the registration goes. Ignored
-    /// for another epoch.
-    pub fn ended(&mut self, client: &str, epoch: u64) {
-        if self.entries.get(client).is_some_and(|r| r.epoch == epoch) {
-            self.entries.remove(client);
+    /// The holder of epoch `epoch` was lost with its client connected: the client counts as
+    /// disconnected, and its will (if any) stays, due for publication ([`RegistryTable::will_published`]
+    /// once done). Returns the registration when it has a will due.
+    pub fn holder_lost(&mut self, client: &str, epoch: u64) -> Option<&Registration> {
+        let r = self.entries.get_mut(client).filter(|r| r.epoch == epoch)?;
+        r.connected = false;
+        r.will.is_some().then_some(&*r)
+    }
+
+    /// The word of the holder itself (or of the primary owner, to its replica) on whether the client of
+    /// the registration (`epoch`, `stamp`) is connected: unlike a merge, it may say connected again
+    /// (others took the connection for lost while they could not reach its holder). The will is left as
+    /// it is: it only ever goes. Returns whether it changed anything.
+    pub fn set_connected(&mut self, client: &str, epoch: u64, stamp: HlcStamp, connected: bool) -> bool {
+        match self.entries.get_mut(client).filter(|r| (r.epoch, r.stamp) == (epoch, stamp)) {
+            Some(r) if r.connected != connected => {
+                r.connected = connected;
+                true
+            }
+            _ => false,
         }
+    }
+
+    /// The will of epoch `epoch` was published: it must not be again.
+    pub fn will_published(&mut self, client: &str, epoch: u64) {
+        if let Some(r) = self.entries.get_mut(client).filter(|r| r.epoch == epoch) {
+            r.will = None;
+        }
+    }
+
+    /// Every registration kept here.
+    pub fn iter(&self) -> impl Iterator<Item = &Registration> {
+        self.entries.values()
+    }
+
+    /// The session of epoch `epoch` ended (clean session gone, expired) at `at`: the registration goes,
+    /// leaving a tombstone until [`RegistryTable::prune`]. Ignored for another epoch.
+    pub fn ended(&mut self, client: &str, epoch: u64, at: HlcStamp) {
+        if self.entries.get(client).is_some_and(|r| r.epoch == epoch) {
+            let mut last = self.entries.remove(client).expect("present");
+            last.connected = false;
+            last.will = None;
+            self.ended.insert(last.client.clone(), Tombstone { last, at });
+        }
+    }
+
+    /// A registration ended elsewhere (another owner's word): it goes, and any older one of its id with
+    /// it, leaving a tombstone. Ignored when this table has a newer one. Returns the older registration
+    /// it removed, if any (held by another node, it is superseded: its session must end).
+    pub fn ended_elsewhere(&mut self, mut last: Registration, at: HlcStamp) -> Option<Registration> {
+        if self.entries.get(&last.client).is_some_and(|r| r.version() > last.version()) {
+            return None;
+        }
+        if self.ended.get(&last.client).is_some_and(|t| t.last.version() >= last.version()) {
+            return None;
+        }
+        let removed = self.entries.remove(&last.client);
+        last.connected = false;
+        last.will = None;
+        self.ended.insert(last.client.clone(), Tombstone { last, at });
+        removed
+    }
+
+    /// Whether `client` has a tombstone here (its last registration ended).
+    pub fn is_ended(&self, client: &str) -> bool {
+        self.ended.contains_key(client) && !self.entries.contains_key(client)
+    }
+
+    /// Drops the tombstones of registrations ended before `horizon`: by then no copy of them is in
+    /// flight (the horizon is chosen well past a link's delay and a membership change's round).
+    pub fn prune(&mut self, horizon: HlcStamp) {
+        self.ended.retain(|_, t| t.at >= horizon);
+    }
+
+    /// Tombstones kept (see [`RegistryTable::prune`]).
+    pub fn tombstones(&self) -> usize {
+        self.ended.len()
     }
 
     /// The registrations of sessions `node` held: what its loss leaves without a live holder (their
@@ -190,9 +343,11 @@ impl RegistryTable {
         self.entries.values().filter(move |r| r.holder == *node)
     }
 
-    /// After a membership change from `before` to `after`: the registrations this node (`me`) keeps whose
-    /// owners changed, with their new owners (the caller sends them there; merging is idempotent), and
-    /// drops those it no longer owns nor replicates. Sorted by client id.
+    /// After a membership change from `before` to `after`: the registrations this node (`me`) owned or
+    /// replicated whose owners changed, with their new owners (the caller sends them there; merging is
+    /// idempotent), and drops those it no longer owns nor replicates. A copy this node kept without
+    /// being an owner (one that reached it while views differed) is not handed on: it may be stale, and
+    /// the owners have their own. Sorted by client id.
     pub fn rebalance<'a>(
         &mut self,
         me: &NodeName,
@@ -202,8 +357,31 @@ impl RegistryTable {
         let mut out = Vec::new();
         self.entries.retain(|client, r| {
             let Some(now) = owners(client, after.clone()) else { return true };
-            if owners(client, before.clone()).as_ref() != Some(&now) {
+            let was = owners(client, before.clone());
+            if was.as_ref().is_some_and(|w| *w != now && w.contains(me)) {
                 out.push((now.clone(), r.clone()));
+            }
+            now.contains(me)
+        });
+        out.sort_by(|a, b| a.1.client.cmp(&b.1.client));
+        out
+    }
+
+    /// [`RegistryTable::rebalance`] for the tombstones: those this node kept as an owner whose owners
+    /// changed, as the registrations that ended (the new owners must continue the epochs above them),
+    /// and drops those it no longer owns nor replicates. Sorted by client id.
+    pub fn rebalance_ended<'a>(
+        &mut self,
+        me: &NodeName,
+        before: impl IntoIterator<Item = &'a NodeName> + Clone,
+        after: impl IntoIterator<Item = &'a NodeName> + Clone,
+    ) -> Vec<(Owners, Registration)> {
+        let mut out = Vec::new();
+        self.ended.retain(|client, t| {
+            let Some(now) = owners(client, after.clone()) else { return true };
+            let was = owners(client, before.clone());
+            if was.as_ref().is_some_and(|w| *w != now && w.contains(me)) {
+                out.push((now.clone(), t.last.clone()));
             }
             now.contains(me)
         });
@@ -278,21 +456,58 @@ mod tests {
     fn the_newest_registration_wins_and_names_the_one_it_replaced() {
         let mut t = RegistryTable::default();
         let (a, b) = (n("a"), n("b"));
-        let r1 = t.register("c", &a, HlcStamp(10));
+        let r1 = t.register("c", &a, HlcStamp(10), None, 0);
         assert_eq!(r1, Registered { epoch: 1, previous: None });
-        let r2 = t.register("c", &a, HlcStamp(11));
+        let r2 = t.register("c", &a, HlcStamp(11), None, 0);
         assert_eq!(r2, Registered { epoch: 2, previous: None }, "a reconnect on the same node");
-        let r3 = t.register("c", &b, HlcStamp(12));
+        let r3 = t.register("c", &b, HlcStamp(12), None, 0);
         assert_eq!(r3.epoch, 3);
         assert_eq!(r3.previous.map(|p| (p.holder, p.epoch)), Some((a.clone(), 2)));
         t.disconnected("c", 2);
         assert!(t.get("c").unwrap().connected, "an older epoch's disconnect changes nothing");
         t.disconnected("c", 3);
         assert!(!t.get("c").unwrap().connected);
-        t.ended("c", 2);
+        t.ended("c", 2, HlcStamp(20));
         assert!(t.get("c").is_some());
-        t.ended("c", 3);
+        let copy = t.get("c").unwrap().clone();
+        t.ended("c", 3, HlcStamp(20));
         assert!(t.get("c").is_none());
+        assert!(matches!(t.merge(copy), Merged::Ended { last } if last.epoch == 3));
+        assert!(t.get("c").is_none(), "a copy still in flight does not bring it back");
+        assert_eq!(t.register("c", &a, HlcStamp(30), None, 0).epoch, 4, "epochs go on above the ended one");
+        t.ended("c", 4, HlcStamp(40));
+        t.prune(HlcStamp(40));
+        assert_eq!(t.tombstones(), 1, "not before the horizon");
+        t.prune(HlcStamp(41));
+        assert_eq!(t.tombstones(), 0);
+    }
+
+    #[test]
+    fn a_will_stays_while_connected_or_due_and_never_comes_back() {
+        let will = Some(Box::new(WillInfo {
+            topic: "gone".into(),
+            payload: Arc::from(&b"bye"[..]),
+            qos: 1,
+            retain: false,
+            delay_s: 5,
+        }));
+        let mut t = RegistryTable::default();
+        let e = t.register("c", &n("a"), HlcStamp(1), will.clone(), 0).epoch;
+        let copy = t.get("c").unwrap().clone();
+        assert!(t.holder_lost("c", e + 1).is_none(), "another epoch is not lost");
+        assert!(t.holder_lost("c", e).is_some(), "due: the client was connected with a will");
+        assert!(!t.get("c").unwrap().connected);
+        assert_eq!(t.merge(copy.clone()), Merged::Recorded);
+        assert!(!t.get("c").unwrap().connected, "a stale connected copy does not reconnect it");
+        assert!(t.get("c").unwrap().will.is_some(), "still due");
+        t.will_published("c", e);
+        assert_eq!(t.merge(copy), Merged::Recorded);
+        assert!(t.get("c").unwrap().will.is_none(), "a copy that still has the will does not bring it back");
+        let e2 = t.register("c", &n("a"), HlcStamp(2), will, 9).epoch;
+        assert_eq!(e2, 10, "above the epoch the holder knows of");
+        t.disconnected("c", e2);
+        assert!(t.get("c").unwrap().will.is_none(), "a disconnect leaves the will to the holder");
+        assert!(t.holder_lost("c", e2).is_none());
     }
 
     #[test]
@@ -303,6 +518,7 @@ mod tests {
             epoch,
             stamp: HlcStamp(stamp),
             connected: true,
+            will: None,
         };
         let mut t = RegistryTable::default();
         assert_eq!(t.merge(reg("a", 5, 100)), Merged::Recorded);
@@ -324,7 +540,7 @@ mod tests {
         let mine: Vec<String> =
             (0..400).map(|i| format!("k{i}")).filter(|c| owners(c, &ms).unwrap().contains(&me)).collect();
         for c in &mine {
-            t.register(c, &me, HlcStamp(1));
+            t.register(c, &me, HlcStamp(1), None, 0);
         }
         let mut grown = ms.clone();
         grown.push(n("node-9"));
@@ -354,6 +570,7 @@ mod tests {
                     epoch: *e,
                     stamp: HlcStamp(*s),
                     connected: true,
+                    will: None,
                 })
                 .collect();
             let mut forward = RegistryTable::default();

@@ -1,7 +1,7 @@
 //! Fuzzes what a cluster peer sends: link frames (`shardmq_cluster::link::decode`, and a run of them as
-//! `link::frames` walks them), interest announcements (`router::Announce::decode`) and interest snapshots
-//! (`interest::Snapshot::decode`). A peer that lies must get an error, never a panic; a frame that decodes
-//! must re-encode to the same frame.
+//! `link::frames` walks them), interest announcements (`router::Announce::decode`), interest snapshots
+//! (`interest::Snapshot::decode`) and session registry messages (`link::registry::decode`). A peer that
+//! lies must get an error, never a panic; a frame or message that decodes must re-encode to the same.
 
 #![no_main]
 
@@ -24,6 +24,11 @@ fuzz_target!(|data: &[u8]| {
         if f.is_err() {
             break;
         }
+    }
+    if let Ok(m) = link::registry::decode(data) {
+        let mut out = Vec::new();
+        link::registry::encode(&m, &mut out);
+        assert_eq!(link::registry::decode(&out), Ok(m));
     }
     let _ = Announce::decode(data);
     let _ = Snapshot::decode(data);

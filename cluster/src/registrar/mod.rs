@@ -1,0 +1,911 @@
+//! The session registration protocol of a zone, sans I/O: one [`Registrar`] per node, driven by the
+//! node's gateway (connects and disconnects from its shards, membership changes and registry frames
+//! from its zone), answering with registry messages for peers ([`crate::link::registry`]) and events
+//! for the shards (issue "Cluster sessions"; the rules it applies are [`crate::registry`]'s).
+//!
+//! **Registering.** A CONNECT on this node ([`Registrar::handle_connect`]) becomes a `Register` request
+//! to the client id's primary owner (rendezvous hashing over the members up, this node included; a
+//! request to itself is handled in place). The owner compare-and-swaps the registration (an epoch above
+//! every one it and the requester know of, holder = the requesting node), copies it to the replica and,
+//! once the replica acknowledged the copy, answers `Granted` and, when another node held the session,
+//! tells that node to end it (`EndSession`: the shard closes the connection with DISCONNECT 0x8E and
+//! hands the session over, or drops it when the new connection started clean). Waiting for the replica
+//! makes a grant survive the owner's loss: the replica, primary then, continues the epochs. The owner
+//! handles requests one at a time, so two CONNECTs racing on two nodes end with the later one holding
+//! the session and the other told to end. A node stops delivering for an epoch that is no longer its
+//! current one ([`Registrar::is_current`], the fencing query).
+//!
+//! **Requests that get no answer.** A request whose owner goes down is sent again to the new owner
+//! once the membership changed. One that gets no answer in [`REQUEST_TIMEOUT`] (the owner is up but
+//! does not answer) is refused in [`PartitionMode::Consistent`] (the shard answers CONNACK 0x88, 3.1.1:
+//! 3), which also refuses at once when the id's owner over every member known (up or not) is down; in
+//! [`PartitionMode::Available`] (the default) the node grants it itself, provisionally, and re-registers
+//! it with the owner at the next membership change (where conflicts resolve as after a partition).
+//!
+//! **Membership changes.** On a peer up or down each node hands the registrations it owned whose owners
+//! changed to their new owners (`Sync`; [`RegistryTable::rebalance`]), tombstones of ended ones
+//! included (`Forget`: epochs go on above them), and re-registers the sessions it holds whose owners
+//! changed, so the registry is whole again after one round of messages. A node merging a registration
+//! from elsewhere ([`RegistryTable::merge`]: epoch, then hybrid logical clock, then node name) tells the
+//! loser's holder to end its session, and the sender of a loser what won. This is also what reconciles
+//! the sides of a healed partition, and a node that comes back with its log ([`Registrar::restore`],
+//! re-registered with `Held`): its sessions that moved meanwhile are ended there, never resurrected,
+//! and registrations naming it for sessions it no longer has are forgotten (a primary owner shows a
+//! peer that comes up the registrations naming it). A registration naming a node above the session it
+//! holds (a grant whose answer was lost) is forgotten too, and supersedes that session.
+//!
+//! **Who says what.** Registrations only ever merge forward (epoch, clock, name), and a copy from
+//! elsewhere can only take a client for disconnected, never for connected again; but a running holder
+//! is the authority on its own session (its `Sync` says whether the client is connected, and a
+//! disconnect takes the will out), and the primary's copy is the authority for its replica.
+//!
+//! **Wills.** A registration carries the client's will while it is connected. When its holder goes
+//! down, the owners mark the registrations it made before (by hybrid logical clock, against when they
+//! saw it go) as disconnected, and the primary owner
+//! publishes their wills ([`RegistrarEvent::PublishWill`]) once the delay has passed, unless a newer
+//! registration replaced them meanwhile; the replica publishes only if it has become the primary (the
+//! primary went down too). The publisher copies "published" to the replica. A will is so published
+//! once, with two windows of one link delay each where the owners cannot know better: the primary
+//! going down just after publishing (its copy is lost with the link; the replica publishes again), and
+//! a client's normal disconnect still on its way to the owners when its holder's link goes (the owners
+//! publish the will as for a lost connection). A connection the holder made while its link with the
+//! owners was already gone but not yet seen gone can be taken for lost (and its will published) by
+//! owners that cannot reach it; its holder corrects "connected" when they meet again. The delay
+//! counts from when the publishing owner learnt
+//! of the loss or received the registration (a will may come late after owner changes, never early).
+//!
+//! What it does not do: sockets, clocks (`now` comes in) or randomness; moving the session itself (the
+//! shards do that on `EndSession`/`Granted`); publishing wills of clients that disconnected normally (the
+//! holder's shard does). Sessions held only by a node that is down are unreachable until it returns.
+//! Tombstones are forgotten after [`TOMBSTONE_TTL`]: a copy of an ended registration older than that
+//! (a node partitioned away for longer) could come back as an offline registration.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use crate::link::registry::{Previous, RegistryMsg, RequestId};
+use crate::registry::{owners, Merged, Owners, Registration, RegistryTable, WillInfo};
+use crate::retained::{Hlc, HlcStamp};
+use crate::NodeName;
+
+mod api;
+#[cfg(test)]
+mod tests;
+mod wills;
+
+pub use api::{HeldSession, PartitionMode, RegistrarConfig, RegistrarCounters, RegistrarEvent};
+
+/// How long a request waits for its owner's answer before the node decides without it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long an ended registration's tombstone is kept (pruned when timers run): far longer than any
+/// copy of it can stay in flight.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+
+#[derive(Debug)]
+struct Held {
+    epoch: u64,
+    stamp: HlcStamp,
+    connected: bool,
+    /// The will while connected.
+    will: Option<Box<WillInfo>>,
+    /// Not confirmed by an owner (granted provisionally, or restored from the log): re-registered at
+    /// the next membership change whether its owners changed or not.
+    unconfirmed: bool,
+    /// Restored from the log ([`Registrar::restore`]): this life knows nothing of its last connection.
+    restored: bool,
+}
+
+#[derive(Debug)]
+enum Op {
+    Register { clean_start: bool, stamp: HlcStamp, will: Option<Box<WillInfo>> },
+    Disconnect { epoch: u64, ended: bool },
+}
+
+#[derive(Debug)]
+struct Pending {
+    client: Arc<str>,
+    op: Op,
+    /// Where it was sent last.
+    owner: NodeName,
+    deadline: Instant,
+}
+
+/// Messages to send, and to whom.
+type Answers = Vec<(NodeName, RegistryMsg)>;
+
+pub struct Registrar {
+    me: NodeName,
+    cfg: RegistrarConfig,
+    started: Instant,
+    hlc: Hlc,
+    /// The peers up (this node is a member too, not listed).
+    up: BTreeSet<NodeName>,
+    /// Every member seen up, this node included, until removed: whom consistent mode expects.
+    known: BTreeSet<NodeName>,
+    /// Peers seen going down (and not up since), with this node's clock then: registrations they made
+    /// before are of connections lost with them.
+    lost: BTreeMap<NodeName, HlcStamp>,
+    /// The registrations this node owns or replicates.
+    table: RegistryTable,
+    held: BTreeMap<Arc<str>, Held>,
+    pending: BTreeMap<RequestId, Pending>,
+    next_request: u64,
+    /// Highest epoch an `EndSession` named for a client whose registration was still pending here: a
+    /// grant at or below it is ended as soon as it arrives.
+    superseded: BTreeMap<Arc<str>, (u64, NodeName, u64)>,
+    /// Registrations this node granted as primary owner whose answers (`Granted`, `EndSession`) wait
+    /// for the replica's acknowledgement, by (client, epoch): the replica, the answers.
+    awaiting: BTreeMap<(Arc<str>, u64), (NodeName, Answers)>,
+    /// Wills due after their holder's loss: when, by (client, epoch).
+    wills: BTreeMap<(Arc<str>, u64), Instant>,
+    out: VecDeque<(NodeName, RegistryMsg)>,
+    /// Messages to this node itself (it owns the id), handled before a call returns.
+    local: VecDeque<RegistryMsg>,
+    events: VecDeque<RegistrarEvent>,
+    counters: RegistrarCounters,
+}
+
+impl Registrar {
+    pub fn new(me: NodeName, cfg: RegistrarConfig, now: Instant) -> Registrar {
+        Registrar {
+            known: BTreeSet::from([me.clone()]),
+            me,
+            cfg,
+            started: now,
+            hlc: Hlc::default(),
+            up: BTreeSet::new(),
+            lost: BTreeMap::new(),
+            table: RegistryTable::default(),
+            held: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_request: 1,
+            superseded: BTreeMap::new(),
+            awaiting: BTreeMap::new(),
+            wills: BTreeMap::new(),
+            out: VecDeque::new(),
+            local: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: RegistrarCounters::default(),
+        }
+    }
+
+    pub fn name(&self) -> &NodeName {
+        &self.me
+    }
+
+    pub fn counters(&self) -> RegistrarCounters {
+        self.counters
+    }
+
+    /// Whether this node's session of `client` with `epoch` is still the one it holds: deliver for it
+    /// only then.
+    pub fn is_current(&self, client: &str, epoch: u64) -> bool {
+        self.held.get(client).is_some_and(|h| h.epoch == epoch)
+    }
+
+    /// The sessions this node holds, by client id (what its log keeps).
+    pub fn held(&self) -> impl Iterator<Item = HeldSession> + '_ {
+        self.held.iter().map(|(c, h)| HeldSession {
+            client: c.clone(),
+            epoch: h.epoch,
+            stamp: h.stamp,
+            connected: h.connected,
+        })
+    }
+
+    /// The registration of `client` this node keeps as an owner or replica, if any.
+    pub fn registration(&self, client: &str) -> Option<&Registration> {
+        self.table.get(client)
+    }
+
+    /// The registrations this node keeps, in no particular order.
+    pub fn registrations(&self) -> impl Iterator<Item = &Registration> {
+        self.table.iter()
+    }
+
+    /// A session restored from this node's log after a restart, before any peer is up: offline, held
+    /// with the epoch it had, and re-registered with its owners as peers come up (ended then if it moved
+    /// meanwhile). The will of a client that was connected when the node stopped is its owners' to
+    /// publish (they saw the node go down); a re-registration does not cancel it.
+    pub fn restore(&mut self, client: &str, epoch: u64, stamp: HlcStamp) {
+        debug_assert!(epoch >= 1);
+        self.hlc.observe(stamp);
+        let h = Held { epoch, stamp, connected: false, will: None, unconfirmed: true, restored: true };
+        self.held.insert(client.into(), h);
+    }
+
+    fn wall_ms(&self, now: Instant) -> u64 {
+        self.cfg.wall_ms_at_start + now.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    fn members(&self) -> impl Iterator<Item = &NodeName> + Clone {
+        self.up.iter().chain(std::iter::once(&self.me))
+    }
+
+    fn owners_of(&self, client: &str) -> Owners {
+        owners(client, self.members()).expect("this node is a member")
+    }
+
+    fn is_up(&self, node: &NodeName) -> bool {
+        *node == self.me || self.up.contains(node)
+    }
+
+    /// A client connected here: register it with its owner. The answer comes as an event
+    /// ([`RegistrarEvent::Granted`] or [`RegistrarEvent::Refused`]) naming the returned id.
+    pub fn handle_connect(
+        &mut self,
+        client: &str,
+        clean_start: bool,
+        will: Option<WillInfo>,
+        now: Instant,
+    ) -> RequestId {
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        let stamp = self.hlc.stamp(self.wall_ms(now));
+        let op = Op::Register { clean_start, stamp, will: will.map(Box::new) };
+        let p = Pending { client: client.into(), op, owner: self.me.clone(), deadline: now };
+        self.pending.insert(id, p);
+        self.send_request(id, now);
+        self.drain_local(now);
+        id
+    }
+
+    /// The client of `epoch` disconnected; `session_kept`: its session persists here (offline). Ignored
+    /// for an epoch this node no longer holds.
+    pub fn handle_disconnect(&mut self, client: &str, epoch: u64, session_kept: bool, now: Instant) {
+        if !self.is_current(client, epoch) {
+            return;
+        }
+        if session_kept {
+            let h = self.held.get_mut(client).expect("current");
+            h.connected = false;
+            h.will = None;
+        } else {
+            self.held.remove(client);
+        }
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        let op = Op::Disconnect { epoch, ended: !session_kept };
+        self.pending.insert(id, Pending { client: client.into(), op, owner: self.me.clone(), deadline: now });
+        self.send_request(id, now);
+        self.drain_local(now);
+    }
+
+    /// A peer's link is up (the gateway's `PeerUp`).
+    pub fn handle_peer_up(&mut self, node: &NodeName, now: Instant) {
+        if *node == self.me || self.up.contains(node) {
+            return;
+        }
+        let before: Vec<NodeName> = self.members().cloned().collect();
+        self.up.insert(node.clone());
+        self.lost.remove(node);
+        self.known.insert(node.clone());
+        // What this node, as primary owner, says `node` holds: a node back from a restart forgets what
+        // it no longer has (and says so), one back from a partition keeps it.
+        let mut named: Vec<Registration> = self
+            .table
+            .iter()
+            .filter(|r| r.holder == *node && self.owners_of(&r.client).primary == self.me)
+            .cloned()
+            .collect();
+        named.sort_by(|a, b| a.client.cmp(&b.client));
+        for r in named {
+            self.send(node, RegistryMsg::Sync(r));
+        }
+        self.membership_changed(&before, now);
+    }
+
+    /// A peer's link is down (the gateway's `PeerDown`).
+    pub fn handle_peer_down(&mut self, node: &NodeName, now: Instant) {
+        if !self.up.contains(node) {
+            return;
+        }
+        let before: Vec<NodeName> = self.members().cloned().collect();
+        self.up.remove(node);
+        // Registrations whose replica went: answered now (the new owners get them as they move).
+        let released: Vec<(Arc<str>, u64)> =
+            self.awaiting.iter().filter(|(_, (r, _))| r == node).map(|(k, _)| k.clone()).collect();
+        for k in released {
+            self.answer(&k);
+        }
+        let at = self.hlc.stamp(self.wall_ms(now));
+        self.lost.insert(node.clone(), at);
+        self.membership_changed(&before, now);
+    }
+
+    /// A member left the zone for good (an operator removed it): consistent mode stops expecting it.
+    pub fn handle_member_removed(&mut self, node: &NodeName) {
+        if *node != self.me {
+            self.known.remove(node);
+        }
+    }
+
+    /// A registry message from a peer (decoded from a [`crate::link::Frame::Registry`]).
+    pub fn handle_message(&mut self, from: &NodeName, m: RegistryMsg, now: Instant) {
+        self.on_message(from, m, now);
+        self.drain_local(now);
+    }
+
+    /// Timers: requests past their deadline, wills due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let late: Vec<RequestId> =
+            self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        for id in late {
+            let is_register = matches!(self.pending[&id].op, Op::Register { .. });
+            if !is_register {
+                // A disconnect is sent again until an owner confirms it.
+                self.send_request(id, now);
+            } else if self.cfg.partition_mode == PartitionMode::Consistent {
+                self.refuse(id);
+            } else {
+                self.grant_provisionally(id, now);
+            }
+        }
+        self.fire_wills(now);
+        self.prune(now);
+        self.drain_local(now);
+    }
+
+    fn prune(&mut self, now: Instant) {
+        let horizon = self.wall_ms(now).saturating_sub(TOMBSTONE_TTL.as_millis() as u64);
+        self.table.prune(HlcStamp::new(horizon, 0));
+    }
+
+    /// When [`Registrar::handle_timeout`] wants to run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let requests = self.pending.values().map(|p| p.deadline);
+        // A will not due here (another node is its primary owner) waits for a membership change, not a
+        // timer.
+        let wills = self
+            .wills
+            .iter()
+            .filter(|((client, _), _)| self.owners_of(client).primary == self.me)
+            .map(|(_, due)| *due);
+        requests.chain(wills).min()
+    }
+
+    /// The next message for a peer, to send in a [`crate::link::Frame::Registry`]
+    /// ([`crate::link::registry::frame`]). Messages for a peer that is not up may be dropped: what they
+    /// said is repeated after the next membership change.
+    pub fn poll_transmit(&mut self) -> Option<(NodeName, RegistryMsg)> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<RegistrarEvent> {
+        self.events.pop_front()
+    }
+
+    fn send(&mut self, to: &NodeName, m: RegistryMsg) {
+        if *to == self.me {
+            self.local.push_back(m);
+        } else if self.up.contains(to) {
+            self.out.push_back((to.clone(), m));
+        }
+    }
+
+    fn drain_local(&mut self, now: Instant) {
+        while let Some(m) = self.local.pop_front() {
+            let me = self.me.clone();
+            self.on_message(&me, m, now);
+        }
+    }
+
+    /// Sends (again) request `id` to its client's primary owner, or refuses it in consistent mode when
+    /// the owner over every known member is down.
+    fn send_request(&mut self, id: RequestId, now: Instant) {
+        let p = self.pending.get(&id).expect("pending");
+        let client = p.client.clone();
+        if self.cfg.partition_mode == PartitionMode::Consistent && matches!(p.op, Op::Register { .. }) {
+            let expected = owners(&client, &self.known).expect("this node is known");
+            if !self.is_up(&expected.primary) {
+                return self.refuse(id);
+            }
+        }
+        let owner = self.owners_of(&client).primary;
+        let deadline = now + self.cfg.request_timeout;
+        let p = self.pending.get_mut(&id).expect("pending");
+        p.owner = owner.clone();
+        p.deadline = deadline;
+        let m = match &p.op {
+            Op::Register { clean_start, stamp, will } => RegistryMsg::Register {
+                known: self
+                    .table
+                    .get(&client)
+                    .map_or(0, |r| r.epoch)
+                    .max(self.held.get(&client).map_or(0, |h| h.epoch)),
+                request: id,
+                client,
+                clean_start: *clean_start,
+                stamp: *stamp,
+                will: will.clone(),
+            },
+            Op::Disconnect { epoch, ended } => {
+                RegistryMsg::Disconnect { request: id, client, epoch: *epoch, ended: *ended }
+            }
+        };
+        self.send(&owner, m);
+    }
+
+    fn refuse(&mut self, id: RequestId) {
+        let p = self.pending.remove(&id).expect("pending");
+        self.superseded.remove(&p.client);
+        self.counters.refused += 1;
+        self.events.push_back(RegistrarEvent::Refused { request: id, client: p.client });
+    }
+
+    /// Available mode, no answer from the owner: this node grants the connection an epoch above every
+    /// one it knows of, and tells the owner (conflicts resolve by the registry's rules).
+    fn grant_provisionally(&mut self, id: RequestId, now: Instant) {
+        let p = self.pending.remove(&id).expect("pending");
+        let Op::Register { stamp, will, .. } = p.op else { unreachable!("only registrations are granted") };
+        let known = self.table.get(&p.client).map_or(0, |r| r.epoch);
+        let held = self.held.get(&p.client).map_or(0, |h| h.epoch);
+        let floor = self.superseded.remove(&p.client).map_or(0, |s| s.2);
+        let epoch = known.max(held).max(floor) + 1;
+        self.counters.granted += 1;
+        self.counters.provisional += 1;
+        self.held.insert(
+            p.client.clone(),
+            Held { epoch, stamp, connected: true, will, unconfirmed: true, restored: false },
+        );
+        self.events.push_back(RegistrarEvent::Granted {
+            request: id,
+            client: p.client.clone(),
+            epoch,
+            previous: None,
+            provisional: true,
+        });
+        self.reregister(&p.client);
+        self.drain_local(now);
+    }
+
+    /// Sends the session this node holds of `client` to its primary owner.
+    fn reregister(&mut self, client: &Arc<str>) {
+        let Some(h) = self.held.get_mut(client) else { return };
+        let r = Registration {
+            client: client.clone(),
+            holder: self.me.clone(),
+            epoch: h.epoch,
+            stamp: h.stamp,
+            connected: h.connected,
+            will: h.will.clone(),
+        };
+        h.unconfirmed = false;
+        let m = if h.restored { RegistryMsg::Held(r) } else { RegistryMsg::Sync(r) };
+        self.counters.reregistrations += 1;
+        let primary = self.owners_of(client).primary;
+        self.send(&primary, m);
+    }
+
+    fn on_message(&mut self, from: &NodeName, m: RegistryMsg, now: Instant) {
+        match m {
+            RegistryMsg::Register { request, client, clean_start, stamp, will, known } => {
+                self.hlc.observe(stamp);
+                let r = self.table.register(&client, from, stamp, will, known);
+                debug_assert!(r.epoch > known, "a grant goes above every epoch its requester knows of");
+                let previous =
+                    r.previous.as_ref().map(|p| Previous { holder: p.holder.clone(), epoch: p.epoch });
+                let granted =
+                    RegistryMsg::Granted { request, client: client.clone(), epoch: r.epoch, previous };
+                let mut answers = vec![(from.clone(), granted)];
+                if let Some(prev) = r.previous {
+                    self.counters.takeovers += 1;
+                    answers.push(end_message(&prev, from, r.epoch, clean_start));
+                }
+                let o = self.owners_of(&client);
+                match o.replica.filter(|rep| o.primary == self.me && *rep != self.me) {
+                    Some(replica) => {
+                        // Answered once the replica has it: a grant, and the takeover it makes, survive
+                        // this node's loss (the replica continues the epochs, and knows the will of a
+                        // connection that moved is no longer due).
+                        let copy = self.table.get(&client).expect("registered").clone();
+                        self.send(&replica, RegistryMsg::Replicate(copy));
+                        self.awaiting.insert((client, r.epoch), (replica, answers));
+                    }
+                    None => {
+                        self.copy_to_owners(&client);
+                        for (to, m) in answers {
+                            self.send(&to, m);
+                        }
+                    }
+                }
+            }
+            RegistryMsg::Granted { request, client, epoch, previous } => {
+                self.granted(request, client, epoch, previous, now)
+            }
+            RegistryMsg::Disconnect { request, client, epoch, ended } => {
+                self.send(from, RegistryMsg::DisconnectAck { request });
+                if ended {
+                    if let Some(r) = self.table.get(&client).filter(|r| r.epoch == epoch).cloned() {
+                        let at = self.hlc.stamp(self.wall_ms(now));
+                        self.table.ended(&client, epoch, at);
+                        self.forget_at_owners(r);
+                    }
+                } else {
+                    self.table.disconnected(&client, epoch);
+                    self.copy_to_owners(&client);
+                }
+            }
+            RegistryMsg::DisconnectAck { request } => {
+                if self.pending.get(&request).is_some_and(|p| matches!(p.op, Op::Disconnect { .. })) {
+                    self.pending.remove(&request);
+                }
+            }
+            RegistryMsg::EndSession { client, epoch, successor, successor_epoch, discard } => {
+                self.session_superseded(client, epoch, successor, successor_epoch, discard, now)
+            }
+            RegistryMsg::Sync(r) | RegistryMsg::Replicate(r) | RegistryMsg::Held(r) if self.phantom(&r) => {
+                // A registration naming this node for a session it does not hold (it lost it in a
+                // restart, or ended it and the owners have not heard yet), or above the one it holds
+                // (granted for a connect it refused or granted itself meanwhile, the answer lost): gone.
+                // A session held here below it is superseded by it, as by a newer connect here: it
+                // ends too, so that no connection runs under a registration it does not have.
+                self.hlc.observe(r.stamp);
+                let me = self.me.clone();
+                self.session_superseded(r.client.clone(), r.epoch, me, r.epoch, false, now);
+                let at = self.hlc.stamp(self.wall_ms(now));
+                self.table.ended_elsewhere(r.clone(), at);
+                self.send(from, RegistryMsg::Forget(r.clone()));
+                self.forget_at_owners(r);
+            }
+            RegistryMsg::Held(mut r) => {
+                // A session restored from its holder's log says nothing about the connection it had:
+                // the owners saw the holder go, and its will is theirs to publish (or was).
+                let same = self.table.get(&r.client).filter(|c| (c.epoch, c.stamp) == (r.epoch, r.stamp));
+                if let Some(c) = same {
+                    r.connected = c.connected;
+                    r.will = c.will.clone();
+                }
+                self.sync(from, r, false, now);
+            }
+            RegistryMsg::Sync(r) => {
+                // A running holder's word on its own session: connected, or disconnected with its will
+                // dealt with.
+                let word = r.holder == *from;
+                self.sync(from, r, word, now);
+            }
+            RegistryMsg::Replicate(r) => {
+                self.hlc.observe(r.stamp);
+                let (client, epoch) = (r.client.clone(), r.epoch);
+                // The primary dealt with conflicts; a copy is merged silently, unless it lost here
+                // (the primary learns what won, and ends the loser).
+                let word = (r.epoch, r.stamp, r.connected);
+                match self.table.merge(r) {
+                    Merged::Ended { last } => self.send(from, RegistryMsg::Forget(last)),
+                    Merged::Rejected { winner } if self.table.is_ended(&client) => {
+                        self.send(from, RegistryMsg::Forget(winner))
+                    }
+                    Merged::Rejected { winner } => self.send(from, RegistryMsg::Sync(winner)),
+                    Merged::Recorded | Merged::Replaced { .. } => {
+                        self.table.set_connected(&client, word.0, word.1, word.2);
+                    }
+                }
+                if self.own_word(&client) {
+                    self.copy_to_owners(&client);
+                }
+                self.note_loss(&client, now);
+                self.send(from, RegistryMsg::Replicated { client, epoch });
+            }
+            RegistryMsg::Replicated { client, epoch } => {
+                let done: Vec<(Arc<str>, u64)> = self
+                    .awaiting
+                    .range((client.clone(), 0)..=(client.clone(), epoch))
+                    .filter(|(_, (replica, _))| replica == from)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in done {
+                    self.answer(&k);
+                }
+            }
+            RegistryMsg::Forget(r) => {
+                self.hlc.observe(r.stamp);
+                let at = self.hlc.stamp(self.wall_ms(now));
+                let last = r.clone();
+                if let Some(removed) = self.table.ended_elsewhere(r, at) {
+                    if removed.holder != last.holder {
+                        self.counters.conflicts_resolved += 1;
+                        self.end_session(&removed, &last.holder, last.epoch, false);
+                    }
+                    // The other owners may have the registration this one removed.
+                    self.forget_at_owners(last);
+                }
+            }
+        }
+    }
+
+    /// A registration from elsewhere to merge (`Sync`, `Held`); `word`: its holder sent it and says
+    /// whether its client is connected.
+    fn sync(&mut self, from: &NodeName, r: Registration, word: bool, now: Instant) {
+        self.hlc.observe(r.stamp);
+        let client = r.client.clone();
+        let before = self.table.get(&client).cloned();
+        let said = (r.epoch, r.stamp, r.connected);
+        self.merge(from, r);
+        if word {
+            let (epoch, stamp, connected) = said;
+            if connected {
+                self.table.set_connected(&client, epoch, stamp, true);
+            } else if self.table.get(&client).is_some_and(|c| c.stamp == stamp) {
+                self.table.disconnected(&client, epoch);
+            }
+        }
+        self.own_word(&client);
+        // Only a change is passed on: two nodes whose views of the owners differ for a moment would
+        // otherwise send one registration back and forth.
+        if self.table.get(&client) != before.as_ref() {
+            self.copy_to_owners(&client);
+        }
+        self.note_loss(&client, now);
+    }
+
+    /// A registration here naming this node as the holder of the session it holds: whether the client is
+    /// connected is this node's to say. Returns whether that changed the registration.
+    fn own_word(&mut self, client: &Arc<str>) -> bool {
+        let Some(h) = self.held.get(client).filter(|h| !h.restored) else { return false };
+        let mine = self
+            .table
+            .get(client)
+            .is_some_and(|r| r.holder == self.me && (r.epoch, r.stamp) == (h.epoch, h.stamp));
+        if !mine {
+            false
+        } else if h.connected {
+            self.table.set_connected(client, h.epoch, h.stamp, true)
+        } else {
+            self.table.disconnected(client, h.epoch)
+        }
+    }
+
+    /// Whether `r` names this node as the holder of a session it does not hold with that epoch or a
+    /// later one, nor waits a grant for.
+    fn phantom(&self, r: &Registration) -> bool {
+        r.holder == self.me
+            && self.held.get(&r.client).is_none_or(|h| h.epoch < r.epoch)
+            && !self.pending.values().any(|p| p.client == r.client && matches!(p.op, Op::Register { .. }))
+    }
+
+    fn granted(
+        &mut self,
+        request: RequestId,
+        client: Arc<str>,
+        epoch: u64,
+        previous: Option<Previous>,
+        now: Instant,
+    ) {
+        let answered = self.pending.get(&request).is_some_and(|p| matches!(p.op, Op::Register { .. }));
+        if !answered {
+            // A late answer (the request was re-sent, granted provisionally, or refused meanwhile): the
+            // owner registered this node for a connection it did not take. The session it holds, if
+            // any, is re-registered (same holder: the merge keeps one); if none, the owner is told to
+            // drop the registration.
+            if self.held.contains_key(&client) {
+                self.reregister(&client);
+            } else {
+                let id = RequestId(self.next_request);
+                self.next_request += 1;
+                let op = Op::Disconnect { epoch, ended: true };
+                self.pending.insert(id, Pending { client, op, owner: self.me.clone(), deadline: now });
+                self.send_request(id, now);
+            }
+            return;
+        }
+        let p = self.pending.remove(&request).expect("answered");
+        let Op::Register { stamp, will, .. } = p.op else { unreachable!("checked") };
+        self.counters.granted += 1;
+        // A later connect of the same client here may have been answered first (the owner's replica
+        // changed in between): this grant is then superseded by it as soon as it is given.
+        let newer = self.held.get(&client).map(|h| h.epoch).filter(|e| *e > epoch);
+        if newer.is_none() {
+            self.held.insert(
+                client.clone(),
+                Held { epoch, stamp, connected: true, will, unconfirmed: false, restored: false },
+            );
+        }
+        self.events.push_back(RegistrarEvent::Granted {
+            request,
+            client: client.clone(),
+            epoch,
+            previous,
+            provisional: false,
+        });
+        if let Some(successor_epoch) = newer {
+            self.counters.sessions_ended += 1;
+            self.events.push_back(RegistrarEvent::EndSession {
+                client,
+                epoch,
+                successor: self.me.clone(),
+                successor_epoch,
+                discard: false,
+            });
+            return;
+        }
+        if let Some((until, successor, successor_epoch)) = self.superseded.remove(&client) {
+            if until >= epoch {
+                self.session_superseded(client, until, successor, successor_epoch, false, now);
+            }
+        }
+    }
+
+    /// An owner says this node's sessions of `client` up to `epoch` lost to `successor`'s.
+    fn session_superseded(
+        &mut self,
+        client: Arc<str>,
+        epoch: u64,
+        successor: NodeName,
+        successor_epoch: u64,
+        discard: bool,
+        now: Instant,
+    ) {
+        // A registration of this client still waiting for its grant may be the one the message names
+        // (the owner replaced it before answering): its grant is ended as soon as it arrives.
+        let waiting =
+            self.pending.values().any(|p| p.client == client && matches!(p.op, Op::Register { .. }));
+        if waiting {
+            let e = self.superseded.entry(client.clone()).or_insert((0, successor.clone(), successor_epoch));
+            if epoch >= e.0 {
+                *e = (epoch, successor.clone(), successor_epoch);
+            }
+        }
+        // Epochs this node holds for one client only grow, so a newer one than the message names is
+        // a later connection the owner did not know of yet: it stays.
+        if let Some(h) = self.held.get(&client).filter(|h| h.epoch <= epoch) {
+            let held_epoch = h.epoch;
+            self.held.remove(&client);
+            // As an owner too, this node's own registration of the session is over: whoever sent the
+            // end has the winner, and a copy here must not name this node as the holder any more.
+            let mine = self.table.get(&client).filter(|r| r.holder == self.me && r.epoch <= epoch).cloned();
+            if let Some(r) = mine {
+                let at = self.hlc.stamp(self.wall_ms(now));
+                self.table.ended(&client, r.epoch, at);
+                self.forget_at_owners(r);
+            }
+            self.counters.sessions_ended += 1;
+            self.events.push_back(RegistrarEvent::EndSession {
+                client,
+                epoch: held_epoch,
+                successor,
+                successor_epoch,
+                discard,
+            });
+        }
+    }
+
+    /// Tells `loser`'s holder that its session lost to `winner`'s registration.
+    fn end_session(&mut self, loser: &Registration, winner: &NodeName, winner_epoch: u64, discard: bool) {
+        let (to, m) = end_message(loser, winner, winner_epoch, discard);
+        self.send(&to, m);
+    }
+
+    /// Sends the answers of a registration its replica now has (or that waits for no replica any more).
+    fn answer(&mut self, key: &(Arc<str>, u64)) {
+        let Some((_, answers)) = self.awaiting.remove(key) else { return };
+        for (to, m) in answers {
+            self.send(&to, m);
+        }
+    }
+
+    /// Merges a registration from `from`; the loser of a conflict is told to end its session, and the
+    /// sender of one that lost learns the winner (or that the winner ended), so its table converges too.
+    fn merge(&mut self, from: &NodeName, r: Registration) {
+        match self.table.merge(r.clone()) {
+            Merged::Recorded => {}
+            Merged::Ended { last } => {
+                if *from != self.me {
+                    self.send(from, RegistryMsg::Forget(last));
+                }
+            }
+            Merged::Replaced { loser } => {
+                self.counters.conflicts_resolved += 1;
+                self.end_session(&loser, &r.holder, r.epoch, false);
+            }
+            Merged::Rejected { winner } => {
+                self.counters.conflicts_resolved += 1;
+                self.end_session(&r, &winner.holder, winner.epoch, false);
+                if *from != self.me {
+                    let m = if self.table.is_ended(&r.client) {
+                        RegistryMsg::Forget(winner)
+                    } else {
+                        RegistryMsg::Sync(winner)
+                    };
+                    self.send(from, m);
+                }
+            }
+        }
+    }
+
+    /// After a change of `client`'s registration here: the other owners get it, as a silent copy from
+    /// the primary, or to merge (conflicts included) from a node that is not the primary.
+    fn copy_to_owners(&mut self, client: &Arc<str>) {
+        let Some(r) = self.table.get(client).cloned() else { return };
+        let o = self.owners_of(client);
+        let primary = o.primary == self.me;
+        let me = self.me.clone();
+        // A registration of a session restored here goes as `Held`: this node's word on it is no word.
+        let restored = r.holder == me && self.held.get(client).is_some_and(|h| h.restored);
+        for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
+            let m = if primary {
+                RegistryMsg::Replicate(r.clone())
+            } else if restored {
+                RegistryMsg::Held(r.clone())
+            } else {
+                RegistryMsg::Sync(r.clone())
+            };
+            self.send(&to, m);
+        }
+    }
+
+    /// Registration `r` ended here: the other owners drop it too.
+    fn forget_at_owners(&mut self, r: Registration) {
+        let o = self.owners_of(&r.client);
+        let me = self.me.clone();
+        for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
+            self.send(&to, RegistryMsg::Forget(r.clone()));
+        }
+    }
+
+    /// After the members up changed from `before`: registrations and sessions whose owners changed go
+    /// to their new owners, requests to an owner that went down go to the new one, wills of clients
+    /// whose holder went down become due.
+    fn membership_changed(&mut self, before: &[NodeName], now: Instant) {
+        let after: Vec<NodeName> = self.members().cloned().collect();
+        let me = self.me.clone();
+        self.prune(now);
+        // Losses first, so that what moves to new owners says so.
+        let mut lost: Vec<Arc<str>> = self
+            .table
+            .iter()
+            .filter(|r| r.connected && !self.is_up(&r.holder))
+            .map(|r| r.client.clone())
+            .collect();
+        lost.sort();
+        for c in lost {
+            self.note_loss(&c, now);
+        }
+        for (o, r) in self.table.rebalance(&me, before, &after) {
+            self.counters.handed_over += 1;
+            for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
+                self.send(&to, RegistryMsg::Sync(r.clone()));
+            }
+        }
+        for (o, r) in self.table.rebalance_ended(&me, before, &after) {
+            for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
+                self.send(&to, RegistryMsg::Forget(r.clone()));
+            }
+        }
+        let moved: Vec<Arc<str>> = self
+            .held
+            .iter()
+            .filter(|(c, h)| h.unconfirmed || owners(c, before) != owners(c, &after))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in moved {
+            self.reregister(&c);
+        }
+        let orphaned: Vec<RequestId> =
+            self.pending.iter().filter(|(_, p)| !self.is_up(&p.owner)).map(|(id, _)| *id).collect();
+        for id in orphaned {
+            self.send_request(id, now);
+        }
+        self.fire_wills(now);
+        self.drain_local(now);
+    }
+}
+
+/// The message telling `loser`'s holder that its session lost to `winner`'s registration.
+fn end_message(
+    loser: &Registration,
+    winner: &NodeName,
+    winner_epoch: u64,
+    discard: bool,
+) -> (NodeName, RegistryMsg) {
+    debug_assert!(loser.holder != *winner);
+    let m = RegistryMsg::EndSession {
+        client: loser.client.clone(),
+        epoch: loser.epoch,
+        successor: winner.clone(),
+        successor_epoch: winner_epoch,
+        discard,
+    };
+    (loser.holder.clone(), m)
+}
