@@ -20,4 +20,6 @@ openssl req -newkey rsa:2048 -nodes -keyout mallory.key -out mallory.csr -subj "
 openssl x509 -req -in mallory.csr -CA other-ca.pem -CAkey other-ca.key -CAcreateserial -out mallory.pem -days $days -extfile client.ext 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -keyout nocn.key -out nocn.csr -subj "/O=shardmq tests/OU=no common name" 2>/dev/null
 openssl x509 -req -in nocn.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out nocn.pem -days $days -extfile client.ext 2>/dev/null
+# Test keys, not secrets: readable by a broker that drops root privileges (Mosquitto runs as its own user).
+chmod 644 ./*.key
 rm -f ./*.csr ./*.ext ./*.srl other-ca.key
