@@ -18,6 +18,7 @@ pub struct ClusterArgs {
     pub zone: String,
     pub region: String,
     pub secret_file: Option<PathBuf>,
+    pub partition_mode: shardmq_cluster::registrar::PartitionMode,
 }
 
 /// A node about to join its zone: the bound sockets and the gateway, before the shards start.
@@ -89,8 +90,16 @@ impl ClusterArgs {
             os_random_u64().context("reading the OS random source for link nonces")?,
             now,
         );
-        let gateway =
-            Gateway::new(GatewayConfig { shards, persistent, wall_ms_at_start: wall_ms }, zone, now);
+        let gateway = Gateway::new(
+            GatewayConfig {
+                shards,
+                persistent,
+                wall_ms_at_start: wall_ms,
+                partition_mode: self.partition_mode,
+            },
+            zone,
+            now,
+        );
         Ok(Some(ClusterSetup { sockets, gateway }))
     }
 }

@@ -154,6 +154,11 @@ struct Args {
     /// packet and link is authenticated with it, and a node without it or with another cannot join
     #[argh(option)]
     cluster_secret_file: Option<PathBuf>,
+    /// what a CONNECT gets while the owner of its client id (in the zone's session registry) cannot be
+    /// reached: available (default: the session is registered here and reconciled later) or consistent
+    /// (refused with CONNACK 0x88 Server unavailable, as VerneMQ does)
+    #[argh(option, default = "String::from(\"available\")")]
+    partition_mode: String,
     /// password file in Mosquitto's format (`user:$7$...`, as made by mosquitto_passwd or `shardmq passwd`):
     /// clients must give a listed user name and its password; anonymous clients are refused unless
     /// --allow-anonymous
@@ -378,6 +383,11 @@ fn main() -> Result<ExitCode> {
         zone: args.zone.clone(),
         region: args.region.clone(),
         secret_file: args.cluster_secret_file.clone(),
+        partition_mode: match args.partition_mode.as_str() {
+            "available" => shardmq_cluster::registrar::PartitionMode::Available,
+            "consistent" => shardmq_cluster::registrar::PartitionMode::Consistent,
+            other => bail!("--partition-mode must be available or consistent, not {other:?}"),
+        },
     };
     let cluster = cluster_args.setup(shards as u16, !args.in_memory)?;
     // Labels of every metric: the cluster identity, or this host with the default zone and region.

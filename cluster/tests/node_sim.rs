@@ -59,6 +59,8 @@ struct Client {
     /// Every PUBLISH received: (topic, payload, qos, retain).
     got: Vec<(String, Vec<u8>, QoS, bool)>,
     next_pid: u16,
+    /// The reason of a DISCONNECT the broker sent.
+    disconnected: Option<ReasonCode>,
 }
 
 struct Node {
@@ -285,7 +287,11 @@ impl Client {
                     }
                     Packet::PubRec(a) => Some(Packet::PubRel(Ack::new(a.packet_id, ReasonCode::SUCCESS))),
                     Packet::PubRel(a) => Some(Packet::PubComp(Ack::new(a.packet_id, ReasonCode::SUCCESS))),
-                    Packet::Disconnect(_) | Packet::UnsubAck(_) | Packet::PingResp => None,
+                    Packet::Disconnect(d) => {
+                        self.disconnected = Some(d.reason);
+                        None
+                    }
+                    Packet::UnsubAck(_) | Packet::PingResp => None,
                     other => panic!("unexpected packet from the broker: {other:?}"),
                 };
                 (reply.map(|r| packet(&r)), n)
@@ -421,7 +427,12 @@ impl Sim {
         cfg.membership = MembershipConfig { expected_members: self.n() as u32, ..Default::default() };
         let zone = Zone::new(cfg, self.wire.rng.next(), now);
         let wall = 1_800_000_000_000 + self.elapsed().as_millis() as u64 + self.skew[slot];
-        let gcfg = GatewayConfig { shards: s, persistent: self.durable, wall_ms_at_start: wall };
+        let gcfg = GatewayConfig {
+            shards: s,
+            persistent: self.durable,
+            wall_ms_at_start: wall,
+            partition_mode: Default::default(),
+        };
         let mut gateway = Gateway::new(gcfg, zone, now);
         let e = s as usize + 1;
         let mut mesh: Vec<VecDeque<Mesh>> = (0..e * e).map(|_| VecDeque::new()).collect();
@@ -551,6 +562,14 @@ impl Sim {
         let s = self.shards[slot];
         let c = self.hosts.clients.len();
         let id = (0..).map(|i| format!("c{c}-{i}")).find(|id| owner_of(id, s) == ShardId(shard)).unwrap();
+        self.connect_id(slot, &id)
+    }
+
+    /// Connects a client with `id` on node `slot` (on the shard that owns it there) and waits for its
+    /// CONNACK.
+    fn connect_id(&mut self, slot: usize, id: &str) -> C {
+        let shard = owner_of(id, self.shards[slot]).0;
+        let c = self.hosts.clients.len();
         let conn = ConnId(self.hosts.next_conn);
         self.hosts.next_conn += 1;
         let now = self.wire.now;
@@ -560,7 +579,7 @@ impl Sim {
             protocol: Protocol::V5,
             clean_start: true,
             keep_alive_s: 0,
-            client_id: &id,
+            client_id: id,
             will: None,
             username: None,
             password: None,
@@ -581,9 +600,13 @@ impl Sim {
             acked: BTreeMap::new(),
             got: Vec::new(),
             next_pid: 1,
+            disconnected: None,
         });
         self.hosts.settle(slot, &mut self.wire);
-        assert!(self.hosts.clients[c].connacked, "seed {}: no CONNACK at once", self.seed);
+        // The CONNACK waits for the zone's session registry: the id's owner may be another node (or,
+        // unreachable, grant it here after its timeout).
+        let took = self.run_until(Duration::from_secs(5), |sim| sim.hosts.clients[c].connacked);
+        assert!(took.is_some(), "seed {}: no CONNACK within 5 s", self.seed);
         c
     }
 
@@ -1180,5 +1203,40 @@ fn many_seeds() {
         retained_converges(seed);
         drop(crash_or_partition(seed, false));
         drop(crash_or_partition(seed, true));
+    }
+}
+
+/// One client id connects on every node in turn: each connection takes the session over from the one
+/// before it, which gets DISCONNECT 0x8E (Session taken over), and only the last stays connected.
+fn one_session_per_id(seed: u64) {
+    let n = 3;
+    let mut sim = Sim::new(seed, n);
+    sim.wait_all_up(Duration::from_secs(5));
+    let mut rng = Rng(seed ^ 0x1d);
+    let id = format!("roamer-{}", rng.below(1000));
+    let mut conns = Vec::new();
+    for round in 0..2 * n {
+        let slot = (round + rng.below(n as u64) as usize) % n;
+        conns.push(sim.connect_id(slot, &id));
+        let earlier: Vec<C> = conns[..conns.len() - 1].to_vec();
+        let took = sim.run_until(Duration::from_secs(3), |sim| {
+            earlier
+                .iter()
+                .all(|&c| sim.hosts.clients[c].disconnected.is_some() || sim.hosts.clients[c].closed)
+        });
+        assert!(took.is_some(), "seed {seed}: an earlier connection of {id} is still live (round {round})");
+    }
+    for &c in &conns[..conns.len() - 1] {
+        let reason = sim.hosts.clients[c].disconnected;
+        assert_eq!(reason, Some(ReasonCode::SESSION_TAKEN_OVER), "seed {seed}");
+    }
+    let last = *conns.last().unwrap();
+    assert!(sim.hosts.clients[last].disconnected.is_none(), "seed {seed}: the newest connection was ended");
+}
+
+#[test]
+fn a_client_id_has_one_live_session_in_the_zone() {
+    for seed in seeds() {
+        one_session_per_id(seed);
     }
 }

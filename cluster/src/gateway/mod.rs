@@ -25,12 +25,13 @@ mod congestion;
 mod forward;
 mod interest;
 mod retained;
+mod sessions;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardmq_shard::core::{Mesh, Msg, Origin, RegisterOutcome, SessionKey};
+use shardmq_shard::core::{Mesh, Msg, Origin, SessionKey};
 use shardmq_shard::ShardId;
 
 use crate::link::{self, Frame};
@@ -60,6 +61,8 @@ pub struct GatewayConfig {
     /// The wall clock (ms since the Unix epoch) at `now` of [`Gateway::new`]: retained stamps are taken
     /// from it plus the monotonic time since.
     pub wall_ms_at_start: u64,
+    /// What a CONNECT whose client id's owner is unreachable gets (`--partition-mode`).
+    pub partition_mode: crate::registrar::PartitionMode,
 }
 
 /// What the gateway counted, for logs and tests.
@@ -89,8 +92,8 @@ pub struct GatewayCounters {
     /// Congestion reports sent to peers for their publishers, and received for this node's.
     pub congestion_out: u64,
     pub congestion_in: u64,
-    /// CONNECTs the shards registered with the gateway.
-    pub registrations_granted: u64,
+    /// Registry messages not sent: the peer's link was down.
+    pub registry_not_sent: u64,
 }
 
 /// Frames for peers whose link budget is full, in order, until it drains.
@@ -119,6 +122,8 @@ pub struct Gateway {
     held: HeldFrames,
     /// Shards that have not yet acknowledged [`Mesh::ForwardAll`]; peers are served once it is 0.
     unready: usize,
+    /// The session registry (see `sessions`).
+    sessions: sessions::Sessions,
     out: VecDeque<(ShardId, Mesh)>,
     counters: GatewayCounters,
 }
@@ -126,6 +131,12 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(cfg: GatewayConfig, zone: Zone, now: Instant) -> Gateway {
         let id = ShardId(cfg.shards);
+        let registrar_cfg = crate::registrar::RegistrarConfig {
+            partition_mode: cfg.partition_mode,
+            wall_ms_at_start: cfg.wall_ms_at_start,
+            ..Default::default()
+        };
+        let sessions = sessions::Sessions::new(zone.identity().name.clone(), registrar_cfg, cfg.shards, now);
         let mut g = Gateway {
             id,
             started: now,
@@ -139,6 +150,7 @@ impl Gateway {
             congestion: Congestion::default(),
             held: HeldFrames::default(),
             unready: cfg.shards as usize,
+            sessions,
             out: VecDeque::new(),
             counters: GatewayCounters::default(),
             cfg,
@@ -220,14 +232,18 @@ impl Gateway {
                     self.send_frame(&peer, &Frame::Congestion { origin, congested: c });
                 }
             }
-            Mesh::Register { token, .. } => {
-                // The zone has no session registry yet (issue "Cluster sessions"): every node holds
-                // the sessions of the clients connected to it, so each registration is granted here.
-                self.counters.registrations_granted += 1;
-                let outcome = RegisterOutcome::Granted { session: None };
-                self.out.push_back((from, Mesh::Registered { token, outcome }));
+            Mesh::Register { token, client, clean_start } => {
+                self.sessions.register(from, token, &client, clean_start, now);
+                self.drain_sessions();
             }
-            Mesh::ForwardAll { .. } | Mesh::Peers { .. } | Mesh::Registered { .. } => {}
+            Mesh::Unregister { client, epoch, kept } => {
+                self.sessions.unregister(&client, epoch, kept, now);
+                self.drain_sessions();
+            }
+            Mesh::ForwardAll { .. }
+            | Mesh::Peers { .. }
+            | Mesh::Registered { .. }
+            | Mesh::EndSession { .. } => {}
         }
         self.drive(now);
     }
@@ -248,7 +264,7 @@ impl Gateway {
                     tracing::info!(node = %id.name, addr = %id.addr, "cluster member down")
                 }
                 ZoneEvent::PeerUp { peer } => self.peer_up(peer, now),
-                ZoneEvent::PeerDown { peer, reason } => self.peer_down(peer, reason),
+                ZoneEvent::PeerDown { peer, reason } => self.peer_down(peer, reason, now),
                 ZoneEvent::Frames { from, frames } => {
                     for f in link::frames(&frames) {
                         match f {
@@ -280,15 +296,19 @@ impl Gateway {
         }
         tracing::info!(node = %peer.name, addr = %peer.addr, "cluster peer linked");
         self.router.peer_up(peer.name.clone());
+        self.sessions.registrar.handle_peer_up(&peer.name, now);
+        self.drain_sessions();
         self.tell_peers();
         self.flush_announcements();
         self.send_retained_snapshot(&peer.name, now);
         self.sync_remote_shared();
     }
 
-    fn peer_down(&mut self, peer: NodeIdentity, reason: &str) {
+    fn peer_down(&mut self, peer: NodeIdentity, reason: &str, now: Instant) {
         tracing::warn!(node = %peer.name, addr = %peer.addr, reason, "cluster peer unlinked");
         self.router.peer_down(&peer.name);
+        self.sessions.registrar.handle_peer_down(&peer.name, now);
+        self.drain_sessions();
         self.tell_peers();
         let given_up = self.fwd.peer_down(&peer.name, &mut self.out);
         self.counters.stored_unconfirmed += given_up;
@@ -323,6 +343,14 @@ impl Gateway {
                 }
             },
             Frame::Retained(r) => self.receive_retained(from, r, now),
+            Frame::Registry(body) => {
+                if self.sessions.receive(from, body, now) {
+                    self.drain_sessions();
+                } else {
+                    self.counters.malformed += 1;
+                    tracing::warn!(node = %from, "bad session registry message from a cluster peer");
+                }
+            }
             Frame::Congestion { origin, congested } => {
                 if origin.shard >= self.cfg.shards {
                     self.counters.malformed += 1;
@@ -339,6 +367,23 @@ impl Gateway {
                 tracing::warn!(node = %from, "unexpected frame from a cluster peer; ignored");
             }
         }
+    }
+
+    /// Sends what the registrar produced: registry messages to peers, answers and orders to shards.
+    fn drain_sessions(&mut self) {
+        let mut out = sessions::Output::default();
+        self.sessions.drain(&mut out);
+        for (peer, bytes) in out.frames {
+            if !self.send_bytes(&peer, bytes) {
+                self.counters.registry_not_sent += 1;
+            }
+        }
+        self.out.extend(out.mesh);
+    }
+
+    /// What the session registry counted.
+    pub fn registrar_counters(&self) -> crate::registrar::RegistrarCounters {
+        self.sessions.registrar.counters()
     }
 
     /// Tells the shards which nodes this one is linked with now.
@@ -456,6 +501,10 @@ impl Gateway {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.router.handle_timeout(now);
+        if self.sessions.registrar.poll_timeout().is_some_and(|t| t <= now) {
+            self.sessions.registrar.handle_timeout(now);
+            self.drain_sessions();
+        }
         self.complete_interest();
         let late = self.fwd.expire(now, &mut self.out);
         if late > 0 {
@@ -478,6 +527,7 @@ impl Gateway {
             self.router.poll_timeout(),
             self.fwd.next_deadline(),
             Some(self.retained.next_prune_at(self.started)),
+            self.sessions.registrar.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -566,7 +616,12 @@ mod tests {
     fn ready_gateway(shards: u16, now: Instant) -> Gateway {
         let id = NodeIdentity::new("n1", ([127, 0, 0, 1], 7001).into(), "z", "r", 1);
         let zone = Zone::new(ZoneConfig::new(id), 1, now);
-        let cfg = GatewayConfig { shards, persistent: true, wall_ms_at_start: 1_800_000_000_000 };
+        let cfg = GatewayConfig {
+            shards,
+            persistent: true,
+            wall_ms_at_start: 1_800_000_000_000,
+            partition_mode: Default::default(),
+        };
         let mut g = Gateway::new(cfg, zone, now);
         let asks: Vec<_> = std::iter::from_fn(|| g.poll_mesh()).collect();
         assert_eq!(asks.len(), shards as usize, "ForwardAll to every shard");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use shardmq_wire::{topic, ConnAck, Connect, Packet, Properties, Protocol, ReasonCode};
 
 use super::session::{Session, WillState};
-use super::{owner_of, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer};
+use super::{owner_of, Mesh, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer};
 use crate::auth::guard::Identity;
 use crate::auth::Refusal;
 use crate::ConnId;
@@ -225,6 +225,9 @@ impl Shard {
             Some(a) => self.sessions.acls.insert(key, a),
             None => self.sessions.acls.remove(&key),
         };
+        if let Some(epoch) = self.sessions.registrations.granted_epoch.take() {
+            self.sessions.registrations.epochs.insert(key, epoch);
+        }
 
         let mut keepalive_s = c.keep_alive_s;
         let mut props = Properties::default();
@@ -291,14 +294,38 @@ impl Shard {
             0 => self.end_session(key, now),
             u32::MAX => {
                 let _ = self.persist_session(key);
+                self.unregister(key, true);
             }
             secs => {
                 let at = now + Duration::from_secs(secs as u64);
                 s.expires_at = Some(at);
                 self.arm(at, Timer::Expiry(key));
                 let _ = self.persist_session(key);
+                self.unregister(key, true);
             }
         }
+    }
+
+    /// Tells the zone's registry (through the gateway) that the session's connection went (`kept`) or
+    /// that the session ended.
+    fn unregister(&mut self, key: SessionKey, kept: bool) {
+        let (Some(gateway), Some(s)) = (self.gateway(), self.sessions.map.get(&key)) else { return };
+        let epochs = &mut self.sessions.registrations.epochs;
+        let epoch = if kept { epochs.get(&key).copied() } else { epochs.remove(&key) };
+        let Some(epoch) = epoch else { return };
+        let client = s.client_id.clone();
+        self.send_mesh(gateway, Mesh::Unregister { client, epoch, kept });
+    }
+
+    /// A connection on another node took this session over (the zone's registry says so): its client,
+    /// if connected here, gets DISCONNECT 0x8E, and the session ends here.
+    pub(super) fn taken_over_elsewhere(&mut self, client: &str, now: Instant) {
+        let Some(key) = self.sessions.by_client.get(client, &self.sessions.map) else { return };
+        if let Some(conn) = self.sessions.map.get(&key).and_then(|s| s.conn) {
+            self.close_conn(conn, Some(ProtocolError::SessionTakenOver), now);
+        }
+        self.counters.sessions_taken_elsewhere += 1;
+        self.end_session(key, now);
     }
 
     /// What an offline session's Will and Expiry timers do once due: publish the will when its delay has
@@ -341,6 +368,7 @@ impl Shard {
         if self.sessions.map.get(&key).is_some_and(|s| s.will.is_some()) {
             self.publish_will(key, now);
         }
+        self.unregister(key, false);
         if let Some(s) = self.sessions.map.get_mut(&key) {
             s.expiry_s = 0;
             let _ = self.persist_session(key);

@@ -223,6 +223,8 @@ pub struct Counters {
     pub registrations: u64,
     pub registrations_refused: u64,
     pub registrations_timed_out: u64,
+    /// Sessions ended here because a connection on another node took them over.
+    pub sessions_taken_elsewhere: u64,
 }
 
 /// Who asks for a durability answer: the publishing shard and its token (see `persist`).
@@ -303,6 +305,19 @@ pub enum Mesh {
     Registered {
         token: u64,
         outcome: RegisterOutcome,
+    },
+    /// Gateway to shard: a connection on another node took over this node's session of `client`: end it
+    /// (DISCONNECT 0x8E to its connected client).
+    EndSession {
+        client: Arc<str>,
+    },
+    /// Shard to gateway: the connection of `client`'s session went (`kept`: the session stays here,
+    /// offline), or the session ended (`kept == false`).
+    Unregister {
+        client: Arc<str>,
+        /// The registry's epoch of the connection that went.
+        epoch: u64,
+        kept: bool,
     },
 }
 
@@ -816,8 +831,9 @@ impl Core for Shard {
             Mesh::RetainedHeld { .. } => {}
             Mesh::Congestion { session, congested } => self.set_congested(session, from, congested, now),
             Mesh::Registered { token, outcome } => self.registered(token, outcome, now),
+            Mesh::EndSession { client } => self.taken_over_elsewhere(&client, now),
             // Only the gateway registers client ids.
-            Mesh::Register { .. } => {}
+            Mesh::Register { .. } | Mesh::Unregister { .. } => {}
         }
         self.run_deferred(now);
     }

@@ -29,7 +29,7 @@ use crate::ConnId;
 pub enum RegisterOutcome {
     /// This node holds the session now; `session` is the client's session moved from the node that
     /// held it, if one did and it was persistent.
-    Granted { session: Option<Box<SessionTransfer>> },
+    Granted { session: Option<Box<SessionTransfer>>, epoch: u64 },
     /// Not registered (the id's owner is unreachable and the zone prefers consistency): CONNACK
     /// 0x88 Server unavailable (3.1.1: 3).
     Refused,
@@ -54,6 +54,11 @@ pub(super) struct Registrations {
     next_token: u64,
     /// Maps the Unix-time deadlines of moved sessions to this shard's clock (see [`Shard::set_wall_clock`]).
     pub(super) clock: Option<WallClock>,
+    /// The registry's epoch of each session's current connection, for the disconnect report (an old
+    /// connection's report, late, must not end a newer one's registration). Clustered nodes only.
+    pub(super) epochs: HashMap<super::SessionKey, u64>,
+    /// The epoch of the CONNECT being run again right now (see `run_registered`).
+    pub(super) granted_epoch: Option<u64>,
 }
 
 impl Registrations {
@@ -124,7 +129,7 @@ impl Shard {
         else {
             // Its connection is gone. A session moved here for it is installed all the same: it
             // was ended where it was, and its client will look for it here.
-            if let RegisterOutcome::Granted { session: Some(t) } = outcome {
+            if let RegisterOutcome::Granted { session: Some(t), .. } = outcome {
                 self.install_moved(&t, now);
             }
             return;
@@ -137,11 +142,13 @@ impl Shard {
                 // 3.1.1: return code 3, Server unavailable.
                 self.refuse(conn, held.protocol, ReasonCode::SERVER_UNAVAILABLE, now);
             }
-            RegisterOutcome::Granted { session } => {
+            RegisterOutcome::Granted { session, epoch } => {
                 if let Some(t) = session {
                     self.install_moved(&t, now);
                 }
+                self.sessions.registrations.granted_epoch = Some(epoch);
                 self.run_registered(conn, held, now);
+                self.sessions.registrations.granted_epoch = None;
             }
         }
     }

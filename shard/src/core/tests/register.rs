@@ -38,7 +38,7 @@ fn answer(sim: &mut Sim, shard: u16, token: u64, outcome: RegisterOutcome) {
 }
 
 fn granted() -> RegisterOutcome {
-    RegisterOutcome::Granted { session: None }
+    RegisterOutcome::Granted { session: None, epoch: 1 }
 }
 
 #[test]
@@ -112,7 +112,12 @@ fn a_session_moved_from_another_node_arrives_with_the_grant() {
             }
         });
         let (shard, token, _, _) = registrations(&mut sim).pop().unwrap();
-        answer(&mut sim, shard, token, RegisterOutcome::Granted { session: Some(Box::new(moved.clone())) });
+        answer(
+            &mut sim,
+            shard,
+            token,
+            RegisterOutcome::Granted { session: Some(Box::new(moved.clone())), epoch: 1 },
+        );
         assert!(sim.pop_connack(c), "{protocol:?}: session present");
         assert_eq!(sim.pop_publish(c).0, "m/1", "{protocol:?}");
     }

@@ -1,0 +1,48 @@
+"""Sessions in a zone of three shardmq nodes (issue "Cluster sessions"): one client id has one live
+session in the whole zone. What is not there yet (the session's state moving with it, wills published
+by the owners when a node dies) is not tested here."""
+
+import pytest
+
+from conftest import IS_MOSQUITTO, shardmq_has_flag
+from mqtt_client import V311, V5
+from test_cluster import zone  # noqa: F401  (the fixture)
+
+pytestmark = [
+    pytest.mark.shardmq_only,
+    pytest.mark.skipif(IS_MOSQUITTO or not shardmq_has_flag("--cluster-listen"),
+                       reason="needs shardmq with --cluster-listen"),
+]
+
+
+@pytest.mark.parametrize("version", [V311, V5], ids=["v311", "v5"])
+def test_a_client_id_connecting_on_another_node_takes_the_session_over(zone, clients, version):  # noqa: F811
+    n1, n2, n3 = zone(3)
+    cid = "roamer-%d" % version
+    first = clients(n1, cid, version)
+    second = clients(n2, cid, version)
+    reason = first.wait_disconnected(5.0)
+    if version == V5:
+        assert reason == 0x8E, "DISCONNECT Session taken over, got %r" % reason
+    # The newest connection is the live one, and it works across the zone.
+    assert second.subscribe("roam/t", qos=1) == [1]
+    pub = clients(n3, "roam-pub-%d" % version, version)
+    pub.publish("roam/t", b"to the newest", qos=1)
+    assert second.expect_one().payload == b"to the newest"
+    assert not second.disconnected.is_set()
+    # And back: the connection on n2 is the one taken over now.
+    third = clients(n1, cid, version)
+    second.wait_disconnected(5.0)
+    assert not third.disconnected.is_set()
+
+
+def test_partition_mode_is_checked(broker, clients, tmp_path):
+    import subprocess
+    from conftest import SHARDMQ_BIN
+    p = subprocess.run([SHARDMQ_BIN, "--listen", "127.0.0.1:0", "--in-memory", "--cluster-listen", "127.0.0.1:0",
+                        "--partition-mode", "sometimes"], capture_output=True, timeout=20, cwd=str(tmp_path))
+    assert p.returncode != 0 and b"--partition-mode must be available or consistent" in p.stderr, p.stderr
+    # A node alone owns every client id: consistent mode accepts its clients.
+    b = broker("--cluster-listen", "127.0.0.1:0", "--node-name", "solo", "--partition-mode", "consistent")
+    c = clients(b, "alone", V5)
+    assert c.subscribe("solo/t", qos=1) == [1]
