@@ -47,6 +47,7 @@ const T_INTEREST: u8 = 7;
 const T_RETAINED: u8 = 8;
 const T_CONGESTION: u8 = 9;
 const T_REGISTRY: u8 = 10;
+const T_SESSION: u8 = 11;
 
 /// A PUBLISH forwarded to a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +137,13 @@ pub enum Frame<'a> {
     },
     /// The body of a session registry message ([`registry::RegistryMsg`], [`registry::decode`]).
     Registry(&'a [u8]),
+    /// A session handed to the node that took it over: its client id, the registry epoch of the
+    /// connection it goes to, and the session's state (empty when there was none to move).
+    Session {
+        client: &'a str,
+        epoch: u64,
+        state: &'a [u8],
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -252,6 +260,12 @@ pub fn encode(f: &Frame<'_>, out: &mut Vec<u8>) {
         Frame::Registry(b) => {
             body.extend_from_slice(b);
             T_REGISTRY
+        }
+        Frame::Session { client, epoch, state } => {
+            put_bytes(&mut body, client.as_bytes());
+            put_varint(&mut body, *epoch);
+            body.extend_from_slice(state);
+            T_SESSION
         }
         Frame::Congestion { origin, congested } => {
             put_varint(&mut body, origin.shard as u64);
@@ -469,6 +483,17 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
         T_RECEIVED => Frame::Received { seq: f.varint()? },
         T_INTEREST => Frame::Interest(f.take(len - 1)?),
         T_REGISTRY => Frame::Registry(f.take(len - 1)?),
+        T_SESSION => {
+            let start = f.pos();
+            let n = f.varint()?;
+            let n = usize::try_from(n).map_err(|_| LinkError::Malformed("session client id"))?;
+            let client =
+                std::str::from_utf8(f.take(n)?).map_err(|_| LinkError::Malformed("session client id"))?;
+            let epoch = f.varint()?;
+            let used = f.pos() - start;
+            let rest = (len - 1).checked_sub(used).ok_or(LinkError::Malformed("session frame"))?;
+            Frame::Session { client, epoch, state: f.take(rest)? }
+        }
         T_RETAINED => {
             let flags = f.u8()?;
             if flags & !(0x03 | R_CLEAR | R_EXPIRY) != 0 || flags & 0x03 == 3 {
@@ -670,6 +695,7 @@ fn owned(f: Frame<'_>) -> OwnedHandshakeFrame {
         Frame::Retained(_) => OwnedHandshakeFrame::Other("Retained"),
         Frame::Congestion { .. } => OwnedHandshakeFrame::Other("Congestion"),
         Frame::Registry(_) => OwnedHandshakeFrame::Other("Registry"),
+        Frame::Session { .. } => OwnedHandshakeFrame::Other("Session"),
     }
 }
 
@@ -790,6 +816,8 @@ mod tests {
         let frames = vec![
             Frame::Hello { version: LINK_VERSION, identity: id("n", 5), nonce: [3; 16], registry_hash: "h" },
             Frame::Registry(b"\x08\x01c\x01"),
+            Frame::Session { client: "c1", epoch: 7, state: b"state" },
+            Frame::Session { client: "", epoch: 1, state: b"" },
             Frame::Proof { tag: vec![1, 2, 3] },
             Frame::Refuse { reason: "no" },
             Frame::Forward(Forward {

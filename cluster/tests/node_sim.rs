@@ -61,6 +61,8 @@ struct Client {
     next_pid: u16,
     /// The reason of a DISCONNECT the broker sent.
     disconnected: Option<ReasonCode>,
+    /// What its CONNACK said.
+    session_present: bool,
 }
 
 struct Node {
@@ -262,6 +264,7 @@ impl Client {
                     Packet::ConnAck(a) => {
                         assert_eq!(a.reason, ReasonCode::SUCCESS, "CONNACK refused");
                         self.connacked = true;
+                        self.session_present = a.session_present;
                         None
                     }
                     Packet::SubAck(a) => {
@@ -443,6 +446,10 @@ impl Sim {
         let shared = Arc::new(NodeShared::new(s));
         let mut shards: Vec<Shard> =
             (0..s).map(|i| Shard::new(ShardId(i), s, cfg.clone(), shared.clone())).collect();
+        for shard in &mut shards {
+            // As the broker does: deadlines of sessions moved between nodes travel as Unix time.
+            shard.set_wall_clock(WallClock { base: now, base_unix_ms: wall });
+        }
         let data = self.durable.then(|| {
             let dir = tempfile::tempdir().expect("a temporary directory");
             let sc = StorageConfig {
@@ -568,6 +575,11 @@ impl Sim {
     /// Connects a client with `id` on node `slot` (on the shard that owns it there) and waits for its
     /// CONNACK.
     fn connect_id(&mut self, slot: usize, id: &str) -> C {
+        self.connect_with(slot, id, true)
+    }
+
+    /// As `connect_id`; `clean == false`: a persistent session (an hour's expiry).
+    fn connect_with(&mut self, slot: usize, id: &str, clean: bool) -> C {
         let shard = owner_of(id, self.shards[slot]).0;
         let c = self.hosts.clients.len();
         let conn = ConnId(self.hosts.next_conn);
@@ -575,15 +587,20 @@ impl Sim {
         let now = self.wire.now;
         let life = self.node(slot).life;
         self.node(slot).shards[shard as usize].handle_accept(conn, now);
+        let properties = if clean {
+            Properties::default()
+        } else {
+            Properties { session_expiry_interval_s: Some(3600), ..Default::default() }
+        };
         let connect = Connect {
             protocol: Protocol::V5,
-            clean_start: true,
+            clean_start: clean,
             keep_alive_s: 0,
             client_id: id,
             will: None,
             username: None,
             password: None,
-            properties: Properties::default(),
+            properties,
         };
         self.hosts.clients.push(Client {
             node: slot,
@@ -601,6 +618,7 @@ impl Sim {
             got: Vec::new(),
             next_pid: 1,
             disconnected: None,
+            session_present: false,
         });
         self.hosts.settle(slot, &mut self.wire);
         // The CONNACK waits for the zone's session registry: the id's owner may be another node (or,
@@ -1238,5 +1256,45 @@ fn one_session_per_id(seed: u64) {
 fn a_client_id_has_one_live_session_in_the_zone() {
     for seed in seeds() {
         one_session_per_id(seed);
+    }
+}
+
+/// A persistent session moves with its client: subscribed on one node, offline while QoS 1 messages are
+/// published for it from a third, then reconnecting on another node: session present, every queued
+/// message there, and its subscription routes to its new node.
+fn session_moves(seed: u64) {
+    let n = 3;
+    let mut sim = Sim::new(seed, n);
+    sim.wait_all_up(Duration::from_secs(5));
+    let mut rng = Rng(seed ^ 0x5e55);
+    let id = format!("mover-{}", rng.below(1000));
+    let home = rng.below(n as u64) as usize;
+    let away = (home + 1 + rng.below(n as u64 - 1) as usize) % n;
+    let c = sim.connect_with(home, &id, false);
+    let pid = sim.subscribe(c, "moved/#");
+    assert!(sim
+        .run_until(Duration::from_secs(3), |sim| sim.hosts.clients[c].subacks.contains_key(&pid))
+        .is_some());
+    sim.disconnect(c);
+    let p = sim.connect((away + 1) % n, 0);
+    for i in 0..5 {
+        sim.publish_raw(p, &format!("moved/{i}"), b"queued", QoS::AtLeastOnce, false, i + 1);
+    }
+    sim.run(Duration::from_millis(500));
+    let back = sim.connect_with(away, &id, false);
+    assert!(sim.hosts.clients[back].session_present, "seed {seed}: session present on the new node");
+    let got = sim.run_until(Duration::from_secs(3), |sim| sim.hosts.clients[back].got.len() >= 5);
+    assert!(got.is_some(), "seed {seed}: queued messages: {:?}", sim.hosts.clients[back].got);
+    sim.publish_raw(p, "moved/after", b"live", QoS::AtLeastOnce, false, 9);
+    let live = sim.run_until(Duration::from_secs(3), |sim| {
+        sim.hosts.clients[back].got.iter().any(|g| g.0 == "moved/after")
+    });
+    assert!(live.is_some(), "seed {seed}: the subscription routes to the new node");
+}
+
+#[test]
+fn a_persistent_session_moves_to_the_node_its_client_reconnects_to() {
+    for seed in seeds() {
+        session_moves(seed);
     }
 }

@@ -5,7 +5,7 @@ by the owners when a node dies) is not tested here."""
 import pytest
 
 from conftest import IS_MOSQUITTO, shardmq_has_flag
-from mqtt_client import V311, V5
+from mqtt_client import V311, V5, connect_props
 from test_cluster import zone  # noqa: F401  (the fixture)
 
 pytestmark = [
@@ -46,3 +46,25 @@ def test_partition_mode_is_checked(broker, clients, tmp_path):
     b = broker("--cluster-listen", "127.0.0.1:0", "--node-name", "solo", "--partition-mode", "consistent")
     c = clients(b, "alone", V5)
     assert c.subscribe("solo/t", qos=1) == [1]
+
+
+@pytest.mark.parametrize("version", [V311, V5], ids=["v311", "v5"])
+def test_a_persistent_session_and_its_queued_messages_follow_the_client(zone, clients, version):  # noqa: F811
+    n1, n2, n3 = zone(3)
+    cid = "follower-%d" % version
+    props = {"properties": connect_props(SessionExpiryInterval=3600)} if version == V5 else {}
+    home = clients(n1, cid, version, clean=False, **props)
+    assert home.subscribe("follow/#", qos=1) == [1]
+    home.disconnect()
+    pub = clients(n3, "follow-pub-%d" % version, version)
+    for i in range(5):
+        pub.publish("follow/%d" % i, b"queued %d" % i, qos=1)
+    away = clients(n2, cid, version, clean=False, **props)
+    assert away.session_present, "the session moved with its client"
+    got = sorted(m.payload for m in away.expect(5, timeout=5.0))
+    assert got == sorted(b"queued %d" % i for i in range(5))
+    # The subscription now routes to the new node; nothing is left behind on the old one.
+    pub.publish("follow/live", b"live", qos=1)
+    assert away.expect_one().payload == b"live"
+    back_home = clients(n1, cid + "-probe", version)
+    back_home.expect_none(0.3)

@@ -25,7 +25,7 @@ mod congestion;
 mod forward;
 mod interest;
 mod retained;
-mod sessions;
+pub mod sessions;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -234,11 +234,16 @@ impl Gateway {
             }
             Mesh::Register { token, client, clean_start } => {
                 self.sessions.register(from, token, &client, clean_start, now);
-                self.drain_sessions();
+                self.drain_sessions(now);
             }
             Mesh::Unregister { client, epoch, kept } => {
                 self.sessions.unregister(&client, epoch, kept, now);
-                self.drain_sessions();
+                self.drain_sessions(now);
+            }
+            Mesh::Exported { client, state } => {
+                let mut out = sessions::Output::default();
+                self.sessions.exported(&client, state, &mut out);
+                self.apply_sessions(out);
             }
             Mesh::ForwardAll { .. }
             | Mesh::Peers { .. }
@@ -297,7 +302,7 @@ impl Gateway {
         tracing::info!(node = %peer.name, addr = %peer.addr, "cluster peer linked");
         self.router.peer_up(peer.name.clone());
         self.sessions.registrar.handle_peer_up(&peer.name, now);
-        self.drain_sessions();
+        self.drain_sessions(now);
         self.tell_peers();
         self.flush_announcements();
         self.send_retained_snapshot(&peer.name, now);
@@ -308,7 +313,10 @@ impl Gateway {
         tracing::warn!(node = %peer.name, addr = %peer.addr, reason, "cluster peer unlinked");
         self.router.peer_down(&peer.name);
         self.sessions.registrar.handle_peer_down(&peer.name, now);
-        self.drain_sessions();
+        let mut out = sessions::Output::default();
+        self.sessions.peer_down(&peer.name, &mut out);
+        self.apply_sessions(out);
+        self.drain_sessions(now);
         self.tell_peers();
         let given_up = self.fwd.peer_down(&peer.name, &mut self.out);
         self.counters.stored_unconfirmed += given_up;
@@ -343,9 +351,17 @@ impl Gateway {
                 }
             },
             Frame::Retained(r) => self.receive_retained(from, r, now),
+            Frame::Session { client, epoch, state } => {
+                let mut out = sessions::Output::default();
+                if !self.sessions.session_from(from, client, epoch, state, now, &mut out) {
+                    self.counters.malformed += 1;
+                    tracing::warn!(node = %from, %client, "a moved session that does not decode; a new one starts");
+                }
+                self.apply_sessions(out);
+            }
             Frame::Registry(body) => {
                 if self.sessions.receive(from, body, now) {
-                    self.drain_sessions();
+                    self.drain_sessions(now);
                 } else {
                     self.counters.malformed += 1;
                     tracing::warn!(node = %from, "bad session registry message from a cluster peer");
@@ -370,9 +386,13 @@ impl Gateway {
     }
 
     /// Sends what the registrar produced: registry messages to peers, answers and orders to shards.
-    fn drain_sessions(&mut self) {
+    fn drain_sessions(&mut self, now: Instant) {
         let mut out = sessions::Output::default();
-        self.sessions.drain(&mut out);
+        self.sessions.drain(now, &mut out);
+        self.apply_sessions(out);
+    }
+
+    fn apply_sessions(&mut self, out: sessions::Output) {
         for (peer, bytes) in out.frames {
             if !self.send_bytes(&peer, bytes) {
                 self.counters.registry_not_sent += 1;
@@ -384,6 +404,11 @@ impl Gateway {
     /// What the session registry counted.
     pub fn registrar_counters(&self) -> crate::registrar::RegistrarCounters {
         self.sessions.registrar.counters()
+    }
+
+    /// What moving sessions between nodes counted.
+    pub fn session_counters(&self) -> sessions::SessionCounters {
+        self.sessions.counters
     }
 
     /// Tells the shards which nodes this one is linked with now.
@@ -501,10 +526,10 @@ impl Gateway {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.router.handle_timeout(now);
-        if self.sessions.registrar.poll_timeout().is_some_and(|t| t <= now) {
-            self.sessions.registrar.handle_timeout(now);
-            self.drain_sessions();
-        }
+        let mut out = sessions::Output::default();
+        self.sessions.handle_timeout(now, &mut out);
+        self.apply_sessions(out);
+        self.drain_sessions(now);
         self.complete_interest();
         let late = self.fwd.expire(now, &mut self.out);
         if late > 0 {
@@ -527,7 +552,7 @@ impl Gateway {
             self.router.poll_timeout(),
             self.fwd.next_deadline(),
             Some(self.retained.next_prune_at(self.started)),
-            self.sessions.registrar.poll_timeout(),
+            self.sessions.next_deadline(),
         ]
         .into_iter()
         .flatten()

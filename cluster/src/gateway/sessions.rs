@@ -1,31 +1,81 @@
-//! The gateway's side of cluster sessions: it drives the node's [`Registrar`] for the shards.
+//! The gateway's side of cluster sessions: it drives the node's [`Registrar`] for the shards and moves
+//! sessions between nodes.
 //!
-//! A shard holding a CONNECT asks for a registration ([`Mesh::Register`]); the registrar's grant or
-//! refusal goes back to it ([`Mesh::Registered`]). When another node's connection supersedes a session of
-//! this node, the registrar says so ([`RegistrarEvent::EndSession`]) and the session's shard ends it
-//! ([`Mesh::EndSession`]: DISCONNECT 0x8E to a connected client). Shards report sessions whose connection
-//! went or that ended ([`Mesh::Unregister`]), which the registrar passes to the owners.
+//! - A shard holding a CONNECT asks for a registration ([`Mesh::Register`]). A refusal goes back at once
+//!   ([`Mesh::Registered`]); so does a grant when no other node held the session. When another node held
+//!   it, the grant waits (at most [`TRANSFER_TIMEOUT`], or until that node goes down) for the session
+//!   itself, which then arrives with it and is installed before the CONNECT runs: session present.
+//! - When another node's connection supersedes a session of this node, the registrar says so
+//!   ([`RegistrarEvent::EndSession`]): the session's shard ends it, exporting it unless the new
+//!   connection started clean ([`Mesh::EndSession`]: DISCONNECT 0x8E to a connected client), and hands
+//!   what it exported back ([`Mesh::Exported`]), which goes to the successor in a [`Frame::Session`].
+//! - Shards report connections that went and sessions that ended, with their epoch
+//!   ([`Mesh::Unregister`]).
 //!
-//! What it does not do yet: move the session's state to the successor (the successor starts a new
-//! session: session present 0), carry wills in registrations (so wills on node loss are not published by
-//! the owners), or re-register sessions restored from the log.
+//! What it does not do yet: carry wills in registrations (the owners cannot publish the wills of a lost
+//! node's clients), re-register sessions restored from the log, or a two-phase hand-over (a session is
+//! ended where it was once exported: lost if the transfer is).
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use shardmq_shard::core::{owner_of, Mesh, RegisterOutcome};
+use shardmq_shard::core::{owner_of, Mesh, RegisterOutcome, SessionTransfer};
 use shardmq_shard::ShardId;
 
 use crate::link::registry as reg;
+use crate::link::{self, Frame};
 use crate::registrar::{Registrar, RegistrarConfig, RegistrarEvent, RequestId};
 use crate::NodeName;
+
+/// How long a grant waits for the session from the node that held it before the CONNECT goes on with
+/// a new session.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A grant waiting for its session.
+struct Awaiting {
+    shard: ShardId,
+    token: u64,
+    epoch: u64,
+    from: NodeName,
+    deadline: Instant,
+}
+
+/// A session that came before its grant (the grant travels from the id's owner, the session from the
+/// node that held it: two links, no order between them).
+struct Early {
+    from: NodeName,
+    epoch: u64,
+    transfer: Option<Box<SessionTransfer>>,
+    deadline: Instant,
+}
 
 /// What the gateway keeps for the registrar.
 pub(super) struct Sessions {
     pub(super) registrar: Registrar,
+    me: NodeName,
     /// Registrations a shard waits for: its CONNECT's token.
     waiting: HashMap<RequestId, (ShardId, u64)>,
+    /// Grants waiting for the session from its previous node, by client id.
+    awaiting: HashMap<Arc<str>, Awaiting>,
+    /// Sessions waiting for their grant, by client id.
+    early: HashMap<Arc<str>, Early>,
+    /// Sessions this node's shards are ending for a successor: where to send what they export.
+    ending: HashMap<Arc<str>, (NodeName, u64)>,
     shards: u16,
+    pub(super) counters: SessionCounters,
+}
+
+/// What moving sessions counted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCounters {
+    /// Sessions sent to the node that took them over, and received from the node that held them.
+    pub sessions_sent: u64,
+    pub sessions_received: u64,
+    /// Grants that went on without the session: it did not come in time, or its node went down.
+    pub sessions_not_received: u64,
+    /// Sessions that came after their grant went on (dropped: the client has a new session).
+    pub sessions_late: u64,
 }
 
 /// What the gateway must do after the registrar ran: frames for peers, messages for shards.
@@ -37,7 +87,16 @@ pub(super) struct Output {
 
 impl Sessions {
     pub(super) fn new(me: NodeName, cfg: RegistrarConfig, shards: u16, now: Instant) -> Sessions {
-        Sessions { registrar: Registrar::new(me, cfg, now), waiting: HashMap::new(), shards }
+        Sessions {
+            registrar: Registrar::new(me.clone(), cfg, now),
+            me,
+            waiting: HashMap::new(),
+            awaiting: HashMap::new(),
+            early: HashMap::new(),
+            ending: HashMap::new(),
+            shards,
+            counters: SessionCounters::default(),
+        }
     }
 
     pub(super) fn register(
@@ -69,20 +128,129 @@ impl Sessions {
         }
     }
 
+    /// A shard exported (or ended) a session this node lost to a successor: send it there.
+    pub(super) fn exported(&mut self, client: &str, state: Option<Box<SessionTransfer>>, out: &mut Output) {
+        let Some((successor, epoch)) = self.ending.remove(client) else { return };
+        let bytes = state.map(|t| t.encode()).unwrap_or_default();
+        let mut frame = Vec::with_capacity(bytes.len() + client.len() + 16);
+        link::encode(&Frame::Session { client, epoch, state: &bytes }, &mut frame);
+        self.counters.sessions_sent += !bytes.is_empty() as u64;
+        out.frames.push((successor, frame));
+    }
+
+    /// The session of `client` from the node that held it; `false` when its state did not decode.
+    pub(super) fn session_from(
+        &mut self,
+        from: &NodeName,
+        client: &str,
+        epoch: u64,
+        state: &[u8],
+        now: Instant,
+        out: &mut Output,
+    ) -> bool {
+        let transfer = if state.is_empty() {
+            None
+        } else {
+            match SessionTransfer::decode(state) {
+                Ok(t) if *t.client_id == *client => Some(Box::new(t)),
+                _ => {
+                    self.answer_without(client, out);
+                    return false;
+                }
+            }
+        };
+        let matches = self.awaiting.get(client).is_some_and(|a| a.epoch == epoch && a.from == *from);
+        if !matches {
+            // Its grant may still be on its way: kept until it comes (or for as long as a grant waits).
+            let deadline = now + TRANSFER_TIMEOUT;
+            self.early.insert(client.into(), Early { from: from.clone(), epoch, transfer, deadline });
+            return true;
+        }
+        let a = self.awaiting.remove(client).expect("checked above");
+        self.counters.sessions_received += transfer.is_some() as u64;
+        let outcome = RegisterOutcome::Granted { session: transfer, epoch: a.epoch };
+        out.mesh.push((a.shard, Mesh::Registered { token: a.token, outcome }));
+        true
+    }
+
+    fn answer_without(&mut self, client: &str, out: &mut Output) {
+        if let Some(a) = self.awaiting.remove(client) {
+            self.counters.sessions_not_received += 1;
+            let outcome = RegisterOutcome::Granted { session: None, epoch: a.epoch };
+            out.mesh.push((a.shard, Mesh::Registered { token: a.token, outcome }));
+        }
+    }
+
+    /// `peer` went down: grants waiting for a session from it go on without.
+    pub(super) fn peer_down(&mut self, peer: &NodeName, out: &mut Output) {
+        let lost: Vec<Arc<str>> =
+            self.awaiting.iter().filter(|(_, a)| a.from == *peer).map(|(c, _)| c.clone()).collect();
+        for c in lost {
+            self.answer_without(&c, out);
+        }
+        self.ending.retain(|_, (to, _)| to != peer);
+    }
+
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        let grants = self.awaiting.values().map(|a| a.deadline).min();
+        let early = self.early.values().map(|e| e.deadline).min();
+        [self.registrar.poll_timeout(), grants, early].into_iter().flatten().min()
+    }
+
+    pub(super) fn handle_timeout(&mut self, now: Instant, out: &mut Output) {
+        if self.registrar.poll_timeout().is_some_and(|t| t <= now) {
+            self.registrar.handle_timeout(now);
+        }
+        self.early.retain(|client, e| {
+            let keep = e.deadline > now;
+            if !keep && e.transfer.is_some() {
+                self.counters.sessions_late += 1;
+                tracing::warn!(%client, "a moved session whose connection never came here; dropped");
+            }
+            keep
+        });
+        let late: Vec<Arc<str>> =
+            self.awaiting.iter().filter(|(_, a)| a.deadline <= now).map(|(c, _)| c.clone()).collect();
+        for c in late {
+            tracing::warn!(client = %c, "the session did not come from the node that held it in time; a new one starts");
+            self.answer_without(&c, out);
+        }
+    }
+
     /// What the registrar has to send and say, turned into frames and shard messages.
-    pub(super) fn drain(&mut self, out: &mut Output) {
+    pub(super) fn drain(&mut self, now: Instant, out: &mut Output) {
         while let Some((to, m)) = self.registrar.poll_transmit() {
             out.frames.push((to, reg::frame(&m)));
         }
         while let Some(ev) = self.registrar.poll_event() {
             match ev {
-                RegistrarEvent::Granted { request, client, provisional, epoch, .. } => {
+                RegistrarEvent::Granted { request, client, epoch, previous, provisional } => {
                     if provisional {
                         tracing::debug!(%client, "registration granted here provisionally (owner unreachable)");
                     }
-                    if let Some((shard, token)) = self.waiting.remove(&request) {
-                        let outcome = RegisterOutcome::Granted { session: None, epoch };
-                        out.mesh.push((shard, Mesh::Registered { token, outcome }));
+                    let Some((shard, token)) = self.waiting.remove(&request) else { continue };
+                    match previous {
+                        Some(p) if p.holder != self.me => {
+                            let came =
+                                self.early.remove(&client).filter(|e| e.from == p.holder && e.epoch == epoch);
+                            if let Some(e) = came {
+                                self.counters.sessions_received += e.transfer.is_some() as u64;
+                                let outcome = RegisterOutcome::Granted { session: e.transfer, epoch };
+                                out.mesh.push((shard, Mesh::Registered { token, outcome }));
+                                continue;
+                            }
+                            let deadline = now + TRANSFER_TIMEOUT;
+                            let a = Awaiting { shard, token, epoch, from: p.holder, deadline };
+                            // A newer CONNECT of the same id supersedes an older one still waiting.
+                            if let Some(old) = self.awaiting.insert(client, a) {
+                                let outcome = RegisterOutcome::Granted { session: None, epoch: old.epoch };
+                                out.mesh.push((old.shard, Mesh::Registered { token: old.token, outcome }));
+                            }
+                        }
+                        _ => {
+                            let outcome = RegisterOutcome::Granted { session: None, epoch };
+                            out.mesh.push((shard, Mesh::Registered { token, outcome }));
+                        }
                     }
                 }
                 RegistrarEvent::Refused { request, client } => {
@@ -91,11 +259,11 @@ impl Sessions {
                         out.mesh.push((shard, Mesh::Registered { token, outcome: RegisterOutcome::Refused }));
                     }
                 }
-                RegistrarEvent::EndSession { client, successor, discard, .. } => {
-                    // Not moved yet (see the module docs): ended here either way.
+                RegistrarEvent::EndSession { client, successor, successor_epoch, discard, .. } => {
                     tracing::debug!(%client, %successor, discard, "session taken over by another node");
                     let shard = owner_of(&client, self.shards);
-                    out.mesh.push((shard, Mesh::EndSession { client }));
+                    self.ending.insert(client.clone(), (successor, successor_epoch));
+                    out.mesh.push((shard, Mesh::EndSession { client, export: !discard }));
                 }
                 RegistrarEvent::PublishWill { client, .. } => {
                     // Registrations carry no will yet (`register` passes none), so none is due.

@@ -318,14 +318,27 @@ impl Shard {
     }
 
     /// A connection on another node took this session over (the zone's registry says so): its client,
-    /// if connected here, gets DISCONNECT 0x8E, and the session ends here.
-    pub(super) fn taken_over_elsewhere(&mut self, client: &str, now: Instant) {
-        let Some(key) = self.sessions.by_client.get(client, &self.sessions.map) else { return };
-        if let Some(conn) = self.sessions.map.get(&key).and_then(|s| s.conn) {
-            self.close_conn(conn, Some(ProtocolError::SessionTakenOver), now);
+    /// if connected here, gets DISCONNECT 0x8E, and the session leaves: exported for the node that took
+    /// it over (`export`), or ended (its new connection started clean). The gateway hears what left.
+    pub(super) fn taken_over_elsewhere(&mut self, client: Arc<str>, export: bool, now: Instant) {
+        let mut state = None;
+        if let Some(key) = self.sessions.by_client.get(&client, &self.sessions.map) {
+            self.counters.sessions_taken_elsewhere += 1;
+            match (export, self.wall_clock()) {
+                (true, Some(clock)) => {
+                    state = self.export_session(&client, &clock, now).map(|e| Box::new(e.transfer));
+                }
+                _ => {
+                    if let Some(conn) = self.sessions.map.get(&key).and_then(|s| s.conn) {
+                        self.close_conn(conn, Some(ProtocolError::SessionTakenOver), now);
+                    }
+                    self.end_session(key, now);
+                }
+            }
         }
-        self.counters.sessions_taken_elsewhere += 1;
-        self.end_session(key, now);
+        if let Some(gateway) = self.gateway() {
+            self.send_mesh(gateway, Mesh::Exported { client, state });
+        }
     }
 
     /// What an offline session's Will and Expiry timers do once due: publish the will when its delay has

@@ -307,9 +307,17 @@ pub enum Mesh {
         outcome: RegisterOutcome,
     },
     /// Gateway to shard: a connection on another node took over this node's session of `client`: end it
-    /// (DISCONNECT 0x8E to its connected client).
+    /// (DISCONNECT 0x8E to its connected client), exporting it (`export`, unless the new connection
+    /// started clean), and answer [`Mesh::Exported`].
     EndSession {
         client: Arc<str>,
+        export: bool,
+    },
+    /// Shard to gateway: the answer to [`Mesh::EndSession`], with the session exported, if there was one
+    /// to export.
+    Exported {
+        client: Arc<str>,
+        state: Option<Box<SessionTransfer>>,
     },
     /// Shard to gateway: the connection of `client`'s session went (`kept`: the session stays here,
     /// offline), or the session ended (`kept == false`).
@@ -831,9 +839,9 @@ impl Core for Shard {
             Mesh::RetainedHeld { .. } => {}
             Mesh::Congestion { session, congested } => self.set_congested(session, from, congested, now),
             Mesh::Registered { token, outcome } => self.registered(token, outcome, now),
-            Mesh::EndSession { client } => self.taken_over_elsewhere(&client, now),
-            // Only the gateway registers client ids.
-            Mesh::Register { .. } | Mesh::Unregister { .. } => {}
+            Mesh::EndSession { client, export } => self.taken_over_elsewhere(client, export, now),
+            // Only the gateway registers client ids and moves sessions.
+            Mesh::Register { .. } | Mesh::Unregister { .. } | Mesh::Exported { .. } => {}
         }
         self.run_deferred(now);
     }
