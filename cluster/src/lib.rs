@@ -38,13 +38,13 @@
 //!   registrations moved and sessions re-registered on membership changes, conflicts after partitions
 //!   or restarts ended on merge, wills of a lost node's clients published once by the owners after their
 //!   delay; its messages travel in [`link::Frame::Registry`] (`tests/registrar_sim.rs` runs 3 to 5
-//!   registrars over a simulated zone with crashes and partitions). Not wired into the gateway and the
-//!   shards yet.
+//!   registrars over a simulated zone with crashes and partitions). The gateway drives it for the
+//!   shards (`gateway::sessions`).
 //!
 //! What it does not do: touch sockets, clocks or the OS's randomness (the caller seeds [`Zone::new`]; the
-//! socket side is the runtime's cluster thread), TLS on links, links between zones or regions, or
-//! sessions across nodes in the running broker (a client id is unique per node only until the
-//! registrar is wired in; issue "Cluster sessions").
+//! socket side is the runtime's cluster thread), TLS on links, links between zones or regions, wills in
+//! registrations (a dead node's clients' wills are not published by the owners yet), or re-registering
+//! sessions restored from a node's log.
 
 mod bytes;
 pub mod frame;

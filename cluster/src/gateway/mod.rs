@@ -15,11 +15,14 @@
 //!   peer it went to to confirm it stored it; a peer that goes down or does not answer in time is not waited
 //!   for (counted and logged: its subscribers did not get the message, and will not);
 //! - **retained messages**: replicated to every peer, last writer wins by (hybrid logical clock, node
-//!   name); a peer that comes up gets the whole replica ([`retained`]).
+//!   name); a peer that comes up gets the whole replica ([`retained`]);
+//! - **sessions**: it drives the node's session registrar: a CONNECT waits for its registration, a
+//!   session another node's connection took over is exported by its shard and sent there, and a grant
+//!   waits for the session it takes over ([`sessions`]).
 //!
-//! What it does not do: sockets and clocks (the runtime's cluster thread drives it), sessions across nodes
-//! (a client id is unique per node only; next issue), or remembering retained messages restored from the
-//! log before the node joined (peers learn them when they are published again).
+//! What it does not do: sockets and clocks (the runtime's cluster thread drives it), or remembering
+//! retained messages restored from the log before the node joined (peers learn them when they are
+//! published again).
 
 mod congestion;
 mod forward;
