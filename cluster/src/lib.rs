@@ -42,9 +42,8 @@
 //!   shards (`gateway::sessions`).
 //!
 //! What it does not do: touch sockets, clocks or the OS's randomness (the caller seeds [`Zone::new`]; the
-//! socket side is the runtime's cluster thread), TLS on links, links between zones or regions, wills in
-//! registrations (a dead node's clients' wills are not published by the owners yet), or re-registering
-//! sessions restored from a node's log.
+//! socket side is the runtime's cluster thread), TLS on links, links between zones or regions, or
+//! re-registering sessions restored from a node's log.
 
 mod bytes;
 pub mod frame;

@@ -30,7 +30,7 @@ use shardmq_shard::{ConnId, ShardId};
 use shardmq_storage::FsyncPolicy;
 use shardmq_wire::{
     decode, encode, Ack, Connect, Packet, PacketId, Properties, Protocol, Publish, QoS, ReasonCode,
-    SubOptions, Subscribe,
+    SubOptions, Subscribe, Will,
 };
 
 use support::{addr, name, Hosts, Rng, Wire};
@@ -575,11 +575,11 @@ impl Sim {
     /// Connects a client with `id` on node `slot` (on the shard that owns it there) and waits for its
     /// CONNACK.
     fn connect_id(&mut self, slot: usize, id: &str) -> C {
-        self.connect_with(slot, id, true)
+        self.connect_with(slot, id, true, None)
     }
 
     /// As `connect_id`; `clean == false`: a persistent session (an hour's expiry).
-    fn connect_with(&mut self, slot: usize, id: &str, clean: bool) -> C {
+    fn connect_with(&mut self, slot: usize, id: &str, clean: bool, will_topic: Option<&str>) -> C {
         let shard = owner_of(id, self.shards[slot]).0;
         let c = self.hosts.clients.len();
         let conn = ConnId(self.hosts.next_conn);
@@ -597,7 +597,13 @@ impl Sim {
             clean_start: clean,
             keep_alive_s: 0,
             client_id: id,
-            will: None,
+            will: will_topic.map(|topic| Will {
+                topic,
+                payload: b"gone",
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Properties::default(),
+            }),
             username: None,
             password: None,
             properties,
@@ -1270,7 +1276,7 @@ fn session_moves(seed: u64) {
     let id = format!("mover-{}", rng.below(1000));
     let home = rng.below(n as u64) as usize;
     let away = (home + 1 + rng.below(n as u64 - 1) as usize) % n;
-    let c = sim.connect_with(home, &id, false);
+    let c = sim.connect_with(home, &id, false, None);
     let pid = sim.subscribe(c, "moved/#");
     assert!(sim
         .run_until(Duration::from_secs(3), |sim| sim.hosts.clients[c].subacks.contains_key(&pid))
@@ -1281,7 +1287,7 @@ fn session_moves(seed: u64) {
         sim.publish_raw(p, &format!("moved/{i}"), b"queued", QoS::AtLeastOnce, false, i + 1);
     }
     sim.run(Duration::from_millis(500));
-    let back = sim.connect_with(away, &id, false);
+    let back = sim.connect_with(away, &id, false, None);
     assert!(sim.hosts.clients[back].session_present, "seed {seed}: session present on the new node");
     let got = sim.run_until(Duration::from_secs(3), |sim| sim.hosts.clients[back].got.len() >= 5);
     assert!(got.is_some(), "seed {seed}: queued messages: {:?}", sim.hosts.clients[back].got);
@@ -1296,5 +1302,50 @@ fn session_moves(seed: u64) {
 fn a_persistent_session_moves_to_the_node_its_client_reconnects_to() {
     for seed in seeds() {
         session_moves(seed);
+    }
+}
+
+/// A node dies with connected clients that have wills: the owners of their ids publish each will once,
+/// to subscribers on the nodes that are left.
+fn wills_of_a_lost_node(seed: u64) {
+    let n = 3;
+    let mut sim = Sim::new(seed, n);
+    sim.wait_all_up(Duration::from_secs(5));
+    let mut rng = Rng(seed ^ 0x3111);
+    let doomed = rng.below(n as u64) as usize;
+    let watcher_node = (doomed + 1) % n;
+    let watcher = sim.connect(watcher_node, 0);
+    let pid = sim.subscribe(watcher, "will/#");
+    assert!(sim
+        .run_until(Duration::from_secs(3), |sim| sim.hosts.clients[watcher].subacks.contains_key(&pid))
+        .is_some());
+    let ids: Vec<String> = (0..6).map(|i| format!("w{i}-{}", rng.below(1000))).collect();
+    for id in &ids {
+        sim.connect_with(doomed, id, true, Some(&format!("will/{id}")));
+    }
+    sim.run(Duration::from_millis(300));
+    sim.crash(doomed, rng.below(2) == 0);
+    let want = ids.len();
+    let got = sim.run_until(Duration::from_secs(10), |sim| {
+        sim.hosts.clients[watcher].got.iter().filter(|g| g.0.starts_with("will/")).count() >= want
+    });
+    assert!(got.is_some(), "seed {seed}: wills {:?}", sim.hosts.clients[watcher].got);
+    sim.run(Duration::from_secs(2));
+    let mut topics: Vec<&str> = sim.hosts.clients[watcher]
+        .got
+        .iter()
+        .filter(|g| g.0.starts_with("will/"))
+        .map(|g| g.0.as_str())
+        .collect();
+    topics.sort_unstable();
+    let mut expected: Vec<String> = ids.iter().map(|id| format!("will/{id}")).collect();
+    expected.sort_unstable();
+    assert_eq!(topics, expected, "seed {seed}: each will exactly once");
+}
+
+#[test]
+fn the_wills_of_a_lost_nodes_clients_are_published_once() {
+    for seed in seeds() {
+        wills_of_a_lost_node(seed);
     }
 }

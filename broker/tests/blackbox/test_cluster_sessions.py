@@ -68,3 +68,17 @@ def test_a_persistent_session_and_its_queued_messages_follow_the_client(zone, cl
     assert away.expect_one().payload == b"live"
     back_home = clients(n1, cid + "-probe", version)
     back_home.expect_none(0.3)
+
+
+@pytest.mark.parametrize("version", [V311, V5], ids=["v311", "v5"])
+def test_the_wills_of_a_killed_nodes_clients_are_published_by_the_others(zone, clients, version):  # noqa: F811
+    n1, n2, n3 = zone(3)
+    watch = clients(n2, "will-watch-%d" % version, version)
+    assert watch.subscribe("lost/#", qos=1) == [1]
+    ids = ["lost-%d-%d" % (version, i) for i in range(4)]
+    for cid in ids:
+        clients(n1, cid, version, will=dict(topic="lost/" + cid, payload=b"gone", qos=1))
+    n1.kill9()
+    got = watch.expect(len(ids), timeout=10.0)
+    assert sorted(m.topic for m in got) == sorted("lost/" + cid for cid in ids)
+    watch.expect_none(1.0)

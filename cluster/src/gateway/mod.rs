@@ -235,8 +235,8 @@ impl Gateway {
                     self.send_frame(&peer, &Frame::Congestion { origin, congested: c });
                 }
             }
-            Mesh::Register { token, client, clean_start } => {
-                self.sessions.register(from, token, &client, clean_start, now);
+            Mesh::Register { token, client, clean_start, will } => {
+                self.sessions.register(from, token, &client, clean_start, will, now);
                 self.drain_sessions(now);
             }
             Mesh::Unregister { client, epoch, kept } => {
@@ -251,6 +251,7 @@ impl Gateway {
             Mesh::ForwardAll { .. }
             | Mesh::Peers { .. }
             | Mesh::Registered { .. }
+            | Mesh::PublishWill { .. }
             | Mesh::EndSession { .. } => {}
         }
         self.drive(now);

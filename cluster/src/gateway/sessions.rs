@@ -12,20 +12,23 @@
 //! - Shards report connections that went and sessions that ended, with their epoch
 //!   ([`Mesh::Unregister`]).
 //!
-//! What it does not do yet: carry wills in registrations (the owners cannot publish the wills of a lost
-//! node's clients), re-register sessions restored from the log, or a two-phase hand-over (a session is
-//! ended where it was once exported: lost if the transfer is).
+//! - A registration carries its client's will; when a node dies, the owners publish the wills of its
+//!   clients ([`RegistrarEvent::PublishWill`]) through one of this node's shards ([`Mesh::PublishWill`]).
+//!
+//! What it does not do yet: re-register sessions restored from the log, or a two-phase hand-over (a
+//! session is ended where it was once exported: lost if the transfer is).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardmq_shard::core::{owner_of, Mesh, RegisterOutcome, SessionTransfer};
+use shardmq_shard::core::{owner_of, Mesh, RegisterOutcome, RegisteredWill, SessionTransfer};
 use shardmq_shard::ShardId;
 
 use crate::link::registry as reg;
 use crate::link::{self, Frame};
 use crate::registrar::{Registrar, RegistrarConfig, RegistrarEvent, RequestId};
+use crate::registry::WillInfo;
 use crate::NodeName;
 
 /// How long a grant waits for the session from the node that held it before the CONNECT goes on with
@@ -105,9 +108,17 @@ impl Sessions {
         token: u64,
         client: &str,
         clean_start: bool,
+        will: Option<Box<RegisteredWill>>,
         now: Instant,
     ) {
-        let request = self.registrar.handle_connect(client, clean_start, None, now);
+        let will = will.map(|w| WillInfo {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            delay_s: w.delay_s,
+        });
+        let request = self.registrar.handle_connect(client, clean_start, will, now);
         self.waiting.insert(request, (from, token));
     }
 
@@ -265,9 +276,17 @@ impl Sessions {
                     self.ending.insert(client.clone(), (successor, successor_epoch));
                     out.mesh.push((shard, Mesh::EndSession { client, export: !discard }));
                 }
-                RegistrarEvent::PublishWill { client, .. } => {
-                    // Registrations carry no will yet (`register` passes none), so none is due.
-                    tracing::warn!(%client, "a will to publish for a lost node; wills are not registered yet");
+                RegistrarEvent::PublishWill { client, will, .. } => {
+                    tracing::info!(%client, topic = %will.topic, "publishing the will of a client of a lost node");
+                    let w = RegisteredWill {
+                        topic: will.topic,
+                        payload: will.payload,
+                        qos: will.qos,
+                        retain: will.retain,
+                        delay_s: will.delay_s,
+                    };
+                    let shard = owner_of(&client, self.shards);
+                    out.mesh.push((shard, Mesh::PublishWill { will: Box::new(w) }));
                 }
             }
         }

@@ -147,7 +147,16 @@ impl Shard {
         // In a zone, the registry learns that this node holds the session first (see `register`). Ids
         // this node assigned are its own.
         if self.cfg.cluster_gateway && !registered && assigned.is_none() {
-            self.hold_for_registration(id, c.client_id, c.clean_start, c.protocol, raw, acl);
+            let will = c.will.as_ref().map(|w| {
+                Box::new(super::register::RegisteredWill {
+                    topic: w.topic.into(),
+                    payload: w.payload.into(),
+                    qos: w.qos as u8,
+                    retain: w.retain,
+                    delay_s: if v5 { w.properties.will_delay_interval_s.unwrap_or(0) } else { 0 },
+                })
+            });
+            self.hold_for_registration(id, c.client_id, c.clean_start, will, c.protocol, raw, acl);
             return ReadStep::Stop;
         }
         if super::inc(&self.shared.connections) >= self.cfg.max_connections {

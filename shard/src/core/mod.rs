@@ -51,7 +51,7 @@ pub use self::persist::{
     inspect_node, open_node, read_meta, type_name, Boot, BootError, Exported, Meta, Recovered, Replay,
     SessionTransfer, ShardReport, StorageConfig, Store, StoredSession, TransferError, WallClock,
 };
-pub use self::register::RegisterOutcome;
+pub use self::register::{RegisterOutcome, RegisteredWill};
 use self::route::{Interest, SubRef};
 pub use self::route::{InterestDelta, SharedKey};
 use self::session::Session;
@@ -225,6 +225,8 @@ pub struct Counters {
     pub registrations_timed_out: u64,
     /// Sessions ended here because a connection on another node took them over.
     pub sessions_taken_elsewhere: u64,
+    /// Wills of clients of a lost node this shard published for the zone's registry.
+    pub lost_wills_published: u64,
 }
 
 /// Who asks for a durability answer: the publishing shard and its token (see `persist`).
@@ -300,6 +302,12 @@ pub enum Mesh {
         token: u64,
         client: Arc<str>,
         clean_start: bool,
+        will: Option<Box<RegisteredWill>>,
+    },
+    /// Gateway to shard: publish the will of a client whose node was lost (this node is one of its
+    /// id's owners, see `register`).
+    PublishWill {
+        will: Box<RegisteredWill>,
     },
     /// Gateway to shard: the answer to [`Mesh::Register`] `token`.
     Registered {
@@ -840,6 +848,7 @@ impl Core for Shard {
             Mesh::Congestion { session, congested } => self.set_congested(session, from, congested, now),
             Mesh::Registered { token, outcome } => self.registered(token, outcome, now),
             Mesh::EndSession { client, export } => self.taken_over_elsewhere(client, export, now),
+            Mesh::PublishWill { will } => self.publish_lost_will(&will, now),
             // Only the gateway registers client ids and moves sessions.
             Mesh::Register { .. } | Mesh::Unregister { .. } | Mesh::Exported { .. } => {}
         }

@@ -35,6 +35,18 @@ pub enum RegisterOutcome {
     Refused,
 }
 
+/// A client's will as the zone's registry keeps it, so that the id's owners can publish it if this node
+/// dies with the connection (MQTT 5 properties other than the delay are not kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredWill {
+    pub topic: Arc<str>,
+    pub payload: Arc<[u8]>,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    pub retain: bool,
+    pub delay_s: u32,
+}
+
 /// A CONNECT waiting for its registration.
 #[derive(Debug)]
 struct Held {
@@ -103,11 +115,13 @@ impl Shard {
     }
 
     /// Holds a CONNECT whose credentials passed until the gateway registers its client id.
+    #[allow(clippy::too_many_arguments)] // the CONNECT's parts the registration needs
     pub(super) fn hold_for_registration(
         &mut self,
         conn: ConnId,
         client_id: &str,
         clean_start: bool,
+        will: Option<Box<RegisteredWill>>,
         protocol: Protocol,
         bytes: &[u8],
         acl: Option<Box<ClientAcl>>,
@@ -119,7 +133,7 @@ impl Shard {
         regs.held.insert(conn, Held { token, bytes: bytes.to_vec(), protocol, acl });
         self.out.io.push_back(IoCmd::PauseRead(conn));
         self.counters.registrations += 1;
-        self.send_mesh(gateway, Mesh::Register { token, client: Arc::from(client_id), clean_start });
+        self.send_mesh(gateway, Mesh::Register { token, client: Arc::from(client_id), clean_start, will });
     }
 
     /// The gateway answered the registration `token`.
@@ -151,6 +165,26 @@ impl Shard {
                 self.sessions.registrations.granted_epoch = None;
             }
         }
+    }
+
+    /// The will of a client whose node was lost, published by this node as one of its id's owners.
+    pub(super) fn publish_lost_will(&mut self, w: &RegisteredWill, now: Instant) {
+        let qos = match w.qos {
+            0 => shardmq_wire::QoS::AtMostOnce,
+            1 => shardmq_wire::QoS::AtLeastOnce,
+            _ => shardmq_wire::QoS::ExactlyOnce,
+        };
+        let msg = super::Msg {
+            topic: w.topic.as_ref().into(),
+            payload: w.payload.as_ref().into(),
+            qos,
+            retain: w.retain,
+            expires_at: None,
+            props: None,
+            origin: None,
+        };
+        self.counters.lost_wills_published += 1;
+        let _targets = self.route(Arc::new(msg), now);
     }
 
     /// The CONNECT timeout passed while the registration was held: go on without it.

@@ -24,7 +24,7 @@ fn clustered(n: u16) -> Sim {
 fn registrations(sim: &mut Sim) -> Vec<(u16, u64, String, bool)> {
     let mut out = Vec::new();
     sim.to_gateway.retain(|(from, m)| match m {
-        Mesh::Register { token, client, clean_start } => {
+        Mesh::Register { token, client, clean_start, .. } => {
             out.push((from.0, *token, client.to_string(), *clean_start));
             false
         }
