@@ -354,17 +354,7 @@ impl RegistryTable {
         before: impl IntoIterator<Item = &'a NodeName> + Clone,
         after: impl IntoIterator<Item = &'a NodeName> + Clone,
     ) -> Vec<(Owners, Registration)> {
-        let mut out = Vec::new();
-        self.entries.retain(|client, r| {
-            let Some(now) = owners(client, after.clone()) else { return true };
-            let was = owners(client, before.clone());
-            if was.as_ref().is_some_and(|w| *w != now && w.contains(me)) {
-                out.push((now.clone(), r.clone()));
-            }
-            now.contains(me)
-        });
-        out.sort_by(|a, b| a.1.client.cmp(&b.1.client));
-        out
+        rebalance_map(&mut self.entries, me, before, after, |r| r)
     }
 
     /// [`RegistryTable::rebalance`] for the tombstones: those this node kept as an owner whose owners
@@ -376,18 +366,30 @@ impl RegistryTable {
         before: impl IntoIterator<Item = &'a NodeName> + Clone,
         after: impl IntoIterator<Item = &'a NodeName> + Clone,
     ) -> Vec<(Owners, Registration)> {
-        let mut out = Vec::new();
-        self.ended.retain(|client, t| {
-            let Some(now) = owners(client, after.clone()) else { return true };
-            let was = owners(client, before.clone());
-            if was.as_ref().is_some_and(|w| *w != now && w.contains(me)) {
-                out.push((now.clone(), t.last.clone()));
-            }
-            now.contains(me)
-        });
-        out.sort_by(|a, b| a.1.client.cmp(&b.1.client));
-        out
+        rebalance_map(&mut self.ended, me, before, after, |t| &t.last)
     }
+}
+
+/// The rebalancing of one of the table's maps (see [`RegistryTable::rebalance`]): what this node owned
+/// whose owners changed goes out with its new owners; what it no longer owns nor replicates goes.
+fn rebalance_map<'a, V>(
+    map: &mut HashMap<Arc<str>, V>,
+    me: &NodeName,
+    before: impl IntoIterator<Item = &'a NodeName> + Clone,
+    after: impl IntoIterator<Item = &'a NodeName> + Clone,
+    registration: impl Fn(&V) -> &Registration,
+) -> Vec<(Owners, Registration)> {
+    let mut out = Vec::new();
+    map.retain(|client, v| {
+        let Some(now) = owners(client, after.clone()) else { return true };
+        let was = owners(client, before.clone());
+        if was.as_ref().is_some_and(|w| *w != now && w.contains(me)) {
+            out.push((now.clone(), registration(v).clone()));
+        }
+        now.contains(me)
+    });
+    out.sort_by(|a, b| a.1.client.cmp(&b.1.client));
+    out
 }
 
 #[cfg(test)]
