@@ -61,6 +61,8 @@ struct Held {
 #[derive(Debug, Default)]
 pub(super) struct Registrations {
     held: HashMap<ConnId, Held>,
+    /// The connection each outstanding token is for. Invariant: the inverse of `held`'s tokens.
+    by_token: HashMap<u64, ConnId>,
     /// Connections whose CONNECT runs again now, registered, with the rights already checked.
     approved: HashMap<ConnId, Option<Box<ClientAcl>>>,
     next_token: u64,
@@ -97,8 +99,15 @@ impl Registrations {
 
     /// The connection went away: nothing of it is kept.
     pub(super) fn forget(&mut self, conn: ConnId) {
-        self.held.remove(&conn);
+        self.take_held(conn);
         self.approved.remove(&conn);
+    }
+
+    fn take_held(&mut self, conn: ConnId) -> Option<Held> {
+        let h = self.held.remove(&conn)?;
+        self.by_token.remove(&h.token);
+        debug_assert_eq!(self.held.len(), self.by_token.len());
+        Some(h)
     }
 }
 
@@ -131,6 +140,7 @@ impl Shard {
         regs.next_token += 1;
         let token = regs.next_token;
         regs.held.insert(conn, Held { token, bytes: bytes.to_vec(), protocol, acl });
+        regs.by_token.insert(token, conn);
         self.out.io.push_back(IoCmd::PauseRead(conn));
         self.counters.registrations += 1;
         self.send_mesh(gateway, Mesh::Register { token, client: Arc::from(client_id), clean_start, will });
@@ -138,9 +148,7 @@ impl Shard {
 
     /// The gateway answered the registration `token`.
     pub(super) fn registered(&mut self, token: u64, outcome: RegisterOutcome, now: Instant) {
-        let Some(conn) =
-            self.sessions.registrations.held.iter().find(|(_, h)| h.token == token).map(|(c, _)| *c)
-        else {
+        let Some(conn) = self.sessions.registrations.by_token.get(&token).copied() else {
             // Its connection is gone. A session moved here for it is installed all the same: it
             // was ended where it was, and its client will look for it here.
             if let RegisterOutcome::Granted { session: Some(t), .. } = outcome {
@@ -148,7 +156,7 @@ impl Shard {
             }
             return;
         };
-        let held = self.sessions.registrations.held.remove(&conn).expect("found above");
+        let held = self.sessions.registrations.take_held(conn).expect("found above");
         match outcome {
             RegisterOutcome::Refused => {
                 self.counters.registrations_refused += 1;
@@ -189,7 +197,7 @@ impl Shard {
 
     /// The CONNECT timeout passed while the registration was held: go on without it.
     pub(super) fn registration_timed_out(&mut self, conn: ConnId, now: Instant) {
-        let Some(held) = self.sessions.registrations.held.remove(&conn) else { return };
+        let Some(held) = self.sessions.registrations.take_held(conn) else { return };
         self.counters.registrations_timed_out += 1;
         tracing::warn!(conn = conn.0, "no answer from the cluster registry in time; the session stays local");
         self.run_registered(conn, held, now);
