@@ -139,6 +139,9 @@ pub struct Transport<C: Core> {
     mqtt: Vec<u8>,
     /// Scratch: WebSocket output of one read.
     ws_out: Vec<u8>,
+    /// The `now` of the latest `handle_accept`, which the runtime calls right before `handle_accepted`
+    /// (that one has no clock reading of its own).
+    accepted_at: Option<Instant>,
 }
 
 impl<C: Core> Transport<C> {
@@ -153,6 +156,7 @@ impl<C: Core> Transport<C> {
             plain: Vec::new(),
             mqtt: Vec::new(),
             ws_out: Vec::new(),
+            accepted_at: None,
         }
     }
 
@@ -308,6 +312,7 @@ impl<C: Core> Core for Transport<C> {
     type Handoff = TransportHandoff<C::Handoff>;
 
     fn handle_accept(&mut self, conn: ConnId, now: Instant) {
+        self.accepted_at = Some(now);
         self.inner.handle_accept(conn, now);
     }
 
@@ -321,7 +326,9 @@ impl<C: Core> Core for Transport<C> {
                 Err(why) => {
                     tracing::error!(conn = conn.0, %why, "cannot set up the connection's transport");
                     self.inner.handle_accepted(conn, from);
-                    self.fail(conn, &why, Instant::now());
+                    // Set by the `handle_accept` that came just before.
+                    let Some(now) = self.accepted_at else { return };
+                    self.fail(conn, &why, now);
                     return;
                 }
             }
