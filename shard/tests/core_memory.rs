@@ -5,8 +5,6 @@
 //! it lands on the other one first and is moved (the accepting shard must keep nothing of it). The count is
 //! per thread, so the tests run in parallel without seeing each other's allocations.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,54 +13,12 @@ use shardmq_shard::io::{Core, IoCmd};
 use shardmq_shard::{ConnId, ShardId};
 use shardmq_wire::{encode, Connect, Packet, PacketId, Properties, Protocol, QoS, SubOptions, Subscribe};
 
-struct Counting;
-
-/// Live allocations by size class of 16 bytes (the last one: 1 KiB and more), printed so that a failing
-/// bound shows where the bytes went.
-const CLASSES: usize = 65;
-
-thread_local! {
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-    static BY_SIZE: [Cell<isize>; CLASSES] = const { [const { Cell::new(0) }; CLASSES] };
-}
-
-fn count(size: usize, n: isize) {
-    // `try_with`: allocations while the thread's locals are torn down are not counted.
-    let _ = LIVE.try_with(|l| l.set(l.get() + n * size as isize));
-    let _ = BY_SIZE.try_with(|b| {
-        let c = &b[(size / 16).min(CLASSES - 1)];
-        c.set(c.get() + n)
-    });
-}
-
-// SAFETY: forwards to the system allocator and only counts sizes (thread-local cells with const
-// initialisers and no destructor: touching them never allocates).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        count(l.size(), 1);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        count(l.size(), -1);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        count(l.size(), -1);
-        count(new, 1);
-        unsafe { System.realloc(p, l, new) }
-    }
-}
+#[path = "common/counting.rs"]
+mod counting;
+use counting::{by_size, live, Counting, CLASSES};
 
 #[global_allocator]
 static A: Counting = Counting;
-
-fn live() -> isize {
-    LIVE.with(Cell::get)
-}
-
-fn by_size() -> [isize; CLASSES] {
-    BY_SIZE.with(|b| std::array::from_fn(|i| b[i].get()))
-}
 
 const SHARDS: u16 = 2;
 

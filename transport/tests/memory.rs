@@ -3,8 +3,6 @@
 //! per-connection state (`shard/tests/core_memory.rs`). The bounds guard against regressions; the
 //! printed figures are what docs/security.md reports.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::io::Write;
 use std::time::Instant;
 
@@ -15,40 +13,12 @@ use shardmq_transport::ListenerKind;
 mod support;
 use support::*;
 
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-}
-
-fn count(size: usize, n: isize) {
-    let _ = LIVE.try_with(|l| l.set(l.get() + n * size as isize));
-}
-
-// SAFETY: forwards to the system allocator and only counts sizes in a thread-local cell with a const
-// initialiser and no destructor (touching it never allocates).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        count(l.size(), 1);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        count(l.size(), -1);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        count(l.size(), -1);
-        count(new, 1);
-        unsafe { System.realloc(p, l, new) }
-    }
-}
+#[path = "../../shard/tests/common/counting.rs"]
+mod counting;
+use counting::{live, Counting};
 
 #[global_allocator]
 static A: Counting = Counting;
-
-fn live() -> isize {
-    LIVE.with(Cell::get)
-}
 
 const N: usize = 200;
 

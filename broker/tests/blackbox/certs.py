@@ -249,13 +249,5 @@ def client_hello(ctx, server_hostname="localhost"):
 def start_fails(tmp_path, *args):
     """Runs the broker directly (not via the fixture) with `--listen 127.0.0.1:0` and `args`,
     expecting it to refuse to start; returns its stderr."""
-    from conftest import SHARDMQ_BIN
-    env = dict(os.environ)
-    env.pop("RUST_BACKTRACE", None)  # keep stderr to the error itself
-    p = subprocess.run([SHARDMQ_BIN, "--in-memory", "--cores", "1", "--listen", "127.0.0.1:0"]
-                       + [str(a) for a in args],
-                       capture_output=True, timeout=20, cwd=str(tmp_path), stdin=subprocess.DEVNULL, env=env)
-    out = p.stdout.decode(errors="replace")
-    assert p.returncode != 0, "the broker started: %s" % out
-    assert "listening on" not in out
-    return p.stderr.decode(errors="replace")
+    import conftest
+    return conftest.start_fails(tmp_path, "--listen", "127.0.0.1:0", *args)

@@ -358,6 +358,51 @@ class Broker:
         return "".join(self._history) + self._generation_log(tail)
 
 
+def start_fails(tmp_path, *args):
+    """Runs the broker directly (not via the fixture) with `args`, expecting it to refuse to start;
+    returns its stderr."""
+    env = dict(os.environ)
+    env.pop("RUST_BACKTRACE", None)  # keep stderr to the error itself
+    p = subprocess.run([SHARDMQ_BIN, "--in-memory", "--cores", "1"] + [str(a) for a in args],
+                       capture_output=True, timeout=20, cwd=str(tmp_path), stdin=subprocess.DEVNULL, env=env)
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode != 0, "the broker started: %s" % out
+    assert "listening on" not in out
+    return p.stderr.decode(errors="replace")
+
+
+def wait_log(b, text, timeout=5.0):
+    """Waits until the broker's log holds `text`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in b.stderr():
+            return
+        time.sleep(0.05)
+    raise AssertionError("no %r in the log\n%s" % (text, b.log()))
+
+
+def wait_eof(sock, timeout):
+    """Reads until the peer closes (EOF or reset); returns (bytes read, seconds taken).
+    Fails if the connection is still open after `timeout`."""
+    t0 = time.monotonic()
+    got = b""
+    deadline = t0 + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("connection still open after %.1fs (read %r)" % (timeout, got[:40]))
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(4096)
+        except socket.timeout:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        if not chunk:
+            return got, time.monotonic() - t0
+        got += chunk
+
+
 @pytest.fixture(autouse=True)
 def _drop_log_segments(tmp_path):
     """After each test (and after its brokers have stopped: autouse fixtures

@@ -13,7 +13,7 @@ import types
 import pytest
 
 import mqtt_raw as raw
-from conftest import SHARDMQ_BIN, MOSQUITTO_BIN, free_port
+from conftest import SHARDMQ_BIN, MOSQUITTO_BIN, free_port, start_fails, wait_log
 
 pytestmark = pytest.mark.shardmq_only
 
@@ -48,16 +48,6 @@ def login(clients, b, version, client_id, user=None, pw=None):
                         password=pw.encode() if pw is not None else None)
     assert reason == 0, "CONNACK 0x%02x for %s" % (reason, user)
     return c
-
-
-def start_fails(tmp_path, *args):
-    """Runs the broker expecting it to refuse to start; returns its stderr."""
-    p = subprocess.run([SHARDMQ_BIN, "--in-memory", "--cores", "1"] + [str(a) for a in args],
-                       capture_output=True, timeout=20, cwd=str(tmp_path), stdin=subprocess.DEVNULL)
-    out = p.stdout.decode(errors="replace")
-    assert p.returncode != 0, "the broker started: %s" % out
-    assert "listening on" not in out
-    return p.stderr.decode(errors="replace")
 
 
 @needs_passwd
@@ -289,15 +279,6 @@ def test_shardmq_passwd_files_work_with_mosquitto(broker, clients, tmp_path):
     finally:
         m.terminate()
         m.wait(5)
-
-
-def wait_log(b, text, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in b.stderr():
-            return
-        time.sleep(0.05)
-    raise AssertionError("no %r in the log\n%s" % (text, b.log()))
 
 
 @needs_passwd

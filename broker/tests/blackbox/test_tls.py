@@ -14,6 +14,7 @@ import pytest
 
 import mqtt_raw as raw
 from certs import client_hello, listener, metric, paho, pki, start_fails, tcp_listener, wait_metric  # noqa: F401
+from conftest import wait_eof, wait_log
 from mqtt_client import V311, V5, ver_id
 
 pytestmark = pytest.mark.shardmq_only
@@ -64,37 +65,6 @@ def roundtrip(sub, pub, topic, payload=b"x"):
     assert pub.publish(topic, payload, qos=1) == 0
     m = sub.expect_one(timeout=5)
     assert (m.topic, m.payload) == (topic, payload)
-
-
-def wait_log(b, text, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in b.stderr():
-            return
-        time.sleep(0.05)
-    raise AssertionError("no %r in the log\n%s" % (text, b.log()))
-
-
-def wait_eof(sock, timeout):
-    """Reads until the peer closes (EOF or reset); returns (bytes read, seconds taken).
-    Fails if the connection is still open after `timeout`."""
-    t0 = time.monotonic()
-    got = b""
-    deadline = t0 + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError("connection still open after %.1fs (read %r)" % (timeout, got[:40]))
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(4096)
-        except socket.timeout:
-            continue
-        except (ConnectionResetError, BrokenPipeError):
-            chunk = b""
-        if not chunk:
-            return got, time.monotonic() - t0
-        got += chunk
 
 
 # ---------------------------------------------------------------- basic pub/sub

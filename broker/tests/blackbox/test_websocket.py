@@ -14,6 +14,7 @@ import pytest
 
 import mqtt_raw as raw
 from certs import listener, metric, paho, pki, start_fails, tcp_listener, wait_metric  # noqa: F401
+from conftest import wait_eof
 from mqtt_client import ConnectFailed, V311, V5, ver_id
 
 pytestmark = pytest.mark.shardmq_only
@@ -273,16 +274,7 @@ def test_wss_refuses_a_plain_websocket_client(ws_broker, clients):
     sock = socket.create_connection((b.wss.host, b.wss.port), timeout=5)
     try:
         sock.sendall(upgrade_request()[0])
-        sock.settimeout(5)
-        data = b""
-        while True:
-            try:
-                chunk = sock.recv(4096)
-            except (ConnectionResetError, BrokenPipeError):
-                chunk = b""
-            if not chunk:
-                break
-            data += chunk
+        data, _ = wait_eof(sock, 5)
     finally:
         sock.close()
     assert not data.startswith(b"HTTP/1.1 101"), data
@@ -560,16 +552,9 @@ def test_data_pipelined_behind_the_upgrade_request(ws_broker, clients, pki, tls)
         else:
             assert 400 <= status < 500, (status, headers)
             body_len = int(headers.get("content-length", "0"))
-            while True:
-                assert time.monotonic() < deadline, "still open after refusing the upgrade"
-                sock.settimeout(max(deadline - time.monotonic(), 0.01))
-                try:
-                    chunk = sock.recv(4096)
-                except (ConnectionResetError, BrokenPipeError):
-                    chunk = b""
-                if not chunk:
-                    break
-                buf += chunk
+            # Closed after the answer ("still open after refusing the upgrade" otherwise).
+            tail, _ = wait_eof(sock, max(deadline - time.monotonic(), 0.01))
+            buf += tail
             assert len(buf) == body_len, "bytes after a refused upgrade: %r" % bytes(buf)
     finally:
         sock.close()
@@ -725,15 +710,7 @@ def test_oversized_upgrade_request_is_refused(ws_broker, clients):
                 sock.sendall(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000))
         except (BrokenPipeError, ConnectionResetError):
             pass
-        sock.settimeout(5)
-        try:
-            while True:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-        except (ConnectionResetError, BrokenPipeError):
-            pass
+        data, _ = wait_eof(sock, 5)
     finally:
         sock.close()
     assert time.monotonic() - t0 < 8
@@ -813,15 +790,7 @@ def test_other_bad_upgrades_are_refused(ws_broker, request_bytes):
     data = b""
     try:
         sock.sendall(request_bytes)
-        sock.settimeout(5)
-        try:
-            while True:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-        except (ConnectionResetError, BrokenPipeError):
-            pass
+        data, _ = wait_eof(sock, 5)
     finally:
         sock.close()
     # Closed (without waiting for the connect timeout of 10 s) and not upgraded.

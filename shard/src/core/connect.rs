@@ -102,8 +102,10 @@ impl Shard {
         // A CONNECT run again once the zone registered it was checked the first time.
         let approved = self.sessions.registrations.take_approved(id);
         let registered = approved.is_some();
+        let mut epoch = None;
         if let Some(a) = approved {
-            acl = a;
+            acl = a.acl;
+            epoch = a.epoch;
         } else if let Some(auth) = self.sessions.auth.clone() {
             if peer.ip.is_some_and(|ip| self.sessions.logins.banned(ip, now)) {
                 self.counters.auth_refused += 1;
@@ -234,7 +236,7 @@ impl Shard {
             Some(a) => self.sessions.acls.insert(key, a),
             None => self.sessions.acls.remove(&key),
         };
-        if let Some(epoch) = self.sessions.registrations.granted_epoch.take() {
+        if let Some(epoch) = epoch {
             self.sessions.registrations.epochs.insert(key, epoch);
         }
 

@@ -64,20 +64,27 @@ pub(super) struct Registrations {
     /// The connection each outstanding token is for. Invariant: the inverse of `held`'s tokens.
     by_token: HashMap<u64, ConnId>,
     /// Connections whose CONNECT runs again now, registered, with the rights already checked.
-    approved: HashMap<ConnId, Option<Box<ClientAcl>>>,
+    approved: HashMap<ConnId, Approval>,
     next_token: u64,
     /// Maps the Unix-time deadlines of moved sessions to this shard's clock (see [`Shard::set_wall_clock`]).
     pub(super) clock: Option<WallClock>,
     /// The registry's epoch of each session's current connection, for the disconnect report (an old
     /// connection's report, late, must not end a newer one's registration). Clustered nodes only.
     pub(super) epochs: HashMap<super::SessionKey, u64>,
-    /// The epoch of the CONNECT being run again right now (see `run_registered`).
-    pub(super) granted_epoch: Option<u64>,
+}
+
+/// What a registered CONNECT runs again with.
+#[derive(Debug)]
+pub(super) struct Approval {
+    /// What the credentials check gave (`None`: no ACL).
+    pub acl: Option<Box<ClientAcl>>,
+    /// The registry's epoch of the connection; `None` when the CONNECT went on without an answer.
+    pub epoch: Option<u64>,
 }
 
 impl Registrations {
     /// The rights of a connection whose registration was answered, if it was.
-    pub(super) fn take_approved(&mut self, conn: ConnId) -> Option<Option<Box<ClientAcl>>> {
+    pub(super) fn take_approved(&mut self, conn: ConnId) -> Option<Approval> {
         self.approved.remove(&conn)
     }
 
@@ -168,9 +175,7 @@ impl Shard {
                 if let Some(t) = session {
                     self.install_moved(&t, now);
                 }
-                self.sessions.registrations.granted_epoch = Some(epoch);
-                self.run_registered(conn, held, now);
-                self.sessions.registrations.granted_epoch = None;
+                self.run_registered(conn, held, Some(epoch), now);
             }
         }
     }
@@ -200,11 +205,11 @@ impl Shard {
         let Some(held) = self.sessions.registrations.take_held(conn) else { return };
         self.counters.registrations_timed_out += 1;
         tracing::warn!(conn = conn.0, "no answer from the cluster registry in time; the session stays local");
-        self.run_registered(conn, held, now);
+        self.run_registered(conn, held, None, now);
     }
 
-    fn run_registered(&mut self, conn: ConnId, held: Held, now: Instant) {
-        self.sessions.registrations.approved.insert(conn, held.acl);
+    fn run_registered(&mut self, conn: ConnId, held: Held, epoch: Option<u64>, now: Instant) {
+        self.sessions.registrations.approved.insert(conn, Approval { acl: held.acl, epoch });
         self.out.io.push_back(IoCmd::ResumeRead(conn));
         self.read(conn, &held.bytes, now);
         // Whatever happened, the approval was for that CONNECT only.
