@@ -42,8 +42,8 @@
 //!   shards (`gateway::sessions`).
 //!
 //! What it does not do: touch sockets, clocks or the OS's randomness (the caller seeds [`Zone::new`]; the
-//! socket side is the runtime's cluster thread), TLS on links, links between zones or regions, or
-//! re-registering sessions restored from a node's log.
+//! socket side is the runtime's cluster thread), TLS on links, links between zones or regions, or a
+//! two-phase hand-over of a moving session.
 
 mod bytes;
 pub mod frame;

@@ -354,6 +354,9 @@ struct Sim {
     /// Nodes keep their shards' state in logs: a QoS 1/2 publish is acknowledged once stored, here and
     /// by every peer it was forwarded to (or given up on: `stored_unconfirmed`).
     durable: bool,
+    /// Data directories of durable nodes that crashed keeping their logs ([`Sim::crash_keeping_log`]):
+    /// the node's next boot restores from it.
+    kept: Vec<Option<tempfile::TempDir>>,
 }
 
 impl Drop for Sim {
@@ -404,6 +407,7 @@ impl Sim {
             subs: Vec::new(),
             next_msg: 1,
             durable,
+            kept: (0..n).map(|_| None).collect(),
         };
         for slot in 0..n {
             sim.boot(slot);
@@ -450,8 +454,9 @@ impl Sim {
             // As the broker does: deadlines of sessions moved between nodes travel as Unix time.
             shard.set_wall_clock(WallClock { base: now, base_unix_ms: wall });
         }
+        let kept = self.kept[slot].take();
         let data = self.durable.then(|| {
-            let dir = tempfile::tempdir().expect("a temporary directory");
+            let dir = kept.unwrap_or_else(|| tempfile::tempdir().expect("a temporary directory"));
             let sc = StorageConfig {
                 dir: dir.path().join("data"),
                 fsync: FsyncPolicy::Never,
@@ -480,6 +485,15 @@ impl Sim {
                 c.closed = true;
             }
         }
+    }
+
+    /// The node's process dies (`silent`: its host vanished) and its logs stay: its next boot
+    /// ([`Sim::boot`]) restores from them, as a restarted broker does.
+    fn crash_keeping_log(&mut self, slot: usize, silent: bool) {
+        assert!(self.durable, "only a durable node has a log to keep");
+        let data = self.hosts.nodes[slot].as_mut().and_then(|n| n._data.take());
+        self.crash(slot, silent);
+        self.kept[slot] = data;
     }
 
     fn node(&mut self, slot: usize) -> &mut Node {
@@ -1347,5 +1361,68 @@ fn wills_of_a_lost_node(seed: u64) {
 fn the_wills_of_a_lost_nodes_clients_are_published_once() {
     for seed in seeds() {
         wills_of_a_lost_node(seed);
+    }
+}
+
+/// A node restarts with its log. The persistent sessions it restored are registered with the zone again:
+/// their client finds its session, with what was queued for it, from any node. A session whose client
+/// connected elsewhere while the node was down is ended there once it is back, never kept as a second
+/// session.
+fn restored_sessions(seed: u64) {
+    let n = 3;
+    let mut sim = Sim::durable(seed, n);
+    sim.wait_all_up(Duration::from_secs(5));
+    let mut rng = Rng(seed ^ 0x7e57);
+    let home = rng.below(n as u64) as usize;
+    let away = (home + 1 + rng.below(n as u64 - 1) as usize) % n;
+    let third = (0..n).find(|s| *s != home && *s != away).expect("three nodes");
+    let kept = format!("kept-{}", rng.below(1000));
+    let moved = format!("moved-{}", rng.below(1000));
+    for id in [&kept, &moved] {
+        let c = sim.connect_with(home, id, false, None);
+        let pid = sim.subscribe(c, &format!("rest/{id}/#"));
+        let acked =
+            sim.run_until(Duration::from_secs(3), |sim| sim.hosts.clients[c].subacks.contains_key(&pid));
+        assert!(acked.is_some(), "seed {seed}: SUBACK");
+        sim.disconnect(c);
+    }
+    let p = sim.connect(third, 0);
+    for i in 0..3u16 {
+        sim.publish_raw(p, &format!("rest/{kept}/{i}"), b"queued", QoS::AtLeastOnce, false, i + 1);
+    }
+    let stored = sim.run_until(Duration::from_secs(3), |sim| sim.hosts.clients[p].acked.len() >= 3);
+    assert!(stored.is_some(), "seed {seed}: the queued messages acknowledged");
+    let held_before: usize = sim.node(home).shards.iter().map(|s| s.session_count()).sum();
+    assert_eq!(held_before, 2, "seed {seed}");
+
+    sim.crash_keeping_log(home, rng.below(2) == 0);
+    sim.run(Duration::from_secs(3));
+    // Its node down, `moved` connects elsewhere: a new session (the old one is out of reach).
+    let m = sim.connect_with(away, &moved, false, None);
+    assert!(!sim.hosts.clients[m].session_present, "seed {seed}: the session's node is down");
+    sim.disconnect(m);
+
+    sim.boot(home);
+    sim.wait_all_up(Duration::from_secs(10));
+    let settled = sim.run_until(Duration::from_secs(5), |sim| {
+        sim.node(home).shards.iter().map(|s| s.session_count()).sum::<usize>() == 1
+    });
+    assert!(settled.is_some(), "seed {seed}: the session that moved meanwhile is ended on its old node");
+
+    // The session that stayed is found from another node, with every queued message.
+    let k = sim.connect_with(away, &kept, false, None);
+    assert!(sim.hosts.clients[k].session_present, "seed {seed}: the restored session is found from {away}");
+    let got = sim.run_until(Duration::from_secs(3), |sim| sim.hosts.clients[k].got.len() >= 3);
+    assert!(got.is_some(), "seed {seed}: queued messages: {:?}", sim.hosts.clients[k].got);
+    sim.run(Duration::from_millis(500));
+    assert_eq!(sim.hosts.clients[k].got.len(), 3, "seed {seed}: each once");
+    let left: usize = sim.node(home).shards.iter().map(|s| s.session_count()).sum();
+    assert_eq!(left, 0, "seed {seed}: the restarted node handed it over");
+}
+
+#[test]
+fn a_restarted_nodes_sessions_are_registered_again() {
+    for seed in seeds() {
+        restored_sessions(seed);
     }
 }

@@ -1,12 +1,14 @@
 """Sessions in a zone of three shardmq nodes (issue "Cluster sessions"): one client id has one live
-session in the whole zone. What is not there yet (the session's state moving with it, wills published
-by the owners when a node dies) is not tested here."""
+session in the whole zone, the session follows its client, a killed node's clients' wills are published
+by the others, and a node restarted with its log registers its sessions again."""
+
+import time
 
 import pytest
 
 from conftest import IS_MOSQUITTO, shardmq_has_flag
 from mqtt_client import V311, V5, connect_props
-from test_cluster import zone  # noqa: F401  (the fixture)
+from test_cluster import wait_linked, zone  # noqa: F401  (zone: the fixture)
 
 pytestmark = [
     pytest.mark.shardmq_only,
@@ -82,3 +84,30 @@ def test_the_wills_of_a_killed_nodes_clients_are_published_by_the_others(zone, c
     got = watch.expect(len(ids), timeout=10.0)
     assert sorted(m.topic for m in got) == sorted("lost/" + cid for cid in ids)
     watch.expect_none(1.0)
+
+
+@pytest.mark.parametrize("version", [V311, V5], ids=["v311", "v5"])
+def test_a_restarted_nodes_sessions_are_found_from_the_other_nodes(zone, clients, version):  # noqa: F811
+    n1, n2, n3 = zone(3)
+    cid = "restored-%d" % version
+    props = {"properties": connect_props(SessionExpiryInterval=3600)} if version == V5 else {}
+    home = clients(n3, cid, version, clean=False, **props)
+    assert home.subscribe("restored/#", qos=1) == [1]
+    home.disconnect()
+    pub = clients(n1, "restored-pub-%d" % version, version)
+    for i in range(3):
+        pub.publish("restored/%d" % i, b"queued %d" % i, qos=1)
+    n3.kill9()
+    n3.start()
+    wait_linked([n1, n2, n3])
+    # The restarted node re-registers its sessions as its links come up; give that message its moment
+    # (a CONNECT that overtook it would start a new session, and the restored one would be ended).
+    time.sleep(1.0)
+    away = clients(n2, cid, version, clean=False, **props)
+    assert away.session_present, "the session restored on n3 was found from n2\n" + n3.log()
+    got = sorted(m.payload for m in away.expect(3, timeout=5.0))
+    assert got == sorted(b"queued %d" % i for i in range(3))
+    away.expect_none(0.5)
+    # It lives on n2 now: a message published on the restarted node reaches it there.
+    clients(n3, "restored-pub2-%d" % version, version).publish("restored/after", b"after", qos=1)
+    assert away.expect_one().payload == b"after"

@@ -229,6 +229,7 @@ impl Gateway {
                 }
             }
             Mesh::RetainedHeld { msgs } => self.held_retained(msgs, now),
+            Mesh::SessionsHeld { sessions } => self.sessions.restored(sessions),
             Mesh::Congestion { session, congested } => {
                 if let Some((peer, origin, c)) = self.congestion.shard_reports(session, from, congested) {
                     self.counters.congestion_out += 1;

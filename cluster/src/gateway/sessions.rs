@@ -15,20 +15,26 @@
 //! - A registration carries its client's will; when a node dies, the owners publish the wills of its
 //!   clients ([`RegistrarEvent::PublishWill`]) through one of this node's shards ([`Mesh::PublishWill`]).
 //!
-//! What it does not do yet: re-register sessions restored from the log, or a two-phase hand-over (a
-//! session is ended where it was once exported: lost if the transfer is).
+//! - Sessions a shard restored from its log ([`Mesh::SessionsHeld`]) are held by the registrar as they
+//!   were registered, and re-registered with their owners as peers come up.
+//!
+//! What it does not do yet: a two-phase hand-over (a session is ended where it was once exported: lost
+//! if the transfer is).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardmq_shard::core::{owner_of, Mesh, RegisterOutcome, RegisteredWill, SessionTransfer};
+use shardmq_shard::core::{
+    owner_of, HeldRegistration, Mesh, RegisterOutcome, RegisteredWill, SessionTransfer, ZoneRegistration,
+};
 use shardmq_shard::ShardId;
 
 use crate::link::registry as reg;
 use crate::link::{self, Frame};
 use crate::registrar::{Registrar, RegistrarConfig, RegistrarEvent, RequestId};
 use crate::registry::WillInfo;
+use crate::retained::HlcStamp;
 use crate::NodeName;
 
 /// How long a grant waits for the session from the node that held it before the CONNECT goes on with
@@ -39,7 +45,7 @@ pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3);
 struct Awaiting {
     shard: ShardId,
     token: u64,
-    epoch: u64,
+    registration: ZoneRegistration,
     from: NodeName,
     deadline: Instant,
 }
@@ -122,6 +128,15 @@ impl Sessions {
         self.waiting.insert(request, (from, token));
     }
 
+    /// Sessions a shard restored from its log, offline: held by this node as they were registered, and
+    /// re-registered with their owners as peers come up (ended here if they moved meanwhile).
+    pub(super) fn restored(&mut self, sessions: Vec<HeldRegistration>) {
+        for s in sessions {
+            let r = s.registration;
+            self.registrar.restore(&s.client, r.epoch.max(1), HlcStamp(r.stamp));
+        }
+    }
+
     /// The connection of `epoch` went (`kept`: the session stays here, offline) or the session ended.
     /// The registrar ignores an epoch it no longer holds (a connection since superseded).
     pub(super) fn unregister(&mut self, client: &str, epoch: u64, kept: bool, now: Instant) {
@@ -170,7 +185,8 @@ impl Sessions {
                 }
             }
         };
-        let matches = self.awaiting.get(client).is_some_and(|a| a.epoch == epoch && a.from == *from);
+        let matches =
+            self.awaiting.get(client).is_some_and(|a| a.registration.epoch == epoch && a.from == *from);
         if !matches {
             // Its grant may still be on its way: kept until it comes (or for as long as a grant waits).
             let deadline = now + TRANSFER_TIMEOUT;
@@ -179,7 +195,7 @@ impl Sessions {
         }
         let a = self.awaiting.remove(client).expect("checked above");
         self.counters.sessions_received += transfer.is_some() as u64;
-        let outcome = RegisterOutcome::Granted { session: transfer, epoch: a.epoch };
+        let outcome = RegisterOutcome::Granted { session: transfer, registration: a.registration };
         out.mesh.push((a.shard, Mesh::Registered { token: a.token, outcome }));
         true
     }
@@ -187,7 +203,7 @@ impl Sessions {
     fn answer_without(&mut self, client: &str, out: &mut Output) {
         if let Some(a) = self.awaiting.remove(client) {
             self.counters.sessions_not_received += 1;
-            let outcome = RegisterOutcome::Granted { session: None, epoch: a.epoch };
+            let outcome = RegisterOutcome::Granted { session: None, registration: a.registration };
             out.mesh.push((a.shard, Mesh::Registered { token: a.token, outcome }));
         }
     }
@@ -235,7 +251,8 @@ impl Sessions {
         }
         while let Some(ev) = self.registrar.poll_event() {
             match ev {
-                RegistrarEvent::Granted { request, client, epoch, previous, provisional } => {
+                RegistrarEvent::Granted { request, client, epoch, stamp, previous, provisional } => {
+                    let registration = ZoneRegistration { epoch, stamp: stamp.0 };
                     if provisional {
                         tracing::debug!(%client, "registration granted here provisionally (owner unreachable)");
                     }
@@ -246,20 +263,23 @@ impl Sessions {
                                 self.early.remove(&client).filter(|e| e.from == p.holder && e.epoch == epoch);
                             if let Some(e) = came {
                                 self.counters.sessions_received += e.transfer.is_some() as u64;
-                                let outcome = RegisterOutcome::Granted { session: e.transfer, epoch };
+                                let outcome = RegisterOutcome::Granted { session: e.transfer, registration };
                                 out.mesh.push((shard, Mesh::Registered { token, outcome }));
                                 continue;
                             }
                             let deadline = now + TRANSFER_TIMEOUT;
-                            let a = Awaiting { shard, token, epoch, from: p.holder, deadline };
+                            let a = Awaiting { shard, token, registration, from: p.holder, deadline };
                             // A newer CONNECT of the same id supersedes an older one still waiting.
                             if let Some(old) = self.awaiting.insert(client, a) {
-                                let outcome = RegisterOutcome::Granted { session: None, epoch: old.epoch };
+                                let outcome = RegisterOutcome::Granted {
+                                    session: None,
+                                    registration: old.registration,
+                                };
                                 out.mesh.push((old.shard, Mesh::Registered { token: old.token, outcome }));
                             }
                         }
                         _ => {
-                            let outcome = RegisterOutcome::Granted { session: None, epoch };
+                            let outcome = RegisterOutcome::Granted { session: None, registration };
                             out.mesh.push((shard, Mesh::Registered { token, outcome }));
                         }
                     }

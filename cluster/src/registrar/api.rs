@@ -43,11 +43,14 @@ impl Default for RegistrarConfig {
 pub enum RegistrarEvent {
     /// The connection of `request` holds the session with `epoch`: CONNACK it. `previous` held the
     /// session on another node (which is told to end it and hand it over). `provisional`: granted here
-    /// because the owner did not answer (available mode), reconciled later.
+    /// because the owner did not answer (available mode), reconciled later. `stamp`: the registration's
+    /// clock, which the node stores with the session to re-register it after a restart
+    /// ([`super::Registrar::restore`]).
     Granted {
         request: RequestId,
         client: Arc<str>,
         epoch: u64,
+        stamp: HlcStamp,
         previous: Option<Previous>,
         provisional: bool,
     },

@@ -209,9 +209,17 @@ impl Registrar {
     /// with the epoch it had, and re-registered with its owners as peers come up (ended then if it moved
     /// meanwhile). The will of a client that was connected when the node stopped is its owners' to
     /// publish (they saw the node go down); a re-registration does not cancel it.
+    ///
+    /// A session this node already holds or registers (its client connected again before the restored
+    /// ones were handed over) is not touched: that connection's registration is the newer one.
     pub fn restore(&mut self, client: &str, epoch: u64, stamp: HlcStamp) {
         debug_assert!(epoch >= 1);
         self.hlc.observe(stamp);
+        let registering =
+            self.pending.values().any(|p| &*p.client == client && matches!(p.op, Op::Register { .. }));
+        if registering || self.held.contains_key(client) {
+            return;
+        }
         let h = Held { epoch, stamp, connected: false, will: None, unconfirmed: true, restored: true };
         self.held.insert(client.into(), h);
     }
@@ -454,6 +462,7 @@ impl Registrar {
             request: id,
             client: p.client.clone(),
             epoch,
+            stamp,
             previous: None,
             provisional: true,
         });
@@ -706,6 +715,7 @@ impl Registrar {
             request,
             client: client.clone(),
             epoch,
+            stamp,
             previous,
             provisional: false,
         });

@@ -147,12 +147,14 @@ fn a_lone_node_owns_every_id_and_grants_at_once() {
     let t0 = Instant::now();
     let mut r = Registrar::new(n("solo"), RegistrarConfig::default(), t0);
     let id = r.handle_connect("c", false, None, t0);
+    let stamp = r.held().next().expect("held").stamp;
     assert_eq!(
         r.poll_event(),
         Some(RegistrarEvent::Granted {
             request: id,
             client: "c".into(),
             epoch: 1,
+            stamp,
             previous: None,
             provisional: false
         })

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use shardmq_wire::{topic, ConnAck, Connect, Packet, Properties, Protocol, ReasonCode};
 
 use super::session::{Session, WillState};
-use super::{owner_of, Mesh, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer};
+use super::{
+    owner_of, Mesh, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer,
+    ZoneRegistration,
+};
 use crate::auth::guard::Identity;
 use crate::auth::Refusal;
 use crate::ConnId;
@@ -102,10 +105,10 @@ impl Shard {
         // A CONNECT run again once the zone registered it was checked the first time.
         let approved = self.sessions.registrations.take_approved(id);
         let registered = approved.is_some();
-        let mut epoch = None;
+        let mut registration = None;
         if let Some(a) = approved {
             acl = a.acl;
-            epoch = a.epoch;
+            registration = a.registration;
         } else if let Some(auth) = self.sessions.auth.clone() {
             if peer.ip.is_some_and(|ip| self.sessions.logins.banned(ip, now)) {
                 self.counters.auth_refused += 1;
@@ -236,8 +239,8 @@ impl Shard {
             Some(a) => self.sessions.acls.insert(key, a),
             None => self.sessions.acls.remove(&key),
         };
-        if let Some(epoch) = epoch {
-            self.sessions.registrations.epochs.insert(key, epoch);
+        if let Some(r) = registration {
+            self.sessions.registrations.current.insert(key, r);
         }
 
         let mut keepalive_s = c.keep_alive_s;
@@ -321,9 +324,9 @@ impl Shard {
     /// that the session ended.
     fn unregister(&mut self, key: SessionKey, kept: bool) {
         let (Some(gateway), Some(s)) = (self.gateway(), self.sessions.map.get(&key)) else { return };
-        let epochs = &mut self.sessions.registrations.epochs;
-        let epoch = if kept { epochs.get(&key).copied() } else { epochs.remove(&key) };
-        let Some(epoch) = epoch else { return };
+        let current = &mut self.sessions.registrations.current;
+        let r = if kept { current.get(&key).copied() } else { current.remove(&key) };
+        let Some(ZoneRegistration { epoch, .. }) = r else { return };
         let client = s.client_id.clone();
         self.send_mesh(gateway, Mesh::Unregister { client, epoch, kept });
     }

@@ -51,7 +51,7 @@ pub use self::persist::{
     inspect_node, open_node, read_meta, type_name, Boot, BootError, Exported, Meta, Recovered, Replay,
     SessionTransfer, ShardReport, StorageConfig, Store, StoredSession, TransferError, WallClock,
 };
-pub use self::register::{RegisterOutcome, RegisteredWill};
+pub use self::register::{HeldRegistration, RegisterOutcome, RegisteredWill, ZoneRegistration};
 use self::route::{Interest, SubRef};
 pub use self::route::{InterestDelta, SharedKey};
 use self::session::Session;
@@ -227,6 +227,9 @@ pub struct Counters {
     pub sessions_taken_elsewhere: u64,
     /// Wills of clients of a lost node this shard published for the zone's registry.
     pub lost_wills_published: u64,
+    /// Wills of sessions restored from the log on a clustered node, left to the zone's registry (whose
+    /// owners publish the wills of a lost node's clients) instead of published here too.
+    pub restored_wills_left_to_zone: u64,
 }
 
 /// Who asks for a durability answer: the publishing shard and its token (see `persist`).
@@ -284,6 +287,12 @@ pub enum Mesh {
     /// the log, or published before). They predate every update the zone may have made meanwhile.
     RetainedHeld {
         msgs: Vec<Arc<Msg>>,
+    },
+    /// To the cluster gateway, as the gateway starts (before the answer to its first `ForwardAll`): the
+    /// sessions this shard restored from its log, offline, with the registration each had, for the
+    /// zone's registry (they re-register as peers come up; one that moved meanwhile is ended here).
+    SessionsHeld {
+        sessions: Vec<HeldRegistration>,
     },
     /// From the cluster gateway: the names of the nodes this node has a link with (sorted), on every
     /// change. Shards keep it for what the cluster asks of them (session ownership, next).
@@ -834,6 +843,12 @@ impl Core for Shard {
                 debug_assert_eq!(Some(from), self.gateway(), "only the gateway asks for every publish");
                 let first = on && !self.routing.forward_all;
                 self.routing.forward_all = on && self.gateway() == Some(from);
+                if first && self.routing.forward_all {
+                    // Before the answer: the gateway serves its peers only once every shard answered,
+                    // and restored sessions must be known to its registrar before a peer is.
+                    let sessions = self.held_registrations();
+                    self.send_mesh(from, Mesh::SessionsHeld { sessions });
+                }
                 if let Some(token) = token {
                     self.send_mesh(from, Mesh::InterestAck { token });
                 }
@@ -844,7 +859,7 @@ impl Core for Shard {
             }
             Mesh::Peers { up } => self.routing.peers = up,
             // Only the gateway is sent these.
-            Mesh::RetainedHeld { .. } => {}
+            Mesh::RetainedHeld { .. } | Mesh::SessionsHeld { .. } => {}
             Mesh::Congestion { session, congested } => self.set_congested(session, from, congested, now),
             Mesh::Registered { token, outcome } => self.registered(token, outcome, now),
             Mesh::EndSession { client, export } => self.taken_over_elsewhere(client, export, now),

@@ -29,10 +29,35 @@ use crate::ConnId;
 pub enum RegisterOutcome {
     /// This node holds the session now; `session` is the client's session moved from the node that
     /// held it, if one did and it was persistent.
-    Granted { session: Option<Box<SessionTransfer>>, epoch: u64 },
+    Granted { session: Option<Box<SessionTransfer>>, registration: ZoneRegistration },
     /// Not registered (the id's owner is unreachable and the zone prefers consistency): CONNACK
     /// 0x88 Server unavailable (3.1.1: 3).
     Refused,
+}
+
+/// A session's registration in the zone's registry: its epoch (which grows with every registration of
+/// the client id) and the hybrid-logical-clock stamp of the CONNECT that made it. Stored with the session
+/// (SESSION record), so that a node restarted with its log re-registers its sessions as they were
+/// ([`Mesh::SessionsHeld`]) and a session that moved meanwhile is ended here, not resurrected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZoneRegistration {
+    /// Invariant: at least 1.
+    pub epoch: u64,
+    pub stamp: u64,
+}
+
+impl ZoneRegistration {
+    /// What a session with no registration of its own (stored by a node that was not clustered, or
+    /// granted without an answer from the registry) re-registers as: below every registration the zone
+    /// made, so that any of them wins over it.
+    pub const UNKNOWN: ZoneRegistration = ZoneRegistration { epoch: 1, stamp: 0 };
+}
+
+/// A session restored from the log, for the gateway to re-register (see [`Mesh::SessionsHeld`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldRegistration {
+    pub client: Arc<str>,
+    pub registration: ZoneRegistration,
 }
 
 /// A client's will as the zone's registry keeps it, so that the id's owners can publish it if this node
@@ -68,9 +93,10 @@ pub(super) struct Registrations {
     next_token: u64,
     /// Maps the Unix-time deadlines of moved sessions to this shard's clock (see [`Shard::set_wall_clock`]).
     pub(super) clock: Option<WallClock>,
-    /// The registry's epoch of each session's current connection, for the disconnect report (an old
-    /// connection's report, late, must not end a newer one's registration). Clustered nodes only.
-    pub(super) epochs: HashMap<super::SessionKey, u64>,
+    /// The registration of each session's current (or last) connection: for the disconnect report (an
+    /// old connection's report, late, must not end a newer one's registration) and the SESSION record.
+    /// Clustered nodes only.
+    pub(super) current: HashMap<super::SessionKey, ZoneRegistration>,
 }
 
 /// What a registered CONNECT runs again with.
@@ -78,8 +104,9 @@ pub(super) struct Registrations {
 pub(super) struct Approval {
     /// What the credentials check gave (`None`: no ACL).
     pub acl: Option<Box<ClientAcl>>,
-    /// The registry's epoch of the connection; `None` when the CONNECT went on without an answer.
-    pub epoch: Option<u64>,
+    /// The registry's registration of the connection; `None` when the CONNECT went on without an
+    /// answer.
+    pub registration: Option<ZoneRegistration>,
 }
 
 impl Registrations {
@@ -171,13 +198,34 @@ impl Shard {
                 // 3.1.1: return code 3, Server unavailable.
                 self.refuse(conn, held.protocol, ReasonCode::SERVER_UNAVAILABLE, now);
             }
-            RegisterOutcome::Granted { session, epoch } => {
+            RegisterOutcome::Granted { session, registration } => {
+                debug_assert!(registration.epoch >= 1);
                 if let Some(t) = session {
                     self.install_moved(&t, now);
                 }
-                self.run_registered(conn, held, Some(epoch), now);
+                self.run_registered(conn, held, Some(registration), now);
             }
         }
+    }
+
+    /// The sessions of this shard without a connection, with their registrations (see
+    /// [`Mesh::SessionsHeld`]). A session whose registration is not known (stored before the node was
+    /// clustered, or after a CONNECT that went on without the registry) goes as
+    /// [`ZoneRegistration::UNKNOWN`].
+    pub(super) fn held_registrations(&self) -> Vec<HeldRegistration> {
+        let current = &self.sessions.registrations.current;
+        let mut held: Vec<HeldRegistration> = self
+            .sessions
+            .map
+            .iter()
+            .filter(|(_, s)| s.conn.is_none())
+            .map(|(key, s)| HeldRegistration {
+                client: s.client_id.clone(),
+                registration: current.get(key).copied().unwrap_or(ZoneRegistration::UNKNOWN),
+            })
+            .collect();
+        held.sort_by(|a, b| a.client.cmp(&b.client));
+        held
     }
 
     /// The will of a client whose node was lost, published by this node as one of its id's owners.
@@ -208,8 +256,14 @@ impl Shard {
         self.run_registered(conn, held, None, now);
     }
 
-    fn run_registered(&mut self, conn: ConnId, held: Held, epoch: Option<u64>, now: Instant) {
-        self.sessions.registrations.approved.insert(conn, Approval { acl: held.acl, epoch });
+    fn run_registered(
+        &mut self,
+        conn: ConnId,
+        held: Held,
+        registration: Option<ZoneRegistration>,
+        now: Instant,
+    ) {
+        self.sessions.registrations.approved.insert(conn, Approval { acl: held.acl, registration });
         self.out.io.push_back(IoCmd::ResumeRead(conn));
         self.read(conn, &held.bytes, now);
         // Whatever happened, the approval was for that CONNECT only.

@@ -366,6 +366,17 @@ impl Shard {
         s.expiry_s = st.expiry_s.min(cap);
         s.stored_ver = st.ver;
         s.will = st.will;
+        if arrival == Arrival::Boot && self.gateway().is_some() {
+            if let Some(r) = st.registration {
+                self.sessions.registrations.current.insert(key, r);
+            }
+            // A client connected when the node stopped lost its connection with the node: the zone's
+            // registry saw the node go, and the id's owners publish that will (once). Publishing it here
+            // too would make it twice.
+            if s.will.take().is_some() {
+                self.counters.restored_wills_left_to_zone += 1;
+            }
+        }
         // The rights its client had, rebuilt under today's ACL; without a record of them (an older
         // record) it gets nothing until its client authenticates again.
         if let (Some(user), Some(auth)) = (&st.user, self.sessions.auth.as_deref()) {
@@ -531,6 +542,11 @@ impl Shard {
             None => e.u8(0),
             Some(None) => e.u8(1),
             Some(Some(u)) => e.u8(2).str(u),
+        };
+        // The zone registration of its last connection (see `StoredSession::registration`).
+        match self.sessions.registrations.current.get(&key) {
+            None => e.u8(0),
+            Some(r) => e.u8(1).u64(r.epoch).u64(r.stamp),
         };
         Some(e.0)
     }

@@ -18,6 +18,7 @@ use shardmq_wire::{Protocol, QoS, SubOptions};
 use super::records::{self, Dec, DecResult, WallClock};
 use crate::core::msg::{Delivery, Msg};
 use crate::core::session::WillState;
+use crate::core::ZoneRegistration;
 
 /// A persistent session as its latest record describes it.
 #[derive(Debug)]
@@ -37,6 +38,9 @@ pub struct StoredSession {
     /// Under an ACL, the user name its client authenticated with (`Some(None)`: anonymous), so that the
     /// session gets the same rights when restored; `None` when not recorded (no ACL, older records).
     pub user: Option<Option<Box<str>>>,
+    /// On a clustered node, the zone registration of the session's last connection (added after the
+    /// first format: `None` in older records, and for sessions never registered).
+    pub registration: Option<ZoneRegistration>,
 }
 
 /// What a session had: its record, its messages (in `mid` order, with whether a QoS 2 one was already
@@ -320,6 +324,23 @@ fn decode_session(d: &mut Dec<'_>) -> DecResult<StoredSession> {
             x => return Err(format!("session user flag {x}")),
         }
     };
+    // Added after `user`: a record may end before it.
+    let registration = if d.remaining() == 0 {
+        None
+    } else {
+        match d.u8()? {
+            0 => None,
+            1 => {
+                let epoch = d.u64()?;
+                let stamp = d.u64()?;
+                if epoch == 0 {
+                    return Err("session registration with epoch 0".into());
+                }
+                Some(ZoneRegistration { epoch, stamp })
+            }
+            x => return Err(format!("session registration flag {x}")),
+        }
+    };
     Ok(StoredSession {
         ver,
         sid,
@@ -331,6 +352,7 @@ fn decode_session(d: &mut Dec<'_>) -> DecResult<StoredSession> {
         will_at_unix_ms,
         subs,
         user,
+        registration,
     })
 }
 

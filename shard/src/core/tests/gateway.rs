@@ -15,11 +15,13 @@ fn clustered(n: u16) -> Sim {
         sim.gateway_sends(s, Mesh::ForwardAll { on: true, token: Some(0) });
     }
     let acks: Vec<_> = sim.to_gateway.drain(..).collect();
-    // Each shard acknowledges, then tells what retained messages it holds (none here).
-    assert_eq!(acks.len(), 2 * n as usize);
-    for pair in acks.chunks(2) {
-        assert!(matches!(pair[0].1, Mesh::InterestAck { token: 0 }), "{acks:?}");
-        assert!(matches!(&pair[1].1, Mesh::RetainedHeld { msgs } if msgs.is_empty()), "{acks:?}");
+    // Each shard tells what sessions it restored (before its answer: the gateway serves peers only once
+    // every shard answered), acknowledges, then tells what retained messages it holds (none here).
+    assert_eq!(acks.len(), 3 * n as usize);
+    for three in acks.chunks(3) {
+        assert!(matches!(&three[0].1, Mesh::SessionsHeld { sessions } if sessions.is_empty()), "{acks:?}");
+        assert!(matches!(three[1].1, Mesh::InterestAck { token: 0 }), "{acks:?}");
+        assert!(matches!(&three[2].1, Mesh::RetainedHeld { msgs } if msgs.is_empty()), "{acks:?}");
     }
     sim
 }

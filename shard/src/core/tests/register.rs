@@ -38,7 +38,7 @@ fn answer(sim: &mut Sim, shard: u16, token: u64, outcome: RegisterOutcome) {
 }
 
 fn granted() -> RegisterOutcome {
-    RegisterOutcome::Granted { session: None, epoch: 1 }
+    RegisterOutcome::Granted { session: None, registration: ZoneRegistration { epoch: 1, stamp: 1 } }
 }
 
 #[test]
@@ -116,7 +116,10 @@ fn a_session_moved_from_another_node_arrives_with_the_grant() {
             &mut sim,
             shard,
             token,
-            RegisterOutcome::Granted { session: Some(Box::new(moved.clone())), epoch: 1 },
+            RegisterOutcome::Granted {
+                session: Some(Box::new(moved.clone())),
+                registration: ZoneRegistration { epoch: 1, stamp: 1 },
+            },
         );
         assert!(sim.pop_connack(c), "{protocol:?}: session present");
         assert_eq!(sim.pop_publish(c).0, "m/1", "{protocol:?}");
@@ -206,4 +209,97 @@ fn ids_a_clustered_node_assigns_carry_its_name() {
     });
     assert!(id.starts_with("shardmq-node-a-"), "{id}");
     assert_eq!(owner_of(&id, 2), ShardId(1), "still owned by the shard that assigned it");
+}
+
+/// Connects `id` (persistent, 600 s) on a clustered node and grants it `registration`.
+fn registered(sim: &mut Sim, id: &str, will_delay_s: Option<u32>, registration: ZoneRegistration) -> C {
+    let c = sim.connect_with(0, V5, |k| {
+        k.client_id = id;
+        k.clean_start = false;
+        k.properties.session_expiry_interval_s = Some(600);
+        if let Some(delay) = will_delay_s {
+            let properties =
+                shardmq_wire::Properties { will_delay_interval_s: Some(delay), ..Default::default() };
+            k.will = Some(shardmq_wire::Will {
+                topic: "gone/x",
+                payload: b"bye",
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties,
+            });
+        }
+    });
+    let (shard, token, client, _) = registrations(sim).pop().expect("registered");
+    assert_eq!(client, id);
+    answer(sim, shard, token, RegisterOutcome::Granted { session: None, registration });
+    assert!(!sim.pop_connack(c));
+    c
+}
+
+/// A clustered node restarted with its log hands its gateway the sessions it restored, each with the
+/// registration it had (so the zone's registry learns where they are and ends the ones that moved), before
+/// it answers the gateway's first `ForwardAll`; the will of a client connected at the crash is left to
+/// the id's owners, who saw the node go, and the session's end is reported under its restored epoch.
+#[test]
+fn a_restarted_node_hands_its_sessions_to_the_registry_as_they_were_registered() {
+    let cfg = Config { cluster_gateway: true, connect_timeout_ms: 2000, ..Config::default() };
+    let mut sim = Sim::durable(2, cfg);
+    sim.auto_register = false;
+    let kept_reg = ZoneRegistration { epoch: 7, stamp: 0xABCD_0001 };
+    let live_reg = ZoneRegistration { epoch: 3, stamp: 0x55 };
+    let kept = registered(&mut sim, "kept", None, kept_reg);
+    sim.drop_conn(kept);
+    let gone: Vec<_> =
+        sim.to_gateway.drain(..).filter(|(_, m)| matches!(m, Mesh::Unregister { .. })).collect();
+    assert!(
+        matches!(&gone[..], [(_, Mesh::Unregister { client, epoch: 7, kept: true })] if &**client == "kept"),
+        "{gone:?}"
+    );
+    let _live = registered(&mut sim, "live", Some(10), live_reg);
+    sim.to_gateway.clear();
+
+    sim.crash_and_restart();
+    for s in 0..2 {
+        sim.gateway_sends(s, Mesh::ForwardAll { on: true, token: Some(0) });
+    }
+    let mut held = Vec::new();
+    for s in 0..2 {
+        let from_s: Vec<&Mesh> =
+            sim.to_gateway.iter().filter(|(from, _)| from.0 == s).map(|(_, m)| m).collect();
+        let held_at = from_s.iter().position(|m| matches!(m, Mesh::SessionsHeld { .. })).expect("told");
+        let acked_at =
+            from_s.iter().position(|m| matches!(m, Mesh::InterestAck { token: 0 })).expect("acked");
+        assert!(held_at < acked_at, "the sessions come before the answer: {from_s:?}");
+        if let Mesh::SessionsHeld { sessions } = from_s[held_at] {
+            held.extend(sessions.iter().map(|h| (h.client.to_string(), h.registration)));
+        }
+    }
+    held.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(held, vec![("kept".to_string(), kept_reg), ("live".to_string(), live_reg)]);
+    sim.to_gateway.clear();
+
+    // The will's delay passes: the zone's owners publish it, not this node.
+    sim.advance(Duration::from_secs(11));
+    let published: Vec<_> = sim
+        .to_gateway
+        .iter()
+        .filter(|(_, m)| matches!(m, Mesh::Deliver { msg, .. } if &*msg.topic == "gone/x"))
+        .collect();
+    assert!(published.is_empty(), "{published:?}");
+    let left: u64 = sim.shards.iter().map(|s| s.counters().restored_wills_left_to_zone).sum();
+    assert_eq!(left, 1);
+
+    // The sessions expire: their ends are reported with the epochs they were registered with.
+    sim.to_gateway.clear();
+    sim.advance(Duration::from_secs(600));
+    let mut ended: Vec<(String, u64, bool)> = sim
+        .to_gateway
+        .drain(..)
+        .filter_map(|(_, m)| match m {
+            Mesh::Unregister { client, epoch, kept } => Some((client.to_string(), epoch, kept)),
+            _ => None,
+        })
+        .collect();
+    ended.sort();
+    assert_eq!(ended, vec![("kept".to_string(), 7, false), ("live".to_string(), 3, false)]);
 }

@@ -309,7 +309,10 @@ impl Sim {
                         if let (true, true, Mesh::Register { token, .. }) =
                             (to.index() == n, self.auto_register, &m)
                         {
-                            let outcome = RegisterOutcome::Granted { session: None, epoch: 1 };
+                            let outcome = RegisterOutcome::Granted {
+                                session: None,
+                                registration: ZoneRegistration { epoch: 1, stamp: 1 },
+                            };
                             let answer = Mesh::Registered { token: *token, outcome };
                             self.shards[s].handle_mesh(to, answer, self.now);
                         } else if to.index() == n {
