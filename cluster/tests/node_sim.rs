@@ -1426,3 +1426,71 @@ fn a_restarted_nodes_sessions_are_registered_again() {
         restored_sessions(seed);
     }
 }
+
+/// A partition with one client id's persistent session on both sides, messages queued for it on each,
+/// then the heal: one session remains in the zone, and the losing one's queued QoS 1 messages are handed
+/// to the winner, so the client, reconnecting on any node, gets what both sides queued for it, each once.
+fn split_brain(seed: u64) {
+    let n = 3;
+    let mut sim = Sim::new(seed, n);
+    sim.wait_all_up(Duration::from_secs(5));
+    let mut rng = Rng(seed ^ 0x5b1e);
+    let cut = rng.below(n as u64) as usize;
+    let (near, other) = ((cut + 1) % n, (cut + 2) % n);
+    let id = format!("twin-{}", rng.below(1000));
+    let subscribed = |sim: &mut Sim, slot: usize| {
+        let c = sim.connect_with(slot, &id, false, None);
+        let pid = sim.subscribe(c, "split/#");
+        let acked =
+            sim.run_until(Duration::from_secs(6), |sim| sim.hosts.clients[c].subacks.contains_key(&pid));
+        assert!(acked.is_some(), "seed {seed}: SUBACK on node {slot}");
+        sim.disconnect(c);
+    };
+    subscribed(&mut sim, near);
+    sim.wire.group[cut] = 1;
+    sim.run(Duration::from_secs(3));
+    // The cut-off side grants the id too (available mode), and each side queues messages for it.
+    subscribed(&mut sim, cut);
+    let mut publishers = Vec::new();
+    for (slot, side) in [(other, "near"), (cut, "far")] {
+        let p = sim.connect(slot, 0);
+        for i in 0..3u16 {
+            sim.publish_raw(p, &format!("split/{side}/{i}"), side.as_bytes(), QoS::AtLeastOnce, false, i + 1);
+        }
+        publishers.push(p);
+    }
+    let acked = sim.run_until(Duration::from_secs(5), |sim| {
+        publishers.iter().all(|&p| sim.hosts.clients[p].acked.len() >= 3)
+    });
+    assert!(acked.is_some(), "seed {seed}: each side stored its messages");
+    for p in publishers {
+        sim.disconnect(p);
+    }
+
+    sim.wire.group[cut] = 0;
+    sim.wait_all_up(Duration::from_secs(15));
+    let one = sim.run_until(Duration::from_secs(5), |sim| {
+        (0..n).map(|s| sim.node(s).shards.iter().map(|x| x.session_count()).sum::<usize>()).sum::<usize>()
+            == 1
+    });
+    assert!(one.is_some(), "seed {seed}: one session of {id} left in the zone after the heal");
+    sim.run(Duration::from_millis(500));
+
+    let x = sim.connect_with(other, &id, false, None);
+    assert!(sim.hosts.clients[x].session_present, "seed {seed}");
+    let got = sim.run_until(Duration::from_secs(3), |sim| sim.hosts.clients[x].got.len() >= 6);
+    sim.run(Duration::from_millis(500));
+    let mut topics: Vec<&str> = sim.hosts.clients[x].got.iter().map(|g| g.0.as_str()).collect();
+    topics.sort_unstable();
+    let want: Vec<String> =
+        ["far", "near"].iter().flat_map(|side| (0..3).map(move |i| format!("split/{side}/{i}"))).collect();
+    assert!(got.is_some(), "seed {seed}: got {topics:?}");
+    assert_eq!(topics, want, "seed {seed}: what both sides queued, each once");
+}
+
+#[test]
+fn after_a_split_brain_one_session_remains_with_both_sides_messages() {
+    for seed in seeds() {
+        split_brain(seed);
+    }
+}

@@ -247,12 +247,13 @@ impl Gateway {
             Mesh::Exported { client, state } => {
                 let mut out = sessions::Output::default();
                 self.sessions.exported(&client, state, &mut out);
-                self.apply_sessions(out);
+                self.apply_sessions(out, now);
             }
             Mesh::ForwardAll { .. }
             | Mesh::Peers { .. }
             | Mesh::Registered { .. }
             | Mesh::PublishWill { .. }
+            | Mesh::MergeSession { .. }
             | Mesh::EndSession { .. } => {}
         }
         self.drive(now);
@@ -307,6 +308,9 @@ impl Gateway {
         tracing::info!(node = %peer.name, addr = %peer.addr, "cluster peer linked");
         self.router.peer_up(peer.name.clone());
         self.sessions.registrar.handle_peer_up(&peer.name, now);
+        let mut out = sessions::Output::default();
+        self.sessions.peer_up(&peer.name, &mut out);
+        self.apply_sessions(out, now);
         self.drain_sessions(now);
         self.tell_peers();
         self.flush_announcements();
@@ -320,7 +324,7 @@ impl Gateway {
         self.sessions.registrar.handle_peer_down(&peer.name, now);
         let mut out = sessions::Output::default();
         self.sessions.peer_down(&peer.name, &mut out);
-        self.apply_sessions(out);
+        self.apply_sessions(out, now);
         self.drain_sessions(now);
         self.tell_peers();
         let given_up = self.fwd.peer_down(&peer.name, &mut self.out);
@@ -362,7 +366,7 @@ impl Gateway {
                     self.counters.malformed += 1;
                     tracing::warn!(node = %from, %client, "a moved session that does not decode; a new one starts");
                 }
-                self.apply_sessions(out);
+                self.apply_sessions(out, now);
             }
             Frame::Registry(body) => {
                 if self.sessions.receive(from, body, now) {
@@ -394,12 +398,19 @@ impl Gateway {
     fn drain_sessions(&mut self, now: Instant) {
         let mut out = sessions::Output::default();
         self.sessions.drain(now, &mut out);
-        self.apply_sessions(out);
+        self.apply_sessions(out, now);
     }
 
-    fn apply_sessions(&mut self, out: sessions::Output) {
+    fn apply_sessions(&mut self, out: sessions::Output, now: Instant) {
         for (peer, bytes) in out.frames {
             if !self.send_bytes(&peer, bytes) {
+                self.counters.registry_not_sent += 1;
+            }
+        }
+        for (peer, client, frame) in out.sessions {
+            if !self.zone.peers_up().any(|p| p.name == peer) {
+                self.sessions.hold_unsent(peer, client, frame, now);
+            } else if !self.send_bytes(&peer, frame) {
                 self.counters.registry_not_sent += 1;
             }
         }
@@ -533,7 +544,7 @@ impl Gateway {
         self.router.handle_timeout(now);
         let mut out = sessions::Output::default();
         self.sessions.handle_timeout(now, &mut out);
-        self.apply_sessions(out);
+        self.apply_sessions(out, now);
         self.drain_sessions(now);
         self.complete_interest();
         let late = self.fwd.expire(now, &mut self.out);

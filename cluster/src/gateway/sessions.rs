@@ -15,6 +15,9 @@
 //! - A registration carries its client's will; when a node dies, the owners publish the wills of its
 //!   clients ([`RegistrarEvent::PublishWill`]) through one of this node's shards ([`Mesh::PublishWill`]).
 //!
+//! - A session that comes for the session this node holds now without having been waited for (it came
+//!   after its CONNECT went on without it, or it lost a conflict to this one when a partition healed)
+//!   hands its undelivered QoS 1/2 messages to it ([`Mesh::MergeSession`]).
 //! - Sessions a shard restored from its log ([`Mesh::SessionsHeld`]) are held by the registrar as they
 //!   were registered, and re-registered with their owners as peers come up.
 //!
@@ -50,6 +53,18 @@ struct Awaiting {
     deadline: Instant,
 }
 
+/// How long a session for a successor whose link is not up is kept for it (after a partition heals, the
+/// registry may tell this node of its successor before their link is back).
+pub const UNSENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A session waiting for its successor's link.
+struct Unsent {
+    to: NodeName,
+    client: Arc<str>,
+    frame: Vec<u8>,
+    deadline: Instant,
+}
+
 /// A session that came before its grant (the grant travels from the id's owner, the session from the
 /// node that held it: two links, no order between them).
 struct Early {
@@ -71,6 +86,8 @@ pub(super) struct Sessions {
     early: HashMap<Arc<str>, Early>,
     /// Sessions this node's shards are ending for a successor: where to send what they export.
     ending: HashMap<Arc<str>, (NodeName, u64)>,
+    /// Exported sessions whose successor's link was not up when they were sent.
+    unsent: Vec<Unsent>,
     shards: u16,
     pub(super) counters: SessionCounters,
 }
@@ -83,14 +100,23 @@ pub struct SessionCounters {
     pub sessions_received: u64,
     /// Grants that went on without the session: it did not come in time, or its node went down.
     pub sessions_not_received: u64,
-    /// Sessions that came after their grant went on (dropped: the client has a new session).
+    /// Sessions that came for a connection this node no longer has (dropped, logged).
     pub sessions_late: u64,
+    /// Sessions that came for the session this node holds without having waited for them (late, or the
+    /// loser of a conflict): their messages were handed to it.
+    pub sessions_merged: u64,
+    /// Exported sessions that could not be sent: their successor's link did not come up in
+    /// [`UNSENT_TIMEOUT`] (dropped, logged).
+    pub sessions_unsent: u64,
 }
 
 /// What the gateway must do after the registrar ran: frames for peers, messages for shards.
 #[derive(Default)]
 pub(super) struct Output {
     pub frames: Vec<(NodeName, Vec<u8>)>,
+    /// Sessions for their successors (`Frame::Session`): held when the link is not up
+    /// ([`Sessions::hold_unsent`]), unlike registry frames, which are repeated after membership changes.
+    pub sessions: Vec<(NodeName, Arc<str>, Vec<u8>)>,
     pub mesh: Vec<(ShardId, Mesh)>,
 }
 
@@ -103,6 +129,7 @@ impl Sessions {
             awaiting: HashMap::new(),
             early: HashMap::new(),
             ending: HashMap::new(),
+            unsent: Vec::new(),
             shards,
             counters: SessionCounters::default(),
         }
@@ -161,7 +188,22 @@ impl Sessions {
         let mut frame = Vec::with_capacity(bytes.len() + client.len() + 16);
         link::encode(&Frame::Session { client, epoch, state: &bytes }, &mut frame);
         self.counters.sessions_sent += !bytes.is_empty() as u64;
-        out.frames.push((successor, frame));
+        out.sessions.push((successor, client.into(), frame));
+    }
+
+    /// A session for `to` that could not be sent (its link is not up): kept until the link comes up,
+    /// for at most [`UNSENT_TIMEOUT`].
+    pub(super) fn hold_unsent(&mut self, to: NodeName, client: Arc<str>, frame: Vec<u8>, now: Instant) {
+        tracing::debug!(%client, node = %to, "a session for a node not linked yet; held until it is");
+        self.unsent.push(Unsent { to, client, frame, deadline: now + UNSENT_TIMEOUT });
+    }
+
+    /// `peer`'s link is up: the sessions held for it go.
+    pub(super) fn peer_up(&mut self, peer: &NodeName, out: &mut Output) {
+        let (go, stay): (Vec<Unsent>, Vec<Unsent>) =
+            std::mem::take(&mut self.unsent).into_iter().partition(|u| u.to == *peer);
+        self.unsent = stay;
+        out.sessions.extend(go.into_iter().map(|u| (u.to, u.client, u.frame)));
     }
 
     /// The session of `client` from the node that held it; `false` when its state did not decode.
@@ -187,6 +229,14 @@ impl Sessions {
         };
         let matches =
             self.awaiting.get(client).is_some_and(|a| a.registration.epoch == epoch && a.from == *from);
+        if !matches && self.registrar.is_current(client, epoch) {
+            // For the session this node holds now, whose CONNECT did not wait for it (it came late, or
+            // it lost a conflict to this one after a partition): its messages go to that session.
+            if let Some(t) = transfer {
+                self.merge(t, out);
+            }
+            return true;
+        }
         if !matches {
             // Its grant may still be on its way: kept until it comes (or for as long as a grant waits).
             let deadline = now + TRANSFER_TIMEOUT;
@@ -198,6 +248,12 @@ impl Sessions {
         let outcome = RegisterOutcome::Granted { session: transfer, registration: a.registration };
         out.mesh.push((a.shard, Mesh::Registered { token: a.token, outcome }));
         true
+    }
+
+    fn merge(&mut self, t: Box<SessionTransfer>, out: &mut Output) {
+        self.counters.sessions_merged += 1;
+        let shard = owner_of(&t.client_id, self.shards);
+        out.mesh.push((shard, Mesh::MergeSession { transfer: t }));
     }
 
     fn answer_without(&mut self, client: &str, out: &mut Output) {
@@ -221,21 +277,33 @@ impl Sessions {
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         let grants = self.awaiting.values().map(|a| a.deadline).min();
         let early = self.early.values().map(|e| e.deadline).min();
-        [self.registrar.poll_timeout(), grants, early].into_iter().flatten().min()
+        let unsent = self.unsent.iter().map(|u| u.deadline).min();
+        [self.registrar.poll_timeout(), grants, early, unsent].into_iter().flatten().min()
     }
 
     pub(super) fn handle_timeout(&mut self, now: Instant, out: &mut Output) {
         if self.registrar.poll_timeout().is_some_and(|t| t <= now) {
             self.registrar.handle_timeout(now);
         }
-        self.early.retain(|client, e| {
-            let keep = e.deadline > now;
-            if !keep && e.transfer.is_some() {
+        let (gone, stay): (Vec<Unsent>, Vec<Unsent>) =
+            std::mem::take(&mut self.unsent).into_iter().partition(|u| u.deadline <= now);
+        self.unsent = stay;
+        for u in gone {
+            self.counters.sessions_unsent += 1;
+            tracing::warn!(client = %u.client, node = %u.to, "a session taken over by a node that never linked again; its messages are dropped");
+        }
+        let due: Vec<Arc<str>> =
+            self.early.iter().filter(|(_, e)| e.deadline <= now).map(|(c, _)| c.clone()).collect();
+        for client in due {
+            let e = self.early.remove(&client).expect("listed above");
+            let Some(t) = e.transfer else { continue };
+            if self.registrar.is_current(&client, e.epoch) {
+                self.merge(t, out);
+            } else {
                 self.counters.sessions_late += 1;
                 tracing::warn!(%client, "a moved session whose connection never came here; dropped");
             }
-            keep
-        });
+        }
         let late: Vec<Arc<str>> =
             self.awaiting.iter().filter(|(_, a)| a.deadline <= now).map(|(c, _)| c.clone()).collect();
         for c in late {

@@ -230,6 +230,11 @@ pub struct Counters {
     /// Wills of sessions restored from the log on a clustered node, left to the zone's registry (whose
     /// owners publish the wills of a lost node's clients) instead of published here too.
     pub restored_wills_left_to_zone: u64,
+    /// Sessions that lost to one of this shard (see `Mesh::MergeSession`) whose messages were handed to
+    /// it, the messages, and those that found no session here to take them (dropped, logged).
+    pub sessions_merged: u64,
+    pub merged_messages: u64,
+    pub sessions_merge_failed: u64,
 }
 
 /// Who asks for a durability answer: the publishing shard and its token (see `persist`).
@@ -329,6 +334,12 @@ pub enum Mesh {
     EndSession {
         client: Arc<str>,
         export: bool,
+    },
+    /// Gateway to shard: a session of `transfer`'s client id that lost to this node's (the other side of
+    /// a healed partition, or one moved here after its CONNECT went on without it): its undelivered
+    /// QoS 1/2 messages go to the session here (see `persist::transfer`).
+    MergeSession {
+        transfer: Box<SessionTransfer>,
     },
     /// Shard to gateway: the answer to [`Mesh::EndSession`], with the session exported, if there was one
     /// to export.
@@ -864,6 +875,7 @@ impl Core for Shard {
             Mesh::Registered { token, outcome } => self.registered(token, outcome, now),
             Mesh::EndSession { client, export } => self.taken_over_elsewhere(client, export, now),
             Mesh::PublishWill { will } => self.publish_lost_will(&will, now),
+            Mesh::MergeSession { transfer } => self.merge_lost_session(&transfer, now),
             // Only the gateway registers client ids and moves sessions.
             Mesh::Register { .. } | Mesh::Unregister { .. } | Mesh::Exported { .. } => {}
         }

@@ -228,6 +228,25 @@ impl Shard {
         held
     }
 
+    /// Hands a losing session's messages to this shard's session of its client id (see
+    /// [`Mesh::MergeSession`]); what cannot be handed over is counted and logged.
+    pub(super) fn merge_lost_session(&mut self, t: &SessionTransfer, now: Instant) {
+        let Some(clock) = self.wall_clock() else {
+            self.counters.sessions_merge_failed += 1;
+            tracing::error!(client = %t.client_id, "the messages of a losing session arrived but the shard has no wall clock; dropped");
+            return;
+        };
+        match self.merge_session(t, &clock, now) {
+            Ok(n) => {
+                tracing::info!(client = %t.client_id, messages = n, "the messages of a session that lost a conflict were handed to the winning one")
+            }
+            Err(e) => {
+                self.counters.sessions_merge_failed += 1;
+                tracing::warn!(client = %t.client_id, error = %e, "the messages of a session that lost a conflict could not be handed over; dropped");
+            }
+        }
+    }
+
     /// The will of a client whose node was lost, published by this node as one of its id's owners.
     pub(super) fn publish_lost_will(&mut self, w: &RegisteredWill, now: Instant) {
         let qos = match w.qos {

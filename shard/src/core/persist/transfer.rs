@@ -7,6 +7,9 @@
 //! Deadlines (session expiry, a pending will, message expiry) travel as Unix milliseconds, so both
 //! nodes' wall clocks are assumed to agree to within what those deadlines can tolerate (NTP).
 //!
+//! The messages of a session that lost a conflict (see [`Shard::merge_session`]) travel the same way and
+//! join the winning session.
+//!
 //! What it does not do: decide who owns a session (the registry) or carry the bytes (the gateway);
 //! QoS 0 messages queued for an offline session, and retained messages still owed after a SUBSCRIBE,
 //! are not moved (counted in [`Exported::dropped_qos0`]). The exporting side ends its copy at once: if the
@@ -19,8 +22,9 @@ use shardmq_storage::RecordType;
 use shardmq_wire::QoS;
 
 use super::records::{self, Dec, Enc, WallClock};
-use super::{Arrival, Replay};
+use super::{Arrival, RecoveredSession, Replay};
 use crate::core::error::ProtocolError;
+use crate::core::msg::Delivery;
 use crate::core::{SessionKey, Shard};
 
 /// Format of [`SessionTransfer::encode`]; a node refuses another.
@@ -52,6 +56,8 @@ pub enum TransferError {
     AlreadyHere,
     #[error("session transfer: the log refused it")]
     Storage,
+    #[error("session transfer: the client id has no session here to take its messages")]
+    NoSession,
 }
 
 /// Record types a transfer may carry.
@@ -160,6 +166,34 @@ impl Shard {
         })
     }
 
+    /// Hands the undelivered QoS 1/2 messages of a session of `t.client_id` that lost to this shard's
+    /// session of the same id (the losing side of a partition, or a moved session that came after its
+    /// CONNECT went on without it) to this one: each is queued (or sent) as a new delivery, with a packet
+    /// id of this session, stored if this session is, and subject to its client's read rights. Messages
+    /// its old client had received (QoS 2 past PUBREC) are not, nor its subscriptions, will or QoS 2
+    /// state: this session's own win. Returns how many messages were handed over.
+    pub fn merge_session(
+        &mut self,
+        t: &SessionTransfer,
+        clock: &WallClock,
+        now: Instant,
+    ) -> Result<usize, TransferError> {
+        let key =
+            self.sessions.by_client.get(&t.client_id, &self.sessions.map).ok_or(TransferError::NoSession)?;
+        let rs = replay_one(t, clock)?;
+        let mut merged = 0;
+        for (d, released) in rs.messages {
+            if released || d.qos == QoS::AtMostOnce {
+                continue;
+            }
+            merged += 1;
+            let _ = self.deliver(key, Delivery::new(d.msg, d.qos, d.retain, d.sub_ids), now);
+        }
+        self.counters.sessions_merged += 1;
+        self.counters.merged_messages += merged as u64;
+        Ok(merged)
+    }
+
     /// Installs a session moved here from another node (see [`Shard::export_session`]) under a new key,
     /// offline: its client's CONNECT (clean start 0) resumes it with session present. Stored in this
     /// shard's log before it returns, and its subscriptions announced to the other shards. Refused when
@@ -170,25 +204,10 @@ impl Shard {
         clock: &WallClock,
         now: Instant,
     ) -> Result<SessionKey, TransferError> {
-        let bad = TransferError::Malformed;
         if self.sessions.by_client.get(&t.client_id, &self.sessions.map).is_some() {
             return Err(TransferError::AlreadyHere);
         }
-        let mut replay = Replay::new(*clock);
-        for (ty, payload) in &t.records {
-            if !allowed(*ty) {
-                return Err(bad(format!("record type {} in a transfer", ty.0)));
-            }
-            replay.apply(*ty, payload).map_err(bad)?;
-        }
-        let mut recovered = replay.finish();
-        let mut rs = match (recovered.sessions.pop(), recovered.sessions.is_empty()) {
-            (Some(rs), true) => rs,
-            _ => return Err(bad("a transfer carries exactly one session".into())),
-        };
-        if *rs.session.client_id != *t.client_id {
-            return Err(bad("the session's client id is not the transfer's".into()));
-        }
+        let mut rs = replay_one(t, clock)?;
         // The exporter's ids mean nothing here: the session gets a key of this shard, and its records
         // are written to this log as new ones.
         let key = SessionKey(self.sessions.next_key);
@@ -210,6 +229,27 @@ impl Shard {
         self.counters.sessions_imported += 1;
         Ok(key)
     }
+}
+
+/// The one session a transfer carries, rebuilt through the boot path.
+fn replay_one(t: &SessionTransfer, clock: &WallClock) -> Result<RecoveredSession, TransferError> {
+    let bad = TransferError::Malformed;
+    let mut replay = Replay::new(*clock);
+    for (ty, payload) in &t.records {
+        if !allowed(*ty) {
+            return Err(bad(format!("record type {} in a transfer", ty.0)));
+        }
+        replay.apply(*ty, payload).map_err(bad)?;
+    }
+    let mut recovered = replay.finish();
+    let rs = match (recovered.sessions.pop(), recovered.sessions.is_empty()) {
+        (Some(rs), true) => rs,
+        _ => return Err(bad("a transfer carries exactly one session".into())),
+    };
+    if *rs.session.client_id != *t.client_id {
+        return Err(bad("the session's client id is not the transfer's".into()));
+    }
+    Ok(rs)
 }
 
 #[cfg(test)]

@@ -147,3 +147,60 @@ fn an_import_never_makes_a_second_session_and_bad_records_are_refused() {
     assert_eq!(c.shards[0].session_count(), 0);
     assert!(SessionTransfer::decode(&bytes[..last]).is_err(), "truncated");
 }
+
+/// The losing session of a conflict (the other side of a healed partition) hands its undelivered QoS 1/2
+/// messages to the winning session of the same client id: queued there with packet ids of the winner,
+/// stored with it; a QoS 2 message its old client had already received (past PUBREC) is not, nor its
+/// subscriptions. Without a session to take them they are refused.
+#[test]
+fn a_losing_sessions_messages_are_handed_to_the_winning_one() {
+    let mut a = Sim::new(2);
+    let (c, _) = a.connect(0, V5, "twin", false);
+    sub_qos2(&mut a, c, "q/#");
+    let (p, _) = a.connect(1, V5, "pub", true);
+    a.publish(p, "q/received", b"r", QoS::ExactlyOnce, false, 1);
+    let (_, _, _, _, _, pid) = a.pop_publish(c);
+    a.send(c, &Packet::PubRec(Ack::new(PacketId(pid.unwrap()), ReasonCode::SUCCESS)));
+    a.pop(c, |p| assert!(matches!(p, Packet::PubRel(_)), "{p:?}"));
+    a.publish(p, "q/inflight", b"i", QoS::AtLeastOnce, false, 2);
+    assert_eq!(a.pop_publish(c).0, "q/inflight");
+    a.drop_conn(c);
+    a.publish(p, "q/queued", b"q", QoS::ExactlyOnce, false, 3);
+    let ca = clock(&a);
+    let now_a = a.now;
+    let loser = a.shards[owner_of("twin", 2).index()].export_session("twin", &ca, now_a).unwrap().transfer;
+    let t = SessionTransfer::decode(&loser.encode()).unwrap();
+
+    // Nobody to take them: refused, nothing installed.
+    let mut empty = Sim::new(2);
+    let (ce, now_e) = (clock(&empty), empty.now);
+    let refused = empty.shards[owner_of("twin", 2).index()].merge_session(&t, &ce, now_e);
+    assert_eq!(refused, Err(TransferError::NoSession));
+    assert_eq!(empty.shards.iter().map(|s| s.session_count()).sum::<usize>(), 0);
+
+    let mut b = Sim::durable(2, Config::default());
+    let (w, _) = b.connect(1, V5, "twin", false);
+    b.subscribe(w, "other/#", QoS::AtLeastOnce);
+    let (cb, now_b) = (clock(&b), b.now);
+    let owner = owner_of("twin", 2).index();
+    assert_eq!(b.shards[owner].merge_session(&t, &cb, now_b), Ok(2));
+    b.run();
+    let first = b.pop_publish(w);
+    let second = b.pop_publish(w);
+    assert_eq!((first.0.as_str(), first.2), ("q/inflight", QoS::AtLeastOnce));
+    assert_eq!((second.0.as_str(), second.2), ("q/queued", QoS::ExactlyOnce));
+    assert!(!b.has_packet(w), "not the message its old client had received");
+    assert_eq!(b.shards[owner].counters().merged_messages, 2);
+    // Stored with the winning session: unacknowledged, they come again after a crash.
+    b.crash_and_restart();
+    let (w, present) = b.connect(1, V5, "twin", false);
+    assert!(present);
+    let again: Vec<(String, bool, Option<u16>)> = (0..2)
+        .map(|_| {
+            let p = b.pop_publish(w);
+            (p.0, p.4, p.5)
+        })
+        .collect();
+    assert_eq!(again[0], ("q/inflight".to_string(), true, first.5));
+    assert_eq!(again[1], ("q/queued".to_string(), true, second.5));
+}
