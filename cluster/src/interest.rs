@@ -225,6 +225,11 @@ impl LocalInterest {
     }
 
     /// The changes since the last call, tagged with the generation they follow.
+    /// The generation the next deltas will carry.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn take_deltas(&mut self) -> (u64, Vec<Delta>) {
         (self.generation, std::mem::take(&mut self.pending))
     }

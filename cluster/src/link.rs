@@ -32,7 +32,7 @@ use crate::NodeIdentity;
 
 pub const LINK_MAGIC: [u8; 4] = *b"SMQL";
 /// Bumped with any incompatible change of the frames below.
-pub const LINK_VERSION: u16 = 4;
+pub const LINK_VERSION: u16 = 5;
 /// A frame longer than this is refused (a forwarded PUBLISH is at most the broker's maximum packet size,
 /// 256 MiB by the protocol; snapshots are sent in parts below it).
 pub const MAX_FRAME: usize = 300 << 20;
@@ -48,6 +48,7 @@ const T_RETAINED: u8 = 8;
 const T_CONGESTION: u8 = 9;
 const T_REGISTRY: u8 = 10;
 const T_SESSION: u8 = 11;
+const T_SESSION_SETTLED: u8 = 12;
 
 /// A PUBLISH forwarded to a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +144,12 @@ pub enum Frame<'a> {
         client: &'a str,
         epoch: u64,
         state: &'a [u8],
+    },
+    /// To the node a session came from: every node of the zone now routes the session's subscriptions
+    /// here, so the old node may stop forwarding what still reaches it for the session.
+    SessionSettled {
+        client: &'a str,
+        epoch: u64,
     },
 }
 
@@ -266,6 +273,11 @@ pub fn encode(f: &Frame<'_>, out: &mut Vec<u8>) {
             put_varint(&mut body, *epoch);
             body.extend_from_slice(state);
             T_SESSION
+        }
+        Frame::SessionSettled { client, epoch } => {
+            put_bytes(&mut body, client.as_bytes());
+            put_varint(&mut body, *epoch);
+            T_SESSION_SETTLED
         }
         Frame::Congestion { origin, congested } => {
             put_varint(&mut body, origin.shard as u64);
@@ -494,6 +506,13 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
             let rest = (len - 1).checked_sub(used).ok_or(LinkError::Malformed("session frame"))?;
             Frame::Session { client, epoch, state: f.take(rest)? }
         }
+        T_SESSION_SETTLED => {
+            let n = f.varint()?;
+            let n = usize::try_from(n).map_err(|_| LinkError::Malformed("settled client id"))?;
+            let client =
+                std::str::from_utf8(f.take(n)?).map_err(|_| LinkError::Malformed("settled client id"))?;
+            Frame::SessionSettled { client, epoch: f.varint()? }
+        }
         T_RETAINED => {
             let flags = f.u8()?;
             if flags & !(0x03 | R_CLEAR | R_EXPIRY) != 0 || flags & 0x03 == 3 {
@@ -696,6 +715,7 @@ fn owned(f: Frame<'_>) -> OwnedHandshakeFrame {
         Frame::Congestion { .. } => OwnedHandshakeFrame::Other("Congestion"),
         Frame::Registry(_) => OwnedHandshakeFrame::Other("Registry"),
         Frame::Session { .. } => OwnedHandshakeFrame::Other("Session"),
+        Frame::SessionSettled { .. } => OwnedHandshakeFrame::Other("SessionSettled"),
     }
 }
 
@@ -818,6 +838,7 @@ mod tests {
             Frame::Registry(b"\x08\x01c\x01"),
             Frame::Session { client: "c1", epoch: 7, state: b"state" },
             Frame::Session { client: "", epoch: 1, state: b"" },
+            Frame::SessionSettled { client: "c1", epoch: 9 },
             Frame::Proof { tag: vec![1, 2, 3] },
             Frame::Refuse { reason: "no" },
             Frame::Forward(Forward {

@@ -261,6 +261,25 @@ impl ZoneRouter {
         Some(token)
     }
 
+    /// An announcement of nothing that every peer up acknowledges: when its token completes (see
+    /// [`ZoneRouter::poll_completed`]), every frame a peer sent this node before it handled the barrier
+    /// has arrived (links keep order), or the peer went down or timed out. `None` without peers.
+    pub fn barrier(&mut self, now: Instant) -> Option<u64> {
+        if self.peers.is_empty() {
+            return None;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let waiting: HashSet<NodeName> = self.peers.keys().cloned().collect();
+        self.pending.insert(token, PendingAck { waiting, deadline: now + self.ack_timeout });
+        let generation = self.local.generation();
+        for p in self.peers.keys() {
+            let a = Announce::Deltas { generation, deltas: Vec::new(), token: Some(token) };
+            self.out.push_back((p.clone(), a));
+        }
+        Some(token)
+    }
+
     pub fn unsubscribe(&mut self, filter: &str) {
         self.local.remove(filter);
         self.prune_shared_rr();
@@ -559,6 +578,23 @@ mod tests {
         fn pump(&mut self) {
             self.step(None);
         }
+    }
+
+    #[test]
+    fn a_barrier_completes_once_every_peer_answered_and_changes_nothing() {
+        let mut z = Zone::new(3, 7);
+        let now = z.now;
+        assert!(Zone::new(1, 1).nodes[0].barrier(now).is_none(), "no peer: nothing to wait for");
+        z.nodes[1].subscribe("keep/#", now);
+        z.pump();
+        while z.nodes[1].poll_completed().is_some() {}
+        let token = z.nodes[0].barrier(now).expect("peers up");
+        z.step(Some(3));
+        assert!(z.nodes[0].poll_completed().is_none(), "answers still on their way");
+        z.pump();
+        assert_eq!(z.nodes[0].poll_completed(), Some(token));
+        let routed: Vec<_> = z.nodes[0].route("keep/1").cloned().collect();
+        assert_eq!(routed, vec![z.names[1].clone()], "the peers' interest is untouched");
     }
 
     #[test]

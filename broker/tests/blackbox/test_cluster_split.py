@@ -242,3 +242,39 @@ def test_consistent_mode_refuses_ids_whose_owner_is_on_the_other_side(zone, vers
     zone.heal3()
     c = zone.raw(n3, version)
     assert connect(c, away[1]).reason == 0, "healed: the owner answers again"
+
+
+@pytest.mark.parametrize("owners", sorted(OWNERS))
+@pytest.mark.parametrize("version", [V311, V5], ids=["v311", "v5"])
+def test_the_losing_sessions_queued_messages_go_to_the_winner(zone, version, owners):
+    n1, n2, n3 = zone.start()
+    cid = pick_id("lose-%d" % version, OWNERS[owners])
+    topic = "lose/%d/q" % version
+    home = zone.raw(n1, version)
+    assert connect(home, cid).reason == 0
+    assert home.subscribe(topic).codes == [1]
+    home.disconnect()
+    pub = zone.raw(n2, version)
+    assert connect(pub, "lose-pub-%d" % version, clean=True, expiry=0).reason == 0
+    pub.publish(topic, b"before the cut", qos=1)
+
+    zone.cut3()
+    pub.publish(topic, b"during the cut", qos=1)
+    # The id on the cut-off side: a session of its own there (the other one is out of reach).
+    far = zone.raw(n3, version)
+    ack = connect(far, cid)
+    assert ack.reason == 0 and not ack.session_present, ack
+    assert far.subscribe(topic).codes == [1]
+
+    zone.heal3()
+    # n3's registration wins (see above); n1's session, with the two messages queued for it, loses and
+    # hands them over: the winner's connection gets both, once each.
+    got = []
+    deadline = time.monotonic() + 10.0
+    while len(got) < 2 and time.monotonic() < deadline:
+        for p in far.recv_all(0.5):
+            got.append(p)
+            far.ack(p)
+    assert sorted(p.payload for p in got if p.type == PUBLISH) == [b"before the cut", b"during the cut"], (
+        got, zone.logs())
+    assert not [p for p in far.recv_all(1.0) if p.type == PUBLISH], "each once"

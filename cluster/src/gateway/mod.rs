@@ -244,9 +244,14 @@ impl Gateway {
                 self.sessions.unregister(&client, epoch, kept, now);
                 self.drain_sessions(now);
             }
+            Mesh::Settled { client } => {
+                let mut out = sessions::Output::default();
+                self.sessions.settled_here(&client, &mut out);
+                self.apply_sessions(out, now);
+            }
             Mesh::Exported { client, state } => {
                 let mut out = sessions::Output::default();
-                self.sessions.exported(&client, state, &mut out);
+                self.sessions.exported(&client, state, now, &mut out);
                 self.apply_sessions(out, now);
             }
             Mesh::ForwardAll { .. }
@@ -254,6 +259,7 @@ impl Gateway {
             | Mesh::Registered { .. }
             | Mesh::PublishWill { .. }
             | Mesh::MergeSession { .. }
+            | Mesh::EndForwarding { .. }
             | Mesh::EndSession { .. } => {}
         }
         self.drive(now);
@@ -368,6 +374,21 @@ impl Gateway {
                 }
                 self.apply_sessions(out, now);
             }
+            Frame::SessionSettled { client, .. } => {
+                if self.sessions.settled_at(from, client) {
+                    // Every node routes the session to its new node now; what they sent here before they
+                    // did is ahead of their answers to a barrier on each link.
+                    let client: Arc<str> = client.into();
+                    match self.router.barrier(now) {
+                        Some(token) => self.sessions.await_barrier(token, client),
+                        None => {
+                            let mut out = sessions::Output::default();
+                            self.sessions.end_forwarding(client, &mut out);
+                            self.apply_sessions(out, now);
+                        }
+                    }
+                }
+            }
             Frame::Registry(body) => {
                 if self.sessions.receive(from, body, now) {
                     self.drain_sessions(now);
@@ -449,6 +470,13 @@ impl Gateway {
     /// Answers the shards' interest announcements whose peers all acknowledged.
     fn complete_interest(&mut self) {
         while let Some(t) = self.router.poll_completed() {
+            if let Some(client) = self.sessions.barrier_done(t) {
+                self.out.push_back((
+                    sessions::stub_shard(&client, self.cfg.shards),
+                    Mesh::EndForwarding { client },
+                ));
+                continue;
+            }
             self.view.announced(t);
             self.waits.router_done(t, &mut self.out);
         }

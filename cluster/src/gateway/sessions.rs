@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use shardmq_shard::core::{
     owner_of, HeldRegistration, Mesh, RegisterOutcome, RegisteredWill, SessionTransfer, ZoneRegistration,
+    FORWARDING_TIMEOUT,
 };
 use shardmq_shard::ShardId;
 
@@ -65,13 +66,32 @@ struct Unsent {
     deadline: Instant,
 }
 
+/// The shard that holds a client id's sessions, and so its forwarding stubs.
+pub(super) fn stub_shard(client: &str, shards: u16) -> ShardId {
+    owner_of(client, shards)
+}
+
 /// A session that came before its grant (the grant travels from the id's owner, the session from the
 /// node that held it: two links, no order between them).
 struct Early {
     from: NodeName,
     epoch: u64,
     transfer: Option<Box<SessionTransfer>>,
+    /// Messages its old node forwarded after it (see [`Forwarding`]), in order.
+    #[allow(clippy::vec_box)] // moved on as they are, boxed, in `Mesh::MergeSession`
+    more: Vec<Box<SessionTransfer>>,
     deadline: Instant,
+}
+
+/// A session this node exported to a successor whose subscriptions still route here (the shard keeps a
+/// forwarding stub): what reaches the stub follows the session there, until the successor says it routes
+/// them itself ([`Frame::SessionSettled`]).
+struct Forwarding {
+    to: NodeName,
+    epoch: u64,
+    deadline: Instant,
+    /// The successor said it routes the session itself: the stub ends after a barrier.
+    settled: bool,
 }
 
 /// What the gateway keeps for the registrar.
@@ -88,6 +108,13 @@ pub(super) struct Sessions {
     ending: HashMap<Arc<str>, (NodeName, u64)>,
     /// Exported sessions whose successor's link was not up when they were sent.
     unsent: Vec<Unsent>,
+    /// Sessions exported from here whose stubs still forward, by client id.
+    forwarding: HashMap<Arc<str>, Forwarding>,
+    /// Barriers (router tokens) whose completion ends a forwarding stub, with its client id.
+    barriers: HashMap<u64, Arc<str>>,
+    /// Sessions moved here whose old node forwards until this node routes them: to tell it when it does
+    /// (the shard's [`Mesh::Settled`]), by client id.
+    settling: HashMap<Arc<str>, (NodeName, u64, Instant)>,
     shards: u16,
     pub(super) counters: SessionCounters,
 }
@@ -108,6 +135,8 @@ pub struct SessionCounters {
     /// Exported sessions that could not be sent: their successor's link did not come up in
     /// [`UNSENT_TIMEOUT`] (dropped, logged).
     pub sessions_unsent: u64,
+    /// Messages that reached a session here after it moved, forwarded to its new node.
+    pub messages_forwarded: u64,
 }
 
 /// What the gateway must do after the registrar ran: frames for peers, messages for shards.
@@ -130,6 +159,9 @@ impl Sessions {
             early: HashMap::new(),
             ending: HashMap::new(),
             unsent: Vec::new(),
+            forwarding: HashMap::new(),
+            barriers: HashMap::new(),
+            settling: HashMap::new(),
             shards,
             counters: SessionCounters::default(),
         }
@@ -181,14 +213,76 @@ impl Sessions {
         }
     }
 
-    /// A shard exported (or ended) a session this node lost to a successor: send it there.
-    pub(super) fn exported(&mut self, client: &str, state: Option<Box<SessionTransfer>>, out: &mut Output) {
-        let Some((successor, epoch)) = self.ending.remove(client) else { return };
+    /// A shard exported (or ended) a session this node lost to a successor, or forwarded a message that
+    /// reached the session's stub after it left: send it there.
+    pub(super) fn exported(
+        &mut self,
+        client: &str,
+        state: Option<Box<SessionTransfer>>,
+        now: Instant,
+        out: &mut Output,
+    ) {
+        let (successor, epoch) = match self.ending.remove(client) {
+            Some((successor, epoch)) => {
+                if state.is_some() {
+                    // Past the stub's own end (its timer started a moment before), with room for what it
+                    // forwarded just before it to come through the shard's queue.
+                    let deadline = now + FORWARDING_TIMEOUT + Duration::from_secs(1);
+                    let f = Forwarding { to: successor.clone(), epoch, deadline, settled: false };
+                    self.forwarding.insert(client.into(), f);
+                }
+                (successor, epoch)
+            }
+            None => match self.forwarding.get(client) {
+                Some(f) if state.is_some() => {
+                    self.counters.messages_forwarded += 1;
+                    (f.to.clone(), f.epoch)
+                }
+                _ => return,
+            },
+        };
         let bytes = state.map(|t| t.encode()).unwrap_or_default();
         let mut frame = Vec::with_capacity(bytes.len() + client.len() + 16);
         link::encode(&Frame::Session { client, epoch, state: &bytes }, &mut frame);
         self.counters.sessions_sent += !bytes.is_empty() as u64;
         out.sessions.push((successor, client.into(), frame));
+    }
+
+    /// `client`'s session, moved to `from`, is routed there by every node now: its stub here may end
+    /// once what the other nodes sent here before they knew has arrived. `true`: wait for a barrier (see
+    /// [`crate::router::ZoneRouter::barrier`]), then call [`Sessions::end_forwarding`].
+    pub(super) fn settled_at(&mut self, from: &NodeName, client: &str) -> bool {
+        match self.forwarding.get_mut(client) {
+            Some(f) if f.to == *from && !f.settled => {
+                f.settled = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends `client`'s forwarding stub: nothing more for it is on its way here. What its shard forwarded
+    /// before it handles this still goes.
+    pub(super) fn end_forwarding(&mut self, client: Arc<str>, out: &mut Output) {
+        out.mesh.push((stub_shard(&client, self.shards), Mesh::EndForwarding { client }));
+    }
+
+    /// `client`'s stub ends when barrier `token` completes.
+    pub(super) fn await_barrier(&mut self, token: u64, client: Arc<str>) {
+        self.barriers.insert(token, client);
+    }
+
+    /// The client whose stub barrier `token` was for, if it was one.
+    pub(super) fn barrier_done(&mut self, token: u64) -> Option<Arc<str>> {
+        self.barriers.remove(&token)
+    }
+
+    /// The shard that installed `client`'s moved session routes it zone-wide now: the node it came from
+    /// is told, and ends its stub.
+    pub(super) fn settled_here(&mut self, client: &str, out: &mut Output) {
+        if let Some((from, epoch, _)) = self.settling.remove(client) {
+            self.settled_for(&from, client, epoch, out);
+        }
     }
 
     /// A session for `to` that could not be sent (its link is not up): kept until the link comes up,
@@ -229,25 +323,44 @@ impl Sessions {
         };
         let matches =
             self.awaiting.get(client).is_some_and(|a| a.registration.epoch == epoch && a.from == *from);
-        if !matches && self.registrar.is_current(client, epoch) {
-            // For the session this node holds now, whose CONNECT did not wait for it (it came late, or
-            // it lost a conflict to this one after a partition): its messages go to that session.
+        if !matches && self.registrar.holds_since(client, epoch) {
+            // For the session this node holds now (with that epoch, or a later one it registered itself
+            // meanwhile), whose CONNECT did not wait for it (it came late, or it lost a conflict to this
+            // one after a partition): its messages go to that session.
             if let Some(t) = transfer {
                 self.merge(t, out);
+                self.settled_for(from, client, epoch, out);
             }
             return true;
         }
         if !matches {
             // Its grant may still be on its way: kept until it comes (or for as long as a grant waits).
+            // Messages forwarded after it join it.
+            if let Some(e) = self.early.get_mut(client).filter(|e| e.from == *from && e.epoch == epoch) {
+                e.more.extend(transfer);
+                return true;
+            }
             let deadline = now + TRANSFER_TIMEOUT;
-            self.early.insert(client.into(), Early { from: from.clone(), epoch, transfer, deadline });
+            let e = Early { from: from.clone(), epoch, transfer, more: Vec::new(), deadline };
+            self.early.insert(client.into(), e);
             return true;
         }
         let a = self.awaiting.remove(client).expect("checked above");
         self.counters.sessions_received += transfer.is_some() as u64;
+        if transfer.is_some() {
+            self.settling.insert(client.into(), (from.clone(), epoch, now + FORWARDING_TIMEOUT));
+        }
         let outcome = RegisterOutcome::Granted { session: transfer, registration: a.registration };
         out.mesh.push((a.shard, Mesh::Registered { token: a.token, outcome }));
         true
+    }
+
+    /// Tells `from`, which sent `client`'s session here, that it need not forward more of it: merged into
+    /// the session here, its messages go where that one's are routed.
+    fn settled_for(&mut self, from: &NodeName, client: &str, epoch: u64, out: &mut Output) {
+        let mut frame = Vec::with_capacity(client.len() + 16);
+        link::encode(&Frame::SessionSettled { client, epoch }, &mut frame);
+        out.frames.push((from.clone(), frame));
     }
 
     fn merge(&mut self, t: Box<SessionTransfer>, out: &mut Output) {
@@ -278,13 +391,21 @@ impl Sessions {
         let grants = self.awaiting.values().map(|a| a.deadline).min();
         let early = self.early.values().map(|e| e.deadline).min();
         let unsent = self.unsent.iter().map(|u| u.deadline).min();
-        [self.registrar.poll_timeout(), grants, early, unsent].into_iter().flatten().min()
+        let forwarding = self.forwarding.values().map(|f| f.deadline).min();
+        let settling = self.settling.values().map(|s| s.2).min();
+        [self.registrar.poll_timeout(), grants, early, unsent, forwarding, settling]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub(super) fn handle_timeout(&mut self, now: Instant, out: &mut Output) {
         if self.registrar.poll_timeout().is_some_and(|t| t <= now) {
             self.registrar.handle_timeout(now);
         }
+        // The stubs end by their own timer; the successor forgets who it would have told.
+        self.forwarding.retain(|_, f| f.deadline > now);
+        self.settling.retain(|_, s| s.2 > now);
         let (gone, stay): (Vec<Unsent>, Vec<Unsent>) =
             std::mem::take(&mut self.unsent).into_iter().partition(|u| u.deadline <= now);
         self.unsent = stay;
@@ -297,8 +418,12 @@ impl Sessions {
         for client in due {
             let e = self.early.remove(&client).expect("listed above");
             let Some(t) = e.transfer else { continue };
-            if self.registrar.is_current(&client, e.epoch) {
+            if self.registrar.holds_since(&client, e.epoch) {
                 self.merge(t, out);
+                for m in e.more {
+                    self.merge(m, out);
+                }
+                self.settled_for(&e.from, &client, e.epoch, out);
             } else {
                 self.counters.sessions_late += 1;
                 tracing::warn!(%client, "a moved session whose connection never came here; dropped");
@@ -331,8 +456,15 @@ impl Sessions {
                                 self.early.remove(&client).filter(|e| e.from == p.holder && e.epoch == epoch);
                             if let Some(e) = came {
                                 self.counters.sessions_received += e.transfer.is_some() as u64;
+                                if e.transfer.is_some() {
+                                    let settle = now + FORWARDING_TIMEOUT;
+                                    self.settling.insert(client.clone(), (e.from.clone(), epoch, settle));
+                                }
                                 let outcome = RegisterOutcome::Granted { session: e.transfer, registration };
                                 out.mesh.push((shard, Mesh::Registered { token, outcome }));
+                                for m in e.more {
+                                    self.merge(m, out);
+                                }
                                 continue;
                             }
                             let deadline = now + TRANSFER_TIMEOUT;

@@ -185,6 +185,12 @@ impl Registrar {
         self.held.get(client).is_some_and(|h| h.epoch == epoch)
     }
 
+    /// Whether this node holds `client`'s session with `epoch` or a later one of its own: a session
+    /// sent to this node for `epoch` belongs to the one it holds now.
+    pub fn holds_since(&self, client: &str, epoch: u64) -> bool {
+        self.held.get(client).is_some_and(|h| h.epoch >= epoch)
+    }
+
     /// The sessions this node holds, by client id (what its log keeps).
     pub fn held(&self) -> impl Iterator<Item = HeldSession> + '_ {
         self.held.iter().map(|(c, h)| HeldSession {

@@ -340,7 +340,7 @@ impl Shard {
             self.counters.sessions_taken_elsewhere += 1;
             match (export, self.wall_clock()) {
                 (true, Some(clock)) => {
-                    state = self.export_session(&client, &clock, now).map(|e| Box::new(e.transfer));
+                    state = self.export_forwarding(&client, &clock, now).map(|e| Box::new(e.transfer));
                 }
                 _ => {
                     if let Some(conn) = self.sessions.map.get(&key).and_then(|s| s.conn) {
@@ -401,6 +401,7 @@ impl Shard {
             let _ = self.persist_session(key);
         }
         let Some(s) = self.sessions.map.remove(&key) else { return };
+        self.sessions.registrations.stubs.remove(&key);
         self.sessions.acls.remove(&key);
         // Retained messages it was still owed go with it (a later session may get the same key).
         self.retained.owed.remove(&key);

@@ -50,6 +50,7 @@ pub use self::msg::{Delivery, Msg, MsgProps, Origin, SessionKey};
 pub use self::persist::{
     inspect_node, open_node, read_meta, type_name, Boot, BootError, Exported, Meta, Recovered, Replay,
     SessionTransfer, ShardReport, StorageConfig, Store, StoredSession, TransferError, WallClock,
+    FORWARDING_TIMEOUT,
 };
 pub use self::register::{HeldRegistration, RegisterOutcome, RegisteredWill, ZoneRegistration};
 use self::route::{Interest, SubRef};
@@ -235,6 +236,8 @@ pub struct Counters {
     pub sessions_merged: u64,
     pub merged_messages: u64,
     pub sessions_merge_failed: u64,
+    /// Messages that reached a session after it moved to another node, forwarded there.
+    pub forwarded_after_move: u64,
 }
 
 /// Who asks for a durability answer: the publishing shard and its token (see `persist`).
@@ -340,6 +343,17 @@ pub enum Mesh {
     /// QoS 1/2 messages go to the session here (see `persist::transfer`).
     MergeSession {
         transfer: Box<SessionTransfer>,
+    },
+    /// Shard to gateway: every other endpoint of this node routes the subscriptions of `client`'s session,
+    /// moved here from another node, to this shard now; the gateway tells the node it came from, which
+    /// stops forwarding to it what still reaches the session there (see `persist::transfer`).
+    Settled {
+        client: Arc<str>,
+    },
+    /// Gateway to shard: the node `client`'s session moved to routes its subscriptions itself now: the
+    /// forwarding stub left here by the move ends.
+    EndForwarding {
+        client: Arc<str>,
     },
     /// Shard to gateway: the answer to [`Mesh::EndSession`], with the session exported, if there was one
     /// to export.
@@ -876,8 +890,12 @@ impl Core for Shard {
             Mesh::EndSession { client, export } => self.taken_over_elsewhere(client, export, now),
             Mesh::PublishWill { will } => self.publish_lost_will(&will, now),
             Mesh::MergeSession { transfer } => self.merge_lost_session(&transfer, now),
+            Mesh::EndForwarding { client } => self.end_forwarding(&client, now),
             // Only the gateway registers client ids and moves sessions.
-            Mesh::Register { .. } | Mesh::Unregister { .. } | Mesh::Exported { .. } => {}
+            Mesh::Register { .. }
+            | Mesh::Unregister { .. }
+            | Mesh::Exported { .. }
+            | Mesh::Settled { .. } => {}
         }
         self.run_deferred(now);
     }

@@ -97,6 +97,9 @@ pub(super) struct Registrations {
     /// old connection's report, late, must not end a newer one's registration) and the SESSION record.
     /// Clustered nodes only.
     pub(super) current: HashMap<super::SessionKey, ZoneRegistration>,
+    /// Sessions exported to another node whose subscriptions still route here (forwarding stubs, see
+    /// `persist::transfer`), with their client ids. Not in the client-id index.
+    pub(super) stubs: HashMap<super::SessionKey, Arc<str>>,
 }
 
 /// What a registered CONNECT runs again with.
@@ -228,6 +231,29 @@ impl Shard {
         held
     }
 
+    /// Every endpoint of this node routes the subscriptions of `client`'s session, moved here, to it: the
+    /// gateway tells the node it came from.
+    pub(super) fn moved_session_routed(&mut self, client: Arc<str>) {
+        if let Some(gateway) = self.gateway() {
+            self.send_mesh(gateway, Mesh::Settled { client });
+        }
+    }
+
+    /// The node `client`'s session moved to routes it itself now: its forwarding stubs here end.
+    pub(super) fn end_forwarding(&mut self, client: &str, now: Instant) {
+        let stubs: Vec<super::SessionKey> = self
+            .sessions
+            .registrations
+            .stubs
+            .iter()
+            .filter(|(_, c)| &***c == client)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stubs {
+            self.end_session(key, now);
+        }
+    }
+
     /// Hands a losing session's messages to this shard's session of its client id (see
     /// [`Mesh::MergeSession`]); what cannot be handed over is counted and logged.
     pub(super) fn merge_lost_session(&mut self, t: &SessionTransfer, now: Instant) {
@@ -297,6 +323,8 @@ impl Shard {
             self.counters.sessions_import_failed += 1;
             return;
         };
+        // A stub left by an earlier move of the session away from here is replaced too.
+        self.end_forwarding(&t.client_id, now);
         if let Some(old) = self.sessions.by_client.get(&t.client_id, &self.sessions.map) {
             if let Some(s) = self.sessions.map.get_mut(&old) {
                 s.will = None;

@@ -10,6 +10,7 @@ use shardmq_wire::{
 };
 
 use super::backpressure::{shard_bit, Tally, Verdict};
+use super::suback_wait::Waiter;
 use super::{owner_of, Delivery, Mesh, Msg, PendingSubAck, ProtocolError, SessionKey, Shard, Timer};
 use crate::{ConnId, ShardId};
 
@@ -394,15 +395,22 @@ impl Shard {
             self.routing.pending_subacks.announced(token, self.mesh_size() as usize - 1, keys);
             waits.push(token);
         }
-        if let Some(p) = self.routing.pending_subacks.wait(pending, waits) {
-            self.complete_suback(p, now);
+        if let Some(w) = self.routing.pending_subacks.wait(Waiter::SubAck(pending), waits) {
+            self.waiter_done(w, now);
         }
         Ok(())
     }
 
     pub(super) fn interest_acked(&mut self, token: u64, now: Instant) {
-        for p in self.routing.pending_subacks.acked(token) {
-            self.complete_suback(p, now);
+        for w in self.routing.pending_subacks.acked(token) {
+            self.waiter_done(w, now);
+        }
+    }
+
+    fn waiter_done(&mut self, w: Waiter, now: Instant) {
+        match w {
+            Waiter::SubAck(p) => self.complete_suback(p, now),
+            Waiter::Settled(client) => self.moved_session_routed(client),
         }
     }
 

@@ -275,6 +275,11 @@ impl Session {
         self.qos.as_deref_mut()
     }
 
+    /// Drops the QoS 1/2 state whatever it holds (the session moved away with it).
+    pub fn take_qos(&mut self) {
+        self.qos = None;
+    }
+
     /// Frees the QoS 1/2 state once nothing is in flight, queued or awaiting PUBREL.
     pub fn trim(&mut self) {
         if self.qos.as_deref().is_some_and(QosState::is_empty) {
@@ -374,6 +379,11 @@ impl Shard {
         if d.msg.is_expired(now) {
             self.counters.dropped_expired += 1;
             return Verdict::Ignored;
+        }
+        if !self.sessions.registrations.stubs.is_empty()
+            && self.sessions.registrations.stubs.contains_key(&key)
+        {
+            return self.forward_from_stub(key, d);
         }
         let high_water = self.queue_high_water();
         let bytes_high_water = self.queue_bytes_high_water();

@@ -9,7 +9,18 @@
 
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
 use super::{PendingSubAck, SharedKey};
+
+/// What waits for announcements to be acknowledged.
+#[derive(Debug)]
+pub(super) enum Waiter {
+    SubAck(PendingSubAck),
+    /// A session moved here from another node: once every endpoint routes its subscriptions here, the
+    /// node it came from may stop forwarding what still reaches it (see `persist::transfer`).
+    Settled(Arc<str>),
+}
 
 /// One announcement not yet acknowledged by every other endpoint.
 #[derive(Debug)]
@@ -18,7 +29,7 @@ struct TokenWait {
     acks_missing: usize,
     /// The interest it added; a later subscriber to one of them waits for this token.
     keys: Vec<SharedKey>,
-    /// SUBACKs (ids in `subacks`) waiting for it.
+    /// Waiters (ids in `subacks`) waiting for it.
     subacks: Vec<u64>,
 }
 
@@ -27,8 +38,8 @@ pub(super) struct SubAckWaits {
     tokens: HashMap<u64, TokenWait>,
     /// For each key, the latest unacknowledged token that added it.
     keys: HashMap<SharedKey, u64>,
-    /// A SUBACK and how many tokens it still waits for. Invariant: that count > 0.
-    subacks: HashMap<u64, (PendingSubAck, usize)>,
+    /// A waiter and how many tokens it still waits for. Invariant: that count > 0.
+    subacks: HashMap<u64, (Waiter, usize)>,
     next_id: u64,
 }
 
@@ -48,7 +59,7 @@ impl SubAckWaits {
     }
 
     /// Holds `p` until every token in `tokens` is acknowledged; hands it back when there is none.
-    pub fn wait(&mut self, p: PendingSubAck, mut tokens: Vec<u64>) -> Option<PendingSubAck> {
+    pub fn wait(&mut self, p: Waiter, mut tokens: Vec<u64>) -> Option<Waiter> {
         tokens.sort_unstable();
         tokens.dedup();
         tokens.retain(|t| self.tokens.contains_key(t));
@@ -65,7 +76,7 @@ impl SubAckWaits {
     }
 
     /// One endpoint acknowledged `token`; returns the SUBACKs that may leave now, in the order they came.
-    pub fn acked(&mut self, token: u64) -> Vec<PendingSubAck> {
+    pub fn acked(&mut self, token: u64) -> Vec<Waiter> {
         let Some(t) = self.tokens.get_mut(&token) else { return Vec::new() };
         t.acks_missing -= 1;
         if t.acks_missing > 0 {

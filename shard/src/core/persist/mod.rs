@@ -38,7 +38,7 @@ pub use self::datadir::{inspect_node, open_node, read_meta, BootError, Meta, Sha
 use self::records::Enc;
 pub use self::records::{type_name, WallClock};
 pub use self::replay::{Recovered, RecoveredSession, Replay, StoredSession};
-pub use self::transfer::{Exported, SessionTransfer, TransferError};
+pub use self::transfer::{Exported, SessionTransfer, TransferError, FORWARDING_TIMEOUT};
 use super::msg::{Delivery, Msg};
 use super::route::{split_shared, InterestDelta, SubRef};
 use super::session::{InFlight, Session};
@@ -347,14 +347,16 @@ impl Shard {
 
     /// Installs a session rebuilt from records. At boot its interest reaches the other shards through the
     /// boot summary; a session moved here from another node announces its interest, and counts as
-    /// durable only once it is stored here (`persist_session` does both then).
+    /// durable only once it is stored here (`persist_session` does both then). Returns the announcement
+    /// tokens whose acknowledgement means every other endpoint routes its subscriptions here (a moved
+    /// session's, see `persist::transfer`).
     pub(super) fn install_session(
         &mut self,
         rs: RecoveredSession,
         clock: &WallClock,
         now: Instant,
         arrival: Arrival,
-    ) {
+    ) -> Vec<u64> {
         let st = rs.session;
         let key = SessionKey(st.sid);
         let client_id: Arc<str> = st.client_id.into();
@@ -425,9 +427,14 @@ impl Shard {
         self.sessions.map.insert(key, Box::new(s));
         self.sessions.by_client.insert(key, &self.sessions.map);
         let mut deltas = Vec::new();
+        let mut waits = Vec::new();
         for (filter, opts, sub_id) in subs {
             let (group, inner) = split_shared(&filter);
             let group: Option<Arc<str>> = group.map(Into::into);
+            if arrival == Arrival::Moved {
+                // Announced by another subscriber and not yet acknowledged: routed here only once it is.
+                waits.extend(self.routing.pending_subacks.pending(&(group.clone(), Arc::from(inner))));
+            }
             self.routing.subs.insert(inner, SubRef { session: key, opts, sub_id, group: group.clone() });
             match arrival {
                 // Other shards learn these counts from the boot summary, not from announcements.
@@ -437,9 +444,15 @@ impl Shard {
                 Arrival::Moved => deltas.extend(self.count_interest((group, inner.into()), 1, 0)),
             }
         }
-        if !deltas.is_empty() {
-            self.announce(deltas, None);
+        if !deltas.is_empty() && self.mesh_size() > 1 {
+            let token = self.next_token;
+            self.next_token += 1;
+            let keys = deltas.iter().map(|d| d.key.clone()).collect();
+            self.announce(deltas, Some(token));
+            self.routing.pending_subacks.announced(token, self.mesh_size() as usize - 1, keys);
+            waits.push(token);
         }
+        waits
     }
 
     /// Records changed subscriptions of a session: one SUB record per filter on top of its stored record

@@ -23,8 +23,11 @@ use shardmq_wire::QoS;
 
 use super::records::{self, Dec, Enc, WallClock};
 use super::{Arrival, RecoveredSession, Replay};
+use crate::core::backpressure::Verdict;
 use crate::core::error::ProtocolError;
 use crate::core::msg::Delivery;
+use crate::core::suback_wait::Waiter;
+use crate::core::{Mesh, Timer};
 use crate::core::{SessionKey, Shard};
 
 /// Format of [`SessionTransfer::encode`]; a node refuses another.
@@ -117,6 +120,26 @@ impl Shard {
     /// expiry, is returned as a transfer and ended here without publishing its will (the will moves with
     /// it). `None` when there is no such session, or it ended as it went offline (expiry 0).
     pub fn export_session(&mut self, client_id: &str, clock: &WallClock, now: Instant) -> Option<Exported> {
+        self.export(client_id, clock, now, false)
+    }
+
+    /// [`Shard::export_session`] for a node of a zone: the session's subscriptions stay here as a
+    /// forwarding stub until the node it goes to routes them itself (`Mesh::EndForwarding`, or
+    /// [`FORWARDING_TIMEOUT`]): what the zone still routes here for it meanwhile (messages in flight
+    /// from other nodes, or published before they learnt of the move) goes after the session, in
+    /// transfers of its own that the new node adds to it ([`Shard::merge_session`]). So a message
+    /// published while the session moves is not lost; one published just as the new node's routing
+    /// takes effect can reach it twice (once directly, once through the stub).
+    pub(in crate::core) fn export_forwarding(
+        &mut self,
+        client_id: &str,
+        clock: &WallClock,
+        now: Instant,
+    ) -> Option<Exported> {
+        self.export(client_id, clock, now, true)
+    }
+
+    fn export(&mut self, client_id: &str, clock: &WallClock, now: Instant, stub: bool) -> Option<Exported> {
         let key = self.sessions.by_client.get(client_id, &self.sessions.map)?;
         if let Some(conn) = self.sessions.map.get(&key).and_then(|s| s.conn) {
             self.close_conn(conn, Some(ProtocolError::SessionTakenOver), now);
@@ -135,14 +158,7 @@ impl Shard {
                 dropped_qos0 += 1;
                 continue;
             }
-            let mut e = Enc::default();
-            e.u64(mid);
-            records::put_msg(&mut e, &d.msg, clock);
-            e.u32(1).u64(key.0).u16(d.pid).u8(d.qos as u8).u8(d.retain as u8).u32(d.sub_ids.len() as u32);
-            for id in d.sub_ids.iter() {
-                e.u32(*id);
-            }
-            recs.push((records::MESSAGE, e.0));
+            recs.push((records::MESSAGE, message_record(key, mid, d, clock)));
             if released {
                 let mut e = Enc::default();
                 e.u64(key.0).u64(mid);
@@ -158,7 +174,11 @@ impl Shard {
         if let Some(s) = self.sessions.map.get_mut(&key) {
             s.will = None;
         }
-        self.end_session(key, now);
+        if stub {
+            self.leave_forwarding_stub(key, now);
+        } else {
+            self.end_session(key, now);
+        }
         self.counters.sessions_exported += 1;
         Some(Exported {
             transfer: SessionTransfer { client_id: client_id.into(), records: recs },
@@ -217,7 +237,7 @@ impl Shard {
         for (d, _) in rs.messages.iter_mut() {
             d.mid = 0;
         }
-        self.install_session(rs, clock, now, Arrival::Moved);
+        let waits = self.install_session(rs, clock, now, Arrival::Moved);
         if !self.persist_session(key) {
             // Not stored: it must not live here either, or a crash would lose what the exporter ended.
             if let Some(s) = self.sessions.map.get_mut(&key) {
@@ -227,8 +247,76 @@ impl Shard {
             return Err(TransferError::Storage);
         }
         self.counters.sessions_imported += 1;
+        if self.gateway().is_some() {
+            let client: std::sync::Arc<str> = t.client_id.as_ref().into();
+            if let Some(w) = self.routing.pending_subacks.wait(Waiter::Settled(client), waits) {
+                let Waiter::Settled(client) = w else { unreachable!("handed back as given") };
+                self.moved_session_routed(client);
+            }
+        }
         Ok(key)
     }
+
+    /// What is left of a session exported for another node (see [`Shard::export_forwarding`]): its log
+    /// records end (the new node stores it), its messages and connection are gone with it, and its
+    /// subscriptions stay, routing here what the zone still sends, which [`Shard::forward_from_stub`]
+    /// passes on. Not found by its client id any more: a client coming back here gets its session from
+    /// the node that has it.
+    fn leave_forwarding_stub(&mut self, key: SessionKey, now: Instant) {
+        self.sessions.registrations.current.remove(&key);
+        self.retained.owed.remove(&key);
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
+        s.expiry_s = 0;
+        let _ = self.persist_session(key);
+        let Some(s) = self.sessions.map.get_mut(&key) else { return };
+        s.take_qos();
+        let client = s.client_id.clone();
+        let at = now + FORWARDING_TIMEOUT;
+        s.expires_at = Some(at);
+        self.sessions.by_client.remove(&client, key);
+        self.sessions.registrations.stubs.insert(key, client);
+        self.arm(at, Timer::Expiry(key));
+    }
+
+    /// A message the zone still routed to a session that moved away: to the node it moved to, as a
+    /// transfer of that one message (QoS 0 is dropped and counted, as for an offline session).
+    pub(in crate::core) fn forward_from_stub(&mut self, key: SessionKey, d: Delivery) -> Verdict {
+        let Some(clock) = self.wall_clock() else { return Verdict::Ignored };
+        let (Some(gateway), Some(session)) = (self.gateway(), self.session_record(key, 1, &clock)) else {
+            return Verdict::Ignored;
+        };
+        if d.qos == QoS::AtMostOnce {
+            self.counters.dropped_qos0 += 1;
+            return Verdict::Ignored;
+        }
+        let Some(client) = self.sessions.registrations.stubs.get(&key).cloned() else {
+            return Verdict::Ignored;
+        };
+        // The packet id means nothing: the new node gives the message one of its session's.
+        let d = Delivery { pid: 1, ..d };
+        let records =
+            vec![(records::SESSION, session), (records::MESSAGE, message_record(key, 2, &d, &clock))];
+        let t = SessionTransfer { client_id: client.as_ref().into(), records };
+        self.counters.forwarded_after_move += 1;
+        self.send_mesh(gateway, Mesh::Exported { client, state: Some(Box::new(t)) });
+        Verdict::Accepted
+    }
+}
+
+/// How long a moved session's forwarding stub stays at most (its new node normally ends it sooner, once
+/// every node routes the session's subscriptions there).
+pub const FORWARDING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The MESSAGE record of delivery `d` of session `key` as message `mid`.
+fn message_record(key: SessionKey, mid: u64, d: &Delivery, clock: &WallClock) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.u64(mid);
+    records::put_msg(&mut e, &d.msg, clock);
+    e.u32(1).u64(key.0).u16(d.pid).u8(d.qos as u8).u8(d.retain as u8).u32(d.sub_ids.len() as u32);
+    for id in d.sub_ids.iter() {
+        e.u32(*id);
+    }
+    e.0
 }
 
 /// The one session a transfer carries, rebuilt through the boot path.

@@ -303,3 +303,99 @@ fn a_restarted_node_hands_its_sessions_to_the_registry_as_they_were_registered()
     ended.sort();
     assert_eq!(ended, vec![("kept".to_string(), 7, false), ("live".to_string(), 3, false)]);
 }
+
+/// Answers every interest announcement the gateway was sent, as a zone whose peers all acknowledged.
+fn zone_acknowledges(sim: &mut Sim) {
+    loop {
+        let acks: Vec<(u16, u64)> = sim
+            .to_gateway
+            .iter()
+            .filter_map(|(from, m)| match m {
+                Mesh::Interest { token: Some(t), .. } => Some((from.0, *t)),
+                _ => None,
+            })
+            .collect();
+        sim.to_gateway.retain(|(_, m)| !matches!(m, Mesh::Interest { .. }));
+        if acks.is_empty() {
+            return;
+        }
+        for (shard, token) in acks {
+            sim.gateway_sends(shard, Mesh::InterestAck { token });
+        }
+    }
+}
+
+/// What the shards handed the gateway for another node: (client, records per transfer).
+fn exported(sim: &mut Sim) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    sim.to_gateway.retain(|(_, m)| match m {
+        Mesh::Exported { client, state } => {
+            out.push((client.to_string(), state.as_ref().map_or(0, |t| t.len())));
+            false
+        }
+        _ => true,
+    });
+    out
+}
+
+/// A session taken over by another node leaves a forwarding stub: what the zone still routes to it goes
+/// after the session, one message per transfer, until the gateway ends the stub (or its timeout does). The
+/// stub is nobody's session here: a CONNECT does not resume it. On the node the session moves to, the
+/// shard says when every endpoint routes its subscriptions there (`Mesh::Settled`), which ends the stub.
+#[test]
+fn a_session_that_moved_away_leaves_a_stub_that_forwards_until_its_new_node_routes_it() {
+    let mut sim = clustered(2);
+    let id = id_on(1, 2, "mover");
+    let c = registered(&mut sim, &id, None, ZoneRegistration { epoch: 1, stamp: 1 });
+    sim.subscribe_opts(c, "m/#", SubOptions { qos: QoS::AtLeastOnce, ..Default::default() }, None);
+    zone_acknowledges(&mut sim);
+    sim.pop(c, |p| assert!(matches!(p, Packet::SubAck(_)), "{p:?}"));
+    sim.drop_conn(c);
+    sim.to_gateway.clear();
+
+    sim.gateway_sends(1, Mesh::EndSession { client: id.as_str().into(), export: true });
+    assert_eq!(exported(&mut sim), vec![(id.clone(), 1)], "the session (no message queued)");
+    let p = sim.connect_with(0, V5, |k| k.client_id = "pub");
+    let (shard, token, _, _) = registrations(&mut sim).pop().unwrap();
+    answer(&mut sim, shard, token, granted());
+    assert!(!sim.pop_connack(p));
+    sim.publish(p, "m/1", b"late", QoS::AtLeastOnce, false, 1);
+    assert_eq!(exported(&mut sim), vec![(id.clone(), 2)], "forwarded: the stub's record and the message");
+    assert_eq!(sim.shards[1].counters().forwarded_after_move, 1);
+
+    // Its client comes back here meanwhile: a new session, not the stub.
+    registered(&mut sim, &id, None, ZoneRegistration { epoch: 3, stamp: 3 });
+    sim.gateway_sends(1, Mesh::EndForwarding { client: id.as_str().into() });
+    sim.publish(p, "m/2", b"after", QoS::AtLeastOnce, false, 2);
+    assert!(exported(&mut sim).is_empty(), "the stub ended");
+    assert_eq!(sim.shards.iter().map(|s| s.session_count()).sum::<usize>(), 2, "pub and the new session");
+
+    // The receiving side: a moved session with a subscription, installed with its grant; once every
+    // endpoint routes it here, the gateway hears so.
+    let mut other = Sim::new(1);
+    let (m, _) = other.connect(0, V5, "roamer", false);
+    other.subscribe(m, "r/#", QoS::AtLeastOnce);
+    other.drop_conn(m);
+    let clock = WallClock { base: other.now, base_unix_ms: 1_900_000_000_000 };
+    let now = other.now;
+    let moved = other.shards[0].export_session("roamer", &clock, now).unwrap().transfer;
+    let mut b = clustered(2);
+    let r = b.connect_with(0, V5, |k| {
+        k.client_id = "roamer";
+        k.clean_start = false;
+        k.properties.session_expiry_interval_s = Some(600);
+    });
+    let (shard, token, _, _) = registrations(&mut b).pop().unwrap();
+    let outcome = RegisterOutcome::Granted {
+        session: Some(Box::new(moved)),
+        registration: ZoneRegistration { epoch: 2, stamp: 2 },
+    };
+    answer(&mut b, shard, token, outcome);
+    assert!(b.pop_connack(r), "session present");
+    let settled = |sim: &Sim| {
+        sim.to_gateway.iter().any(|(_, m)| matches!(m, Mesh::Settled { client } if &**client == "roamer"))
+    };
+    assert!(!settled(&b), "not before the zone routes its subscription here");
+    zone_acknowledges(&mut b);
+    assert!(settled(&b));
+}
