@@ -97,6 +97,17 @@ pub struct GatewayCounters {
     pub congestion_in: u64,
     /// Registry messages not sent: the peer's link was down.
     pub registry_not_sent: u64,
+    /// Session registry messages ([`Frame::Registry`]) sent to and received from peers, and their bytes
+    /// (whole frames: length, type and body).
+    pub registry_out: u64,
+    pub registry_bytes_out: u64,
+    pub registry_in: u64,
+    pub registry_bytes_in: u64,
+    /// Moved sessions ([`Frame::Session`]) sent and received, and their bytes (whole frames).
+    pub session_frames_out: u64,
+    pub session_bytes_out: u64,
+    pub session_frames_in: u64,
+    pub session_bytes_in: u64,
 }
 
 /// Frames for peers whose link budget is full, in order, until it drains.
@@ -361,6 +372,12 @@ impl Gateway {
             },
             Frame::Retained(r) => self.receive_retained(from, r, now),
             Frame::Session { client, epoch, state } => {
+                self.counters.session_frames_in += 1;
+                let body = link::varint_len(client.len() as u64)
+                    + client.len()
+                    + link::varint_len(epoch)
+                    + state.len();
+                self.counters.session_bytes_in += link::framed_len(body) as u64;
                 let mut out = sessions::Output::default();
                 if !self.sessions.session_from(from, client, epoch, state, now, &mut out) {
                     self.counters.malformed += 1;
@@ -369,6 +386,8 @@ impl Gateway {
                 self.apply_sessions(out, now);
             }
             Frame::Registry(body) => {
+                self.counters.registry_in += 1;
+                self.counters.registry_bytes_in += link::framed_len(body.len()) as u64;
                 if self.sessions.receive(from, body, now) {
                     self.drain_sessions(now);
                 } else {
@@ -403,8 +422,16 @@ impl Gateway {
 
     fn apply_sessions(&mut self, out: sessions::Output, now: Instant) {
         for (peer, bytes) in out.frames {
+            let len = bytes.len() as u64;
+            let registry = matches!(link::frames(&bytes).next(), Some(Ok(Frame::Registry(_))));
             if !self.send_bytes(&peer, bytes) {
                 self.counters.registry_not_sent += 1;
+            } else if registry {
+                self.counters.registry_out += 1;
+                self.counters.registry_bytes_out += len;
+            } else {
+                self.counters.session_frames_out += 1;
+                self.counters.session_bytes_out += len;
             }
         }
         for (peer, client, frame) in out.sessions {
