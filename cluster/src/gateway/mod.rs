@@ -110,6 +110,37 @@ pub struct GatewayCounters {
     pub session_bytes_in: u64,
 }
 
+/// A sessions frame sent to a peer, for the counters: a registry message or a moved session, and its bytes.
+struct SentFrame {
+    registry: Option<bool>,
+    len: u64,
+}
+
+impl SentFrame {
+    fn of(frame: &[u8]) -> SentFrame {
+        let registry = match link::frames(frame).next() {
+            Some(Ok(Frame::Registry(_))) => Some(true),
+            Some(Ok(Frame::Session { .. })) => Some(false),
+            _ => None,
+        };
+        SentFrame { registry, len: frame.len() as u64 }
+    }
+
+    fn count(&self, c: &mut GatewayCounters) {
+        match self.registry {
+            Some(true) => {
+                c.registry_out += 1;
+                c.registry_bytes_out += self.len;
+            }
+            Some(false) => {
+                c.session_frames_out += 1;
+                c.session_bytes_out += self.len;
+            }
+            None => {}
+        }
+    }
+}
+
 /// Frames for peers whose link budget is full, in order, until it drains.
 #[derive(Default)]
 struct HeldFrames {
@@ -422,23 +453,23 @@ impl Gateway {
 
     fn apply_sessions(&mut self, out: sessions::Output, now: Instant) {
         for (peer, bytes) in out.frames {
-            let len = bytes.len() as u64;
-            let registry = matches!(link::frames(&bytes).next(), Some(Ok(Frame::Registry(_))));
+            let sent = SentFrame::of(&bytes);
             if !self.send_bytes(&peer, bytes) {
                 self.counters.registry_not_sent += 1;
-            } else if registry {
-                self.counters.registry_out += 1;
-                self.counters.registry_bytes_out += len;
             } else {
-                self.counters.session_frames_out += 1;
-                self.counters.session_bytes_out += len;
+                sent.count(&mut self.counters);
             }
         }
         for (peer, client, frame) in out.sessions {
             if !self.zone.peers_up().any(|p| p.name == peer) {
                 self.sessions.hold_unsent(peer, client, frame, now);
-            } else if !self.send_bytes(&peer, frame) {
+                continue;
+            }
+            let sent = SentFrame::of(&frame);
+            if !self.send_bytes(&peer, frame) {
                 self.counters.registry_not_sent += 1;
+            } else {
+                sent.count(&mut self.counters);
             }
         }
         self.out.extend(out.mesh);
