@@ -301,6 +301,8 @@ mod tests {
         assert!(text.contains("shardmq_messages_dropped_total{"), "{text}");
         assert!(text.contains("shard=\"1\""), "two shards: {text}");
         assert!(text.contains("shardmq_cluster_forwarded_total{"), "{text}");
+        assert!(text.contains("shardmq_cluster_registry_bytes_sent_total{"), "{text}");
+        assert!(text.contains("shardmq_cluster_reregistrations_total{"), "{text}");
         assert!(
             text.contains(
                 r#"shardmq_log_flush_seconds_bucket{node="n\"1",zone="z",region="r",shard="0",le="+Inf"} 0"#

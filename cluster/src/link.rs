@@ -183,7 +183,13 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn varint_len(mut v: u64) -> usize {
+/// Bytes of a frame whose body (after its type byte) is `body_len` long, as [`encode`] writes it.
+pub fn framed_len(body_len: usize) -> usize {
+    varint_len(body_len as u64 + 1) + 1 + body_len
+}
+
+/// Bytes of an encoded varint (lengths and numbers inside frames).
+pub fn varint_len(mut v: u64) -> usize {
     let mut n = 1;
     while v >= 0x80 {
         v >>= 7;
@@ -744,6 +750,22 @@ mod tests {
             }
         }
         (ra, rb)
+    }
+
+    #[test]
+    fn framed_len_is_what_encode_writes() {
+        for n in [0usize, 1, 126, 127, 128, 300, 20_000, 3 << 20] {
+            let body = vec![7u8; n];
+            let mut out = Vec::new();
+            encode(&Frame::Registry(&body), &mut out);
+            assert_eq!(framed_len(n), out.len(), "registry body {n}");
+            for (client, epoch) in [("c", 0u64), ("a-longer-client-id", 1 << 40)] {
+                out.clear();
+                encode(&Frame::Session { client, epoch, state: &body }, &mut out);
+                let session_body = varint_len(client.len() as u64) + client.len() + varint_len(epoch) + n;
+                assert_eq!(framed_len(session_body), out.len(), "session {client} {epoch} {n}");
+            }
+        }
     }
 
     #[test]

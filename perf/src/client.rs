@@ -74,6 +74,32 @@ pub fn connect_packet<'a>(
     })
 }
 
+/// [`connect_packet`] for a session that outlives its connection: clean start 0 (3.1.1: clean session 0)
+/// and, in MQTT 5, a Session Expiry Interval of `expiry_s` (0 in 5 means the session ends with the
+/// connection, so a persistent session needs one).
+pub fn session_connect_packet<'a>(
+    client_id: &'a str,
+    protocol: Protocol,
+    credentials: (Option<&'a str>, Option<&'a [u8]>),
+    expiry_s: u32,
+) -> Packet<'a> {
+    let mut p = connect_packet(client_id, protocol, credentials);
+    if let Packet::Connect(c) = &mut p {
+        c.clean_start = false;
+        if protocol.is_v5() {
+            c.properties.session_expiry_interval_s = Some(expiry_s);
+        }
+    }
+    p
+}
+
+/// What a CONNACK said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub reason: ReasonCode,
+    pub session_present: bool,
+}
+
 /// A connection's byte stream: a TCP socket or a TLS session over one.
 pub enum Io {
     Tcp(TcpStream),
@@ -198,6 +224,16 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddrV4, client_id: &str, protocol: Protocol, dial: &Dial) -> Result<Client> {
+        let mut c = Client::open(addr, protocol, dial)?;
+        let ack = c.handshake(&connect_packet(client_id, protocol, dial.credentials()))?;
+        if ack.reason.is_error() {
+            bail!("CONNACK refused: reason 0x{:02x}", ack.reason.0);
+        }
+        Ok(c)
+    }
+
+    /// The TCP connection (and TLS handshake), no CONNECT yet: see [`Client::handshake`].
+    pub fn open(addr: SocketAddrV4, protocol: Protocol, dial: &Dial) -> Result<Client> {
         let index = CONN_INDEX.fetch_add(1, Ordering::Relaxed);
         let mut sock =
             crate::net::connect_blocking(addr, index).with_context(|| format!("connect {addr}"))?;
@@ -208,26 +244,29 @@ impl Client {
                 (None, Io::Tls(Box::new(StreamOwned::new(conn, sock))))
             }
         };
-        let mut c = Client {
+        Ok(Client {
             read,
             writer: Writer { stream: Arc::new(Mutex::new(io)), protocol },
             buf: vec![0; 64 * 1024],
             start: 0,
             end: 0,
             server_receive_max: 65535,
-        };
-        c.writer.send(&connect_packet(client_id, protocol, dial.credentials()))?;
-        let ack = c.wait_for(|p| match p {
-            Packet::ConnAck(ConnAck { reason, properties, .. }) => {
-                Some((*reason, properties.receive_maximum))
-            }
+        })
+    }
+
+    /// Sends `connect` (a CONNECT) and reads until the CONNACK, whatever it says; fails only when none
+    /// came within the handshake timeout or the connection broke.
+    pub fn handshake(&mut self, connect: &Packet<'_>) -> Result<Accepted> {
+        self.writer.send(connect)?;
+        let (accepted, receive_max) = self.wait_for(|p| match p {
+            Packet::ConnAck(ConnAck { reason, properties, session_present }) => Some((
+                Accepted { reason: *reason, session_present: *session_present },
+                properties.receive_maximum,
+            )),
             _ => None,
         })?;
-        if ack.0.is_error() {
-            bail!("CONNACK refused: reason 0x{:02x}", ack.0 .0);
-        }
-        c.server_receive_max = ack.1.unwrap_or(65535);
-        Ok(c)
+        self.server_receive_max = receive_max.unwrap_or(65535);
+        Ok(accepted)
     }
 
     /// The socket (the writer's clone is dropped), its TLS session and any bytes already read past the

@@ -11,6 +11,9 @@
 //! - `suback`: SUBSCRIBE-to-SUBACK latency for new filters, one at a time ([`suback`]);
 //! - `handshakes`: new connections per second, each a TCP connect, with `--tls-ca` a full TLS handshake,
 //!   CONNECT/CONNACK and DISCONNECT ([`tls`]);
+//! - `takeover`: how long a reconnecting client waits for its persistent session while its old connection
+//!   is still open, on one node or across two nodes of a zone; `sessions`: many offline persistent
+//!   sessions made a few at a time ([`takeover`]);
 //! - every subcommand but `conn` over TLS (`--tls-ca`, and `--tls-cert`/`--tls-key` for a client
 //!   certificate), every one with a user name and password (`--username`, `--password`); over TLS,
 //!   `fanin`, `shared` and `pub` publish at QoS 0 only (see [`tls`]);
@@ -19,7 +22,7 @@
 //! - optionally samples the broker's CPU time and memory from /proc ([`procfs`]), and always the host's
 //!   own noise: stolen CPU time and how late a sleeping thread wakes ([`host`]).
 //!
-//! What it does not do: WebSockets, enhanced (v5 AUTH) authentication, persistent sessions, reconnects, retained
+//! What it does not do: WebSockets, enhanced (v5 AUTH) authentication, reconnects (but `takeover`), retained
 //! messages or wills; keep-alive is always 0. It only runs on Linux (epoll, /proc, CLOCK_MONOTONIC), and
 //! latency is only meaningful when publisher and subscriber share a host clock. Every run is bounded by a
 //! duration and counts.
@@ -34,4 +37,5 @@ pub mod payload;
 pub mod procfs;
 pub mod stats;
 pub mod suback;
+pub mod takeover;
 pub mod tls;

@@ -9,6 +9,7 @@ use shardmq_perf::conn::{self, ConnPlan, ConnReport};
 use shardmq_perf::engine::{self, Plan, PubSpec, RunReport};
 use shardmq_perf::net::resolve;
 use shardmq_perf::pairs;
+use shardmq_perf::takeover::{self, SessionsPlan, TakeoverPlan};
 use shardmq_perf::tls::{self, HandshakePlan, HandshakeReport};
 use shardmq_wire::QoS;
 use std::time::Duration;
@@ -32,6 +33,8 @@ enum Cmd {
     Sub(SubCmd),
     Suback(SubackCmd),
     Handshakes(HandshakesCmd),
+    Takeover(TakeoverCmd),
+    Sessions(SessionsCmd),
 }
 
 /// Options every subcommand takes.
@@ -346,6 +349,62 @@ subcommand! {
     }
 }
 
+subcommand! {
+    /// session takeover latency: the same client ids (persistent sessions) reconnect alternately on
+    /// --port and --other-port while connected, CONNECT to CONNACK; session present and the old
+    /// connection's end checked every time
+    #[argh(subcommand, name = "takeover")]
+    struct TakeoverCmd {
+        /// port every second connection goes to (default --port: takeovers on one node)
+        #[argh(option)]
+        other_port: Option<u16>,
+        /// client ids taken over in turn (default 1)
+        #[argh(option, default = "1")]
+        ids: usize,
+        /// takeovers in all (default 500)
+        #[argh(option, default = "500")]
+        count: u64,
+        /// most seconds for the takeovers (default 60)
+        #[argh(option, default = "60.0")]
+        duration_s: f64,
+        /// messages (QoS 1) sent to each session before each takeover, left unacknowledged (default 0)
+        #[argh(option, default = "0")]
+        queued: u16,
+        /// no subscription in the sessions (then --queued must be 0)
+        #[argh(switch)]
+        no_subscribe: bool,
+        /// session expiry interval of MQTT 5, seconds (default 3600)
+        #[argh(option, default = "3600")]
+        expiry_s: u32,
+    }
+}
+
+subcommand! {
+    /// make persistent sessions and leave them offline: ids <prefix>-0 .. <prefix>-(count-1), each
+    /// connected with clean start 0, subscribed if asked, disconnected; a few at a time
+    #[argh(subcommand, name = "sessions")]
+    struct SessionsCmd {
+        /// sessions to make
+        #[argh(option)]
+        count: u64,
+        /// client id prefix (default sess)
+        #[argh(option, default = "String::from(\"sess\")")]
+        prefix: String,
+        /// clients connecting at once (default 4)
+        #[argh(option, default = "4")]
+        threads: usize,
+        /// each session subscribes (QoS 1) to a topic of its own
+        #[argh(switch)]
+        subscribe: bool,
+        /// session expiry interval of MQTT 5, seconds (default 3600)
+        #[argh(option, default = "3600")]
+        expiry_s: u32,
+        /// most seconds for the whole run (default 120)
+        #[argh(option, default = "120.0")]
+        duration_s: f64,
+    }
+}
+
 fn qos(v: u8) -> Result<QoS> {
     QoS::from_u8(v).ok_or_else(|| anyhow::anyhow!("--qos must be 0, 1 or 2"))
 }
@@ -391,6 +450,8 @@ fn main() -> Result<()> {
         Cmd::Conn(a) => return run_conn(a),
         Cmd::Suback(a) => return run_suback(a),
         Cmd::Handshakes(a) => return run_handshakes(a),
+        Cmd::Takeover(a) => return run_takeover(a),
+        Cmd::Sessions(a) => return run_sessions(a),
         Cmd::Fanin(a) => {
             let mut p = base_plan(&a.common(), "fanin", a.qos, a.payload, a.duration_s)?;
             let each = a.rate.map(|r| r / a.publishers.max(1) as f64);
@@ -522,6 +583,96 @@ fn run_handshakes(a: HandshakesCmd) -> Result<()> {
         print_handshakes(&r);
     }
     if r.connected == 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn run_takeover(a: TakeoverCmd) -> Result<()> {
+    let c = a.common();
+    let plan = TakeoverPlan {
+        addr: resolve(&c.host, c.port)?,
+        other: resolve(&c.host, a.other_port.unwrap_or(c.port))?,
+        protocol: protocol_from(c.protocol)?,
+        dial: c.dial(true)?,
+        ids: a.ids,
+        count: a.count,
+        duration: secs(a.duration_s, "--duration-s")?,
+        queued: a.queued,
+        subscribe: !a.no_subscribe,
+        expiry_s: a.expiry_s,
+        progress: true,
+    };
+    let r = takeover::run(&plan)?;
+    if c.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let l = &r.latency_us;
+        println!(
+            "takeover ({}): MQTT level {}, {} ids, {} of {} accepted in {:.2} s",
+            if r.cross { "across two ports" } else { "one port" },
+            r.protocol,
+            r.ids,
+            r.accepted,
+            r.attempted,
+            r.window_s
+        );
+        println!(
+            "  CONNECT to CONNACK us p50 {} p90 {} p99 {} max {} (mean {:.0})",
+            l.p50_us, l.p90_us, l.p99_us, l.max_us, l.mean_us
+        );
+        println!("  old connections: {} DISCONNECT 0x8E, {} closed", r.old_disconnected, r.old_closed);
+        if r.queued > 0 {
+            println!(
+                "  messages: {} sent to the sessions, {} received again, {} missing",
+                r.messages_sent, r.messages_received, r.messages_missing
+            );
+        }
+        for (k, v) in &r.failures {
+            println!("  failed ({k}): {v}");
+        }
+        for e in &r.errors {
+            println!("  error: {e}");
+        }
+    }
+    if r.accepted == 0 || !r.failures.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn run_sessions(a: SessionsCmd) -> Result<()> {
+    let c = a.common();
+    let plan = SessionsPlan {
+        addr: resolve(&c.host, c.port)?,
+        protocol: protocol_from(c.protocol)?,
+        dial: c.dial(true)?,
+        prefix: a.prefix.clone(),
+        count: a.count,
+        threads: a.threads,
+        subscribe: a.subscribe,
+        expiry_s: a.expiry_s,
+        duration: secs(a.duration_s, "--duration-s")?,
+        progress: true,
+    };
+    let r = takeover::create(&plan)?;
+    if c.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let l = &r.connect_latency_us;
+        println!(
+            "sessions: MQTT level {}, {} of {} made in {:.2} s ({:.0}/s), {} already present",
+            r.protocol, r.created, r.requested, r.window_s, r.rate, r.already_present
+        );
+        println!("  connect to CONNACK us p50 {} p99 {} max {}", l.p50_us, l.p99_us, l.max_us);
+        for (k, v) in &r.failures {
+            println!("  failed ({k}): {v}");
+        }
+        for e in &r.errors {
+            println!("  error: {e}");
+        }
+    }
+    if r.created < r.requested {
         std::process::exit(1);
     }
     Ok(())

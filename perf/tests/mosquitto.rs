@@ -5,6 +5,7 @@
 use shardmq_perf::client::{Client, Dial};
 use shardmq_perf::conn::{self, ConnPlan};
 use shardmq_perf::engine::{self, Plan, PubSpec};
+use shardmq_perf::takeover::{self, SessionsPlan, TakeoverPlan};
 use shardmq_perf::tls::{self, HandshakePlan};
 use shardmq_perf::{pairs, suback};
 use shardmq_wire::{Protocol, QoS};
@@ -263,4 +264,55 @@ fn tls_and_credentials_against_mosquitto() {
     assert!(h.tls && h.connected > 5, "{h:?}");
     assert!(h.failures.is_empty(), "{h:?}");
     assert_eq!(h.connect_latency_us.count, h.connected);
+}
+
+/// `takeover` and `sessions` against a broker we did not write: the session and its queued messages move
+/// to the new connection, the old one ends, and persistent sessions stay while offline.
+#[test]
+fn takeover_and_sessions_against_mosquitto() {
+    let Some(b) = start_mosquitto() else { return };
+    for (protocol, queued) in [(Protocol::V5, 3), (Protocol::V311, 0)] {
+        let r = takeover::run(&TakeoverPlan {
+            addr: b.addr,
+            other: b.addr,
+            protocol,
+            dial: Dial::default(),
+            ids: 2,
+            count: 20,
+            duration: Duration::from_secs(30),
+            queued,
+            subscribe: true,
+            expiry_s: 600,
+            progress: false,
+        })
+        .unwrap();
+        assert!(r.failures.is_empty(), "{r:?}");
+        assert_eq!((r.attempted, r.accepted, r.latency_us.count), (20, 20, 20), "{r:?}");
+        assert!(!r.cross);
+        // Mosquitto 2.0.11 closes a taken-over connection without a DISCONNECT, also in MQTT 5 (shardmq
+        // sends 0x8E: perf/results/2026-12-05-sessions); either way it must end.
+        assert_eq!(r.old_disconnected + r.old_closed, 20, "{r:?}");
+        assert_eq!(
+            (r.messages_sent, r.messages_received, r.messages_missing),
+            (queued as u64 * 20, queued as u64 * 20, 0)
+        );
+    }
+    let plan = |count| SessionsPlan {
+        addr: b.addr,
+        protocol: Protocol::V5,
+        dial: Dial::default(),
+        prefix: format!("smq-sessions-{}", std::process::id()),
+        count,
+        threads: 3,
+        subscribe: true,
+        expiry_s: 600,
+        duration: Duration::from_secs(30),
+        progress: false,
+    };
+    let r = takeover::create(&plan(50)).unwrap();
+    assert_eq!((r.created, r.already_present), (50, 0), "{r:?}");
+    assert!(r.failures.is_empty(), "{r:?}");
+    // The same ids again: every session is still there.
+    let r = takeover::create(&plan(50)).unwrap();
+    assert_eq!((r.created, r.already_present), (50, 50), "{r:?}");
 }

@@ -76,7 +76,7 @@ struct Link {
 }
 
 /// The cluster series the metrics endpoint exports: name, extra labels, counter (else gauge), help.
-pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 12] = [
+pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 26] = [
     ("shardmq_cluster_links_up", "", false, "Peers this node has a link with."),
     ("shardmq_cluster_links_opened_total", "", true, "Links that completed their handshake."),
     ("shardmq_cluster_links_refused_total", "", true, "Link handshakes refused, by either side."),
@@ -104,6 +104,80 @@ pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 12] = [
     ("shardmq_cluster_stored_unconfirmed_total", "", true, "Durability answers given up on."),
     ("shardmq_cluster_link_bytes_received_total", "", true, "Bytes read from cluster links."),
     ("shardmq_cluster_link_bytes_sent_total", "", true, "Bytes written to cluster links."),
+    ("shardmq_cluster_registry_messages_sent_total", "", true, "Session registry messages sent to peers."),
+    (
+        "shardmq_cluster_registry_messages_received_total",
+        "",
+        true,
+        "Session registry messages received from peers.",
+    ),
+    (
+        "shardmq_cluster_registry_bytes_sent_total",
+        "",
+        true,
+        "Bytes of session registry frames sent to peers.",
+    ),
+    (
+        "shardmq_cluster_registry_bytes_received_total",
+        "",
+        true,
+        "Bytes of session registry frames received from peers.",
+    ),
+    (
+        "shardmq_cluster_sessions_sent_total",
+        "",
+        true,
+        "Sessions sent to the node that took them over (frames).",
+    ),
+    (
+        "shardmq_cluster_sessions_received_total",
+        "",
+        true,
+        "Sessions received from the node that held them (frames).",
+    ),
+    ("shardmq_cluster_session_bytes_sent_total", "", true, "Bytes of session frames sent to peers."),
+    (
+        "shardmq_cluster_session_bytes_received_total",
+        "",
+        true,
+        "Bytes of session frames received from peers.",
+    ),
+    (
+        "shardmq_cluster_registrations_granted_total",
+        "",
+        true,
+        "Connections of this node granted by their client id's owner.",
+    ),
+    (
+        "shardmq_cluster_takeovers_total",
+        "",
+        true,
+        "Registrations this node, as owner, gave to a node while another held the session.",
+    ),
+    (
+        "shardmq_cluster_reregistrations_total",
+        "",
+        true,
+        "Sessions this node re-registered with new owners after membership changes.",
+    ),
+    (
+        "shardmq_cluster_registrations_handed_over_total",
+        "",
+        true,
+        "Registrations this node handed to new owners after membership changes.",
+    ),
+    (
+        "shardmq_cluster_registry_conflicts_resolved_total",
+        "",
+        true,
+        "Conflicting registrations from elsewhere this node resolved.",
+    ),
+    (
+        "shardmq_cluster_sessions_ended_total",
+        "",
+        true,
+        "Sessions of this node ended because another node's registration superseded them.",
+    ),
 ];
 
 /// The cluster thread's counters, published with relaxed stores once per loop iteration (at least once
@@ -188,6 +262,7 @@ impl Loop {
 
     fn publish_metrics(&mut self, m: &ClusterMetrics) {
         let g = self.gateway.counters();
+        let r = self.gateway.registrar_counters();
         let z = self.gateway.zone_mut();
         let up = z.peers_up().count() as u64;
         let z = z.counters();
@@ -204,6 +279,20 @@ impl Loop {
             g.stored_unconfirmed,
             z.bytes_in,
             z.bytes_out,
+            g.registry_out,
+            g.registry_in,
+            g.registry_bytes_out,
+            g.registry_bytes_in,
+            g.session_frames_out,
+            g.session_frames_in,
+            g.session_bytes_out,
+            g.session_bytes_in,
+            r.granted,
+            r.takeovers,
+            r.reregistrations,
+            r.handed_over,
+            r.conflicts_resolved,
+            r.sessions_ended,
         ];
         for (a, v) in m.values.iter().zip(values) {
             a.store(v, std::sync::atomic::Ordering::Relaxed);

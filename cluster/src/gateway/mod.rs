@@ -97,6 +97,48 @@ pub struct GatewayCounters {
     pub congestion_in: u64,
     /// Registry messages not sent: the peer's link was down.
     pub registry_not_sent: u64,
+    /// Session registry messages ([`Frame::Registry`]) sent to and received from peers, and their bytes
+    /// (whole frames: length, type and body).
+    pub registry_out: u64,
+    pub registry_bytes_out: u64,
+    pub registry_in: u64,
+    pub registry_bytes_in: u64,
+    /// Moved sessions ([`Frame::Session`]) sent and received, and their bytes (whole frames).
+    pub session_frames_out: u64,
+    pub session_bytes_out: u64,
+    pub session_frames_in: u64,
+    pub session_bytes_in: u64,
+}
+
+/// A sessions frame sent to a peer, for the counters: a registry message or a moved session, and its bytes.
+struct SentFrame {
+    registry: Option<bool>,
+    len: u64,
+}
+
+impl SentFrame {
+    fn of(frame: &[u8]) -> SentFrame {
+        let registry = match link::frames(frame).next() {
+            Some(Ok(Frame::Registry(_))) => Some(true),
+            Some(Ok(Frame::Session { .. })) => Some(false),
+            _ => None,
+        };
+        SentFrame { registry, len: frame.len() as u64 }
+    }
+
+    fn count(&self, c: &mut GatewayCounters) {
+        match self.registry {
+            Some(true) => {
+                c.registry_out += 1;
+                c.registry_bytes_out += self.len;
+            }
+            Some(false) => {
+                c.session_frames_out += 1;
+                c.session_bytes_out += self.len;
+            }
+            None => {}
+        }
+    }
 }
 
 /// Frames for peers whose link budget is full, in order, until it drains.
@@ -367,6 +409,12 @@ impl Gateway {
             },
             Frame::Retained(r) => self.receive_retained(from, r, now),
             Frame::Session { client, epoch, state } => {
+                self.counters.session_frames_in += 1;
+                let body = link::varint_len(client.len() as u64)
+                    + client.len()
+                    + link::varint_len(epoch)
+                    + state.len();
+                self.counters.session_bytes_in += link::framed_len(body) as u64;
                 let mut out = sessions::Output::default();
                 if !self.sessions.session_from(from, client, epoch, state, now, &mut out) {
                     self.counters.malformed += 1;
@@ -390,6 +438,8 @@ impl Gateway {
                 }
             }
             Frame::Registry(body) => {
+                self.counters.registry_in += 1;
+                self.counters.registry_bytes_in += link::framed_len(body.len()) as u64;
                 if self.sessions.receive(from, body, now) {
                     self.drain_sessions(now);
                 } else {
@@ -424,15 +474,23 @@ impl Gateway {
 
     fn apply_sessions(&mut self, out: sessions::Output, now: Instant) {
         for (peer, bytes) in out.frames {
+            let sent = SentFrame::of(&bytes);
             if !self.send_bytes(&peer, bytes) {
                 self.counters.registry_not_sent += 1;
+            } else {
+                sent.count(&mut self.counters);
             }
         }
         for (peer, client, frame) in out.sessions {
             if !self.zone.peers_up().any(|p| p.name == peer) {
                 self.sessions.hold_unsent(peer, client, frame, now);
-            } else if !self.send_bytes(&peer, frame) {
+                continue;
+            }
+            let sent = SentFrame::of(&frame);
+            if !self.send_bytes(&peer, frame) {
                 self.counters.registry_not_sent += 1;
+            } else {
+                sent.count(&mut self.counters);
             }
         }
         self.out.extend(out.mesh);
