@@ -43,7 +43,7 @@
 //!
 //! What it does not do: touch sockets, clocks or the OS's randomness (the caller seeds [`Zone::new`]; the
 //! socket side is the runtime's cluster thread), TLS on links, links between zones or regions, or a
-//! two-phase hand-over of a moving session.
+//! copy of a moving session kept until its new node stored it.
 
 mod bytes;
 pub mod frame;

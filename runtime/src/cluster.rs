@@ -76,7 +76,7 @@ struct Link {
 }
 
 /// The cluster series the metrics endpoint exports: name, extra labels, counter (else gauge), help.
-pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 26] = [
+pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 30] = [
     ("shardmq_cluster_links_up", "", false, "Peers this node has a link with."),
     ("shardmq_cluster_links_opened_total", "", true, "Links that completed their handshake."),
     ("shardmq_cluster_links_refused_total", "", true, "Link handshakes refused, by either side."),
@@ -178,6 +178,30 @@ pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 26] = [
         true,
         "Sessions of this node ended because another node's registration superseded them.",
     ),
+    (
+        "shardmq_cluster_sessions_merged_total",
+        "",
+        true,
+        "Sessions from another node whose messages were added to the session here (a conflict's loser, or late).",
+    ),
+    (
+        "shardmq_cluster_messages_forwarded_after_move_total",
+        "",
+        true,
+        "Messages that reached a session here after it moved, forwarded to its new node.",
+    ),
+    (
+        "shardmq_cluster_sessions_dropped_total",
+        "reason=\"late\"",
+        true,
+        "Sessions from or for another node dropped with their messages, by reason.",
+    ),
+    (
+        "shardmq_cluster_sessions_dropped_total",
+        "reason=\"not_linked\"",
+        true,
+        "Sessions from or for another node dropped with their messages, by reason.",
+    ),
 ];
 
 /// The cluster thread's counters, published with relaxed stores once per loop iteration (at least once
@@ -263,6 +287,7 @@ impl Loop {
     fn publish_metrics(&mut self, m: &ClusterMetrics) {
         let g = self.gateway.counters();
         let r = self.gateway.registrar_counters();
+        let s = self.gateway.session_counters();
         let z = self.gateway.zone_mut();
         let up = z.peers_up().count() as u64;
         let z = z.counters();
@@ -293,6 +318,10 @@ impl Loop {
             r.handed_over,
             r.conflicts_resolved,
             r.sessions_ended,
+            s.sessions_merged,
+            s.messages_forwarded,
+            s.sessions_late,
+            s.sessions_unsent,
         ];
         for (a, v) in m.values.iter().zip(values) {
             a.store(v, std::sync::atomic::Ordering::Relaxed);

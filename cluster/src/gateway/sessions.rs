@@ -21,8 +21,11 @@
 //! - Sessions a shard restored from its log ([`Mesh::SessionsHeld`]) are held by the registrar as they
 //!   were registered, and re-registered with their owners as peers come up.
 //!
-//! What it does not do yet: a two-phase hand-over (a session is ended where it was once exported: lost
-//! if the transfer is).
+//! - After a session left, its old node forwards what the zone still routes to it there (`Forwarding`),
+//!   until the new node says every node routes the session to it ([`Frame::SessionSettled`]) and a
+//!   barrier shows every earlier forward has arrived.
+//!
+//! What it does not do: keep a session the new node never stored (it dies with it in flight).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -8,13 +8,13 @@
 //! nodes' wall clocks are assumed to agree to within what those deadlines can tolerate (NTP).
 //!
 //! The messages of a session that lost a conflict (see [`Shard::merge_session`]) travel the same way and
-//! join the winning session.
+//! join the winning session; so do messages that reach a session's old node after it left, through the
+//! forwarding stub it leaves there ([`Shard::export_forwarding`]).
 //!
 //! What it does not do: decide who owns a session (the registry) or carry the bytes (the gateway);
 //! QoS 0 messages queued for an offline session, and retained messages still owed after a SUBSCRIBE,
-//! are not moved (counted in [`Exported::dropped_qos0`]). The exporting side ends its copy at once: if the
-//! transfer is lost before the importer stores it, the session is lost (the registry's hand-over protocol
-//! is what must make that window safe).
+//! are not moved (counted in [`Exported::dropped_qos0`]). The exporting side ends its stored copy at once:
+//! if the importer dies before it stores the transfer, the session is lost.
 
 use std::time::Instant;
 
