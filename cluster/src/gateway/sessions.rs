@@ -241,7 +241,14 @@ impl Sessions {
                     self.counters.messages_forwarded += 1;
                     (f.to.clone(), f.epoch)
                 }
-                _ => return,
+                Some(_) => return,
+                None => {
+                    if state.is_some() {
+                        self.counters.sessions_unsent += 1;
+                        tracing::warn!(%client, "an exported session with no node to go to; its messages are dropped");
+                    }
+                    return;
+                }
             },
         };
         let bytes = state.map(|t| t.encode()).unwrap_or_default();
@@ -387,7 +394,9 @@ impl Sessions {
         for c in lost {
             self.answer_without(&c, out);
         }
-        self.ending.retain(|_, (to, _)| to != peer);
+        // Sessions being exported for `peer` are not forgotten: a link that flaps (two nodes dialling each
+        // other as a partition heals) comes back at once, and an exported session waits for it
+        // (`hold_unsent`); one that does not come back is dropped and counted then.
     }
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
