@@ -100,6 +100,9 @@ struct Effects {
     sends: Vec<(NodeIdentity, Vec<u8>)>,
     timers: Vec<(Duration, Timer<NodeIdentity>)>,
     events: Vec<MembershipEvent>,
+    /// Foca said whether its identity is known to an active member (`Active`) or not (`Idle`, and after
+    /// a rejoin or when defunct).
+    active: Option<bool>,
 }
 
 impl Runtime<NodeIdentity> for Effects {
@@ -110,9 +113,9 @@ impl Runtime<NodeIdentity> for Effects {
             Notification::Rename(old, new) => {
                 self.events.push(MembershipEvent::Renamed { old: old.clone(), new: new.clone() })
             }
-            // Active / Idle / Defunct / Rejoin describe this node's own standing; `Rename` (its new
-            // identity after a rejoin) is what the rest of the node needs.
-            _ => {}
+            // This node's own standing: known to an active member, or not (yet, or any more).
+            Notification::Active => self.active = Some(true),
+            Notification::Idle | Notification::Defunct | Notification::Rejoin(_) => self.active = Some(false),
         }
     }
 
@@ -135,6 +138,9 @@ pub struct Membership {
     transmit: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<MembershipEvent>,
     counters: MembershipCounters,
+    /// Whether an active member knows this node's current identity (foca's `Active`; false until it
+    /// joined, and again after it was declared down and rejoined as a new life until someone answers).
+    active: bool,
 }
 
 impl Membership {
@@ -156,6 +162,7 @@ impl Membership {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             counters: MembershipCounters::default(),
+            active: false,
         };
         // Starts the probe and gossip rounds even before anyone is known.
         let mut fx = Effects::default();
@@ -256,7 +263,17 @@ impl Membership {
         self.timers.keys().next().map(|(at, _)| *at)
     }
 
+    /// Whether an active member knows this node's current identity. A node that is not must announce
+    /// itself (see `Zone`): foca stops its periodic work when it rejoins as a new life, and gossip addressed
+    /// to the old lives of members that rejoined too is not accepted.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
     fn apply(&mut self, fx: Effects, now: Instant) {
+        if let Some(active) = fx.active {
+            self.active = active;
+        }
         for (to, body) in fx.sends {
             let mut d = Vec::with_capacity(body.len() + frame::HEADER_LEN + frame::TAG_LEN);
             frame::seal(self.secret.as_ref(), &body, &mut d);

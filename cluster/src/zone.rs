@@ -804,6 +804,16 @@ impl Zone {
     /// too, so that a refused handshake (wrong secret or version) says why the gossip goes unanswered.
     fn retry_seeds(&mut self, now: Instant) {
         self.seeds.rounds += 1;
+        // Members known, and peers linked, are alive or were: an announce at their address reaches
+        // whatever life of them listens there (a zone whose nodes all rejoined as new lives at once, after
+        // a partition, knows one another only by their old lives, and foca answers only announces then).
+        let mut known: Vec<SocketAddr> =
+            self.members.values().map(|m| m.addr).chain(self.peers_up().map(|p| p.addr)).collect();
+        known.sort_unstable();
+        known.dedup();
+        for addr in known.into_iter().filter(|a| !self.seeds.addrs.contains(a)) {
+            self.membership.join(addr, now);
+        }
         for addr in self.seeds.addrs.clone() {
             self.membership.join(addr, now);
             let dialing = self.links.values().any(|l| l.dialed.as_ref().is_some_and(|(a, _)| *a == addr));
@@ -847,8 +857,12 @@ impl Zone {
                 _ => {}
             }
         }
-        let alone = self.members.is_empty() && self.peers.values().all(|p| p.up.is_none());
-        if self.leaving || !alone || self.seeds.addrs.is_empty() {
+        let linked = self.peers.values().any(|p| p.up.is_some());
+        // Not known to any active member: alone, or rejoined as a new life that nobody answered yet.
+        let alone = !self.membership.is_active() && (!self.members.is_empty() || linked)
+            || self.members.is_empty() && !linked;
+        let anyone = !self.seeds.addrs.is_empty() || !self.members.is_empty() || linked;
+        if self.leaving || !alone || !anyone {
             self.seeds.next_at = None;
         } else if self.seeds.next_at.is_none() {
             self.seeds.backoff = DIAL_BACKOFF_MIN;
