@@ -339,7 +339,11 @@ impl Sessions {
             // one after a partition): its messages go to that session.
             if let Some(t) = transfer {
                 self.merge(t, out);
-                self.settled_for(from, client, epoch, out);
+                // Merged into a session of this node's own (not one installed here, whose old node
+                // forwards until every node routes it here: its shard says when): nothing to wait for.
+                if !self.settling.contains_key(client) {
+                    self.settled_for(from, client, epoch, out);
+                }
             }
             return true;
         }
