@@ -252,10 +252,7 @@ impl ZoneRouter {
         if self.peers.is_empty() {
             return None;
         }
-        let token = self.next_token;
-        self.next_token += 1;
-        let waiting: HashSet<NodeName> = self.peers.keys().cloned().collect();
-        self.pending.insert(token, PendingAck { waiting, deadline: now + self.ack_timeout });
+        let token = self.await_every_peer(now);
         self.pending_filters.insert(filter.into(), token);
         self.broadcast(generation, deltas, Some(token));
         Some(token)
@@ -268,16 +265,22 @@ impl ZoneRouter {
         if self.peers.is_empty() {
             return None;
         }
-        let token = self.next_token;
-        self.next_token += 1;
-        let waiting: HashSet<NodeName> = self.peers.keys().cloned().collect();
-        self.pending.insert(token, PendingAck { waiting, deadline: now + self.ack_timeout });
+        let token = self.await_every_peer(now);
         let generation = self.local.generation();
         for p in self.peers.keys() {
             let a = Announce::Deltas { generation, deltas: Vec::new(), token: Some(token) };
             self.out.push_back((p.clone(), a));
         }
         Some(token)
+    }
+
+    /// A new token that completes once every peer up now acknowledged it (or went, or timed out).
+    fn await_every_peer(&mut self, now: Instant) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        let waiting: HashSet<NodeName> = self.peers.keys().cloned().collect();
+        self.pending.insert(token, PendingAck { waiting, deadline: now + self.ack_timeout });
+        token
     }
 
     pub fn unsubscribe(&mut self, filter: &str) {

@@ -50,17 +50,24 @@ def test_partition_mode_is_checked(broker, clients, tmp_path):
     assert c.subscribe("solo/t", qos=1) == [1]
 
 
+def offline_with_queued(clients, version, cid, prefix, home, publisher, count):
+    """A persistent session of `cid` on `home`, subscribed to `prefix/#` and offline, with `count` QoS 1
+    messages published for it on `publisher`; returns the CONNECT properties it needs and the publisher."""
+    props = {"properties": connect_props(SessionExpiryInterval=3600)} if version == V5 else {}
+    c = clients(home, cid, version, clean=False, **props)
+    assert c.subscribe(prefix + "/#", qos=1) == [1]
+    c.disconnect()
+    pub = clients(publisher, "%s-pub-%d" % (prefix, version), version)
+    for i in range(count):
+        pub.publish("%s/%d" % (prefix, i), b"queued %d" % i, qos=1)
+    return props, pub
+
+
 @pytest.mark.parametrize("version", [V311, V5], ids=["v311", "v5"])
 def test_a_persistent_session_and_its_queued_messages_follow_the_client(zone, clients, version):  # noqa: F811
     n1, n2, n3 = zone(3)
     cid = "follower-%d" % version
-    props = {"properties": connect_props(SessionExpiryInterval=3600)} if version == V5 else {}
-    home = clients(n1, cid, version, clean=False, **props)
-    assert home.subscribe("follow/#", qos=1) == [1]
-    home.disconnect()
-    pub = clients(n3, "follow-pub-%d" % version, version)
-    for i in range(5):
-        pub.publish("follow/%d" % i, b"queued %d" % i, qos=1)
+    props, pub = offline_with_queued(clients, version, cid, "follow", home=n1, publisher=n3, count=5)
     away = clients(n2, cid, version, clean=False, **props)
     assert away.session_present, "the session moved with its client"
     got = sorted(m.payload for m in away.expect(5, timeout=5.0))
@@ -90,13 +97,7 @@ def test_the_wills_of_a_killed_nodes_clients_are_published_by_the_others(zone, c
 def test_a_restarted_nodes_sessions_are_found_from_the_other_nodes(zone, clients, version):  # noqa: F811
     n1, n2, n3 = zone(3)
     cid = "restored-%d" % version
-    props = {"properties": connect_props(SessionExpiryInterval=3600)} if version == V5 else {}
-    home = clients(n3, cid, version, clean=False, **props)
-    assert home.subscribe("restored/#", qos=1) == [1]
-    home.disconnect()
-    pub = clients(n1, "restored-pub-%d" % version, version)
-    for i in range(3):
-        pub.publish("restored/%d" % i, b"queued %d" % i, qos=1)
+    props, _ = offline_with_queued(clients, version, cid, "restored", home=n3, publisher=n1, count=3)
     n3.kill9()
     n3.start()
     wait_linked([n1, n2, n3])

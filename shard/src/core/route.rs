@@ -387,14 +387,7 @@ impl Shard {
         let protocol = self.conns.get(&id).and_then(|c| c.protocol).unwrap_or(shardmq_wire::Protocol::V311);
         super::encode_into(&mut packet, &Packet::SubAck(ack), protocol);
         let pending = PendingSubAck { conn: id, session: key, packet, retained };
-        if !deltas.is_empty() && self.mesh_size() > 1 {
-            let token = self.next_token;
-            self.next_token += 1;
-            let keys = deltas.iter().map(|d| d.key.clone()).collect();
-            self.announce(deltas, Some(token));
-            self.routing.pending_subacks.announced(token, self.mesh_size() as usize - 1, keys);
-            waits.push(token);
-        }
+        waits.extend(self.announce_awaited(deltas));
         if let Some(w) = self.routing.pending_subacks.wait(Waiter::SubAck(pending), waits) {
             self.waiter_done(w, now);
         }
@@ -517,6 +510,20 @@ impl Shard {
                 self.announce(vec![d], None);
             }
         }
+    }
+
+    /// Announces `deltas` with a token every other endpoint acknowledges once it applied them (see
+    /// `suback_wait`); the token, or `None` when there is nothing to announce or nobody to tell.
+    pub(super) fn announce_awaited(&mut self, deltas: Vec<InterestDelta>) -> Option<u64> {
+        if deltas.is_empty() || self.mesh_size() <= 1 {
+            return None;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let keys = deltas.iter().map(|d| d.key.clone()).collect();
+        self.announce(deltas, Some(token));
+        self.routing.pending_subacks.announced(token, self.mesh_size() as usize - 1, keys);
+        Some(token)
     }
 
     /// Sends interest deltas to every other shard. One that adds interest first bumps this shard's

@@ -444,14 +444,7 @@ impl Shard {
                 Arrival::Moved => deltas.extend(self.count_interest((group, inner.into()), 1, 0)),
             }
         }
-        if !deltas.is_empty() && self.mesh_size() > 1 {
-            let token = self.next_token;
-            self.next_token += 1;
-            let keys = deltas.iter().map(|d| d.key.clone()).collect();
-            self.announce(deltas, Some(token));
-            self.routing.pending_subacks.announced(token, self.mesh_size() as usize - 1, keys);
-            waits.push(token);
-        }
+        waits.extend(self.announce_awaited(deltas));
         waits
     }
 
