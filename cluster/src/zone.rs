@@ -859,8 +859,7 @@ impl Zone {
         }
         let linked = self.peers.values().any(|p| p.up.is_some());
         // Not known to any active member: alone, or rejoined as a new life that nobody answered yet.
-        let alone = !self.membership.is_active() && (!self.members.is_empty() || linked)
-            || self.members.is_empty() && !linked;
+        let alone = !self.membership.is_active() || self.members.is_empty() && !linked;
         let anyone = !self.seeds.addrs.is_empty() || !self.members.is_empty() || linked;
         if self.leaving || !alone || !anyone {
             self.seeds.next_at = None;

@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardmq_shard::core::{Mesh, Msg, Origin, SessionKey};
+use shardmq_shard::core::{owner_of, Mesh, Msg, Origin, SessionKey};
 use shardmq_shard::ShardId;
 
 use crate::link::{self, Frame};
@@ -529,10 +529,7 @@ impl Gateway {
     fn complete_interest(&mut self) {
         while let Some(t) = self.router.poll_completed() {
             if let Some(client) = self.sessions.barrier_done(t) {
-                self.out.push_back((
-                    sessions::stub_shard(&client, self.cfg.shards),
-                    Mesh::EndForwarding { client },
-                ));
+                self.out.push_back((owner_of(&client, self.cfg.shards), Mesh::EndForwarding { client }));
                 continue;
             }
             self.view.announced(t);

@@ -69,11 +69,6 @@ struct Unsent {
     deadline: Instant,
 }
 
-/// The shard that holds a client id's sessions, and so its forwarding stubs.
-pub(super) fn stub_shard(client: &str, shards: u16) -> ShardId {
-    owner_of(client, shards)
-}
-
 /// A session that came before its grant (the grant travels from the id's owner, the session from the
 /// node that held it: two links, no order between them).
 struct Early {
@@ -274,7 +269,7 @@ impl Sessions {
     /// Ends `client`'s forwarding stub: nothing more for it is on its way here. What its shard forwarded
     /// before it handles this still goes.
     pub(super) fn end_forwarding(&mut self, client: Arc<str>, out: &mut Output) {
-        out.mesh.push((stub_shard(&client, self.shards), Mesh::EndForwarding { client }));
+        out.mesh.push((owner_of(&client, self.shards), Mesh::EndForwarding { client }));
     }
 
     /// `client`'s stub ends when barrier `token` completes.

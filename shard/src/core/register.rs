@@ -98,8 +98,9 @@ pub(super) struct Registrations {
     /// Clustered nodes only.
     pub(super) current: HashMap<super::SessionKey, ZoneRegistration>,
     /// Sessions exported to another node whose subscriptions still route here (forwarding stubs, see
-    /// `persist::transfer`), with their client ids. Not in the client-id index.
-    pub(super) stubs: HashMap<super::SessionKey, Arc<str>>,
+    /// `persist::transfer`), with the SESSION record each forwarded message travels with (encoded once:
+    /// the new node only takes the messages). Not in the client-id index.
+    pub(super) stubs: HashMap<super::SessionKey, Vec<u8>>,
 }
 
 /// What a registered CONNECT runs again with.
@@ -241,13 +242,14 @@ impl Shard {
 
     /// The node `client`'s session moved to routes it itself now: its forwarding stubs here end.
     pub(super) fn end_forwarding(&mut self, client: &str, now: Instant) {
+        let map = &self.sessions.map;
         let stubs: Vec<super::SessionKey> = self
             .sessions
             .registrations
             .stubs
-            .iter()
-            .filter(|(_, c)| &***c == client)
-            .map(|(k, _)| *k)
+            .keys()
+            .filter(|k| map.get(k).is_some_and(|s| &*s.client_id == client))
+            .copied()
             .collect();
         for key in stubs {
             self.end_session(key, now);

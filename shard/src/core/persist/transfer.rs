@@ -175,7 +175,7 @@ impl Shard {
             s.will = None;
         }
         if stub {
-            self.leave_forwarding_stub(key, now);
+            self.leave_forwarding_stub(key, clock, now);
         } else {
             self.end_session(key, now);
         }
@@ -262,7 +262,8 @@ impl Shard {
     /// subscriptions stay, routing here what the zone still sends, which [`Shard::forward_from_stub`]
     /// passes on. Not found by its client id any more: a client coming back here gets its session from
     /// the node that has it.
-    fn leave_forwarding_stub(&mut self, key: SessionKey, now: Instant) {
+    fn leave_forwarding_stub(&mut self, key: SessionKey, clock: &WallClock, now: Instant) {
+        let Some(record) = self.session_record(key, 1, clock) else { return };
         self.sessions.registrations.current.remove(&key);
         self.retained.owed.remove(&key);
         let Some(s) = self.sessions.map.get_mut(&key) else { return };
@@ -274,24 +275,26 @@ impl Shard {
         let at = now + FORWARDING_TIMEOUT;
         s.expires_at = Some(at);
         self.sessions.by_client.remove(&client, key);
-        self.sessions.registrations.stubs.insert(key, client);
+        self.sessions.registrations.stubs.insert(key, record);
         self.arm(at, Timer::Expiry(key));
     }
 
     /// A message the zone still routed to a session that moved away: to the node it moved to, as a
     /// transfer of that one message (QoS 0 is dropped and counted, as for an offline session).
     pub(in crate::core) fn forward_from_stub(&mut self, key: SessionKey, d: Delivery) -> Verdict {
-        let Some(clock) = self.wall_clock() else { return Verdict::Ignored };
-        let (Some(gateway), Some(session)) = (self.gateway(), self.session_record(key, 1, &clock)) else {
-            return Verdict::Ignored;
-        };
         if d.qos == QoS::AtMostOnce {
             self.counters.dropped_qos0 += 1;
             return Verdict::Ignored;
         }
-        let Some(client) = self.sessions.registrations.stubs.get(&key).cloned() else {
+        let (Some(clock), Some(gateway)) = (self.wall_clock(), self.gateway()) else {
             return Verdict::Ignored;
         };
+        let (Some(session), Some(s)) =
+            (self.sessions.registrations.stubs.get(&key), self.sessions.map.get(&key))
+        else {
+            return Verdict::Ignored;
+        };
+        let (session, client) = (session.clone(), s.client_id.clone());
         // The packet id means nothing: the new node gives the message one of its session's.
         let d = Delivery { pid: 1, ..d };
         let records =
