@@ -78,6 +78,11 @@ impl LinkSession {
     }
 
     /// Bytes of frames queued and not yet acknowledged (what the budget bounds).
+    /// Frames queued and not yet acknowledged by the peer.
+    pub fn unacked_frames(&self) -> usize {
+        self.unacked.len()
+    }
+
     pub fn backlog_bytes(&self) -> usize {
         self.unacked_bytes
     }

@@ -722,6 +722,12 @@ impl Zone {
     }
 
     /// The peers up for the application.
+    /// Frames to peers not yet acknowledged by them, over every peer: what a crash of this node loses
+    /// on its way (a simulation's accounting of forwards).
+    pub fn frames_unacknowledged(&self) -> u64 {
+        self.peers.values().map(|p| p.session.unacked_frames() as u64).sum()
+    }
+
     pub fn peers_up(&self) -> impl Iterator<Item = &NodeIdentity> {
         self.links.values().filter_map(|l| match &l.state {
             State::Open { peer } => Some(peer),
