@@ -32,7 +32,7 @@
 //! What it does not do: messages between nodes, timers, session hand-over (the [`crate::registrar`], the
 //! gateway and the shards do those); it is the table and the rules every node applies alike.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::retained::HlcStamp;
@@ -157,6 +157,11 @@ struct Tombstone {
 pub struct RegistryTable {
     entries: HashMap<Arc<str>, Registration>,
     ended: HashMap<Arc<str>, Tombstone>,
+    /// Every tombstone made, in the order it was made (its `at` grows with it: the owner's clock), so
+    /// that pruning pops what expired instead of scanning every tombstone. An entry whose tombstone was
+    /// replaced or removed since is skipped when it comes up. Invariant: every tombstone in `ended` has
+    /// an entry here with its `at`.
+    expiry: VecDeque<(HlcStamp, Arc<str>)>,
 }
 
 impl RegistryTable {
@@ -297,17 +302,23 @@ impl RegistryTable {
     /// leaving a tombstone until [`RegistryTable::prune`]. Ignored for another epoch.
     pub fn ended(&mut self, client: &str, epoch: u64, at: HlcStamp) {
         if self.entries.get(client).is_some_and(|r| r.epoch == epoch) {
-            let mut last = self.entries.remove(client).expect("present");
-            last.connected = false;
-            last.will = None;
-            self.ended.insert(last.client.clone(), Tombstone { last, at });
+            let last = self.entries.remove(client).expect("present");
+            self.entomb(last, at);
         }
+    }
+
+    /// Leaves `last`'s tombstone, made at `at`.
+    fn entomb(&mut self, mut last: Registration, at: HlcStamp) {
+        last.connected = false;
+        last.will = None;
+        self.expiry.push_back((at, last.client.clone()));
+        self.ended.insert(last.client.clone(), Tombstone { last, at });
     }
 
     /// A registration ended elsewhere (another owner's word): it goes, and any older one of its id with
     /// it, leaving a tombstone. Ignored when this table has a newer one. Returns the older registration
     /// it removed, if any (held by another node, it is superseded: its session must end).
-    pub fn ended_elsewhere(&mut self, mut last: Registration, at: HlcStamp) -> Option<Registration> {
+    pub fn ended_elsewhere(&mut self, last: Registration, at: HlcStamp) -> Option<Registration> {
         if self.entries.get(&last.client).is_some_and(|r| r.version() > last.version()) {
             return None;
         }
@@ -315,9 +326,7 @@ impl RegistryTable {
             return None;
         }
         let removed = self.entries.remove(&last.client);
-        last.connected = false;
-        last.will = None;
-        self.ended.insert(last.client.clone(), Tombstone { last, at });
+        self.entomb(last, at);
         removed
     }
 
@@ -328,8 +337,29 @@ impl RegistryTable {
 
     /// Drops the tombstones of registrations ended before `horizon`: by then no copy of them is in
     /// flight (the horizon is chosen well past a link's delay and a membership change's round).
+    /// Pops only what expired: the cost is in what goes, not in what is kept. A tombstone made out of
+    /// order (a clock that went back) waits for those made before it, so goes late, never early.
     pub fn prune(&mut self, horizon: HlcStamp) {
-        self.ended.retain(|_, t| t.at >= horizon);
+        while let Some((at, _)) = self.expiry.front().filter(|(at, _)| *at < horizon) {
+            let at = *at;
+            let (_, client) = self.expiry.pop_front().expect("front");
+            if self.ended.get(&client).is_some_and(|t| t.at == at) {
+                self.ended.remove(&client);
+            }
+        }
+        if self.ended.is_empty() {
+            self.expiry.clear();
+        }
+        debug_assert!(self.ended.len() <= self.expiry.len());
+    }
+
+    /// When the oldest tombstone was made (the next to expire), if any is kept.
+    pub fn oldest_tombstone(&self) -> Option<HlcStamp> {
+        if self.ended.is_empty() {
+            None
+        } else {
+            self.expiry.front().map(|(at, _)| *at)
+        }
     }
 
     /// Tombstones kept (see [`RegistryTable::prune`]).
@@ -482,6 +512,31 @@ mod tests {
         assert_eq!(t.tombstones(), 1, "not before the horizon");
         t.prune(HlcStamp(41));
         assert_eq!(t.tombstones(), 0);
+    }
+
+    #[test]
+    fn pruning_takes_the_expired_tombstones_and_only_those() {
+        let mut t = RegistryTable::default();
+        let a = n("a");
+        for (i, c) in ["c1", "c2", "c3"].into_iter().enumerate() {
+            let e = t.register(c, &a, HlcStamp(1), None, 0).epoch;
+            t.ended(c, e, HlcStamp(10 + i as u64));
+        }
+        assert_eq!(t.oldest_tombstone(), Some(HlcStamp(10)));
+        // c1 registers again and ends later: its first tombstone's turn must not take the new one.
+        let e = t.register("c1", &a, HlcStamp(20), None, 0).epoch;
+        assert_eq!(e, 2, "above the tombstone");
+        t.ended("c1", e, HlcStamp(30));
+        t.prune(HlcStamp(12));
+        assert_eq!(t.tombstones(), 2, "c2 (made at 11) went; c3 (12) and c1 (30) stay");
+        assert!(t.is_ended("c1") && t.is_ended("c3") && !t.is_ended("c2"));
+        assert_eq!(t.oldest_tombstone(), Some(HlcStamp(12)));
+        t.prune(HlcStamp(30));
+        assert!(t.is_ended("c1") && !t.is_ended("c3"));
+        assert_eq!(t.register("c1", &a, HlcStamp(40), None, 0).epoch, 3, "c1's second tombstone counted");
+        assert_eq!(t.oldest_tombstone(), None, "no tombstone left: no timer");
+        t.prune(HlcStamp(1_000));
+        assert!(t.expiry.is_empty(), "nothing is kept for tombstones that are gone");
     }
 
     #[test]

@@ -76,7 +76,7 @@ struct Link {
 }
 
 /// The cluster series the metrics endpoint exports: name, extra labels, counter (else gauge), help.
-pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 30] = [
+pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 32] = [
     ("shardmq_cluster_links_up", "", false, "Peers this node has a link with."),
     ("shardmq_cluster_links_opened_total", "", true, "Links that completed their handshake."),
     ("shardmq_cluster_links_refused_total", "", true, "Link handshakes refused, by either side."),
@@ -202,6 +202,18 @@ pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 30] = [
         true,
         "Sessions from or for another node dropped with their messages, by reason.",
     ),
+    (
+        "shardmq_cluster_registrations",
+        "",
+        false,
+        "Session registrations this node keeps as an owner or replica of their client ids.",
+    ),
+    (
+        "shardmq_cluster_registry_tombstones",
+        "",
+        false,
+        "Ended registrations this node keeps for a while (10 minutes), so that late copies stay ended.",
+    ),
 ];
 
 /// The cluster thread's counters, published with relaxed stores once per loop iteration (at least once
@@ -322,6 +334,8 @@ impl Loop {
             s.messages_forwarded,
             s.sessions_late,
             s.sessions_unsent,
+            r.registrations,
+            r.tombstones,
         ];
         for (a, v) in m.values.iter().zip(values) {
             a.store(v, std::sync::atomic::Ordering::Relaxed);

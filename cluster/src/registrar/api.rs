@@ -82,6 +82,10 @@ pub struct RegistrarCounters {
     pub conflicts_resolved: u64,
     /// Sessions of this node ended because another node's registration superseded them.
     pub sessions_ended: u64,
+    /// Gauges: the registrations this node keeps as an owner or replica, and the tombstones of ended
+    /// ones it keeps for [`super::TOMBSTONE_TTL`].
+    pub registrations: u64,
+    pub tombstones: u64,
 }
 
 /// A session this node holds, as it registered it.

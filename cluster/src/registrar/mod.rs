@@ -176,7 +176,11 @@ impl Registrar {
     }
 
     pub fn counters(&self) -> RegistrarCounters {
-        self.counters
+        RegistrarCounters {
+            registrations: self.table.len() as u64,
+            tombstones: self.table.tombstones() as u64,
+            ..self.counters
+        }
     }
 
     /// Whether this node's session of `client` with `epoch` is still the one it holds: deliver for it
@@ -377,7 +381,13 @@ impl Registrar {
             .iter()
             .filter(|((client, _), _)| self.owners_of(client).primary == self.me)
             .map(|(_, due)| *due);
-        requests.chain(wills).min()
+        // Tombstones go when the oldest expires (without this timer they would wait for a late request
+        // or a membership change, and a steady stream of clean connections would pile them up).
+        let prune = self.table.oldest_tombstone().map(|at| {
+            let expires_ms = at.wall_ms() + TOMBSTONE_TTL.as_millis() as u64;
+            self.started + Duration::from_millis(expires_ms.saturating_sub(self.cfg.wall_ms_at_start) + 1)
+        });
+        requests.chain(wills).chain(prune).min()
     }
 
     /// The next message for a peer, to send in a [`crate::link::Frame::Registry`]

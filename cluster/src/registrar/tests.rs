@@ -531,3 +531,25 @@ fn a_join_moves_only_the_ids_whose_owners_changed() {
         assert!(at_primary.is_some() && at_primary == at_replica, "{c}: the registry is whole again");
     }
 }
+
+#[test]
+fn tombstones_go_when_they_expire_without_waiting_for_anything_else() {
+    let mut z = Nodes::new(3, PartitionMode::Available);
+    let c = client_owned_by(&z.names(), 0, 1);
+    z.nodes[2].handle_connect(&c, true, None, at(z.t0, 1));
+    z.pump(at(z.t0, 1));
+    z.nodes[2].handle_disconnect(&c, 1, false, at(z.t0, 2));
+    z.pump(at(z.t0, 2));
+    for i in 0..2 {
+        assert_eq!(z.nodes[i].counters().tombstones, 1, "the owners keep the ended registration");
+        assert_eq!(z.nodes[i].counters().registrations, 0);
+    }
+    // Nothing else waits: only the tombstone's expiry is due, and it is what removes it.
+    let due = z.nodes[0].poll_timeout().expect("a timer for the tombstone");
+    assert!(due > at(z.t0, 2) + TOMBSTONE_TTL && due <= at(z.t0, 3) + TOMBSTONE_TTL, "{due:?}");
+    z.nodes[0].handle_timeout(due - Duration::from_millis(1));
+    assert_eq!(z.nodes[0].counters().tombstones, 1, "not before");
+    z.nodes[0].handle_timeout(due);
+    assert_eq!(z.nodes[0].counters().tombstones, 0);
+    assert_eq!(z.nodes[0].poll_timeout(), None, "no timer once none is left");
+}
