@@ -31,8 +31,9 @@ use crate::registry::REGISTRY_HASH;
 use crate::NodeIdentity;
 
 pub const LINK_MAGIC: [u8; 4] = *b"SMQL";
-/// Bumped with any incompatible change of the frames below.
-pub const LINK_VERSION: u16 = 5;
+/// Bumped with any incompatible change of the frames below or of the rules of their exchanges (6: a
+/// registry replica that is also the new holder acknowledges neither the copy nor its disconnect).
+pub const LINK_VERSION: u16 = 6;
 /// A frame longer than this is refused (a forwarded PUBLISH is at most the broker's maximum packet size,
 /// 256 MiB by the protocol; snapshots are sent in parts below it).
 pub const MAX_FRAME: usize = 300 << 20;
@@ -238,6 +239,18 @@ const R_EXPIRY: u8 = 0x08;
 
 /// Appends `f`, framed, to `out`.
 pub fn encode(f: &Frame<'_>, out: &mut Vec<u8>) {
+    // Frames whose body is given whole are written straight into `out`.
+    let whole = match f {
+        Frame::Interest(b) => Some((T_INTEREST, b)),
+        Frame::Registry(b) => Some((T_REGISTRY, b)),
+        _ => None,
+    };
+    if let Some((ty, b)) = whole {
+        put_varint(out, b.len() as u64 + 1);
+        out.push(ty);
+        out.extend_from_slice(b);
+        return;
+    }
     let mut body = Vec::new();
     let ty = match f {
         Frame::Hello { version, identity, nonce, registry_hash } => {
@@ -266,14 +279,7 @@ pub fn encode(f: &Frame<'_>, out: &mut Vec<u8>) {
             put_varint(&mut body, *seq);
             T_RECEIVED
         }
-        Frame::Interest(b) => {
-            body.extend_from_slice(b);
-            T_INTEREST
-        }
-        Frame::Registry(b) => {
-            body.extend_from_slice(b);
-            T_REGISTRY
-        }
+        Frame::Interest(_) | Frame::Registry(_) => unreachable!("written above"),
         Frame::Session { client, epoch, state } => {
             put_bytes(&mut body, client.as_bytes());
             put_varint(&mut body, *epoch);

@@ -43,11 +43,22 @@ pub const REGISTRY_HASH: &str = "hrw-xxh3-64-seed0";
 
 /// The rendezvous weight of `node` for `client`.
 pub fn weight(node: &NodeName, client: &str) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::with_seed(0);
-    h.update(node.0.as_bytes());
-    h.update(&[0xFF]);
-    h.update(client.as_bytes());
-    h.digest()
+    // One-shot over the joined bytes (what the streaming hasher gives too, at a fraction of its cost: it
+    // sets up a state of several hundred bytes); on the stack for the usual lengths.
+    let (n, c) = (node.0.as_bytes(), client.as_bytes());
+    let len = n.len() + 1 + c.len();
+    let mut stack = [0u8; 256];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    buf[..n.len()].copy_from_slice(n);
+    buf[n.len()] = 0xFF;
+    buf[n.len() + 1..].copy_from_slice(c);
+    xxhash_rust::xxh3::xxh3_64(buf)
 }
 
 /// The owner of a client id's registration and the node that keeps its replica.
@@ -439,6 +450,18 @@ mod tests {
     fn the_weight_is_pinned() {
         // The protocol names this hash: its values must never change with a build or a dependency.
         assert_eq!(weight(&n("a"), "c"), xxhash_rust::xxh3::xxh3_64_with_seed(b"a\xffc", 0));
+        // The specified value, whatever the implementation (short inputs, stack and heap paths alike).
+        for client in ["c", &"x".repeat(300)] {
+            let mut h = xxhash_rust::xxh3::Xxh3::with_seed(0);
+            h.update(b"node-a\xff");
+            h.update(client.as_bytes());
+            assert_eq!(weight(&n("node-a"), client), h.digest());
+        }
+        assert_eq!(
+            weight(&n("a"), "c"),
+            0x9927_551d_aced_8cea,
+            "XXH3-64, seed 0, of \"a\\xffc\" (the reference implementation)"
+        );
         assert_ne!(weight(&n("ab"), "c"), weight(&n("a"), "bc"), "the separator keeps (ab, c) from (a, bc)");
     }
 

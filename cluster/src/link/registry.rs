@@ -13,6 +13,7 @@
 //! - `Forget` (8): the ended registration, as above
 //! - `Replicated` (9): `client | epoch`
 //! - `Held` (10): a registration, as `Sync`
+//! - `Copy` (11): a registration, as `Replicate`
 //!
 //! A will is `flags (qos in 0x03, retain 0x04) | delay_s | topic | payload`. An epoch is at least 1.
 
@@ -81,6 +82,11 @@ pub enum RegistryMsg {
     Sync(Registration),
     /// The primary owner's copy to its replica, merged silently (the primary dealt with conflicts).
     Replicate(Registration),
+    /// The primary owner's copy of a new registration to a replica that is its holder, sent ahead of
+    /// the grant on the same link: merged like `Replicate`, and not acknowledged (nothing waits for
+    /// it). Only for a registration that took no session from another node: a takeover waits for the
+    /// replica's `Replicated`, so that the takeover survives the primary's loss.
+    Copy(Registration),
     /// A holder re-registering a session restored from its log: like `Sync`, but it says nothing about
     /// the connection the session had (the holder's previous life had it), so it changes neither
     /// `connected` nor the will of the registration the owners have.
@@ -104,6 +110,7 @@ const M_REPLICATE: u8 = 7;
 const M_FORGET: u8 = 8;
 const M_REPLICATED: u8 = 9;
 const M_HELD: u8 = 10;
+const M_COPY: u8 = 11;
 
 const F_CLEAN: u8 = 0x01;
 const F_WILL: u8 = 0x02;
@@ -170,6 +177,10 @@ pub fn encode(m: &RegistryMsg, out: &mut Vec<u8>) {
             out.push(M_HELD);
             put_registration(out, r);
         }
+        RegistryMsg::Copy(r) => {
+            out.push(M_COPY);
+            put_registration(out, r);
+        }
         RegistryMsg::Forget(r) => {
             out.push(M_FORGET);
             put_registration(out, r);
@@ -184,7 +195,8 @@ pub fn encode(m: &RegistryMsg, out: &mut Vec<u8>) {
 
 /// A whole link frame ([`super::Frame::Registry`]) carrying `m`, ready for [`crate::Zone::send`].
 pub fn frame(m: &RegistryMsg) -> Vec<u8> {
-    let mut body = Vec::new();
+    // Most messages are a few dozen bytes: one allocation for the body, one for the frame.
+    let mut body = Vec::with_capacity(96);
     encode(m, &mut body);
     let mut out = Vec::with_capacity(body.len() + 4);
     super::encode(&super::Frame::Registry(&body), &mut out);
@@ -253,6 +265,7 @@ pub fn decode(body: &[u8]) -> Result<RegistryMsg, LinkError> {
         M_SYNC => RegistryMsg::Sync(read_registration(&mut r)?),
         M_REPLICATE => RegistryMsg::Replicate(read_registration(&mut r)?),
         M_HELD => RegistryMsg::Held(read_registration(&mut r)?),
+        M_COPY => RegistryMsg::Copy(read_registration(&mut r)?),
         M_FORGET => RegistryMsg::Forget(read_registration(&mut r)?),
         M_REPLICATED => RegistryMsg::Replicated { client: client(&mut r)?, epoch: epoch(&mut r)? },
         _ => return Err(LinkError::Malformed("registry message type")),
@@ -382,6 +395,7 @@ mod tests {
             RegistryMsg::Forget(Registration { connected: false, epoch: 12, ..reg(None) }),
             RegistryMsg::Replicated { client: "dev-1".into(), epoch: 12 },
             RegistryMsg::Held(Registration { connected: false, ..reg(None) }),
+            RegistryMsg::Copy(reg(Some(will()))),
         ]
     }
 

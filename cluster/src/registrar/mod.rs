@@ -60,7 +60,7 @@
 //! Tombstones are forgotten after [`TOMBSTONE_TTL`]: a copy of an ended registration older than that
 //! (a node partitioned away for longer) could come back as an offline registration.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -131,6 +131,9 @@ pub struct Registrar {
     table: RegistryTable,
     held: BTreeMap<Arc<str>, Held>,
     pending: BTreeMap<RequestId, Pending>,
+    /// The ids of `pending` by client id: asked on most messages, so not a scan. Invariant: exactly the
+    /// entries of `pending`, each once (checked in debug builds).
+    by_client: HashMap<Arc<str>, Vec<RequestId>>,
     next_request: u64,
     /// Highest epoch an `EndSession` named for a client whose registration was still pending here: a
     /// grant at or below it is ended as soon as it arrives.
@@ -160,6 +163,7 @@ impl Registrar {
             table: RegistryTable::default(),
             held: BTreeMap::new(),
             pending: BTreeMap::new(),
+            by_client: HashMap::new(),
             next_request: 1,
             superseded: BTreeMap::new(),
             awaiting: BTreeMap::new(),
@@ -225,9 +229,7 @@ impl Registrar {
     pub fn restore(&mut self, client: &str, epoch: u64, stamp: HlcStamp) {
         debug_assert!(epoch >= 1);
         self.hlc.observe(stamp);
-        let registering =
-            self.pending.values().any(|p| &*p.client == client && matches!(p.op, Op::Register { .. }));
-        if registering || self.held.contains_key(client) {
+        if self.is_registering(client) || self.held.contains_key(client) {
             return;
         }
         let h = Held { epoch, stamp, connected: false, will: None, unconfirmed: true, restored: true };
@@ -264,7 +266,7 @@ impl Registrar {
         let stamp = self.hlc.stamp(self.wall_ms(now));
         let op = Op::Register { clean_start, stamp, will: will.map(Box::new) };
         let p = Pending { client: client.into(), op, owner: self.me.clone(), deadline: now };
-        self.pending.insert(id, p);
+        self.add_pending(id, p);
         self.send_request(id, now);
         self.drain_local(now);
         id
@@ -286,7 +288,7 @@ impl Registrar {
         let id = RequestId(self.next_request);
         self.next_request += 1;
         let op = Op::Disconnect { epoch, ended: !session_kept };
-        self.pending.insert(id, Pending { client: client.into(), op, owner: self.me.clone(), deadline: now });
+        self.add_pending(id, Pending { client: client.into(), op, owner: self.me.clone(), deadline: now });
         self.send_request(id, now);
         self.drain_local(now);
     }
@@ -401,6 +403,37 @@ impl Registrar {
         self.events.pop_front()
     }
 
+    fn add_pending(&mut self, id: RequestId, p: Pending) {
+        self.by_client.entry(p.client.clone()).or_default().push(id);
+        let replaced = self.pending.insert(id, p);
+        debug_assert!(replaced.is_none(), "request ids are not reused");
+    }
+
+    fn take_pending(&mut self, id: RequestId) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        if let Some(ids) = self.by_client.get_mut(&p.client) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                self.by_client.remove(&p.client);
+            }
+        }
+        Some(p)
+    }
+
+    /// The requests of `client` waiting here, oldest first.
+    fn requests_of<'a>(&'a self, client: &str) -> impl Iterator<Item = (RequestId, &'a Pending)> + 'a {
+        debug_assert_eq!(
+            self.by_client.get(client).map_or(0, |ids| ids.len()),
+            self.pending.values().filter(|p| &*p.client == client).count()
+        );
+        self.by_client.get(client).into_iter().flatten().map(|id| (*id, &self.pending[id]))
+    }
+
+    /// Whether a registration of `client` waits for its answer here.
+    fn is_registering(&self, client: &str) -> bool {
+        self.requests_of(client).any(|(_, p)| matches!(p.op, Op::Register { .. }))
+    }
+
     fn send(&mut self, to: &NodeName, m: RegistryMsg) {
         if *to == self.me {
             self.local.push_back(m);
@@ -453,7 +486,7 @@ impl Registrar {
     }
 
     fn refuse(&mut self, id: RequestId) {
-        let p = self.pending.remove(&id).expect("pending");
+        let p = self.take_pending(id).expect("pending");
         self.superseded.remove(&p.client);
         self.counters.refused += 1;
         self.events.push_back(RegistrarEvent::Refused { request: id, client: p.client });
@@ -462,7 +495,7 @@ impl Registrar {
     /// Available mode, no answer from the owner: this node grants the connection an epoch above every
     /// one it knows of, and tells the owner (conflicts resolve by the registry's rules).
     fn grant_provisionally(&mut self, id: RequestId, now: Instant) {
-        let p = self.pending.remove(&id).expect("pending");
+        let p = self.take_pending(id).expect("pending");
         let Op::Register { stamp, will, .. } = p.op else { unreachable!("only registrations are granted") };
         let known = self.table.get(&p.client).map_or(0, |r| r.epoch);
         let held = self.held.get(&p.client).map_or(0, |h| h.epoch);
@@ -505,6 +538,8 @@ impl Registrar {
     }
 
     fn on_message(&mut self, from: &NodeName, m: RegistryMsg, now: Instant) {
+        // A `Copy` is a `Replicate` nothing waits for (see `Register`).
+        let acknowledge = !matches!(m, RegistryMsg::Copy(_));
         match m {
             RegistryMsg::Register { request, client, clean_start, stamp, will, known } => {
                 self.hlc.observe(stamp);
@@ -521,6 +556,18 @@ impl Registrar {
                 }
                 let o = self.owners_of(&client);
                 match o.replica.filter(|rep| o.primary == self.me && *rep != self.me) {
+                    Some(replica) if replica == *from && answers.len() == 1 && !self.awaits(&client) => {
+                        // The requester keeps the replica itself and takes no session from another
+                        // node: the copy goes ahead of the grant on the same link, so the grant never
+                        // arrives without it, and nothing waits for an acknowledgement. (Not while an
+                        // earlier grant of the id waits for its replica: grants of one id must reach
+                        // their requester in order.)
+                        let copy = self.table.get(&client).expect("registered").clone();
+                        self.send(&replica, RegistryMsg::Copy(copy));
+                        for (to, m) in answers {
+                            self.send(&to, m);
+                        }
+                    }
                     Some(replica) => {
                         // Answered once the replica has it: a grant, and the takeover it makes, survive
                         // this node's loss (the replica continues the epochs, and knows the will of a
@@ -541,27 +588,37 @@ impl Registrar {
                 self.granted(request, client, epoch, previous, now)
             }
             RegistryMsg::Disconnect { request, client, epoch, ended } => {
-                self.send(from, RegistryMsg::DisconnectAck { request });
-                if ended {
-                    if let Some(r) = self.table.get(&client).filter(|r| r.epoch == epoch).cloned() {
-                        let at = self.hlc.stamp(self.wall_ms(now));
-                        self.table.ended(&client, epoch, at);
-                        self.forget_at_owners(r);
-                    }
-                } else {
+                let ending = self.table.get(&client).filter(|r| ended && r.epoch == epoch).cloned();
+                // A requester that keeps the replica learns from the `Forget` it gets anyway: that is
+                // its acknowledgement (see `Forget`).
+                let forget_answers =
+                    ending.is_some() && self.owners_of(&client).contains(from) && *from != self.me;
+                if !forget_answers {
+                    self.send(from, RegistryMsg::DisconnectAck { request });
+                }
+                if let Some(r) = ending {
+                    let at = self.hlc.stamp(self.wall_ms(now));
+                    self.table.ended(&client, epoch, at);
+                    self.forget_at_owners(r);
+                } else if !ended {
                     self.table.disconnected(&client, epoch);
                     self.copy_to_owners(&client);
                 }
             }
             RegistryMsg::DisconnectAck { request } => {
                 if self.pending.get(&request).is_some_and(|p| matches!(p.op, Op::Disconnect { .. })) {
-                    self.pending.remove(&request);
+                    self.take_pending(request);
                 }
             }
             RegistryMsg::EndSession { client, epoch, successor, successor_epoch, discard } => {
                 self.session_superseded(client, epoch, successor, successor_epoch, discard, now)
             }
-            RegistryMsg::Sync(r) | RegistryMsg::Replicate(r) | RegistryMsg::Held(r) if self.phantom(&r) => {
+            RegistryMsg::Sync(r)
+            | RegistryMsg::Replicate(r)
+            | RegistryMsg::Held(r)
+            | RegistryMsg::Copy(r)
+                if self.phantom(&r) =>
+            {
                 // A registration naming this node for a session it does not hold (it lost it in a
                 // restart, or ended it and the owners have not heard yet), or above the one it holds
                 // (granted for a connect it refused or granted itself meanwhile, the answer lost): gone.
@@ -573,7 +630,7 @@ impl Registrar {
                 let at = self.hlc.stamp(self.wall_ms(now));
                 self.table.ended_elsewhere(r.clone(), at);
                 self.send(from, RegistryMsg::Forget(r.clone()));
-                self.forget_at_owners(r);
+                self.forget_at_owners_but(r, Some(from));
             }
             RegistryMsg::Held(mut r) => {
                 // A session restored from its holder's log says nothing about the connection it had:
@@ -591,7 +648,7 @@ impl Registrar {
                 let word = r.holder == *from;
                 self.sync(from, r, word, now);
             }
-            RegistryMsg::Replicate(r) => {
+            RegistryMsg::Replicate(r) | RegistryMsg::Copy(r) => {
                 self.hlc.observe(r.stamp);
                 let (client, epoch) = (r.client.clone(), r.epoch);
                 // The primary dealt with conflicts; a copy is merged silently, unless it lost here
@@ -611,7 +668,9 @@ impl Registrar {
                     self.copy_to_owners(&client);
                 }
                 self.note_loss(&client, now);
-                self.send(from, RegistryMsg::Replicated { client, epoch });
+                if acknowledge {
+                    self.send(from, RegistryMsg::Replicated { client, epoch });
+                }
             }
             RegistryMsg::Replicated { client, epoch } => {
                 let done: Vec<(Arc<str>, u64)> = self
@@ -626,6 +685,17 @@ impl Registrar {
             }
             RegistryMsg::Forget(r) => {
                 self.hlc.observe(r.stamp);
+                // The end of the registration a disconnect here reported: that disconnect is done.
+                let done: Vec<RequestId> = self
+                    .requests_of(&r.client)
+                    .filter(
+                        |(_, p)| matches!(p.op, Op::Disconnect { epoch, ended: true } if epoch == r.epoch),
+                    )
+                    .map(|(id, _)| id)
+                    .collect();
+                for id in done {
+                    self.take_pending(id);
+                }
                 let at = self.hlc.stamp(self.wall_ms(now));
                 let last = r.clone();
                 if let Some(removed) = self.table.ended_elsewhere(r, at) {
@@ -633,8 +703,8 @@ impl Registrar {
                         self.counters.conflicts_resolved += 1;
                         self.end_session(&removed, &last.holder, last.epoch, false);
                     }
-                    // The other owners may have the registration this one removed.
-                    self.forget_at_owners(last);
+                    // The other owners may have the registration this one removed; the sender ended it.
+                    self.forget_at_owners_but(last, Some(from));
                 }
             }
         }
@@ -687,7 +757,7 @@ impl Registrar {
     fn phantom(&self, r: &Registration) -> bool {
         r.holder == self.me
             && self.held.get(&r.client).is_none_or(|h| h.epoch < r.epoch)
-            && !self.pending.values().any(|p| p.client == r.client && matches!(p.op, Op::Register { .. }))
+            && !self.is_registering(&r.client)
     }
 
     fn granted(
@@ -710,12 +780,12 @@ impl Registrar {
                 let id = RequestId(self.next_request);
                 self.next_request += 1;
                 let op = Op::Disconnect { epoch, ended: true };
-                self.pending.insert(id, Pending { client, op, owner: self.me.clone(), deadline: now });
+                self.add_pending(id, Pending { client, op, owner: self.me.clone(), deadline: now });
                 self.send_request(id, now);
             }
             return;
         }
-        let p = self.pending.remove(&request).expect("answered");
+        let p = self.take_pending(request).expect("answered");
         let Op::Register { stamp, will, .. } = p.op else { unreachable!("checked") };
         self.counters.granted += 1;
         // A later connect of the same client here may have been answered first (the owner's replica
@@ -765,9 +835,7 @@ impl Registrar {
     ) {
         // A registration of this client still waiting for its grant may be the one the message names
         // (the owner replaced it before answering): its grant is ended as soon as it arrives.
-        let waiting =
-            self.pending.values().any(|p| p.client == client && matches!(p.op, Op::Register { .. }));
-        if waiting {
+        if self.is_registering(&client) {
             let e = self.superseded.entry(client.clone()).or_insert((0, successor.clone(), successor_epoch));
             if epoch >= e.0 {
                 *e = (epoch, successor.clone(), successor_epoch);
@@ -801,6 +869,11 @@ impl Registrar {
     fn end_session(&mut self, loser: &Registration, winner: &NodeName, winner_epoch: u64, discard: bool) {
         let (to, m) = end_message(loser, winner, winner_epoch, discard);
         self.send(&to, m);
+    }
+
+    /// Whether a grant of `client` made here waits for its replica's acknowledgement.
+    fn awaits(&self, client: &Arc<str>) -> bool {
+        self.awaiting.range((client.clone(), 0)..).next().is_some_and(|((c, _), _)| c == client)
     }
 
     /// Sends the answers of a registration its replica now has (or that waits for no replica any more).
@@ -863,9 +936,14 @@ impl Registrar {
 
     /// Registration `r` ended here: the other owners drop it too.
     fn forget_at_owners(&mut self, r: Registration) {
+        self.forget_at_owners_but(r, None)
+    }
+
+    /// [`Registrar::forget_at_owners`], except to `but` (which told this node).
+    fn forget_at_owners_but(&mut self, r: Registration, but: Option<&NodeName>) {
         let o = self.owners_of(&r.client);
         let me = self.me.clone();
-        for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
+        for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me && Some(n) != but) {
             self.send(&to, RegistryMsg::Forget(r.clone()));
         }
     }

@@ -80,6 +80,30 @@ impl Nodes {
         self.pump_cut(now, &[]);
     }
 
+    /// [`Nodes::pump`], counting the messages by kind.
+    fn pump_counted(&mut self, now: Instant, counts: &mut BTreeMap<&'static str, u32>) {
+        loop {
+            let mut moved = false;
+            for a in 0..self.nodes.len() {
+                while let Some((to, m)) = self.nodes[a].poll_transmit() {
+                    moved = true;
+                    *counts.entry(kind(&m)).or_default() += 1;
+                    let from = self.nodes[a].name().clone();
+                    let b = self.idx(&to).expect("a node");
+                    self.nodes[b].handle_message(&from, m, now);
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        for (i, r) in self.nodes.iter_mut().enumerate() {
+            while let Some(e) = r.poll_event() {
+                self.events[i].push(e);
+            }
+        }
+    }
+
     /// `node` goes down for every other node.
     fn down(&mut self, node: usize, now: Instant) {
         let name = self.nodes[node].name().clone();
@@ -124,6 +148,22 @@ impl Nodes {
             }
         }
         out
+    }
+}
+
+fn kind(m: &RegistryMsg) -> &'static str {
+    match m {
+        RegistryMsg::Register { .. } => "Register",
+        RegistryMsg::Granted { .. } => "Granted",
+        RegistryMsg::Disconnect { .. } => "Disconnect",
+        RegistryMsg::DisconnectAck { .. } => "DisconnectAck",
+        RegistryMsg::EndSession { .. } => "EndSession",
+        RegistryMsg::Sync(_) => "Sync",
+        RegistryMsg::Replicate(_) => "Replicate",
+        RegistryMsg::Forget(_) => "Forget",
+        RegistryMsg::Replicated { .. } => "Replicated",
+        RegistryMsg::Held(_) => "Held",
+        RegistryMsg::Copy(_) => "Copy",
     }
 }
 
@@ -552,4 +592,162 @@ fn tombstones_go_when_they_expire_without_waiting_for_anything_else() {
     z.nodes[0].handle_timeout(due);
     assert_eq!(z.nodes[0].counters().tombstones, 0);
     assert_eq!(z.nodes[0].poll_timeout(), None, "no timer once none is left");
+}
+
+#[test]
+#[ignore = "a measurement, not a test: cargo test --release -p shardmq-cluster -- --ignored registrar_cost"]
+fn registrar_cost() {
+    let mut z = Nodes::new(3, PartitionMode::Available);
+    let n = 100_000u64;
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        let c = format!("client-{i}");
+        let now = z.t0 + Duration::from_micros(i);
+        let id = z.nodes[0].handle_connect(&c, true, None, now);
+        z.pump(now);
+        let epoch = z.events[0]
+            .drain(..)
+            .find_map(|e| match e {
+                RegistrarEvent::Granted { request, epoch, .. } if request == id => Some(epoch),
+                _ => None,
+            })
+            .expect("granted");
+        z.nodes[0].handle_disconnect(&c, epoch, false, now);
+        z.pump(now);
+    }
+    let el = t.elapsed();
+    let mut kinds = std::collections::BTreeMap::new();
+    for i in 0..3000u64 {
+        let c = format!("other-{i}");
+        let now = z.t0 + Duration::from_micros(n + i);
+        let id = z.nodes[0].handle_connect(&c, true, None, now);
+        let mut epoch = None;
+        loop {
+            let mut moved = false;
+            for a in 0..3 {
+                while let Some((to, m)) = z.nodes[a].poll_transmit() {
+                    moved = true;
+                    let k = format!("{m:?}").split([' ', '(', '{']).next().unwrap().to_string();
+                    *kinds.entry(k).or_insert(0u64) += 1;
+                    let from = z.nodes[a].name().clone();
+                    let b = z.idx(&to).unwrap();
+                    z.nodes[b].handle_message(&from, m, now);
+                }
+            }
+            while let Some(e) = z.nodes[0].poll_event() {
+                if let RegistrarEvent::Granted { request, epoch: e, .. } = e {
+                    if request == id {
+                        epoch = Some(e);
+                    }
+                }
+            }
+            if !moved {
+                if let Some(e) = epoch.take() {
+                    z.nodes[0].handle_disconnect(&c, e, false, now);
+                    continue;
+                }
+                break;
+            }
+        }
+    }
+    eprintln!(
+        "messages per connection: {:?}",
+        kinds.iter().map(|(k, v)| (k, *v as f64 / 3000.0)).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "{:.2} us per connection (3 registrars, encode+decode included)",
+        el.as_secs_f64() * 1e6 / n as f64
+    );
+}
+
+#[test]
+fn a_clean_connection_costs_only_the_messages_it_needs() {
+    // Requester = primary owner, replica, or neither: 3, 5 and 7 messages for a connect and its clean
+    // disconnect. The replica does not echo the primary's `Forget`; a requester that keeps the replica
+    // gets an unacknowledged `Copy` ahead of its grant, and no `DisconnectAck` (the `Forget` is its
+    // answer).
+    let expected: [&[(&str, u32)]; 3] = [
+        &[("Forget", 1), ("Replicate", 1), ("Replicated", 1)],
+        &[("Copy", 1), ("Disconnect", 1), ("Forget", 1), ("Granted", 1), ("Register", 1)],
+        &[
+            ("Disconnect", 1),
+            ("DisconnectAck", 1),
+            ("Forget", 1),
+            ("Granted", 1),
+            ("Register", 1),
+            ("Replicate", 1),
+            ("Replicated", 1),
+        ],
+    ];
+    for (requester, expected) in expected.into_iter().enumerate() {
+        let mut z = Nodes::new(3, PartitionMode::Available);
+        let c = client_owned_by(&z.names(), 0, 1);
+        let mut counts = BTreeMap::new();
+        let id = z.nodes[requester].handle_connect(&c, true, None, at(z.t0, 1));
+        z.pump_counted(at(z.t0, 1), &mut counts);
+        assert!(
+            z.events[requester]
+                .iter()
+                .any(|e| matches!(e, RegistrarEvent::Granted { request, .. } if *request == id)),
+            "requester n{requester}"
+        );
+        z.nodes[requester].handle_disconnect(&c, 1, false, at(z.t0, 2));
+        z.pump_counted(at(z.t0, 2), &mut counts);
+        assert_eq!(counts.into_iter().collect::<Vec<_>>(), expected.to_vec(), "requester n{requester}");
+        for i in 0..2 {
+            assert!(z.nodes[i].registration(&c).is_none(), "requester n{requester}: ended at owner n{i}");
+            assert_eq!(z.nodes[i].counters().tombstones, 1);
+        }
+        // Nothing waits for an answer: past the request timeout, nobody sends anything.
+        for i in 0..3 {
+            z.nodes[i].handle_timeout(at(z.t0, 2) + REQUEST_TIMEOUT);
+        }
+        let mut later = BTreeMap::new();
+        z.pump_counted(at(z.t0, 2) + REQUEST_TIMEOUT, &mut later);
+        assert!(later.is_empty(), "requester n{requester}: {later:?}");
+    }
+}
+
+#[test]
+fn a_takeover_by_the_replica_itself_waits_for_its_copy() {
+    let mut z = Nodes::new(3, PartitionMode::Available);
+    let c = client_owned_by(&z.names(), 0, 1);
+    z.nodes[0].handle_connect(&c, false, Some(will(0)), at(z.t0, 1));
+    z.pump(at(z.t0, 1));
+    // n1 keeps the replica and takes the session over from n0, the primary. Its copy is lost on the
+    // way: n0 must not end its session yet (were n0 lost now, n1 would take n0's connection for lost
+    // and publish its will, though the takeover had ended it).
+    z.nodes[1].handle_connect(&c, false, None, at(z.t0, 2));
+    let (to, m) = z.nodes[1].poll_transmit().expect("the registration");
+    assert_eq!((to, kind(&m)), (n("n0"), "Register"));
+    z.nodes[0].handle_message(&n("n1"), m, at(z.t0, 2));
+    z.pump_cut(at(z.t0, 2), &[1]);
+    assert!(z.nodes[0].is_current(&c, 1), "the takeover waits for the replica's copy");
+    assert!(z.ended(0).is_empty());
+    // Delivered: granted above the takeover, n0's session ends, and nothing is left waiting.
+    let mut z = Nodes::new(3, PartitionMode::Available);
+    z.nodes[0].handle_connect(&c, false, Some(will(0)), at(z.t0, 1));
+    z.pump(at(z.t0, 1));
+    z.nodes[1].handle_connect(&c, false, None, at(z.t0, 2));
+    z.pump(at(z.t0, 2));
+    assert_eq!(z.granted(1), vec![(2, Some(Previous { holder: n("n0"), epoch: 1 }), false)]);
+    assert_eq!(z.ended(0), vec![(1, n("n1"), false)]);
+    assert_eq!(z.nodes[0].poll_timeout(), None, "nothing waits");
+}
+
+#[test]
+fn grants_of_one_id_reach_their_requester_in_order() {
+    let mut z = Nodes::new(3, PartitionMode::Available);
+    let c = client_owned_by(&z.names(), 0, 1);
+    z.nodes[2].handle_connect(&c, false, None, at(z.t0, 1));
+    z.pump(at(z.t0, 1));
+    // n1, the replica, connects twice: a takeover from n2 (which waits for n1's copy), then a
+    // reconnect (which alone would need no wait): the second grant must not overtake the first.
+    z.nodes[1].handle_connect(&c, false, None, at(z.t0, 2));
+    z.nodes[1].handle_connect(&c, true, None, at(z.t0, 2));
+    z.pump(at(z.t0, 2));
+    let epochs: Vec<u64> = z.granted(1).iter().map(|g| g.0).collect();
+    assert_eq!(epochs, vec![2, 3]);
+    assert!(z.nodes[1].is_current(&c, 3));
+    assert_eq!(z.nodes[0].registration(&c).map(|r| r.epoch), Some(3));
 }
