@@ -435,7 +435,8 @@ impl Loop {
                 // is congested, the rest waiting here.
                 for _ in 0..MESH_PER_ITERATION {
                     let Some((from, m)) = self.inbox.pop_front() else { break };
-                    self.gateway.handle_mesh(from, m, now);
+                    // Driven once below, after the slice: what it produced for peers goes together.
+                    self.gateway.take_mesh(from, m, now);
                     if self.gateway.congested() {
                         break;
                     }

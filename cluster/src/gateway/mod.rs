@@ -235,7 +235,15 @@ impl Gateway {
     }
 
     /// A message from a shard.
+    /// A message from a shard, then [`Gateway::drive`].
     pub fn handle_mesh(&mut self, from: ShardId, m: Mesh, now: Instant) {
+        self.take_mesh(from, m, now);
+        self.drive(now);
+    }
+
+    /// A message from a shard, without [`Gateway::drive`]: for a caller that takes a batch of them and
+    /// drives once after (what registrations produce for peers goes out then, together).
+    pub fn take_mesh(&mut self, from: ShardId, m: Mesh, now: Instant) {
         match m {
             Mesh::Interest { deltas, token, .. } => {
                 let tokens = self.view.apply_local(from, deltas, &mut self.router, now);
@@ -278,13 +286,12 @@ impl Gateway {
                     self.send_frame(&peer, &Frame::Congestion { origin, congested: c });
                 }
             }
+            // Drained by `drive`.
             Mesh::Register { token, client, clean_start, will } => {
                 self.sessions.register(from, token, &client, clean_start, will, now);
-                self.drain_sessions(now);
             }
             Mesh::Unregister { client, epoch, kept } => {
                 self.sessions.unregister(&client, epoch, kept, now);
-                self.drain_sessions(now);
             }
             Mesh::Settled { client } => {
                 let mut out = sessions::Output::default();
@@ -304,12 +311,14 @@ impl Gateway {
             | Mesh::EndForwarding { .. }
             | Mesh::EndSession { .. } => {}
         }
-        self.drive(now);
     }
 
     /// Handles what the zone produced (peers up and down, frames) and the router's completions. The
     /// socket side calls it after every batch of zone input.
     pub fn drive(&mut self, now: Instant) {
+        if self.sessions.has_output() {
+            self.drain_sessions(now);
+        }
         if self.unready > 0 {
             return;
         }
@@ -327,13 +336,23 @@ impl Gateway {
                 ZoneEvent::Frames { from, frames } => {
                     for f in link::frames(&frames) {
                         match f {
-                            Ok(f) => self.handle_frame(&from, f, now),
+                            Ok(f) => {
+                                // What a run of registry frames produced goes out together, before
+                                // anything else is handled (the order of the rest is kept).
+                                if !matches!(f, Frame::Registry(_)) && self.sessions.has_output() {
+                                    self.drain_sessions(now);
+                                }
+                                self.handle_frame(&from, f, now)
+                            }
                             Err(_) => {
                                 self.counters.malformed += 1;
                                 tracing::warn!(node = %from, "undecodable frame from a cluster peer; ignored");
                                 break;
                             }
                         }
+                    }
+                    if self.sessions.has_output() {
+                        self.drain_sessions(now);
                     }
                 }
                 ZoneEvent::Refused { addr, reason } => {
@@ -438,11 +457,11 @@ impl Gateway {
                 }
             }
             Frame::Registry(body) => {
-                self.counters.registry_in += 1;
+                // Drained by `drive` once the run of registry frames ends.
+                let (n, bad) = self.sessions.receive(from, body, now);
+                self.counters.registry_in += n;
                 self.counters.registry_bytes_in += link::framed_len(body.len()) as u64;
-                if self.sessions.receive(from, body, now) {
-                    self.drain_sessions(now);
-                } else {
+                if bad {
                     self.counters.malformed += 1;
                     tracing::warn!(node = %from, "bad session registry message from a cluster peer");
                 }
@@ -473,12 +492,13 @@ impl Gateway {
     }
 
     fn apply_sessions(&mut self, out: sessions::Output, now: Instant) {
-        for (peer, bytes) in out.frames {
-            let sent = SentFrame::of(&bytes);
+        for (peer, bytes, messages) in out.frames {
+            let len = bytes.len() as u64;
             if !self.send_bytes(&peer, bytes) {
-                self.counters.registry_not_sent += 1;
-            } else {
-                sent.count(&mut self.counters);
+                self.counters.registry_not_sent += messages;
+            } else if messages > 0 {
+                self.counters.registry_out += messages;
+                self.counters.registry_bytes_out += len;
             }
         }
         for (peer, client, frame) in out.sessions {

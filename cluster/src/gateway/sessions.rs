@@ -39,7 +39,7 @@ use shardmq_shard::ShardId;
 
 use crate::link::registry as reg;
 use crate::link::{self, Frame};
-use crate::registrar::{Registrar, RegistrarConfig, RegistrarEvent, RequestId};
+use crate::registrar::{Registrar, RegistrarConfig, RegistrarEvent, RegistryMsg, RequestId};
 use crate::registry::WillInfo;
 use crate::retained::HlcStamp;
 use crate::NodeName;
@@ -140,7 +140,8 @@ pub struct SessionCounters {
 /// What the gateway must do after the registrar ran: frames for peers, messages for shards.
 #[derive(Default)]
 pub(super) struct Output {
-    pub frames: Vec<(NodeName, Vec<u8>)>,
+    /// Whole frames for peers, with the registry messages each carries (0 for other frames).
+    pub frames: Vec<(NodeName, Vec<u8>, u64)>,
     /// Sessions for their successors (`Frame::Session`): held when the link is not up
     /// ([`Sessions::hold_unsent`]), unlike registry frames, which are repeated after membership changes.
     pub sessions: Vec<(NodeName, Arc<str>, Vec<u8>)>,
@@ -201,14 +202,25 @@ impl Sessions {
     }
 
     /// A registry message from a peer; `false` when it did not decode.
-    pub(super) fn receive(&mut self, from: &NodeName, body: &[u8], now: Instant) -> bool {
-        match reg::decode(body) {
-            Ok(m) => {
-                self.registrar.handle_message(from, m, now);
-                true
+    /// Whether the registrar has messages or events not drained yet.
+    pub(super) fn has_output(&self) -> bool {
+        self.registrar.has_output()
+    }
+
+    /// The messages of a registry frame from `from`: how many were taken, and whether one (which ended
+    /// the frame) could not be decoded.
+    pub(super) fn receive(&mut self, from: &NodeName, body: &[u8], now: Instant) -> (u64, bool) {
+        let mut n = 0;
+        for m in reg::messages(body) {
+            match m {
+                Ok(m) => {
+                    self.registrar.handle_message(from, m, now);
+                    n += 1;
+                }
+                Err(_) => return (n, true),
             }
-            Err(_) => false,
         }
+        (n, false)
     }
 
     /// A shard exported (or ended) a session this node lost to a successor, or forwarded a message that
@@ -369,7 +381,7 @@ impl Sessions {
     fn settled_for(&mut self, from: &NodeName, client: &str, epoch: u64, out: &mut Output) {
         let mut frame = Vec::with_capacity(client.len() + 16);
         link::encode(&Frame::SessionSettled { client, epoch }, &mut frame);
-        out.frames.push((from.clone(), frame));
+        out.frames.push((from.clone(), frame, 0));
     }
 
     fn merge(&mut self, t: Box<SessionTransfer>, out: &mut Output) {
@@ -450,8 +462,18 @@ impl Sessions {
 
     /// What the registrar has to send and say, turned into frames and shard messages.
     pub(super) fn drain(&mut self, now: Instant, out: &mut Output) {
+        // The messages for one peer go together, in order, in as few frames as they fit.
+        let mut by_peer: Vec<(NodeName, Vec<RegistryMsg>)> = Vec::new();
         while let Some((to, m)) = self.registrar.poll_transmit() {
-            out.frames.push((to, reg::frame(&m)));
+            match by_peer.iter_mut().find(|(p, _)| *p == to) {
+                Some((_, msgs)) => msgs.push(m),
+                None => by_peer.push((to, vec![m])),
+            }
+        }
+        for (to, msgs) in by_peer {
+            for (frame, n) in reg::frames(&msgs) {
+                out.frames.push((to.clone(), frame, n));
+            }
         }
         while let Some(ev) = self.registrar.poll_event() {
             match ev {

@@ -1,6 +1,7 @@
 //! The session registry's messages between nodes ([`crate::registrar`]), carried in a
-//! [`super::Frame::Registry`] link frame: its body is one message, `type u8 | fields`, with the encoding
-//! conventions of the other frames (varints, length-prefixed strings, flag bytes).
+//! [`super::Frame::Registry`] link frame: its body is one or more messages back to back (a node sends
+//! those for one peer together), each `type u8 | fields`, with the encoding conventions of the other
+//! frames (varints, length-prefixed strings, flag bytes).
 //!
 //! - `Register` (1): `request | client | flags (clean start 0x01, will 0x02) | stamp | known epoch |
 //!   [will]`
@@ -193,6 +194,36 @@ pub fn encode(m: &RegistryMsg, out: &mut Vec<u8>) {
     }
 }
 
+/// Bodies above this are closed and another frame started (far below a link frame's limit).
+pub const BATCH_BYTES: usize = 64 * 1024;
+
+/// Whole link frames ([`super::Frame::Registry`]) carrying `msgs` in order, as few as [`BATCH_BYTES`]
+/// allows, ready for [`crate::Zone::send`]; with the number of messages in each.
+pub fn frames<'a>(msgs: impl IntoIterator<Item = &'a RegistryMsg>) -> Vec<(Vec<u8>, u64)> {
+    let mut out = Vec::new();
+    let mut body = Vec::with_capacity(256);
+    let mut n = 0;
+    for m in msgs {
+        encode(m, &mut body);
+        n += 1;
+        if body.len() >= BATCH_BYTES {
+            out.push((whole(&body), n));
+            body.clear();
+            n = 0;
+        }
+    }
+    if n > 0 {
+        out.push((whole(&body), n));
+    }
+    out
+}
+
+fn whole(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 4);
+    super::encode(&super::Frame::Registry(body), &mut out);
+    out
+}
+
 /// A whole link frame ([`super::Frame::Registry`]) carrying `m`, ready for [`crate::Zone::send`].
 pub fn frame(m: &RegistryMsg) -> Vec<u8> {
     // Most messages are a few dozen bytes: one allocation for the body, one for the frame.
@@ -221,8 +252,38 @@ fn put_registration(out: &mut Vec<u8>, r: &Registration) {
     }
 }
 
-/// Decodes the body of a `Registry` frame. Never panics, whatever the bytes.
+/// Decodes a body of exactly one message. Never panics, whatever the bytes.
 pub fn decode(body: &[u8]) -> Result<RegistryMsg, LinkError> {
+    let (m, used) = decode_next(body)?;
+    if used != body.len() {
+        return Err(LinkError::Malformed("trailing bytes"));
+    }
+    Ok(m)
+}
+
+/// The messages of a `Registry` frame's body, in order; an undecodable one ends it (what follows it
+/// cannot be told apart). Never panics, whatever the bytes.
+pub fn messages(body: &[u8]) -> impl Iterator<Item = Result<RegistryMsg, LinkError>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= body.len() {
+            return None;
+        }
+        match decode_next(&body[at..]) {
+            Ok((m, used)) => {
+                at += used;
+                Some(Ok(m))
+            }
+            Err(e) => {
+                at = body.len();
+                Some(Err(e))
+            }
+        }
+    })
+}
+
+/// The message at the front of `body`, and how many bytes it took.
+fn decode_next(body: &[u8]) -> Result<(RegistryMsg, usize), LinkError> {
     let mut r = Reader::new(body);
     let m = match r.u8()? {
         M_REGISTER => {
@@ -270,10 +331,7 @@ pub fn decode(body: &[u8]) -> Result<RegistryMsg, LinkError> {
         M_REPLICATED => RegistryMsg::Replicated { client: client(&mut r)?, epoch: epoch(&mut r)? },
         _ => return Err(LinkError::Malformed("registry message type")),
     };
-    if !r.is_done() {
-        return Err(LinkError::Malformed("trailing bytes"));
-    }
-    Ok(m)
+    Ok((m, r.pos()))
 }
 
 fn client(r: &mut Reader<'_>) -> Result<Arc<str>, LinkError> {
@@ -410,6 +468,46 @@ mod tests {
             assert!(frames.next().is_none());
             assert_eq!(decode(body), Ok(m));
         }
+    }
+
+    #[test]
+    fn several_messages_share_a_frame_and_come_out_in_order() {
+        let msgs = samples();
+        let one = frames(&msgs);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].1, msgs.len() as u64);
+        let Some(Ok(Frame::Registry(body))) = link::frames(&one[0].0).next() else { panic!("a frame") };
+        let got: Vec<RegistryMsg> = messages(body).map(|m| m.expect("decodes")).collect();
+        assert_eq!(got, msgs);
+        // A damaged message ends the frame: those before it come out, then the error, then nothing.
+        let mut cut = body.to_vec();
+        let first = {
+            let mut b = Vec::new();
+            encode(&msgs[0], &mut b);
+            b.len()
+        };
+        cut[first] = 0xEE;
+        let got: Vec<_> = messages(&cut).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], Ok(msgs[0].clone()));
+        assert!(got[1].is_err());
+        // A long run is split into frames of at most about BATCH_BYTES, every message kept, in order.
+        let big = msgs.iter().max_by_key(|m| frame(m).len()).expect("samples");
+        let many: Vec<RegistryMsg> = (0..5_000).map(|_| big.clone()).collect();
+        assert!(frame(big).len() * 5_000 > 2 * BATCH_BYTES);
+        let split = frames(&many);
+        assert!(split.len() > 1 && split.iter().all(|(f, _)| f.len() < BATCH_BYTES + 1024));
+        assert_eq!(split.iter().map(|(_, n)| n).sum::<u64>(), 5_000);
+        let back: Vec<RegistryMsg> = split
+            .iter()
+            .flat_map(|(f, _)| match link::frames(f).next() {
+                Some(Ok(Frame::Registry(body))) => {
+                    messages(body).map(|m| m.expect("decodes")).collect::<Vec<_>>()
+                }
+                _ => panic!("a registry frame"),
+            })
+            .collect();
+        assert_eq!(back, many);
     }
 
     #[test]

@@ -399,6 +399,11 @@ impl Registrar {
         self.out.pop_front()
     }
 
+    /// Whether [`Registrar::poll_transmit`] or [`Registrar::poll_event`] has something.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty() || !self.events.is_empty()
+    }
+
     pub fn poll_event(&mut self) -> Option<RegistrarEvent> {
         self.events.pop_front()
     }
