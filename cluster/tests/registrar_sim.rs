@@ -821,10 +821,15 @@ fn consistent_partition(seed: u64) {
     let groups: Vec<u8> = (0..n).map(|s| if s < n / 2 + (seed % 2) as usize { 0 } else { 1 }).collect();
     sim.partition(&groups);
     let split_at = sim.elapsed();
-    sim.workload(Duration::from_secs(4));
-    let healed_at = sim.elapsed();
     let all: Vec<NodeName> = (0..n).map(name).collect();
     let side_of_owner = |c: &str| groups[slot_of(&owners(c, &all).unwrap().primary)];
+    // Every id once on the side away from its owner (the random workload need not try one there).
+    for c in sim.clients.clone() {
+        let away = (0..n).find(|s| groups[*s] != side_of_owner(&c)).expect("both sides have nodes");
+        sim.connect(away, c, None, false);
+    }
+    sim.workload(Duration::from_secs(4));
+    let healed_at = sim.elapsed();
     for (at, client, slot, epoch, provisional) in &sim.grants {
         assert!(!provisional, "seed {seed}: a provisional grant in consistent mode");
         if *at > split_at + IN_FLIGHT_WINDOW && *at < healed_at {

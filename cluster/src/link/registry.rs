@@ -81,12 +81,14 @@ pub enum RegistryMsg {
     /// an owner handing over what moved, the sides of a healed partition. From the holder itself, it
     /// is also its word on whether the client is connected.
     Sync(Registration),
-    /// The primary owner's copy to its replica, merged silently (the primary dealt with conflicts).
+    /// The primary owner's copy of a registration it granted to its replica, merged silently (the
+    /// primary dealt with conflicts); the grant's answers wait for the replica's `Replicated`.
     Replicate(Registration),
-    /// The primary owner's copy of a new registration to a replica that is its holder, sent ahead of
-    /// the grant on the same link: merged like `Replicate`, and not acknowledged (nothing waits for
-    /// it). Only for a registration that took no session from another node: a takeover waits for the
-    /// replica's `Replicated`, so that the takeover survives the primary's loss.
+    /// The primary owner's copy to its replica that nothing waits for, merged like `Replicate` but not
+    /// acknowledged: a change of a registration (disconnected, will published, handed over), or a new
+    /// registration for a replica that is its holder, sent ahead of the grant on the same link (only
+    /// when it took no session from another node: a takeover waits for the replica's `Replicated`, so
+    /// that the takeover survives the primary's loss).
     Copy(Registration),
     /// A holder re-registering a session restored from its log: like `Sync`, but it says nothing about
     /// the connection the session had (the holder's previous life had it), so it changes neither

@@ -928,8 +928,9 @@ impl Registrar {
         // A registration of a session restored here goes as `Held`: this node's word on it is no word.
         let restored = r.holder == me && self.held.get(client).is_some_and(|h| h.restored);
         for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me) {
+            // Nothing waits for the replica's word on a change (only a grant does, see `Register`).
             let m = if primary {
-                RegistryMsg::Replicate(r.clone())
+                RegistryMsg::Copy(r.clone())
             } else if restored {
                 RegistryMsg::Held(r.clone())
             } else {

@@ -709,6 +709,31 @@ fn a_clean_connection_costs_only_the_messages_it_needs() {
 }
 
 #[test]
+fn an_offline_session_costs_only_the_messages_it_needs() {
+    // A persistent session made on n2 (neither owner) and left offline: the owner's copy of the change
+    // to its replica is not acknowledged.
+    let mut z = Nodes::new(3, PartitionMode::Available);
+    let c = client_owned_by(&z.names(), 0, 1);
+    let mut counts = BTreeMap::new();
+    z.nodes[2].handle_connect(&c, false, Some(will(5)), at(z.t0, 1));
+    z.pump_counted(at(z.t0, 1), &mut counts);
+    z.nodes[2].handle_disconnect(&c, 1, true, at(z.t0, 2));
+    z.pump_counted(at(z.t0, 2), &mut counts);
+    let expected = [
+        ("Copy", 1),
+        ("Disconnect", 1),
+        ("DisconnectAck", 1),
+        ("Granted", 1),
+        ("Register", 1),
+        ("Replicate", 1),
+        ("Replicated", 1),
+    ];
+    assert_eq!(counts.into_iter().collect::<Vec<_>>(), expected.to_vec());
+    let copy = z.nodes[1].registration(&c).expect("the replica's copy");
+    assert!(!copy.connected && copy.will.is_none(), "offline, the will dealt with by the holder");
+}
+
+#[test]
 fn a_takeover_by_the_replica_itself_waits_for_its_copy() {
     let mut z = Nodes::new(3, PartitionMode::Available);
     let c = client_owned_by(&z.names(), 0, 1);
