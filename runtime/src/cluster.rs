@@ -60,8 +60,6 @@ const MESH_PER_ITERATION: usize = 4096;
 
 /// An iteration that took longer (a flood on a slow host) has left the peers' heartbeats unread.
 const BUSY_ITERATION: Duration = Duration::from_millis(200);
-/// The metrics endpoint sees the cluster thread's counters at most this late.
-const METRICS_EVERY: Duration = Duration::from_millis(10);
 
 const TOKEN_UDP: u64 = u64::MAX;
 const TOKEN_LISTENER: u64 = u64::MAX - 1;
@@ -218,8 +216,8 @@ pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 32] = [
     ),
 ];
 
-/// The cluster thread's counters, published with relaxed stores at most every `METRICS_EVERY` and at
-/// most that long after a change, for the metrics thread, which only loads them.
+/// The cluster thread's counters, published with relaxed stores once per loop iteration (at least once
+/// a second) for the metrics thread, which only loads them.
 #[derive(Debug, Default)]
 pub struct ClusterMetrics {
     values: [std::sync::atomic::AtomicU64; CLUSTER_SERIES.len()],
@@ -347,19 +345,9 @@ impl Loop {
     fn run(&mut self, metrics: &ClusterMetrics) -> io::Result<()> {
         let mut events: Vec<libc::epoll_event> = Vec::with_capacity(256);
         let mut buf = vec![0u8; 64 * 1024];
-        let mut published = Instant::now();
-        self.publish_metrics(metrics);
-        // Whether the loop did something since the last publication.
-        let mut stale = false;
         loop {
+            self.publish_metrics(metrics);
             let now = Instant::now();
-            // Not every iteration (under load the loop turns for every few messages), but never more
-            // than METRICS_EVERY behind: the wait below is cut short while something is unpublished.
-            if stale && now.duration_since(published) >= METRICS_EVERY {
-                self.publish_metrics(metrics);
-                published = now;
-                stale = false;
-            }
             if self.endpoint.shutting_down() {
                 self.leave(now);
                 return Ok(());
@@ -379,10 +367,6 @@ impl Loop {
             if !self.inbox.is_empty() && !self.mesh_paused {
                 ms = 0;
             }
-            if stale {
-                let left = (published + METRICS_EVERY).saturating_duration_since(now);
-                ms = ms.min(left.as_millis() as i32 + 1);
-            }
             // SAFETY: `events` has room for its capacity; the kernel writes at most that many.
             let n = unsafe {
                 libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), events.capacity() as i32, ms)
@@ -397,7 +381,6 @@ impl Loop {
             }
             // SAFETY: epoll_wait initialised the first `n` entries.
             unsafe { events.set_len(n as usize) };
-            stale |= n > 0 || !self.inbox.is_empty() || deadline.is_some_and(|d| d <= woke);
             let now = Instant::now();
             for ev in events.drain(..) {
                 let (token, flags) = (ev.u64, ev.events);

@@ -60,7 +60,7 @@
 //! Tombstones are forgotten after [`TOMBSTONE_TTL`]: a copy of an ended registration older than that
 //! (a node partitioned away for longer) could come back as an offline registration.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,9 +70,12 @@ use crate::retained::{Hlc, HlcStamp};
 use crate::NodeName;
 
 mod api;
+mod requests;
 #[cfg(test)]
 mod tests;
 mod wills;
+
+use requests::{Op, Pending, Requests};
 
 pub use api::{HeldSession, PartitionMode, RegistrarConfig, RegistrarCounters, RegistrarEvent};
 
@@ -97,21 +100,6 @@ struct Held {
     restored: bool,
 }
 
-#[derive(Debug)]
-enum Op {
-    Register { clean_start: bool, stamp: HlcStamp, will: Option<Box<WillInfo>> },
-    Disconnect { epoch: u64, ended: bool },
-}
-
-#[derive(Debug)]
-struct Pending {
-    client: Arc<str>,
-    op: Op,
-    /// Where it was sent last.
-    owner: NodeName,
-    deadline: Instant,
-}
-
 /// Messages to send, and to whom.
 type Answers = Vec<(NodeName, RegistryMsg)>;
 
@@ -130,10 +118,8 @@ pub struct Registrar {
     /// The registrations this node owns or replicates.
     table: RegistryTable,
     held: BTreeMap<Arc<str>, Held>,
-    pending: BTreeMap<RequestId, Pending>,
-    /// The ids of `pending` by client id: asked on most messages, so not a scan. Invariant: exactly the
-    /// entries of `pending`, each once (checked in debug builds).
-    by_client: HashMap<Arc<str>, Vec<RequestId>>,
+    /// This node's requests waiting for an answer.
+    pending: Requests,
     next_request: u64,
     /// Highest epoch an `EndSession` named for a client whose registration was still pending here: a
     /// grant at or below it is ended as soon as it arrives.
@@ -162,8 +148,7 @@ impl Registrar {
             lost: BTreeMap::new(),
             table: RegistryTable::default(),
             held: BTreeMap::new(),
-            pending: BTreeMap::new(),
-            by_client: HashMap::new(),
+            pending: Requests::default(),
             next_request: 1,
             superseded: BTreeMap::new(),
             awaiting: BTreeMap::new(),
@@ -229,7 +214,7 @@ impl Registrar {
     pub fn restore(&mut self, client: &str, epoch: u64, stamp: HlcStamp) {
         debug_assert!(epoch >= 1);
         self.hlc.observe(stamp);
-        if self.is_registering(client) || self.held.contains_key(client) {
+        if self.pending.registering(client) || self.held.contains_key(client) {
             return;
         }
         let h = Held { epoch, stamp, connected: false, will: None, unconfirmed: true, restored: true };
@@ -266,7 +251,7 @@ impl Registrar {
         let stamp = self.hlc.stamp(self.wall_ms(now));
         let op = Op::Register { clean_start, stamp, will: will.map(Box::new) };
         let p = Pending { client: client.into(), op, owner: self.me.clone(), deadline: now };
-        self.add_pending(id, p);
+        self.pending.insert(id, p);
         self.send_request(id, now);
         self.drain_local(now);
         id
@@ -288,7 +273,7 @@ impl Registrar {
         let id = RequestId(self.next_request);
         self.next_request += 1;
         let op = Op::Disconnect { epoch, ended: !session_kept };
-        self.add_pending(id, Pending { client: client.into(), op, owner: self.me.clone(), deadline: now });
+        self.pending.insert(id, Pending { client: client.into(), op, owner: self.me.clone(), deadline: now });
         self.send_request(id, now);
         self.drain_local(now);
     }
@@ -353,7 +338,7 @@ impl Registrar {
         let late: Vec<RequestId> =
             self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
         for id in late {
-            let is_register = matches!(self.pending[&id].op, Op::Register { .. });
+            let is_register = matches!(self.pending.get(id).expect("pending").op, Op::Register { .. });
             if !is_register {
                 // A disconnect is sent again until an owner confirms it.
                 self.send_request(id, now);
@@ -408,37 +393,6 @@ impl Registrar {
         self.events.pop_front()
     }
 
-    fn add_pending(&mut self, id: RequestId, p: Pending) {
-        self.by_client.entry(p.client.clone()).or_default().push(id);
-        let replaced = self.pending.insert(id, p);
-        debug_assert!(replaced.is_none(), "request ids are not reused");
-    }
-
-    fn take_pending(&mut self, id: RequestId) -> Option<Pending> {
-        let p = self.pending.remove(&id)?;
-        if let Some(ids) = self.by_client.get_mut(&p.client) {
-            ids.retain(|i| *i != id);
-            if ids.is_empty() {
-                self.by_client.remove(&p.client);
-            }
-        }
-        Some(p)
-    }
-
-    /// The requests of `client` waiting here, oldest first.
-    fn requests_of<'a>(&'a self, client: &str) -> impl Iterator<Item = (RequestId, &'a Pending)> + 'a {
-        debug_assert_eq!(
-            self.by_client.get(client).map_or(0, |ids| ids.len()),
-            self.pending.values().filter(|p| &*p.client == client).count()
-        );
-        self.by_client.get(client).into_iter().flatten().map(|id| (*id, &self.pending[id]))
-    }
-
-    /// Whether a registration of `client` waits for its answer here.
-    fn is_registering(&self, client: &str) -> bool {
-        self.requests_of(client).any(|(_, p)| matches!(p.op, Op::Register { .. }))
-    }
-
     fn send(&mut self, to: &NodeName, m: RegistryMsg) {
         if *to == self.me {
             self.local.push_back(m);
@@ -457,7 +411,7 @@ impl Registrar {
     /// Sends (again) request `id` to its client's primary owner, or refuses it in consistent mode when
     /// the owner over every known member is down.
     fn send_request(&mut self, id: RequestId, now: Instant) {
-        let p = self.pending.get(&id).expect("pending");
+        let p = self.pending.get(id).expect("pending");
         let client = p.client.clone();
         if self.cfg.partition_mode == PartitionMode::Consistent && matches!(p.op, Op::Register { .. }) {
             let expected = owners(&client, &self.known).expect("this node is known");
@@ -467,7 +421,7 @@ impl Registrar {
         }
         let owner = self.owners_of(&client).primary;
         let deadline = now + self.cfg.request_timeout;
-        let p = self.pending.get_mut(&id).expect("pending");
+        let p = self.pending.get_mut(id).expect("pending");
         p.owner = owner.clone();
         p.deadline = deadline;
         let m = match &p.op {
@@ -491,7 +445,7 @@ impl Registrar {
     }
 
     fn refuse(&mut self, id: RequestId) {
-        let p = self.take_pending(id).expect("pending");
+        let p = self.pending.remove(id).expect("pending");
         self.superseded.remove(&p.client);
         self.counters.refused += 1;
         self.events.push_back(RegistrarEvent::Refused { request: id, client: p.client });
@@ -500,7 +454,7 @@ impl Registrar {
     /// Available mode, no answer from the owner: this node grants the connection an epoch above every
     /// one it knows of, and tells the owner (conflicts resolve by the registry's rules).
     fn grant_provisionally(&mut self, id: RequestId, now: Instant) {
-        let p = self.take_pending(id).expect("pending");
+        let p = self.pending.remove(id).expect("pending");
         let Op::Register { stamp, will, .. } = p.op else { unreachable!("only registrations are granted") };
         let known = self.table.get(&p.client).map_or(0, |r| r.epoch);
         let held = self.held.get(&p.client).map_or(0, |h| h.epoch);
@@ -611,8 +565,8 @@ impl Registrar {
                 }
             }
             RegistryMsg::DisconnectAck { request } => {
-                if self.pending.get(&request).is_some_and(|p| matches!(p.op, Op::Disconnect { .. })) {
-                    self.take_pending(request);
+                if self.pending.get(request).is_some_and(|p| matches!(p.op, Op::Disconnect { .. })) {
+                    self.pending.remove(request);
                 }
             }
             RegistryMsg::EndSession { client, epoch, successor, successor_epoch, discard } => {
@@ -692,14 +646,15 @@ impl Registrar {
                 self.hlc.observe(r.stamp);
                 // The end of the registration a disconnect here reported: that disconnect is done.
                 let done: Vec<RequestId> = self
-                    .requests_of(&r.client)
+                    .pending
+                    .of(&r.client)
                     .filter(
                         |(_, p)| matches!(p.op, Op::Disconnect { epoch, ended: true } if epoch == r.epoch),
                     )
                     .map(|(id, _)| id)
                     .collect();
                 for id in done {
-                    self.take_pending(id);
+                    self.pending.remove(id);
                 }
                 let at = self.hlc.stamp(self.wall_ms(now));
                 let last = r.clone();
@@ -762,7 +717,7 @@ impl Registrar {
     fn phantom(&self, r: &Registration) -> bool {
         r.holder == self.me
             && self.held.get(&r.client).is_none_or(|h| h.epoch < r.epoch)
-            && !self.is_registering(&r.client)
+            && !self.pending.registering(&r.client)
     }
 
     fn granted(
@@ -773,7 +728,7 @@ impl Registrar {
         previous: Option<Previous>,
         now: Instant,
     ) {
-        let answered = self.pending.get(&request).is_some_and(|p| matches!(p.op, Op::Register { .. }));
+        let answered = self.pending.get(request).is_some_and(|p| matches!(p.op, Op::Register { .. }));
         if !answered {
             // A late answer (the request was re-sent, granted provisionally, or refused meanwhile): the
             // owner registered this node for a connection it did not take. The session it holds, if
@@ -785,12 +740,12 @@ impl Registrar {
                 let id = RequestId(self.next_request);
                 self.next_request += 1;
                 let op = Op::Disconnect { epoch, ended: true };
-                self.add_pending(id, Pending { client, op, owner: self.me.clone(), deadline: now });
+                self.pending.insert(id, Pending { client, op, owner: self.me.clone(), deadline: now });
                 self.send_request(id, now);
             }
             return;
         }
-        let p = self.take_pending(request).expect("answered");
+        let p = self.pending.remove(request).expect("answered");
         let Op::Register { stamp, will, .. } = p.op else { unreachable!("checked") };
         self.counters.granted += 1;
         // A later connect of the same client here may have been answered first (the owner's replica
@@ -840,7 +795,7 @@ impl Registrar {
     ) {
         // A registration of this client still waiting for its grant may be the one the message names
         // (the owner replaced it before answering): its grant is ended as soon as it arrives.
-        if self.is_registering(&client) {
+        if self.pending.registering(&client) {
             let e = self.superseded.entry(client.clone()).or_insert((0, successor.clone(), successor_epoch));
             if epoch >= e.0 {
                 *e = (epoch, successor.clone(), successor_epoch);

@@ -51,29 +51,7 @@ impl Nodes {
     /// Delivers every message (through its encoding) until none is left; messages to nodes in `cut`
     /// are lost.
     fn pump_cut(&mut self, now: Instant, cut: &[usize]) {
-        loop {
-            let mut moved = false;
-            for a in 0..self.nodes.len() {
-                while let Some((to, m)) = self.nodes[a].poll_transmit() {
-                    moved = true;
-                    let mut body = Vec::new();
-                    encode(&m, &mut body);
-                    let m = decode(&body).expect("decodes");
-                    let from = self.nodes[a].name().clone();
-                    if let Some(b) = self.idx(&to).filter(|b| !cut.contains(b)) {
-                        self.nodes[b].handle_message(&from, m, now);
-                    }
-                }
-            }
-            if !moved {
-                break;
-            }
-        }
-        for (i, r) in self.nodes.iter_mut().enumerate() {
-            while let Some(e) = r.poll_event() {
-                self.events[i].push(e);
-            }
-        }
+        self.deliver(now, cut, None);
     }
 
     fn pump(&mut self, now: Instant) {
@@ -82,15 +60,25 @@ impl Nodes {
 
     /// [`Nodes::pump`], counting the messages by kind.
     fn pump_counted(&mut self, now: Instant, counts: &mut BTreeMap<&'static str, u32>) {
+        self.deliver(now, &[], Some(counts));
+    }
+
+    fn deliver(&mut self, now: Instant, cut: &[usize], mut counts: Option<&mut BTreeMap<&'static str, u32>>) {
         loop {
             let mut moved = false;
             for a in 0..self.nodes.len() {
                 while let Some((to, m)) = self.nodes[a].poll_transmit() {
                     moved = true;
-                    *counts.entry(kind(&m)).or_default() += 1;
+                    if let Some(c) = counts.as_deref_mut() {
+                        *c.entry(kind(&m)).or_default() += 1;
+                    }
+                    let mut body = Vec::new();
+                    encode(&m, &mut body);
+                    let m = decode(&body).expect("decodes");
                     let from = self.nodes[a].name().clone();
-                    let b = self.idx(&to).expect("a node");
-                    self.nodes[b].handle_message(&from, m, now);
+                    if let Some(b) = self.idx(&to).filter(|b| !cut.contains(b)) {
+                        self.nodes[b].handle_message(&from, m, now);
+                    }
                 }
             }
             if !moved {
