@@ -10,9 +10,11 @@
 //! once the replica acknowledged the copy, answers `Granted` and, when another node held the session,
 //! tells that node to end it (`EndSession`: the shard closes the connection with DISCONNECT 0x8E and
 //! hands the session over, or drops it when the new connection started clean). Waiting for the replica
-//! makes a grant survive the owner's loss: the replica, primary then, continues the epochs. The owner
-//! handles requests one at a time, so two CONNECTs racing on two nodes end with the later one holding
-//! the session and the other told to end. A node stops delivering for an epoch that is no longer its
+//! makes a grant survive the owner's loss: the replica, primary then, continues the epochs. (When the
+//! requester keeps the replica itself and takes no session from another node, the copy goes ahead of
+//! the grant on the same link, unacknowledged: `Copy`; so do the owner's copies of later changes.) The
+//! owner handles requests one at a time, so two CONNECTs racing on two nodes end with the later one
+//! holding the session and the other told to end. A node stops delivering for an epoch that is no longer its
 //! current one ([`Registrar::is_current`], the fencing query).
 //!
 //! **Requests that get no answer.** A request whose owner goes down is sent again to the new owner
