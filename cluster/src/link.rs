@@ -32,7 +32,8 @@ use crate::NodeIdentity;
 
 pub const LINK_MAGIC: [u8; 4] = *b"SMQL";
 /// Bumped with any incompatible change of the frames below or of the rules of their exchanges (6: a
-/// registry replica that is also the new holder acknowledges neither the copy nor its disconnect).
+/// `Registry` frame carries one or more messages; registry message 11, `Copy`, is a copy nobody
+/// acknowledges; a disconnect whose requester keeps the replica is answered by its `Forget`).
 pub const LINK_VERSION: u16 = 6;
 /// A frame longer than this is refused (a forwarded PUBLISH is at most the broker's maximum packet size,
 /// 256 MiB by the protocol; snapshots are sent in parts below it).

@@ -410,7 +410,8 @@ impl Sim {
         let mut sends = Vec::new();
         let node = self.nodes[slot].as_mut().expect("alive");
         while let Some((to, m)) = node.reg.poll_transmit() {
-            sends.push((to, frames::frame(&m)));
+            // One message a frame: the simulation delays and reorders messages one by one.
+            sends.push((to, frames::frames([&m]).remove(0).0));
         }
         while let Some(e) = node.reg.poll_event() {
             if self.trace {

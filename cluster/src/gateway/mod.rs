@@ -234,7 +234,6 @@ impl Gateway {
         self.cfg.wall_ms_at_start + now.saturating_duration_since(self.started).as_millis() as u64
     }
 
-    /// A message from a shard.
     /// A message from a shard, then [`Gateway::drive`].
     pub fn handle_mesh(&mut self, from: ShardId, m: Mesh, now: Instant) {
         self.take_mesh(from, m, now);

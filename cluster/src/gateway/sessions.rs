@@ -201,7 +201,6 @@ impl Sessions {
         self.registrar.handle_disconnect(client, epoch, kept, now);
     }
 
-    /// A registry message from a peer; `false` when it did not decode.
     /// Whether the registrar has messages or events not drained yet.
     pub(super) fn has_output(&self) -> bool {
         self.registrar.has_output()

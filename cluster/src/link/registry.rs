@@ -226,16 +226,6 @@ fn whole(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A whole link frame ([`super::Frame::Registry`]) carrying `m`, ready for [`crate::Zone::send`].
-pub fn frame(m: &RegistryMsg) -> Vec<u8> {
-    // Most messages are a few dozen bytes: one allocation for the body, one for the frame.
-    let mut body = Vec::with_capacity(96);
-    encode(m, &mut body);
-    let mut out = Vec::with_capacity(body.len() + 4);
-    super::encode(&super::Frame::Registry(&body), &mut out);
-    out
-}
-
 fn put_will(out: &mut Vec<u8>, w: &WillInfo) {
     out.push((w.qos & 0x03) | if w.retain { W_RETAIN } else { 0 });
     put_varint(out, w.delay_s as u64);
@@ -395,6 +385,14 @@ mod tests {
 
     fn n(s: &str) -> NodeName {
         NodeName(s.into())
+    }
+
+    /// The one frame that carries `m` alone.
+    fn frame(m: &RegistryMsg) -> Vec<u8> {
+        let mut f = frames([m]);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].1, 1);
+        f.remove(0).0
     }
 
     fn will() -> Box<WillInfo> {

@@ -380,7 +380,7 @@ impl Registrar {
     }
 
     /// The next message for a peer, to send in a [`crate::link::Frame::Registry`]
-    /// ([`crate::link::registry::frame`]). Messages for a peer that is not up may be dropped: what they
+    /// ([`crate::link::registry::frames`]). Messages for a peer that is not up may be dropped: what they
     /// said is repeated after the next membership change.
     pub fn poll_transmit(&mut self) -> Option<(NodeName, RegistryMsg)> {
         self.out.pop_front()
@@ -499,8 +499,6 @@ impl Registrar {
     }
 
     fn on_message(&mut self, from: &NodeName, m: RegistryMsg, now: Instant) {
-        // A `Copy` is a `Replicate` nothing waits for (see `Register`).
-        let acknowledge = !matches!(m, RegistryMsg::Copy(_));
         match m {
             RegistryMsg::Register { request, client, clean_start, stamp, will, known } => {
                 self.hlc.observe(stamp);
@@ -609,30 +607,8 @@ impl Registrar {
                 let word = r.holder == *from;
                 self.sync(from, r, word, now);
             }
-            RegistryMsg::Replicate(r) | RegistryMsg::Copy(r) => {
-                self.hlc.observe(r.stamp);
-                let (client, epoch) = (r.client.clone(), r.epoch);
-                // The primary dealt with conflicts; a copy is merged silently, unless it lost here
-                // (the primary learns what won, and ends the loser).
-                let word = (r.epoch, r.stamp, r.connected);
-                match self.table.merge(r) {
-                    Merged::Ended { last } => self.send(from, RegistryMsg::Forget(last)),
-                    Merged::Rejected { winner } if self.table.is_ended(&client) => {
-                        self.send(from, RegistryMsg::Forget(winner))
-                    }
-                    Merged::Rejected { winner } => self.send(from, RegistryMsg::Sync(winner)),
-                    Merged::Recorded | Merged::Replaced { .. } => {
-                        self.table.set_connected(&client, word.0, word.1, word.2);
-                    }
-                }
-                if self.own_word(&client) {
-                    self.copy_to_owners(&client);
-                }
-                self.note_loss(&client, now);
-                if acknowledge {
-                    self.send(from, RegistryMsg::Replicated { client, epoch });
-                }
-            }
+            RegistryMsg::Replicate(r) => self.replica_copy(from, r, true, now),
+            RegistryMsg::Copy(r) => self.replica_copy(from, r, false, now),
             RegistryMsg::Replicated { client, epoch } => {
                 let done: Vec<(Arc<str>, u64)> = self
                     .awaiting
@@ -669,6 +645,32 @@ impl Registrar {
                     self.forget_at_owners_but(last, Some(from));
                 }
             }
+        }
+    }
+
+    /// The primary's copy of `client`'s registration (`Replicate`, or `Copy` when nothing waits for
+    /// the acknowledgement: see `Register`). The primary dealt with conflicts; a copy is merged silently,
+    /// unless it lost here (the primary learns what won, and ends the loser).
+    fn replica_copy(&mut self, from: &NodeName, r: Registration, acknowledge: bool, now: Instant) {
+        self.hlc.observe(r.stamp);
+        let (client, epoch) = (r.client.clone(), r.epoch);
+        let word = (r.epoch, r.stamp, r.connected);
+        match self.table.merge(r) {
+            Merged::Ended { last } => self.send(from, RegistryMsg::Forget(last)),
+            Merged::Rejected { winner } if self.table.is_ended(&client) => {
+                self.send(from, RegistryMsg::Forget(winner))
+            }
+            Merged::Rejected { winner } => self.send(from, RegistryMsg::Sync(winner)),
+            Merged::Recorded | Merged::Replaced { .. } => {
+                self.table.set_connected(&client, word.0, word.1, word.2);
+            }
+        }
+        if self.own_word(&client) {
+            self.copy_to_owners(&client);
+        }
+        self.note_loss(&client, now);
+        if acknowledge {
+            self.send(from, RegistryMsg::Replicated { client, epoch });
         }
     }
 
