@@ -354,6 +354,7 @@ pub fn run(plan: &ConnPlan) -> Result<ConnReport> {
                 })
             })
             .collect();
+        let _stop = crate::guard::StopOnDrop(&shared.stop);
         let mut last_line = Instant::now();
         let mut hold_start: Option<Instant> = None;
         loop {
@@ -368,14 +369,14 @@ pub fn run(plan: &ConnPlan) -> Result<ConnReport> {
             }
             if plan.progress && last_line.elapsed() >= Duration::from_secs(1) {
                 last_line = Instant::now();
-                eprintln!(
+                crate::guard::progress(format_args!(
                     "[{:6.1}s] connected {:>7} failed {:>6} dropped {:>6}{}",
                     t0.elapsed().as_secs_f64(),
                     shared.connected.load(Relaxed),
                     shared.failed.load(Relaxed),
                     shared.dropped.load(Relaxed),
                     if hold_start.is_some() { " (holding)" } else { "" }
-                );
+                ));
             }
         }
         held = hold_start.map(|h| h.elapsed()).unwrap_or_default();

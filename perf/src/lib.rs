@@ -30,6 +30,7 @@
 pub mod client;
 pub mod conn;
 pub mod engine;
+pub mod guard;
 pub mod host;
 pub mod net;
 pub mod pairs;

@@ -181,7 +181,7 @@ pub fn run(plan: &TakeoverPlan) -> Result<TakeoverReport> {
         }
         if plan.progress && last.elapsed() >= Duration::from_secs(1) {
             last = Instant::now();
-            eprintln!("[{:6.1}s] {k} takeovers", t0.elapsed().as_secs_f64());
+            crate::guard::progress(format_args!("[{:6.1}s] {k} takeovers", t0.elapsed().as_secs_f64()));
         }
         let s = &mut sessions[k as usize % plan.ids];
         if plan.queued > 0 {
@@ -373,6 +373,7 @@ pub fn create(plan: &SessionsPlan) -> Result<SessionsReport> {
                 })
             })
             .collect();
+        let _stop = crate::guard::StopOnDrop(&stop);
         let mut last = Instant::now();
         while !handles.iter().all(|h| h.is_finished()) {
             if t0.elapsed() >= plan.duration {
@@ -380,7 +381,11 @@ pub fn create(plan: &SessionsPlan) -> Result<SessionsReport> {
             }
             if plan.progress && last.elapsed() >= Duration::from_secs(1) {
                 last = Instant::now();
-                eprintln!("[{:6.1}s] {} sessions", t0.elapsed().as_secs_f64(), next.load(Relaxed));
+                crate::guard::progress(format_args!(
+                    "[{:6.1}s] {} sessions",
+                    t0.elapsed().as_secs_f64(),
+                    next.load(Relaxed)
+                ));
             }
             thread::sleep(Duration::from_millis(20));
         }

@@ -202,12 +202,13 @@ pub fn handshakes(plan: &HandshakePlan) -> Result<HandshakeReport> {
                 })
             })
             .collect();
+        let _stop = crate::guard::StopOnDrop(&stop);
         let mut last = Instant::now();
         while t0.elapsed() < plan.duration {
             thread::sleep(Duration::from_millis(20).min(plan.duration.saturating_sub(t0.elapsed())));
             if plan.progress && last.elapsed() >= Duration::from_secs(1) {
                 last = Instant::now();
-                eprintln!("[{:6.1}s] handshaking", t0.elapsed().as_secs_f64());
+                crate::guard::progress(format_args!("[{:6.1}s] handshaking", t0.elapsed().as_secs_f64()));
             }
         }
         stop.store(true, Relaxed);
