@@ -163,11 +163,29 @@ struct Tombstone {
     at: HlcStamp,
 }
 
+/// How many tombstones a table keeps at most (the default of [`RegistryTable::with_max_tombstones`]):
+/// some 150 MB of them, which is about 26 s of ended registrations at 20,000 clean connections a second
+/// (10 minutes, their TTL, at 870 a second). Without a cap such a node kept 12 million, gigabytes, and
+/// a table of millions stalls the cluster thread when it grows: on this host a zone lost its links at
+/// 1.8 million (the table doubling), and the re-registration of the tombstones at every reconnection
+/// kept it from coming back. Past the cap the oldest go first (`tombstones_dropped_early`): a copy of
+/// one of them still in flight could then bring a registration back (as one that ended past its TTL
+/// could), which the holder's next word on it corrects; their epochs are not lost (`epoch_floor`).
+pub const MAX_TOMBSTONES: usize = 1 << 19;
+
 /// The registrations a node keeps: those it owns or replicates.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RegistryTable {
     entries: HashMap<Arc<str>, Registration>,
+    /// Invariant: at most `max_tombstones` entries (see [`MAX_TOMBSTONES`]).
     ended: HashMap<Arc<str>, Tombstone>,
+    max_tombstones: usize,
+    /// The highest epoch of a tombstone dropped here (expired, or the oldest past the cap): every new
+    /// registration goes above it, so an id whose tombstone went still continues above its last epoch
+    /// (epochs then grow over all ids, not each id alone; what matters is that they grow).
+    epoch_floor: u64,
+    /// Tombstones dropped before their TTL because the table was full.
+    dropped_early: u64,
     /// Every tombstone made, in the order it was made (its `at` grows with it: the owner's clock), so
     /// that pruning pops what expired instead of scanning every tombstone. An entry whose tombstone was
     /// replaced or removed since is skipped when it comes up. Invariant: every tombstone in `ended` has
@@ -175,7 +193,25 @@ pub struct RegistryTable {
     expiry: VecDeque<(HlcStamp, Arc<str>)>,
 }
 
+impl Default for RegistryTable {
+    fn default() -> Self {
+        RegistryTable::with_max_tombstones(MAX_TOMBSTONES)
+    }
+}
+
 impl RegistryTable {
+    /// A table that keeps at most `max` tombstones (at least 1).
+    pub fn with_max_tombstones(max: usize) -> Self {
+        RegistryTable {
+            entries: HashMap::new(),
+            ended: HashMap::new(),
+            max_tombstones: max.max(1),
+            epoch_floor: 0,
+            dropped_early: 0,
+            expiry: VecDeque::new(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -200,7 +236,7 @@ impl RegistryTable {
         known: u64,
     ) -> Registered {
         let prev = self.entries.get(client).cloned();
-        let floor = self.ended.remove(client).map_or(0, |t| t.last.epoch).max(known);
+        let floor = self.ended.remove(client).map_or(0, |t| t.last.epoch).max(known).max(self.epoch_floor);
         let epoch = prev.as_ref().map_or(floor, |p| p.epoch.max(floor)) + 1;
         let r = Registration {
             client: client.into(),
@@ -324,6 +360,38 @@ impl RegistryTable {
         last.will = None;
         self.expiry.push_back((at, last.client.clone()));
         self.ended.insert(last.client.clone(), Tombstone { last, at });
+        while self.ended.len() > self.max_tombstones {
+            self.drop_oldest();
+            self.dropped_early += 1;
+        }
+        // Entries of tombstones removed since (their id registered again) wait for their turn at the
+        // front, each keeping its id's string alive: past twice the cap, only the current ones stay (at
+        // most the cap, so this runs at most once per cap's worth of tombstones).
+        if self.expiry.len() > 2 * self.max_tombstones {
+            let ended = &self.ended;
+            self.expiry.retain(|(at, c)| ended.get(c).is_some_and(|t| t.at == *at));
+        }
+        debug_assert!(self.ended.len() <= self.max_tombstones);
+    }
+
+    /// Drops the oldest tombstone (skipping the stale entries of `expiry` in front of it).
+    fn drop_oldest(&mut self) {
+        while let Some((at, client)) = self.expiry.pop_front() {
+            if self.drop_if_current(&client, at) {
+                return;
+            }
+        }
+    }
+
+    /// Drops `client`'s tombstone if it is the one made at `at` (an `expiry` entry is stale once its
+    /// tombstone was replaced or removed); returns whether it did.
+    fn drop_if_current(&mut self, client: &str, at: HlcStamp) -> bool {
+        if self.ended.get(client).is_none_or(|t| t.at != at) {
+            return false;
+        }
+        let t = self.ended.remove(client).expect("present");
+        self.epoch_floor = self.epoch_floor.max(t.last.epoch);
+        true
     }
 
     /// A registration ended elsewhere (another owner's word): it goes, and any older one of its id with
@@ -354,9 +422,7 @@ impl RegistryTable {
         while let Some((at, _)) = self.expiry.front().filter(|(at, _)| *at < horizon) {
             let at = *at;
             let (_, client) = self.expiry.pop_front().expect("front");
-            if self.ended.get(&client).is_some_and(|t| t.at == at) {
-                self.ended.remove(&client);
-            }
+            self.drop_if_current(&client, at);
         }
         if self.ended.is_empty() {
             self.expiry.clear();
@@ -376,6 +442,17 @@ impl RegistryTable {
     /// Tombstones kept (see [`RegistryTable::prune`]).
     pub fn tombstones(&self) -> usize {
         self.ended.len()
+    }
+
+    /// The highest epoch of a tombstone dropped here (0: none yet): a registration of an unknown id at or
+    /// below it may be one that ended here.
+    pub fn epoch_floor(&self) -> u64 {
+        self.epoch_floor
+    }
+
+    /// Tombstones dropped before their time because the table kept its maximum (see [`MAX_TOMBSTONES`]).
+    pub fn tombstones_dropped_early(&self) -> u64 {
+        self.dropped_early
     }
 
     /// The registrations of sessions `node` held: what its loss leaves without a live holder (their
@@ -560,6 +637,49 @@ mod tests {
         assert_eq!(t.oldest_tombstone(), None, "no tombstone left: no timer");
         t.prune(HlcStamp(1_000));
         assert!(t.expiry.is_empty(), "nothing is kept for tombstones that are gone");
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_tombstones_go_and_epochs_still_grow() {
+        let mut t = RegistryTable::with_max_tombstones(3);
+        let a = n("a");
+        // c0 reaches epoch 3 before it ends; the others end at epoch 1.
+        for _ in 0..2 {
+            t.register("c0", &a, HlcStamp(1), None, 0);
+        }
+        for i in 0..5u64 {
+            let c = format!("c{i}");
+            let e = t.register(&c, &a, HlcStamp(1), None, 0).epoch;
+            // c0's tombstone (epoch 3) is dropped when c3's comes: c4 goes above it.
+            let want = match i {
+                0 => 3,
+                4 => 4,
+                _ => 1,
+            };
+            assert_eq!(e, want, "c{i}");
+            t.ended(&c, e, HlcStamp(10 + i));
+        }
+        assert_eq!(t.tombstones(), 3);
+        assert_eq!(t.tombstones_dropped_early(), 2);
+        assert!(
+            !t.is_ended("c0") && !t.is_ended("c1") && t.is_ended("c2") && t.is_ended("c4"),
+            "the oldest went"
+        );
+        assert_eq!(t.oldest_tombstone(), Some(HlcStamp(12)));
+        // c0's tombstone is gone, not its epoch: it continues above it.
+        assert_eq!(t.register("c0", &a, HlcStamp(30), None, 0).epoch, 4);
+        // An id that keeps coming back leaves stale expiry entries behind: they do not pile up.
+        for i in 0..20u64 {
+            let e = t.register("c9", &a, HlcStamp(40 + i), None, 0).epoch;
+            t.ended("c9", e, HlcStamp(40 + i));
+        }
+        assert!(t.expiry.len() <= 2 * 3, "{}", t.expiry.len());
+        assert!(t.tombstones() <= 3 && t.is_ended("c9"));
+        // Expiry still takes what is old, and only that.
+        t.prune(HlcStamp(59));
+        assert!(t.is_ended("c9"), "made at 59");
+        t.prune(HlcStamp(60));
+        assert_eq!(t.tombstones(), 0);
     }
 
     #[test]

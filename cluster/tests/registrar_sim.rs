@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use shardmq_cluster::link::{self, registry as frames, Frame};
 use shardmq_cluster::registrar::{PartitionMode, Registrar, RegistrarConfig, RegistrarEvent, RequestId};
-use shardmq_cluster::registry::{owners, WillInfo};
+use shardmq_cluster::registry::{owners, WillInfo, MAX_TOMBSTONES};
 use shardmq_cluster::retained::HlcStamp;
 use shardmq_cluster::NodeName;
 use support::Rng;
@@ -143,6 +143,9 @@ struct Sim {
     mode: PartitionMode,
     /// Every refused connect: (when, slot, client).
     refused: Vec<(Duration, usize, Arc<str>)>,
+    /// The most tombstones a node keeps: a handful for one seed in three, so that the oldest are dropped
+    /// early all the time (as under a storm of clean connections), the default otherwise.
+    max_tombstones: usize,
 }
 
 impl Sim {
@@ -155,6 +158,7 @@ impl Sim {
         let mut sim = Sim {
             mode,
             refused: Vec::new(),
+            max_tombstones: if seed.is_multiple_of(3) { 1 + (seed / 3 % 4) as usize } else { MAX_TOMBSTONES },
             seed,
             rng: Rng(seed),
             start,
@@ -204,6 +208,7 @@ impl Sim {
         let cfg = RegistrarConfig {
             partition_mode: self.mode,
             wall_ms_at_start: 1_700_000_000_000 + self.elapsed().as_millis() as u64,
+            max_tombstones: self.max_tombstones,
             ..Default::default()
         };
         let mut reg = Registrar::new(name(slot), cfg, self.now);

@@ -76,7 +76,7 @@ struct Link {
 }
 
 /// The cluster series the metrics endpoint exports: name, extra labels, counter (else gauge), help.
-pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 32] = [
+pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 33] = [
     ("shardmq_cluster_links_up", "", false, "Peers this node has a link with."),
     ("shardmq_cluster_links_opened_total", "", true, "Links that completed their handshake."),
     ("shardmq_cluster_links_refused_total", "", true, "Link handshakes refused, by either side."),
@@ -212,15 +212,28 @@ pub const CLUSTER_SERIES: [(&str, &str, bool, &str); 32] = [
         "shardmq_cluster_registry_tombstones",
         "",
         false,
-        "Ended registrations this node keeps for a while (10 minutes), so that late copies stay ended.",
+        "Ended registrations this node keeps for a while (10 minutes, 524,288 at most), so that late copies stay ended.",
+    ),
+    (
+        "shardmq_cluster_registry_tombstones_dropped_early_total",
+        "",
+        true,
+        "Tombstones of ended registrations dropped before their 10 minutes because the node kept the most it keeps.",
     ),
 ];
 
 /// The cluster thread's counters, published with relaxed stores once per loop iteration (at least once
 /// a second) for the metrics thread, which only loads them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClusterMetrics {
     values: [std::sync::atomic::AtomicU64; CLUSTER_SERIES.len()],
+}
+
+// Arrays of more than 32 elements have no derived `Default`.
+impl Default for ClusterMetrics {
+    fn default() -> Self {
+        ClusterMetrics { values: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)) }
+    }
 }
 
 impl ClusterMetrics {
@@ -336,6 +349,7 @@ impl Loop {
             s.sessions_unsent,
             r.registrations,
             r.tombstones,
+            r.tombstones_dropped_early,
         ];
         for (a, v) in m.values.iter().zip(values) {
             a.store(v, std::sync::atomic::Ordering::Relaxed);

@@ -26,6 +26,8 @@ pub struct RegistrarConfig {
     /// The wall clock (ms since the Unix epoch) at `now` of [`super::Registrar::new`]: registration stamps are
     /// taken from it plus the monotonic time since.
     pub wall_ms_at_start: u64,
+    /// The most tombstones kept ([`crate::registry::MAX_TOMBSTONES`] unless a test wants another).
+    pub max_tombstones: usize,
 }
 
 impl Default for RegistrarConfig {
@@ -34,6 +36,7 @@ impl Default for RegistrarConfig {
             partition_mode: PartitionMode::default(),
             request_timeout: REQUEST_TIMEOUT,
             wall_ms_at_start: 0,
+            max_tombstones: crate::registry::MAX_TOMBSTONES,
         }
     }
 }
@@ -83,9 +86,14 @@ pub struct RegistrarCounters {
     /// Sessions of this node ended because another node's registration superseded them.
     pub sessions_ended: u64,
     /// Gauges: the registrations this node keeps as an owner or replica, and the tombstones of ended
-    /// ones it keeps for [`super::TOMBSTONE_TTL`].
+    /// ones it keeps for [`super::TOMBSTONE_TTL`] (at most [`crate::registry::MAX_TOMBSTONES`]).
     pub registrations: u64,
     pub tombstones: u64,
+    /// Tombstones dropped before their TTL because this node kept the most it keeps.
+    pub tombstones_dropped_early: u64,
+    /// Registrations of unknown ids, not newer than a dropped tombstone, shown to their holders (which
+    /// say whether they have the session).
+    pub shown_to_holder: u64,
 }
 
 /// A session this node holds, as it registered it.

@@ -59,8 +59,9 @@
 //! What it does not do: sockets, clocks (`now` comes in) or randomness; moving the session itself (the
 //! shards do that on `EndSession`/`Granted`); publishing wills of clients that disconnected normally (the
 //! holder's shard does). Sessions held only by a node that is down are unreachable until it returns.
-//! Tombstones are forgotten after [`TOMBSTONE_TTL`]: a copy of an ended registration older than that
-//! (a node partitioned away for longer) could come back as an offline registration.
+//! Tombstones are forgotten after [`TOMBSTONE_TTL`], or earlier past [`crate::registry::MAX_TOMBSTONES`]
+//! (the oldest first, under a storm of clean connections): a copy of an ended registration older than
+//! that (a node partitioned away for longer) could come back as an offline registration.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -140,6 +141,7 @@ pub struct Registrar {
 
 impl Registrar {
     pub fn new(me: NodeName, cfg: RegistrarConfig, now: Instant) -> Registrar {
+        let table = RegistryTable::with_max_tombstones(cfg.max_tombstones);
         Registrar {
             known: BTreeSet::from([me.clone()]),
             me,
@@ -148,7 +150,7 @@ impl Registrar {
             hlc: Hlc::default(),
             up: BTreeSet::new(),
             lost: BTreeMap::new(),
-            table: RegistryTable::default(),
+            table,
             held: BTreeMap::new(),
             pending: Requests::default(),
             next_request: 1,
@@ -170,6 +172,7 @@ impl Registrar {
         RegistrarCounters {
             registrations: self.table.len() as u64,
             tombstones: self.table.tombstones() as u64,
+            tombstones_dropped_early: self.table.tombstones_dropped_early(),
             ..self.counters
         }
     }
@@ -681,7 +684,17 @@ impl Registrar {
         let client = r.client.clone();
         let before = self.table.get(&client).cloned();
         let said = (r.epoch, r.stamp, r.connected);
+        // A copy of an id this node knows nothing of, not newer than a tombstone it dropped: it may be
+        // that registration's, brought back (even from its holder: a word sent before the session
+        // ended can arrive after the tombstone went). Its holder is shown it, as to a peer that comes
+        // up, and answers `Forget` if it has no such session now (see `phantom`).
+        let doubtful =
+            before.is_none() && !self.table.is_ended(&client) && r.epoch <= self.table.epoch_floor();
+        let shown = doubtful.then(|| r.clone());
         self.merge(from, r);
+        if let Some(r) = shown.filter(|r| self.table.get(&r.client) == Some(r)) {
+            self.show_holder(r, now);
+        }
         if word {
             let (epoch, stamp, connected) = said;
             if connected {
@@ -697,6 +710,22 @@ impl Registrar {
             self.copy_to_owners(&client);
         }
         self.note_loss(&client, now);
+    }
+
+    /// Asks `r`'s holder whether it has that session: a peer answers `Forget` if not (see `phantom`); a
+    /// registration naming this node is checked in place.
+    fn show_holder(&mut self, r: Registration, now: Instant) {
+        self.counters.shown_to_holder += 1;
+        if r.holder == self.me {
+            if self.phantom(&r) {
+                let at = self.hlc.stamp(self.wall_ms(now));
+                self.table.ended_elsewhere(r.clone(), at);
+                self.forget_at_owners_but(r, None);
+            }
+        } else if self.up.contains(&r.holder) {
+            let holder = r.holder.clone();
+            self.send(&holder, RegistryMsg::Sync(r));
+        }
     }
 
     /// A registration here naming this node as the holder of the session it holds: whether the client is
