@@ -170,7 +170,10 @@ struct Tombstone {
 /// 1.8 million (the table doubling), and the re-registration of the tombstones at every reconnection
 /// kept it from coming back. Past the cap the oldest go first (`tombstones_dropped_early`): a copy of
 /// one of them still in flight could then bring a registration back (as one that ended past its TTL
-/// could), which the holder's next word on it corrects; their epochs are not lost (`epoch_floor`).
+/// could): the registrar shows such a copy to its holder, which forgets it if it has no such session,
+/// and the epochs are not lost (`epoch_floor`); but a will whose publication only the dropped
+/// tombstone remembered can be published again if a copy from before (the other side of a partition)
+/// comes back while its holder is still seen down.
 pub const MAX_TOMBSTONES: usize = 1 << 19;
 
 /// The registrations a node keeps: those it owns or replicates.

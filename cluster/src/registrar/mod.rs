@@ -812,7 +812,16 @@ impl Registrar {
         if let Some((until, successor, successor_epoch)) = self.superseded.remove(&client) {
             if until >= epoch {
                 self.session_superseded(client, until, successor, successor_epoch, false, now);
+                return;
             }
+        }
+        // Granted by an owner that is not the id's primary any more (the membership changed while the
+        // grant waited for its replica): the grant was handed to the new primary with the rest, which may
+        // have had a newer registration from the other side of a healed partition and tried to end this
+        // one before it could reach this node. Re-registered with the primary of now, which ends it
+        // if it lost (registrar simulation, seed 109066).
+        if p.owner != self.me && self.owners_of(&client).primary != p.owner {
+            self.reregister(&client);
         }
     }
 
