@@ -183,9 +183,11 @@ pub struct RegistryTable {
     /// Invariant: at most `max_tombstones` entries (see [`MAX_TOMBSTONES`]).
     ended: HashMap<Arc<str>, Tombstone>,
     max_tombstones: usize,
-    /// The highest epoch of a tombstone dropped here (expired, or the oldest past the cap): every new
-    /// registration goes above it, so an id whose tombstone went still continues above its last epoch
-    /// (epochs then grow over all ids, not each id alone; what matters is that they grow).
+    /// The highest epoch of a tombstone dropped here before its time (the oldest past the cap): every
+    /// new registration goes above it, so an id whose tombstone went early still continues above its last
+    /// epoch (epochs then grow over all ids, not each id alone; what matters is that they grow). Expiry
+    /// does not raise it: past the TTL no copy is expected any more, and a node that is not flooded
+    /// keeps 0 here (see `Registrar`'s check of copies at or below it, which costs a message).
     epoch_floor: u64,
     /// Tombstones dropped before their TTL because the table was full.
     dropped_early: u64,
@@ -377,24 +379,24 @@ impl RegistryTable {
         debug_assert!(self.ended.len() <= self.max_tombstones);
     }
 
-    /// Drops the oldest tombstone (skipping the stale entries of `expiry` in front of it).
+    /// Drops the oldest tombstone before its time (skipping the stale entries of `expiry` in front of
+    /// it); new registrations go above its epoch.
     fn drop_oldest(&mut self) {
         while let Some((at, client)) = self.expiry.pop_front() {
-            if self.drop_if_current(&client, at) {
+            if let Some(epoch) = self.drop_if_current(&client, at) {
+                self.epoch_floor = self.epoch_floor.max(epoch);
                 return;
             }
         }
     }
 
     /// Drops `client`'s tombstone if it is the one made at `at` (an `expiry` entry is stale once its
-    /// tombstone was replaced or removed); returns whether it did.
-    fn drop_if_current(&mut self, client: &str, at: HlcStamp) -> bool {
+    /// tombstone was replaced or removed); returns its epoch if it did.
+    fn drop_if_current(&mut self, client: &str, at: HlcStamp) -> Option<u64> {
         if self.ended.get(client).is_none_or(|t| t.at != at) {
-            return false;
+            return None;
         }
-        let t = self.ended.remove(client).expect("present");
-        self.epoch_floor = self.epoch_floor.max(t.last.epoch);
-        true
+        self.ended.remove(client).map(|t| t.last.epoch)
     }
 
     /// A registration ended elsewhere (another owner's word): it goes, and any older one of its id with
@@ -425,7 +427,7 @@ impl RegistryTable {
         while let Some((at, _)) = self.expiry.front().filter(|(at, _)| *at < horizon) {
             let at = *at;
             let (_, client) = self.expiry.pop_front().expect("front");
-            self.drop_if_current(&client, at);
+            let _ = self.drop_if_current(&client, at);
         }
         if self.ended.is_empty() {
             self.expiry.clear();
@@ -447,8 +449,8 @@ impl RegistryTable {
         self.ended.len()
     }
 
-    /// The highest epoch of a tombstone dropped here (0: none yet): a registration of an unknown id at or
-    /// below it may be one that ended here.
+    /// The highest epoch of a tombstone dropped here early (0: none yet): a registration of an unknown id
+    /// at or below it may be one that ended here.
     pub fn epoch_floor(&self) -> u64 {
         self.epoch_floor
     }
@@ -640,6 +642,8 @@ mod tests {
         assert_eq!(t.oldest_tombstone(), None, "no tombstone left: no timer");
         t.prune(HlcStamp(1_000));
         assert!(t.expiry.is_empty(), "nothing is kept for tombstones that are gone");
+        assert_eq!(t.epoch_floor(), 0, "expiry raises no floor: past the TTL no copy is expected");
+        assert_eq!(t.register("c7", &a, HlcStamp(2_000), None, 0).epoch, 1);
     }
 
     #[test]
@@ -670,6 +674,7 @@ mod tests {
         );
         assert_eq!(t.oldest_tombstone(), Some(HlcStamp(12)));
         // c0's tombstone is gone, not its epoch: it continues above it.
+        assert_eq!(t.epoch_floor(), 3);
         assert_eq!(t.register("c0", &a, HlcStamp(30), None, 0).epoch, 4);
         // An id that keeps coming back leaves stale expiry entries behind: they do not pile up.
         for i in 0..20u64 {

@@ -91,9 +91,6 @@ pub struct RegistrarCounters {
     pub tombstones: u64,
     /// Tombstones dropped before their TTL because this node kept the most it keeps.
     pub tombstones_dropped_early: u64,
-    /// Registrations of unknown ids, not newer than a dropped tombstone, shown to their holders (which
-    /// say whether they have the session).
-    pub shown_to_holder: u64,
 }
 
 /// A session this node holds, as it registered it.

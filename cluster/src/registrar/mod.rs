@@ -715,7 +715,6 @@ impl Registrar {
     /// Asks `r`'s holder whether it has that session: a peer answers `Forget` if not (see `phantom`); a
     /// registration naming this node is checked in place.
     fn show_holder(&mut self, r: Registration, now: Instant) {
-        self.counters.shown_to_holder += 1;
         if r.holder == self.me {
             if self.phantom(&r) {
                 let at = self.hlc.stamp(self.wall_ms(now));
