@@ -27,12 +27,18 @@ mod tests {
 
     #[test]
     fn workers_stop_when_the_coordinator_panics() {
-        let stop = AtomicBool::new(false);
+        let (stop, told) = (AtomicBool::new(false), AtomicBool::new(false));
         let r = std::panic::catch_unwind(|| {
             thread::scope(|s| {
                 let _guard = StopOnDrop(&stop);
                 s.spawn(|| {
-                    while !stop.load(Relaxed) {
+                    // Bounded, so that without the guard this test fails instead of hanging.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                    while std::time::Instant::now() < deadline {
+                        if stop.load(Relaxed) {
+                            told.store(true, Relaxed);
+                            return;
+                        }
                         thread::sleep(std::time::Duration::from_millis(1));
                     }
                 });
@@ -40,6 +46,7 @@ mod tests {
             })
         });
         assert!(r.is_err());
-        assert!(stop.load(Relaxed), "the worker was told to stop (the scope could only end once it had)");
+        assert!(stop.load(Relaxed));
+        assert!(told.load(Relaxed), "the worker was told to stop, not left to run out its own bound");
     }
 }

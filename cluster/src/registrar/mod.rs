@@ -547,7 +547,7 @@ impl Registrar {
                 }
             }
             RegistryMsg::Granted { request, client, epoch, previous } => {
-                self.granted(request, client, epoch, previous, now)
+                self.granted(from, request, client, epoch, previous, now)
             }
             RegistryMsg::Disconnect { request, client, epoch, ended } => {
                 let ending = self.table.get(&client).filter(|r| ended && r.epoch == epoch).cloned();
@@ -754,6 +754,7 @@ impl Registrar {
 
     fn granted(
         &mut self,
+        from: &NodeName,
         request: RequestId,
         client: Arc<str>,
         epoch: u64,
@@ -814,12 +815,14 @@ impl Registrar {
                 return;
             }
         }
-        // Granted by an owner that is not the id's primary any more (the membership changed while the
+        // Granted by a node that is not the id's primary any more (the membership changed while the
         // grant waited for its replica): the grant was handed to the new primary with the rest, which may
         // have had a newer registration from the other side of a healed partition and tried to end this
         // one before it could reach this node. Re-registered with the primary of now, which ends it
-        // if it lost (registrar simulation, seed 109066).
-        if p.owner != self.me && self.owners_of(&client).primary != p.owner {
+        // if it lost (registrar simulation, seed 109066). The sender, not the request's owner, is what
+        // counts: a request sent again to the new primary still takes the old one's grant if it comes
+        // first.
+        if *from != self.me && self.owners_of(&client).primary != *from {
             self.reregister(&client);
         }
     }
