@@ -32,7 +32,9 @@
 //! What it does not do: messages between nodes, timers, session hand-over (the [`crate::registrar`], the
 //! gateway and the shards do those); it is the table and the rules every node applies alike.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use ahash::HashMap;
 use std::sync::Arc;
 
 use crate::retained::HlcStamp;
@@ -208,8 +210,8 @@ impl RegistryTable {
     /// A table that keeps at most `max` tombstones (at least 1).
     pub fn with_max_tombstones(max: usize) -> Self {
         RegistryTable {
-            entries: HashMap::new(),
-            ended: HashMap::new(),
+            entries: HashMap::default(),
+            ended: HashMap::default(),
             max_tombstones: max.max(1),
             epoch_floor: 0,
             dropped_early: 0,

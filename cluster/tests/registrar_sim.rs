@@ -921,6 +921,18 @@ fn seeds_that_failed_once() {
     // an owner there, the window the registrar documents (the check knew only of connections made
     // before the partition).
     replayable(4025, consistent_partition);
+    // A reconnect on the same node granted without waiting for the replica's copy, which the partition
+    // then cut: the replica, primary on its side, published the will of the connection the reconnect
+    // had replaced (only a grant of an id the primary has no registration of goes unacknowledged).
+    replayable(977, consistent_partition);
+    // A tombstone dropped early (a seed with 1): the copies of its id that came back at the heal were
+    // shown to their holder only when the id was unknown, so the second (a later epoch, connected)
+    // replaced the first, shown, and stayed: registered, held nowhere (any copy at or below the dropped
+    // epochs that becomes the table's registration is shown now).
+    replayable(26088, consistent_partition);
+    // Two registrations of epoch 6 made on the two sides of a partition: the loser's disconnect, matched
+    // by epoch alone, ended the winner's registration at the owner (a disconnect ends only its sender's).
+    replayable(63826, partition_and_heal);
 }
 
 #[test]

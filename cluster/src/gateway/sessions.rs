@@ -27,7 +27,7 @@
 //!
 //! What it does not do: keep a session the new node never stored (it dies with it in flight).
 
-use std::collections::HashMap;
+use ahash::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -153,14 +153,14 @@ impl Sessions {
         Sessions {
             registrar: Registrar::new(me.clone(), cfg, now),
             me,
-            waiting: HashMap::new(),
-            awaiting: HashMap::new(),
-            early: HashMap::new(),
-            ending: HashMap::new(),
+            waiting: HashMap::default(),
+            awaiting: HashMap::default(),
+            early: HashMap::default(),
+            ending: HashMap::default(),
             unsent: Vec::new(),
-            forwarding: HashMap::new(),
-            barriers: HashMap::new(),
-            settling: HashMap::new(),
+            forwarding: HashMap::default(),
+            barriers: HashMap::default(),
+            settling: HashMap::default(),
             shards,
             counters: SessionCounters::default(),
         }

@@ -86,9 +86,9 @@ pub enum RegistryMsg {
     Replicate(Registration),
     /// The primary owner's copy to its replica that nothing waits for, merged like `Replicate` but not
     /// acknowledged: a change of a registration (disconnected, will published, handed over), or a new
-    /// registration for a replica that is its holder, sent ahead of the grant on the same link (only
-    /// when it took no session from another node: a takeover waits for the replica's `Replicated`, so
-    /// that the takeover survives the primary's loss).
+    /// registration granted to another node, sent ahead of the grant, when it took no session from
+    /// elsewhere (a takeover waits for the replica's `Replicated`, so that it survives the primary's
+    /// loss; a connection the primary holds itself waits too, so that its will does).
     Copy(Registration),
     /// A holder re-registering a session restored from its log: like `Sync`, but it says nothing about
     /// the connection the session had (the holder's previous life had it), so it changes neither

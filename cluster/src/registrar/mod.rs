@@ -10,9 +10,12 @@
 //! once the replica acknowledged the copy, answers `Granted` and, when another node held the session,
 //! tells that node to end it (`EndSession`: the shard closes the connection with DISCONNECT 0x8E and
 //! hands the session over, or drops it when the new connection started clean). Waiting for the replica
-//! makes a grant survive the owner's loss: the replica, primary then, continues the epochs. (When the
-//! requester keeps the replica itself and takes no session from another node, the copy goes ahead of
-//! the grant on the same link, unacknowledged: `Copy`; so do the owner's copies of later changes.) The
+//! makes a grant survive the owner's loss: the replica, primary then, continues the epochs. (A grant that
+//! takes no session from another node goes without waiting, its copy unacknowledged (`Copy`), when the
+//! requester keeps the replica itself (the copy goes ahead of the grant on the same link), or when the
+//! id had no registration at the owner and the requester is another node, which registers its session
+//! again should the owner be lost first: every clean connection of a storm. So do the owner's copies of
+//! later changes.) The
 //! owner handles requests one at a time, so two CONNECTs racing on two nodes end with the later one
 //! holding the session and the other told to end. A node stops delivering for an epoch that is no longer its
 //! current one ([`Registrar::is_current`], the fencing query).
@@ -63,6 +66,7 @@
 //! (the oldest first, under a storm of clean connections): a copy of an ended registration older than
 //! that (a node partitioned away for longer) could come back as an offline registration.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -137,6 +141,9 @@ pub struct Registrar {
     local: VecDeque<RegistryMsg>,
     events: VecDeque<RegistrarEvent>,
     counters: RegistrarCounters,
+    /// The owners of the id looked up last: handling one message asks for them several times, each
+    /// time three rendezvous hashes or more. Invariant: cleared whenever `up` changes.
+    owners_memo: RefCell<Option<(String, Owners)>>,
 }
 
 impl Registrar {
@@ -161,6 +168,7 @@ impl Registrar {
             local: VecDeque::new(),
             events: VecDeque::new(),
             counters: RegistrarCounters::default(),
+            owners_memo: RefCell::new(None),
         }
     }
 
@@ -235,7 +243,21 @@ impl Registrar {
     }
 
     fn owners_of(&self, client: &str) -> Owners {
-        owners(client, self.members()).expect("this node is a member")
+        let mut memo = self.owners_memo.borrow_mut();
+        match &mut *memo {
+            Some((c, o)) if c == client => {
+                debug_assert_eq!(Some(&*o), owners(client, self.members()).as_ref());
+                o.clone()
+            }
+            _ => {
+                let o = owners(client, self.members()).expect("this node is a member");
+                let mut c = memo.take().map(|(c, _)| c).unwrap_or_default();
+                c.clear();
+                c.push_str(client);
+                *memo = Some((c, o.clone()));
+                o
+            }
+        }
     }
 
     fn is_up(&self, node: &NodeName) -> bool {
@@ -290,6 +312,7 @@ impl Registrar {
         }
         let before: Vec<NodeName> = self.members().cloned().collect();
         self.up.insert(node.clone());
+        *self.owners_memo.get_mut() = None;
         self.lost.remove(node);
         self.known.insert(node.clone());
         // What this node, as primary owner, says `node` holds: a node back from a restart forgets what
@@ -314,6 +337,7 @@ impl Registrar {
         }
         let before: Vec<NodeName> = self.members().cloned().collect();
         self.up.remove(node);
+        *self.owners_memo.get_mut() = None;
         // Registrations whose replica went: answered now (the new owners get them as they move).
         let released: Vec<(Arc<str>, u64)> =
             self.awaiting.iter().filter(|(_, (r, _))| r == node).map(|(k, _)| k.clone()).collect();
@@ -505,6 +529,9 @@ impl Registrar {
         match m {
             RegistryMsg::Register { request, client, clean_start, stamp, will, known } => {
                 self.hlc.observe(stamp);
+                // No registration of the id here (none yet, or only its tombstone): the replica has none
+                // either that a lost copy would leave standing.
+                let fresh = self.table.get(&client).is_none();
                 let r = self.table.register(&client, from, stamp, will, known);
                 debug_assert!(r.epoch > known, "a grant goes above every epoch its requester knows of");
                 let previous =
@@ -518,12 +545,26 @@ impl Registrar {
                 }
                 let o = self.owners_of(&client);
                 match o.replica.filter(|rep| o.primary == self.me && *rep != self.me) {
-                    Some(replica) if replica == *from && answers.len() == 1 && !self.awaits(&client) => {
-                        // The requester keeps the replica itself and takes no session from another
-                        // node: the copy goes ahead of the grant on the same link, so the grant never
-                        // arrives without it, and nothing waits for an acknowledgement. (Not while an
-                        // earlier grant of the id waits for its replica: grants of one id must reach
-                        // their requester in order.)
+                    Some(replica)
+                        if (replica == *from || (fresh && *from != self.me))
+                            && answers.len() == 1
+                            && !self.awaits(&client) =>
+                    {
+                        // Nothing waits for the replica's acknowledgement when the grant takes no
+                        // session from another node and either:
+                        // - the requester keeps the replica itself: the copy goes ahead of the grant on
+                        //   the same link, so the grant never arrives without it;
+                        // - or the id had no registration here (a new one, as for every clean connection
+                        //   of a storm), and the requester is another node. Were this node lost before
+                        //   the replica has the copy, the replica has no registration of the id that the
+                        //   copy would have replaced (one whose will it could publish, or whose holder
+                        //   it could take for the session's), and the requester, alive since it holds
+                        //   the session, registers it again with the new primary, will included; a
+                        //   registration of the id made meanwhile at the same epoch is told apart by its
+                        //   clock, as after a partition.
+                        // Not while an earlier grant of the id waits for its replica: grants of one id
+                        // must reach their requester in order. A requester that is this node waits:
+                        // holder and primary lost at once would leave no one who knows its will.
                         let copy = self.table.get(&client).expect("registered").clone();
                         self.send(&replica, RegistryMsg::Copy(copy));
                         for (to, m) in answers {
@@ -550,7 +591,11 @@ impl Registrar {
                 self.granted(from, request, client, epoch, previous, now)
             }
             RegistryMsg::Disconnect { request, client, epoch, ended } => {
-                let ending = self.table.get(&client).filter(|r| ended && r.epoch == epoch).cloned();
+                // Only the sender's own registration: after a partition two registrations of an id can
+                // have the same epoch (each side went on from the last it knew), and the one that lost the
+                // conflict must not end the winner's (registrar simulation, seed 63826).
+                let own = self.table.get(&client).filter(|r| r.epoch == epoch && r.holder == *from).cloned();
+                let ending = own.clone().filter(|_| ended);
                 // A requester that keeps the replica learns from the `Forget` it gets anyway: that is
                 // its acknowledgement (see `Forget`).
                 let forget_answers =
@@ -562,7 +607,7 @@ impl Registrar {
                     let at = self.hlc.stamp(self.wall_ms(now));
                     self.table.ended(&client, epoch, at);
                     self.forget_at_owners(r);
-                } else if !ended {
+                } else if !ended && own.is_some() {
                     self.table.disconnected(&client, epoch);
                     self.copy_to_owners(&client);
                 }
@@ -626,12 +671,13 @@ impl Registrar {
             RegistryMsg::Forget(r) => {
                 self.hlc.observe(r.stamp);
                 // The end of the registration a disconnect here reported: that disconnect is done.
+                let mine = r.holder == self.me;
                 let done: Vec<RequestId> = self
                     .pending
                     .of(&r.client)
-                    .filter(
-                        |(_, p)| matches!(p.op, Op::Disconnect { epoch, ended: true } if epoch == r.epoch),
-                    )
+                    .filter(|(_, p)| {
+                        mine && matches!(p.op, Op::Disconnect { epoch, ended: true } if epoch == r.epoch)
+                    })
                     .map(|(id, _)| id)
                     .collect();
                 for id in done {
@@ -684,15 +730,17 @@ impl Registrar {
         let client = r.client.clone();
         let before = self.table.get(&client).cloned();
         let said = (r.epoch, r.stamp, r.connected);
-        // A copy of an id this node knows nothing of, not newer than a tombstone it dropped: it may be
-        // that registration's, brought back (even from its holder: a word sent before the session
-        // ended can arrive after the tombstone went). Its holder is shown it, as to a peer that comes
-        // up, and answers `Forget` if it has no such session now (see `phantom`).
-        let doubtful =
-            before.is_none() && !self.table.is_ended(&client) && r.epoch <= self.table.epoch_floor();
+        // A copy of an id without a tombstone here, not newer than a tombstone this node dropped: it may
+        // be that registration's, brought back (even from its holder: a word sent before the session
+        // ended can arrive after the tombstone went). If it is what the table has now, its holder is
+        // shown it, as to a peer that comes up, and answers `Forget` if it has no such session (see
+        // `phantom`). What the table had before does not vouch for it: it may be such a copy too (an
+        // older epoch of the id, from another node, came first: registrar simulation, seed 26088).
+        let doubtful = !self.table.is_ended(&client) && r.epoch <= self.table.epoch_floor();
         let shown = doubtful.then(|| r.clone());
         self.merge(from, r);
-        if let Some(r) = shown.filter(|r| self.table.get(&r.client) == Some(r)) {
+        if let Some(r) = shown.filter(|r| self.table.get(&r.client) == Some(r) && before.as_ref() != Some(r))
+        {
             self.show_holder(r, now);
         }
         if word {

@@ -1,7 +1,9 @@
 //! The requests a node waits on answers for (its clients' registrations and disconnects), by request id
 //! and by client id: most registry messages ask whether a client has one, so that is not a scan.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use ahash::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
