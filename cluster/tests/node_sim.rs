@@ -1273,6 +1273,41 @@ fn many_seeds() {
         split_brain(seed);
         takeover_across_a_broken_link(seed);
         takeover_under_publishes(seed);
+        quick_reconnect_elsewhere(seed);
+    }
+}
+
+/// A client leaves one node (its clean session ends there) and at once connects to another: the id's
+/// owner can hear of the new connection before the end of the old one, and take the old node for the
+/// session's holder. That node, with nothing to hand over, says so: the new CONNACK does not wait for
+/// the hand-over's timeout (3 s), and finds no session.
+fn quick_reconnect_elsewhere(seed: u64) {
+    let n = 3;
+    let mut sim = Sim::new(seed, n);
+    sim.wait_all_up(Duration::from_secs(5));
+    let mut rng = Rng(seed ^ 0x9e7);
+    for round in 0..8 {
+        let id = format!("hopper-{round}-{}", rng.below(1000));
+        let from = rng.below(n as u64) as usize;
+        let to = (from + 1 + rng.below(n as u64 - 1) as usize) % n;
+        let c = sim.connect_with(from, &id, true, None);
+        sim.disconnect(c);
+        let persistent = rng.below(2) == 0;
+        let d = sim.start_connect(to, &id, !persistent, None);
+        let took = sim.run_until(Duration::from_secs(5), |sim| sim.hosts.clients[d].connacked);
+        assert!(
+            took.is_some_and(|t| t < Duration::from_millis(1500)),
+            "seed {seed}: round {round} (persistent {persistent}): CONNACK after {took:?}"
+        );
+        assert!(!sim.hosts.clients[d].session_present, "seed {seed}: round {round}: no session to find");
+        sim.disconnect(d);
+    }
+}
+
+#[test]
+fn a_quick_reconnect_elsewhere_does_not_wait_for_a_session_that_ended() {
+    for seed in seeds() {
+        quick_reconnect_elsewhere(seed);
     }
 }
 

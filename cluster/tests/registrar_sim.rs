@@ -450,6 +450,7 @@ impl Sim {
                 RegistrarEvent::PublishWill { client, epoch, .. } => {
                     self.wills.push((elapsed, slot, client, epoch));
                 }
+                RegistrarEvent::NoSession { .. } => {}
             }
         }
         let t = node.reg.poll_timeout();

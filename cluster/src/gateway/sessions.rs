@@ -528,6 +528,15 @@ impl Sessions {
                     self.ending.insert(client.clone(), (successor, successor_epoch));
                     out.mesh.push((shard, Mesh::EndSession { client, export: !discard }));
                 }
+                RegistrarEvent::NoSession { client, successor, successor_epoch } => {
+                    // What a shard with no session exports: nothing, which the successor may wait for.
+                    let mut frame = Vec::with_capacity(client.len() + 16);
+                    link::encode(
+                        &Frame::Session { client: &client, epoch: successor_epoch, state: &[] },
+                        &mut frame,
+                    );
+                    out.sessions.push((successor, client, frame));
+                }
                 RegistrarEvent::PublishWill { client, will, .. } => {
                     tracing::info!(%client, topic = %will.topic, "publishing the will of a client of a lost node");
                     let w = RegisteredWill {

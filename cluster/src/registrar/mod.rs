@@ -914,6 +914,17 @@ impl Registrar {
                 successor_epoch,
                 discard,
             });
+        } else if !self.held.contains_key(&client)
+            && !self.pending.registering(&client)
+            && successor != self.me
+        {
+            // Nothing here (any more): the session ended here before the owner heard, and the owner
+            // took this node for its holder when it granted the successor (a client that left this node
+            // and at once connected to another), or another owner's end of a session already handed
+            // over. The successor may be waiting for this node's hand-over: it is told there is none
+            // (a second one, after the session, changes nothing there). Without it, its CONNACK would
+            // wait for the hand-over's timeout.
+            self.events.push_back(RegistrarEvent::NoSession { client, successor, successor_epoch });
         }
     }
 
