@@ -707,6 +707,8 @@ impl Loop {
             congested_pauses = self.congested_pauses,
             "cluster counters at shutdown"
         );
+        // Registry messages held back to go with others go now, ahead of the leave.
+        self.gateway.flush_held();
         self.gateway.zone_mut().leave(now);
         let deadline = now + Duration::from_millis(200);
         self.flush_output(now);

@@ -26,6 +26,7 @@
 
 mod congestion;
 mod forward;
+mod hold;
 mod interest;
 mod retained;
 pub mod sessions;
@@ -388,6 +389,8 @@ impl Gateway {
         tracing::warn!(node = %peer.name, addr = %peer.addr, reason, "cluster peer unlinked");
         self.router.peer_down(&peer.name);
         self.sessions.registrar.handle_peer_down(&peer.name, now);
+        // What was held for it goes, as it would have in its link (counted like a message not sent).
+        self.counters.registry_not_sent += self.sessions.hold.drop_peer(&peer.name) as u64;
         let mut out = sessions::Output::default();
         self.sessions.peer_down(&peer.name, &mut out);
         self.apply_sessions(out, now);
@@ -492,15 +495,13 @@ impl Gateway {
 
     fn apply_sessions(&mut self, out: sessions::Output, now: Instant) {
         for (peer, bytes, messages) in out.frames {
-            let len = bytes.len() as u64;
-            if !self.send_bytes(&peer, bytes) {
-                self.counters.registry_not_sent += messages;
-            } else if messages > 0 {
-                self.counters.registry_out += messages;
-                self.counters.registry_bytes_out += len;
-            }
+            self.send_registry_frame(&peer, bytes, messages);
         }
         for (peer, client, frame) in out.sessions {
+            // Registry messages held for the peer go first (a session handed over comes after them).
+            if let Some(msgs) = self.sessions.hold.take(&peer) {
+                self.send_registry(&peer, &msgs);
+            }
             if !self.zone.peers_up().any(|p| p.name == peer) {
                 self.sessions.hold_unsent(peer, client, frame, now);
                 continue;
@@ -513,6 +514,30 @@ impl Gateway {
             }
         }
         self.out.extend(out.mesh);
+    }
+
+    /// A frame of `messages` registry messages (0: another frame of the sessions' protocol).
+    fn send_registry_frame(&mut self, peer: &NodeName, bytes: Vec<u8>, messages: u64) {
+        let len = bytes.len() as u64;
+        if !self.send_bytes(peer, bytes) {
+            self.counters.registry_not_sent += messages;
+        } else if messages > 0 {
+            self.counters.registry_out += messages;
+            self.counters.registry_bytes_out += len;
+        }
+    }
+
+    fn send_registry(&mut self, peer: &NodeName, msgs: &[crate::registrar::RegistryMsg]) {
+        for (frame, n) in crate::link::registry::frames(msgs) {
+            self.send_registry_frame(peer, frame, n);
+        }
+    }
+
+    /// Sends the registry messages held back to go with others (see `hold`) at once: the node leaves.
+    pub fn flush_held(&mut self) {
+        for (peer, msgs) in self.sessions.hold.take_all() {
+            self.send_registry(&peer, &msgs);
+        }
     }
 
     /// What the session registry counted.

@@ -37,6 +37,7 @@ use shardmq_shard::core::{
 };
 use shardmq_shard::ShardId;
 
+use super::hold::Hold;
 use crate::link::registry as reg;
 use crate::link::{self, Frame};
 use crate::registrar::{Registrar, RegistrarConfig, RegistrarEvent, RegistryMsg, RequestId};
@@ -113,6 +114,8 @@ pub(super) struct Sessions {
     /// Sessions moved here whose old node forwards until this node routes them: to tell it when it does
     /// (the shard's [`Mesh::Settled`]), by client id.
     settling: HashMap<Arc<str>, (NodeName, u64, Instant)>,
+    /// Registry messages that can wait, held for others to the same peer.
+    pub(super) hold: Hold,
     shards: u16,
     pub(super) counters: SessionCounters,
 }
@@ -161,6 +164,7 @@ impl Sessions {
             forwarding: HashMap::default(),
             barriers: HashMap::default(),
             settling: HashMap::default(),
+            hold: Hold::default(),
             shards,
             counters: SessionCounters::default(),
         }
@@ -415,10 +419,18 @@ impl Sessions {
         let unsent = self.unsent.iter().map(|u| u.deadline).min();
         let forwarding = self.forwarding.values().map(|f| f.deadline).min();
         let settling = self.settling.values().map(|s| s.2).min();
-        [self.registrar.poll_timeout(), grants, early, unsent, forwarding, settling]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.registrar.poll_timeout(),
+            grants,
+            early,
+            unsent,
+            forwarding,
+            settling,
+            self.hold.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub(super) fn handle_timeout(&mut self, now: Instant, out: &mut Output) {
@@ -461,15 +473,26 @@ impl Sessions {
 
     /// What the registrar has to send and say, turned into frames and shard messages.
     pub(super) fn drain(&mut self, now: Instant, out: &mut Output) {
-        // The messages for one peer go together, in order, in as few frames as they fit.
-        let mut by_peer: Vec<(NodeName, Vec<RegistryMsg>)> = Vec::new();
-        while let Some((to, m)) = self.registrar.poll_transmit() {
-            match by_peer.iter_mut().find(|(p, _)| *p == to) {
-                Some((_, msgs)) => msgs.push(m),
-                None => by_peer.push((to, vec![m])),
+        // The messages for one peer go together, in order, in as few frames as they fit; those that can
+        // wait are held a moment for more (see `Hold`).
+        let mut by_peer: Vec<(NodeName, Vec<RegistryMsg>, bool)> = Vec::new();
+        while let Some((to, m, can_wait)) = self.registrar.poll_transmit_hinted() {
+            match by_peer.iter_mut().find(|(p, ..)| *p == to) {
+                Some((_, msgs, urgent)) => {
+                    msgs.push(m);
+                    *urgent |= !can_wait;
+                }
+                None => by_peer.push((to, vec![m], !can_wait)),
             }
         }
-        for (to, msgs) in by_peer {
+        for (to, msgs, urgent) in by_peer {
+            if let Some(msgs) = self.hold.offer(&to, msgs, urgent, now) {
+                for (frame, n) in reg::frames(&msgs) {
+                    out.frames.push((to.clone(), frame, n));
+                }
+            }
+        }
+        for (to, msgs) in self.hold.take_due(now) {
             for (frame, n) in reg::frames(&msgs) {
                 out.frames.push((to.clone(), frame, n));
             }

@@ -136,7 +136,9 @@ pub struct Registrar {
     awaiting: BTreeMap<(Arc<str>, u64), (NodeName, Answers)>,
     /// Wills due after their holder's loss: when, by (client, epoch).
     wills: BTreeMap<(Arc<str>, u64), Instant>,
-    out: VecDeque<(NodeName, RegistryMsg)>,
+    /// Messages for peers; `true`: it may wait a moment for others to the same peer (see
+    /// [`Registrar::poll_transmit_hinted`]).
+    out: VecDeque<(NodeName, RegistryMsg, bool)>,
     /// Messages to this node itself (it owns the id), handled before a call returns.
     local: VecDeque<RegistryMsg>,
     events: VecDeque<RegistrarEvent>,
@@ -290,16 +292,16 @@ impl Registrar {
         if !self.is_current(client, epoch) {
             return;
         }
-        if session_kept {
+        let had_will = if session_kept {
             let h = self.held.get_mut(client).expect("current");
             h.connected = false;
-            h.will = None;
+            h.will.take().is_some()
         } else {
-            self.held.remove(client);
-        }
+            self.held.remove(client).is_some_and(|h| h.will.is_some())
+        };
         let id = RequestId(self.next_request);
         self.next_request += 1;
-        let op = Op::Disconnect { epoch, ended: !session_kept };
+        let op = Op::Disconnect { epoch, ended: !session_kept, had_will };
         self.pending.insert(id, Pending { client: client.into(), op, owner: self.me.clone(), deadline: now });
         self.send_request(id, now);
         self.drain_local(now);
@@ -410,6 +412,17 @@ impl Registrar {
     /// ([`crate::link::registry::frames`]). Messages for a peer that is not up may be dropped: what they
     /// said is repeated after the next membership change.
     pub fn poll_transmit(&mut self) -> Option<(NodeName, RegistryMsg)> {
+        self.out.pop_front().map(|(to, m, _)| (to, m))
+    }
+
+    /// [`Registrar::poll_transmit`], saying whether the message may wait a moment (a few milliseconds)
+    /// to go with others to the same peer: nothing waits for it, and were the sender lost meanwhile,
+    /// no will would be published wrongly for it (an acknowledgement, the disconnect of a connection
+    /// without a will and the owners' copies of its end, the copy of a new registration that its holder
+    /// would register again). At a few thousand connections a second, each of these woke a peer's
+    /// cluster thread by itself; held, they go together. One that cannot wait takes those before it
+    /// along, in order.
+    pub fn poll_transmit_hinted(&mut self) -> Option<(NodeName, RegistryMsg, bool)> {
         self.out.pop_front()
     }
 
@@ -423,10 +436,19 @@ impl Registrar {
     }
 
     fn send(&mut self, to: &NodeName, m: RegistryMsg) {
+        self.send_hinted(to, m, false)
+    }
+
+    /// [`Registrar::send`] of a message that may wait (see [`Registrar::poll_transmit_hinted`]).
+    fn send_can_wait(&mut self, to: &NodeName, m: RegistryMsg) {
+        self.send_hinted(to, m, true)
+    }
+
+    fn send_hinted(&mut self, to: &NodeName, m: RegistryMsg, can_wait: bool) {
         if *to == self.me {
             self.local.push_back(m);
         } else if self.up.contains(to) {
-            self.out.push_back((to.clone(), m));
+            self.out.push_back((to.clone(), m, can_wait));
         }
     }
 
@@ -466,11 +488,14 @@ impl Registrar {
                 stamp: *stamp,
                 will: will.clone(),
             },
-            Op::Disconnect { epoch, ended } => {
+            Op::Disconnect { epoch, ended, .. } => {
                 RegistryMsg::Disconnect { request: id, client, epoch: *epoch, ended: *ended }
             }
         };
-        self.send(&owner, m);
+        // A disconnect late at the owner keeps the registration connected a moment longer: harmless
+        // without a will (were this node lost meanwhile, the owners would have none to publish).
+        let can_wait = matches!(p.op, Op::Disconnect { had_will: false, .. });
+        self.send_hinted(&owner, m, can_wait);
     }
 
     fn refuse(&mut self, id: RequestId) {
@@ -565,8 +590,10 @@ impl Registrar {
                         // Not while an earlier grant of the id waits for its replica: grants of one id
                         // must reach their requester in order. A requester that is this node waits:
                         // holder and primary lost at once would leave no one who knows its will.
+                        // The copy can wait (the holder registers again should it be lost), unless it
+                        // must go ahead of the grant on the same link: the grant takes it along.
                         let copy = self.table.get(&client).expect("registered").clone();
-                        self.send(&replica, RegistryMsg::Copy(copy));
+                        self.send_can_wait(&replica, RegistryMsg::Copy(copy));
                         for (to, m) in answers {
                             self.send(&to, m);
                         }
@@ -601,15 +628,19 @@ impl Registrar {
                 let forget_answers =
                     ending.is_some() && self.owners_of(&client).contains(from) && *from != self.me;
                 if !forget_answers {
-                    self.send(from, RegistryMsg::DisconnectAck { request });
+                    self.send_can_wait(from, RegistryMsg::DisconnectAck { request });
                 }
+                // The other owners' copies of the end can wait when the registration has no will: were
+                // this node lost first, the replica would take the client for connected a while longer,
+                // with no will to publish for it.
+                let can_wait = own.as_ref().is_some_and(|r| r.will.is_none());
                 if let Some(r) = ending {
                     let at = self.hlc.stamp(self.wall_ms(now));
                     self.table.ended(&client, epoch, at);
-                    self.forget_at_owners(r);
+                    self.forget_at_owners_hinted(r, None, can_wait);
                 } else if !ended && own.is_some() {
                     self.table.disconnected(&client, epoch);
-                    self.copy_to_owners(&client);
+                    self.copy_to_owners_hinted(&client, can_wait);
                 }
             }
             RegistryMsg::DisconnectAck { request } => {
@@ -676,7 +707,7 @@ impl Registrar {
                     .pending
                     .of(&r.client)
                     .filter(|(_, p)| {
-                        mine && matches!(p.op, Op::Disconnect { epoch, ended: true } if epoch == r.epoch)
+                        mine && matches!(p.op, Op::Disconnect { epoch, ended: true, .. } if epoch == r.epoch)
                     })
                     .map(|(id, _)| id)
                     .collect();
@@ -820,7 +851,7 @@ impl Registrar {
             } else {
                 let id = RequestId(self.next_request);
                 self.next_request += 1;
-                let op = Op::Disconnect { epoch, ended: true };
+                let op = Op::Disconnect { epoch, ended: true, had_will: true };
                 self.pending.insert(id, Pending { client, op, owner: self.me.clone(), deadline: now });
                 self.send_request(id, now);
             }
@@ -979,6 +1010,10 @@ impl Registrar {
     /// After a change of `client`'s registration here: the other owners get it, as a silent copy from
     /// the primary, or to merge (conflicts included) from a node that is not the primary.
     fn copy_to_owners(&mut self, client: &Arc<str>) {
+        self.copy_to_owners_hinted(client, false)
+    }
+
+    fn copy_to_owners_hinted(&mut self, client: &Arc<str>, can_wait: bool) {
         let Some(r) = self.table.get(client).cloned() else { return };
         let o = self.owners_of(client);
         let primary = o.primary == self.me;
@@ -994,7 +1029,7 @@ impl Registrar {
             } else {
                 RegistryMsg::Sync(r.clone())
             };
-            self.send(&to, m);
+            self.send_hinted(&to, m, can_wait);
         }
     }
 
@@ -1005,10 +1040,14 @@ impl Registrar {
 
     /// [`Registrar::forget_at_owners`], except to `but` (which told this node).
     fn forget_at_owners_but(&mut self, r: Registration, but: Option<&NodeName>) {
+        self.forget_at_owners_hinted(r, but, false)
+    }
+
+    fn forget_at_owners_hinted(&mut self, r: Registration, but: Option<&NodeName>, can_wait: bool) {
         let o = self.owners_of(&r.client);
         let me = self.me.clone();
         for to in std::iter::once(o.primary).chain(o.replica).filter(|n| *n != me && Some(n) != but) {
-            self.send(&to, RegistryMsg::Forget(r.clone()));
+            self.send_hinted(&to, RegistryMsg::Forget(r.clone()), can_wait);
         }
     }
 

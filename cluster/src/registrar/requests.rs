@@ -14,8 +14,17 @@ use crate::NodeName;
 
 #[derive(Debug)]
 pub(super) enum Op {
-    Register { clean_start: bool, stamp: HlcStamp, will: Option<Box<WillInfo>> },
-    Disconnect { epoch: u64, ended: bool },
+    Register {
+        clean_start: bool,
+        stamp: HlcStamp,
+        will: Option<Box<WillInfo>>,
+    },
+    /// `had_will`: the connection had a will (its disconnect must not wait: see `send_request`).
+    Disconnect {
+        epoch: u64,
+        ended: bool,
+        had_will: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -97,7 +106,7 @@ mod tests {
         let mut r = Requests::default();
         let reg = || Op::Register { clean_start: true, stamp: HlcStamp(1), will: None };
         r.insert(RequestId(1), req("a", reg()));
-        r.insert(RequestId(2), req("a", Op::Disconnect { epoch: 1, ended: true }));
+        r.insert(RequestId(2), req("a", Op::Disconnect { epoch: 1, ended: true, had_will: false }));
         r.insert(RequestId(3), req("b", reg()));
         assert!(r.registering("a") && r.registering("b") && !r.registering("c"));
         assert_eq!(r.of("a").map(|(id, _)| id).collect::<Vec<_>>(), vec![RequestId(1), RequestId(2)]);

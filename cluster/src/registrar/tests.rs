@@ -796,3 +796,46 @@ fn a_disconnect_ends_only_its_senders_registration() {
         assert!(z.nodes[1].is_current(&c, 1) && z.ended(1).is_empty());
     }
 }
+
+#[test]
+fn only_what_nothing_waits_for_and_no_will_depends_on_may_wait() {
+    // A connection through n2 (neither owner), clean, then its disconnect: which messages may wait a
+    // moment to go with others (`poll_transmit_hinted`). With a will, its end must not wait: were the
+    // owner lost before its replica heard, the replica would publish the will of a client that left.
+    for with_will in [false, true] {
+        let mut z = Nodes::new(3, PartitionMode::Available);
+        let c = client_owned_by(&z.names(), 0, 1);
+        let mut hints: Vec<(&'static str, bool)> = Vec::new();
+        let mut run = |z: &mut Nodes, now: Instant| loop {
+            let mut moved = false;
+            for a in 0..3 {
+                while let Some((to, m, can_wait)) = z.nodes[a].poll_transmit_hinted() {
+                    moved = true;
+                    hints.push((kind(&m), can_wait));
+                    let from = z.nodes[a].name().clone();
+                    let b = z.idx(&to).expect("a node");
+                    z.nodes[b].handle_message(&from, m, now);
+                }
+            }
+            if !moved {
+                break;
+            }
+        };
+        let w = with_will.then(|| will(5));
+        let t0 = z.t0;
+        z.nodes[2].handle_connect(&c, true, w, at(t0, 1));
+        run(&mut z, at(t0, 1));
+        z.nodes[2].handle_disconnect(&c, 1, false, at(t0, 2));
+        run(&mut z, at(t0, 2));
+        let expected = [
+            ("Register", false),
+            ("Copy", true),
+            ("Granted", false),
+            ("Disconnect", !with_will),
+            ("DisconnectAck", true),
+            ("Forget", !with_will),
+        ];
+        assert_eq!(hints, expected.to_vec(), "with will {with_will}");
+        assert!(z.nodes[1].registration(&c).is_none(), "with will {with_will}: ended at the replica");
+    }
+}
