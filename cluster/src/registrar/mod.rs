@@ -554,6 +554,19 @@ impl Registrar {
         match m {
             RegistryMsg::Register { request, client, clean_start, stamp, will, known } => {
                 self.hlc.observe(stamp);
+                // The registration this request made already (the same holder and connection stamp): it
+                // came again, sent anew after a membership change or delivered late by a link that
+                // resent it after a cut. Answered with the epoch it has, not granted anew: a new epoch
+                // for a request its holder already had answered would name a connection it does not
+                // have, which would end the session it does (node simulation, seed 150912).
+                // (Not while its grant waits for the replica: that answer comes, with what it took over.)
+                let again = self.table.get(&client).filter(|r| r.holder == *from && r.stamp == stamp);
+                if let Some(epoch) = again.map(|r| r.epoch) {
+                    if !self.awaits(&client) {
+                        self.send(from, RegistryMsg::Granted { request, client, epoch, previous: None });
+                    }
+                    return;
+                }
                 // No registration of the id here (none yet, or only its tombstone): the replica has none
                 // either that a lost copy would leave standing.
                 let fresh = self.table.get(&client).is_none();

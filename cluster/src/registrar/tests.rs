@@ -839,3 +839,24 @@ fn only_what_nothing_waits_for_and_no_will_depends_on_may_wait() {
         assert!(z.nodes[1].registration(&c).is_none(), "with will {with_will}: ended at the replica");
     }
 }
+
+#[test]
+fn a_register_that_comes_again_is_answered_with_the_epoch_it_has() {
+    // n2's registration, delivered a second time after it was granted (a link resends what it had not
+    // confirmed when a cut ends): the same epoch again, not a new one that would end n2's session.
+    let mut z = Nodes::new(3, PartitionMode::Available);
+    let c = client_owned_by(&z.names(), 0, 1);
+    z.nodes[2].handle_connect(&c, false, None, at(z.t0, 1));
+    let (to, register) = z.nodes[2].poll_transmit().expect("the registration");
+    assert_eq!((to, kind(&register)), (n("n0"), "Register"));
+    let mut body = Vec::new();
+    encode(&register, &mut body);
+    z.nodes[0].handle_message(&n("n2"), register, at(z.t0, 1));
+    z.pump(at(z.t0, 1));
+    assert!(z.nodes[2].is_current(&c, 1));
+    z.nodes[0].handle_message(&n("n2"), decode(&body).expect("decodes"), at(z.t0, 2));
+    z.pump(at(z.t0, 2));
+    assert_eq!(z.nodes[0].registration(&c).map(|r| (r.holder.clone(), r.epoch)), Some((n("n2"), 1)));
+    assert!(z.nodes[2].is_current(&c, 1), "n2's session stays");
+    assert!(z.ended(2).is_empty());
+}
