@@ -20,6 +20,15 @@
 //! holding the session and the other told to end. A node stops delivering for an epoch that is no longer its
 //! current one ([`Registrar::is_current`], the fencing query).
 //!
+//! A request that comes again (sent anew after a membership change, or resent by its link after a cut)
+//! is answered with the epoch its registration has, not granted anew: a registration is recognised by
+//! its holder and the stamp of its connection.
+//!
+//! **Messages that can wait.** Acknowledgements, the end of a connection without a will (and the
+//! owners' copies of it) and the copy of a new registration are marked so
+//! ([`Registrar::poll_transmit_hinted`]): the gateway holds them a few milliseconds to send several
+//! together. The end of a connection with a will never waits.
+//!
 //! **Requests that get no answer.** A request whose owner goes down is sent again to the new owner
 //! once the membership changed. One that gets no answer in [`REQUEST_TIMEOUT`] (the owner is up but
 //! does not answer) is refused in [`PartitionMode::Consistent`] (the shard answers CONNACK 0x88, 3.1.1:
@@ -560,8 +569,9 @@ impl Registrar {
                 // for a request its holder already had answered would name a connection it does not
                 // have, which would end the session it does (node simulation, seed 150912).
                 // (Not while its grant waits for the replica: that answer comes, with what it took over.)
-                let again = self.table.get(&client).filter(|r| r.holder == *from && r.stamp == stamp);
-                if let Some(epoch) = again.map(|r| r.epoch) {
+                let current =
+                    self.table.get(&client).map(|r| (r.epoch, r.holder == *from && r.stamp == stamp));
+                if let Some((epoch, true)) = current {
                     if !self.awaits(&client) {
                         self.send(from, RegistryMsg::Granted { request, client, epoch, previous: None });
                     }
@@ -569,7 +579,7 @@ impl Registrar {
                 }
                 // No registration of the id here (none yet, or only its tombstone): the replica has none
                 // either that a lost copy would leave standing.
-                let fresh = self.table.get(&client).is_none();
+                let fresh = current.is_none();
                 let r = self.table.register(&client, from, stamp, will, known);
                 debug_assert!(r.epoch > known, "a grant goes above every epoch its requester knows of");
                 let previous =
