@@ -414,6 +414,8 @@ fn main() -> Result<ExitCode> {
         // Ids this node assigns must not be another node's (a client may come back to any of them).
         cfg.assigned_id_scope = c.gateway.identity().name.to_string().into();
     }
+    cfg.register_ahead = cluster.is_some()
+        && cluster_args.partition_mode == shardmq_cluster::registrar::PartitionMode::Available;
     let cfg = Arc::new(cfg);
 
     // Block the shutdown signals before any thread starts so that only `sigwait` below sees them.

@@ -33,8 +33,10 @@ use crate::NodeIdentity;
 pub const LINK_MAGIC: [u8; 4] = *b"SMQL";
 /// Bumped with any incompatible change of the frames below or of the rules of their exchanges (6: a
 /// `Registry` frame carries one or more messages; registry message 11, `Copy`, is a copy nobody
-/// acknowledges; a disconnect whose requester keeps the replica is answered by its `Forget`).
-pub const LINK_VERSION: u16 = 6;
+/// acknowledges; a disconnect whose requester keeps the replica is answered by its `Forget`. 7: a
+/// `Register` may be of a connection answered ahead, or of one that ended already; registry message
+/// 12, `Superseded`).
+pub const LINK_VERSION: u16 = 7;
 /// A frame longer than this is refused (a forwarded PUBLISH is at most the broker's maximum packet size,
 /// 256 MiB by the protocol; snapshots are sent in parts below it).
 pub const MAX_FRAME: usize = 300 << 20;

@@ -359,6 +359,9 @@ struct Sim {
     /// Data directories of durable nodes that crashed keeping their logs ([`Sim::crash_keeping_log`]):
     /// the node's next boot restores from it.
     kept: Vec<Option<tempfile::TempDir>>,
+    /// The shards answer clean connections without a will ahead of their registration (odd seeds), as a
+    /// zone that prefers availability does.
+    ahead: bool,
 }
 
 impl Drop for Sim {
@@ -411,6 +414,7 @@ impl Sim {
             next_msg: 1,
             durable,
             kept: (0..n).map(|_| None).collect(),
+            ahead: seed % 2 == 1,
         };
         for slot in 0..n {
             sim.boot(slot);
@@ -449,7 +453,7 @@ impl Sim {
         while let Some((to, m)) = gateway.poll_mesh() {
             mesh[s as usize * e + to.index()].push_back(m);
         }
-        let cfg = Arc::new(Config { cluster_gateway: true, ..Config::default() });
+        let cfg = Arc::new(Config { cluster_gateway: true, register_ahead: self.ahead, ..Config::default() });
         let shared = Arc::new(NodeShared::new(s));
         let mut shards: Vec<Shard> =
             (0..s).map(|i| Shard::new(ShardId(i), s, cfg.clone(), shared.clone())).collect();
@@ -1323,6 +1327,11 @@ fn one_session_per_id(seed: u64) {
     let mut conns = Vec::new();
     for round in 0..2 * n {
         let slot = (round + rng.below(n as u64) as usize) % n;
+        if sim.ahead {
+            // Answered ahead, a connection is ordered against the one before it by the clocks of their
+            // nodes, which this simulation sets up to 50 ms apart: it comes later than that.
+            sim.run_until(Duration::from_millis(60), |_| false);
+        }
         conns.push(sim.connect_id(slot, &id));
         let earlier: Vec<C> = conns[..conns.len() - 1].to_vec();
         let took = sim.run_until(Duration::from_secs(3), |sim| {

@@ -359,6 +359,8 @@ impl Loop {
     fn run(&mut self, metrics: &ClusterMetrics) -> io::Result<()> {
         let mut events: Vec<libc::epoll_event> = Vec::with_capacity(256);
         let mut buf = vec![0u8; 64 * 1024];
+        // The last iteration handled messages from the shards.
+        let mut took_mesh = false;
         loop {
             self.publish_metrics(metrics);
             let now = Instant::now();
@@ -379,6 +381,14 @@ impl Loop {
                 ms = ms.min(1);
             }
             if !self.inbox.is_empty() && !self.mesh_paused {
+                ms = 0;
+            }
+            // After a slice of the shards' messages more may come soon: a short sleep, during which those
+            // that can wait (a registration answered ahead) do not wake this thread one by one.
+            if took_mesh && ms > 0 {
+                ms = ms.min(1);
+                self.endpoint.sleep_briefly();
+            } else if ms > 0 && !self.mesh_paused && !self.endpoint.sleep_deeply() {
                 ms = 0;
             }
             // SAFETY: `events` has room for its capacity; the kernel writes at most that many.
@@ -422,6 +432,7 @@ impl Loop {
                     }
                 }
             }
+            took_mesh = false;
             if !self.mesh_paused {
                 if self.inbox.is_empty() {
                     let inbox = &mut self.inbox;
@@ -430,6 +441,7 @@ impl Loop {
                 // A bounded slice per iteration, so that the links are served (heartbeats written, bytes
                 // read) between slices however large a drain was; and it stops as soon as a peer's link
                 // is congested, the rest waiting here.
+                took_mesh = !self.inbox.is_empty();
                 for _ in 0..MESH_PER_ITERATION {
                     let Some((from, m)) = self.inbox.pop_front() else { break };
                     // Driven once below, after the slice: what it produced for peers goes together.

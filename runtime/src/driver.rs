@@ -180,7 +180,8 @@ fn drain_mesh<C: Core>(core: &mut C, out: &mut Outbox<C::Mesh, C::Handoff>) {
     while let Some((to, msg)) = core.poll_mesh() {
         // Shards and endpoints alike.
         if to.index() < out.targets() {
-            out.push_mesh(to, msg);
+            let can_wait = C::mesh_can_wait(&msg);
+            out.push_mesh(to, msg, can_wait);
         } else {
             tracing::warn!(to = to.0, "mesh message to a mesh member that does not exist; dropped");
         }

@@ -105,6 +105,20 @@ impl<M> MeshEndpoint<M> {
         self.link.recv(&mut f)
     }
 
+    /// The owner will block for a millisecond at most (after a [`recv`](Self::recv)): messages the shards
+    /// marked as able to wait (`Core::mesh_can_wait`) do not signal the eventfd meanwhile; it finds them
+    /// when it wakes. Under a stream of such messages one wake-up takes a millisecond's worth.
+    pub fn sleep_briefly(&self) {
+        self.link.sleep_briefly();
+    }
+
+    /// The owner may block for long: every message signals the eventfd again. Returns `false` when
+    /// messages arrived meanwhile that did not signal it: the owner must not block then.
+    #[must_use]
+    pub fn sleep_deeply(&self) -> bool {
+        self.link.sleep_deeply()
+    }
+
     /// Buffers `m` for `to` (a shard or another endpoint), sent by the next [`flush`](Self::flush). An id
     /// that is no mesh member is dropped and counted.
     pub fn send(&mut self, to: ShardId, m: M) {
@@ -144,6 +158,8 @@ impl<M> std::fmt::Debug for MeshEndpoint<M> {
 trait Link<M> {
     fn wake_fd(&self) -> RawFd;
     fn recv(&mut self, f: &mut dyn FnMut(ShardId, M)) -> usize;
+    fn sleep_briefly(&self);
+    fn sleep_deeply(&self) -> bool;
     fn send(&mut self, to: ShardId, m: M);
     fn flush(&mut self) -> bool;
     fn backlog(&self) -> usize;
@@ -163,6 +179,15 @@ struct Ends<M, H> {
 impl<M, H> Link<M> for Ends<M, H> {
     fn wake_fd(&self) -> RawFd {
         self.inbox.wake().fd()
+    }
+
+    fn sleep_briefly(&self) {
+        self.inbox.wake().sleep_briefly();
+    }
+
+    fn sleep_deeply(&self) -> bool {
+        self.inbox.wake().sleep_deeply();
+        self.inbox.is_empty()
     }
 
     fn recv(&mut self, f: &mut dyn FnMut(ShardId, M)) -> usize {
@@ -214,7 +239,7 @@ impl<M, H> Link<M> for Ends<M, H> {
 
     fn send(&mut self, to: ShardId, m: M) {
         if to.index() < self.outbox.targets() {
-            self.outbox.push_mesh(to, m);
+            self.outbox.push_mesh(to, m, false);
         } else {
             self.unknown_target += 1;
             tracing::warn!(to = to.0, "mesh message to a mesh member that does not exist; dropped");
@@ -290,7 +315,7 @@ mod tests {
         let (_shard_in, mut shard_out, mut ep) = pair(16);
         for round in 0..3 {
             for i in 0..3 {
-                shard_out.push_mesh(ShardId(1), round * 10 + i);
+                shard_out.push_mesh(ShardId(1), round * 10 + i, false);
                 assert!(!shard_out.flush());
             }
             assert_eq!(signals(ep.wake_fd()), 1, "three batches after a recv signal once");
@@ -302,12 +327,43 @@ mod tests {
         assert_eq!(ep.stats().mesh_received, 9);
     }
 
+    /// Messages that can wait do not signal an owner that sleeps briefly (it finds them when it
+    /// wakes), but do one that may sleep long; any other message signals either.
+    #[test]
+    fn messages_that_can_wait_signal_only_an_owner_that_may_sleep_long() {
+        let (_shard_in, mut shard_out, mut ep) = pair(16);
+        shard_out.push_mesh(ShardId(1), 1, true);
+        assert!(!shard_out.flush());
+        assert_eq!(signals(ep.wake_fd()), 1, "a new endpoint sleeps long");
+        assert_eq!(ep.recv(|_, _| {}), 1);
+        ep.sleep_briefly();
+        for i in 2..5 {
+            shard_out.push_mesh(ShardId(1), i, true);
+            assert!(!shard_out.flush());
+        }
+        assert_eq!(signals(ep.wake_fd()), 0, "asleep briefly: not signalled");
+        assert!(!ep.sleep_deeply(), "what came meanwhile keeps it from sleeping long");
+        let mut got = Vec::new();
+        assert_eq!(ep.recv(|_, m| got.push(m)), 3);
+        assert_eq!(got, [2, 3, 4]);
+        assert!(ep.sleep_deeply(), "nothing waits");
+        shard_out.push_mesh(ShardId(1), 5, true);
+        assert!(!shard_out.flush());
+        assert_eq!(signals(ep.wake_fd()), 1, "asleep long: signalled");
+        assert_eq!(ep.recv(|_, _| {}), 1);
+        ep.sleep_briefly();
+        shard_out.push_mesh(ShardId(1), 6, true);
+        shard_out.push_mesh(ShardId(1), 7, false);
+        assert!(!shard_out.flush());
+        assert_eq!(signals(ep.wake_fd()), 1, "a batch with one that cannot wait signals");
+    }
+
     #[test]
     fn recv_is_bounded_and_leaves_the_eventfd_readable() {
         let n = RECV_BATCHES + 100;
         let (_shard_in, mut shard_out, mut ep) = pair(n);
         for i in 0..n {
-            shard_out.push_mesh(ShardId(1), i as u32);
+            shard_out.push_mesh(ShardId(1), i as u32, false);
             assert!(!shard_out.flush());
         }
         let mut next = 0;
@@ -348,7 +404,7 @@ mod tests {
     #[test]
     fn a_dropped_endpoint_no_longer_counts_against_its_senders() {
         let (_shard_in, mut shard_out, ep) = pair(4);
-        shard_out.push_mesh(ShardId(1), 1);
+        shard_out.push_mesh(ShardId(1), 1, false);
         assert!(!shard_out.flush());
         assert_eq!(
             shard_out.unconsumed(),
@@ -357,7 +413,7 @@ mod tests {
         );
         drop(ep);
         assert_eq!(shard_out.unconsumed(), 0);
-        shard_out.push_mesh(ShardId(1), 2);
+        shard_out.push_mesh(ShardId(1), 2, false);
         assert!(!shard_out.flush(), "sends to it are dropped, not kept");
     }
 }

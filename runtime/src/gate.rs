@@ -145,6 +145,10 @@ impl<C: Core> Gate<C> {
 
 impl<C: Core> Core for Gate<C> {
     type Mesh = C::Mesh;
+
+    fn mesh_can_wait(m: &Self::Mesh) -> bool {
+        C::mesh_can_wait(m)
+    }
     type Handoff = C::Handoff;
 
     fn handle_accept(&mut self, conn: ConnId, now: Instant) {

@@ -111,6 +111,11 @@ pub(crate) struct Wake {
     /// Set by the owner right before it blocks; a sender that clears it owes the owner an eventfd signal.
     /// An endpoint keeps it set whenever it is not inside `recv` (its owner may block any time after).
     sleeping: AtomicBool,
+    /// With `sleeping`: the owner may block for long, so that messages that can wait
+    /// ([`Wake::wake_lazy`]) must signal it too. Endpoints only: clear while the owner works or blocks
+    /// for a millisecond at most ([`Wake::sleep_briefly`]), when it finds them anyway, so that one
+    /// wake-up takes many of them; set before a long sleep ([`Wake::sleep_deeply`]).
+    deep: AtomicBool,
     /// Bit `i` set: member `i` found this inbox full and wants a wakeup once it is drained (ids 0..64;
     /// others rely on the backlog retry timer).
     drain_waiters: AtomicU64,
@@ -130,6 +135,7 @@ impl Wake {
         Ok(Wake {
             fd: sys::eventfd()?,
             sleeping: AtomicBool::new(false),
+            deep: AtomicBool::new(false),
             drain_waiters: AtomicU64::new(0),
             in_flight: (0..members).map(|_| AtomicUsize::new(0)).collect(),
             endpoint: false,
@@ -142,6 +148,7 @@ impl Wake {
     pub(crate) fn new_endpoint(members: usize) -> std::io::Result<Self> {
         let w = Wake { endpoint: true, ..Wake::new(members)? };
         w.prepare_sleep();
+        w.sleep_deeply();
         Ok(w)
     }
 
@@ -172,6 +179,30 @@ impl Wake {
         if self.sleeping.swap(false, Ordering::SeqCst) {
             sys::eventfd_signal(self.fd());
         }
+    }
+
+    /// [`Wake::wake`] for messages that can wait: an owner that works, or blocks briefly only
+    /// ([`Wake::sleep_briefly`]), is not signalled; it finds them when its sleep ends.
+    pub(crate) fn wake_lazy(&self) {
+        // Pairs with the fence in `sleep_deeply`: either the owner sees our item, or we see `deep`.
+        fence(Ordering::SeqCst);
+        if self.deep.swap(false, Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    /// The owner (an endpoint, after `prepare_sleep`) will block for at most a millisecond: messages
+    /// that can wait need not signal it.
+    pub(crate) fn sleep_briefly(&self) {
+        self.deep.store(false, Ordering::SeqCst);
+    }
+
+    /// The owner (an endpoint, after `prepare_sleep`) may block for long: messages that can wait must
+    /// signal it. It must check its inbox after this and not block if the inbox is non-empty (what was
+    /// sent before the flag was visible did not signal).
+    pub(crate) fn sleep_deeply(&self) {
+        self.deep.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
     }
 
     /// Wakes the owner whatever it is doing (shutdown).
@@ -262,6 +293,9 @@ pub(crate) struct Outbox<M, H> {
     counters: Arc<ShardCounters>,
     /// Mesh messages produced this iteration, per target; sealed into `backlog` by `flush`.
     open: Vec<Vec<M>>,
+    /// Per target: something in `open` or `backlog` cannot wait (the target is woken at once when it
+    /// is sent); cleared when the backlog empties.
+    urgent: Vec<bool>,
     /// Items not yet accepted by the target's inbox, oldest first. Invariant: `pending` counts them.
     backlog: Vec<VecDeque<Queued<M, H>>>,
     pending: usize,
@@ -299,6 +333,7 @@ impl<M, H> Outbox<M, H> {
             wakes,
             counters,
             open: (0..n).map(|_| Vec::new()).collect(),
+            urgent: vec![false; n],
             backlog: (0..n).map(|_| VecDeque::new()).collect(),
             pending: 0,
             backlog_msgs: 0,
@@ -317,9 +352,11 @@ impl<M, H> Outbox<M, H> {
         self.senders.len()
     }
 
-    /// The caller checked `to < targets()`.
-    pub(crate) fn push_mesh(&mut self, to: ShardId, msg: M) {
+    /// The caller checked `to < targets()`. `can_wait`: an endpoint need not wake for it at once (see
+    /// [`Wake::wake_lazy`]).
+    pub(crate) fn push_mesh(&mut self, to: ShardId, msg: M, can_wait: bool) {
         self.open[to.index()].push(msg);
+        self.urgent[to.index()] |= !can_wait;
     }
 
     /// A handoff to an endpoint (which has no sockets) was asked for: a bug of the caller's core, counted;
@@ -432,7 +469,15 @@ impl<M, H> Outbox<M, H> {
                 }
             }
             if sent {
-                self.wakes[t].wake();
+                // Shards always wake (they are not woken by time; sockets may come with the messages).
+                if self.urgent[t] || t < self.shards {
+                    self.wakes[t].wake();
+                } else {
+                    self.wakes[t].wake_lazy();
+                }
+            }
+            if self.backlog[t].is_empty() {
+                self.urgent[t] = false;
             }
         }
         debug_assert_eq!(self.pending, self.backlog.iter().map(VecDeque::len).sum::<usize>());
@@ -504,11 +549,11 @@ mod tests {
     #[test]
     fn full_inbox_keeps_order_and_loses_nothing() {
         let (mut out, rx, _) = outbox(1);
-        out.push_mesh(ShardId(0), 1);
+        out.push_mesh(ShardId(0), 1, false);
         assert!(!out.flush());
-        out.push_mesh(ShardId(0), 2);
+        out.push_mesh(ShardId(0), 2, false);
         assert!(out.flush(), "inbox of one is full: the batch stays in the backlog");
-        out.push_mesh(ShardId(0), 3);
+        out.push_mesh(ShardId(0), 3, false);
         assert!(out.flush());
         assert_eq!(out.counters.mesh_full_retries.load(Ordering::Relaxed), 2);
         assert_eq!(out.unconsumed(), 3, "one in the inbox, two in the backlog");
@@ -524,9 +569,9 @@ mod tests {
     #[test]
     fn reserved_handoff_holds_later_messages_back() {
         let (mut out, rx, open) = outbox(8);
-        out.push_mesh(ShardId(0), 1);
+        out.push_mesh(ShardId(0), 1, false);
         let ticket = out.reserve(ShardId(0));
-        out.push_mesh(ShardId(0), 2);
+        out.push_mesh(ShardId(0), 2, false);
         assert!(out.flush());
         assert_eq!(kinds(&rx), ["mesh[1]"]);
         let fd = sys::eventfd().unwrap();
@@ -535,7 +580,7 @@ mod tests {
         assert_eq!(kinds(&rx), ["adopt7", "mesh[2]"]);
 
         let ticket = out.reserve(ShardId(0));
-        out.push_mesh(ShardId(0), 3);
+        out.push_mesh(ShardId(0), 3, false);
         assert!(out.flush());
         out.fill(ShardId(0), ticket, None);
         assert!(!out.flush());

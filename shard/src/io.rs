@@ -94,6 +94,12 @@ pub trait Core {
     fn recycle(&mut self, _buf: Vec<u8>) {}
     fn poll_io(&mut self) -> Option<IoCmd<Self::Handoff>>;
     fn poll_mesh(&mut self) -> Option<(ShardId, Self::Mesh)>;
+    /// Whether a mesh message may wait a moment (a millisecond) before its target wakes for it: the
+    /// runtime then does not wake a mesh endpoint that sleeps for a short while only (see the runtime's
+    /// `Wake::wake_lazy`).
+    fn mesh_can_wait(_m: &Self::Mesh) -> bool {
+        false
+    }
     /// The earliest instant at which `handle_timeout` must be called.
     fn poll_timeout(&self) -> Option<Instant>;
     /// Called once before the loop starts with a function that wakes this shard's loop from any thread: a

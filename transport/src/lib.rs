@@ -309,6 +309,10 @@ impl<C: Core> Transport<C> {
 
 impl<C: Core> Core for Transport<C> {
     type Mesh = C::Mesh;
+
+    fn mesh_can_wait(m: &Self::Mesh) -> bool {
+        C::mesh_can_wait(m)
+    }
     type Handoff = TransportHandoff<C::Handoff>;
 
     fn handle_accept(&mut self, conn: ConnId, now: Instant) {

@@ -2,6 +2,7 @@
 session in the whole zone, the session follows its client, a killed node's clients' wills are published
 by the others, and a node restarted with its log registers its sessions again."""
 
+import subprocess
 import time
 
 import pytest
@@ -77,6 +78,28 @@ def test_a_persistent_session_and_its_queued_messages_follow_the_client(zone, cl
     assert away.expect_one().payload == b"live"
     back_home = clients(n1, cid + "-probe", version)
     back_home.expect_none(0.3)
+
+
+@pytest.mark.parametrize("version", [V311, V5], ids=["v311", "v5"])
+def test_a_quick_clean_connection_elsewhere_discards_the_session(zone, clients, version):  # noqa: F811
+    """mosquitto_pub connects clean, publishes and leaves within a few milliseconds: its node answers it
+    before the zone's registry has it and registers it with its end, which still discards the session
+    its client id had on another node (clean start), as a longer connection does."""
+    n1, n2, n3 = zone(3)
+    cid = "quick-%d" % version
+    props, _ = offline_with_queued(clients, version, cid, "quick", home=n1, publisher=n3, count=2)
+    watch = clients(n3, "quick-watch-%d" % version, version)
+    assert watch.subscribe("quick-out/#", qos=1) == [1]
+    proto = "mqttv5" if version == V5 else "mqttv311"
+    subprocess.run(["mosquitto_pub", "-h", n2.host, "-p", str(n2.port), "-i", cid, "-V", proto, "-t",
+                    "quick-out/1", "-q", "1", "-m", "from a quick client"], check=True, timeout=10)
+    assert watch.expect_one().payload == b"from a quick client"
+    # The session on n1 goes once the registry has the quick connection (a few milliseconds later). A
+    # CONNECT that came before would be the newer connection, and keep it.
+    time.sleep(0.3)
+    back = clients(n1, cid, version, clean=False, **props)
+    assert not back.session_present, "the clean connection on n2 discarded the session on n1"
+    back.expect_none(0.5)
 
 
 @pytest.mark.parametrize("version", [V311, V5], ids=["v311", "v5"])

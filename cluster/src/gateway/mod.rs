@@ -287,11 +287,15 @@ impl Gateway {
                 }
             }
             // Drained by `drive`.
-            Mesh::Register { token, client, clean_start, will } => {
-                self.sessions.register(from, token, &client, clean_start, will, now);
+            Mesh::Register { token, client, clean_start, will, ahead } => {
+                if ahead {
+                    self.sessions.register_ahead(from, token, client, now);
+                } else {
+                    self.sessions.register(from, token, &client, clean_start, will, now);
+                }
             }
-            Mesh::Unregister { client, epoch, kept } => {
-                self.sessions.unregister(&client, epoch, kept, now);
+            Mesh::Unregister { client, registration, kept } => {
+                self.sessions.unregister(&client, registration, kept, now);
             }
             Mesh::Settled { client } => {
                 let mut out = sessions::Output::default();
@@ -309,7 +313,8 @@ impl Gateway {
             | Mesh::PublishWill { .. }
             | Mesh::MergeSession { .. }
             | Mesh::EndForwarding { .. }
-            | Mesh::EndSession { .. } => {}
+            | Mesh::EndSession { .. }
+            | Mesh::RegisteredAhead { .. } => {}
         }
     }
 

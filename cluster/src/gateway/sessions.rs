@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shardmq_shard::core::{
-    owner_of, HeldRegistration, Mesh, RegisterOutcome, RegisteredWill, SessionTransfer, ZoneRegistration,
-    FORWARDING_TIMEOUT,
+    owner_of, HeldRegistration, Mesh, RegisterOutcome, RegisteredWill, SessionOf, SessionTransfer,
+    ZoneRegistration, FORWARDING_TIMEOUT,
 };
 use shardmq_shard::ShardId;
 
@@ -99,6 +99,9 @@ pub(super) struct Sessions {
     me: NodeName,
     /// Registrations a shard waits for: its CONNECT's token.
     waiting: HashMap<RequestId, (ShardId, u64)>,
+    /// The last registration of each client id whose connection a shard answered ahead, until its
+    /// answer or the connection's end: the request, and the shard and token it came with.
+    ahead: HashMap<Arc<str>, (RequestId, ShardId, u64)>,
     /// Grants waiting for the session from its previous node, by client id.
     awaiting: HashMap<Arc<str>, Awaiting>,
     /// Sessions waiting for their grant, by client id.
@@ -157,6 +160,7 @@ impl Sessions {
             registrar: Registrar::new(me.clone(), cfg, now),
             me,
             waiting: HashMap::default(),
+            ahead: HashMap::default(),
             awaiting: HashMap::default(),
             early: HashMap::default(),
             ending: HashMap::default(),
@@ -190,6 +194,12 @@ impl Sessions {
         self.waiting.insert(request, (from, token));
     }
 
+    /// A shard answered a clean connection ahead of its registration ([`Mesh::Register`] `ahead`).
+    pub(super) fn register_ahead(&mut self, from: ShardId, token: u64, client: Arc<str>, now: Instant) {
+        let request = self.registrar.handle_connect_ahead(&client, now);
+        self.ahead.insert(client, (request, from, token));
+    }
+
     /// Sessions a shard restored from its log, offline: held by this node as they were registered, and
     /// re-registered with their owners as peers come up (ended here if they moved meanwhile).
     pub(super) fn restored(&mut self, sessions: Vec<HeldRegistration>) {
@@ -199,10 +209,28 @@ impl Sessions {
         }
     }
 
-    /// The connection of `epoch` went (`kept`: the session stays here, offline) or the session ended.
-    /// The registrar ignores an epoch it no longer holds (a connection since superseded).
-    pub(super) fn unregister(&mut self, client: &str, epoch: u64, kept: bool, now: Instant) {
-        self.registrar.handle_disconnect(client, epoch, kept, now);
+    /// The connection of `registration` went (`kept`: the session stays here, offline) or the session
+    /// ended. The registrar ignores an epoch it no longer holds (a connection since superseded).
+    pub(super) fn unregister(
+        &mut self,
+        client: &str,
+        registration: ZoneRegistration,
+        kept: bool,
+        now: Instant,
+    ) {
+        // The client's connection answered ahead, if it had one here, is gone (a later one registers
+        // after this): its answer concerns no shard any more.
+        let ahead = self.ahead.remove(client);
+        match registration.ahead_token() {
+            Some(token) => {
+                debug_assert!(!kept, "a session registered ahead ends with its connection");
+                // Not found: it lost to a newer connection already (`Superseded`).
+                if let Some((request, ..)) = ahead.filter(|a| a.2 == token) {
+                    self.registrar.handle_disconnect_ahead(client, request, now);
+                }
+            }
+            None => self.registrar.handle_disconnect(client, registration.epoch, kept, now),
+        }
     }
 
     /// Whether the registrar has messages or events not drained yet.
@@ -504,6 +532,14 @@ impl Sessions {
                     if provisional {
                         tracing::debug!(%client, "registration granted here provisionally (owner unreachable)");
                     }
+                    // A connection answered ahead: its shard learns the epoch (nothing waits for it, and a
+                    // session it took over elsewhere is discarded there: it started clean).
+                    // (Its entry stays: the shard may have reported the end of the connection before
+                    // it hears of its epoch.)
+                    if let Some(&(_, shard, token)) = self.ahead.get(&client).filter(|a| a.0 == request) {
+                        out.mesh.push((shard, Mesh::RegisteredAhead { client, token, registration }));
+                        continue;
+                    }
                     let Some((shard, token)) = self.waiting.remove(&request) else { continue };
                     match previous {
                         Some(p) if p.holder != self.me => {
@@ -545,11 +581,22 @@ impl Sessions {
                         out.mesh.push((shard, Mesh::Registered { token, outcome: RegisterOutcome::Refused }));
                     }
                 }
-                RegistrarEvent::EndSession { client, successor, successor_epoch, discard, .. } => {
+                RegistrarEvent::EndSession { client, epoch, successor, successor_epoch, discard } => {
                     tracing::debug!(%client, %successor, discard, "session taken over by another node");
                     let shard = owner_of(&client, self.shards);
                     self.ending.insert(client.clone(), (successor, successor_epoch));
-                    out.mesh.push((shard, Mesh::EndSession { client, export: !discard }));
+                    let of = SessionOf::Epoch(epoch);
+                    out.mesh.push((shard, Mesh::EndSession { client, export: !discard, of }));
+                }
+                RegistrarEvent::Superseded { request, client, successor, successor_epoch } => {
+                    let Some(&(_, shard, token)) = self.ahead.get(&client).filter(|a| a.0 == request) else {
+                        continue;
+                    };
+                    tracing::debug!(%client, %successor, "a connection answered ahead lost to a newer one");
+                    self.ahead.remove(&client);
+                    self.ending.insert(client.clone(), (successor, successor_epoch));
+                    let of = SessionOf::Ahead(token);
+                    out.mesh.push((shard, Mesh::EndSession { client, export: false, of }));
                 }
                 RegistrarEvent::NoSession { client, successor, successor_epoch } => {
                     // What a shard with no session exports: nothing, which the successor may wait for.

@@ -3,8 +3,8 @@
 //! those for one peer together), each `type u8 | fields`, with the encoding conventions of the other
 //! frames (varints, length-prefixed strings, flag bytes).
 //!
-//! - `Register` (1): `request | client | flags (clean start 0x01, will 0x02) | stamp | known epoch |
-//!   [will]`
+//! - `Register` (1): `request | client | flags (clean start 0x01, will 0x02, answered ahead 0x04) | stamp |
+//!   known epoch | [will]`
 //! - `Granted` (2): `request | client | epoch | flags (previous 0x01) | [previous holder | previous epoch]`
 //! - `Disconnect` (3): `request | client | epoch | ended u8`
 //! - `DisconnectAck` (4): `request`
@@ -15,6 +15,7 @@
 //! - `Replicated` (9): `client | epoch`
 //! - `Held` (10): a registration, as `Sync`
 //! - `Copy` (11): a registration, as `Replicate`
+//! - `Superseded` (12): `request | client | successor | successor epoch`
 //!
 //! A will is `flags (qos in 0x03, retain 0x04) | delay_s | topic | payload`. An epoch is at least 1.
 
@@ -49,6 +50,12 @@ pub enum RegistryMsg {
         will: Option<Box<WillInfo>>,
         /// The highest epoch of `client` the sender knows of (0: none): the grant goes above it.
         known: u64,
+        /// The connection was answered before its registration (a clean start without a will whose
+        /// session ends with it): nothing waits for the grant.
+        ahead: bool,
+        /// Such a connection that ended before its registration was sent: an owner with no
+        /// registration of the id, or a newer one, only acknowledges it (`DisconnectAck`).
+        ended: bool,
     },
     /// From the owner: the connection holds `epoch`; `previous` held the session elsewhere.
     Granted {
@@ -101,6 +108,15 @@ pub enum RegistryMsg {
         client: Arc<str>,
         epoch: u64,
     },
+    /// From the owner: the connection of `request`, answered ahead, is older (by clock) than
+    /// `successor`'s registration of `successor_epoch`, which the owner had already: it registered
+    /// nothing, and the connection ends.
+    Superseded {
+        request: RequestId,
+        client: Arc<str>,
+        successor: NodeName,
+        successor_epoch: u64,
+    },
 }
 
 const M_REGISTER: u8 = 1;
@@ -114,9 +130,12 @@ const M_FORGET: u8 = 8;
 const M_REPLICATED: u8 = 9;
 const M_HELD: u8 = 10;
 const M_COPY: u8 = 11;
+const M_SUPERSEDED: u8 = 12;
 
 const F_CLEAN: u8 = 0x01;
 const F_WILL: u8 = 0x02;
+const F_AHEAD: u8 = 0x04;
+const F_ENDED: u8 = 0x08;
 const F_PREVIOUS: u8 = 0x01;
 const F_CONNECTED: u8 = 0x01;
 const W_RETAIN: u8 = 0x04;
@@ -124,11 +143,16 @@ const W_RETAIN: u8 = 0x04;
 /// Appends the body of a `Registry` frame carrying `m` to `out`.
 pub fn encode(m: &RegistryMsg, out: &mut Vec<u8>) {
     match m {
-        RegistryMsg::Register { request, client, clean_start, stamp, will, known } => {
+        RegistryMsg::Register { request, client, clean_start, stamp, will, known, ahead, ended } => {
             out.push(M_REGISTER);
             put_varint(out, request.0);
             put_bytes(out, client.as_bytes());
-            out.push(if *clean_start { F_CLEAN } else { 0 } | if will.is_some() { F_WILL } else { 0 });
+            out.push(
+                if *clean_start { F_CLEAN } else { 0 }
+                    | if will.is_some() { F_WILL } else { 0 }
+                    | if *ahead { F_AHEAD } else { 0 }
+                    | if *ended { F_ENDED } else { 0 },
+            );
             put_varint(out, stamp.0);
             put_varint(out, *known);
             if let Some(w) = will {
@@ -192,6 +216,13 @@ pub fn encode(m: &RegistryMsg, out: &mut Vec<u8>) {
             out.push(M_REPLICATED);
             put_bytes(out, client.as_bytes());
             put_varint(out, *epoch);
+        }
+        RegistryMsg::Superseded { request, client, successor, successor_epoch } => {
+            out.push(M_SUPERSEDED);
+            put_varint(out, request.0);
+            put_bytes(out, client.as_bytes());
+            put_bytes(out, successor.0.as_bytes());
+            put_varint(out, *successor_epoch);
         }
     }
 }
@@ -282,13 +313,15 @@ fn decode_next(body: &[u8]) -> Result<(RegistryMsg, usize), LinkError> {
             let request = RequestId(r.varint()?);
             let client = client(&mut r)?;
             let flags = r.u8()?;
-            if flags & !(F_CLEAN | F_WILL) != 0 {
+            if flags & !(F_CLEAN | F_WILL | F_AHEAD | F_ENDED) != 0 {
                 return Err(LinkError::Malformed("register flags"));
             }
             let stamp = HlcStamp(r.varint()?);
             let known = r.varint()?;
             let will = if flags & F_WILL != 0 { Some(read_will(&mut r)?) } else { None };
-            RegistryMsg::Register { request, client, clean_start: flags & F_CLEAN != 0, stamp, will, known }
+            let (clean_start, ahead, ended) =
+                (flags & F_CLEAN != 0, flags & F_AHEAD != 0, flags & F_ENDED != 0);
+            RegistryMsg::Register { request, client, clean_start, stamp, will, known, ahead, ended }
         }
         M_GRANTED => {
             let request = RequestId(r.varint()?);
@@ -321,6 +354,12 @@ fn decode_next(body: &[u8]) -> Result<(RegistryMsg, usize), LinkError> {
         M_COPY => RegistryMsg::Copy(read_registration(&mut r)?),
         M_FORGET => RegistryMsg::Forget(read_registration(&mut r)?),
         M_REPLICATED => RegistryMsg::Replicated { client: client(&mut r)?, epoch: epoch(&mut r)? },
+        M_SUPERSEDED => RegistryMsg::Superseded {
+            request: RequestId(r.varint()?),
+            client: client(&mut r)?,
+            successor: node(&mut r)?,
+            successor_epoch: epoch(&mut r)?,
+        },
         _ => return Err(LinkError::Malformed("registry message type")),
     };
     Ok((m, r.pos()))
@@ -422,6 +461,8 @@ mod tests {
                 stamp: HlcStamp(u64::MAX),
                 will: Some(will()),
                 known: 41,
+                ahead: false,
+                ended: false,
             },
             RegistryMsg::Register {
                 request: RequestId(u64::MAX),
@@ -430,6 +471,28 @@ mod tests {
                 stamp: HlcStamp(0),
                 will: None,
                 known: 0,
+                ahead: false,
+                ended: false,
+            },
+            RegistryMsg::Register {
+                request: RequestId(5),
+                client: "dev-2".into(),
+                clean_start: true,
+                stamp: HlcStamp(77),
+                will: None,
+                known: 3,
+                ahead: true,
+                ended: false,
+            },
+            RegistryMsg::Register {
+                request: RequestId(6),
+                client: "dev-2".into(),
+                clean_start: true,
+                stamp: HlcStamp(78),
+                will: None,
+                known: 0,
+                ahead: true,
+                ended: true,
             },
             RegistryMsg::Granted {
                 request: RequestId(2),
@@ -454,6 +517,12 @@ mod tests {
             RegistryMsg::Replicated { client: "dev-1".into(), epoch: 12 },
             RegistryMsg::Held(Registration { connected: false, ..reg(None) }),
             RegistryMsg::Copy(reg(Some(will()))),
+            RegistryMsg::Superseded {
+                request: RequestId(8),
+                client: "dev-2".into(),
+                successor: n("node-b"),
+                successor_epoch: 4,
+            },
         ]
     }
 

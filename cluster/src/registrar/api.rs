@@ -63,6 +63,10 @@ pub enum RegistrarEvent {
     /// (DISCONNECT 0x8E Session taken over) and hand the session over, or drop it when `discard` (the
     /// successor started clean). [`super::Registrar::is_current`] is false for it from now on.
     EndSession { client: Arc<str>, epoch: u64, successor: NodeName, successor_epoch: u64, discard: bool },
+    /// The connection of `request`, answered ahead ([`super::Registrar::handle_connect_ahead`]), is
+    /// older than `successor`'s registration of its id, which its owner had already: it holds nothing;
+    /// close it (DISCONNECT 0x8E Session taken over).
+    Superseded { request: RequestId, client: Arc<str>, successor: NodeName, successor_epoch: u64 },
     /// An owner took this node for the holder of `client`'s session, which it no longer has (it ended
     /// before the owner heard): tell `successor`, which may be waiting for it, that none comes.
     NoSession { client: Arc<str>, successor: NodeName, successor_epoch: u64 },

@@ -20,6 +20,18 @@
 //! holding the session and the other told to end. A node stops delivering for an epoch that is no longer its
 //! current one ([`Registrar::is_current`], the fencing query).
 //!
+//! **Answered ahead.** In [`PartitionMode::Available`] a clean start with no will whose session ends with
+//! its connection is answered (CONNACK) at once ([`Registrar::handle_connect_ahead`]): nothing the zone
+//! keeps depends on it. Its registration waits [`AHEAD_DELAY`]; a connection that ends meanwhile goes
+//! as one `Register` marked ended, which an owner with no registration of the id only acknowledges, so
+//! that a connection that comes and goes costs one message and its acknowledgement. Such a
+//! registration is ordered against others of its id by its clock (newest wins), as those made on both
+//! sides of a partition are, not by the owner's order: one older than the owner's registration changes
+//! nothing there, and if its connection is still there, the owner says it lost (`Superseded`). The
+//! clocks of one node agree with themselves; those of two nodes order connections their skew apart
+//! as they say. A CONNECT that waits for its registration sends an earlier registration of the same
+//! client answered ahead first, so that the owner sees one node's connections in the order they came.
+//!
 //! A request that comes again (sent anew after a membership change, or resent by its link after a cut)
 //! is answered with the epoch its registration has, not granted anew: a registration is recognised by
 //! its holder and the stamp of its connection.
@@ -86,17 +98,23 @@ use crate::retained::{Hlc, HlcStamp};
 use crate::NodeName;
 
 mod api;
+mod requester;
 mod requests;
 #[cfg(test)]
 mod tests;
 mod wills;
 
-use requests::{Op, Pending, Requests};
+use requests::{Op, Requests};
 
 pub use api::{HeldSession, PartitionMode, RegistrarConfig, RegistrarCounters, RegistrarEvent};
 
 /// How long a request waits for its owner's answer before the node decides without it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a registration answered ahead ([`Registrar::handle_connect_ahead`]) waits before it is
+/// sent: a connection that ends meanwhile goes as one message with its end, which an owner with no
+/// registration of the id only acknowledges.
+pub const AHEAD_DELAY: Duration = Duration::from_millis(5);
 
 /// How long an ended registration's tombstone is kept (pruned when timers run): far longer than any
 /// copy of it can stay in flight.
@@ -114,6 +132,9 @@ struct Held {
     unconfirmed: bool,
     /// Restored from the log ([`Registrar::restore`]): this life knows nothing of its last connection.
     restored: bool,
+    /// The request that made it (none when restored): how the end of a connection answered ahead
+    /// names it ([`Registrar::handle_disconnect_ahead`]).
+    request: Option<RequestId>,
 }
 
 /// Messages to send, and to whom.
@@ -241,7 +262,15 @@ impl Registrar {
         if self.pending.registering(client) || self.held.contains_key(client) {
             return;
         }
-        let h = Held { epoch, stamp, connected: false, will: None, unconfirmed: true, restored: true };
+        let h = Held {
+            epoch,
+            stamp,
+            connected: false,
+            will: None,
+            unconfirmed: true,
+            restored: true,
+            request: None,
+        };
         self.held.insert(client.into(), h);
     }
 
@@ -273,47 +302,6 @@ impl Registrar {
 
     fn is_up(&self, node: &NodeName) -> bool {
         *node == self.me || self.up.contains(node)
-    }
-
-    /// A client connected here: register it with its owner. The answer comes as an event
-    /// ([`RegistrarEvent::Granted`] or [`RegistrarEvent::Refused`]) naming the returned id.
-    pub fn handle_connect(
-        &mut self,
-        client: &str,
-        clean_start: bool,
-        will: Option<WillInfo>,
-        now: Instant,
-    ) -> RequestId {
-        let id = RequestId(self.next_request);
-        self.next_request += 1;
-        let stamp = self.hlc.stamp(self.wall_ms(now));
-        let op = Op::Register { clean_start, stamp, will: will.map(Box::new) };
-        let p = Pending { client: client.into(), op, owner: self.me.clone(), deadline: now };
-        self.pending.insert(id, p);
-        self.send_request(id, now);
-        self.drain_local(now);
-        id
-    }
-
-    /// The client of `epoch` disconnected; `session_kept`: its session persists here (offline). Ignored
-    /// for an epoch this node no longer holds.
-    pub fn handle_disconnect(&mut self, client: &str, epoch: u64, session_kept: bool, now: Instant) {
-        if !self.is_current(client, epoch) {
-            return;
-        }
-        let had_will = if session_kept {
-            let h = self.held.get_mut(client).expect("current");
-            h.connected = false;
-            h.will.take().is_some()
-        } else {
-            self.held.remove(client).is_some_and(|h| h.will.is_some())
-        };
-        let id = RequestId(self.next_request);
-        self.next_request += 1;
-        let op = Op::Disconnect { epoch, ended: !session_kept, had_will };
-        self.pending.insert(id, Pending { client: client.into(), op, owner: self.me.clone(), deadline: now });
-        self.send_request(id, now);
-        self.drain_local(now);
     }
 
     /// A peer's link is up (the gateway's `PeerUp`).
@@ -375,11 +363,27 @@ impl Registrar {
 
     /// Timers: requests past their deadline, wills due.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let late: Vec<RequestId> =
-            self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        // Ahead registrations due soon go with those due now (one wake-up for several).
+        let soon = now + AHEAD_DELAY / 2;
+        let late: Vec<RequestId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.deadline <= now || (p.deadline <= soon && matches!(p.op, Op::Register { sent: false, .. }))
+            })
+            .map(|(id, _)| *id)
+            .collect();
         for id in late {
-            let is_register = matches!(self.pending.get(id).expect("pending").op, Op::Register { .. });
-            if !is_register {
+            let resend = match self.pending.get(id).expect("pending").op {
+                // Waited its moment: it goes.
+                Op::Register { sent: false, .. } => true,
+                // The connection ended: nothing waits for a grant, but the owner must hear (the client
+                // started clean: a session of its id elsewhere goes).
+                Op::Register { ended: true, .. } => true,
+                Op::Register { .. } => false,
+                Op::Disconnect { .. } => true,
+            };
+            if resend {
                 // A disconnect is sent again until an owner confirms it.
                 self.send_request(id, now);
             } else if self.cfg.partition_mode == PartitionMode::Consistent {
@@ -468,101 +472,36 @@ impl Registrar {
         }
     }
 
-    /// Sends (again) request `id` to its client's primary owner, or refuses it in consistent mode when
-    /// the owner over every known member is down.
-    fn send_request(&mut self, id: RequestId, now: Instant) {
-        let p = self.pending.get(id).expect("pending");
-        let client = p.client.clone();
-        if self.cfg.partition_mode == PartitionMode::Consistent && matches!(p.op, Op::Register { .. }) {
-            let expected = owners(&client, &self.known).expect("this node is known");
-            if !self.is_up(&expected.primary) {
-                return self.refuse(id);
-            }
-        }
-        let owner = self.owners_of(&client).primary;
-        let deadline = now + self.cfg.request_timeout;
-        let p = self.pending.get_mut(id).expect("pending");
-        p.owner = owner.clone();
-        p.deadline = deadline;
-        let m = match &p.op {
-            Op::Register { clean_start, stamp, will } => RegistryMsg::Register {
-                known: self
-                    .table
-                    .get(&client)
-                    .map_or(0, |r| r.epoch)
-                    .max(self.held.get(&client).map_or(0, |h| h.epoch)),
-                request: id,
-                client,
-                clean_start: *clean_start,
-                stamp: *stamp,
-                will: will.clone(),
-            },
-            Op::Disconnect { epoch, ended, .. } => {
-                RegistryMsg::Disconnect { request: id, client, epoch: *epoch, ended: *ended }
-            }
-        };
-        // A disconnect late at the owner keeps the registration connected a moment longer: harmless
-        // without a will (were this node lost meanwhile, the owners would have none to publish).
-        let can_wait = matches!(p.op, Op::Disconnect { had_will: false, .. });
-        self.send_hinted(&owner, m, can_wait);
-    }
-
-    fn refuse(&mut self, id: RequestId) {
-        let p = self.pending.remove(id).expect("pending");
-        self.superseded.remove(&p.client);
-        self.counters.refused += 1;
-        self.events.push_back(RegistrarEvent::Refused { request: id, client: p.client });
-    }
-
-    /// Available mode, no answer from the owner: this node grants the connection an epoch above every
-    /// one it knows of, and tells the owner (conflicts resolve by the registry's rules).
-    fn grant_provisionally(&mut self, id: RequestId, now: Instant) {
-        let p = self.pending.remove(id).expect("pending");
-        let Op::Register { stamp, will, .. } = p.op else { unreachable!("only registrations are granted") };
-        let known = self.table.get(&p.client).map_or(0, |r| r.epoch);
-        let held = self.held.get(&p.client).map_or(0, |h| h.epoch);
-        let floor = self.superseded.remove(&p.client).map_or(0, |s| s.2);
-        let epoch = known.max(held).max(floor) + 1;
-        self.counters.granted += 1;
-        self.counters.provisional += 1;
-        self.held.insert(
-            p.client.clone(),
-            Held { epoch, stamp, connected: true, will, unconfirmed: true, restored: false },
-        );
-        self.events.push_back(RegistrarEvent::Granted {
-            request: id,
-            client: p.client.clone(),
-            epoch,
-            stamp,
-            previous: None,
-            provisional: true,
-        });
-        self.reregister(&p.client);
-        self.drain_local(now);
-    }
-
-    /// Sends the session this node holds of `client` to its primary owner.
-    fn reregister(&mut self, client: &Arc<str>) {
-        let Some(h) = self.held.get_mut(client) else { return };
-        let r = Registration {
-            client: client.clone(),
-            holder: self.me.clone(),
-            epoch: h.epoch,
-            stamp: h.stamp,
-            connected: h.connected,
-            will: h.will.clone(),
-        };
-        h.unconfirmed = false;
-        let m = if h.restored { RegistryMsg::Held(r) } else { RegistryMsg::Sync(r) };
-        self.counters.reregistrations += 1;
-        let primary = self.owners_of(client).primary;
-        self.send(&primary, m);
-    }
-
     fn on_message(&mut self, from: &NodeName, m: RegistryMsg, now: Instant) {
         match m {
-            RegistryMsg::Register { request, client, clean_start, stamp, will, known } => {
+            RegistryMsg::Register { request, client, clean_start, stamp, will, known, ahead, ended } => {
                 self.hlc.observe(stamp);
+                // The registration of a connection answered ahead comes a moment after its CONNACK (see
+                // `handle_connect_ahead`): another connection of the id may have been registered
+                // meanwhile. Such a connection is ordered by its clock, as registrations made on both
+                // sides of a partition are: one older than the registration here changes nothing (it
+                // must not take over a client that moved on, to another node or to a later connection
+                // here), and if still there, its connection ends. The clocks of one node never
+                // disagree; those of two nodes can misjudge connections their skew apart.
+                // One that ended, of an id with no registration here, leaves nothing behind either.
+                if ahead {
+                    let current = self.table.get(&client);
+                    let newer = current.filter(|r| r.stamp > stamp).cloned();
+                    if ended && (newer.is_some() || current.is_none()) {
+                        self.send_can_wait(from, RegistryMsg::DisconnectAck { request });
+                        return;
+                    }
+                    if let Some(r) = newer {
+                        let m = RegistryMsg::Superseded {
+                            request,
+                            client,
+                            successor: r.holder,
+                            successor_epoch: r.epoch,
+                        };
+                        self.send(from, m);
+                        return;
+                    }
+                }
                 // The registration this request made already (the same holder and connection stamp): it
                 // came again, sent anew after a membership change or delivered late by a link that
                 // resent it after a cut. Answered with the epoch it has, not granted anew: a new epoch
@@ -573,7 +512,8 @@ impl Registrar {
                     self.table.get(&client).map(|r| (r.epoch, r.holder == *from && r.stamp == stamp));
                 if let Some((epoch, true)) = current {
                     if !self.awaits(&client) {
-                        self.send(from, RegistryMsg::Granted { request, client, epoch, previous: None });
+                        let m = RegistryMsg::Granted { request, client, epoch, previous: None };
+                        self.send_hinted(from, m, ahead);
                     }
                     return;
                 }
@@ -617,9 +557,7 @@ impl Registrar {
                         // must go ahead of the grant on the same link: the grant takes it along.
                         let copy = self.table.get(&client).expect("registered").clone();
                         self.send_can_wait(&replica, RegistryMsg::Copy(copy));
-                        for (to, m) in answers {
-                            self.send(&to, m);
-                        }
+                        self.send_answers(answers, ahead);
                     }
                     Some(replica) => {
                         // Answered once the replica has it: a grant, and the takeover it makes, survive
@@ -631,9 +569,7 @@ impl Registrar {
                     }
                     None => {
                         self.copy_to_owners(&client);
-                        for (to, m) in answers {
-                            self.send(&to, m);
-                        }
+                        self.send_answers(answers, ahead);
                     }
                 }
             }
@@ -645,6 +581,13 @@ impl Registrar {
                 // have the same epoch (each side went on from the last it knew), and the one that lost the
                 // conflict must not end the winner's (registrar simulation, seed 63826).
                 let own = self.table.get(&client).filter(|r| r.epoch == epoch && r.holder == *from).cloned();
+                // Sent to this node as the id's primary, but it is no longer (a member came up and it
+                // handed the registration over): unanswered, it goes again to the primary of now at its
+                // timeout. Acknowledged, it would be lost, and the new primary would keep the client
+                // connected (registrar simulation, seed 72214).
+                if own.is_none() && self.owners_of(&client).primary != self.me {
+                    return;
+                }
                 let ending = own.clone().filter(|_| ended);
                 // A requester that keeps the replica learns from the `Forget` it gets anyway: that is
                 // its acknowledgement (see `Forget`).
@@ -667,8 +610,12 @@ impl Registrar {
                 }
             }
             RegistryMsg::DisconnectAck { request } => {
-                if self.pending.get(request).is_some_and(|p| matches!(p.op, Op::Disconnect { .. })) {
-                    self.pending.remove(request);
+                let done = |op: &Op| matches!(op, Op::Disconnect { .. } | Op::Register { ended: true, .. });
+                if self.pending.get(request).is_some_and(|p| done(&p.op)) {
+                    let p = self.pending.remove(request).expect("checked");
+                    if matches!(p.op, Op::Register { .. }) {
+                        self.registration_gone(&p.client);
+                    }
                 }
             }
             RegistryMsg::EndSession { client, epoch, successor, successor_epoch, discard } => {
@@ -711,6 +658,9 @@ impl Registrar {
             }
             RegistryMsg::Replicate(r) => self.replica_copy(from, r, true, now),
             RegistryMsg::Copy(r) => self.replica_copy(from, r, false, now),
+            RegistryMsg::Superseded { request, client, successor, successor_epoch } => {
+                self.superseded_ahead(request, client, successor, successor_epoch)
+            }
             RegistryMsg::Replicated { client, epoch } => {
                 let done: Vec<(Arc<str>, u64)> = self
                     .awaiting
@@ -854,131 +804,12 @@ impl Registrar {
             && !self.pending.registering(&r.client)
     }
 
-    fn granted(
-        &mut self,
-        from: &NodeName,
-        request: RequestId,
-        client: Arc<str>,
-        epoch: u64,
-        previous: Option<Previous>,
-        now: Instant,
-    ) {
-        let answered = self.pending.get(request).is_some_and(|p| matches!(p.op, Op::Register { .. }));
-        if !answered {
-            // A late answer (the request was re-sent, granted provisionally, or refused meanwhile): the
-            // owner registered this node for a connection it did not take. The session it holds, if
-            // any, is re-registered (same holder: the merge keeps one); if none, the owner is told to
-            // drop the registration.
-            if self.held.contains_key(&client) {
-                self.reregister(&client);
-            } else {
-                let id = RequestId(self.next_request);
-                self.next_request += 1;
-                let op = Op::Disconnect { epoch, ended: true, had_will: true };
-                self.pending.insert(id, Pending { client, op, owner: self.me.clone(), deadline: now });
-                self.send_request(id, now);
-            }
-            return;
-        }
-        let p = self.pending.remove(request).expect("answered");
-        let Op::Register { stamp, will, .. } = p.op else { unreachable!("checked") };
-        self.counters.granted += 1;
-        // A later connect of the same client here may have been answered first (the owner's replica
-        // changed in between): this grant is then superseded by it as soon as it is given.
-        let newer = self.held.get(&client).map(|h| h.epoch).filter(|e| *e > epoch);
-        if newer.is_none() {
-            self.held.insert(
-                client.clone(),
-                Held { epoch, stamp, connected: true, will, unconfirmed: false, restored: false },
-            );
-        }
-        self.events.push_back(RegistrarEvent::Granted {
-            request,
-            client: client.clone(),
-            epoch,
-            stamp,
-            previous,
-            provisional: false,
-        });
-        if let Some(successor_epoch) = newer {
-            self.counters.sessions_ended += 1;
-            self.events.push_back(RegistrarEvent::EndSession {
-                client,
-                epoch,
-                successor: self.me.clone(),
-                successor_epoch,
-                discard: false,
-            });
-            return;
-        }
-        if let Some((until, successor, successor_epoch)) = self.superseded.remove(&client) {
-            if until >= epoch {
-                self.session_superseded(client, until, successor, successor_epoch, false, now);
-                return;
-            }
-        }
-        // Granted by a node that is not the id's primary any more (the membership changed while the
-        // grant waited for its replica): the grant was handed to the new primary with the rest, which may
-        // have had a newer registration from the other side of a healed partition and tried to end this
-        // one before it could reach this node. Re-registered with the primary of now, which ends it
-        // if it lost (registrar simulation, seed 109066). The sender, not the request's owner, is what
-        // counts: a request sent again to the new primary still takes the old one's grant if it comes
-        // first.
-        if *from != self.me && self.owners_of(&client).primary != *from {
-            self.reregister(&client);
-        }
-    }
-
-    /// An owner says this node's sessions of `client` up to `epoch` lost to `successor`'s.
-    fn session_superseded(
-        &mut self,
-        client: Arc<str>,
-        epoch: u64,
-        successor: NodeName,
-        successor_epoch: u64,
-        discard: bool,
-        now: Instant,
-    ) {
-        // A registration of this client still waiting for its grant may be the one the message names
-        // (the owner replaced it before answering): its grant is ended as soon as it arrives.
-        if self.pending.registering(&client) {
-            let e = self.superseded.entry(client.clone()).or_insert((0, successor.clone(), successor_epoch));
-            if epoch >= e.0 {
-                *e = (epoch, successor.clone(), successor_epoch);
-            }
-        }
-        // Epochs this node holds for one client only grow, so a newer one than the message names is
-        // a later connection the owner did not know of yet: it stays.
-        if let Some(h) = self.held.get(&client).filter(|h| h.epoch <= epoch) {
-            let held_epoch = h.epoch;
-            self.held.remove(&client);
-            // As an owner too, this node's own registration of the session is over: whoever sent the
-            // end has the winner, and a copy here must not name this node as the holder any more.
-            let mine = self.table.get(&client).filter(|r| r.holder == self.me && r.epoch <= epoch).cloned();
-            if let Some(r) = mine {
-                let at = self.hlc.stamp(self.wall_ms(now));
-                self.table.ended(&client, r.epoch, at);
-                self.forget_at_owners(r);
-            }
-            self.counters.sessions_ended += 1;
-            self.events.push_back(RegistrarEvent::EndSession {
-                client,
-                epoch: held_epoch,
-                successor,
-                successor_epoch,
-                discard,
-            });
-        } else if !self.held.contains_key(&client)
-            && !self.pending.registering(&client)
-            && successor != self.me
-        {
-            // Nothing here (any more): the session ended here before the owner heard, and the owner
-            // took this node for its holder when it granted the successor (a client that left this node
-            // and at once connected to another), or another owner's end of a session already handed
-            // over. The successor may be waiting for this node's hand-over: it is told there is none
-            // (a second one, after the session, changes nothing there). Without it, its CONNACK would
-            // wait for the hand-over's timeout.
-            self.events.push_back(RegistrarEvent::NoSession { client, successor, successor_epoch });
+    /// A grant (first) and the end of the session it took over (second, if any). The grant of a
+    /// connection answered `ahead` can wait: nothing waits for it. The end of the session taken over
+    /// cannot: until it arrives, the client id has two live sessions.
+    fn send_answers(&mut self, answers: Answers, ahead: bool) {
+        for (i, (to, m)) in answers.into_iter().enumerate() {
+            self.send_hinted(&to, m, ahead && i == 0);
         }
     }
 

@@ -18,13 +18,18 @@ pub(super) enum Op {
         clean_start: bool,
         stamp: HlcStamp,
         will: Option<Box<WillInfo>>,
+        /// The connection was answered (CONNACK) before its registration (see
+        /// `Registrar::handle_connect_ahead`): nothing here waits for the grant.
+        ahead: bool,
+        /// An ahead connection that ended before its grant came: the grant is followed at once by the
+        /// end of its registration. Sent as one (`Register` marked ended) when the connection ended
+        /// before its registration went.
+        ended: bool,
+        /// Sent to an owner at least once (an ahead registration waits [`super::AHEAD_DELAY`] first).
+        sent: bool,
     },
     /// `had_will`: the connection had a will (its disconnect must not wait: see `send_request`).
-    Disconnect {
-        epoch: u64,
-        ended: bool,
-        had_will: bool,
-    },
+    Disconnect { epoch: u64, ended: bool, had_will: bool },
 }
 
 #[derive(Debug)]
@@ -104,7 +109,14 @@ mod tests {
     #[test]
     fn requests_are_found_by_client_until_removed() {
         let mut r = Requests::default();
-        let reg = || Op::Register { clean_start: true, stamp: HlcStamp(1), will: None };
+        let reg = || Op::Register {
+            clean_start: true,
+            stamp: HlcStamp(1),
+            will: None,
+            ahead: false,
+            ended: false,
+            sent: true,
+        };
         r.insert(RequestId(1), req("a", reg()));
         r.insert(RequestId(2), req("a", Op::Disconnect { epoch: 1, ended: true, had_will: false }));
         r.insert(RequestId(3), req("b", reg()));

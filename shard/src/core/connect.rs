@@ -6,11 +6,9 @@ use std::time::{Duration, Instant};
 
 use shardmq_wire::{topic, ConnAck, Connect, Packet, Properties, Protocol, ReasonCode};
 
+use super::register::SessionOf;
 use super::session::{Session, WillState};
-use super::{
-    owner_of, Mesh, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer,
-    ZoneRegistration,
-};
+use super::{owner_of, Mesh, Msg, MsgProps, Origin, ProtocolError, ReadStep, SessionKey, Shard, Timer};
 use crate::auth::guard::Identity;
 use crate::auth::Refusal;
 use crate::ConnId;
@@ -151,7 +149,21 @@ impl Shard {
         }
         // In a zone, the registry learns that this node holds the session first (see `register`). Ids
         // this node assigned are its own.
-        if self.cfg.cluster_gateway && !registered && assigned.is_none() {
+        // A clean connection with nothing for the zone to keep after it (no will, a session that ends
+        // with it) is answered at once where the zone prefers availability; its registration follows.
+        let ends_with_connection = if v5 {
+            c.properties.session_expiry_interval_s.unwrap_or(0).min(self.cfg.max_session_expiry_s) == 0
+        } else {
+            c.clean_start
+        };
+        // Not while a CONNECT of the id waits for its registration here: this one would answer first, and
+        // the registry would see them in the other order.
+        let ahead = self.cfg.register_ahead
+            && c.clean_start
+            && c.will.is_none()
+            && ends_with_connection
+            && !self.sessions.registrations.holds_connect_of(c.client_id);
+        if self.cfg.cluster_gateway && !registered && assigned.is_none() && !ahead {
             let will = c.will.as_ref().map(|w| {
                 Box::new(super::register::RegisteredWill {
                     topic: w.topic.into(),
@@ -239,6 +251,10 @@ impl Shard {
             Some(a) => self.sessions.acls.insert(key, a),
             None => self.sessions.acls.remove(&key),
         };
+        // After the local takeover above: the gateway hears of the old connection's end first.
+        if self.cfg.cluster_gateway && ahead && assigned.is_none() {
+            registration = Some(self.register_ahead(client_id.clone()));
+        }
         if let Some(r) = registration {
             self.sessions.registrations.current.insert(key, r);
         }
@@ -326,17 +342,24 @@ impl Shard {
         let (Some(gateway), Some(s)) = (self.gateway(), self.sessions.map.get(&key)) else { return };
         let current = &mut self.sessions.registrations.current;
         let r = if kept { current.get(&key).copied() } else { current.remove(&key) };
-        let Some(ZoneRegistration { epoch, .. }) = r else { return };
+        let Some(registration) = r else { return };
         let client = s.client_id.clone();
-        self.send_mesh(gateway, Mesh::Unregister { client, epoch, kept });
+        self.send_mesh(gateway, Mesh::Unregister { client, registration, kept });
     }
 
     /// A connection on another node took this session over (the zone's registry says so): its client,
     /// if connected here, gets DISCONNECT 0x8E, and the session leaves: exported for the node that took
     /// it over (`export`), or ended (its new connection started clean). The gateway hears what left.
-    pub(super) fn taken_over_elsewhere(&mut self, client: Arc<str>, export: bool, now: Instant) {
+    pub(super) fn taken_over_elsewhere(
+        &mut self,
+        client: Arc<str>,
+        export: bool,
+        of: SessionOf,
+        now: Instant,
+    ) {
         let mut state = None;
-        if let Some(key) = self.sessions.by_client.get(&client, &self.sessions.map) {
+        let current = self.sessions.by_client.get(&client, &self.sessions.map);
+        if let Some(key) = current.filter(|k| self.ends_current(*k, of)) {
             self.counters.sessions_taken_elsewhere += 1;
             match (export, self.wall_clock()) {
                 (true, Some(clock)) => {

@@ -52,7 +52,7 @@ pub use self::persist::{
     SessionTransfer, ShardReport, StorageConfig, Store, StoredSession, TransferError, WallClock,
     FORWARDING_TIMEOUT,
 };
-pub use self::register::{HeldRegistration, RegisterOutcome, RegisteredWill, ZoneRegistration};
+pub use self::register::{HeldRegistration, RegisterOutcome, RegisteredWill, SessionOf, ZoneRegistration};
 use self::route::{Interest, SubRef};
 pub use self::route::{InterestDelta, SharedKey};
 use self::session::Session;
@@ -103,6 +103,10 @@ pub struct Config {
     /// anything): it hears every interest announcement and retained update, announces the zone's
     /// shared-group members as its own, and gets the publishes the peers may want (see `route`).
     pub cluster_gateway: bool,
+    /// With `cluster_gateway`, in a zone that prefers availability: a CONNECT that starts clean, whose
+    /// session ends with its connection and that has no will is answered without waiting for its
+    /// registration, which follows (see `register`).
+    pub register_ahead: bool,
     /// Put into the client ids the node assigns (`shardmq-<this>-<shard>-<n>`): in a zone, the node's
     /// name, so that no two nodes assign the same id (a v5 client may come back with it to any node).
     /// Empty on a single node (`shardmq-<shard>-<n>`).
@@ -142,6 +146,7 @@ impl Default for Config {
             max_subscriptions: 1000,
             sys_interval_s: 0,
             cluster_gateway: false,
+            register_ahead: false,
             assigned_id_scope: Arc::from(""),
             auth: None,
         }
@@ -320,6 +325,8 @@ pub enum Mesh {
         client: Arc<str>,
         clean_start: bool,
         will: Option<Box<RegisteredWill>>,
+        /// The CONNECT was answered already ([`Config::register_ahead`]): no answer is wanted.
+        ahead: bool,
     },
     /// Gateway to shard: publish the will of a client whose node was lost (this node is one of its
     /// id's owners, see `register`).
@@ -337,6 +344,15 @@ pub enum Mesh {
     EndSession {
         client: Arc<str>,
         export: bool,
+        /// Which registration ends: a session here with a newer one stays (its answer exports nothing).
+        of: SessionOf,
+    },
+    /// Gateway to shard: the connection of `client` registered ahead with `token` ([`Mesh::Register`])
+    /// got `registration`.
+    RegisteredAhead {
+        client: Arc<str>,
+        token: u64,
+        registration: ZoneRegistration,
     },
     /// Gateway to shard: a session of `transfer`'s client id that lost to this node's (the other side of
     /// a healed partition, or one moved here after its CONNECT went on without it): its undelivered
@@ -365,8 +381,9 @@ pub enum Mesh {
     /// offline), or the session ended (`kept == false`).
     Unregister {
         client: Arc<str>,
-        /// The registry's epoch of the connection that went.
-        epoch: u64,
+        /// The registration of the connection that went: its epoch, or the token of a connection
+        /// registered ahead whose epoch the shard was not told ([`ZoneRegistration::ahead`]).
+        registration: ZoneRegistration,
         kept: bool,
     },
 }
@@ -767,6 +784,12 @@ impl Core for Shard {
     type Mesh = Mesh;
     type Handoff = Handoff;
 
+    fn mesh_can_wait(m: &Mesh) -> bool {
+        // The registration of a connection answered ahead, and its end: nothing waits for them.
+        matches!(m, Mesh::Register { ahead: true, .. })
+            || matches!(m, Mesh::Unregister { registration, .. } if registration.ahead_token().is_some())
+    }
+
     fn handle_accept(&mut self, conn: ConnId, now: Instant) {
         if self.shutting_down {
             self.out.io.push_back(IoCmd::Close(conn));
@@ -887,7 +910,10 @@ impl Core for Shard {
             Mesh::RetainedHeld { .. } | Mesh::SessionsHeld { .. } => {}
             Mesh::Congestion { session, congested } => self.set_congested(session, from, congested, now),
             Mesh::Registered { token, outcome } => self.registered(token, outcome, now),
-            Mesh::EndSession { client, export } => self.taken_over_elsewhere(client, export, now),
+            Mesh::EndSession { client, export, of } => self.taken_over_elsewhere(client, export, of, now),
+            Mesh::RegisteredAhead { client, token, registration } => {
+                self.registered_ahead(&client, token, registration)
+            }
             Mesh::PublishWill { will } => self.publish_lost_will(&will, now),
             Mesh::MergeSession { transfer } => self.merge_lost_session(&transfer, now),
             Mesh::EndForwarding { client } => self.end_forwarding(&client, now),

@@ -24,6 +24,16 @@ use crate::auth::ClientAcl;
 use crate::io::IoCmd;
 use crate::ConnId;
 
+/// Which registration of a client's session the zone's registry ends ([`Mesh::EndSession`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOf {
+    /// The registration of that epoch (and any older one).
+    Epoch(u64),
+    /// The connection registered ahead with that token ([`Mesh::Register`]), which lost to a newer one
+    /// before it got an epoch.
+    Ahead(u64),
+}
+
 /// The gateway's answer to a [`Mesh::Register`].
 #[derive(Debug)]
 pub enum RegisterOutcome {
@@ -36,17 +46,34 @@ pub enum RegisterOutcome {
 }
 
 /// A session's registration in the zone's registry: its epoch (which grows with every registration of
-/// the client id) and the hybrid-logical-clock stamp of the CONNECT that made it. Stored with the session
+/// the client id) and the hybrid-logical-clock stamp of the CONNECT that made it ([`Self::ahead`] for
+/// a connection answered before its registration). Stored with the session
 /// (SESSION record), so that a node restarted with its log re-registers its sessions as they were
 /// ([`Mesh::SessionsHeld`]) and a session that moved meanwhile is ended here, not resurrected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ZoneRegistration {
-    /// Invariant: at least 1.
+    /// Invariant: at least 1, but for [`Self::ahead`].
     pub epoch: u64,
     pub stamp: u64,
 }
 
 impl ZoneRegistration {
+    /// The epoch of [`ZoneRegistration::ahead`].
+    pub const AHEAD_EPOCH: u64 = 0;
+
+    /// A connection answered before its registration ([`super::Config::register_ahead`]), registered
+    /// with `token` ([`Mesh::Register`]): until the gateway says which epoch it got
+    /// ([`Mesh::RegisteredAhead`]), its end is reported with epoch 0 (the gateway knows which). Never
+    /// stored (its session ends with it).
+    pub fn ahead(token: u64) -> ZoneRegistration {
+        ZoneRegistration { epoch: Self::AHEAD_EPOCH, stamp: token }
+    }
+
+    /// The token of [`ZoneRegistration::ahead`].
+    pub fn ahead_token(&self) -> Option<u64> {
+        (self.epoch == Self::AHEAD_EPOCH).then_some(self.stamp)
+    }
+
     /// What a session with no registration of its own (stored by a node that was not clustered, or
     /// granted without an answer from the registry) re-registers as: below every registration the zone
     /// made, so that any of them wins over it.
@@ -76,6 +103,7 @@ pub struct RegisteredWill {
 #[derive(Debug)]
 struct Held {
     token: u64,
+    client: Arc<str>,
     /// The CONNECT and every byte after it.
     bytes: Vec<u8>,
     protocol: Protocol,
@@ -121,6 +149,11 @@ impl Registrations {
 
     pub(super) fn is_held(&self, conn: ConnId) -> bool {
         self.held.contains_key(&conn)
+    }
+
+    /// Whether a CONNECT of `client` waits for its registration here.
+    pub(super) fn holds_connect_of(&self, client: &str) -> bool {
+        self.held.values().any(|h| &*h.client == client)
     }
 
     /// Bytes of a held connection that reached the shard before its pause took effect: kept, in order,
@@ -177,11 +210,53 @@ impl Shard {
         let regs = &mut self.sessions.registrations;
         regs.next_token += 1;
         let token = regs.next_token;
-        regs.held.insert(conn, Held { token, bytes: bytes.to_vec(), protocol, acl });
+        let client: Arc<str> = Arc::from(client_id);
+        regs.held.insert(conn, Held { token, client: client.clone(), bytes: bytes.to_vec(), protocol, acl });
         regs.by_token.insert(token, conn);
         self.out.io.push_back(IoCmd::PauseRead(conn));
         self.counters.registrations += 1;
-        self.send_mesh(gateway, Mesh::Register { token, client: Arc::from(client_id), clean_start, will });
+        self.send_mesh(gateway, Mesh::Register { token, client, clean_start, will, ahead: false });
+    }
+
+    /// Registers a CONNECT answered without waiting ([`super::Config::register_ahead`]); returns what
+    /// the session's registration is until the gateway says which epoch it got.
+    pub(super) fn register_ahead(&mut self, client: Arc<str>) -> ZoneRegistration {
+        let regs = &mut self.sessions.registrations;
+        regs.next_token += 1;
+        let token = regs.next_token;
+        if let Some(gateway) = self.gateway() {
+            self.counters.registrations += 1;
+            self.send_mesh(
+                gateway,
+                Mesh::Register { token, client, clean_start: true, will: None, ahead: true },
+            );
+        }
+        ZoneRegistration::ahead(token)
+    }
+
+    /// The gateway says which epoch the connection registered ahead with `token` got: its session's
+    /// registration from now on, if the connection is still the session's.
+    pub(super) fn registered_ahead(&mut self, client: &str, token: u64, registration: ZoneRegistration) {
+        let Some(key) = self.sessions.by_client.get(client, &self.sessions.map) else { return };
+        let current = &mut self.sessions.registrations.current;
+        if let Some(r) = current.get_mut(&key).filter(|r| r.ahead_token() == Some(token)) {
+            debug_assert!(registration.epoch >= 1);
+            *r = registration;
+        }
+    }
+
+    /// Whether the registry's end of `client`'s session `of` is for the session this shard has: not for
+    /// a newer one (a connection answered ahead, whose registration the gateway had not seen yet, or one
+    /// with a later epoch). A session whose registration is not known is ended.
+    pub(super) fn ends_current(&self, key: super::SessionKey, of: SessionOf) -> bool {
+        let Some(current) = self.sessions.registrations.current.get(&key) else { return true };
+        match (of, current.ahead_token()) {
+            (SessionOf::Epoch(e), None) => current.epoch <= e,
+            // The epoch named is not this connection's: the gateway tells a connection registered
+            // ahead its epoch before anything about it.
+            (SessionOf::Epoch(_), Some(_)) => false,
+            (SessionOf::Ahead(token), t) => t == Some(token),
+        }
     }
 
     /// The gateway answered the registration `token`.

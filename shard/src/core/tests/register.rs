@@ -11,8 +11,12 @@ use crate::core::*;
 use crate::ShardId;
 
 fn clustered(n: u16) -> Sim {
-    let mut sim =
-        Sim::with(n, Config { cluster_gateway: true, connect_timeout_ms: 2000, ..Config::default() });
+    clustered_with(n, false)
+}
+
+fn clustered_with(n: u16, register_ahead: bool) -> Sim {
+    let cfg = Config { cluster_gateway: true, connect_timeout_ms: 2000, register_ahead, ..Config::default() };
+    let mut sim = Sim::with(n, cfg);
     sim.auto_register = false;
     for s in &mut sim.shards {
         s.set_wall_clock(WallClock { base: sim.now, base_unix_ms: 1_900_000_000_000 });
@@ -252,7 +256,7 @@ fn a_restarted_node_hands_its_sessions_to_the_registry_as_they_were_registered()
     let gone: Vec<_> =
         sim.to_gateway.drain(..).filter(|(_, m)| matches!(m, Mesh::Unregister { .. })).collect();
     assert!(
-        matches!(&gone[..], [(_, Mesh::Unregister { client, epoch: 7, kept: true })] if &**client == "kept"),
+        matches!(&gone[..], [(_, Mesh::Unregister { client, registration, kept: true })] if &**client == "kept" && registration.epoch == 7),
         "{gone:?}"
     );
     let _live = registered(&mut sim, "live", Some(10), live_reg);
@@ -296,7 +300,9 @@ fn a_restarted_node_hands_its_sessions_to_the_registry_as_they_were_registered()
         .to_gateway
         .drain(..)
         .filter_map(|(_, m)| match m {
-            Mesh::Unregister { client, epoch, kept } => Some((client.to_string(), epoch, kept)),
+            Mesh::Unregister { client, registration, kept } => {
+                Some((client.to_string(), registration.epoch, kept))
+            }
             _ => None,
         })
         .collect();
@@ -353,7 +359,10 @@ fn a_session_that_moved_away_leaves_a_stub_that_forwards_until_its_new_node_rout
     sim.drop_conn(c);
     sim.to_gateway.clear();
 
-    sim.gateway_sends(1, Mesh::EndSession { client: id.as_str().into(), export: true });
+    sim.gateway_sends(
+        1,
+        Mesh::EndSession { client: id.as_str().into(), export: true, of: SessionOf::Epoch(1) },
+    );
     assert_eq!(exported(&mut sim), vec![(id.clone(), 1)], "the session (no message queued)");
     let p = sim.connect_with(0, V5, |k| k.client_id = "pub");
     let (shard, token, _, _) = registrations(&mut sim).pop().unwrap();
@@ -398,4 +407,172 @@ fn a_session_that_moved_away_leaves_a_stub_that_forwards_until_its_new_node_rout
     assert!(!settled(&b), "not before the zone routes its subscription here");
     zone_acknowledges(&mut b);
     assert!(settled(&b));
+}
+
+fn clustered_ahead(n: u16) -> Sim {
+    clustered_with(n, true)
+}
+
+/// What the shards told the gateway of connections that went: (client id, registration).
+fn unregistered(sim: &mut Sim) -> Vec<(String, ZoneRegistration)> {
+    let mut out = Vec::new();
+    sim.to_gateway.retain(|(_, m)| match m {
+        Mesh::Unregister { client, registration, kept } => {
+            assert!(!kept);
+            out.push((client.to_string(), *registration));
+            false
+        }
+        _ => true,
+    });
+    out
+}
+
+/// The registrations answered ahead the gateway received: (shard, token, client id).
+fn ahead_registrations(sim: &mut Sim) -> Vec<(u16, u64, String)> {
+    let mut out = Vec::new();
+    sim.to_gateway.retain(|(from, m)| match m {
+        Mesh::Register { token, client, ahead: true, clean_start, will } => {
+            assert!(*clean_start && will.is_none());
+            out.push((from.0, *token, client.to_string()));
+            false
+        }
+        _ => true,
+    });
+    out
+}
+
+/// Where the zone prefers availability, a clean start with no will whose session ends with it is
+/// answered at once; its registration goes to the gateway, which is told of its end with epoch 0 until
+/// it said which epoch the connection got.
+#[test]
+fn a_clean_connection_without_a_will_is_answered_ahead_of_its_registration() {
+    let mut sim = clustered_ahead(2);
+    let id = id_on(1, 2, "quick");
+    let (c, present) = sim.connect(0, V5, &id, true);
+    assert!(!present);
+    let regs = ahead_registrations(&mut sim);
+    assert_eq!(regs.len(), 1);
+    assert_eq!((regs[0].0, regs[0].2.as_str()), (1, id.as_str()), "from the shard that owns the id");
+    assert!(registrations(&mut sim).is_empty(), "nothing else was registered");
+    sim.drop_conn(c);
+    let ahead = ZoneRegistration::ahead(regs[0].1);
+    assert_eq!(
+        unregistered(&mut sim),
+        vec![(id.clone(), ahead)],
+        "named by its token, its epoch unknown here"
+    );
+
+    // Told its epoch, the shard reports it at the end.
+    let (c, _) = sim.connect(0, V3, &id, true);
+    let (shard, token, _) = ahead_registrations(&mut sim).pop().unwrap();
+    let registration = ZoneRegistration { epoch: 7, stamp: 9 };
+    sim.gateway_sends(
+        shard,
+        Mesh::RegisteredAhead { client: id.as_str().into(), token: token + 1, registration },
+    );
+    sim.gateway_sends(shard, Mesh::RegisteredAhead { client: id.as_str().into(), token, registration });
+    sim.drop_conn(c);
+    assert_eq!(
+        unregistered(&mut sim),
+        vec![(id.clone(), registration)],
+        "another token's epoch is not taken"
+    );
+}
+
+/// While a CONNECT of the id waits for its registration here, another one waits too: answered ahead,
+/// it would take the session before the registry heard of the first.
+#[test]
+fn a_connect_behind_a_held_one_of_its_id_waits_too() {
+    let mut sim = clustered_ahead(1);
+    let first = sim.connect_with(0, V5, |k| {
+        k.client_id = "twice";
+        k.properties.session_expiry_interval_s = Some(60);
+    });
+    let second = sim.connect_with(0, V5, |k| k.client_id = "twice");
+    assert!(ahead_registrations(&mut sim).is_empty());
+    let held = registrations(&mut sim);
+    assert_eq!(held.len(), 2);
+    assert!(!sim.has_packet(first) && !sim.has_packet(second));
+}
+
+/// A will, a session that outlives its connection, or a partial session: the CONNECT waits for its
+/// registration as before.
+#[test]
+fn a_connection_the_zone_must_know_of_first_waits_for_its_registration() {
+    let mut sim = clustered_ahead(1);
+    let with_will = sim.connect_with(0, V5, |k| {
+        k.client_id = "w";
+        k.will = Some(shardmq_wire::Will {
+            topic: "gone/w",
+            payload: b"bye",
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Default::default(),
+        });
+    });
+    let expiring = sim.connect_with(0, V5, |k| {
+        k.client_id = "e";
+        k.properties.session_expiry_interval_s = Some(60);
+    });
+    let resuming = sim.connect_with(0, V3, |k| {
+        k.client_id = "r";
+        k.clean_start = false;
+    });
+    assert!(ahead_registrations(&mut sim).is_empty());
+    let held = registrations(&mut sim);
+    assert_eq!(held.len(), 3);
+    for c in [with_will, expiring, resuming] {
+        assert!(!sim.has_packet(c), "no CONNACK before the registration");
+    }
+}
+
+/// The registry ends a session by the registration it names: a connection answered ahead, whose
+/// registration the gateway had not seen when it ended an older one, stays; the end of its own
+/// registration (its token, or the epoch it was told) closes it with 0x8E.
+#[test]
+fn the_registry_ends_only_the_registration_it_names() {
+    let mut sim = clustered_ahead(1);
+    let (c, _) = sim.connect(0, V5, "flip", true);
+    let (_, token, _) = ahead_registrations(&mut sim).pop().unwrap();
+    let end = |of| Mesh::EndSession { client: "flip".into(), export: false, of };
+    sim.gateway_sends(0, end(SessionOf::Epoch(3)));
+    sim.gateway_sends(0, end(SessionOf::Ahead(token + 1)));
+    assert!(!sim.has_packet(c), "an older registration's end, and another connection's");
+    assert_eq!(exported(&mut sim), vec![("flip".to_string(), 0), ("flip".to_string(), 0)], "each answered");
+    sim.gateway_sends(0, end(SessionOf::Ahead(token)));
+    sim.pop(c, |p| match p {
+        Packet::Disconnect(d) => assert_eq!(d.reason, ReasonCode::SESSION_TAKEN_OVER),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    });
+    assert_eq!(sim.shards[0].session_count(), 0);
+
+    let (c, _) = sim.connect(0, V5, "flip", true);
+    let (_, token, _) = ahead_registrations(&mut sim).pop().unwrap();
+    let registration = ZoneRegistration { epoch: 5, stamp: 9 };
+    sim.gateway_sends(0, Mesh::RegisteredAhead { client: "flip".into(), token, registration });
+    sim.gateway_sends(0, end(SessionOf::Epoch(4)));
+    assert!(!sim.has_packet(c), "an older epoch");
+    sim.gateway_sends(0, end(SessionOf::Epoch(5)));
+    sim.pop(c, |p| assert!(matches!(p, Packet::Disconnect(_)), "{p:?}"));
+}
+
+/// The registration of a connection answered ahead and its end may wait for the gateway's next wake-up;
+/// a registration the CONNECT waits for may not.
+#[test]
+fn only_what_nothing_waits_for_may_wait_for_the_gateway() {
+    use crate::io::Core;
+    let mut sim = clustered_ahead(1);
+    let (c, _) = sim.connect(0, V5, "a", true);
+    sim.drop_conn(c);
+    let _held = sim.connect_with(0, V5, |k| {
+        k.client_id = "b";
+        k.properties.session_expiry_interval_s = Some(60);
+    });
+    let kinds: Vec<(bool, bool)> = sim
+        .to_gateway
+        .iter()
+        .filter(|(_, m)| matches!(m, Mesh::Register { .. } | Mesh::Unregister { .. }))
+        .map(|(_, m)| (matches!(m, Mesh::Register { ahead: false, .. }), Shard::mesh_can_wait(m)))
+        .collect();
+    assert_eq!(kinds, vec![(false, true), (false, true), (true, false)]);
 }

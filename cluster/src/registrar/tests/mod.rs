@@ -6,6 +6,8 @@ use super::*;
 use crate::link::registry::{decode, encode};
 use crate::registry::owners;
 
+mod ahead;
+
 fn n(s: &str) -> NodeName {
     NodeName(s.into())
 }
@@ -152,6 +154,7 @@ fn kind(m: &RegistryMsg) -> &'static str {
         RegistryMsg::Replicated { .. } => "Replicated",
         RegistryMsg::Held(_) => "Held",
         RegistryMsg::Copy(_) => "Copy",
+        RegistryMsg::Superseded { .. } => "Superseded",
     }
 }
 
