@@ -5,6 +5,10 @@
 //!   ([`Mesh::Registered`]); so does a grant when no other node held the session. When another node held
 //!   it, the grant waits (at most [`TRANSFER_TIMEOUT`], or until that node goes down) for the session
 //!   itself, which then arrives with it and is installed before the CONNECT runs: session present.
+//! - A clean connection its shard answered ahead ([`Mesh::Register`] `ahead`) is registered with a token:
+//!   its grant tells the shard its epoch ([`Mesh::RegisteredAhead`]), its loss to a newer connection ends
+//!   it by that token, and its end, reported with the token while the shard does not know the epoch,
+//!   reaches the registrar as the end of that request.
 //! - When another node's connection supersedes a session of this node, the registrar says so
 //!   ([`RegistrarEvent::EndSession`]): the session's shard ends it, exporting it unless the new
 //!   connection started clean ([`Mesh::EndSession`]: DISCONNECT 0x8E to a connected client), and hands

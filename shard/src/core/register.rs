@@ -11,6 +11,12 @@
 //! Without an answer by the connection's CONNECT timeout the shard goes on alone, as a zone that prefers
 //! availability does during a partition (counted: `registrations_timed_out`); the registry reconciles
 //! when it can. Client ids the node assigns are not registered: they are this node's own.
+//!
+//! Where the zone prefers availability ([`super::Config::register_ahead`]), a CONNECT that starts clean,
+//! has no will and whose session ends with it is not held: it runs at once, and its registration follows
+//! with a token ([`ZoneRegistration::ahead`]) that names the connection until the gateway tells its epoch.
+//! The registry's end of a session names the registration it ends ([`SessionOf`]), so that a connection
+//! answered ahead is not closed for an older one. Not while a CONNECT of the same id is held here.
 
 use std::collections::HashMap;
 use std::sync::Arc;
