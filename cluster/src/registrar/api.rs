@@ -44,7 +44,8 @@ impl Default for RegistrarConfig {
 /// What the shards must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistrarEvent {
-    /// The connection of `request` holds the session with `epoch`: CONNACK it. `previous` held the
+    /// The connection of `request` holds the session with `epoch`: CONNACK it (one answered ahead was
+    /// answered already: its shard learns the epoch). `previous` held the
     /// session on another node (which is told to end it and hand it over). `provisional`: granted here
     /// because the owner did not answer (available mode), reconciled later. `stamp`: the registration's
     /// clock, which the node stores with the session to re-register it after a restart

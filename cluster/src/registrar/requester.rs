@@ -26,10 +26,10 @@ impl Registrar {
 
     /// A client connected here and was answered (CONNACK) without waiting for its registration: a clean
     /// start whose session ends with its connection and that has no will, in
-    /// [`PartitionMode::Available`]. Registered as by [`Registrar::handle_connect`], but its answer is
-    /// only this node's business (no [`RegistrarEvent::Granted`] is needed by the shard), and its
-    /// messages may wait a moment to go with others. Its end is reported by
-    /// [`Registrar::handle_disconnect_ahead`].
+    /// [`PartitionMode::Available`]. Registered as by [`Registrar::handle_connect`] but [`AHEAD_DELAY`]
+    /// later, ordered by its clock at the owner; its grant ([`RegistrarEvent::Granted`]) only tells the
+    /// shard its epoch, and its loss to a newer connection comes as [`RegistrarEvent::Superseded`]. Its
+    /// end is reported by [`Registrar::handle_disconnect_ahead`].
     pub fn handle_connect_ahead(&mut self, client: &str, now: Instant) -> RequestId {
         debug_assert_eq!(self.cfg.partition_mode, PartitionMode::Available);
         self.connect(client, true, None, true, now)
