@@ -538,7 +538,7 @@ impl Sim {
             if let Some(epoch) = offline {
                 node.reg.handle_disconnect(&client, epoch, false, now);
             }
-            let id = node.reg.handle_connect_ahead(&client, now);
+            let id = node.reg.handle_connect_ahead(client.clone(), now);
             if trace {
                 eprintln!("{elapsed:?} connect {client} on {slot} ({id:?}, answered ahead)");
             }

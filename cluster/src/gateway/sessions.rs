@@ -200,7 +200,7 @@ impl Sessions {
 
     /// A shard answered a clean connection ahead of its registration ([`Mesh::Register`] `ahead`).
     pub(super) fn register_ahead(&mut self, from: ShardId, token: u64, client: Arc<str>, now: Instant) {
-        let request = self.registrar.handle_connect_ahead(&client, now);
+        let request = self.registrar.handle_connect_ahead(client.clone(), now);
         self.ahead.insert(client, (request, from, token));
     }
 

@@ -484,23 +484,22 @@ impl Registrar {
                 // here), and if still there, its connection ends. The clocks of one node never
                 // disagree; those of two nodes can misjudge connections their skew apart.
                 // One that ended, of an id with no registration here, leaves nothing behind either.
-                if ahead {
-                    let current = self.table.get(&client);
-                    let newer = current.filter(|r| r.stamp > stamp).cloned();
-                    if ended && (newer.is_some() || current.is_none()) {
-                        self.send_can_wait(from, RegistryMsg::DisconnectAck { request });
-                        return;
-                    }
-                    if let Some(r) = newer {
-                        let m = RegistryMsg::Superseded {
-                            request,
-                            client,
-                            successor: r.holder,
-                            successor_epoch: r.epoch,
-                        };
-                        self.send(from, m);
-                        return;
-                    }
+                // What the table has of the id, looked up once: its epoch, whether this request made it
+                // already (below), whether it is newer by clock than this request.
+                let current = self
+                    .table
+                    .get(&client)
+                    .map(|r| (r.epoch, r.holder == *from && r.stamp == stamp, r.stamp > stamp));
+                let newer = current.is_some_and(|c| c.2);
+                if ahead && ended && (newer || current.is_none()) {
+                    self.send_can_wait(from, RegistryMsg::DisconnectAck { request });
+                    return;
+                }
+                if ahead && newer {
+                    let r = self.table.get(&client).expect("looked up above");
+                    let (successor, successor_epoch) = (r.holder.clone(), r.epoch);
+                    self.send(from, RegistryMsg::Superseded { request, client, successor, successor_epoch });
+                    return;
                 }
                 // The registration this request made already (the same holder and connection stamp): it
                 // came again, sent anew after a membership change or delivered late by a link that
@@ -508,9 +507,7 @@ impl Registrar {
                 // for a request its holder already had answered would name a connection it does not
                 // have, which would end the session it does (node simulation, seed 150912).
                 // (Not while its grant waits for the replica: that answer comes, with what it took over.)
-                let current =
-                    self.table.get(&client).map(|r| (r.epoch, r.holder == *from && r.stamp == stamp));
-                if let Some((epoch, true)) = current {
+                if let Some((epoch, true, _)) = current {
                     if !self.awaits(&client) {
                         let m = RegistryMsg::Granted { request, client, epoch, previous: None };
                         self.send_hinted(from, m, ahead);

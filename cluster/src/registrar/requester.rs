@@ -21,7 +21,7 @@ impl Registrar {
         will: Option<WillInfo>,
         now: Instant,
     ) -> RequestId {
-        self.connect(client, clean_start, will, false, now)
+        self.connect(client.into(), clean_start, will, false, now)
     }
 
     /// A client connected here and was answered (CONNACK) without waiting for its registration: a clean
@@ -30,14 +30,14 @@ impl Registrar {
     /// later, ordered by its clock at the owner; its grant ([`RegistrarEvent::Granted`]) only tells the
     /// shard its epoch, and its loss to a newer connection comes as [`RegistrarEvent::Superseded`]. Its
     /// end is reported by [`Registrar::handle_disconnect_ahead`].
-    pub fn handle_connect_ahead(&mut self, client: &str, now: Instant) -> RequestId {
+    pub fn handle_connect_ahead(&mut self, client: Arc<str>, now: Instant) -> RequestId {
         debug_assert_eq!(self.cfg.partition_mode, PartitionMode::Available);
         self.connect(client, true, None, true, now)
     }
 
     pub(super) fn connect(
         &mut self,
-        client: &str,
+        client: Arc<str>,
         clean_start: bool,
         will: Option<WillInfo>,
         ahead: bool,
@@ -51,8 +51,7 @@ impl Registrar {
         if ahead {
             // Sent after a moment, unless the connection ends first: then it goes as one message with
             // its end (see `handle_disconnect_ahead`).
-            let p =
-                Pending { client: client.into(), op, owner: self.me.clone(), deadline: now + AHEAD_DELAY };
+            let p = Pending { client, op, owner: self.me.clone(), deadline: now + AHEAD_DELAY };
             self.pending.insert(id, p);
             return id;
         }
@@ -60,14 +59,14 @@ impl Registrar {
         // owner must see this node's connections of a client in the order they came.
         let unsent: Vec<RequestId> = self
             .pending
-            .of(client)
+            .of(&client)
             .filter(|(_, p)| matches!(p.op, Op::Register { sent: false, .. }))
             .map(|(id, _)| id)
             .collect();
         for earlier in unsent {
             self.send_request(earlier, now);
         }
-        let p = Pending { client: client.into(), op, owner: self.me.clone(), deadline: now };
+        let p = Pending { client, op, owner: self.me.clone(), deadline: now };
         self.pending.insert(id, p);
         self.send_request(id, now);
         self.drain_local(now);

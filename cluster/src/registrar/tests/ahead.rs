@@ -21,7 +21,7 @@ fn a_connection_that_ends_before_its_registration_goes_costs_one_round_trip() {
     let mut z = Nodes::new(3, PartitionMode::Available);
     let c = client_owned_by(&z.names(), 0, 1);
     let now = at(z.t0, 1);
-    let r = z.nodes[2].handle_connect_ahead(&c, now);
+    let r = z.nodes[2].handle_connect_ahead(c.as_str().into(), now);
     let mut counts = BTreeMap::new();
     z.pump_counted(now, &mut counts);
     assert!(counts.is_empty(), "it waits: {counts:?}");
@@ -44,7 +44,7 @@ fn a_connection_that_lasts_is_registered_after_the_delay_and_its_end_follows() {
     let mut z = Nodes::new(3, PartitionMode::Available);
     let c = client_owned_by(&z.names(), 0, 1);
     let now = at(z.t0, 1);
-    let request = z.nodes[2].handle_connect_ahead(&c, now);
+    let request = z.nodes[2].handle_connect_ahead(c.as_str().into(), now);
     let due = z.nodes[2].poll_timeout().expect("a timer for it");
     assert!(due <= now + AHEAD_DELAY, "{:?}", due - now);
     z.nodes[2].handle_timeout(due);
@@ -61,7 +61,7 @@ fn a_connection_that_lasts_is_registered_after_the_delay_and_its_end_follows() {
 
     // Its end while its registration is on its way: ended as soon as it is granted.
     let now = at(z.t0, 100);
-    let r = z.nodes[2].handle_connect_ahead(&c, now);
+    let r = z.nodes[2].handle_connect_ahead(c.as_str().into(), now);
     z.nodes[2].handle_timeout(now + AHEAD_DELAY);
     z.nodes[2].handle_disconnect_ahead(&c, r, now + AHEAD_DELAY);
     z.pump(now + AHEAD_DELAY);
@@ -78,7 +78,7 @@ fn an_ahead_connection_older_than_the_owners_registration_loses() {
     let mut z = Nodes::new(3, PartitionMode::Available);
     let c = client_owned_by(&z.names(), 0, 1);
     let early = at(z.t0, 5);
-    z.nodes[2].handle_connect_ahead(&c, early);
+    z.nodes[2].handle_connect_ahead(c.as_str().into(), early);
     let newer = at(z.t0, 8);
     z.nodes[1].handle_connect(&c, true, None, newer);
     z.pump(newer);
@@ -94,7 +94,7 @@ fn an_ahead_connection_older_than_the_owners_registration_loses() {
 
     // Ended before it went: only acknowledged.
     let early = at(z.t0, 20);
-    let r = z.nodes[2].handle_connect_ahead(&c, early);
+    let r = z.nodes[2].handle_connect_ahead(c.as_str().into(), early);
     z.nodes[1].handle_connect(&c, true, None, at(z.t0, 21));
     z.pump(at(z.t0, 21));
     z.nodes[2].handle_disconnect_ahead(&c, r, at(z.t0, 22));
@@ -115,7 +115,7 @@ fn an_ahead_connection_discards_an_older_session_elsewhere() {
     z.nodes[1].handle_connect(&c, false, Some(will(0)), now);
     z.pump(now);
     let later = at(z.t0, 2);
-    z.nodes[2].handle_connect_ahead(&c, later);
+    z.nodes[2].handle_connect_ahead(c.as_str().into(), later);
     z.nodes[2].handle_timeout(later + AHEAD_DELAY);
     z.pump(later + AHEAD_DELAY);
     assert_eq!(z.ended(1), vec![(1, n("n2"), true)], "dropped, not handed over");
@@ -125,7 +125,7 @@ fn an_ahead_connection_discards_an_older_session_elsewhere() {
     let c = client_owned_by(&z.names(), 1, 0);
     z.nodes[0].handle_connect(&c, false, None, at(z.t0, 30));
     z.pump(at(z.t0, 30));
-    let r = z.nodes[2].handle_connect_ahead(&c, at(z.t0, 31));
+    let r = z.nodes[2].handle_connect_ahead(c.as_str().into(), at(z.t0, 31));
     z.nodes[2].handle_disconnect_ahead(&c, r, at(z.t0, 32));
     z.pump(at(z.t0, 32));
     assert!(z.ended(0).iter().any(|e| *e == (1, n("n2"), true)), "{:?}", z.ended(0));
@@ -139,7 +139,7 @@ fn an_ahead_connection_discards_an_older_session_elsewhere() {
 fn a_nodes_connections_of_a_client_register_in_the_order_they_came() {
     let mut z = Nodes::new(3, PartitionMode::Available);
     let c = client_owned_by(&z.names(), 0, 1);
-    let first = z.nodes[2].handle_connect_ahead(&c, at(z.t0, 1));
+    let first = z.nodes[2].handle_connect_ahead(c.as_str().into(), at(z.t0, 1));
     let second = z.nodes[2].handle_connect(&c, false, Some(will(0)), at(z.t0, 2));
     z.pump(at(z.t0, 2));
     let granted: Vec<(RequestId, u64)> = z.events[2]
